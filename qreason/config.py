@@ -1,0 +1,160 @@
+"""The run configuration: one YAML file, validated with pydantic, errors reported with file and line.
+
+Relative paths inside a config (data files, model directories, output_dir) are resolved against the directory
+of the config file, so a config works the same from any working directory (cron, CI, a shell).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import UserError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Strict):
+    """The model under test. ``path``: ``default`` (the embedded SmolLM2-135M-Instruct), a local
+    Hugging Face checkpoint directory, or a hub id."""
+
+    name: str = "base"
+    path: str = "default"
+    revision: str | None = None
+
+
+class TaskConfig(Strict):
+    """One task: a spec name from tasks/ (or a path to a task YAML), optionally with local data."""
+
+    name: str
+    data: str | None = None
+    limit: int | None = Field(default=None, gt=0)
+    format_example: bool = False  # show one worked example before the problem (helps small models)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=512, gt=0)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("seeds must be unique")
+        return seeds
+
+
+class BackendConfig(Strict):
+    """How generations are produced: the vLLM offline engine, or an OpenAI-compatible endpoint."""
+
+    kind: Literal["vllm", "openai"] = "vllm"
+    # vllm
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    data_parallel_size: int = Field(default=1, ge=1)
+    max_model_len: int = Field(default=4096, gt=0)
+    enforce_eager: bool | None = None  # None: eager on CPU (compiling costs more than it saves there)
+    kv_cache_gib: float | None = Field(default=None, gt=0)  # None: 2 GiB on CPU, vLLM's default on GPU
+    batch_size: int = Field(default=64, ge=1)  # prompts per engine call; each batch is stored durably
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    # openai
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = Field(default=8, ge=1)
+    max_retries: int = Field(default=5, ge=0)
+    timeout_s: float = Field(default=300.0, gt=0)
+
+
+class GradingConfig(Strict):
+    timeout_s: int = Field(default=10, ge=1)
+    workers: int = Field(default=2, ge=1)
+
+
+class RunConfig(Strict):
+    name: str
+    output_dir: str | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tasks: list[TaskConfig] = Field(min_length=1)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+    grading: GradingConfig = Field(default_factory=GradingConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ValueError("must be a slug (letters, digits, '.', '_', '-')")
+        return name
+
+
+class LoadedConfig(BaseModel):
+    config: RunConfig
+    path: Path
+    base_dir: Path
+
+    def resolve(self, p: str | None) -> Path | None:
+        """A path from the config, relative to the config file's directory."""
+        if p is None:
+            return None
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.resolve(self.config.output_dir) or (self.base_dir / "runs" / self.config.name).resolve()
+
+
+def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
+    """The 1-based line of the YAML node at a pydantic error location (the deepest node that exists)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            break
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
+def parse_config(text: str, where: str) -> RunConfig:
+    """Validate config text; errors name ``where`` (a file) and the line."""
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{where}{line}", f"invalid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(where, "a run config must be a YAML mapping")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        line = _line_of(node, loc)
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise UserError(f"{where}:{line}" if line else where, f"{field}: {err['msg']}{more}") from None
+
+
+def load_config(path: str | Path) -> LoadedConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(str(path), "config file not found")
+    cfg = parse_config(path.read_text(encoding="utf-8"), str(path))
+    return LoadedConfig(config=cfg, path=path.resolve(), base_dir=path.resolve().parent)

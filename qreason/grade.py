@@ -1,0 +1,159 @@
+"""Grading with Math-Verify: correct / wrong / no_answer / truncated / grader_error.
+
+- truncated: the generation hit max_tokens (finish_reason "length"); its answer, if any, is not final.
+- no_answer: the text finished but states no final answer (no \\boxed{}, "final answer", "answer:" or "####").
+- correct / wrong: Math-Verify's verdict on the final answer. Only the text from the last final-answer marker
+  on is parsed, so a number quoted earlier in the reasoning is never taken for the answer.
+- grader_error: parsing or verification failed or ran past the time limit.
+
+Each answer is graded in a worker process. Math-Verify's own timeouts use SIGALRM, which works only on a main
+thread; the worker's main thread gives it that, and the parent enforces the same limit from the outside by
+killing a worker that overruns. So grading is bounded wherever ``grade`` is called from (threads included).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import multiprocessing as mp
+import re
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from tqdm.auto import tqdm
+
+from .records import Generation, Grade, Problem, content_key
+
+GRADER_REVISION = 1
+FINAL_MARKERS = re.compile(r"\\boxed\s*\{|\\fbox\s*\{|final answer|answer\s*(?:is|:)|####", re.IGNORECASE)
+
+
+def grader_id() -> str:
+    return f"math-verify=={md.version('math-verify')}/qreason-grade-{GRADER_REVISION}"
+
+
+def final_answer_region(text: str) -> str | None:
+    """The text from the last final-answer marker on, or None when the text states no final answer."""
+    marks = list(FINAL_MARKERS.finditer(text))
+    if not marks:
+        return None
+    return text[marks[-1].start():]
+
+
+def _answer_text(parsed: list) -> str | None:
+    if not parsed:
+        return None
+    return str(parsed[1] if len(parsed) > 1 else parsed[0])
+
+
+def grade_text(text: str, finish_reason: str | None, reference: str, answer_type: str,
+               timeout_s: int = 10) -> tuple[str, str | None, str | None]:
+    """(status, extracted answer, detail) for one solution. Runs Math-Verify in the calling (main) thread."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    region = final_answer_region(text)
+    pred = []
+    if region is not None:
+        pred = parse(region, [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
+                     parsing_timeout=timeout_s, raise_on_error=True)
+    extracted = _answer_text(pred)
+    if finish_reason == "length":
+        return "truncated", extracted, None
+    if not pred:
+        return "no_answer", None, None
+    gold_text = reference if answer_type == "latex" else reference.replace(",", "")
+    gold = parse(f"${gold_text}$", [LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=timeout_s,
+                 raise_on_error=True)
+    if not gold:
+        return "grader_error", extracted, f"could not parse the reference answer {reference!r}"
+    ok = verify(gold, pred, timeout_seconds=timeout_s, raise_on_error=True)
+    return ("correct" if ok else "wrong"), extracted, None
+
+
+def _worker(args: tuple) -> tuple[str, str | None, str | None]:
+    try:
+        return grade_text(*args)
+    except Exception as exc:  # noqa: BLE001 - any failure of the grader is a grader_error, never a crash
+        return "grader_error", None, f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+@dataclass
+class GradeJob:
+    generation: Generation
+    problem: Problem
+    key: str
+
+
+def grade_key(generation_key: str) -> str:
+    return content_key("grade", generation_key, grader_id())
+
+
+class Grader:
+    """Grades in a pool of spawned worker processes with a per-answer wall-clock limit."""
+
+    def __init__(self, timeout_s: int = 10, workers: int = 2):
+        self.timeout_s = timeout_s
+        self.workers = workers
+        self.grader = grader_id()
+
+    def _pool(self):
+        return mp.get_context("spawn").Pool(self.workers)
+
+    def grade(self, jobs: list[GradeJob]) -> Iterator[Grade]:
+        """Yield one Grade per job (in completion order)."""
+        if not jobs:
+            return
+        limit = self.timeout_s + 5  # Math-Verify's own limit fires first; this catches what it cannot stop
+        pool = self._pool()
+        queue = list(reversed(jobs))
+        running: dict[int, tuple[GradeJob, object, float]] = {}
+        try:
+            while queue or running:
+                while queue and len(running) < self.workers * 2:
+                    job = queue.pop()
+                    g = job.generation
+                    args = (g.text, g.finish_reason, job.problem.answer, job.problem.answer_type, self.timeout_s)
+                    running[id(job)] = (job, pool.apply_async(_worker, (args,)), time.monotonic())
+                finished = [k for k, (_, res, _) in running.items() if res.ready()]
+                for k in finished:
+                    job, res, _ = running.pop(k)
+                    yield self._record(job, *res.get())
+                overdue = [k for k, (_, _, t) in running.items() if time.monotonic() - t > limit]
+                if overdue:
+                    for k in overdue:
+                        job, _, _ = running.pop(k)
+                        yield self._record(job, "grader_error", None, f"timed out after {limit} s")
+                    # The pool cannot cancel one task: replace it and resubmit what was still running.
+                    pool.terminate()
+                    pool = self._pool()
+                    queue.extend(job for job, _, _ in running.values())
+                    running.clear()
+                if not finished:
+                    time.sleep(0.005)
+        finally:
+            pool.terminate()
+
+    def _record(self, job: GradeJob, status: str, extracted: str | None, detail: str | None) -> Grade:
+        g = job.generation
+        return Grade(key=job.key, generation_key=g.key, variant=g.variant, task=g.task, problem_id=g.problem_id,
+                     seed=g.seed, status=status, extracted=extracted, reference=job.problem.answer,
+                     grader=self.grader, detail=detail)
+
+
+def run_grading(store, grader: Grader, generations: Iterable[Generation] | None = None,
+                flush_every: int = 64) -> int:
+    """Grade every stored generation that has no grade yet; returns how many grades were written."""
+    problems = {(p.task, p.problem_id): p for p in store.problems.all()}
+    jobs = []
+    for g in generations if generations is not None else store.generations.all():
+        key = grade_key(g.key)
+        if key not in store.grades:
+            jobs.append(GradeJob(g, problems[(g.task, g.problem_id)], key))
+    written, pending = 0, []
+    for grade in tqdm(grader.grade(jobs), total=len(jobs), desc="grade", unit="ans", disable=not jobs,
+                      dynamic_ncols=True):
+        pending.append(grade)
+        if len(pending) >= flush_every:
+            written += store.grades.append(pending)
+            pending = []
+    return written + store.grades.append(pending)

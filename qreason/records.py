@@ -1,0 +1,69 @@
+"""Typed records passed between stages, and the content keys that identify them.
+
+Every record carries a stable ``key``: a hash of everything that produced it. A stage that finds a record with
+the key it is about to compute skips the work, which is how re-runs are free and interrupted runs resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def content_key(*parts: Any) -> str:
+    """A short stable hash of JSON-serialisable parts (dict order does not matter)."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key: str
+
+
+class Problem(Record):
+    task: str
+    problem_id: str
+    question: str
+    answer: str
+    answer_type: Literal["number", "latex", "integer"]
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class Generation(Record):
+    variant: str
+    model_fingerprint: str
+    task: str
+    problem_id: str
+    seed: int
+    prompt_hash: str
+    messages: list[dict[str, str]]
+    text: str
+    steps: list[str]
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    finish_reason: str | None
+    backend: str
+    versions: dict[str, str]
+    sampling: dict[str, Any]
+    seconds: float
+    created_at: str
+
+
+GradeStatus = Literal["correct", "wrong", "no_answer", "truncated", "grader_error"]
+
+
+class Grade(Record):
+    generation_key: str
+    variant: str
+    task: str
+    problem_id: str
+    seed: int
+    status: GradeStatus
+    extracted: str | None
+    reference: str
+    grader: str
+    detail: str | None = None

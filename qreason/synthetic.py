@@ -1,0 +1,77 @@
+"""Seeded arithmetic word problems with known answers: the demo task that needs no dataset.
+
+Each problem starts a person with a count of some item and applies ``steps`` operations (add, take away,
+multiply, share equally). Every intermediate value is a positive integer, so the answer and the reference steps
+are exact. The same (seed, index, steps) always gives the same problem.
+"""
+
+from __future__ import annotations
+
+import random
+
+NAMES = [("Ana", "she"), ("Ben", "he"), ("Chloe", "she"), ("Dev", "he"), ("Eli", "they"), ("Farah", "she"),
+         ("Gus", "he"), ("Hana", "she"), ("Ivo", "he"), ("Jun", "they")]
+ITEMS = ["apples", "marbles", "stickers", "pencils", "coins", "stamps", "cookies", "shells", "cards", "beads"]
+FRIENDS = ["a neighbour", "a classmate", "a cousin", "a friend", "the teacher"]
+MULTIPLIER_WORDS = {2: "doubles", 3: "triples", 4: "quadruples"}
+
+
+def _has(pronoun: str) -> str:
+    return "have" if pronoun == "they" else "has"
+
+
+def make_problem(rng: random.Random, steps: int) -> tuple[str, int, list[str]]:
+    """One problem with ``steps`` operations: (question, answer, reference steps)."""
+    name, pron = rng.choice(NAMES)
+    item = rng.choice(ITEMS)
+    value = rng.randint(5, 40)
+    sentences = [f"{name} {_has(pron)} {value} {item}."]
+    reference = []
+    for _ in range(steps):
+        ops = ["add", "sub", "mul"]
+        divisors = [k for k in (2, 3, 4, 5) if value % k == 0 and value // k >= 2]
+        if divisors:
+            ops.append("div")
+        if value <= 3:
+            ops.remove("sub")
+        op = rng.choice(ops)
+        if op == "add":
+            b = rng.randint(2, 30)
+            sentences.append(f"Then {pron} {'get' if pron == 'they' else 'gets'} {b} more {item}.")
+            reference.append(f"{value} + {b} = {value + b}")
+            value += b
+        elif op == "sub":
+            b = rng.randint(2, min(value - 1, 25))
+            sentences.append(f"{pron.capitalize()} {'give' if pron == 'they' else 'gives'} {b} {item} to "
+                             f"{rng.choice(FRIENDS)}.")
+            reference.append(f"{value} - {b} = {value - b}")
+            value -= b
+        elif op == "mul":
+            k = rng.choice([2, 3, 4]) if value < 200 else 2
+            sentences.append(f"Then the number of {item} {pron} {_has(pron)} {MULTIPLIER_WORDS[k]}.")
+            reference.append(f"{value} * {k} = {value * k}")
+            value *= k
+        else:
+            k = rng.choice(divisors)
+            sentences.append(f"{pron.capitalize()} {'share' if pron == 'they' else 'shares'} the {item} equally "
+                             f"among {k} boxes and {'keep' if pron == 'they' else 'keeps'} one box.")
+            reference.append(f"{value} / {k} = {value // k}")
+            value //= k
+    sentences.append(f"How many {item} does {name} have now?" if pron != "they"
+                     else f"How many {item} do they have now?")
+    return " ".join(sentences), value, reference
+
+
+def generate(n: int = 50, min_steps: int = 1, max_steps: int = 4, seed: int = 0) -> list[dict]:
+    """``n`` problems as plain rows (id, question, answer, steps, reference_steps), difficulties spread evenly."""
+    if n < 1 or min_steps < 1 or max_steps < min_steps:
+        raise ValueError("need n >= 1 and 1 <= min_steps <= max_steps")
+    rows = []
+    span = max_steps - min_steps + 1
+    for i in range(n):
+        steps = min_steps + i % span
+        rng = random.Random(f"qreason-synthetic/{seed}/{i}/{steps}")
+        question, answer, reference = make_problem(rng, steps)
+        rows.append({"id": f"s{seed}-{i:05d}", "question": question, "answer": str(answer),
+                     "steps": steps, "reference_steps": reference})
+    return rows

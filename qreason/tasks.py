@@ -1,0 +1,211 @@
+"""Tasks as data: a YAML spec in tasks/ says where problems come from, which fields hold what, the answer type
+and the prompt. This module turns a spec (plus optional local data) into validated ``Problem`` records and
+turns a problem into chat messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import synthetic
+from .config import LoadedConfig, TaskConfig
+from .errors import UserError
+from .records import Problem, content_key
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+TASKS_DIR = Path(os.environ.get("QREASON_TASKS_DIR", REPO_DIR / "tasks"))
+
+
+class HubSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    name: str | None = None
+    split: str = "test"
+
+
+class Source(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hub: HubSource | None = None
+    synthetic: dict[str, Any] | None = None
+
+
+class Fields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = None
+    question: str = "question"
+    answer: str = "answer"
+
+
+class PromptTemplate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    system: str | None = None
+    user: str
+    example: dict[str, str] | None = None
+
+
+class TaskSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    answer_type: Literal["number", "latex", "integer"]
+    source: Source
+    fields: Fields = Field(default_factory=Fields)
+    answer_pattern: str | None = None
+    reference_solution: str | None = None
+    meta: list[str] = Field(default_factory=list)
+    prompt: str = "general"
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserError(str(path), f"invalid YAML ({exc})") from None
+
+
+def load_spec(name: str, base_dir: Path | None = None) -> TaskSpec:
+    """A task spec by name (tasks/NAME.yaml) or by path to a YAML file."""
+    candidate = Path(name)
+    if not candidate.is_absolute() and base_dir is not None:
+        candidate = base_dir / candidate
+    path = candidate if name.endswith((".yaml", ".yml")) else TASKS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in TASKS_DIR.glob("*.yaml") if p.stem != "prompts")
+        raise UserError(f"task {name!r}", f"no such task (known: {', '.join(known)}; or give a path to a task YAML)")
+    try:
+        return TaskSpec.model_validate(_read_yaml(path))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise UserError(str(path), f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def load_prompt(name: str) -> PromptTemplate:
+    path = TASKS_DIR / "prompts.yaml"
+    prompts = _read_yaml(path) or {}
+    if name not in prompts:
+        raise UserError(str(path), f"no prompt named {name!r}")
+    return PromptTemplate.model_validate(prompts[name])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file; a bad line is an error naming file and line."""
+    if not path.is_file():
+        raise UserError(str(path), "data file not found")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}", f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}", "each line must be a JSON object")
+            rows.append(row)
+    return rows
+
+
+def _hub_rows(spec: TaskSpec) -> list[dict]:
+    src = spec.source.hub
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(src.path, src.name, split=src.split)
+    except Exception as exc:  # offline, missing dataset, auth: all end the same way for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"task {spec.name}", f"could not load {src.path} from the Hugging Face hub ({first[:200]}); "
+                                             "set data: PATH.jsonl in the task config to read a local file") from None
+    return [dict(r) for r in ds]
+
+
+def _problem(spec: TaskSpec, row: dict, index: int, where: str) -> Problem:
+    f = spec.fields
+    for field in (f.question, f.answer) + ((f.id,) if f.id else ()):
+        if field not in row or row[field] is None or str(row[field]).strip() == "":
+            raise UserError(where, f"missing field {field!r} (task {spec.name} expects "
+                                   f"{', '.join(x for x in (f.id, f.question, f.answer) if x)})")
+    raw_answer = str(row[f.answer])
+    answer = raw_answer
+    meta: dict[str, Any] = {k: row[k] for k in spec.meta if k in row}
+    if spec.answer_pattern:
+        m = re.search(spec.answer_pattern, raw_answer, re.MULTILINE | re.DOTALL)
+        if not m:
+            raise UserError(where, f"field {f.answer!r} does not match the task's answer pattern")
+        answer = m.group("answer").replace(",", "").strip()
+    if spec.reference_solution and spec.reference_solution in row:
+        solution = str(row[spec.reference_solution])
+        if spec.answer_pattern:
+            solution = re.sub(spec.answer_pattern, "", solution, flags=re.MULTILINE | re.DOTALL)
+        solution = re.sub(r"<<[^<>]*>>", "", solution).strip()  # GSM8K calculator annotations
+        meta["reference_solution"] = solution
+        steps = [s.strip() for s in solution.splitlines() if s.strip()]
+        meta.setdefault("reference_steps", steps)
+        meta.setdefault("n_reference_steps", len(steps))
+    if "reference_steps" in row:
+        meta["reference_steps"] = row["reference_steps"]
+        meta["n_reference_steps"] = len(row["reference_steps"])
+    if "steps" in row and isinstance(row["steps"], int):
+        meta["difficulty"] = row["steps"]
+    if spec.answer_type == "integer":
+        try:
+            answer = str(int(answer))
+        except ValueError:
+            raise UserError(where, f"answer {answer!r} is not an integer (task {spec.name})") from None
+    pid = str(row[f.id]) if f.id else str(index)
+    question = str(row[f.question])
+    return Problem(key=content_key("problem", spec.name, pid, question, answer), task=spec.name, problem_id=pid,
+                   question=question, answer=answer, answer_type=spec.answer_type, meta=meta)
+
+
+def load_problems(task: TaskConfig, loaded: LoadedConfig) -> tuple[TaskSpec, list[Problem]]:
+    """Validated problems for one task of a run config (first ``limit`` rows)."""
+    spec = load_spec(task.name, loaded.base_dir)
+    if task.data:
+        path = loaded.resolve(task.data)
+        rows, where = read_jsonl(path), str(path)
+    elif spec.source.synthetic is not None:
+        params = {**spec.source.synthetic, **task.params}
+        if task.limit:
+            params["n"] = task.limit
+        try:
+            rows = synthetic.generate(**params)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{loaded.path}: task {task.name}", f"bad synthetic params ({exc})") from None
+        where = f"synthetic task {task.name}"
+    elif spec.source.hub is not None:
+        rows, where = _hub_rows(spec), f"hub dataset {spec.source.hub.path}"
+    else:
+        raise UserError(f"task {spec.name}", "the spec names no source; set data: PATH.jsonl")
+    if task.limit:
+        rows = rows[: task.limit]
+    if not rows:
+        raise UserError(where, "no problems")
+    problems = []
+    for i, row in enumerate(rows):
+        line = f"{where}:{i + 1}" if task.data else f"{where} row {i}"
+        problems.append(_problem(spec, row, i, line))
+    ids = [p.problem_id for p in problems]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise UserError(where, f"duplicate problem id {dup!r}")
+    return spec, problems
+
+
+def build_messages(spec: TaskSpec, problem: Problem, format_example: bool) -> list[dict[str, str]]:
+    """The chat messages for one problem: optional system prompt, optional worked example, the question."""
+    tmpl = load_prompt(spec.prompt)
+    messages = []
+    if tmpl.system:
+        messages.append({"role": "system", "content": tmpl.system})
+    if format_example and tmpl.example:
+        messages.append({"role": "user", "content": tmpl.user.replace("{question}", tmpl.example["question"])})
+        messages.append({"role": "assistant", "content": tmpl.example["solution"]})
+    messages.append({"role": "user", "content": tmpl.user.replace("{question}", problem.question)})
+    return messages
