@@ -67,3 +67,46 @@ class Grade(Record):
     reference: str
     grader: str
     detail: str | None = None
+
+
+class ModelVariant(Record):
+    """A model under comparison: the full-precision base or a quantized (or imported) checkpoint of it."""
+
+    name: str                       # variant label used in every later record ("base", "gptq-w4a16", ...)
+    base_model: str                 # the base model spec from the config
+    base_fingerprint: str
+    method: str                     # "none" for the base, a recipe name, or "import" for a given checkpoint
+    recipe: dict[str, Any] = Field(default_factory=dict)
+    recipe_hash: str | None = None
+    path: str
+    fingerprint: str
+    bits: int | None = None
+    size_bytes: int | None = None
+    quantize_seconds: float | None = None
+    peak_memory_mb: float | None = None
+    reused: bool = False            # True when an existing cached checkpoint was used
+    versions: dict[str, str] = Field(default_factory=dict)
+    created_at: str
+
+
+class Judgment(Record):
+    """A verdict on one failed generation: by one judge, by the rule checks, or the panel's vote."""
+
+    generation_key: str
+    variant: str
+    task: str
+    problem_id: str
+    seed: int
+    judge: str                      # "rules", a judge model id, or "panel"
+    prompt_version: str | None = None
+    status: Literal["ok", "judge_error"] = "ok"
+    first_error_step: int | None = None   # 0-based step index; -1 = no faulty step found
+    error_type: str | None = None
+    sub_type: str | None = None
+    capability: str | None = None
+    rationale: str | None = None
+    flip: bool = False              # the base variant solved this problem with this seed; this variant did not
+    votes: dict[str, Any] = Field(default_factory=dict)
+    usage: dict[str, int] = Field(default_factory=dict)
+    error: str | None = None
+    created_at: str

@@ -21,7 +21,7 @@ from typing import Generic, Iterable, TypeVar
 from pydantic import ValidationError
 
 from .errors import UserError
-from .records import Generation, Grade, Problem, Record
+from .records import Generation, Grade, Judgment, ModelVariant, Problem, Record
 
 R = TypeVar("R", bound=Record)
 
@@ -114,6 +114,8 @@ class RunStore:
         self.problems: Table[Problem] = Table(self.dir / "problems.jsonl", Problem)
         self.generations: Table[Generation] = Table(self.dir / "generations.jsonl", Generation)
         self.grades: Table[Grade] = Table(self.dir / "grades.jsonl", Grade)
+        self.variants: Table[ModelVariant] = Table(self.dir / "variants.jsonl", ModelVariant)
+        self.judgments: Table[Judgment] = Table(self.dir / "judgments.jsonl", Judgment)
 
     def write_json(self, name: str, obj) -> Path:
         path = self.dir / name
