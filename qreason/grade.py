@@ -77,6 +77,14 @@ def _worker(args: tuple) -> tuple[str, str | None, str | None]:
         return "grader_error", None, f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
+def _warm_up() -> None:
+    import math_verify  # noqa: F401
+
+
+def _noop(_: int) -> None:
+    return None
+
+
 @dataclass
 class GradeJob:
     generation: Generation
@@ -91,29 +99,34 @@ def grade_key(generation_key: str) -> str:
 class Grader:
     """Grades in a pool of spawned worker processes with a per-answer wall-clock limit."""
 
-    def __init__(self, timeout_s: int = 10, workers: int = 2):
+    def __init__(self, timeout_s: int = 10, workers: int = 2, grace_s: float = 5.0, fn=None):
         self.timeout_s = timeout_s
         self.workers = workers
+        self.grace_s = grace_s  # Math-Verify's own limit fires first; the parent kills a worker after this too
+        self.fn = fn or _worker  # a picklable top-level function of the job's argument tuple
         self.grader = grader_id()
 
     def _pool(self):
-        return mp.get_context("spawn").Pool(self.workers)
+        """A started pool: workers have imported Math-Verify before any job's clock starts."""
+        pool = mp.get_context("spawn").Pool(self.workers, initializer=_warm_up)
+        pool.map(_noop, range(self.workers * 2))
+        return pool
 
     def grade(self, jobs: list[GradeJob]) -> Iterator[Grade]:
         """Yield one Grade per job (in completion order)."""
         if not jobs:
             return
-        limit = self.timeout_s + 5  # Math-Verify's own limit fires first; this catches what it cannot stop
+        limit = self.timeout_s + self.grace_s
         pool = self._pool()
         queue = list(reversed(jobs))
         running: dict[int, tuple[GradeJob, object, float]] = {}
         try:
             while queue or running:
-                while queue and len(running) < self.workers * 2:
+                while queue and len(running) < self.workers:  # each submitted job starts at once
                     job = queue.pop()
                     g = job.generation
                     args = (g.text, g.finish_reason, job.problem.answer, job.problem.answer_type, self.timeout_s)
-                    running[id(job)] = (job, pool.apply_async(_worker, (args,)), time.monotonic())
+                    running[id(job)] = (job, pool.apply_async(self.fn, (args,)), time.monotonic())
                 finished = [k for k, (_, res, _) in running.items() if res.ready()]
                 for k in finished:
                     job, res, _ = running.pop(k)
@@ -122,7 +135,7 @@ class Grader:
                 if overdue:
                     for k in overdue:
                         job, _, _ = running.pop(k)
-                        yield self._record(job, "grader_error", None, f"timed out after {limit} s")
+                        yield self._record(job, "grader_error", None, f"timed out after {limit:g} s")
                     # The pool cannot cancel one task: replace it and resubmit what was still running.
                     pool.terminate()
                     pool = self._pool()

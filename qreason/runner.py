@@ -18,7 +18,7 @@ import yaml
 
 from .config import LoadedConfig, load_config
 from .envinfo import environment
-from .generate import GenerationRequest, make_backend, make_request, run_generation
+from .generate import Backend, GenerationRequest, make_backend, make_request, run_generation
 from .grade import Grader, grade_key, run_grading
 from .models import ResolvedModel, resolve_model
 from .records import Problem, content_key
@@ -78,8 +78,12 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def run(config_path: str | Path, output_dir: str | Path | None = None, index: RunIndex | None = None) -> dict:
-    """Run every stage for a config; returns the summary (also written to summary.json)."""
+def run(config_path: str | Path, output_dir: str | Path | None = None, index: RunIndex | None = None,
+        backend: Backend | None = None) -> dict:
+    """Run every stage for a config; returns the summary (also written to summary.json).
+
+    ``backend``: an already started generation backend to use instead of starting one from the config
+    (the caller keeps ownership and closes it)."""
     t0 = time.monotonic()
     plan = make_plan(config_path, output_dir)
     cfg = plan.loaded.config
@@ -101,11 +105,12 @@ def run(config_path: str | Path, output_dir: str | Path | None = None, index: Ru
                  len(plan.requests) - len(todo), len(todo))
         gen_stats = None
         if todo:
-            backend = make_backend(cfg.backend, plan.model)
+            engine = backend or make_backend(cfg.backend, plan.model)
             try:
-                gen_stats = run_generation(store, todo, backend, cfg.sampling)
+                gen_stats = run_generation(store, todo, engine, cfg.sampling)
             finally:
-                backend.close()
+                if backend is None:
+                    engine.close()
         wanted = {r.key for r in plan.requests}
         generations = [g for g in store.generations.all() if g.key in wanted]
         grades_written = run_grading(store, Grader(cfg.grading.timeout_s, cfg.grading.workers), generations)

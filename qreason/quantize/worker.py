@@ -1,0 +1,175 @@
+"""The quantization worker: runs inside the quantization environment (.venv-quant), never in the main one.
+
+    python -m qreason.quantize.worker JOB.json
+
+The main process (``qreason.quantize.launch``) writes a job file, starts this module as a subprocess and reads
+its stdout. The job names the base checkpoint, the output directory, the llm-compressor modifiers to apply (already
+rendered from the recipe registry) and the calibration samples. This module imports only the standard library,
+torch, transformers, datasets and llm-compressor: nothing of qreason that needs pydantic or vLLM, because the two
+environments pin different versions of the libraries both use.
+
+Protocol, stdout: lines starting with ``PROGRESS_PREFIX`` are progress for the user; every other line (library
+logs) belongs in the log file. On success the worker writes ``result_file`` (JSON: versions, sample count,
+seconds) and exits 0; on failure it prints one ``ERROR_PREFIX`` line naming the problem and exits 1.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+
+PROGRESS_PREFIX = "@qreason-progress "
+ERROR_PREFIX = "@qreason-error "
+
+# Modifier names allowed in a recipe, and where llm-compressor 0.14 keeps them.
+MODIFIERS = {
+    "QuantizationModifier": "llmcompressor.modifiers.quantization",
+    "GPTQModifier": "llmcompressor.modifiers.gptq",
+    "AWQModifier": "llmcompressor.modifiers.transform",
+    "SmoothQuantModifier": "llmcompressor.modifiers.transform",
+}
+VERSIONED = ("torch", "transformers", "llmcompressor", "compressed-tensors", "accelerate", "datasets")
+_START = time.monotonic()
+
+
+def progress(message: str) -> None:
+    print(f"{PROGRESS_PREFIX}[{time.monotonic() - _START:6.1f}s] {message}", flush=True)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in VERSIONED:
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def build_modifiers(specs: list[dict]) -> list:
+    """Instantiate ``[{"type": "GPTQModifier", "args": {...}}, ...]`` as llm-compressor modifier objects."""
+    import importlib
+
+    modifiers = []
+    for spec in specs:
+        kind = spec["type"]
+        if kind not in MODIFIERS:
+            raise ValueError(f"unknown modifier {kind!r} (known: {', '.join(MODIFIERS)})")
+        cls = getattr(importlib.import_module(MODIFIERS[kind]), kind)
+        modifiers.append(cls(**spec.get("args", {})))
+    return modifiers
+
+
+def render_sample(sample: dict, tokenizer) -> str:
+    """A calibration sample as the text the model sees: chat messages go through the chat template."""
+    if "text" in sample:
+        return sample["text"]
+    messages = sample["messages"]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def calibration_dataset(path: str, tokenizer, max_seq_len: int):
+    """The samples of ``calibration.jsonl`` tokenized and truncated, as a ``datasets.Dataset``."""
+    from datasets import Dataset
+
+    with open(path, encoding="utf-8") as fh:
+        samples = [json.loads(line) for line in fh if line.strip()]
+    texts = [render_sample(s, tokenizer) for s in samples]
+    # Chat-templated text already carries its special tokens; plain text gets the tokenizer's usual ones.
+    columns: dict[str, list] = {"input_ids": [], "attention_mask": []}
+    for sample, text in zip(samples, texts):
+        enc = tokenizer(text, truncation=True, max_length=max_seq_len, add_special_tokens="text" in sample)
+        columns["input_ids"].append(enc["input_ids"])
+        columns["attention_mask"].append(enc["attention_mask"])
+    tokens = sum(len(ids) for ids in columns["input_ids"])
+    return Dataset.from_dict(columns), len(samples), tokens
+
+
+def neutralise_pin_memory() -> None:
+    """AWQ pins cached activations for faster host-to-GPU copies; without CUDA pinning fails, and is useless."""
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+
+
+def quieten_library_logs() -> None:
+    """llm-compressor logs through loguru: keep its INFO lines (they go to the log file), drop DEBUG."""
+    try:
+        from loguru import logger
+    except ImportError:
+        return
+    logger.remove()
+    logger.add(sys.stdout, level="INFO", format="{time:HH:mm:ss} {level} {name}: {message}", colorize=False)
+
+
+def run(job: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(job.get("seed", 0))
+    quieten_library_logs()
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        neutralise_pin_memory()
+    progress(f"loading {job['model']} on {'cuda' if on_gpu else 'cpu'}")
+    tokenizer = AutoTokenizer.from_pretrained(job["model"])
+    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype="auto")
+    if on_gpu:
+        model = model.to("cuda")
+    modifiers = build_modifiers(job["modifiers"])
+    kwargs: dict = {}
+    n_samples = tokens = 0
+    calibration = job.get("calibration")
+    if calibration:
+        dataset, n_samples, tokens = calibration_dataset(calibration["file"], tokenizer, calibration["max_seq_len"])
+        kwargs = {"dataset": dataset, "num_calibration_samples": n_samples,
+                  "max_seq_length": calibration["max_seq_len"], "shuffle_calibration_samples": False}
+        progress(f"calibrating on {n_samples} samples ({tokens} tokens)")
+    names = " + ".join(m["type"] for m in job["modifiers"])
+    progress(f"applying {names}")
+    from llmcompressor import oneshot
+
+    t0 = time.monotonic()
+    oneshot(model=model, processor=tokenizer, recipe=modifiers, **kwargs)
+    seconds = time.monotonic() - t0
+    progress(f"{names} done in {seconds:.1f} s; saving the compressed checkpoint")
+    model.save_pretrained(job["output_dir"], save_compressed=True)
+    tokenizer.save_pretrained(job["output_dir"])
+    return {"versions": versions(), "n_samples": n_samples, "tokens": tokens, "oneshot_seconds": round(seconds, 2),
+            "device": "cuda" if on_gpu else "cpu"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would flood the log; the worker reports its own
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        with open(argv[0], encoding="utf-8") as fh:
+            job = json.load(fh)
+        result = run(job)
+        with open(job["result_file"], "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2)
+    except KeyboardInterrupt:
+        print(f"{ERROR_PREFIX}interrupted", flush=True)
+        return 130
+    except BaseException as exc:  # the parent turns this into one line and keeps the traceback in the log
+        traceback.print_exc(file=sys.stdout)
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"{ERROR_PREFIX}{type(exc).__name__}: {first}", flush=True)
+        return 1
+    progress("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
