@@ -2,7 +2,8 @@
 
 Requests run concurrently (at most ``concurrency`` in flight) on an asyncio loop in a helper thread; each
 result is handed back as soon as it arrives. The ``openai`` client retries 408/409/429/5xx and connection
-errors with exponential backoff and honours Retry-After; a request that still fails is reported, not stored.
+errors with exponential backoff and honours Retry-After; malformed replies are retried here with backoff; a
+request that still fails is reported, not stored.
 The API key is read from the environment variable named in the config and never logged or stored.
 """
 
@@ -49,14 +50,22 @@ class OpenAIBackend:
 
     async def _one(self, client, sem: asyncio.Semaphore, req: GenerationRequest,
                    sampling: SamplingConfig) -> Completion:
+        from openai import APIResponseValidationError
+
         async with sem:
             t0 = time.monotonic()
-            try:
-                resp = await client.chat.completions.create(
-                    model=self.model_name, messages=req.messages, temperature=sampling.temperature,
-                    top_p=sampling.top_p, max_tokens=sampling.max_tokens, seed=req.seed)
-            except Exception as exc:  # after the client's own retries
-                return Completion(error=short_error(exc), seconds=time.monotonic() - t0)
+            for attempt in range(self.cfg.max_retries + 1):
+                try:
+                    resp = await client.chat.completions.create(
+                        model=self.model_name, messages=req.messages, temperature=sampling.temperature,
+                        top_p=sampling.top_p, max_tokens=sampling.max_tokens, seed=req.seed)
+                    break
+                except (ValueError, APIResponseValidationError) as exc:  # a malformed reply: the client won't retry
+                    if attempt == self.cfg.max_retries:
+                        return Completion(error=short_error(exc), seconds=time.monotonic() - t0)
+                    await asyncio.sleep(min(0.5 * 2**attempt, 8.0))
+                except Exception as exc:  # after the client's own retries (429/5xx/timeouts/connection)
+                    return Completion(error=short_error(exc), seconds=time.monotonic() - t0)
             if not resp.choices:
                 return Completion(error="reply had no choices", seconds=time.monotonic() - t0)
             choice = resp.choices[0]

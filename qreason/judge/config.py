@@ -71,6 +71,8 @@ class JudgeConfig(Strict):
     base_variant: str = "base"
     prompt_version: str = DEFAULT_PROMPT_VERSION
     llm_for_outcomes: bool = False   # also send no-answer / truncated / collapsed solutions to the LLM judges
+    retry_invalid: bool = False      # ask again where a judge gave no valid reply in an earlier run (transport
+                                     # failures are always retried)
     cache_path: str | None = None    # default: RUN_DIR/judge_cache.sqlite
     batch: BatchConfig = Field(default_factory=BatchConfig)
 

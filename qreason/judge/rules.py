@@ -109,7 +109,8 @@ _NOT_UNITS = {"st", "nd", "rd", "th", "to", "and", "or", "is", "are", "was", "we
               "of", "in", "on", "at", "for", "with", "by", "from", "as", "if", "but", "that", "this", "which", "we",
               "it", "its", "has", "have", "had", "gives", "give", "get", "gets", "got", "than", "into", "over", "per",
               "each", "equals", "makes", "means", "becomes", "yields", "plus", "minus", "times", "less", "more"}
-MAX_DIGITS = 18
+MAX_DIGITS = 18    # longer numbers are not checked
+MAX_TOKENS = 200   # nor are longer expressions (bounds the time spent on degenerate text)
 
 
 def tokenize(text: str) -> list[Tok]:
@@ -147,6 +148,19 @@ def _operand_start(t: Tok | None) -> bool:
     return t is not None and t.kind in ("num", "lp")
 
 
+def _unit_at(toks: list[Tok], i: int) -> bool:
+    """Whether toks[i] is a word that can be a unit: two letters or more, not a function word or a LaTeX
+    command, and followed by an operator, "=", ")", a break, the end, or "per"."""
+    if i >= len(toks):
+        return False
+    t = toks[i]
+    if t.kind != "word" or len(t.text) < 2 or t.latex or t.text.lower() in _NOT_UNITS:
+        return False
+    nxt = toks[i + 1] if i + 1 < len(toks) else None
+    return (nxt is None or nxt.kind in ("op", "eq", "approx", "rp", "brk")
+            or (nxt.kind == "word" and nxt.text.lower() == "per"))
+
+
 def resolve_words(toks: list[Tok]) -> list[Tok]:
     """Operator words become operators, units after numbers are dropped, every other word is a break."""
     out: list[Tok] = []
@@ -154,12 +168,18 @@ def resolve_words(toks: list[Tok]) -> list[Tok]:
     while i < len(toks):
         t = toks[i]
         nxt = toks[i + 1] if i + 1 < len(toks) else None
+        prev = out[-1] if out else None
+        if t.kind == "op" and t.text == "/" and prev is not None and prev.kind == "num" and _unit_at(toks, i + 1):
+            i += 2  # a rate unit: "$194/meter", "4 eggs/person/day"
+            continue
         if t.kind != "word":
             out.append(t)
             i += 1
             continue
         low = t.text.lower()
-        prev = out[-1] if out else None
+        if low == "per" and prev is not None and prev.kind == "num" and _unit_at(toks, i + 1):
+            i += 2  # "0.3 pages per minute"
+            continue
         if nxt is not None and nxt.kind == "word" and (low, nxt.text.lower()) in _OP_PHRASES:
             after = toks[i + 2] if i + 2 < len(toks) else None
             if _operand_end(prev) and _operand_start(after):
@@ -170,9 +190,8 @@ def resolve_words(toks: list[Tok]) -> list[Tok]:
             out.append(Tok("op", _OP_WORDS.get(low, "*")))
         elif low in _FUNCS and nxt is not None and nxt.kind == "lp":
             out.append(Tok("func", low))
-        elif (len(low) >= 2 and low not in _NOT_UNITS and not t.latex and prev is not None
-              and prev.kind in ("num", "pct") and (nxt is None or nxt.kind in ("op", "eq", "approx", "rp", "brk"))):
-            pass  # a unit: "5 apples + 3 apples = 8 apples", "12 km/h" (the "/h" part then breaks)
+        elif prev is not None and prev.kind in ("num", "pct") and _unit_at(toks, i):
+            pass  # a unit: "5 apples + 3 apples = 8 apples", "3 pages per minute", "12 km/h" (then "/h" breaks)
         else:
             out.append(t)
         i += 1
@@ -289,11 +308,13 @@ def _bounded(value):
 
 def evaluate(toks: list[Tok]) -> list:
     """The values of an expression (one per reading of percent signs); [] when it cannot be read."""
+    if len(toks) > MAX_TOKENS:
+        return []
     values = []
     for percent in ((True, False) if any(t.kind == "pct" for t in toks) else (True,)):
         try:
             values.append(_Parser(toks, percent).parse())
-        except (ParseFail, ZeroDivisionError, OverflowError, ValueError):
+        except (ParseFail, ZeroDivisionError, OverflowError, ValueError, RecursionError):
             return []
     return values
 
@@ -331,7 +352,7 @@ def _close(left, right, right_toks: list[Tok], rel_tol: float) -> bool:
             scaled = float(round(scaled))
         if abs(target - math.floor(scaled)) < 1e-6 or abs(target - math.ceil(scaled)) < 1e-6:
             return True
-    return rel_tol > 0 and abs(lf - rf) <= rel_tol * max(abs(lf), abs(rf)) + (10.0 ** -decimals if decimals else 0)
+    return rel_tol > 0 and abs(lf - rf) <= rel_tol * max(abs(lf), abs(rf)) + (0.5 * 10.0 ** -decimals if decimals else 0)
 
 
 def _text(toks: list[Tok]) -> str:

@@ -110,6 +110,7 @@ def quieten_library_logs() -> None:
 
 
 def run(job: dict) -> dict:
+    progress("starting: importing torch, transformers and llm-compressor")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,0 +1,90 @@
+"""A tiny OpenAI-compatible server on 127.0.0.1 that misbehaves on purpose, for fault-injection tests only.
+
+Each incoming request takes the next action from a script: "429" (with Retry-After: 0), "500", "drop" (close
+the connection without a reply), "slow" (answer after ``slow_seconds``), "malformed" (invalid JSON body), or a
+string starting with "ok" (a valid chat completion; "ok:TEXT" sets the content). When the script runs out,
+requests get ``default``. Real behaviour is tested against a real vLLM server; this only injects faults.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FaultServer:
+    def __init__(self, script: list[str], default: str = "ok", slow_seconds: float = 5.0,
+                 content: str = "Step 1: 2 + 3 = 5\nThe final answer is \\boxed{5}."):
+        self.script = list(script)
+        self.default = default
+        self.slow_seconds = slow_seconds
+        self.content = content
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                with server.lock:
+                    server.requests.append({"path": self.path, "body": body,
+                                            "authorization": self.headers.get("Authorization")})
+                    action = server.script.pop(0) if server.script else server.default
+                server.respond(self, action, body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def completion(self, body: dict, content: str) -> dict:
+        return {"id": "cmpl-test", "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model", "m"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17}}
+
+    def respond(self, handler: BaseHTTPRequestHandler, action: str, body: dict) -> None:
+        if action == "drop":
+            handler.close_connection = True
+            handler.connection.shutdown(2)
+            return
+        if action == "slow":
+            time.sleep(self.slow_seconds)
+            action = "ok"
+        status, headers, payload = 200, {}, b""
+        if action == "429":
+            status, headers = 429, {"Retry-After": "0"}
+            payload = json.dumps({"error": {"message": "rate limited", "type": "rate_limit"}}).encode()
+        elif action == "500":
+            status, payload = 500, json.dumps({"error": {"message": "boom", "type": "server_error"}}).encode()
+        elif action == "malformed":
+            payload = b'{"id": "x", "choices": [ this is not json'
+        elif action.startswith("ok"):
+            content = action[3:] if action.startswith("ok:") else self.content
+            payload = json.dumps(self.completion(body, content)).encode()
+        else:
+            raise ValueError(action)
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(payload)))
+        for k, v in headers.items():
+            handler.send_header(k, v)
+        handler.end_headers()
+        handler.wfile.write(payload)
+
+    def __enter__(self) -> "FaultServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
