@@ -1,0 +1,95 @@
+"""Statistics against hand-computed cases, and the analysis tables on a small hand-built run."""
+
+import math
+
+import numpy as np
+import pytest
+
+from qreason.analysis import analyze, bootstrap_diff_ci, mcnemar_exact
+from qreason.records import Generation, Grade, Judgment, Problem
+from qreason.store import RunStore
+
+
+@pytest.mark.parametrize("lost, gained, p", [
+    (0, 0, 1.0),
+    (5, 0, 2 / 32),                      # 2 * (1/2)^5
+    (1, 0, 1.0),                         # 2 * 1/2
+    (6, 1, 2 * (1 + 7) / 128),           # 2 * (C(7,0) + C(7,1)) / 2^7 = 0.125
+    (3, 3, 1.0),
+    (10, 2, 2 * (1 + 12 + 66) / 4096),   # 0.03857...
+])
+def test_mcnemar_exact_matches_hand_computation(lost, gained, p):
+    assert mcnemar_exact(lost, gained) == pytest.approx(p)
+    assert mcnemar_exact(gained, lost) == pytest.approx(p)
+
+
+def test_bootstrap_bounds_on_a_known_sample():
+    # identical outcomes: the difference is exactly 0 in every resample
+    same = np.array([1, 0, 1, 1, 0])
+    assert bootstrap_diff_ci(same, same) == (0.0, 0.0)
+    # every pair flips from right to wrong: the difference is exactly -1 in every resample
+    assert bootstrap_diff_ci(np.ones(20), np.zeros(20)) == (-1.0, -1.0)
+    # 20 of 100 pairs lost, none gained: diff = -0.2, bootstrap sd = sqrt(.2*.8/100) = 0.04, so the 95 % interval
+    # is close to -0.2 ± 1.96 * 0.04
+    base, variant = np.ones(100), np.r_[np.zeros(20), np.ones(80)]
+    lo, hi = bootstrap_diff_ci(base, variant, n_boot=4000, seed=1)
+    assert lo == pytest.approx(-0.2 - 1.96 * 0.04, abs=0.02) and hi == pytest.approx(-0.2 + 1.96 * 0.04, abs=0.02)
+    assert bootstrap_diff_ci(base, variant, n_boot=4000, seed=1) == (lo, hi)  # seeded: reproducible
+
+
+def build_run(tmp_path) -> RunStore:
+    """4 problems x 2 seeds; base right on 7 of 8, the quantized variant right on 4 of 8 (lost 3, gained 0)."""
+    store = RunStore(tmp_path / "run")
+    base_right = {("0", 0), ("0", 1), ("1", 0), ("1", 1), ("2", 0), ("2", 1), ("3", 0)}
+    quant_right = {("0", 0), ("0", 1), ("1", 0), ("3", 0)}
+    problems, gens, grades, judgments = [], [], [], []
+    for pid in "0123":
+        problems.append(Problem(key=f"p{pid}", task="synthetic", problem_id=pid, question="q", answer="1",
+                                answer_type="number", meta={"difficulty": 1 + int(pid) % 2}))
+        for seed in (0, 1):
+            for variant, right in (("base", base_right), ("rtn-w4a16", quant_right)):
+                key = f"{variant}-{pid}-{seed}"
+                ok = (pid, seed) in right
+                gens.append(Generation(key=key, variant=variant, model_fingerprint="f", task="synthetic",
+                                       problem_id=pid, seed=seed, prompt_hash="h", messages=[],
+                                       text="a\nb\nc\nd", steps=["a", "b", "c", "d"], prompt_tokens=5,
+                                       completion_tokens=10 if ok else 30, finish_reason="stop",
+                                       backend="t", versions={}, sampling={}, seconds=0.1, created_at="now"))
+                grades.append(Grade(key="g" + key, generation_key=key, variant=variant, task="synthetic",
+                                    problem_id=pid, seed=seed, status="correct" if ok else "wrong", extracted="1",
+                                    reference="1", grader="t"))
+                if not ok:
+                    judgments.append(Judgment(key="j" + key, generation_key=key, variant=variant, task="synthetic",
+                                              problem_id=pid, seed=seed, judge="rules", first_error_step=1,
+                                              error_type="Execution", sub_type="computational error",
+                                              capability="numerical computation", created_at="now"))
+    store.problems.append(problems)
+    store.generations.append(gens)
+    store.grades.append(grades)
+    store.judgments.append(judgments)
+    return store
+
+
+def test_analysis_tables_on_a_hand_built_run(tmp_path):
+    store = build_run(tmp_path)
+    a = analyze(store)
+    deg = a.degradation.set_index("variant")
+    assert deg.loc["base", "accuracy"] == pytest.approx(7 / 8)
+    assert deg.loc["rtn-w4a16", "accuracy"] == pytest.approx(4 / 8)
+    # per-seed accuracies of the variant: seed 0 -> 3/4, seed 1 -> 1/4; std (ddof=1) = sqrt(0.125)
+    assert deg.loc["rtn-w4a16", "accuracy_std"] == pytest.approx(math.sqrt(0.125))
+    assert deg.loc["rtn-w4a16", "abs_drop"] == pytest.approx(3 / 8)
+    assert deg.loc["rtn-w4a16", "recovery_pct"] == pytest.approx(100 * 4 / 7)
+    (flip,) = a.flips.to_dict("records")
+    assert (flip["lost"], flip["gained"], flip["pairs"]) == (3, 0, 8)
+    assert flip["mcnemar_p"] == pytest.approx(0.25) and flip["ci_high"] <= 0
+    et = a.error_types.set_index("variant")
+    assert et.loc["rtn-w4a16", "count"] == 4 and et.loc["rtn-w4a16", "share"] == 1.0
+    fe = a.first_errors.set_index("variant")
+    assert fe.loc["rtn-w4a16", "mean_step"] == 1 and fe.loc["rtn-w4a16", "mean_relative"] == pytest.approx(0.5)
+    ln = a.lengths.set_index("variant")
+    assert ln.loc["base", "mean_tokens"] == pytest.approx((7 * 10 + 30) / 8)
+    diff = a.difficulty[(a.difficulty["variant"] == "rtn-w4a16") & (a.difficulty["dimension"] == "difficulty")]
+    assert set(diff["bucket"]) == {"1", "2"}
+    for name in a.tables:
+        assert (store.dir / "analysis" / f"{name}.csv").exists()
