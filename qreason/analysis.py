@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .records import Judgment
 from .store import RunStore, write_atomic
 
 BASE = "base"
@@ -71,8 +72,11 @@ def frames(store: RunStore) -> dict[str, pd.DataFrame]:
         df["method"], df["bits"] = None, None
     df["method"] = df["method"].fillna(df["variant"].where(df["variant"] != BASE, "none"))
     df["correct"] = (df["status"] == "correct").astype(int)
-    judgments = pd.DataFrame([j.model_dump() for j in store.judgments.all()])
+    records = store.judgments.all()
+    judgments = pd.DataFrame([j.model_dump() for j in records])
     if not judgments.empty:
+        chosen = {j.key for j in pick_verdicts(records).values()}
+        judgments["verdict"] = judgments["key"].isin(chosen)
         judgments = judgments.merge(gens[["generation_key", "n_steps"]], on="generation_key", how="left")
     return {"grades": df, "judgments": judgments}
 
@@ -113,13 +117,22 @@ def flips(df: pd.DataFrame, base: str = BASE, n_boot: int = 2000, seed: int = 0)
                                        "ci_high", "mcnemar_p"])
 
 
+def pick_verdicts(judgments: list[Judgment]) -> dict[str, Judgment]:
+    """One verdict per judged generation: the panel's if there is one, else an LLM judge's (first by name),
+    else the rules'. Judge errors are never verdicts."""
+    def rank(j: Judgment) -> tuple:
+        return (0 if j.judge == "panel" else 2 if j.judge == "rules" else 1, j.judge)
+
+    best: dict[str, Judgment] = {}
+    for j in judgments:
+        if j.status == "ok" and (j.generation_key not in best or rank(j) < rank(best[j.generation_key])):
+            best[j.generation_key] = j
+    return best
+
+
 def final_verdicts(judgments: pd.DataFrame) -> pd.DataFrame:
-    """One verdict per judged generation: the panel's if there is one, else an LLM judge's, else the rules'."""
-    if judgments.empty:
-        return judgments
-    ok = judgments[judgments["status"] == "ok"].copy()
-    ok["rank"] = np.select([ok["judge"] == "panel", ok["judge"] != "rules"], [0, 1], 2)
-    return ok.sort_values(["generation_key", "rank", "judge"]).drop_duplicates("generation_key").drop(columns="rank")
+    """The judgment rows that ``pick_verdicts`` chose (marked by ``frames``)."""
+    return judgments if judgments.empty else judgments[judgments["verdict"]]
 
 
 def error_distribution(verdicts: pd.DataFrame, column: str) -> pd.DataFrame:

@@ -80,6 +80,18 @@ class GradingConfig(Strict):
     workers: int = Field(default=2, ge=1)
 
 
+class CurateConfig(Strict):
+    """The Silver Bullet recovery dataset built from flips (see qreason/curate.py)."""
+
+    enabled: bool = True
+    max_items: int = Field(default=332, ge=1)   # the paper's dataset size
+    seed: int = 0                               # balancing order and the train/test split
+    test_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    attempts: int = Field(default=4, ge=1)      # full-precision continuations tried per DPO pair
+    temperature: float = Field(default=0.7, ge=0.0)  # for attempts after the first (which is greedy)
+    max_tokens: int | None = Field(default=None, gt=0)  # default: sampling.max_tokens
+
+
 class RunConfig(Strict):
     name: str
     output_dir: str | None = None
@@ -88,6 +100,7 @@ class RunConfig(Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
     grading: GradingConfig = Field(default_factory=GradingConfig)
+    curate: CurateConfig = Field(default_factory=CurateConfig)
 
     @field_validator("name")
     @classmethod

@@ -23,6 +23,7 @@ from typing import Iterable, Iterator
 from tqdm.auto import tqdm
 
 from .records import Generation, Grade, Problem, content_key
+from .store import Table
 
 GRADER_REVISION = 1
 FINAL_MARKERS = re.compile(r"\\boxed\s*\{|\\fbox\s*\{|final answer|answer\s*(?:is|:)|####", re.IGNORECASE)
@@ -154,19 +155,21 @@ class Grader:
 
 
 def run_grading(store, grader: Grader, generations: Iterable[Generation] | None = None,
-                flush_every: int = 64) -> int:
-    """Grade every stored generation that has no grade yet; returns how many grades were written."""
+                out: Table[Grade] | None = None, flush_every: int = 64) -> int:
+    """Grade every generation (default: all stored) that has no grade in ``out`` (default: the grades table)
+    yet; returns how many grades were written."""
+    out = out if out is not None else store.grades
     problems = {(p.task, p.problem_id): p for p in store.problems.all()}
     jobs = []
     for g in generations if generations is not None else store.generations.all():
         key = grade_key(g.key)
-        if key not in store.grades:
+        if key not in out:
             jobs.append(GradeJob(g, problems[(g.task, g.problem_id)], key))
     written, pending = 0, []
     for grade in tqdm(grader.grade(jobs), total=len(jobs), desc="grade", unit="ans", disable=not jobs,
                       dynamic_ncols=True):
         pending.append(grade)
         if len(pending) >= flush_every:
-            written += store.grades.append(pending)
+            written += out.append(pending)
             pending = []
-    return written + store.grades.append(pending)
+    return written + out.append(pending)

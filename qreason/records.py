@@ -110,3 +110,25 @@ class Judgment(Record):
     usage: dict[str, int] = Field(default_factory=dict)
     error: str | None = None
     created_at: str
+
+
+class SilverBulletItem(Record):
+    """One item of the recovery dataset: an SFT example and, when a verified continuation exists, a DPO pair."""
+
+    task: str
+    problem_id: str
+    variant: str                    # the quantized variant whose failure this item repairs
+    method: str
+    seed: int
+    messages: list[dict[str, str]]  # the prompt (as the models saw it)
+    sft_solution: str               # a verified-correct full-precision solution
+    prefix: str | None = None       # the quantized model's own steps before the first faulty one
+    chosen: str | None = None       # full-precision continuation of the prefix, graded correct
+    rejected: str | None = None     # the quantized model's steps from the first faulty one on
+    first_error_step: int
+    error_type: str | None = None
+    sub_type: str | None = None
+    capability: str | None = None
+    judge: str
+    split: Literal["train", "test"] = "train"
+    provenance: dict[str, Any] = Field(default_factory=dict)

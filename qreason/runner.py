@@ -107,7 +107,7 @@ def run(config_path: str | Path, output_dir: str | Path | None = None, index: Ru
         if todo:
             engine = backend or make_backend(cfg.backend, plan.model)
             try:
-                gen_stats = run_generation(store, todo, engine, cfg.sampling)
+                gen_stats = run_generation(store.generations, todo, engine, cfg.sampling)
             finally:
                 if backend is None:
                     engine.close()

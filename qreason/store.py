@@ -116,6 +116,9 @@ class RunStore:
         self.grades: Table[Grade] = Table(self.dir / "grades.jsonl", Grade)
         self.variants: Table[ModelVariant] = Table(self.dir / "variants.jsonl", ModelVariant)
         self.judgments: Table[Judgment] = Table(self.dir / "judgments.jsonl", Judgment)
+        # curation: full-precision continuations of quantized prefixes, and their grades
+        self.continuations: Table[Generation] = Table(self.dir / "continuations.jsonl", Generation)
+        self.continuation_grades: Table[Grade] = Table(self.dir / "continuation_grades.jsonl", Grade)
 
     def write_json(self, name: str, obj) -> Path:
         path = self.dir / name

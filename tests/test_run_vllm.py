@@ -47,7 +47,7 @@ def test_generation_records_carry_text_steps_tokens_and_versions(vllm_backend, d
     messages = build_messages(spec, problem, True)
     requests = [make_request("base", default_model, problem, messages, sampling, s) for s in (1, 2)]
     again = [make_request("base", default_model, problem, messages, sampling, 1)]
-    stats = run_generation(store, requests, vllm_backend, sampling)
+    stats = run_generation(store.generations, requests, vllm_backend, sampling)
     assert stats.produced == 2
     first = {g.seed: g for g in store.generations.all()}
     for g in first.values():
@@ -58,7 +58,7 @@ def test_generation_records_carry_text_steps_tokens_and_versions(vllm_backend, d
     texts = []
     for name in ("a", "b"):
         other = RunStore(tmp_path / name)
-        run_generation(other, again, vllm_backend, sampling)
+        run_generation(other.generations, again, vllm_backend, sampling)
         texts.append(other.generations.all()[0].text)
     assert texts[0] == texts[1]
 

@@ -19,7 +19,7 @@ from ..config import BackendConfig, SamplingConfig
 from ..models import ResolvedModel
 from ..records import Generation, Problem, content_key
 from ..steps import split_steps
-from ..store import RunStore, now_iso
+from ..store import Table, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ class GenerationRequest:
     key: str
     variant: str
     model_fingerprint: str
-    problem: Problem
+    task: str
+    problem_id: str
     messages: list[dict[str, str]]
     seed: int
 
@@ -67,8 +68,8 @@ def make_request(variant: str, model: ResolvedModel, problem: Problem, messages:
                  sampling: SamplingConfig, seed: int) -> GenerationRequest:
     key = content_key("generation", model.fingerprint, problem.task, problem.problem_id, problem.key,
                       content_key("messages", messages), sampling_identity(sampling), seed)
-    return GenerationRequest(key=key, variant=variant, model_fingerprint=model.fingerprint, problem=problem,
-                             messages=messages, seed=seed)
+    return GenerationRequest(key=key, variant=variant, model_fingerprint=model.fingerprint, task=problem.task,
+                             problem_id=problem.problem_id, messages=messages, seed=seed)
 
 
 def make_backend(cfg: BackendConfig, model: ResolvedModel) -> Backend:
@@ -83,8 +84,8 @@ def make_backend(cfg: BackendConfig, model: ResolvedModel) -> Backend:
 
 def to_record(req: GenerationRequest, done: Completion, backend: Backend, sampling: SamplingConfig) -> Generation:
     return Generation(
-        key=req.key, variant=req.variant, model_fingerprint=req.model_fingerprint, task=req.problem.task,
-        problem_id=req.problem.problem_id, seed=req.seed, prompt_hash=req.prompt_hash, messages=req.messages,
+        key=req.key, variant=req.variant, model_fingerprint=req.model_fingerprint, task=req.task,
+        problem_id=req.problem_id, seed=req.seed, prompt_hash=req.prompt_hash, messages=req.messages,
         text=done.text, steps=split_steps(done.text), prompt_tokens=done.prompt_tokens,
         completion_tokens=done.completion_tokens, finish_reason=done.finish_reason, backend=backend.name,
         versions=backend.versions, sampling={**sampling_identity(sampling), "seed": req.seed},
@@ -98,11 +99,11 @@ class GenerationStats:
     seconds: float = 0.0
 
 
-def run_generation(store: RunStore, requests: Iterable[GenerationRequest], backend: Backend,
+def run_generation(table: Table[Generation], requests: Iterable[GenerationRequest], backend: Backend,
                    sampling: SamplingConfig, flush_every: int = 16, flush_seconds: float = 5.0,
                    desc: str = "generate") -> GenerationStats:
-    """Generate every request whose key is not stored yet; store records durably as they complete."""
-    todo = [r for r in requests if r.key not in store.generations]
+    """Generate every request whose key is not in ``table`` yet; store records durably as they complete."""
+    todo = [r for r in requests if r.key not in table]
     stats = GenerationStats()
     if not todo:
         return stats
@@ -113,13 +114,13 @@ def run_generation(store: RunStore, requests: Iterable[GenerationRequest], backe
             bar.update(1)
             if done.error is not None:
                 stats.failed += 1
-                log.warning("generation failed for %s/%s seed %s: %s", req.problem.task, req.problem.problem_id,
+                log.warning("generation failed for %s/%s seed %s: %s", req.task, req.problem_id,
                             req.seed, done.error)
                 continue
             pending.append(to_record(req, done, backend, sampling))
             if len(pending) >= flush_every or time.monotonic() - last_flush >= flush_seconds:
-                stats.produced += store.generations.append(pending)
+                stats.produced += table.append(pending)
                 pending, last_flush = [], time.monotonic()
-        stats.produced += store.generations.append(pending)
+        stats.produced += table.append(pending)
     stats.seconds = time.monotonic() - start
     return stats

@@ -39,6 +39,14 @@ def short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}{f' {status}' if status else ''}: {text[:200]}"
 
 
+def continuation_args(messages: list[dict[str, str]]) -> dict | None:
+    """A conversation ending in an assistant message asks to continue it (vLLM and SGLang servers accept these
+    chat-template options)."""
+    if messages and messages[-1]["role"] == "assistant":
+        return {"continue_final_message": True, "add_generation_prompt": False}
+    return None
+
+
 class OpenAIBackend:
     def __init__(self, cfg: BackendConfig, model: ResolvedModel):
         if not cfg.base_url:
@@ -58,7 +66,8 @@ class OpenAIBackend:
                 try:
                     resp = await client.chat.completions.create(
                         model=self.model_name, messages=req.messages, temperature=sampling.temperature,
-                        top_p=sampling.top_p, max_tokens=sampling.max_tokens, seed=req.seed)
+                        top_p=sampling.top_p, max_tokens=sampling.max_tokens, seed=req.seed,
+                        extra_body=continuation_args(req.messages))
                     break
                 except (ValueError, APIResponseValidationError) as exc:  # a malformed reply: the client won't retry
                     if attempt == self.cfg.max_retries:

@@ -88,7 +88,12 @@ class VLLMBackend:
             params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                      max_tokens=sampling.max_tokens, seed=r.seed) for r in chunk]
             t0 = time.monotonic()
-            outputs = self.llm.chat([r.messages for r in chunk], params, use_tqdm=False)
+            # A conversation ending in an assistant message is a prefix to continue (curation asks for these).
+            cont = bool(chunk) and chunk[0].messages[-1]["role"] == "assistant"
+            if any((r.messages[-1]["role"] == "assistant") != cont for r in chunk):
+                raise ValueError("a batch mixes continuations and new answers")
+            outputs = self.llm.chat([r.messages for r in chunk], params, use_tqdm=False,
+                                    add_generation_prompt=not cont, continue_final_message=cont)
             per_item = (time.monotonic() - t0) / len(chunk)
             for req, out in zip(chunk, outputs):
                 o = out.outputs[0]
