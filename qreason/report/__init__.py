@@ -1,0 +1,119 @@
+"""The HTML report: one self-contained file (figures embedded, no scripts, no network) for a run directory.
+
+Model text is untrusted: the template autoescapes everything, and the page carries a Content-Security-Policy
+that forbids scripts, so text such as ``<script>`` shows as text and nothing runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import pandas as pd
+
+from ..analysis import Analysis, analyze, pick_verdicts
+from ..store import RunIndex, RunStore, write_atomic
+from . import figures
+
+TEMPLATE_DIR = Path(__file__).parent
+
+
+def _records(df: pd.DataFrame) -> list[dict]:
+    return json.loads(df.to_json(orient="records")) if not df.empty else []
+
+
+def drilldown(store: RunStore, base: str, limit: int) -> list[dict]:
+    """Failures of non-base variants that have a verdict: flips first, each beside the base's solution."""
+    generations = {g.key: g for g in store.generations.all()}
+    by_cell = {(g.variant, g.task, g.problem_id, g.seed): g for g in generations.values()}
+    grades = {g.generation_key: g for g in store.grades.all()}
+    problems = {(p.task, p.problem_id): p for p in store.problems.all()}
+    all_judgments = defaultdict(list)
+    for j in store.judgments.all():
+        all_judgments[j.generation_key].append(j)
+    items = []
+    for key, verdict in pick_verdicts(store.judgments.all()).items():
+        gen = generations.get(key)
+        if gen is None or gen.variant == base:
+            continue
+        ref = by_cell.get((base, gen.task, gen.problem_id, gen.seed))
+        ref_grade = grades.get(ref.key) if ref else None
+        flip = ref_grade is not None and ref_grade.status == "correct"
+        problem = problems.get((gen.task, gen.problem_id))
+        items.append({
+            "id": f"f-{key}", "variant": gen.variant, "task": gen.task, "problem_id": gen.problem_id,
+            "seed": gen.seed, "flip": flip, "question": problem.question if problem else "",
+            "reference": problem.answer if problem else "", "status": grades[key].status if key in grades else "?",
+            "extracted": grades[key].extracted if key in grades else None,
+            "steps": gen.steps, "first_error_step": verdict.first_error_step, "verdict": verdict,
+            "judgments": sorted(all_judgments[key], key=lambda j: (j.judge != "panel", j.judge)),
+            "base_steps": ref.steps if ref else [], "base_status": ref_grade.status if ref_grade else None,
+        })
+    items.sort(key=lambda it: (not it["flip"], it["variant"], it["task"], it["problem_id"], it["seed"]))
+    return items[:limit]
+
+
+def trend_points(index: RunIndex | None, name: str) -> pd.DataFrame:
+    rows = []
+    for run in index.list(name) if index is not None else []:
+        summary = run.get("summary") or {}
+        if run["status"] != "ok" or not summary:
+            continue
+        when = datetime.fromisoformat(run["finished_at"] or run["started_at"])
+        for r in summary.get("results", []):
+            rows.append({"when": when, "run_id": run["run_id"], "series": f"{r['variant']} / {r['task']}",
+                         "accuracy": r["accuracy_mean"]})
+    return pd.DataFrame(rows, columns=["when", "run_id", "series", "accuracy"])
+
+
+def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex | None = None,
+                 base: str = "base", max_failures: int = 200, analysis: Analysis | None = None) -> Path:
+    analysis = analysis or analyze(store, base)
+    summary = store.read_json("summary.json") or {}
+    env = store.read_json("environment.json") or {}
+    card_path = store.dir / "silver_bullet" / "README.md"
+    deg = analysis.degradation
+    first_error_rel = defaultdict(list)
+    verdicts = pick_verdicts(store.judgments.all())
+    steps_of = {g.key: len(g.steps) for g in store.generations.all()}
+    for j in verdicts.values():
+        if j.first_error_step is not None and j.first_error_step >= 0:
+            first_error_rel[j.variant].append(j.first_error_step)
+    trend = trend_points(index, summary.get("name", store.dir.name))
+    figs = {
+        "accuracy": figures.grouped_bars(deg, "task", "variant", "accuracy", "Accuracy by task", "accuracy (%)",
+                                         percent=True, err="accuracy_std"),
+        "error_types": figures.grouped_bars(analysis.error_types, "error_type", "variant", "count",
+                                            "Error types of judged failures", "failures"),
+        "capabilities": figures.grouped_bars(analysis.capabilities, "capability", "variant", "count",
+                                             "Capabilities hurt", "failures"),
+        "first_errors": figures.histogram(dict(first_error_rel), "First faulty step", "step index (0-based)"),
+        "lengths": figures.grouped_bars(analysis.lengths, "task", "variant", "mean_tokens",
+                                        "Mean output length", "tokens"),
+        "trend": figures.trend(trend),
+    }
+    env_versions = env.get("versions", {})
+    context = {
+        "title": f"qreason report: {summary.get('name', store.dir.name)}",
+        "summary": summary, "environment": env, "versions": env_versions,
+        "degradation": _records(deg), "flips": _records(analysis.flips),
+        "error_types": _records(analysis.error_types), "sub_types": _records(analysis.sub_types),
+        "capabilities": _records(analysis.capabilities), "first_errors": _records(analysis.first_errors),
+        "lengths": _records(analysis.lengths), "difficulty": _records(analysis.difficulty),
+        "variants": [v.model_dump() for v in store.variants.all()],
+        "figures": figs, "failures": drilldown(store, base, max_failures), "n_verdicts": len(verdicts),
+        "steps_of": steps_of, "dataset_card": card_path.read_text(encoding="utf-8") if card_path.exists() else None,
+        "trend": _records(trend.assign(when=trend["when"].astype(str))) if not trend.empty else [],
+        "generated_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    env_j = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
+                               undefined=jinja2.StrictUndefined)
+    env_j.filters["pct"] = lambda v, d=1: "–" if v is None else f"{100 * v:.{d}f}%"
+    env_j.filters["num"] = lambda v, d=2: "–" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
+    html = env_j.get_template("report.html.j2").render(**context)
+    out = out_path or store.dir / "report.html"
+    write_atomic(Path(out), html)
+    return Path(out)

@@ -1,0 +1,72 @@
+"""Matplotlib figures for the report, returned as base64 PNG data URIs (the report needs no network)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
+
+
+def _uri(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def grouped_bars(df: pd.DataFrame, index: str, columns: str, values: str, title: str, ylabel: str,
+                 percent: bool = False, err: str | None = None) -> str | None:
+    """Bars of ``values`` grouped by ``index`` with one colour per ``columns`` value."""
+    if df.empty or df[values].isna().all():
+        return None
+    table = df.pivot_table(index=index, columns=columns, values=values, aggfunc="sum").fillna(0)
+    errs = df.pivot_table(index=index, columns=columns, values=err, aggfunc="sum").fillna(0) if err else None
+    scale = 100 if percent else 1
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(table) * max(1, len(table.columns)) / 2 + 3), 3.4))
+    (table * scale).plot.bar(ax=ax, color=COLORS[: len(table.columns)], width=0.8,
+                             yerr=None if errs is None else errs * scale, capsize=3)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel("")
+    ax.tick_params(axis="x", rotation=0)
+    ax.legend(fontsize=8, frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    return _uri(fig)
+
+
+def histogram(values_by_group: dict[str, list[float]], title: str, xlabel: str, bins: int = 10) -> str | None:
+    groups = {k: values_by_group[k] for k in sorted(values_by_group) if values_by_group[k]}
+    if not groups:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for (name, vals), color in zip(groups.items(), COLORS):
+        ax.hist(vals, bins=bins, alpha=0.55, label=name, color=color)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("failures")
+    ax.legend(fontsize=8, frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    return _uri(fig)
+
+
+def trend(points: pd.DataFrame) -> str | None:
+    """Accuracy over time: one line per variant/task (columns: when, series, accuracy)."""
+    if points.empty or points["when"].nunique() < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    for (series, group), color in zip(points.groupby("series"), COLORS * 4):
+        group = group.sort_values("when")
+        ax.plot(group["when"], 100 * group["accuracy"], marker="o", label=series, color=color)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy across runs of this config")
+    ax.legend(fontsize=8, frameon=False)
+    ax.grid(alpha=0.3)
+    fig.autofmt_xdate()
+    return _uri(fig)
