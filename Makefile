@@ -12,6 +12,7 @@ demo: env
 	$(PY) -m qreason.cli run configs/demo.yaml
 
 test: env
+	@bash scripts/setup-test-tools.sh
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: env
