@@ -4,10 +4,7 @@ run store, the CLI, and (marked server/vllm) a real vLLM OpenAI-compatible serve
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -79,7 +76,7 @@ def test_wrong_arithmetic_is_flagged(text):
     "f(3) + 3 = 5",
     r"\( f(1) - 1 = 1 \)",
     "1st - 5 = 6th",
-    r"\[ 25 = 0^2 + 5^2 \]" "\n" r"\[ 25 = 3^2 + 4^2 \]",
+    "\\[ 25 = 0^2 + 5^2 \\]\n\\[ 25 = 3^2 + 4^2 \\]",
     "the values range from -2-5 = -7 to -2+5 = 3",
     r"\[17^5 = 32 r^5.\]",
     "3:30 = 5",
@@ -360,12 +357,6 @@ def test_cli(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ real vLLM
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _model_path() -> str:
     pytest.importorskip("vllm")
     from qreason.models import convert_embedded
@@ -373,56 +364,20 @@ def _model_path() -> str:
     return str(convert_embedded())
 
 
-SERVED = "smollm2"
+SERVED = "smollm2"  # the name the session's server (conftest.openai_server) and run-batch serve the model under
 ENGINE_ARGS = ["--max-model-len", "2048", "--kv-cache-memory-bytes", "2147483648", "--enforce-eager"]
 
 
-@pytest.fixture(scope="session")
-def vllm_server(tmp_path_factory):
-    """One real vLLM OpenAI-compatible server for the session, killed at the end."""
-    model = _model_path()
-    port = _free_port()
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
-    fh = open(log, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                             "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port), *ENGINE_ARGS],
-                            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vLLM server not healthy after 300 s:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
-        yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        fh.close()
-
-
-def _served_requests(base: str) -> float:
+def _served_requests(base_url: str) -> float:
     """Requests the server finished, from its Prometheus metrics."""
-    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
+    with urllib.request.urlopen(f"{base_url.removesuffix('/v1')}/metrics", timeout=10) as r:
         text = r.read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("vllm:request_success_total"))
 
 
-def _judge(name: str, base: str, **kw) -> dict:
-    return {"name": name, "base_url": f"{base}/v1", "model": SERVED, "max_tokens": 200, "invalid_retries": 1,
+def _judge(name: str, base_url: str, **kw) -> dict:
+    return {"name": name, "base_url": base_url, "model": SERVED, "max_tokens": 200, "invalid_retries": 1,
             "backoff_s": 0.05, "concurrency": 4, "timeout_s": 300, **kw}
 
 
@@ -450,7 +405,7 @@ def test_vllm_run_batch_round_trip(tmp_path):
 
 @pytest.mark.server
 @pytest.mark.vllm
-def test_vllm_structured_output(vllm_server):
+def test_vllm_structured_output(openai_server):
     """The server honours the reply schema: the raw reply is JSON that validates against it."""
     jsonschema = pytest.importorskip("jsonschema")
     from openai import OpenAI
@@ -460,10 +415,11 @@ def test_vllm_structured_output(vllm_server):
 
     inp = JudgeInput(problem=CASES[0][1], steps=["Ana starts with 5 apples.", "5 + 3 = 9.", "The answer is 9."],
                      reference_answer="8")
-    client = JudgeClient(JudgeSpec.model_validate(_judge("s", vllm_server)), TPL, TAX, ReplyCache(Path(":memory:")))
+    spec = JudgeSpec.model_validate(_judge("s", openai_server))
+    client = JudgeClient(spec, TPL, TAX, ReplyCache(Path(":memory:")))
     req = client.request(inp)
     body = {**req.body, "max_completion_tokens": 400}
-    reply = OpenAI(base_url=f"{vllm_server}/v1", api_key="EMPTY").chat.completions.create(**body)
+    reply = OpenAI(base_url=openai_server, api_key="EMPTY").chat.completions.create(**body)
     data = json.loads(reply.choices[0].message.content)
     jsonschema.validate(data, body["response_format"]["json_schema"]["schema"])
     assert reply.usage.prompt_tokens > 0
@@ -471,18 +427,20 @@ def test_vllm_structured_output(vllm_server):
 
 @pytest.mark.server
 @pytest.mark.vllm
-def test_vllm_panel_and_cache(vllm_server, tmp_path):
-    store = make_run(tmp_path / "run")
-    cfg = JudgeConfig.model_validate({"judges": [_judge("a", vllm_server, seed=1), _judge("b", vllm_server, seed=2)]})
-    served0 = _served_requests(vllm_server)
+def test_vllm_panel_and_cache(openai_server, tmp_path):
+    cases = [CASES[0], CASES[2]]  # one failure for the LLM judges (p0/q4) and one settled by the rules (p2/q4)
+    store = make_run(tmp_path / "run", cases)
+    judges = [_judge(name, openai_server, seed=seed, invalid_retries=2) for name, seed in (("a", 1), ("b", 2))]
+    cfg = JudgeConfig.model_validate({"judges": judges})
+    served0 = _served_requests(openai_server)
     stats = run_judging(store, cfg)
-    assert stats.llm_items == 3
-    assert stats.requests >= 6 and _served_requests(vllm_server) - served0 == stats.requests
+    assert stats.llm_items == 1
+    assert stats.requests >= 2 and _served_requests(openai_server) - served0 == stats.requests
     by = {}
     for j in store.judgments.all():
         by.setdefault((j.problem_id, j.variant), {})[j.judge] = j
     llm = [k for k, v in by.items() if "a" in v]
-    assert len(llm) == 3
+    assert llm == [("p0", "q4")]
     n_ok = 0
     for k in llm:
         recs = by[k]
@@ -502,16 +460,16 @@ def test_vllm_panel_and_cache(vllm_server, tmp_path):
         assert votes["n_judges"] == 2 and set(votes["members"]) == {"a", "b"}
     assert n_ok >= 1  # constrained decoding makes valid replies the rule even for a 135M model
     final = final_judgments(store)
-    assert len(final) == 5
+    assert len(final) == 2 and final[by[("p2", "q4")]["rules"].generation_key].judge == "rules"
     # second pass: everything is answered already, nothing is sent
     n_records = len(store.judgments)
-    served1 = _served_requests(vllm_server)
+    served1 = _served_requests(openai_server)
     stats2 = run_judging(store, cfg)
-    assert stats2.requests == 0 and _served_requests(vllm_server) == served1
-    assert stats2.judges["a"]["done"] == stats2.judges["b"]["done"] == 3
+    assert stats2.requests == 0 and _served_requests(openai_server) == served1
+    assert stats2.judges["a"]["done"] == stats2.judges["b"]["done"] == 1
     assert len(store.judgments) == n_records
     # a fresh store with the same cache: answered from the cache, still nothing sent
-    other = make_run(tmp_path / "run2")
+    other = make_run(tmp_path / "run2", cases)
     stats3 = run_judging(other, cfg.model_copy(update={"cache_path": str(store.dir / "judge_cache.sqlite")}))
     for name in ("a", "b"):
         assert stats3.judges[name]["cached"] == stats.judges[name]["ok"]

@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import threading
 import time
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from judge_helpers import make_run
 from qreason.judge import JudgeConfig, JudgeInput, run_judging
@@ -39,68 +40,81 @@ SCRIPTS = {
 }
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the default backlog (5) refuses connections when many requests arrive at once
+
+
 class FakeJudge:
-    """An aiohttp server in a thread; counts requests per marker and checks the bearer token."""
+    """A threaded HTTP server; counts requests per marker, records their times and the bearer tokens."""
 
     def __init__(self):
         self.counts: Counter = Counter()
         self.auth: set[str] = set()
         self.times: dict[str, list[float]] = {}
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.lock = threading.Lock()
+        server = self
 
-    def _serve(self):
-        asyncio.set_event_loop(self.loop)
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.handle)
-        self.runner = web.AppRunner(app)
-        self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]
-        self.ready.set()
-        self.loop.run_forever()
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
 
-    def start(self):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                server.handle(self, body)
+
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def start(self) -> str:
         self.thread.start()
-        assert self.ready.wait(10)
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
-    def stop(self):
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
-    async def handle(self, request: web.Request):
-        body = await request.json()
-        self.auth.add(request.headers.get("Authorization", ""))
-        text = body["messages"][-1]["content"]
-        marker = re.search(r"FAULT:(\w+)", text).group(1)
-        n = self.counts[marker]
-        self.counts[marker] += 1
-        self.times.setdefault(marker, []).append(time.monotonic())
-        assert self.counts[marker] <= 20, "unbounded retries"
+    def handle(self, h: BaseHTTPRequestHandler, body: dict) -> None:
+        marker = re.search(r"FAULT:(\w+)", body["messages"][-1]["content"]).group(1)
+        with self.lock:
+            self.auth.add(h.headers.get("Authorization", ""))
+            n = self.counts[marker]
+            self.counts[marker] += 1
+            self.times.setdefault(marker, []).append(time.monotonic())
+        assert n < 20, "unbounded retries"
         script = SCRIPTS[marker]
-        action = script[min(n, len(script) - 1)]
+        action = script[min(n, len(script) - 1)] if body["model"] != "bad-judge" else "offschema"
+        status, headers, ctype = 200, {}, "application/json"
         if action == "429":
-            return web.json_response({"error": {"message": "rate limited"}}, status=429, headers={"Retry-After": "1"})
-        if action == "500":
-            return web.json_response({"error": {"message": "boom"}}, status=500)
-        if action == "slow":
-            await asyncio.sleep(3)
-        if action == "drop":
-            request.transport.close()
-            await asyncio.sleep(0.2)
-            return web.Response(status=200)
-        if action == "garbage":
-            return web.Response(text="<html>not json</html>", content_type="text/html")
-        content = {"malformed": '{"rationale": "unterminated', "offschema": json.dumps({**GOOD, "first_error_step": 9}),
-                   }.get(action, json.dumps(GOOD))
-        return web.json_response({
-            "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}})
+            status, headers, payload = 429, {"Retry-After": "1"}, {"error": {"message": "rate limited"}}
+        elif action == "500":
+            status, payload = 500, {"error": {"message": "boom"}}
+        elif action == "drop":
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        elif action == "garbage":
+            ctype, payload = "text/html", "<html>not json</html>"
+        else:
+            if action == "slow":
+                time.sleep(3)
+            content = {"malformed": '{"rationale": "unterminated',
+                       "offschema": json.dumps({**GOOD, "first_error_step": 9})}.get(action, json.dumps(GOOD))
+            payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                    "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}}
+        data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
+        try:
+            h.send_response(status)
+            h.send_header("Content-Type", ctype)
+            h.send_header("Content-Length", str(len(data)))
+            for k, v in headers.items():
+                h.send_header(k, v)
+            h.end_headers()
+            h.wfile.write(data)
+        except OSError:
+            pass  # the client gave up (timeout) before the answer came
 
 
 @pytest.fixture
@@ -118,8 +132,8 @@ def spec(url: str, **kw) -> dict:
 
 def fault_cases(markers):
     return [(f"f{i}", f"FAULT:{m} Ana has 5 apples and buys 3 more. How many?", "8",
-             {"q4": ("Step 1: Ana has 5 apples.\nStep 2: She buys 3 more, so she has 9.\nThe final answer is "
-                     "\\boxed{9}.", "wrong")}) for i, m in enumerate(markers)]
+             {"q4": ("Step 1: Ana has 5 apples.\nStep 2: She buys 3 more, so she has 9.\nThe answer is \\boxed{9}.",
+                     "wrong")}) for i, m in enumerate(markers)]
 
 
 def test_faults_are_retried_then_recorded(fake, tmp_path, monkeypatch, caplog):
@@ -187,7 +201,7 @@ def test_faults_are_retried_then_recorded(fake, tmp_path, monkeypatch, caplog):
 
 def test_judge_client_survives_every_fault_directly(fake, tmp_path):
     """The client alone: every fault ends in a verdict or a judge_error, never an exception."""
-    server, url = fake
+    _, url = fake
     from qreason.judge.config import JudgeSpec
 
     cache = ReplyCache(tmp_path / "cache.sqlite")
@@ -242,3 +256,20 @@ def test_batch_read_records_errors_once(tmp_path):
     n = len(store.judgments)
     run_judging(store, read)
     assert len(store.judgments) == n
+
+
+def test_panel_with_a_failing_member_is_stable(fake, tmp_path):
+    """A panel of a good and an always-invalid judge: the good one decides; a re-run sends and adds nothing."""
+    server, url = fake
+    store = make_run(tmp_path / "run", fault_cases(["ok", "ok"]))
+    cfg = JudgeConfig.model_validate({"judges": [spec(url, name="good"),
+                                                 spec(url, name="bad", model="bad-judge", invalid_retries=1)]})
+    stats = run_judging(store, cfg)
+    assert stats.judges["good"]["ok"] == 2 and stats.judges["bad"]["judge_error"] == 2 and stats.panel_written == 2
+    panels = [j for j in store.judgments.all() if j.judge == "panel"]
+    assert all(p.status == "ok" and p.first_error_step == 1 and p.votes["n_valid"] == 1 for p in panels)
+    assert all(p.votes["members"]["bad"]["status"] == "judge_error" for p in panels)
+    n, sent = len(store.judgments), sum(server.counts.values())
+    stats2 = run_judging(store, cfg)
+    assert stats2.requests == 0 and stats2.panel_written == 0
+    assert len(store.judgments) == n and sum(server.counts.values()) == sent

@@ -19,13 +19,11 @@ import json
 import os
 import sqlite3
 import time
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import UserError
-from ..generate.openai_backend import short_error
 from ..records import content_key
 from .config import JudgeSpec
 from .prompts import (InvalidReply, JudgeInput, PromptTemplate, Taxonomy, Verdict, build_messages, parse_reply,
@@ -151,6 +149,8 @@ class JudgeClient:
         if verdict is not None or self.offline:
             return verdict
         import openai
+
+        from ..generate.openai_backend import short_error  # here, not at import: qreason.config imports this package
 
         client = self._openai()
         usage: dict[str, int] = {}

@@ -3,9 +3,9 @@
 Arithmetic. Each step is scanned for equations such as ``3 + 4 = 7``, ``$1,234 x 2 = $2,468``,
 ``5 apples * 3 = 15 apples`` or ``\\frac{18}{3} \\times 2 = 12``. The text is cut into tokens (numbers with
 thousands separators, currency and percent signs, operators, parentheses, ``=``, words); a few operator words
-(``times``, ``plus``, ``minus``, ``divided by``, ``x`` between numbers) become operators, and a single word right
-after a number that is followed by an operator, ``=`` or the end of the expression is read as a unit and dropped.
-Any other word or punctuation ends the expression. Each side of each ``=`` is parsed by a small recursive-descent
+(``times``, ``plus``, ``minus``, ``divided by``, ``x`` between numbers) become operators; a single word right
+after a number that is followed by an operator, ``=`` or the end of the expression is read as a unit and dropped,
+and so are rate units (``$194/meter``, ``3 pages per minute``). Any other word or punctuation ends the expression. Each side of each ``=`` is parsed by a small recursive-descent
 parser over exact fractions (``+ - * / ^``, unary minus, parentheses, percent, ``sqrt``); the text is never
 evaluated as code. A step is flagged when the left side of an ``=`` holds an operator and its value differs from
 the right side's.
@@ -352,7 +352,8 @@ def _close(left, right, right_toks: list[Tok], rel_tol: float) -> bool:
             scaled = float(round(scaled))
         if abs(target - math.floor(scaled)) < 1e-6 or abs(target - math.ceil(scaled)) < 1e-6:
             return True
-    return rel_tol > 0 and abs(lf - rf) <= rel_tol * max(abs(lf), abs(rf)) + (0.5 * 10.0 ** -decimals if decimals else 0)
+    rounding = 0.5 * 10.0 ** -decimals if decimals else 0.0
+    return rel_tol > 0 and abs(lf - rf) <= rel_tol * max(abs(lf), abs(rf)) + rounding
 
 
 def _text(toks: list[Tok]) -> str:

@@ -88,7 +88,8 @@ def select_candidates(store: RunStore, cfg: JudgeConfig) -> list[Candidate]:
             raise UserError(str(store.grades.path), f"grade {grade.key} refers to a generation that is not stored")
         problem = problems.get((gen.task, gen.problem_id))
         if problem is None:
-            raise UserError(str(store.problems.path), f"no problem {gen.task}/{gen.problem_id} for generation {gen.key}")
+            raise UserError(str(store.problems.path),
+                            f"no problem {gen.task}/{gen.problem_id} for generation {gen.key}")
         flip = gen.variant != cfg.base_variant and (gen.task, gen.problem_id, gen.seed) in base_correct
         if cfg.which == "flips" and not flip:
             continue
@@ -118,6 +119,14 @@ def judge_key(c: Candidate, name: str, req: JudgeRequest) -> str:
 def invalid_key(key: str) -> str:
     """Where a judge's final "no valid reply" for a request is stored; like a verdict, it is not redone."""
     return content_key(key, "invalid_reply")
+
+
+def finished(store: RunStore, key: str, retry_invalid: bool) -> Judgment | None:
+    """The stored outcome of a judge request that needs no new attempt: its verdict, or its final invalid reply."""
+    done = store.judgments.get(key)
+    if done is None and not retry_invalid:
+        done = store.judgments.get(invalid_key(key))
+    return done
 
 
 def error_key(key: str, v: Verdict) -> str:
@@ -215,7 +224,8 @@ def run_judging(store: RunStore, cfg: JudgeConfig) -> JudgeStats:
         if cfg.batch.mode == "write":
             for cl in clients:
                 pending = [r for c, r in zip(todo, requests[cl.spec.name])
-                           if judge_key(c, cl.spec.name, r) not in store.judgments and cl.cache.get(r.key) is None]
+                           if finished(store, judge_key(c, cl.spec.name, r), cfg.retry_invalid) is None
+                           and cl.cache.get(r.key) is None]
                 path = batch_dir / f"{cl.spec.name.replace('/', '_')}.batch_input.jsonl"
                 n = write_batch(path, pending)
                 stats.judges[cl.spec.name]["pending"] = n
@@ -248,12 +258,10 @@ async def _judge_all(store: RunStore, todo: list[Candidate], clients: list[Judge
     async def member(c: Candidate, cl: JudgeClient, req: JudgeRequest) -> tuple[str, Verdict | None, Judgment | None]:
         name = cl.spec.name
         key = judge_key(c, name, req)
-        done = store.judgments.get(key)
-        if done is None and not retry_invalid:
-            done = store.judgments.get(invalid_key(key))
+        done = finished(store, key, retry_invalid)
         if done is not None:
             stats.judges[name]["done"] += 1
-            return key, to_verdict(done), None
+            return done.key, to_verdict(done), None
         verdict = failures[name].get(req.key) or await cl.judge(req)
         if verdict is None:
             stats.judges[name]["pending"] += 1
