@@ -51,15 +51,19 @@ def bootstrap_diff_ci(base: np.ndarray, variant: np.ndarray, n_boot: int = 2000,
     return float(lo), float(hi)
 
 
-def frames(store: RunStore) -> dict[str, pd.DataFrame]:
+def frames(store: RunStore, generation_keys: set[str] | None = None) -> dict[str, pd.DataFrame]:
     """The run's records as DataFrames: one row per grade (joined with its generation, problem and variant),
-    and one row per judgment."""
+    and one row per judgment. ``generation_keys`` limits them to those generations (a config's own work, when
+    the run directory also holds records of an earlier version of the config)."""
+    def keep(key: str) -> bool:
+        return generation_keys is None or key in generation_keys
+
     problems = pd.DataFrame([{"task": p.task, "problem_id": p.problem_id, **{
         k: p.meta.get(k) for k in DIFFICULTY_COLUMNS}} for p in store.problems.all()])
     gens = pd.DataFrame([{"generation_key": g.key, "completion_tokens": g.completion_tokens,
                           "finish_reason": g.finish_reason, "n_steps": len(g.steps)}
-                         for g in store.generations.all()])
-    grades = pd.DataFrame([g.model_dump() for g in store.grades.all()])
+                         for g in store.generations.all() if keep(g.key)])
+    grades = pd.DataFrame([g.model_dump() for g in store.grades.all() if keep(g.generation_key)])
     variants = pd.DataFrame([{"variant": v.name, "method": v.method, "bits": v.bits} for v in store.variants.all()])
     if grades.empty:
         return {"grades": grades, "judgments": pd.DataFrame()}
@@ -72,10 +76,10 @@ def frames(store: RunStore) -> dict[str, pd.DataFrame]:
         df["method"], df["bits"] = None, None
     df["method"] = df["method"].fillna(df["variant"].where(df["variant"] != BASE, "none"))
     df["correct"] = (df["status"] == "correct").astype(int)
-    records = store.judgments.all()
+    records = [j for j in store.judgments.all() if keep(j.generation_key)]
     judgments = pd.DataFrame([j.model_dump() for j in records])
     if not judgments.empty:
-        chosen = {j.key for j in pick_verdicts(records).values()}
+        chosen = {j.key for j in verdicts(store).values()}
         judgments["verdict"] = judgments["key"].isin(chosen)
         judgments = judgments.merge(gens[["generation_key", "n_steps"]], on="generation_key", how="left")
     return {"grades": df, "judgments": judgments}
@@ -117,21 +121,16 @@ def flips(df: pd.DataFrame, base: str = BASE, n_boot: int = 2000, seed: int = 0)
                                        "ci_high", "mcnemar_p"])
 
 
-def pick_verdicts(judgments: list[Judgment]) -> dict[str, Judgment]:
-    """One verdict per judged generation: the panel's if there is one, else an LLM judge's (first by name),
-    else the rules'. Judge errors are never verdicts."""
-    def rank(j: Judgment) -> tuple:
-        return (0 if j.judge == "panel" else 2 if j.judge == "rules" else 1, j.judge)
+def verdicts(store: RunStore) -> dict[str, Judgment]:
+    """The verdict that counts per judged generation (the judge stage's rule: panel, else an LLM judge, else the
+    rule checks), judge errors left out."""
+    from .judge import final_judgments
 
-    best: dict[str, Judgment] = {}
-    for j in judgments:
-        if j.status == "ok" and (j.generation_key not in best or rank(j) < rank(best[j.generation_key])):
-            best[j.generation_key] = j
-    return best
+    return {k: j for k, j in final_judgments(store).items() if j.status == "ok"}
 
 
 def final_verdicts(judgments: pd.DataFrame) -> pd.DataFrame:
-    """The judgment rows that ``pick_verdicts`` chose (marked by ``frames``)."""
+    """The judgment rows that ``verdicts`` chose (marked by ``frames``)."""
     return judgments if judgments.empty else judgments[judgments["verdict"]]
 
 
@@ -216,16 +215,17 @@ class Analysis:
         write_atomic(directory / "analysis.json", json.dumps(payload, indent=1))
 
 
-def analyze(store: RunStore, base: str = BASE, save: bool = True) -> Analysis:
-    data = frames(store)
+def analyze(store: RunStore, base: str = BASE, save: bool = True,
+            generation_keys: set[str] | None = None) -> Analysis:
+    data = frames(store, generation_keys)
     df, judgments = data["grades"], data["judgments"]
     if df.empty:
         raise ValueError(f"{store.dir}: no graded generations to analyse")
-    verdicts = final_verdicts(judgments)
+    chosen = final_verdicts(judgments)
     result = Analysis(
         degradation=degradation(accuracy(df), base), flips=flips(df, base),
-        error_types=error_distribution(verdicts, "error_type"), sub_types=error_distribution(verdicts, "sub_type"),
-        capabilities=error_distribution(verdicts, "capability"), first_errors=first_error_positions(verdicts),
+        error_types=error_distribution(chosen, "error_type"), sub_types=error_distribution(chosen, "sub_type"),
+        capabilities=error_distribution(chosen, "capability"), first_errors=first_error_positions(chosen),
         lengths=lengths(df), difficulty=by_difficulty(df, base))
     if save:
         result.save(store.dir / "analysis")

@@ -19,11 +19,17 @@ def _cmd_run(args) -> int:
     from .summary import format_table
 
     summary = run(args.config, output_dir=args.output_dir)
-    gen = summary["generations"]
+    gen, quant = summary["generations"], summary["quantization"]
     print(format_table(summary["results"]))
     print(f"\ngenerations: {gen['produced']} produced, {gen['cached']} cached, {gen['failed']} failed; "
+          f"checkpoints: {quant['quantized']} quantized, {quant['reused']} reused; "
           f"wall time {summary['wall_seconds']:.1f} s")
+    if summary.get("curate", {}).get("dir"):
+        c = summary["curate"]
+        print(f"silver bullet dataset: {c['items']} items, {c['dpo_pairs']} DPO pairs -> {c['dir']}")
     print(f"run directory: {summary['run_dir']}")
+    if summary.get("report"):
+        print(f"report: {summary['report']}")
     if gen["failed"]:
         print(f"qreason: {gen['failed']} generations failed; re-run the same command to retry them", file=sys.stderr)
         return 1
@@ -59,6 +65,78 @@ def _cmd_grade(args) -> int:
         raise UserError(str(store.dir), "not a run directory (no generations.jsonl)")
     n = run_grading(store, Grader(args.timeout, args.workers))
     print(f"{n} new grades written to {store.grades.path}")
+    return 0
+
+
+def _open_run(run_dir: str):
+    """A run directory written by ``qreason run`` and its config."""
+    from .config import parse_config
+    from .store import RunStore
+
+    store = RunStore(Path(run_dir))
+    config = store.dir / "config.yaml"
+    if not (store.dir / "generations.jsonl").exists() or not config.exists():
+        raise UserError(str(store.dir), "not a run directory (needs generations.jsonl and config.yaml)")
+    return store, parse_config(config.read_text(encoding="utf-8"), str(config))
+
+
+def _cmd_analyze(args) -> int:
+    from .analysis import analyze
+
+    store, cfg = _open_run(args.run_dir)
+    result = analyze(store, cfg.model.name)
+    import pandas as pd
+
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(result.degradation.to_string(index=False))
+        if not result.flips.empty:
+            print()
+            print(result.flips.to_string(index=False))
+    print(f"\ntables written to {store.dir / 'analysis'}")
+    return 0
+
+
+def _cmd_curate(args) -> int:
+    from .curate import curate
+    from .generate import make_backend
+    from .grade import Grader
+    from .models import ResolvedModel
+
+    store, cfg = _open_run(args.run_dir)
+    base = next((v for v in store.variants.all() if v.name == cfg.model.name), None)
+    if base is None:
+        raise UserError(str(store.dir), f"no record of the base variant {cfg.model.name!r} in variants.jsonl")
+    engine = []
+
+    def factory():
+        engine.append(make_backend(cfg.backend, ResolvedModel(base.name, base.path, base.fingerprint, "variant")))
+        return engine[0]
+
+    settings = cfg.curate.model_copy(update={k: v for k, v in (("max_items", args.max_items), ("seed", args.seed))
+                                             if v is not None})
+    try:
+        result = curate(store, settings, cfg.sampling, base.name, base.fingerprint, factory,
+                        Grader(cfg.grading.timeout_s, cfg.grading.workers),
+                        out_dir=Path(args.out) if args.out else None)
+    finally:
+        for e in engine:
+            e.close()
+    if result.out_dir is None:
+        print("no judged flips with a located first faulty step: nothing to curate")
+        return 0
+    print(f"{result.items} items ({result.dpo_pairs} DPO pairs) from {result.candidates} candidates -> "
+          f"{result.out_dir}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import build_report
+    from .runner import default_index
+
+    store, cfg = _open_run(args.run_dir)
+    path = build_report(store, Path(args.out) if args.out else None, default_index(), cfg.model.name,
+                        cfg.report.max_failures)
+    print(f"report: {path}")
     return 0
 
 
@@ -114,6 +192,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tasks", help="list the task specs in tasks/")
     t.set_defaults(fn=_cmd_tasks)
+
+    from .judge.cli import register as register_judge
+    from .quantize.cli import register as register_quantize
+
+    register_quantize(sub)
+    register_judge(sub)
+
+    a = sub.add_parser("analyze", help="degradation tables of a run directory (saved under RUN_DIR/analysis)")
+    a.add_argument("run_dir")
+    a.set_defaults(fn=_cmd_analyze)
+
+    c = sub.add_parser("curate", help="build the Silver Bullet recovery dataset (SFT and DPO) from a run's "
+                                      "judged flips; generates full-precision continuations when needed")
+    c.add_argument("run_dir")
+    c.add_argument("--out", help="output directory (default: RUN_DIR/silver_bullet)")
+    c.add_argument("--max-items", type=int, help="cap on the number of items (default: the config's, 332)")
+    c.add_argument("--seed", type=int, help="seed for balancing and the train/test split (default: the config's)")
+    c.set_defaults(fn=_cmd_curate)
+
+    rp = sub.add_parser("report", help="write the self-contained HTML report of a run directory")
+    rp.add_argument("run_dir")
+    rp.add_argument("--out", help="output file (default: RUN_DIR/report.html)")
+    rp.set_defaults(fn=_cmd_report)
     return p
 
 

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .judge.config import JudgeConfig
+from .quantize import QuantizeSpec
 
 
 class Strict(BaseModel):
@@ -92,15 +94,42 @@ class CurateConfig(Strict):
     max_tokens: int | None = Field(default=None, gt=0)  # default: sampling.max_tokens
 
 
+class VariantConfig(QuantizeSpec):
+    """A quantized variant to compare with the base: a method from the registry (``qreason quantize --list``)
+    with overrides and calibration, or ``method: import`` with the ``path`` of an existing quantized checkpoint."""
+
+    name: str | None = None  # label in every record (default: the method name)
+
+
+class ReportConfig(Strict):
+    enabled: bool = True
+    max_failures: int = Field(default=200, ge=0)  # failures shown step by step in the report
+
+
 class RunConfig(Strict):
     name: str
     output_dir: str | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
+    quantize: list[VariantConfig] = Field(default_factory=list)
     tasks: list[TaskConfig] = Field(min_length=1)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
     grading: GradingConfig = Field(default_factory=GradingConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @model_validator(mode="after")
+    def _variant_names(self) -> "RunConfig":
+        names = [self.model.name] + [v.name or (v.path if v.method == "import" else v.method) for v in self.quantize]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"variant names must be unique (repeated: {', '.join(dup)}); set name: on each")
+        if self.quantize and self.backend.kind != "vllm":
+            raise ValueError("quantized variants need backend.kind vllm (an endpoint serves one fixed model)")
+        if self.judge.base_variant != self.model.name:
+            self.judge = self.judge.model_copy(update={"base_variant": self.model.name})
+        return self
 
     @field_validator("name")
     @classmethod

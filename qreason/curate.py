@@ -26,7 +26,7 @@ from typing import Callable
 
 import pandas as pd
 
-from .analysis import pick_verdicts
+from .analysis import verdicts
 from .config import CurateConfig, SamplingConfig
 from .generate import Backend, GenerationRequest, run_generation
 from .grade import Grader, grade_key, run_grading
@@ -59,7 +59,7 @@ def find_candidates(store: RunStore, base: str) -> list[Candidate]:
     grades = {(g.variant, g.task, g.problem_id, g.seed): g.status for g in store.grades.all()}
     generations = {g.key: g for g in store.generations.all()}
     out = []
-    for gen_key, verdict in sorted(pick_verdicts(store.judgments.all()).items()):
+    for gen_key, verdict in sorted(verdicts(store).items()):
         gen = generations.get(gen_key)
         if gen is None or gen.variant == base or verdict.first_error_step is None or verdict.first_error_step < 0:
             continue
@@ -82,35 +82,32 @@ def continuation_request(c: Candidate, base_fingerprint: str, attempt: int, samp
 def find_chosen(store: RunStore, candidates: list[Candidate], cfg: CurateConfig, sampling: SamplingConfig,
                 base_fingerprint: str, backend_factory: Callable[[], Backend], grader: Grader) -> dict[str, str]:
     """Generate full-precision continuations (greedy first, then sampled), grade prefix + continuation, and
-    return the first verified-correct continuation per candidate (keyed by the failed generation's key)."""
+    return the first verified-correct continuation per candidate (keyed by the failed generation's key).
+    ``backend_factory`` is called only if there is model work; its caller owns (and closes) the backend."""
     chosen: dict[str, str] = {}
     backend: Backend | None = None
-    try:
-        for attempt in range(cfg.attempts):
-            todo = [c for c in candidates if c.failed.key not in chosen]
-            if not todo:
-                break
-            params = sampling.model_copy(update={"temperature": 0.0 if attempt == 0 else cfg.temperature,
-                                                 "max_tokens": cfg.max_tokens or sampling.max_tokens})
-            requests = {c.failed.key: continuation_request(c, base_fingerprint, attempt, params) for c in todo}
-            missing = [r for r in requests.values() if r.key not in store.continuations]
-            if missing:
-                backend = backend or backend_factory()
-                run_generation(store.continuations, missing, backend, params, desc=f"continue ({attempt + 1})")
-            full = []
-            for c in todo:
-                cont = store.continuations.get(requests[c.failed.key].key)
-                if cont is not None:  # graded as the whole solution: the prefix followed by the continuation
-                    full.append(cont.model_copy(update={"text": c.prefix + cont.text}))
-            run_grading(store, grader, full, out=store.continuation_grades)
-            for c in todo:
-                req = requests[c.failed.key]
-                grade = store.continuation_grades.get(grade_key(req.key))
-                if grade is not None and grade.status == "correct":
-                    chosen[c.failed.key] = store.continuations.get(req.key).text
-    finally:
-        if backend is not None:
-            backend.close()
+    for attempt in range(cfg.attempts):
+        todo = [c for c in candidates if c.failed.key not in chosen]
+        if not todo:
+            break
+        params = sampling.model_copy(update={"temperature": 0.0 if attempt == 0 else cfg.temperature,
+                                             "max_tokens": cfg.max_tokens or sampling.max_tokens})
+        requests = {c.failed.key: continuation_request(c, base_fingerprint, attempt, params) for c in todo}
+        missing = [r for r in requests.values() if r.key not in store.continuations]
+        if missing:
+            backend = backend or backend_factory()
+            run_generation(store.continuations, missing, backend, params, desc=f"continue ({attempt + 1})")
+        full = []
+        for c in todo:
+            cont = store.continuations.get(requests[c.failed.key].key)
+            if cont is not None:  # graded as the whole solution: the prefix followed by the continuation
+                full.append(cont.model_copy(update={"text": c.prefix + cont.text}))
+        run_grading(store, grader, full, out=store.continuation_grades)
+        for c in todo:
+            req = requests[c.failed.key]
+            grade = store.continuation_grades.get(grade_key(req.key))
+            if grade is not None and grade.status == "correct":
+                chosen[c.failed.key] = store.continuations.get(req.key).text
     return chosen
 
 

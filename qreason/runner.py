@@ -1,7 +1,9 @@
-"""``qreason run``: plan from the config, then the stages in order, each reading the store and appending to it.
+"""``qreason run``: plan from the config, then the stages in order, each reading the store and appending to it:
 
-Everything that can be wrong with the input (config, task data, model) is checked before the run directory is
-touched, so bad input leaves no artifacts behind.
+    quantize -> generate -> grade -> judge -> analyze -> curate -> report
+
+Everything that can be wrong with the input (config, task data, models, recipes, calibration files) is checked
+before the run directory is touched, so bad input leaves no artifacts behind.
 """
 
 from __future__ import annotations
@@ -10,21 +12,22 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
 
-from .config import LoadedConfig, load_config
+from .config import LoadedConfig, RunConfig, VariantConfig, load_config
 from .envinfo import environment
+from .errors import UserError
 from .generate import Backend, GenerationRequest, make_backend, make_request, run_generation
 from .grade import Grader, grade_key, run_grading
 from .models import ResolvedModel, resolve_model
-from .records import Problem, content_key
+from .records import ModelVariant, Problem, content_key
 from .store import RunIndex, RunStore, now_iso
 from .summary import accuracy_table
-from .tasks import build_messages, load_problems
+from .tasks import TaskSpec, build_messages, load_problems
 
 log = logging.getLogger(__name__)
 
@@ -41,34 +44,91 @@ def default_index() -> RunIndex:
 class Plan:
     loaded: LoadedConfig
     run_dir: Path
-    model: ResolvedModel
+    base: ResolvedModel
     problems: list[Problem]
-    requests: list[GenerationRequest]
+    prompts: list[tuple[Problem, list[dict[str, str]]]]   # every problem with its chat messages
+    variant_names: list[str] = field(default_factory=list)
+
+    def requests_for(self, variant: str, model: ResolvedModel) -> list[GenerationRequest]:
+        cfg = self.loaded.config
+        return [make_request(variant, model, p, messages, cfg.sampling, seed)
+                for p, messages in self.prompts for seed in cfg.sampling.seeds]
+
+
+def variant_name(spec: VariantConfig) -> str:
+    """A variant's label: its ``name``, else the method (an import: the checkpoint's directory name)."""
+    if spec.name:
+        return spec.name
+    return Path(spec.path.rstrip("/")).name if spec.method == "import" else spec.method
+
+
+def _check_variant(base: ResolvedModel, spec: VariantConfig, loaded: LoadedConfig) -> str:
+    """Validate one quantized variant without creating anything; returns its name."""
+    from .quantize import prepare
+
+    if spec.method == "import":
+        resolve_model(spec.path, spec.revision, loaded.base_dir)
+    else:
+        prepare(base, spec, variant_name(spec), base_dir=loaded.base_dir)
+    return variant_name(spec)
 
 
 def make_plan(config_path: str | Path, output_dir: str | Path | None = None) -> Plan:
-    """Validate the config, load every task's problems and resolve the model. Writes nothing to the run dir."""
+    """Validate the config, load every task's problems, resolve the models, check the quantization recipes.
+    Writes nothing to the run directory."""
     loaded = load_config(config_path)
     cfg = loaded.config
-    specs_and_problems = [load_problems(t, loaded) for t in cfg.tasks]
-    model = resolve_model(cfg.model.path, cfg.model.revision, loaded.base_dir) if cfg.backend.kind == "vllm" \
-        else ResolvedModel(cfg.model.path, cfg.backend.model or cfg.model.path,
-                           content_key("endpoint", cfg.backend.base_url, cfg.backend.model or cfg.model.path),
-                           "endpoint")
-    problems, requests = [], []
+    specs_and_problems: list[tuple[TaskSpec, list[Problem]]] = [load_problems(t, loaded) for t in cfg.tasks]
+    if cfg.backend.kind == "vllm":
+        base = resolve_model(cfg.model.path, cfg.model.revision, loaded.base_dir)
+    else:
+        served = cfg.backend.model or cfg.model.path
+        base = ResolvedModel(cfg.model.path, served, content_key("endpoint", cfg.backend.base_url, served), "endpoint")
+    names = [cfg.model.name] + [_check_variant(base, v, loaded) for v in cfg.quantize]
+    if len(set(names)) != len(names):
+        raise UserError(str(loaded.path), f"variant names must be unique (got {', '.join(names)}); set name:")
+    problems, prompts = [], []
     for task_cfg, (spec, task_problems) in zip(cfg.tasks, specs_and_problems):
         problems.extend(task_problems)
-        for p in task_problems:
-            messages = build_messages(spec, p, task_cfg.format_example)
-            for seed in cfg.sampling.seeds:
-                requests.append(make_request(cfg.model.name, model, p, messages, cfg.sampling, seed))
+        prompts.extend((p, build_messages(spec, p, task_cfg.format_example)) for p in task_problems)
     if output_dir is not None:
         run_dir = Path(output_dir).resolve()
-    elif cfg.output_dir:
-        run_dir = loaded.resolve(cfg.output_dir)
     else:
-        run_dir = runs_root() / cfg.name
-    return Plan(loaded, run_dir, model, problems, requests)
+        run_dir = loaded.resolve(cfg.output_dir) if cfg.output_dir else runs_root() / cfg.name
+    return Plan(loaded, run_dir, base, problems, prompts, names)
+
+
+class Engines:
+    """At most one generation engine alive at a time (each holds the model and its KV cache); an engine is
+    reused while the same model is asked for. A backend passed in by the caller serves the base model and is
+    never closed here."""
+
+    def __init__(self, cfg: RunConfig, lent: Backend | None = None, lent_fingerprint: str | None = None):
+        self.cfg = cfg
+        self.lent, self.lent_fingerprint = lent, lent_fingerprint
+        self.current: Backend | None = None
+        self.fingerprint: str | None = None
+
+    def get(self, model: ResolvedModel) -> Backend:
+        if self.lent is not None and model.fingerprint == self.lent_fingerprint:
+            return self.lent
+        if self.current is None or self.fingerprint != model.fingerprint:
+            self.close()
+            log.info("starting the generation engine for %s", model.path)
+            self.current, self.fingerprint = make_backend(self.cfg.backend, model), model.fingerprint
+        return self.current
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+            self.current = self.fingerprint = None
+
+
+def _base_variant(plan: Plan) -> ModelVariant:
+    cfg = plan.loaded.config
+    return ModelVariant(key=content_key("variant", cfg.model.name, plan.base.fingerprint), name=cfg.model.name,
+                        base_model=plan.base.spec, base_fingerprint=plan.base.fingerprint, method="none",
+                        path=plan.base.path, fingerprint=plan.base.fingerprint, reused=True, created_at=now_iso())
 
 
 def _attach_log_file(run_dir: Path) -> logging.Handler:
@@ -82,8 +142,8 @@ def run(config_path: str | Path, output_dir: str | Path | None = None, index: Ru
         backend: Backend | None = None) -> dict:
     """Run every stage for a config; returns the summary (also written to summary.json).
 
-    ``backend``: an already started generation backend to use instead of starting one from the config
-    (the caller keeps ownership and closes it)."""
+    ``backend``: an already started engine for the base model, used instead of starting one (the caller keeps
+    ownership and closes it)."""
     t0 = time.monotonic()
     plan = make_plan(config_path, output_dir)
     cfg = plan.loaded.config
@@ -97,44 +157,87 @@ def run(config_path: str | Path, output_dir: str | Path | None = None, index: Ru
     store.write_json("environment.json", env)
     (store.dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), encoding="utf-8")
     index.start(run_id, store.dir, cfg.name, config_hash, env)
+    engines = Engines(cfg, backend, plan.base.fingerprint)
     status, summary = "failed", None
     try:
         store.problems.append(plan.problems)
-        todo = [r for r in plan.requests if r.key not in store.generations]
-        log.info("run %s: %d generations planned, %d cached, %d to do", run_id, len(plan.requests),
-                 len(plan.requests) - len(todo), len(todo))
-        gen_stats = None
-        if todo:
-            engine = backend or make_backend(cfg.backend, plan.model)
-            try:
-                gen_stats = run_generation(store.generations, todo, engine, cfg.sampling)
-            finally:
-                if backend is None:
-                    engine.close()
-        wanted = {r.key for r in plan.requests}
+        summary = {"run_id": run_id, "name": cfg.name, "run_dir": str(store.dir), "config_hash": config_hash,
+                   "model": {"spec": plan.base.spec, "fingerprint": plan.base.fingerprint,
+                             "source": plan.base.source}}
+
+        # quantize (or reuse cached checkpoints)
+        variants = [_base_variant(plan)] + _quantize(plan, cfg)
+        store.variants.append(variants)
+        summary["quantization"] = {
+            "variants": [{"name": v.name, "method": v.method, "reused": v.reused, "seconds": v.quantize_seconds,
+                          "path": v.path} for v in variants[1:]],
+            "quantized": sum(not v.reused for v in variants[1:]), "reused": sum(v.reused for v in variants[1:])}
+
+        # generate: quantized variants first, the base last (its engine then stays up for curation)
+        planned, produced, failed, gen_seconds = 0, 0, 0, 0.0
+        wanted: set[str] = set()
+        for v in variants[1:] + variants[:1]:
+            model = ResolvedModel(v.name, v.path, v.fingerprint, "variant")
+            requests = plan.requests_for(v.name, model)
+            planned += len(requests)
+            wanted |= {r.key for r in requests}
+            todo = [r for r in requests if r.key not in store.generations]
+            log.info("%s: %d generations planned, %d to do", v.name, len(requests), len(todo))
+            if todo:
+                stats = run_generation(store.generations, todo, engines.get(model), cfg.sampling,
+                                       desc=f"generate {v.name}")
+                produced, failed, gen_seconds = produced + stats.produced, failed + stats.failed, \
+                    gen_seconds + stats.seconds
+        summary["generations"] = {"planned": planned, "cached": planned - produced - failed, "produced": produced,
+                                  "failed": failed, "seconds": round(gen_seconds, 2)}
+
+        # grade
+        grader = Grader(cfg.grading.timeout_s, cfg.grading.workers)
         generations = [g for g in store.generations.all() if g.key in wanted]
-        grades_written = run_grading(store, Grader(cfg.grading.timeout_s, cfg.grading.workers), generations)
+        summary["grades_written"] = run_grading(store, grader, generations)
         grade_keys = {grade_key(g.key) for g in generations}
-        rows = accuracy_table([g for g in store.grades.all() if g.key in grade_keys])
-        summary = {
-            "run_id": run_id, "name": cfg.name, "run_dir": str(store.dir), "config_hash": config_hash,
-            "finished_at": now_iso(), "wall_seconds": round(time.monotonic() - t0, 2),
-            "model": {"spec": plan.model.spec, "fingerprint": plan.model.fingerprint, "source": plan.model.source},
-            "generations": {"planned": len(plan.requests), "cached": len(plan.requests) - len(todo),
-                            "produced": gen_stats.produced if gen_stats else 0,
-                            "failed": gen_stats.failed if gen_stats else 0,
-                            "seconds": round(gen_stats.seconds, 2) if gen_stats else 0.0},
-            "grades_written": grades_written,
-            "versions": env["versions"],
-            "results": rows,
-        }
+        summary["results"] = accuracy_table([g for g in store.grades.all() if g.key in grade_keys])
+
+        # judge, analyze, curate, report
+        from .judge import run_judging
+
+        summary["judge"] = run_judging(store, cfg.judge).model_dump()
+        from .analysis import analyze
+
+        analysis = analyze(store, cfg.model.name, generation_keys=wanted)
+        if cfg.curate.enabled:
+            from .curate import curate
+
+            result = curate(store, cfg.curate, cfg.sampling, cfg.model.name, plan.base.fingerprint,
+                            lambda: engines.get(plan.base), grader, run_id)
+            summary["curate"] = {"candidates": result.candidates, "items": result.items,
+                                 "dpo_pairs": result.dpo_pairs,
+                                 "dir": str(result.out_dir) if result.out_dir else None}
+        engines.close()
+        summary["finished_at"] = now_iso()
+        summary["wall_seconds"] = round(time.monotonic() - t0, 2)
+        summary["versions"] = env["versions"]
         store.write_json("summary.json", summary)
-        status = "incomplete" if len(generations) < len(plan.requests) else "ok"
+        if cfg.report.enabled:
+            from .report import build_report
+
+            path = build_report(store, index=index, base=cfg.model.name, max_failures=cfg.report.max_failures,
+                                analysis=analysis, generation_keys=wanted)
+            summary["report"] = str(path)
+            store.write_json("summary.json", summary)
+        status = "incomplete" if failed else "ok"
         return summary
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
+        engines.close()
         index.finish(run_id, status, summary)
         logging.getLogger().removeHandler(handler)
         handler.close()
+
+
+def _quantize(plan: Plan, cfg: RunConfig) -> list[ModelVariant]:
+    from .quantize import quantize
+
+    return [quantize(plan.base, spec, variant_name(spec), base_dir=plan.loaded.base_dir) for spec in cfg.quantize]

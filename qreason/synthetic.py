@@ -20,21 +20,20 @@ def _has(pronoun: str) -> str:
     return "have" if pronoun == "they" else "has"
 
 
-def make_problem(rng: random.Random, steps: int) -> tuple[str, int, list[str]]:
-    """One problem with ``steps`` operations: (question, answer, reference steps)."""
+OPERATIONS = ("add", "sub", "mul", "div")
+
+
+def make_problem(rng: random.Random, steps: int, ops: tuple[str, ...] = OPERATIONS) -> tuple[str, int, list[str]]:
+    """One problem with ``steps`` operations drawn from ``ops``: (question, answer, reference steps)."""
     name, pron = rng.choice(NAMES)
     item = rng.choice(ITEMS)
     value = rng.randint(5, 40)
     sentences = [f"{name} {_has(pron)} {value} {item}."]
     reference = []
     for _ in range(steps):
-        ops = ["add", "sub", "mul"]
         divisors = [k for k in (2, 3, 4, 5) if value % k == 0 and value // k >= 2]
-        if divisors:
-            ops.append("div")
-        if value <= 3:
-            ops.remove("sub")
-        op = rng.choice(ops)
+        allowed = [o for o in ops if (o != "div" or divisors) and (o != "sub" or value > 3)]
+        op = rng.choice(allowed or ["add"])
         if op == "add":
             b = rng.randint(2, 30)
             sentences.append(f"Then {pron} {'get' if pron == 'they' else 'gets'} {b} more {item}.")
@@ -62,16 +61,21 @@ def make_problem(rng: random.Random, steps: int) -> tuple[str, int, list[str]]:
     return " ".join(sentences), value, reference
 
 
-def generate(n: int = 50, min_steps: int = 1, max_steps: int = 4, seed: int = 0) -> list[dict]:
-    """``n`` problems as plain rows (id, question, answer, steps, reference_steps), difficulties spread evenly."""
+def generate(n: int = 50, min_steps: int = 1, max_steps: int = 4, seed: int = 0,
+             ops: list[str] | tuple[str, ...] = OPERATIONS) -> list[dict]:
+    """``n`` problems as plain rows (id, question, answer, steps, reference_steps), difficulties spread evenly.
+    ``ops``: the operations to draw from (add, sub, mul, div)."""
     if n < 1 or min_steps < 1 or max_steps < min_steps:
         raise ValueError("need n >= 1 and 1 <= min_steps <= max_steps")
+    if not ops or set(ops) - set(OPERATIONS):
+        raise ValueError(f"ops must be a non-empty subset of {', '.join(OPERATIONS)}")
+    ops = tuple(ops)
     rows = []
     span = max_steps - min_steps + 1
     for i in range(n):
         steps = min_steps + i % span
         rng = random.Random(f"qreason-synthetic/{seed}/{i}/{steps}")
-        question, answer, reference = make_problem(rng, steps)
+        question, answer, reference = make_problem(rng, steps, ops)
         rows.append({"id": f"s{seed}-{i:05d}", "question": question, "answer": str(answer),
                      "steps": steps, "reference_steps": reference})
     return rows

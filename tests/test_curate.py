@@ -90,24 +90,11 @@ def test_export_loads_with_datasets_in_trl_formats(tmp_path):
     assert "Execution" in card and "run1" in card and "config_name: dpo" in card
 
 
-class Borrowed:
-    """The session's engine, lent to a stage that closes what it is given."""
-
-    def __init__(self, backend):
-        self.backend, self.name, self.versions = backend, backend.name, backend.versions
-
-    def generate(self, requests, sampling):
-        return self.backend.generate(requests, sampling)
-
-    def close(self):
-        pass
-
-
 @pytest.mark.vllm
 def test_curate_with_real_continuations(vllm_backend, tmp_path):
     store = build_store(tmp_path)
     result = curate(store, CurateConfig(attempts=4, test_fraction=0.0), SamplingConfig(max_tokens=96), "base",
-                    "fp-base", lambda: Borrowed(vllm_backend), Grader(timeout_s=5), run_id="r1")
+                    "fp-base", lambda: vllm_backend, Grader(timeout_s=5), run_id="r1")
     assert result.candidates == 3 and result.items == 3
     # every continuation the grader saw is stored with its grade; a re-run generates nothing new
     n_cont = len(store.continuations)

@@ -11,15 +11,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Iterable, Iterator, Protocol
 
 from tqdm.auto import tqdm
 
-from ..config import BackendConfig, SamplingConfig
 from ..models import ResolvedModel
 from ..records import Generation, Problem, content_key
 from ..steps import split_steps
 from ..store import Table, now_iso
+
+if TYPE_CHECKING:  # config imports the judge package, which uses this one: no runtime import here
+    from ..config import BackendConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
 

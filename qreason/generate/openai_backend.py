@@ -15,12 +15,14 @@ import os
 import queue
 import threading
 import time
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from ..config import BackendConfig, SamplingConfig
 from ..errors import UserError
 from ..models import ResolvedModel
 from . import Completion, GenerationRequest
+
+if TYPE_CHECKING:
+    from ..config import BackendConfig, SamplingConfig
 
 _DONE = object()
 

@@ -6,12 +6,14 @@ import gc
 import importlib.metadata as md
 import os
 import time
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from ..config import BackendConfig, SamplingConfig
 from ..errors import UserError
 from ..models import ResolvedModel
 from . import Completion, GenerationRequest
+
+if TYPE_CHECKING:
+    from ..config import BackendConfig, SamplingConfig
 
 CPU_KV_CACHE_GIB = 2.0
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
-from ..analysis import Analysis, analyze, pick_verdicts
+from ..analysis import Analysis, analyze, verdicts
 from ..store import RunIndex, RunStore, write_atomic
 from . import figures
 
@@ -25,9 +25,9 @@ def _records(df: pd.DataFrame) -> list[dict]:
     return json.loads(df.to_json(orient="records")) if not df.empty else []
 
 
-def drilldown(store: RunStore, base: str, limit: int) -> list[dict]:
+def drilldown(store: RunStore, base: str, limit: int, generation_keys: set[str] | None = None) -> list[dict]:
     """Failures of non-base variants that have a verdict: flips first, each beside the base's solution."""
-    generations = {g.key: g for g in store.generations.all()}
+    generations = {g.key: g for g in store.generations.all() if generation_keys is None or g.key in generation_keys}
     by_cell = {(g.variant, g.task, g.problem_id, g.seed): g for g in generations.values()}
     grades = {g.generation_key: g for g in store.grades.all()}
     problems = {(p.task, p.problem_id): p for p in store.problems.all()}
@@ -35,7 +35,7 @@ def drilldown(store: RunStore, base: str, limit: int) -> list[dict]:
     for j in store.judgments.all():
         all_judgments[j.generation_key].append(j)
     items = []
-    for key, verdict in pick_verdicts(store.judgments.all()).items():
+    for key, verdict in verdicts(store).items():
         gen = generations.get(key)
         if gen is None or gen.variant == base:
             continue
@@ -56,12 +56,15 @@ def drilldown(store: RunStore, base: str, limit: int) -> list[dict]:
     return items[:limit]
 
 
-def trend_points(index: RunIndex | None, name: str) -> pd.DataFrame:
+def trend_points(index: RunIndex | None, name: str, current: dict | None = None) -> pd.DataFrame:
+    """Accuracy per variant/task of every finished run of this config, plus the current one."""
     rows = []
-    for run in index.list(name) if index is not None else []:
-        summary = run.get("summary") or {}
-        if run["status"] != "ok" or not summary:
-            continue
+    runs = [r for r in (index.list(name) if index is not None else []) if r["status"] == "ok" and r["summary"]]
+    if current and current.get("results") and all(r["run_id"] != current.get("run_id") for r in runs):
+        runs.append({"run_id": current["run_id"], "finished_at": current.get("finished_at"), "started_at": None,
+                     "summary": current})
+    for run in runs:
+        summary = run["summary"]
         when = datetime.fromisoformat(run["finished_at"] or run["started_at"])
         for r in summary.get("results", []):
             rows.append({"when": when, "run_id": run["run_id"], "series": f"{r['variant']} / {r['task']}",
@@ -70,19 +73,19 @@ def trend_points(index: RunIndex | None, name: str) -> pd.DataFrame:
 
 
 def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex | None = None,
-                 base: str = "base", max_failures: int = 200, analysis: Analysis | None = None) -> Path:
-    analysis = analysis or analyze(store, base)
+                 base: str = "base", max_failures: int = 200, analysis: Analysis | None = None,
+                 generation_keys: set[str] | None = None) -> Path:
+    analysis = analysis or analyze(store, base, generation_keys=generation_keys)
     summary = store.read_json("summary.json") or {}
     env = store.read_json("environment.json") or {}
     card_path = store.dir / "silver_bullet" / "README.md"
     deg = analysis.degradation
     first_error_rel = defaultdict(list)
-    verdicts = pick_verdicts(store.judgments.all())
-    steps_of = {g.key: len(g.steps) for g in store.generations.all()}
-    for j in verdicts.values():
+    chosen = {k: j for k, j in verdicts(store).items() if generation_keys is None or k in generation_keys}
+    for j in chosen.values():
         if j.first_error_step is not None and j.first_error_step >= 0:
             first_error_rel[j.variant].append(j.first_error_step)
-    trend = trend_points(index, summary.get("name", store.dir.name))
+    trend = trend_points(index, summary.get("name", store.dir.name), summary)
     figs = {
         "accuracy": figures.grouped_bars(deg, "task", "variant", "accuracy", "Accuracy by task", "accuracy (%)",
                                          percent=True, err="accuracy_std"),
@@ -104,8 +107,8 @@ def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex 
         "capabilities": _records(analysis.capabilities), "first_errors": _records(analysis.first_errors),
         "lengths": _records(analysis.lengths), "difficulty": _records(analysis.difficulty),
         "variants": [v.model_dump() for v in store.variants.all()],
-        "figures": figs, "failures": drilldown(store, base, max_failures), "n_verdicts": len(verdicts),
-        "steps_of": steps_of, "dataset_card": card_path.read_text(encoding="utf-8") if card_path.exists() else None,
+        "figures": figs, "failures": drilldown(store, base, max_failures, generation_keys), "n_verdicts": len(chosen),
+        "dataset_card": card_path.read_text(encoding="utf-8") if card_path.exists() else None,
         "trend": _records(trend.assign(when=trend["when"].astype(str))) if not trend.empty else [],
         "generated_at": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
