@@ -7,6 +7,7 @@ PY := .venv/bin/python
 .PHONY: demo test env bench clean
 env:
 	@bash scripts/setup-env.sh
+	@bash scripts/setup-quant-env.sh
 
 demo: env
 	$(PY) -m qreason.cli run configs/demo.yaml
@@ -16,7 +17,9 @@ test: env
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: env
+	@bash scripts/setup-bench-env.sh
 	$(PY) bench/generation_overhead.py
+	$(PY) bench/quantize_methods.py
 
 clean:
 	rm -rf runs reports/*.html bench/out
