@@ -103,22 +103,46 @@ def degradation(acc: pd.DataFrame, base: str = BASE) -> pd.DataFrame:
     return out
 
 
-def flips(df: pd.DataFrame, base: str = BASE, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    rows = []
+FLIP_COLUMNS = ["variant", "task", "pairs", "lost", "gained", "net", "acc_ref", "acc", "acc_diff", "ci_low",
+                "ci_high", "mcnemar_p"]
+
+
+def paired(ref: pd.DataFrame, other: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Compare ``other`` with ``ref`` item by item. Both have columns variant, task, problem_id, seed, correct;
+    rows pair on (task, problem_id, seed) and on the variant given by ``ref``'s ``pair_variant`` column (or the
+    same variant when it has none). "lost" = right in ref, wrong in other; "gained" = the reverse."""
     keys = ["task", "problem_id", "seed"]
-    ref = df[df["variant"] == base][keys + ["correct"]].rename(columns={"correct": "base_correct"})
-    for (variant, task), group in df[df["variant"] != base].groupby(["variant", "task"]):
-        paired = group[keys + ["correct"]].merge(ref, on=keys)
-        if paired.empty:
+    rows = []
+    ref = ref.rename(columns={"correct": "ref_correct"})
+    for (variant, task), group in other.groupby(["variant", "task"]):
+        ref_variant = ref[ref["pair_variant"] == variant] if "pair_variant" in ref else ref[ref["variant"] == variant]
+        pairs = group[keys + ["correct"]].merge(ref_variant[keys + ["ref_correct"]], on=keys)
+        if pairs.empty:
             continue
-        lost = int(((paired["base_correct"] == 1) & (paired["correct"] == 0)).sum())
-        gained = int(((paired["base_correct"] == 0) & (paired["correct"] == 1)).sum())
-        lo, hi = bootstrap_diff_ci(paired["base_correct"].to_numpy(), paired["correct"].to_numpy(), n_boot, seed)
-        rows.append({"variant": variant, "task": task, "pairs": len(paired), "lost": lost, "gained": gained,
-                     "net": gained - lost, "acc_diff": paired["correct"].mean() - paired["base_correct"].mean(),
-                     "ci_low": lo, "ci_high": hi, "mcnemar_p": mcnemar_exact(lost, gained)})
-    return pd.DataFrame(rows, columns=["variant", "task", "pairs", "lost", "gained", "net", "acc_diff", "ci_low",
-                                       "ci_high", "mcnemar_p"])
+        lost = int(((pairs["ref_correct"] == 1) & (pairs["correct"] == 0)).sum())
+        gained = int(((pairs["ref_correct"] == 0) & (pairs["correct"] == 1)).sum())
+        lo, hi = bootstrap_diff_ci(pairs["ref_correct"].to_numpy(), pairs["correct"].to_numpy(), n_boot, seed)
+        rows.append({"variant": variant, "task": task, "pairs": len(pairs), "lost": lost, "gained": gained,
+                     "net": gained - lost, "acc_ref": pairs["ref_correct"].mean(), "acc": pairs["correct"].mean(),
+                     "acc_diff": pairs["correct"].mean() - pairs["ref_correct"].mean(), "ci_low": lo,
+                     "ci_high": hi, "mcnemar_p": mcnemar_exact(lost, gained)})
+    return pd.DataFrame(rows, columns=FLIP_COLUMNS)
+
+
+def flips(df: pd.DataFrame, base: str = BASE, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Each variant against the base on the same problems and seeds."""
+    others = df[df["variant"] != base]
+    ref = pd.concat([df[df["variant"] == base].assign(pair_variant=v) for v in others["variant"].unique()]) \
+        if not others.empty else df.iloc[:0].assign(pair_variant=None)
+    return paired(ref, others, n_boot, seed)
+
+
+def compare_runs(a: RunStore, b: RunStore) -> pd.DataFrame:
+    """Run B against run A, per variant and task, paired on the same problems and seeds (``qreason compare``)."""
+    df_a, df_b = frames(a)["grades"], frames(b)["grades"]
+    if df_a.empty or df_b.empty:
+        raise ValueError("both runs need graded generations")
+    return paired(df_a, df_b)
 
 
 def verdicts(store: RunStore) -> dict[str, Judgment]:

@@ -30,6 +30,13 @@ def _cmd_run(args) -> int:
     print(f"run directory: {summary['run_dir']}")
     if summary.get("report"):
         print(f"report: {summary['report']}")
+    if summary["gates"]["tripped"]:
+        from .gates import GATE_EXIT_CODE
+
+        print("qreason: regression gates tripped:", file=sys.stderr)
+        for line in summary["gates"]["tripped"]:
+            print(f"  - {line}", file=sys.stderr)
+        return GATE_EXIT_CODE
     if gen["failed"]:
         print(f"qreason: {gen['failed']} generations failed; re-run the same command to retry them", file=sys.stderr)
         return 1
@@ -140,6 +147,47 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from .runner import describe_plan, make_plan
+
+    plan = make_plan(args.config, output_dir=args.output_dir)
+    print(describe_plan(plan))
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    import pandas as pd
+
+    from .analysis import compare_runs
+    from .runner import default_index
+    from .store import RunStore
+
+    def locate(ref: str) -> RunStore:
+        if Path(ref).is_dir():
+            return RunStore(Path(ref))
+        found = [r for r in default_index().list() if r["run_id"] == ref]
+        if not found:
+            raise UserError(ref, "neither a run directory nor a run id in the run index")
+        return RunStore(Path(found[0]["run_dir"]))
+
+    a, b = locate(args.run_a), locate(args.run_b)
+    try:
+        table = compare_runs(a, b)
+    except ValueError as exc:
+        raise UserError(f"{a.dir} vs {b.dir}", str(exc)) from None
+    if args.json:
+        print(table.to_json(orient="records", indent=1))
+        return 0
+    if table.empty:
+        print("the two runs share no (variant, task, problem, seed)")
+        return 0
+    show = table.assign(**{c: (100 * table[c]).round(1) for c in ("acc_ref", "acc", "acc_diff", "ci_low", "ci_high")})
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(f"B = {b.dir} against A = {a.dir} (accuracies in %; lost = right in A, wrong in B)")
+        print(show.rename(columns={"acc_ref": "acc_A", "acc": "acc_B"}).to_string(index=False))
+    return 0
+
+
 def _cmd_model(args) -> int:
     from .models import resolve_model
 
@@ -172,6 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output-dir", help="run directory (default: output_dir from the config, else runs/NAME; "
                                         "QREASON_RUNS sets the runs root)")
     r.set_defaults(fn=_cmd_run)
+
+    pl = sub.add_parser("plan", help="print what `qreason run CONFIG` would do: the jobs, what is cached and what "
+                                     "will run (validates everything, runs nothing)")
+    pl.add_argument("config")
+    pl.add_argument("--output-dir", help="run directory (as for run)")
+    pl.set_defaults(fn=_cmd_plan)
+
+    cp = sub.add_parser("compare", help="compare two runs cell by cell (variant x task), paired on problems "
+                                        "and seeds, with McNemar p-values and bootstrap intervals")
+    cp.add_argument("run_a", help="run directory or run id (from `qreason runs`)")
+    cp.add_argument("run_b", help="run directory or run id")
+    cp.add_argument("--json", action="store_true", help="print JSON")
+    cp.set_defaults(fn=_cmd_compare)
 
     s = sub.add_parser("runs", help="list past runs from the run index")
     s.add_argument("--index", help="index file (default: $QREASON_INDEX or runs/index.sqlite)")

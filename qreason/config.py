@@ -6,6 +6,7 @@ of the config file, so a config works the same from any working directory (cron,
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -106,6 +107,15 @@ class ReportConfig(Strict):
     max_failures: int = Field(default=200, ge=0)  # failures shown step by step in the report
 
 
+class GatesConfig(Strict):
+    """Regression gates: ``qreason run`` exits with code 3 and a readable summary when one trips."""
+
+    max_drop: float | None = Field(default=None, ge=0)              # accuracy drop vs the base (0.05 = 5 points)
+    max_drop_vs_previous: float | None = Field(default=None, ge=0)  # drop vs the last finished run of this config
+    max_judge_error_rate: float | None = Field(default=None, ge=0, le=1)  # judge errors / LLM judgments
+    min_accuracy: float | None = Field(default=None, ge=0, le=1)    # absolute floor for every variant and task
+
+
 class RunConfig(Strict):
     name: str
     output_dir: str | None = None
@@ -118,6 +128,7 @@ class RunConfig(Strict):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
 
     @model_validator(mode="after")
     def _variant_names(self) -> "RunConfig":
@@ -143,6 +154,7 @@ class LoadedConfig(BaseModel):
     config: RunConfig
     path: Path
     base_dir: Path
+    text: str = ""  # the file as written (environment references unexpanded): what a run directory keeps
 
     def resolve(self, p: str | None) -> Path | None:
         """A path from the config, relative to the config file's directory."""
@@ -172,8 +184,24 @@ def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
     return line
 
 
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str, where: str) -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` with environment values (for paths and endpoints; secrets
+    belong in ``api_key_env``). Only the unexpanded text is ever stored with a run."""
+    def sub(m: re.Match, lineno: int) -> str:
+        value = os.environ.get(m.group(1), m.group(2))
+        if value is None:
+            raise UserError(f"{where}:{lineno}", f"environment variable {m.group(1)} is not set (and has no default)")
+        return value
+
+    return "".join(ENV_REF.sub(lambda m: sub(m, i), line) for i, line in enumerate(text.splitlines(True), 1))
+
+
 def parse_config(text: str, where: str) -> RunConfig:
-    """Validate config text; errors name ``where`` (a file) and the line."""
+    """Validate config text (after ``${VAR}`` expansion); errors name ``where`` (a file) and the line."""
+    text = expand_env(text, where)
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
@@ -198,5 +226,6 @@ def load_config(path: str | Path) -> LoadedConfig:
     path = Path(path)
     if not path.is_file():
         raise UserError(str(path), "config file not found")
-    cfg = parse_config(path.read_text(encoding="utf-8"), str(path))
-    return LoadedConfig(config=cfg, path=path.resolve(), base_dir=path.resolve().parent)
+    text = path.read_text(encoding="utf-8")
+    cfg = parse_config(text, str(path))
+    return LoadedConfig(config=cfg, path=path.resolve(), base_dir=path.resolve().parent, text=text)

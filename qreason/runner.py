@@ -25,7 +25,8 @@ from .generate import Backend, GenerationRequest, make_backend, make_request, ru
 from .grade import Grader, grade_key, run_grading
 from .models import ResolvedModel, resolve_model
 from .records import ModelVariant, Problem, content_key
-from .store import RunIndex, RunStore, now_iso
+from .gates import check_gates, previous_summary
+from .store import RunIndex, RunLock, RunStore, now_iso, write_atomic
 from .summary import accuracy_table
 from .tasks import TaskSpec, build_messages, load_problems
 
@@ -98,6 +99,47 @@ def make_plan(config_path: str | Path, output_dir: str | Path | None = None) -> 
     return Plan(loaded, run_dir, base, problems, prompts, names)
 
 
+def describe_plan(plan: Plan) -> str:
+    """What a run of this plan would do, job by job, and what is cached already."""
+    from .models import fingerprint_dir
+    from .quantize import prepare
+    from .quantize.cache import read_provenance
+
+    cfg = plan.loaded.config
+    store = RunStore(plan.run_dir)
+    have = store.generations if (plan.run_dir / "generations.jsonl").exists() else None
+    lines = [f"plan for {cfg.name}: {len(plan.problems)} problems x {len(cfg.sampling.seeds)} seeds, "
+             f"run directory {plan.run_dir}"]
+    models = [(cfg.model.name, plan.base)]
+    for spec in cfg.quantize:
+        name = variant_name(spec)
+        if spec.method == "import":
+            m = resolve_model(spec.path, spec.revision, plan.loaded.base_dir)
+            lines.append(f"  quantize  {name:<22} import {m.path}")
+            models.append((name, m))
+            continue
+        prep = prepare(plan.base, spec, name, base_dir=plan.loaded.base_dir)
+        found = read_provenance(prep.dest)
+        if found is not None and found.get("key") == prep.key:
+            lines.append(f"  quantize  {name:<22} cached {prep.dest}")
+            models.append((name, ResolvedModel(name, str(prep.dest), fingerprint_dir(prep.dest), "variant")))
+        else:
+            lines.append(f"  quantize  {name:<22} to do ({spec.method} -> {prep.dest})")
+            models.append((name, None))
+    for name, model in models:
+        n = len(plan.prompts) * len(cfg.sampling.seeds)
+        if model is None:
+            lines.append(f"  generate  {name:<22} {n} to do (after quantization)")
+            continue
+        cached = sum(r.key in have for r in plan.requests_for(name, model)) if have is not None else 0
+        lines.append(f"  generate  {name:<22} {n - cached} to do, {cached} cached")
+    judges = ", ".join(j.name for j in cfg.judge.judges) or "rule checks only"
+    lines.append(f"  then      grade, judge ({judges}), analyze, "
+                 f"{'curate, ' if cfg.curate.enabled else ''}{'report' if cfg.report.enabled else ''}: "
+                 "finished work is skipped")
+    return "\n".join(lines)
+
+
 class Engines:
     """At most one generation engine alive at a time (each holds the model and its KV cache); an engine is
     reused while the same model is asked for. A backend passed in by the caller serves the base model and is
@@ -146,16 +188,20 @@ def run(config_path: str | Path, output_dir: str | Path | None = None, index: Ru
     ownership and closes it)."""
     t0 = time.monotonic()
     plan = make_plan(config_path, output_dir)
-    cfg = plan.loaded.config
     store = RunStore(plan.run_dir)
-    store.dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(store.dir):
+        return _run_locked(plan, store, index or default_index(), backend, t0)
+
+
+def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend | None, t0: float) -> dict:
+    cfg = plan.loaded.config
     handler = _attach_log_file(store.dir)
-    index = index or default_index()
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
     config_hash = content_key("config", cfg.model_dump())
     env = environment()
     store.write_json("environment.json", env)
-    (store.dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), encoding="utf-8")
+    # the config as written: ${VAR} references stay unexpanded, so no secret or local path leaks into the run
+    write_atomic(store.dir / "config.yaml", plan.loaded.text or yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     index.start(run_id, store.dir, cfg.name, config_hash, env)
     engines = Engines(cfg, backend, plan.base.fingerprint)
     status, summary = "failed", None
@@ -224,8 +270,11 @@ def run(config_path: str | Path, output_dir: str | Path | None = None, index: Ru
             path = build_report(store, index=index, base=cfg.model.name, max_failures=cfg.report.max_failures,
                                 analysis=analysis, generation_keys=wanted)
             summary["report"] = str(path)
-            store.write_json("summary.json", summary)
-        status = "incomplete" if failed else "ok"
+        tripped = check_gates(cfg.gates, summary, cfg.model.name, previous_summary(index, cfg.name, run_id),
+                              [j for j in store.judgments.all() if j.generation_key in wanted])
+        summary["gates"] = {"tripped": tripped, "passed": not tripped}
+        store.write_json("summary.json", summary)
+        status = "incomplete" if failed else "gated" if tripped else "ok"
         return summary
     except KeyboardInterrupt:
         status = "interrupted"

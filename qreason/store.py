@@ -9,6 +9,7 @@ Durability rules:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -128,6 +129,36 @@ class RunStore:
     def read_json(self, name: str):
         path = self.dir / name
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+class RunLock:
+    """An exclusive lock on a run directory, so two runs never write the same tables. The operating system
+    releases it when the process ends, however it ends (a kill -9 leaves nothing to clean up)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(str(self.path.parent), f"another qreason run (pid {holder}) is using this run "
+                                                   "directory; wait for it to finish or choose another output_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 class RunIndex:

@@ -16,7 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class FaultServer:
     def __init__(self, script: list[str], default: str = "ok", slow_seconds: float = 5.0,
-                 content: str = "Step 1: 2 + 3 = 5\nThe final answer is \\boxed{5}."):
+                 content="Step 1: 2 + 3 = 5\nThe final answer is \\boxed{5}."):
+        """``content``: the reply text, or a function of the request body that returns it."""
         self.script = list(script)
         self.default = default
         self.slow_seconds = slow_seconds
@@ -69,7 +70,8 @@ class FaultServer:
         elif action == "malformed":
             payload = b'{"id": "x", "choices": [ this is not json'
         elif action.startswith("ok"):
-            content = action[3:] if action.startswith("ok:") else self.content
+            content = action[3:] if action.startswith("ok:") else \
+                self.content(body) if callable(self.content) else self.content
             payload = json.dumps(self.completion(body, content)).encode()
         else:
             raise ValueError(action)

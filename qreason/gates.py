@@ -1,0 +1,53 @@
+"""Regression gates for nightly runs: thresholds from the config, checked against this run's summary, the
+previous finished run of the same config, and the judge's error rate. A tripped gate makes ``qreason run``
+exit with code 3 after writing everything, so cron or CI can alert on it."""
+
+from __future__ import annotations
+
+from .config import GatesConfig
+from .records import Judgment
+from .store import RunIndex
+
+GATE_EXIT_CODE = 3
+
+
+def previous_summary(index: RunIndex, name: str, run_id: str) -> dict | None:
+    """The summary of the last finished run of this config before ``run_id``."""
+    earlier = [r for r in index.list(name) if r["run_id"] != run_id and r["status"] in ("ok", "gated")
+               and r["summary"] and r["summary"].get("results")]
+    return earlier[-1]["summary"] if earlier else None
+
+
+def judge_error_rate(judgments: list[Judgment]) -> tuple[float, int]:
+    """Share of LLM-judge records that are judge errors (rules and panel records excluded), and their count."""
+    llm = [j for j in judgments if j.judge not in ("rules", "panel")]
+    return (sum(j.status == "judge_error" for j in llm) / len(llm) if llm else 0.0), len(llm)
+
+
+def check_gates(gates: GatesConfig, summary: dict, base: str, previous: dict | None,
+                judgments: list[Judgment]) -> list[str]:
+    """One readable line per tripped gate (empty: all passed)."""
+    tripped = []
+    rows = {(r["variant"], r["task"]): r["accuracy_mean"] for r in summary.get("results", [])}
+    for (variant, task), acc in sorted(rows.items()):
+        cell = f"{variant}/{task}"
+        if gates.min_accuracy is not None and acc < gates.min_accuracy:
+            tripped.append(f"{cell}: accuracy {100 * acc:.1f}% is below the floor {100 * gates.min_accuracy:.1f}%")
+        base_acc = rows.get((base, task))
+        if gates.max_drop is not None and variant != base and base_acc is not None \
+                and base_acc - acc > gates.max_drop + 1e-12:
+            tripped.append(f"{cell}: accuracy {100 * acc:.1f}% is {100 * (base_acc - acc):.1f} points below "
+                           f"{base} ({100 * base_acc:.1f}%); the limit is {100 * gates.max_drop:.1f}")
+    if gates.max_drop_vs_previous is not None and previous is not None:
+        before = {(r["variant"], r["task"]): r["accuracy_mean"] for r in previous.get("results", [])}
+        for cell, acc in sorted(rows.items()):
+            if cell in before and before[cell] - acc > gates.max_drop_vs_previous + 1e-12:
+                tripped.append(f"{cell[0]}/{cell[1]}: accuracy {100 * acc:.1f}% is {100 * (before[cell] - acc):.1f} "
+                               f"points below the previous run {previous.get('run_id')} ({100 * before[cell]:.1f}%); "
+                               f"the limit is {100 * gates.max_drop_vs_previous:.1f}")
+    if gates.max_judge_error_rate is not None:
+        rate, n = judge_error_rate(judgments)
+        if rate > gates.max_judge_error_rate:
+            tripped.append(f"judge error rate {100 * rate:.1f}% of {n} LLM judgments exceeds "
+                           f"{100 * gates.max_judge_error_rate:.1f}%")
+    return tripped

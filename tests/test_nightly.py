@@ -1,0 +1,116 @@
+"""Nightly operation: regression gates, the run-directory lock, environment references, plan and compare.
+Runs go through the OpenAI-compatible backend against a local scripted endpoint, so no model is needed."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from qreason.config import GatesConfig
+from qreason.gates import GATE_EXIT_CODE, check_gates
+from qreason.records import Judgment
+from qreason.runner import run
+from qreason.store import RunLock
+from qreason.synthetic import generate as synthetic_rows
+
+from conftest import write_config
+from fault_server import FaultServer
+
+ANSWERS = {r["question"]: r["answer"] for r in synthetic_rows(n=6, seed=0)}
+
+
+def solver(right: bool):
+    def reply(body: dict) -> str:
+        question = body["messages"][-1]["content"].split("Problem: ", 1)[1]
+        answer = int(ANSWERS[question]) + (0 if right else 1)
+        return f"Step 1: I count carefully.\nThe final answer is \\boxed{{{answer}}}."
+    return reply
+
+
+def config(tmp_path, base_url: str, model: str, gates: str = "") -> str:
+    return write_config(tmp_path / "nightly.yaml", f"""
+name: nightly
+output_dir: ${{RUN_ROOT}}/nightly
+model: {{path: endpoint-model}}
+tasks: [{{name: synthetic, limit: 6}}]
+sampling: {{max_tokens: 64}}
+backend: {{kind: openai, base_url: "{base_url}", model: {model}, max_retries: 0}}
+curate: {{enabled: false}}
+{gates}""")
+
+
+def test_gate_trips_on_a_regression_against_the_previous_night(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUN_ROOT", str(tmp_path / "out"))
+    gates = "gates: {max_drop_vs_previous: 0.05, min_accuracy: 0.5}"
+    with FaultServer([], content=solver(True)) as good:
+        first = run(config(tmp_path, good.base_url, "m-good", gates))
+    assert first["results"][0]["accuracy_mean"] == 1.0 and first["gates"]["passed"]
+    stored = (tmp_path / "out" / "nightly" / "config.yaml").read_text()
+    assert "${RUN_ROOT}" in stored and str(tmp_path) not in stored  # references are kept, never expanded values
+    with FaultServer([], content=solver(False)) as bad:  # tonight's model is broken
+        cfg = config(tmp_path, bad.base_url, "m-bad", gates)
+        result = subprocess.run([sys.executable, "-m", "qreason.cli", "run", str(cfg)], capture_output=True,
+                                text=True, timeout=300)
+    assert result.returncode == GATE_EXIT_CODE, result.stderr
+    assert "regression gates tripped" in result.stderr
+    assert re.search(r"base/synthetic: accuracy 0\.0% is 100\.0 points below the previous run", result.stderr)
+    assert "below the floor 50.0%" in result.stderr
+    summary = json.loads((tmp_path / "out" / "nightly" / "summary.json").read_text())
+    assert summary["gates"]["passed"] is False and len(summary["gates"]["tripped"]) == 2
+
+
+def test_gates_against_the_base_and_the_judge_error_rate():
+    summary = {"results": [
+        {"variant": "base", "task": "gsm8k", "accuracy_mean": 0.60},
+        {"variant": "gptq", "task": "gsm8k", "accuracy_mean": 0.57},
+        {"variant": "rtn", "task": "gsm8k", "accuracy_mean": 0.40}]}
+    judgments = [Judgment(key=str(i), generation_key=str(i), variant="rtn", task="gsm8k", problem_id=str(i), seed=0,
+                          judge="j1" if i < 4 else "rules", status="judge_error" if i == 0 else "ok",
+                          created_at="now") for i in range(6)]
+    tripped = check_gates(GatesConfig(max_drop=0.05, max_judge_error_rate=0.2), summary, "base", None, judgments)
+    assert tripped == ["rtn/gsm8k: accuracy 40.0% is 20.0 points below base (60.0%); the limit is 5.0",
+                       "judge error rate 25.0% of 4 LLM judgments exceeds 20.0%"]
+    assert check_gates(GatesConfig(max_drop=0.05), summary | {"results": summary["results"][:2]}, "base", None,
+                       []) == []
+
+
+def test_second_run_on_the_same_directory_refuses_cleanly(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUN_ROOT", str(tmp_path / "out"))
+    cfg = config(tmp_path, "http://127.0.0.1:9/v1", "m")
+    with RunLock(tmp_path / "out" / "nightly"):
+        result = subprocess.run([sys.executable, "-m", "qreason.cli", "run", str(cfg)], capture_output=True,
+                                text=True, timeout=300, env={**__import__("os").environ})
+    assert result.returncode == 2
+    assert "another qreason run" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "nightly" / "generations.jsonl").exists()
+
+
+def test_unset_environment_reference_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("RUN_ROOT", raising=False)
+    cfg = config(tmp_path, "http://127.0.0.1:9/v1", "m")
+    result = subprocess.run([sys.executable, "-m", "qreason.cli", "run", str(cfg)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "nightly.yaml:3: environment variable RUN_ROOT is not set" in result.stderr
+
+
+def test_plan_and_compare(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUN_ROOT", str(tmp_path / "a"))
+    with FaultServer([], content=solver(True)) as server:
+        cfg = config(tmp_path, server.base_url, "m")
+        before = subprocess.run([sys.executable, "-m", "qreason.cli", "plan", str(cfg)], capture_output=True,
+                                text=True, timeout=300)
+        assert before.returncode == 0 and "generate  base                   6 to do, 0 cached" in before.stdout
+        run(cfg)
+        after = subprocess.run([sys.executable, "-m", "qreason.cli", "plan", str(cfg)], capture_output=True,
+                               text=True, timeout=300)
+        assert "0 to do, 6 cached" in after.stdout
+    monkeypatch.setenv("RUN_ROOT", str(tmp_path / "b"))
+    with FaultServer([], content=solver(False)) as server:
+        run(config(tmp_path, server.base_url, "m"))
+    out = subprocess.run([sys.executable, "-m", "qreason.cli", "compare", str(tmp_path / "a" / "nightly"),
+                          str(tmp_path / "b" / "nightly"), "--json"], capture_output=True, text=True, timeout=300)
+    (row,) = json.loads(out.stdout)
+    assert (row["variant"], row["pairs"], row["lost"], row["gained"]) == ("base", 6, 6, 0)
+    assert row["mcnemar_p"] == pytest.approx(2 / 64)
