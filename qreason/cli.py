@@ -188,6 +188,18 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_prune(args) -> int:
+    from .retention import prune
+    from .runner import default_index
+
+    removed = prune(default_index(), args.older_than, dry_run=not args.yes)
+    verb = "removed" if args.yes else "would remove (pass --yes to delete)"
+    print(f"{verb}: {len(removed['run_dirs'])} run directories, {len(removed['checkpoints'])} cached checkpoints")
+    for path in removed["run_dirs"] + removed["checkpoints"]:
+        print(f"  {path}")
+    return 0
+
+
 def _cmd_model(args) -> int:
     from .models import resolve_model
 
@@ -233,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("run_b", help="run directory or run id")
     cp.add_argument("--json", action="store_true", help="print JSON")
     cp.set_defaults(fn=_cmd_compare)
+
+    pr = sub.add_parser("prune", help="delete run directories not run for a while, and cached quantized "
+                                      "checkpoints that no remaining run uses (dry run unless --yes)")
+    pr.add_argument("--older-than", type=float, default=30, metavar="DAYS",
+                    help="a run directory whose newest run finished more than DAYS ago goes (default 30)")
+    pr.add_argument("--yes", action="store_true", help="really delete (default: only list)")
+    pr.set_defaults(fn=_cmd_prune)
 
     s = sub.add_parser("runs", help="list past runs from the run index")
     s.add_argument("--index", help="index file (default: $QREASON_INDEX or runs/index.sqlite)")

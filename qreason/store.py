@@ -203,6 +203,10 @@ class RunIndex:
                 (now_iso(), status, json.dumps(summary, default=str) if summary is not None else None, run_id),
             )
 
+    def forget(self, run_dir: str) -> None:
+        with closing(self._connect()) as db, db:
+            db.execute("DELETE FROM runs WHERE run_dir = ?", (str(run_dir),))
+
     def list(self, name: str | None = None) -> list[dict]:
         query = "SELECT * FROM runs" + (" WHERE name = ?" if name else "") + " ORDER BY started_at, run_id"
         with closing(self._connect()) as db:

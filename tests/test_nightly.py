@@ -114,3 +114,32 @@ def test_plan_and_compare(tmp_path, monkeypatch):
     (row,) = json.loads(out.stdout)
     assert (row["variant"], row["pairs"], row["lost"], row["gained"]) == ("base", 6, 6, 0)
     assert row["mcnemar_p"] == pytest.approx(2 / 64)
+
+
+def test_prune_forgets_old_runs_and_unused_checkpoints(tmp_path, monkeypatch):
+    from qreason.records import ModelVariant
+    from qreason.retention import prune
+    from qreason.store import RunIndex, RunStore
+
+    monkeypatch.setenv("QREASON_CACHE", str(tmp_path / "cache"))
+    quant = tmp_path / "cache" / "quantized"
+    for name in ("used", "unused"):
+        (quant / name).mkdir(parents=True)
+    index = RunIndex(tmp_path / "index.sqlite")
+    old, new = tmp_path / "old", tmp_path / "new"
+    for d in (old, new):
+        RunStore(d).variants.append([ModelVariant(key=d.name, name="q", base_model="b", base_fingerprint="f",
+                                                  method="rtn", path=str(quant / "used"), fingerprint="x",
+                                                  created_at="now")])
+    index.start("r-old", old, "n", "h", {})
+    index.finish("r-old", "ok", {})
+    with index._connect() as db:
+        db.execute("UPDATE runs SET finished_at = '2020-01-01T00:00:00+00:00' WHERE run_id = 'r-old'")
+    index.start("r-new", new, "n", "h", {})
+    index.finish("r-new", "ok", {})
+    plan = prune(index, 30, dry_run=True)
+    assert plan == {"run_dirs": [str(old.resolve())], "checkpoints": [str(quant / "unused")]}
+    assert old.exists() and (quant / "unused").exists()
+    prune(index, 30, dry_run=False)
+    assert not old.exists() and not (quant / "unused").exists() and (quant / "used").exists() and new.exists()
+    assert [r["run_id"] for r in index.list()] == ["r-new"]

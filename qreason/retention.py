@@ -1,0 +1,35 @@
+"""Retention for long-lived installs: forget old runs and delete quantized checkpoints no kept run uses."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from .models import cache_dir
+from .store import RunIndex, RunStore
+
+
+def prune(index: RunIndex, older_than_days: float, dry_run: bool = True) -> dict[str, list[str]]:
+    """Run directories whose newest invocation finished more than ``older_than_days`` ago are deleted (with
+    their index rows); then cached quantized checkpoints that no remaining run directory refers to.
+    Returns what was (or, with ``dry_run``, would be) removed."""
+    cutoff = datetime.now(timezone.utc) - timedelta(days=older_than_days)
+    newest: dict[str, datetime] = {}
+    for r in index.list():
+        when = datetime.fromisoformat(r["finished_at"] or r["started_at"])
+        newest[r["run_dir"]] = max(when, newest.get(r["run_dir"], when))
+    old_dirs = sorted(d for d, when in newest.items() if when < cutoff)
+    kept_dirs = [d for d in newest if d not in old_dirs]
+    used = {str(Path(v.path).resolve()) for d in kept_dirs if Path(d).is_dir()
+            for v in RunStore(Path(d)).variants.all() if v.method != "none"}
+    quant_root = cache_dir() / "quantized"
+    stale = sorted(str(p) for p in quant_root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                   and str(p.resolve()) not in used) if quant_root.is_dir() else []
+    if not dry_run:
+        for d in old_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+            index.forget(d)
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
+    return {"run_dirs": old_dirs, "checkpoints": stale}
