@@ -244,14 +244,16 @@ def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend |
         grade_keys = {grade_key(g.key) for g in generations}
         summary["results"] = accuracy_table([g for g in store.grades.all() if g.key in grade_keys])
 
-        # judge, analyze, curate, report
+        # judge, analyze, curate, report (they need graded generations)
         from .judge import run_judging
 
         summary["judge"] = run_judging(store, cfg.judge).model_dump()
         from .analysis import analyze
 
-        analysis = analyze(store, cfg.model.name, generation_keys=wanted)
-        if cfg.curate.enabled:
+        analysis = analyze(store, cfg.model.name, generation_keys=wanted) if summary["results"] else None
+        if analysis is None:
+            log.warning("no graded generations: skipping analysis, curation and the report")
+        if cfg.curate.enabled and analysis is not None:
             from .curate import curate
 
             result = curate(store, cfg.curate, cfg.sampling, cfg.model.name, plan.base.fingerprint,
@@ -264,7 +266,7 @@ def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend |
         summary["wall_seconds"] = round(time.monotonic() - t0, 2)
         summary["versions"] = env["versions"]
         store.write_json("summary.json", summary)
-        if cfg.report.enabled:
+        if cfg.report.enabled and analysis is not None:
             from .report import build_report
 
             path = build_report(store, index=index, base=cfg.model.name, max_failures=cfg.report.max_failures,

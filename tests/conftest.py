@@ -41,9 +41,11 @@ def default_model():
     return resolve_model("default")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_backend(default_model):
-    """One real vLLM engine for the whole session (start-up is ~20 s on CPU)."""
+    """One real vLLM engine per test module (start-up is ~20 s on CPU). Module scope, not session: an engine
+    closed elsewhere in the process tears down vLLM's process-wide parallel state, which would break a
+    long-lived one."""
     if not has_vllm():
         pytest.skip("vLLM is not installed")
     from qreason.config import BackendConfig

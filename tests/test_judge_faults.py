@@ -127,7 +127,7 @@ def fake():
 
 def spec(url: str, **kw) -> dict:
     return {"name": "fake", "base_url": url, "model": "fake-judge", "api_key_env": "QREASON_TEST_JUDGE_KEY",
-            "concurrency": 8, "timeout_s": 0.5, "max_retries": 2, "invalid_retries": 2, "backoff_s": 0.05, **kw}
+            "concurrency": 8, "timeout_s": 2.0, "max_retries": 2, "invalid_retries": 2, "backoff_s": 0.05, **kw}
 
 
 def fault_cases(markers):

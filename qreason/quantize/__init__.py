@@ -1,7 +1,8 @@
 """The quantize stage: a base model plus a ``QuantizeSpec`` in, a ``ModelVariant`` (a checkpoint on disk) out.
 
     from qreason.quantize import QuantizeSpec, quantize, list_methods
-    variant = quantize(resolve_model("default"), QuantizeSpec(method="gptq-w4a16", overrides={"group_size": 64}))
+    spec = QuantizeSpec(method="gptq-w4a16", overrides={"group_size": 64})
+    variant = quantize(resolve_model("default"), spec)
 
 Methods are recipes in ``recipes.yaml`` (``recipes.py`` resolves them), calibration samples come from
 ``calibration.py``, the work itself runs in the separate llm-compressor environment (``launch.py`` starts
@@ -19,9 +20,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -35,7 +37,15 @@ if TYPE_CHECKING:  # imported where used, so that the worker's import of this pa
     from .calibration import CalibrationPlan
     from .recipes import ResolvedRecipe
 
-__all__ = ["CalibrationSpec", "QuantizeSpec", "Prepared", "prepare", "quantize", "list_methods", "QuantizeFailed"]
+__all__ = [
+    "CalibrationSpec",
+    "QuantizeSpec",
+    "Prepared",
+    "prepare",
+    "quantize",
+    "list_methods",
+    "QuantizeFailed",
+]
 
 
 class CalibrationSpec(BaseModel):
@@ -43,11 +53,11 @@ class CalibrationSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     source: Literal["generic", "jsonl", "traces"] = "generic"
-    path: str | None = None        # jsonl: the file (required); traces: local data for the task (optional)
-    task: str | None = None        # traces: the task to answer (required); jsonl: use that task's field names
+    path: str | None = None  # jsonl: the file (required); traces: local data for the task (optional)
+    task: str | None = None  # traces: the task to answer (required); jsonl: use that task's field names
     n_samples: int = Field(default=64, gt=0)
     max_seq_len: int = Field(default=512, gt=0)
-    seed: int = 0                  # which rows/problems are chosen
+    seed: int = 0  # which rows/problems are chosen
 
 
 class QuantizeSpec(BaseModel):
@@ -57,8 +67,8 @@ class QuantizeSpec(BaseModel):
     method: str
     overrides: dict[str, Any] = Field(default_factory=dict)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
-    path: str | None = None        # import: a quantized checkpoint directory or hub id
-    revision: str | None = None    # import from the hub: the revision
+    path: str | None = None  # import: a quantized checkpoint directory or hub id
+    revision: str | None = None  # import from the hub: the revision
 
     @model_validator(mode="after")
     def _import_needs_path(self) -> "QuantizeSpec":
@@ -70,7 +80,7 @@ class QuantizeSpec(BaseModel):
 
 
 def list_methods() -> list[dict]:
-    """Every registered method: name, description, whether it calibrates, parameters with defaults and help."""
+    """Every registered method: name, description, whether it calibrates, parameters (defaults, help)."""
     from .recipes import list_methods as _list
 
     return _list()
@@ -88,15 +98,28 @@ def _variant(provenance: dict, name: str, path: Path, reused: bool) -> "ModelVar
     from ..records import ModelVariant, content_key
 
     return ModelVariant(
-        key=content_key("variant", name, provenance["key"]), name=name, base_model=provenance["base"]["spec"],
-        base_fingerprint=provenance["base"]["fingerprint"], method=provenance["method"],
-        recipe=provenance["recipe"], recipe_hash=provenance["recipe_hash"], path=str(path),
-        fingerprint=fingerprint_dir(path), bits=provenance["bits"], size_bytes=provenance["size_bytes"],
-        quantize_seconds=provenance["wall_seconds"], peak_memory_mb=provenance["peak_memory_mb"], reused=reused,
-        versions=provenance["versions"], created_at=provenance["created_at"])
+        key=content_key("variant", name, provenance["key"]),
+        name=name,
+        base_model=provenance["base"]["spec"],
+        base_fingerprint=provenance["base"]["fingerprint"],
+        method=provenance["method"],
+        recipe=provenance["recipe"],
+        recipe_hash=provenance["recipe_hash"],
+        path=str(path),
+        fingerprint=fingerprint_dir(path),
+        bits=provenance["bits"],
+        size_bytes=provenance["size_bytes"],
+        quantize_seconds=provenance["wall_seconds"],
+        peak_memory_mb=provenance["peak_memory_mb"],
+        reused=reused,
+        versions=provenance["versions"],
+        created_at=provenance["created_at"],
+    )
 
 
-def _import(base: "ResolvedModel", spec: QuantizeSpec, name: str | None, base_dir: Path | None) -> "ModelVariant":
+def _import(
+    base: "ResolvedModel", spec: QuantizeSpec, name: str | None, base_dir: Path | None
+) -> "ModelVariant":
     from ..models import resolve_model
     from ..records import ModelVariant, content_key
     from ..store import now_iso
@@ -110,10 +133,20 @@ def _import(base: "ResolvedModel", spec: QuantizeSpec, name: str | None, base_di
     recipe = fmt.as_recipe(config["quantization_config"])
     name = name or Path(spec.path.rstrip("/")).name
     return ModelVariant(
-        key=content_key("variant", name, "import", model.fingerprint), name=name, base_model=base.spec,
-        base_fingerprint=base.fingerprint, method="import", recipe=recipe, recipe_hash=content_key("import", recipe),
-        path=model.path, fingerprint=model.fingerprint, bits=fmt.bits, size_bytes=checkpoint_size(Path(model.path)),
-        versions={"format": fmt.format}, created_at=now_iso())
+        key=content_key("variant", name, "import", model.fingerprint),
+        name=name,
+        base_model=base.spec,
+        base_fingerprint=base.fingerprint,
+        method="import",
+        recipe=recipe,
+        recipe_hash=content_key("import", recipe),
+        path=model.path,
+        fingerprint=model.fingerprint,
+        bits=fmt.bits,
+        size_bytes=checkpoint_size(Path(model.path)),
+        versions={"format": fmt.format},
+        created_at=now_iso(),
+    )
 
 
 @dataclass
@@ -127,8 +160,13 @@ class Prepared:
     dest: Path
 
 
-def prepare(base: "ResolvedModel", spec: QuantizeSpec, name: str | None = None, out_dir: Path | None = None,
-            base_dir: Path | None = None) -> Prepared:
+def prepare(
+    base: "ResolvedModel",
+    spec: QuantizeSpec,
+    name: str | None = None,
+    out_dir: Path | None = None,
+    base_dir: Path | None = None,
+) -> Prepared:
     """Check a request and compute its cache key; creates nothing and starts nothing."""
     from .cache import cache_root, quant_key
     from .calibration import plan_calibration
@@ -142,25 +180,38 @@ def prepare(base: "ResolvedModel", spec: QuantizeSpec, name: str | None = None, 
         check_group_size(base.path, recipe.params["group_size"], recipe.name)
     plan = plan_calibration(spec.calibration, base_dir) if recipe.calibration else None
     key = quant_key(base.fingerprint, recipe.identity(), plan.identity if plan else None)
-    name = name or (recipe.name if not recipe.overrides else f"{recipe.name}-{recipe.hash[:6]}")
+    name = name or recipe.name
     dest = Path(out_dir).expanduser().resolve() if out_dir is not None else cache_root() / key
     return Prepared(recipe, plan, key, name, dest)
 
 
-def quantize(base: "ResolvedModel", spec: QuantizeSpec, name: str | None = None, out_dir: Path | None = None,
-             base_dir: Path | None = None, echo: Callable[[str], None] | None = None) -> "ModelVariant":
+def quantize(
+    base: "ResolvedModel",
+    spec: QuantizeSpec,
+    name: str | None = None,
+    out_dir: Path | None = None,
+    base_dir: Path | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> "ModelVariant":
     """Quantize ``base`` as ``spec`` says, or reuse the cached checkpoint made from the same inputs.
 
-    ``name``: the variant's label (default: the method, plus a short hash when there are overrides).
-    ``out_dir``: where the checkpoint goes (default: ``cache_dir()/quantized/KEY``). ``base_dir``: where relative
-    paths in the spec are resolved (a config file's directory). ``echo``: receives progress lines (default:
-    printed to stderr).
+    ``name``: the variant's label in every later record (default: the method's name).
+    ``out_dir``: where the checkpoint goes (default: ``cache_dir()/quantized/KEY``). ``base_dir``: where
+    relative paths in the spec are resolved (a config file's directory). ``echo``: receives progress lines
+    (default: printed to stderr).
     """
     if spec.method == "import":
         return _import(base, spec, name, base_dir)
     from ..store import now_iso
-    from .cache import CALIBRATION_FILE, PROVENANCE, checkpoint_size, publish, read_provenance, staging, \
-        worker_log_path
+    from .cache import (
+        CALIBRATION_FILE,
+        PROVENANCE,
+        checkpoint_size,
+        publish,
+        read_provenance,
+        staging,
+        worker_log_path,
+    )
     from .calibration import write_samples
     from .launch import quant_python, run_worker
 
@@ -175,43 +226,78 @@ def quantize(base: "ResolvedModel", spec: QuantizeSpec, name: str | None = None,
         echo(f"reusing {dest}")
         return _variant(found, name, dest, reused=True)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise UserError(str(dest), "exists and is not a checkpoint made from these inputs; "
-                                   "choose another output directory or remove it")
+        raise UserError(
+            str(dest),
+            "exists and is not a checkpoint made from these inputs; "
+            "choose another output directory or remove it",
+        )
     python = quant_python()
 
     # 3. Build in a temporary directory beside dest; rename into place only when complete.
     started = time.monotonic()
     with staging(dest) as tmp:
-        job: dict[str, Any] = {"model": base.path, "output_dir": str(tmp), "modifiers": recipe.modifiers,
-                               "calibration": None, "seed": spec.calibration.seed}
+        job: dict[str, Any] = {
+            "model": base.path,
+            "output_dir": str(tmp),
+            "modifiers": recipe.modifiers,
+            "calibration": None,
+            "seed": spec.calibration.seed,
+        }
         calibration_record = None
         detail = "no calibration"
         if plan is not None:
             samples = plan.build(base, echo)
             write_samples(samples, tmp / CALIBRATION_FILE)
-            job["calibration"] = {"file": str(tmp / CALIBRATION_FILE), "max_seq_len": spec.calibration.max_seq_len}
-            calibration_record = {**plan.identity, "path": str(plan.path) if plan.path else None,
-                                  "task": spec.calibration.task, "n_used": len(samples), "file": CALIBRATION_FILE}
+            job["calibration"] = {
+                "file": str(tmp / CALIBRATION_FILE),
+                "max_seq_len": spec.calibration.max_seq_len,
+            }
+            calibration_record = {
+                **plan.identity,
+                "path": str(plan.path) if plan.path else None,
+                "task": spec.calibration.task,
+                "n_used": len(samples),
+                "file": CALIBRATION_FILE,
+            }
             detail = f"{len(samples)} {spec.calibration.source} calibration samples"
         echo(f"quantizing {base.spec} with {recipe.name} in {python.parent.parent.name} ({detail})")
         run = run_worker(job, tmp, worker_log_path(dest), name, echo)
         if calibration_record is not None:
             calibration_record["tokens"] = run.result.get("tokens")
         provenance = {
-            "key": key, "method": recipe.name, "bits": recipe.bits, "recipe": recipe.identity(),
-            "overrides": recipe.overrides, "recipe_hash": recipe.hash,
-            "base": {"spec": base.spec, "path": base.path, "fingerprint": base.fingerprint, "source": base.source},
+            "key": key,
+            "method": recipe.name,
+            "bits": recipe.bits,
+            "recipe": recipe.identity(),
+            "overrides": recipe.overrides,
+            "recipe_hash": recipe.hash,
+            "base": {
+                "spec": base.spec,
+                "path": base.path,
+                "fingerprint": base.fingerprint,
+                "source": base.source,
+            },
             "calibration": calibration_record,
-            "wall_seconds": round(time.monotonic() - started, 2), "worker_seconds": round(run.seconds, 2),
-            "oneshot_seconds": run.result.get("oneshot_seconds"), "peak_memory_mb": round(run.peak_memory_mb, 1),
-            "size_bytes": checkpoint_size(tmp), "versions": run.result.get("versions", {}),
-            "device": run.result.get("device"), "qreason_version": __version__, "created_at": now_iso(),
+            "wall_seconds": round(time.monotonic() - started, 2),
+            "worker_seconds": round(run.seconds, 2),
+            "worker_cpu_seconds": round(run.cpu_seconds, 2),
+            "oneshot_seconds": run.result.get("oneshot_seconds"),
+            "peak_memory_mb": round(run.peak_memory_mb, 1),
+            "size_bytes": checkpoint_size(tmp),
+            "versions": run.result.get("versions", {}),
+            "device": run.result.get("device"),
+            "qreason_version": __version__,
+            "created_at": now_iso(),
         }
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
-        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / PROVENANCE).write_text(
+            json.dumps(provenance, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         if not publish(tmp, dest):
             echo(f"another process finished {dest} first; using it")
             return _variant(read_provenance(dest), name, dest, reused=True)
-    echo(f"done in {provenance['wall_seconds']:.1f} s (peak memory {provenance['peak_memory_mb']:.0f} MB, "
-         f"{provenance['size_bytes'] / 2**20:.1f} MiB on disk): {dest}")
+    echo(
+        f"done in {provenance['wall_seconds']:.1f} s (peak memory {provenance['peak_memory_mb']:.0f} MB, "
+        f"{provenance['size_bytes'] / 2**20:.1f} MiB on disk): {dest}"
+    )
     return _variant(provenance, name, dest, reused=False)

@@ -1,10 +1,10 @@
-"""Where quantized checkpoints live, how they are keyed, and how one is put in place without ever being partial.
+"""Where quantized checkpoints live, how they are keyed, and how one is put in place, never partial.
 
-A checkpoint is keyed by what produced it: the base model's fingerprint, the resolved recipe (overrides included)
-and the calibration spec (for methods that calibrate). It lives in ``cache_dir()/quantized/KEY`` (or a
-directory the user names) next to ``qreason-quant.json``, its provenance. It is built in a hidden temporary
-directory beside its final place and renamed into place only when complete; on any failure, Ctrl-C included,
-the temporary directory is removed, so a directory that exists is a finished checkpoint.
+A checkpoint is keyed by what produced it: the base model's fingerprint, the resolved recipe (overrides
+included) and the calibration spec (for methods that calibrate). It lives in ``cache_dir()/quantized/KEY``
+(or a directory the user names) next to ``qreason-quant.json``, its provenance. It is built in a hidden
+temporary directory beside its final place and renamed into place only when complete; on any failure, Ctrl-C
+included, the temporary directory is removed, so a directory that exists is a finished checkpoint.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from ..models import cache_dir
 from ..records import content_key
@@ -50,7 +50,9 @@ def read_provenance(directory: Path) -> dict | None:
 
 def checkpoint_size(directory: Path) -> int:
     """Bytes of the checkpoint's own files (weights, config, tokenizer), without qreason's records."""
-    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file() and p.name not in QREASON_FILES)
+    return sum(
+        p.stat().st_size for p in Path(directory).rglob("*") if p.is_file() and p.name not in QREASON_FILES
+    )
 
 
 def worker_log_path(dest: Path) -> Path:
@@ -71,8 +73,8 @@ def staging(dest: Path) -> Iterator[Path]:
 
 
 def publish(tmp: Path, dest: Path) -> bool:
-    """Move the worker log into the finished ``tmp`` and rename ``tmp`` to ``dest``. False when another process
-    put a checkpoint there first (the caller then uses that one)."""
+    """Move the worker log into the finished ``tmp`` and rename ``tmp`` to ``dest``. False when another
+    process put a checkpoint there first (the caller then uses that one)."""
     log = worker_log_path(dest)
     if log.is_file():
         shutil.move(log, tmp / LOG_FILE)

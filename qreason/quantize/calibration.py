@@ -7,8 +7,8 @@ Three sources, chosen by the calibration spec:
 - ``traces``: the full-precision model's own answers to a task's problems, generated with the vLLM backend.
 
 Every source is checked by ``plan_calibration`` before anything is created or started, and identified by a
-content description (``CalibrationPlan.identity``) that goes into the quantized checkpoint's cache key. Samples
-are chosen with a seeded shuffle, so the same spec always selects the same rows.
+content description (``CalibrationPlan.identity``) that goes into the quantized checkpoint's cache key.
+Samples are chosen with a seeded shuffle, so the same spec always selects the same rows.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
 
@@ -78,10 +79,10 @@ class CalibrationPlan:
     """A checked calibration spec: what it will read, and how to identify it for the cache."""
 
     spec: "CalibrationSpec"
-    path: Path | None          # the JSONL file (jsonl) or the task's local data (traces), resolved
+    path: Path | None  # the JSONL file (jsonl) or the task's local data (traces), resolved
     fields: tuple[str, str] | None
     identity: dict
-    base_dir: Path | None = None   # where relative task paths are resolved
+    base_dir: Path | None = None  # where relative task paths are resolved
 
     def build(self, base: "ResolvedModel", echo: Callable[[str], None] = print) -> list[dict]:
         """The chosen samples, each ``{"text": ...}`` or ``{"messages": [...]}`` plus ``origin``."""
@@ -105,20 +106,29 @@ class CalibrationPlan:
                 if len(samples) == s.n_samples:
                     break
             if len(samples) < s.n_samples:
-                echo(f"{self.path} has only {len(samples)} usable rows; using all of them ({s.n_samples} asked)")
+                echo(
+                    f"{self.path} has only {len(samples)} usable rows; "
+                    f"using all of them ({s.n_samples} asked)"
+                )
             return samples
         return generate_traces(self, base, echo)
 
 
 def plan_calibration(spec: "CalibrationSpec", base_dir: Path | None = None) -> CalibrationPlan:
     """Check a calibration spec without building anything; errors are one-line UserErrors."""
-    common = {"source": spec.source, "n_samples": spec.n_samples, "max_seq_len": spec.max_seq_len,
-              "seed": spec.seed}
+    common = {
+        "source": spec.source,
+        "n_samples": spec.n_samples,
+        "max_seq_len": spec.max_seq_len,
+        "seed": spec.seed,
+    }
     if spec.source == "generic":
         return CalibrationPlan(spec, None, None, {**common, "text_sha256": _sha256(GENERIC_TEXT)}, base_dir)
     if spec.source == "jsonl":
         if not spec.path:
-            raise UserError("calibration", "source jsonl needs path: a local JSONL file (e.g. a task's train split)")
+            raise UserError(
+                "calibration", "source jsonl needs path: a local JSONL file (e.g. a task's train split)"
+            )
         path = _resolve_path(spec.path, base_dir)
         if not path.is_file():
             raise UserError(str(path), "calibration file not found")
@@ -132,10 +142,15 @@ def plan_calibration(spec: "CalibrationSpec", base_dir: Path | None = None) -> C
         if not rows:
             raise UserError(str(path), "the calibration file has no rows")
         if _row_to_sample(rows[0], fields) is None:
-            wanted = f"{fields[0]!r} and {fields[1]!r}" if fields else \
-                "'text', 'messages', or a pair such as 'question'/'answer' or 'problem'/'solution'"
+            wanted = (
+                f"{fields[0]!r} and {fields[1]!r}"
+                if fields
+                else "'text', 'messages', or a pair such as 'question'/'answer' or 'problem'/'solution'"
+            )
             raise UserError(f"{path}:1", f"a calibration row needs {wanted} (this row has {sorted(rows[0])})")
-        return CalibrationPlan(spec, path, fields, {**common, "file_sha256": _sha256(path), "fields": fields}, base_dir)
+        return CalibrationPlan(
+            spec, path, fields, {**common, "file_sha256": _sha256(path), "fields": fields}, base_dir
+        )
     # traces: the task must load now, so that a bad task fails before the model is started
     if not spec.task:
         raise UserError("calibration", "source traces needs task: the task whose problems the model answers")
@@ -145,9 +160,13 @@ def plan_calibration(spec: "CalibrationSpec", base_dir: Path | None = None) -> C
     from ..tasks import load_spec
 
     load_spec(spec.task, base_dir)
-    return CalibrationPlan(spec, path, None, {**common, "task": spec.task,
-                                              "data_sha256": _sha256(path) if path else None,
-                                              "temperature": 0.0}, base_dir)
+    return CalibrationPlan(
+        spec,
+        path,
+        None,
+        {**common, "task": spec.task, "data_sha256": _sha256(path) if path else None, "temperature": 0.0},
+        base_dir,
+    )
 
 
 def generate_traces(plan: CalibrationPlan, base: "ResolvedModel", echo: Callable[[str], None]) -> list[dict]:
@@ -160,25 +179,37 @@ def generate_traces(plan: CalibrationPlan, base: "ResolvedModel", echo: Callable
     s = plan.spec
     task_cfg = TaskConfig(name=s.task, data=str(plan.path) if plan.path else None)
     base_dir = plan.base_dir or Path.cwd()
-    loaded = LoadedConfig(config=RunConfig(name="calibration-traces", tasks=[task_cfg]),
-                          path=base_dir / "calibration-traces.yaml", base_dir=base_dir)
+    loaded = LoadedConfig(
+        config=RunConfig(name="calibration-traces", tasks=[task_cfg]),
+        path=base_dir / "calibration-traces.yaml",
+        base_dir=base_dir,
+    )
     task_spec, problems = load_problems(task_cfg, loaded)
     random.Random(s.seed).shuffle(problems)
     chosen = problems[: s.n_samples]
     sampling = SamplingConfig(temperature=0.0, max_tokens=s.max_seq_len, seeds=[s.seed])
     positions = read_config(base.path).get("max_position_embeddings") or 4096
     backend_cfg = BackendConfig(max_model_len=min(int(positions), s.max_seq_len + 2048))
-    requests = [make_request("calibration", base, p, build_messages(task_spec, p, False), sampling, s.seed)
-                for p in chosen]
+    requests = [
+        make_request("calibration", base, p, build_messages(task_spec, p, False), sampling, s.seed)
+        for p in chosen
+    ]
     echo(f"generating {len(requests)} calibration traces with the full-precision model on task {s.task}")
     samples = []
     backend = make_backend(backend_cfg, base)
     try:
         for req, done in backend.generate(requests, sampling):
             if done.error is None and done.text.strip():
-                samples.append({"messages": req.messages + [{"role": "assistant", "content": done.text}],
-                                "origin": {"task": s.task, "problem_id": req.problem.problem_id,
-                                           "finish_reason": done.finish_reason}})
+                samples.append(
+                    {
+                        "messages": req.messages + [{"role": "assistant", "content": done.text}],
+                        "origin": {
+                            "task": s.task,
+                            "problem_id": req.problem_id,
+                            "finish_reason": done.finish_reason,
+                        },
+                    }
+                )
     finally:
         backend.close()
     if not samples:

@@ -1,10 +1,11 @@
 """Run the quantization worker in the quantization environment, as a subprocess.
 
-The worker (``qreason.quantize.worker``) needs llm-compressor, whose pins clash with vLLM's, so it runs with the
-Python of ``.venv-quant`` (made by ``scripts/setup-quant-env.sh``). This module finds that interpreter, starts
-the worker in its own process group, shows the worker's progress lines as they come, writes everything it prints
-to a log file, and measures the child's wall time and peak memory (``ru_maxrss`` from ``wait4``). A failure
-becomes one ``QuantizeFailed`` line that names the log; Ctrl-C stops the worker before it is re-raised.
+The worker (``qreason.quantize.worker``) needs llm-compressor, whose pins clash with vLLM's, so it runs with
+the Python of ``.venv-quant`` (made by ``scripts/setup-quant-env.sh``). This module finds that interpreter,
+starts the worker in its own process group, shows the worker's progress lines as they come, writes everything
+it prints to a log file, and measures the child's wall time and peak memory (``ru_maxrss`` from ``wait4``).
+A failure becomes one ``QuantizeFailed`` line that names the log; Ctrl-C stops the worker before it is
+re-raised.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..errors import UserError
 from .worker import ERROR_PREFIX, PROGRESS_PREFIX
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding the qreason package (the repo)
-DEFAULT_VENV = PACKAGE_ROOT / ".venv-quant"
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding the qreason package
+# In a source checkout (the usual case) the quantization environment sits in the repository.
+IS_CHECKOUT = (PACKAGE_ROOT / "pyproject.toml").is_file()
+DEFAULT_VENV = (PACKAGE_ROOT if IS_CHECKOUT else Path.cwd()) / ".venv-quant"
 
 
 class QuantizeFailed(UserError):
@@ -31,9 +34,10 @@ class QuantizeFailed(UserError):
 
 @dataclass
 class WorkerRun:
-    result: dict            # what the worker wrote to its result file
-    seconds: float          # wall time of the subprocess
-    peak_memory_mb: float   # the subprocess's peak resident memory
+    result: dict  # what the worker wrote to its result file
+    seconds: float  # wall time of the subprocess
+    peak_memory_mb: float  # the subprocess's peak resident memory
+    cpu_seconds: float  # user + system CPU time of the subprocess (less sensitive to a busy machine)
 
 
 def quant_python() -> Path:
@@ -41,8 +45,10 @@ def quant_python() -> Path:
     configured = os.environ.get("QREASON_QUANT_PYTHON")
     python = Path(configured) if configured else DEFAULT_VENV / "bin" / "python"
     if not python.is_file():
-        raise UserError("quantization environment", f"{python} not found; create it with "
-                                                    "scripts/setup-quant-env.sh (or set QREASON_QUANT_PYTHON)")
+        raise UserError(
+            "quantization environment",
+            f"{python} not found; create it with scripts/setup-quant-env.sh (or set QREASON_QUANT_PYTHON)",
+        )
     return python
 
 
@@ -60,31 +66,42 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def run_worker(job: dict, job_dir: Path, log_path: Path, label: str,
-               echo: Callable[[str], None]) -> WorkerRun:
+def run_worker(
+    job: dict, job_dir: Path, log_path: Path, label: str, echo: Callable[[str], None]
+) -> WorkerRun:
     """Run one job to completion; ``echo`` receives the worker's progress lines."""
     python = quant_python()
     job_file = job_dir / "job.json"
     result_file = job_dir / "result.json"
     job_file.write_text(json.dumps({**job, "result_file": str(result_file)}, indent=2), encoding="utf-8")
     env = dict(os.environ)
-    # The worker runs this checkout's code even where .venv-quant has no editable install of it.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    if (
+        IS_CHECKOUT
+    ):  # the worker runs this checkout's code even where .venv-quant has no editable install of it
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
     env.update({"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"})
     start = time.monotonic()
     error: str | None = None
-    proc = subprocess.Popen([str(python), "-m", "qreason.quantize.worker", str(job_file)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, text=True,
-                            encoding="utf-8", errors="replace", start_new_session=True)
+    proc = subprocess.Popen(
+        [str(python), "-m", "qreason.quantize.worker", str(job_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        start_new_session=True,
+    )
     try:
         with open(log_path, "w", encoding="utf-8") as log:
             for line in proc.stdout:
                 log.write(line)
                 text = line.rstrip("\n")
                 if text.startswith(PROGRESS_PREFIX):
-                    echo(text[len(PROGRESS_PREFIX):])
+                    echo(text[len(PROGRESS_PREFIX) :])
                 elif text.startswith(ERROR_PREFIX):
-                    error = text[len(ERROR_PREFIX):]
+                    error = text[len(ERROR_PREFIX) :]
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     except BaseException:
@@ -94,9 +111,20 @@ def run_worker(job: dict, job_dir: Path, log_path: Path, label: str,
         proc.stdout.close()
     seconds = time.monotonic() - start
     if proc.returncode != 0 or not result_file.is_file():
-        reason = error or f"the worker exited with code {proc.returncode}"
+        if error:
+            reason = error
+        elif proc.returncode < 0:
+            name = signal.Signals(-proc.returncode).name
+            reason = f"the worker was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+        else:
+            reason = f"the worker exited with code {proc.returncode}"
         raise QuantizeFailed(f"quantize {label}", f"{reason} (full log: {log_path})")
     result = json.loads(result_file.read_text(encoding="utf-8"))
     job_file.unlink(missing_ok=True)
     result_file.unlink(missing_ok=True)
-    return WorkerRun(result=result, seconds=seconds, peak_memory_mb=usage.ru_maxrss / 1024)
+    return WorkerRun(
+        result=result,
+        seconds=seconds,
+        peak_memory_mb=usage.ru_maxrss / 1024,
+        cpu_seconds=usage.ru_utime + usage.ru_stime,
+    )

@@ -44,9 +44,9 @@ class Recipe:
     name: str
     description: str
     calibration: bool
-    bits: Any                      # an int, or "$param"
+    bits: Any  # an int, or "$param"
     params: dict[str, Param]
-    modifiers: list[dict]          # [{ClassName: {arg: value or "$param"}}], as written in the YAML
+    modifiers: list[dict]  # [{ClassName: {arg: value or "$param"}}], as written in the YAML
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class ResolvedRecipe:
     calibration: bool
     bits: int | None
     params: dict[str, Any]
-    modifiers: list[dict] = field(default_factory=list)   # [{"type": "GPTQModifier", "args": {...}}]
+    modifiers: list[dict] = field(default_factory=list)  # [{"type": "GPTQModifier", "args": {...}}]
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def identity(self) -> dict:
@@ -104,24 +104,46 @@ def _parse_recipe(name: str, data: Any, where: str) -> Recipe:
         raise UserError(where, f"recipe {name!r} must be a mapping")
     unknown = set(data) - _RECIPE_KEYS
     if unknown:
-        raise UserError(where, f"recipe {name!r}: unknown keys {sorted(unknown)} (allowed: {sorted(_RECIPE_KEYS)})")
+        raise UserError(
+            where, f"recipe {name!r}: unknown keys {sorted(unknown)} (allowed: {sorted(_RECIPE_KEYS)})"
+        )
     params = {}
     for pname, pdata in (data.get("params") or {}).items():
         if not isinstance(pdata, dict) or "default" not in pdata or set(pdata) - _PARAM_KEYS:
-            raise UserError(where, f"recipe {name!r}: parameter {pname!r} needs a mapping with 'default' "
-                                   f"(and optionally {sorted(_PARAM_KEYS - {'default'})})")
+            raise UserError(
+                where,
+                f"recipe {name!r}: parameter {pname!r} needs a mapping with 'default' "
+                f"(and optionally {sorted(_PARAM_KEYS - {'default'})})",
+            )
         choices = pdata.get("choices")
-        params[pname] = Param(pname, pdata["default"], str(pdata.get("help", "")),
-                              tuple(choices) if choices is not None else None, pdata.get("min"), pdata.get("max"))
+        params[pname] = Param(
+            pname,
+            pdata["default"],
+            str(pdata.get("help", "")),
+            tuple(choices) if choices is not None else None,
+            pdata.get("min"),
+            pdata.get("max"),
+        )
     modifiers = data.get("modifiers")
-    if not isinstance(modifiers, list) or not modifiers or \
-            not all(isinstance(m, dict) and len(m) == 1 for m in modifiers):
-        raise UserError(where, f"recipe {name!r}: modifiers must be a non-empty list of {{ModifierClass: args}}")
+    if (
+        not isinstance(modifiers, list)
+        or not modifiers
+        or not all(isinstance(m, dict) and len(m) == 1 for m in modifiers)
+    ):
+        raise UserError(
+            where, f"recipe {name!r}: modifiers must be a non-empty list of {{ModifierClass: args}}"
+        )
     missing = (_references(modifiers) | _references(data.get("bits"))) - set(params)
     if missing:
         raise UserError(where, f"recipe {name!r} refers to undefined parameters {sorted(missing)}")
-    return Recipe(name=name, description=str(data.get("description", "")), calibration=bool(data.get("calibration")),
-                  bits=data.get("bits"), params=params, modifiers=modifiers)
+    return Recipe(
+        name=name,
+        description=str(data.get("description", "")),
+        calibration=bool(data.get("calibration")),
+        bits=data.get("bits"),
+        params=params,
+        modifiers=modifiers,
+    )
 
 
 @lru_cache(maxsize=4)
@@ -139,8 +161,11 @@ def load_registry(path: Path = RECIPES_PATH) -> dict[str, Recipe]:
 def get_recipe(name: str) -> Recipe:
     registry = load_registry()
     if name not in registry:
-        raise UserError(f"method {name!r}", f"no such quantization method (known: {', '.join(registry)}; "
-                                            "or 'import' for an existing quantized checkpoint)")
+        raise UserError(
+            f"method {name!r}",
+            f"no such quantization method (known: {', '.join(registry)}; "
+            "or 'import' for an existing quantized checkpoint)",
+        )
     return registry[name]
 
 
@@ -160,13 +185,23 @@ def check_value(recipe: Recipe, param: Param, value: Any) -> Any:
     where = f"method {recipe.name}"
     if param.choices is not None:
         if not any(_same_kind(value, c) and value == c for c in param.choices):
-            raise UserError(where, f"{param.name}={_show(value)} is not allowed "
-                                   f"(choose one of {', '.join(_show(c) for c in param.choices)})")
+            raise UserError(
+                where,
+                f"{param.name}={_show(value)} is not allowed "
+                f"(choose one of {', '.join(_show(c) for c in param.choices)})",
+            )
         return value
     if not _same_kind(value, param.default):
-        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-                list: "a list of strings"}.get(type(param.default), type(param.default).__name__)
-        raise UserError(where, f"{param.name}={_show(value)} must be {kind} like the default {_show(param.default)}")
+        kind = {
+            bool: "true or false",
+            int: "an integer",
+            float: "a number",
+            str: "a string",
+            list: "a list of strings",
+        }.get(type(param.default), type(param.default).__name__)
+        raise UserError(
+            where, f"{param.name}={_show(value)} must be {kind} like the default {_show(param.default)}"
+        )
     if isinstance(param.default, float):
         value = float(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -185,16 +220,27 @@ def resolve(name: str, overrides: dict[str, Any] | None = None) -> ResolvedRecip
     unknown = sorted(set(overrides) - set(recipe.params))
     if unknown:
         known = ", ".join(recipe.params) or "none"
-        raise UserError(f"method {name}", f"unknown parameter {unknown[0]!r} (this method's parameters: {known})")
+        raise UserError(
+            f"method {name}", f"unknown parameter {unknown[0]!r} (this method's parameters: {known})"
+        )
     values = {p.name: p.default for p in recipe.params.values()}
     for key, value in overrides.items():
         values[key] = check_value(recipe, recipe.params[key], value)
-    modifiers = [{"type": kind, "args": _substitute(args or {}, values)}
-                 for spec in recipe.modifiers for kind, args in spec.items()]
+    modifiers = [
+        {"type": kind, "args": _substitute(args or {}, values)}
+        for spec in recipe.modifiers
+        for kind, args in spec.items()
+    ]
     bits = _substitute(recipe.bits, values)
-    return ResolvedRecipe(name=name, description=recipe.description, calibration=recipe.calibration,
-                          bits=int(bits) if bits is not None else None, params=values, modifiers=modifiers,
-                          overrides={k: values[k] for k in overrides})
+    return ResolvedRecipe(
+        name=name,
+        description=recipe.description,
+        calibration=recipe.calibration,
+        bits=int(bits) if bits is not None else None,
+        params=values,
+        modifiers=modifiers,
+        overrides={k: values[k] for k in overrides},
+    )
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -212,11 +258,22 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def list_methods() -> list[dict]:
-    """Name, description, whether it calibrates, and the parameters (with defaults and help) of every method."""
+    """Name, description, whether it calibrates, and the parameters (defaults, help) of every method."""
     out = []
     for r in load_registry().values():
-        out.append({"name": r.name, "description": r.description, "calibration": r.calibration,
-                    "params": {p.name: {"default": p.default, "help": p.help,
-                                        **({"choices": list(p.choices)} if p.choices else {})}
-                               for p in r.params.values()}})
+        out.append(
+            {
+                "name": r.name,
+                "description": r.description,
+                "calibration": r.calibration,
+                "params": {
+                    p.name: {
+                        "default": p.default,
+                        "help": p.help,
+                        **({"choices": list(p.choices)} if p.choices else {}),
+                    }
+                    for p in r.params.values()
+                },
+            }
+        )
     return out

@@ -2,8 +2,8 @@
 
 Group-wise quantization gives every ``group_size`` consecutive input channels of a Linear layer one scale, so
 each quantized layer's input width must divide by the group size. The widths follow from the config alone
-(no weights loaded): q/k/v and the MLP's gate/up projections read ``hidden_size`` channels, the attention output
-projection reads ``num_attention_heads * head_dim`` and the MLP's down projection ``intermediate_size``
+(no weights loaded): q/k/v and the MLP's gate/up projections read ``hidden_size`` channels, the attention
+output projection reads ``num_attention_heads * head_dim`` and the MLP's down projection ``intermediate_size``
 (``moe_intermediate_size`` and ``shared_expert_intermediate_size`` for mixture-of-experts models).
 """
 
@@ -31,7 +31,12 @@ def read_config(model_path: str | Path) -> dict:
 def linear_input_widths(config: dict) -> dict[str, int]:
     """The input widths of the model's Linear layers, named by the config field they come from."""
     widths: dict[str, int] = {}
-    for key in ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "moe_intermediate_size",
+        "shared_expert_intermediate_size",
+    ):
         value = config.get(key)
         if isinstance(value, int) and value > 0:
             widths[key] = value
@@ -51,7 +56,7 @@ def largest_fitting_group(widths: list[int], at_most: int) -> int | None:
 
 
 def check_group_size(model_path: str | Path, group_size: int, method: str) -> None:
-    """Raise a UserError naming the layers and suggesting a size when ``group_size`` does not divide them all."""
+    """A UserError naming the layers and suggesting a size when ``group_size`` does not divide them all."""
     widths = linear_input_widths(read_config(model_path))
     if not widths:
         return  # an unusual config: llm-compressor checks the real layers itself, and the worker reports it
@@ -60,7 +65,13 @@ def check_group_size(model_path: str | Path, group_size: int, method: str) -> No
         return
     layers = ", ".join(f"{k} {v}" for k, v in bad.items())
     fit = largest_fitting_group(list(widths.values()), group_size)
-    hint = (f"the largest group size that fits is {fit}: set group_size={fit} (--set group_size={fit})" if fit
-            else "no power-of-two group size of 8 or more divides them all; choose another method")
-    raise UserError(f"method {method}", f"group_size {group_size} does not divide the input width of every "
-                                        f"quantized layer of {model_path} ({layers}); {hint}")
+    hint = (
+        f"the largest group size that fits is {fit}: set group_size={fit} (--set group_size={fit})"
+        if fit
+        else "no power-of-two group size of 8 or more divides them all; choose another method"
+    )
+    raise UserError(
+        f"method {method}",
+        f"group_size {group_size} does not divide the input width of every "
+        f"quantized layer of {model_path} ({layers}); {hint}",
+    )

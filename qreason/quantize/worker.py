@@ -3,9 +3,9 @@
     python -m qreason.quantize.worker JOB.json
 
 The main process (``qreason.quantize.launch``) writes a job file, starts this module as a subprocess and reads
-its stdout. The job names the base checkpoint, the output directory, the llm-compressor modifiers to apply (already
-rendered from the recipe registry) and the calibration samples. This module imports only the standard library,
-torch, transformers, datasets and llm-compressor: nothing of qreason that needs pydantic or vLLM, because the two
+its stdout. The job names the base checkpoint, the output directory, the llm-compressor modifiers to apply
+(already rendered from the recipe registry) and the calibration samples. This module imports only the standard
+library, torch, transformers, datasets and llm-compressor: nothing of qreason that needs vLLM, because the two
 environments pin different versions of the libraries both use.
 
 Protocol, stdout: lines starting with ``PROGRESS_PREFIX`` are progress for the user; every other line (library
@@ -84,7 +84,7 @@ def calibration_dataset(path: str, tokenizer, max_seq_len: int):
     texts = [render_sample(s, tokenizer) for s in samples]
     # Chat-templated text already carries its special tokens; plain text gets the tokenizer's usual ones.
     columns: dict[str, list] = {"input_ids": [], "attention_mask": []}
-    for sample, text in zip(samples, texts):
+    for sample, text in zip(samples, texts, strict=True):
         enc = tokenizer(text, truncation=True, max_length=max_seq_len, add_special_tokens="text" in sample)
         columns["input_ids"].append(enc["input_ids"])
         columns["attention_mask"].append(enc["attention_mask"])
@@ -93,10 +93,36 @@ def calibration_dataset(path: str, tokenizer, max_seq_len: int):
 
 
 def neutralise_pin_memory() -> None:
-    """AWQ pins cached activations for faster host-to-GPU copies; without CUDA pinning fails, and is useless."""
+    """AWQ pins cached activations for faster host-to-GPU copies; without CUDA that fails and is useless."""
     from llmcompressor.pipelines.cache import IntermediatesCache
 
     IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+
+
+def report_layer_progress(model) -> None:
+    """Report which decoder layer calibration has reached: llm-compressor's sequential pipeline runs the
+    layers one after the other, so the first call of each layer marks progress (at most one line per 5 s)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not len(layers):
+        return
+    total = len(layers)
+    state = {"layer": None, "shown": 0.0, "pass": 0}
+
+    def make_hook(index: int):
+        def hook(module, args):
+            if state["layer"] == index:
+                return
+            state["layer"] = index
+            state["pass"] += index == 0  # each modifier that calibrates makes its own pass over the layers
+            now = time.monotonic()
+            if index in (0, total - 1) or now - state["shown"] >= 5:
+                state["shown"] = now
+                progress(f"calibration pass {state['pass']}: layer {index + 1}/{total}")
+
+        return hook
+
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(make_hook(i))
 
 
 def quieten_library_logs() -> None:
@@ -121,18 +147,24 @@ def run(job: dict) -> dict:
         neutralise_pin_memory()
     progress(f"loading {job['model']} on {'cuda' if on_gpu else 'cpu'}")
     tokenizer = AutoTokenizer.from_pretrained(job["model"])
+    # Loaded on the CPU: llm-compressor moves layers to the accelerator itself, one at a time if need be.
     model = AutoModelForCausalLM.from_pretrained(job["model"], dtype="auto")
-    if on_gpu:
-        model = model.to("cuda")
     modifiers = build_modifiers(job["modifiers"])
     kwargs: dict = {}
     n_samples = tokens = 0
     calibration = job.get("calibration")
     if calibration:
-        dataset, n_samples, tokens = calibration_dataset(calibration["file"], tokenizer, calibration["max_seq_len"])
-        kwargs = {"dataset": dataset, "num_calibration_samples": n_samples,
-                  "max_seq_length": calibration["max_seq_len"], "shuffle_calibration_samples": False}
+        dataset, n_samples, tokens = calibration_dataset(
+            calibration["file"], tokenizer, calibration["max_seq_len"]
+        )
+        kwargs = {
+            "dataset": dataset,
+            "num_calibration_samples": n_samples,
+            "max_seq_length": calibration["max_seq_len"],
+            "shuffle_calibration_samples": False,
+        }
         progress(f"calibrating on {n_samples} samples ({tokens} tokens)")
+        report_layer_progress(model)
     names = " + ".join(m["type"] for m in job["modifiers"])
     progress(f"applying {names}")
     from llmcompressor import oneshot
@@ -143,8 +175,13 @@ def run(job: dict) -> dict:
     progress(f"{names} done in {seconds:.1f} s; saving the compressed checkpoint")
     model.save_pretrained(job["output_dir"], save_compressed=True)
     tokenizer.save_pretrained(job["output_dir"])
-    return {"versions": versions(), "n_samples": n_samples, "tokens": tokens, "oneshot_seconds": round(seconds, 2),
-            "device": "cuda" if on_gpu else "cpu"}
+    return {
+        "versions": versions(),
+        "n_samples": n_samples,
+        "tokens": tokens,
+        "oneshot_seconds": round(seconds, 2),
+        "device": "cuda" if on_gpu else "cpu",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would flood the log; the worker reports its own
+    # Progress bars would flood the log; the worker reports its own progress.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         with open(argv[0], encoding="utf-8") as fh:
