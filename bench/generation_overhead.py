@@ -353,8 +353,10 @@ def run_lm_eval(lm_eval: Path, task_dir: Path, model_path: str, n: int, batch_si
     results = json.loads(Path(results_files[-1]).read_text(encoding="utf-8"))
     acc = results["results"][TASK_NAME][f"exact_match,{FILTER_NAME}"]
     acc_fallback = results["results"][TASK_NAME].get(f"exact_match,{FALLBACK_FILTER}")
+    # one line per document and filter: keep the lines of the filter compared
     samples = [json.loads(line) for line in Path(samples_files[-1]).read_text(encoding="utf-8").splitlines()
                if line.strip()]
+    samples = [x for x in samples if x.get("filter", FILTER_NAME) == FILTER_NAME]
     log(f"[b] lm-eval: {wall:.1f} s wall, accuracy {100 * acc:.1f} %")
     return {
         "command": shlex.join(cmd), "wall_seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
