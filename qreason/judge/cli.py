@@ -138,15 +138,10 @@ def cmd_judge_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m qreason.judge.cli``) until the main CLI registers these commands."""
-    parser = argparse.ArgumentParser(prog="qreason")
-    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        return args.fn(args)
-    except UserError as exc:
-        print(f"qreason: error: {exc}", file=sys.stderr)
-        return UserError.exit_code
+    """``python -m qreason.judge.cli judge ...``: the same as ``qreason judge ...``."""
+    from ..cli import main as qreason_main
+
+    return qreason_main(argv)
 
 
 if __name__ == "__main__":

@@ -178,17 +178,10 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qreason")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["quantize", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.fn(args)
-    except UserError as exc:
-        print(f"qreason: error: {exc}", file=sys.stderr)
-        return UserError.exit_code
-    except KeyboardInterrupt:
-        print("qreason: interrupted; nothing was left half-written", file=sys.stderr)
-        return 130
+    """``python -m qreason.quantize.cli ARGS``: the same as ``qreason quantize ARGS``."""
+    from ..cli import main as qreason_main
+
+    return qreason_main(["quantize", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
