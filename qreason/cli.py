@@ -15,10 +15,21 @@ EPILOG = "Docs: README.md. Bad input exits with code 2 and a one-line error nami
 
 
 def _cmd_run(args) -> int:
-    from .runner import run
+    from .runner import run_all
+
+    summaries = run_all(args.config, output_dir=args.output_dir)
+    codes = []
+    for summary in summaries:
+        if len(summaries) > 1:
+            print(f"\n== {summary['name']}")
+        codes.append(_print_run(summary))
+    return max(codes)
+
+
+def _print_run(summary: dict) -> int:
+    """Print one run's results; returns its exit code (3: a gate tripped, 1: generations failed)."""
     from .summary import format_table
 
-    summary = run(args.config, output_dir=args.output_dir)
     gen, quant = summary["generations"], summary["quantization"]
     print(format_table(summary["results"]))
     print(f"\ngenerations: {gen['produced']} produced, {gen['cached']} cached, {gen['failed']} failed; "
@@ -33,7 +44,7 @@ def _cmd_run(args) -> int:
     if summary["gates"]["tripped"]:
         from .gates import GATE_EXIT_CODE
 
-        print("qreason: regression gates tripped:", file=sys.stderr)
+        print(f"qreason: regression gates tripped ({summary['name']}):", file=sys.stderr)
         for line in summary["gates"]["tripped"]:
             print(f"  - {line}", file=sys.stderr)
         return GATE_EXIT_CODE
@@ -148,10 +159,9 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from .runner import describe_plan, make_plan
+    from .runner import describe_plan, make_plans
 
-    plan = make_plan(args.config, output_dir=args.output_dir)
-    print(describe_plan(plan))
+    print("\n\n".join(describe_plan(plan) for plan in make_plans(args.config, output_dir=args.output_dir)))
     return 0
 
 

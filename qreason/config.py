@@ -133,6 +133,7 @@ class RunConfig(Strict):
     name: str
     output_dir: str | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
+    models: list[ModelConfig] = Field(default_factory=list)  # a model axis: one run per entry (see below)
     quantize: list[VariantConfig] = Field(default_factory=list)
     tasks: list[TaskConfig] = Field(min_length=1)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -146,6 +147,13 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _variant_names(self) -> "RunConfig":
+        if self.models and "model" in self.model_fields_set:
+            raise ValueError("give either model: or models:, not both")
+        model_names = [m.name for m in self.models]
+        if len(set(model_names)) != len(model_names):
+            raise ValueError(f"models need unique names (got {', '.join(model_names)}); set name: on each")
+        if any(not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", n) for n in model_names):
+            raise ValueError("model names in models: must be slugs (they name run directories)")
         names = [self.model.name] + [v.name or (v.path if v.method == "import" else v.method) for v in self.quantize]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -174,6 +182,16 @@ class LoadedConfig(BaseModel):
     path: Path
     base_dir: Path
     text: str = ""  # the file as written (environment references unexpanded): what a run directory keeps
+
+    def per_model(self, run_dir: Path) -> list["LoadedConfig"]:
+        """The runs of this config: itself, or with a ``models:`` axis one config per model, named
+        ``NAME-MODEL`` and run in ``run_dir/MODEL`` (each compares that model with its own quantized variants)."""
+        cfg = self.config
+        if not cfg.models:
+            return [self]
+        return [self.model_copy(update={"config": cfg.model_copy(update={
+            "name": f"{cfg.name}-{m.name}", "model": m, "models": [], "output_dir": str(run_dir / m.name),
+            "judge": cfg.judge.model_copy(update={"base_variant": m.name})})}) for m in cfg.models]
 
     def resolve(self, p: str | None) -> Path | None:
         """A path from the config, relative to the config file's directory."""

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
+
 # A generation job: the model and the requests still to do for it.
 GenerateJob = tuple[ResolvedModel, list[GenerationRequest]]
 
@@ -191,7 +193,9 @@ class RayExecutor:
             if address:
                 self.ray.init(address=address, **kwargs)
             else:
-                self.ray.init(num_cpus=self.ex.local_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+                # records are small: a modest object store works even where /dev/shm is tiny (containers)
+                self.ray.init(num_cpus=self.ex.local_cpus or os.cpu_count(), include_dashboard=False,
+                              object_store_memory=LOCAL_OBJECT_STORE_BYTES, **kwargs)
                 self.owned = True
         resources = self.ray.cluster_resources()
         self.has_gpus = resources.get("GPU", 0) > 0

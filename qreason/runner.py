@@ -76,11 +76,29 @@ def _check_variant(base: ResolvedModel, spec: VariantConfig, loaded: LoadedConfi
     return variant_name(spec)
 
 
-def make_plan(config_path: str | Path, output_dir: str | Path | None = None) -> Plan:
+def run_dir_of(loaded: LoadedConfig, output_dir: str | Path | None = None) -> Path:
+    if output_dir is not None:
+        return Path(output_dir).resolve()
+    cfg = loaded.config
+    return loaded.resolve(cfg.output_dir) if cfg.output_dir else runs_root() / cfg.name
+
+
+def make_plans(config_path: str | Path, output_dir: str | Path | None = None) -> list[Plan]:
+    """One plan per model of the config (``models:``), or the single plan; everything is validated before any
+    plan is returned."""
+    loaded = load_config(config_path)
+    if not loaded.config.models:
+        return [make_plan(loaded, output_dir)]
+    return [make_plan(sub) for sub in loaded.per_model(run_dir_of(loaded, output_dir))]
+
+
+def make_plan(config: str | Path | LoadedConfig, output_dir: str | Path | None = None) -> Plan:
     """Validate the config, load every task's problems, resolve the models, check the quantization recipes.
     Writes nothing to the run directory."""
-    loaded = load_config(config_path)
+    loaded = config if isinstance(config, LoadedConfig) else load_config(config)
     cfg = loaded.config
+    if cfg.models:
+        raise UserError(str(loaded.path), "a config with models: is several runs; use make_plans()")
     specs_and_problems: list[tuple[TaskSpec, list[Problem]]] = [load_problems(t, loaded) for t in cfg.tasks]
     if cfg.backend.kind == "vllm":
         base = resolve_model(cfg.model.path, cfg.model.revision, loaded.base_dir)
@@ -97,11 +115,7 @@ def make_plan(config_path: str | Path, output_dir: str | Path | None = None) -> 
     for task_cfg, (spec, task_problems) in zip(cfg.tasks, specs_and_problems):
         problems.extend(task_problems)
         prompts.extend((p, build_messages(spec, p, task_cfg.format_example)) for p in task_problems)
-    if output_dir is not None:
-        run_dir = Path(output_dir).resolve()
-    else:
-        run_dir = loaded.resolve(cfg.output_dir) if cfg.output_dir else runs_root() / cfg.name
-    return Plan(loaded, run_dir, base, problems, prompts, names)
+    return Plan(loaded, run_dir_of(loaded, output_dir), base, problems, prompts, names)
 
 
 def describe_plan(plan: Plan) -> str:
@@ -174,9 +188,22 @@ def run(config_path: str | Path, output_dir: str | Path | None = None, index: Ru
     ownership and closes it)."""
     t0 = time.monotonic()
     plan = make_plan(config_path, output_dir)
+    return run_plan(plan, index, backend, t0)
+
+
+def run_all(config_path: str | Path, output_dir: str | Path | None = None,
+            index: RunIndex | None = None) -> list[dict]:
+    """Every run of a config: one, or one per model of a ``models:`` axis (all validated first, run in turn)."""
+    plans = make_plans(config_path, output_dir)
+    return [run_plan(plan, index) for plan in plans]
+
+
+def run_plan(plan: Plan, index: RunIndex | None = None, backend: Backend | None = None,
+             t0: float | None = None) -> dict:
     store = RunStore(plan.run_dir)
     with RunLock(store.dir):
-        return _run_locked(plan, store, index or default_index(), backend, t0)
+        return _run_locked(plan, store, index or default_index(), backend,
+                           time.monotonic() if t0 is None else t0)
 
 
 def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend | None, t0: float) -> dict:

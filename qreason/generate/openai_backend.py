@@ -54,7 +54,7 @@ class OpenAIBackend:
         if not cfg.base_url:
             raise UserError("backend.base_url", "required when backend.kind is openai")
         self.cfg = cfg
-        self.model_name = cfg.model or model.spec
+        self.model_name = cfg.model or model.path  # the served name (the runner puts it in path)
         self.name = f"openai-compatible:{cfg.base_url}"
         self.versions = {"openai": md.version("openai")}
 
