@@ -169,6 +169,7 @@ def _cmd_compare(args) -> int:
     import pandas as pd
 
     from .analysis import compare_runs
+    from .envinfo import changes
     from .runner import default_index
     from .store import RunStore
 
@@ -190,11 +191,14 @@ def _cmd_compare(args) -> int:
         return 0
     if table.empty:
         print("the two runs share no (variant, task, problem, seed)")
-        return 0
-    show = table.assign(**{c: (100 * table[c]).round(1) for c in ("acc_ref", "acc", "acc_diff", "ci_low", "ci_high")})
-    with pd.option_context("display.width", 160, "display.max_columns", 20):
-        print(f"B = {b.dir} against A = {a.dir} (accuracies in %; lost = right in A, wrong in B)")
-        print(show.rename(columns={"acc_ref": "acc_A", "acc": "acc_B"}).to_string(index=False))
+    else:
+        show = table.assign(**{c: (100 * table[c]).round(1)
+                               for c in ("acc_ref", "acc", "acc_diff", "ci_low", "ci_high")})
+        with pd.option_context("display.width", 160, "display.max_columns", 20):
+            print(f"B = {b.dir} against A = {a.dir} (accuracies in %; lost = right in A, wrong in B)")
+            print(show.rename(columns={"acc_ref": "acc_A", "acc": "acc_B"}).to_string(index=False))
+    changed = changes(a.read_json("summary.json") or {}, b.read_json("summary.json") or {})
+    print("changed from A to B: " + ("; ".join(changed) if changed else "no library version or hardware"))
     return 0
 
 

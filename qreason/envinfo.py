@@ -61,3 +61,24 @@ def environment() -> dict:
         "platform": platform.platform(),
         "python_executable": sys.executable,
     }
+
+
+def _provenance(summary: dict) -> dict[str, str]:
+    """What a run's numbers may depend on besides the config: library versions (main and quantization
+    environments) and hardware, flattened to name -> value."""
+    out = {k: str(v) for k, v in (summary.get("versions") or {}).items()}
+    hw = summary.get("hardware") or {}
+    if hw:
+        out["cpu"] = f"{hw.get('cpu')} x{hw.get('cpu_count')}"
+        out["gpus"] = ", ".join(hw.get("gpus") or []) or "none"
+    for v in (summary.get("quantization") or {}).get("variants", []):
+        for dist, version in (v.get("versions") or {}).items():
+            out[f"{dist} (quantization)"] = str(version)
+    return out
+
+
+def changes(before: dict, after: dict) -> list[str]:
+    """Versions and hardware that differ between two runs' summaries, as 'name: old -> new' (only names both
+    record: a run without quantized variants says nothing about llm-compressor)."""
+    a, b = _provenance(before), _provenance(after)
+    return [f"{k}: {a[k]} -> {b[k]}" for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]

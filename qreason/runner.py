@@ -232,7 +232,7 @@ def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend |
         store.variants.append(variants)
         summary["quantization"] = {
             "variants": [{"name": v.name, "method": v.method, "reused": v.reused, "seconds": v.quantize_seconds,
-                          "path": v.path} for v in variants[1:]],
+                          "path": v.path, "versions": v.versions} for v in variants[1:]],
             "quantized": sum(not v.reused for v in variants[1:]), "reused": sum(v.reused for v in variants[1:])}
 
         # generate: quantized variants first, the base last (a local engine then stays up for curation)
@@ -278,7 +278,7 @@ def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend |
         executor.close()
         summary["finished_at"] = now_iso()
         summary["wall_seconds"] = round(time.monotonic() - t0, 2)
-        summary["versions"] = env["versions"]
+        summary["versions"], summary["hardware"] = env["versions"], env["hardware"]
         store.write_json("summary.json", summary)
         if cfg.report.enabled and analysis is not None:
             from .report import build_report

