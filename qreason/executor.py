@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Iterator
 
 from .errors import UserError
@@ -53,6 +53,11 @@ class LocalExecutor:
         from .quantize import quantize
 
         return [quantize(*job) for job in jobs]
+
+    def release(self, fingerprint: str) -> None:
+        actor = self.actors.pop(fingerprint, None)
+        if actor is not None:
+            self.ray.kill(actor)
 
     def backend_for(self, model: ResolvedModel) -> Backend:
         if self.lent is not None and model.fingerprint == self.lent_fingerprint:
@@ -150,9 +155,11 @@ class RayBackend:
                  sampling: SamplingConfig) -> Iterator[tuple[GenerationRequest, Completion]]:
         ray = self.ex.ray
         pending = {}
+        open_batches: Counter[str] = Counter()
         for batch in _batches(requests, self.ex.cfg.backend.batch_size):
             actor = self.ex.actor(batch[0].model_fingerprint)
             pending[actor.generate.remote(batch, sampling)] = batch
+            open_batches[batch[0].model_fingerprint] += 1
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
@@ -163,6 +170,10 @@ class RayBackend:
                     message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
                     log.warning("a batch of %d generations failed on the Ray cluster: %s", len(batch), message)
                     completions = [Completion(error=message) for _ in batch]
+                open_batches[batch[0].model_fingerprint] -= 1
+                if not open_batches[batch[0].model_fingerprint]:
+                    # a model's work is done: free its engine's CPUs/GPUs for the actors still waiting for them
+                    self.ex.release(batch[0].model_fingerprint)
                 yield from zip(batch, completions)
         finally:
             for ref in pending:  # interrupted: do not leave work queued on the cluster
@@ -199,19 +210,27 @@ class RayExecutor:
                 self.owned = True
         resources = self.ray.cluster_resources()
         self.has_gpus = resources.get("GPU", 0) > 0
+        self.total = {"CPU": resources.get("CPU", 0), "GPU": resources.get("GPU", 0)}
+        self._check_fits("CPU", self.ex.cpus_per_job, "executor.cpus_per_job")
         log.info("Ray executor: %s (%s CPUs, %s GPUs)", address or "local instance",
                  resources.get("CPU", 0), resources.get("GPU", 0))
 
-    def _gpus(self, configured: float | None, default: float) -> float:
-        if configured is not None:
-            return configured
-        return default if self.has_gpus else 0
+    def _check_fits(self, kind: str, need: float, what: str) -> None:
+        """A job needing more than the whole cluster has would wait forever: say so instead."""
+        if need > self.total[kind]:
+            self.close()
+            raise UserError(what, f"a job needs {need:g} {kind}s but the Ray cluster has {self.total[kind]:g}")
+
+    def _gpus(self, configured: float | None, default: float, what: str) -> float:
+        gpus = configured if configured is not None else default if self.has_gpus else 0
+        self._check_fits("GPU", gpus, what)
+        return gpus
 
     def quantize(self, jobs: list[tuple]) -> list[ModelVariant]:
         """All quantize jobs at once, each a Ray task with its GPU; returns the variants in job order."""
-        task = self.ray.remote(_quantize_task).options(
-            num_cpus=self.ex.cpus_per_job, num_gpus=self._gpus(self.ex.gpus_per_quantize, 1),
-            max_retries=self.ex.max_retries)
+        gpus = self._gpus(self.ex.gpus_per_quantize, 1, "executor.gpus_per_quantize")
+        task = self.ray.remote(_quantize_task).options(num_cpus=self.ex.cpus_per_job, num_gpus=gpus,
+                                                       max_retries=self.ex.max_retries)
         refs = [task.remote(*job) for job in jobs]
         try:
             return [self._get(ref) for ref in refs]
@@ -233,13 +252,19 @@ class RayExecutor:
         if fingerprint not in self.actors:
             model = self.models[fingerprint]
             b = self.cfg.backend
-            gpus = self._gpus(self.ex.gpus_per_generate, b.tensor_parallel_size * b.data_parallel_size)
+            gpus = self._gpus(self.ex.gpus_per_generate, b.tensor_parallel_size * b.data_parallel_size,
+                              "executor.gpus_per_generate")
             cls = self.ray.remote(EngineActor).options(
                 num_cpus=self.ex.cpus_per_job, num_gpus=gpus, max_restarts=self.ex.max_retries,
                 max_task_retries=self.ex.max_retries)
             log.info("starting a Ray engine actor for %s", model.path)
             self.actors[fingerprint] = cls.remote(b, model)
         return self.actors[fingerprint]
+
+    def release(self, fingerprint: str) -> None:
+        actor = self.actors.pop(fingerprint, None)
+        if actor is not None:
+            self.ray.kill(actor)
 
     def backend_for(self, model: ResolvedModel) -> Backend:
         self.models[model.fingerprint] = model

@@ -106,9 +106,14 @@ def make_plan(config: str | Path | LoadedConfig, output_dir: str | Path | None =
         served = cfg.backend.model or cfg.model.path
         base = ResolvedModel(cfg.model.path, served, content_key("endpoint", cfg.backend.base_url, served), "endpoint")
     names = [cfg.model.name] + [_check_variant(base, v, loaded) for v in cfg.quantize]
-    if cfg.executor.kind == "ray" and importlib.util.find_spec("ray") is None:
+    ex = cfg.executor
+    if ex.kind == "ray" and importlib.util.find_spec("ray") is None:
         raise UserError(f"{loaded.path}: executor", "Ray is not installed in this environment "
                                                    "(scripts/setup-env.sh installs it)")
+    local_cpus = ex.local_cpus or os.cpu_count() or 1
+    if ex.kind == "ray" and not (ex.address or os.environ.get("RAY_ADDRESS")) and ex.cpus_per_job > local_cpus:
+        raise UserError(f"{loaded.path}: executor.cpus_per_job", f"a job needs {ex.cpus_per_job:g} CPUs but the "
+                                                                f"local Ray instance has {local_cpus}")
     if len(set(names)) != len(names):
         raise UserError(str(loaded.path), f"variant names must be unique (got {', '.join(names)}); set name:")
     problems, prompts = [], []

@@ -46,6 +46,22 @@ def test_workers_get_paths_and_offline_settings_but_never_credentials(monkeypatc
     assert "sk-secret" not in env.values() and "hf_secret" not in env.values()
 
 
+def test_a_job_bigger_than_the_local_ray_instance_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = write_config(tmp_path / "c.yaml", f"""
+name: x
+output_dir: {tmp_path / "out"}
+tasks: [{{name: synthetic, limit: 2}}]
+backend: {{kind: openai, base_url: "http://127.0.0.1:9/v1", model: m}}
+executor: {{kind: ray, local_cpus: 1, cpus_per_job: 2}}
+""")
+    result = subprocess.run([sys.executable, "-m", "qreason.cli", "run", str(cfg)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    assert "executor.cpus_per_job: a job needs 2 CPUs but the local Ray instance has 1" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def _req(i: int, fp: str, cont: bool = False) -> GenerationRequest:
     messages = [{"role": "user", "content": str(i)}] + ([{"role": "assistant", "content": "so"}] if cont else [])
     return GenerationRequest(key=f"{fp}{i}{cont}", variant=fp, model_fingerprint=fp, task="t", problem_id=str(i),
@@ -96,8 +112,9 @@ def test_ray_and_local_executors_give_the_same_results(default_model, tmp_path, 
     from qreason.runner import run
 
     monkeypatch.setenv("QREASON_CACHE", str(tmp_path / "cache"))  # the RTN checkpoint is made by a Ray task
+    # each engine actor takes both CPUs: the second model's engine can only start once the first is released
     ray_cfg = matrix_config(tmp_path / "ray.yaml", default_model.path,
-                            "{kind: ray, local_cpus: 2, cpus_per_job: 1}", tmp_path / "ray")
+                            "{kind: ray, local_cpus: 2, cpus_per_job: 2}", tmp_path / "ray")
     on_ray = run(ray_cfg)
     assert on_ray["executor"] == "ray" and on_ray["quantization"]["quantized"] == 1
     assert on_ray["generations"] == {**on_ray["generations"], "planned": 24, "produced": 24, "failed": 0}
