@@ -17,7 +17,7 @@ import tempfile
 from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Generic, Iterable, TypeVar
+from typing import Generic, Iterable, Iterator, TypeVar
 
 from pydantic import ValidationError
 
@@ -44,6 +44,26 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def iter_jsonl(path: Path, not_object: str = "each line must be a JSON object") -> Iterator[tuple[str, dict]]:
+    """``(file:line, row)`` for every non-blank line of a JSONL file someone else wrote (task data, batch
+    outputs): a missing file, invalid JSON or a line that is not an object is a UserError naming the place."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(str(path), "data file not found")
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(where, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(where, not_object)
+            yield where, row
 
 
 class Table(Generic[R]):

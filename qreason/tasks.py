@@ -4,7 +4,6 @@ turns a problem into chat messages."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -17,6 +16,7 @@ from . import synthetic
 from .config import LoadedConfig, TaskConfig
 from .errors import UserError
 from .records import Problem, content_key
+from .store import iter_jsonl
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 TASKS_DIR = Path(os.environ.get("QREASON_TASKS_DIR", REPO_DIR / "tasks"))
@@ -95,21 +95,7 @@ def load_prompt(name: str) -> PromptTemplate:
 
 def read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSONL file; a bad line is an error naming file and line."""
-    if not path.is_file():
-        raise UserError(str(path), "data file not found")
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}", f"invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}", "each line must be a JSON object")
-            rows.append(row)
-    return rows
+    return [row for _, row in iter_jsonl(path)]
 
 
 def _hub_rows(spec: TaskSpec) -> list[dict]:

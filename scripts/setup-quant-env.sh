@@ -4,45 +4,6 @@
 # in it as a subprocess.
 #   QREASON_DEVICE=auto|cpu|cuda   which torch to install (auto: cuda when nvidia-smi sees a GPU)
 #   QREASON_QUANT_VENV=.venv-quant where to put the environment
-# Idempotent: a stamp file records what it was built from; nothing is redone when that matches.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-VENV=${QREASON_QUANT_VENV:-.venv-quant}
-DEVICE=${QREASON_DEVICE:-auto}
-TORCH=torch==2.13.0
-if [ "$DEVICE" = auto ]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then DEVICE=cuda; else DEVICE=cpu; fi
-fi
-case "$DEVICE" in cpu|cuda) ;; *) echo "setup-quant-env: QREASON_DEVICE must be auto, cpu or cuda (got '$DEVICE')" >&2; exit 2;; esac
-
-stamp="$VENV/.qreason-quant-env"
-want="$DEVICE $TORCH $(cat requirements/quant.txt pyproject.toml | sha256sum | cut -c1-16)"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
-
-UV=$(command -v uv || true)
-if [ -z "$UV" ]; then
-  python3 -m pip install -q --disable-pip-version-check "uv==0.13.9"
-  UV=$(command -v uv || echo "$(python3 -m site --user-base)/bin/uv")
-fi
-echo "setup-quant-env: creating $VENV for $DEVICE (a minute or two the first time)"
-"$UV" venv -q --allow-existing -p 3.11 "$VENV"
-PY="$VENV/bin/python"
-FIND=()
-[ -d /opt/wheels ] && FIND=(--find-links /opt/wheels)
-# Every install is constrained to the torch installed first; without it pip would pull GBs of CUDA torch.
-printf '%s\n' "$TORCH" > "$VENV/torch-constraint.txt"
-if [ "$DEVICE" = cpu ]; then
-  # torch's CPU wheel (in /opt/wheels on qreason's machines) first; plain PyPI torch is the CUDA build.
-  "$UV" pip install -q -p "$PY" "${FIND[@]}" "$TORCH"
-else
-  "$UV" pip install -q -p "$PY" "$TORCH"
-fi
-"$UV" pip install -q -p "$PY" "${FIND[@]}" -c "$VENV/torch-constraint.txt" -r requirements/quant.txt
-# Nothing here needs them, and CPU builds of them can break transformers' import.
-"$UV" pip uninstall -q -p "$PY" torchvision torchaudio torchcodec 2>/dev/null || true
-# qreason itself, without its dependencies: the worker imports only the standard library, torch,
-# transformers and llm-compressor.
-"$UV" pip install -q -p "$PY" --no-deps -e .
-"$PY" -c "import llmcompressor, compressed_tensors, torch; print('setup-quant-env: llmcompressor', llmcompressor.__version__, 'torch', torch.__version__)"
-echo "$want" > "$stamp"
-echo "setup-quant-env: $VENV ready ($DEVICE)"
+exec bash "$(dirname "$0")/torch-side-env.sh" setup-quant-env "${QREASON_QUANT_VENV:-.venv-quant}" \
+  requirements/quant.txt yes \
+  "import llmcompressor, torch; print('setup-quant-env: llmcompressor', llmcompressor.__version__, 'torch', torch.__version__)"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..store import write_atomic
+from ..store import iter_jsonl, write_atomic
 from .client import JudgeClient, ReplyCache, add_usage
 from .config import JudgeSpec
 from .panel import vote
@@ -28,37 +28,25 @@ from .stage import _run_coroutine
 def load_processbench(path: Path, limit: int | None = None) -> list[dict]:
     """Validated rows of a ProcessBench JSONL file; a bad row is a UserError naming file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(str(path), "data file not found")
     rows, ids = [], set()
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(where, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise UserError(where, "each line must be a JSON object")
-            missing = [f for f in ("id", "problem", "steps", "label") if f not in row]
-            if missing:
-                raise UserError(where, f"missing field(s) {', '.join(missing)} (ProcessBench rows need id, problem, "
-                                       "steps, label)")
-            steps, label = row["steps"], row["label"]
-            if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
-                raise UserError(where, "steps must be a non-empty list of strings")
-            if not isinstance(label, int) or isinstance(label, bool) or not -1 <= label < len(steps):
-                raise UserError(where, f"label must be -1 or a step index 0..{len(steps) - 1}, got {label!r}")
-            if not isinstance(row["problem"], str):
-                raise UserError(where, "problem must be a string")
-            if str(row["id"]) in ids:
-                raise UserError(where, f"duplicate id {row['id']!r}")
-            ids.add(str(row["id"]))
-            rows.append(row)
-            if limit and len(rows) >= limit:
-                break
+    for where, row in iter_jsonl(path):
+        missing = [f for f in ("id", "problem", "steps", "label") if f not in row]
+        if missing:
+            raise UserError(where, f"missing field(s) {', '.join(missing)} (ProcessBench rows need id, problem, "
+                                   "steps, label)")
+        steps, label = row["steps"], row["label"]
+        if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
+            raise UserError(where, "steps must be a non-empty list of strings")
+        if not isinstance(label, int) or isinstance(label, bool) or not -1 <= label < len(steps):
+            raise UserError(where, f"label must be -1 or a step index 0..{len(steps) - 1}, got {label!r}")
+        if not isinstance(row["problem"], str):
+            raise UserError(where, "problem must be a string")
+        if str(row["id"]) in ids:
+            raise UserError(where, f"duplicate id {row['id']!r}")
+        ids.add(str(row["id"]))
+        rows.append(row)
+        if limit and len(rows) >= limit:
+            break
     if not rows:
         raise UserError(str(path), "no rows")
     return rows

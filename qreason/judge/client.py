@@ -25,6 +25,7 @@ from typing import Any, Iterable
 
 from ..errors import UserError
 from ..records import content_key
+from ..store import iter_jsonl
 from .config import JudgeSpec
 from .prompts import (InvalidReply, JudgeInput, PromptTemplate, Taxonomy, Verdict, build_messages, parse_reply,
                       reply_schema, response_format)
@@ -223,38 +224,31 @@ def read_batch(path: Path, client: JudgeClient, requests: dict[str, JudgeRequest
     verdicts of lines that carry an error or an invalid reply are returned by custom_id (as judge_error).
     Lines for requests not in ``requests`` are ignored."""
     failures: dict[str, Verdict] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(where, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("custom_id"), str):
-                raise UserError(where, "not a batch output line (needs custom_id and response or error)")
-            req = requests.get(row["custom_id"])
-            if req is None:
-                continue
-            response = row.get("response") or {}
-            body = response.get("body") if isinstance(response, dict) else None
-            status = response.get("status_code") if isinstance(response, dict) else None
-            if row.get("error") or status != 200 or not isinstance(body, dict):
-                err = row.get("error")
-                if not err and isinstance(body, dict):
-                    err = body.get("error")
-                msg = err.get("message") if isinstance(err, dict) else err
-                failures[req.key] = Verdict(status="judge_error",
-                                            error=f"batch: status {status}: {str(msg or 'no response')[:200]}",
-                                            details={"error_kind": "transport", "batch": True})
-                continue
-            usage = add_usage({}, body.get("usage"))
-            choices = body.get("choices") or []
-            content = (choices[0].get("message") or {}).get("content") if choices else None
-            try:
-                client.accept(req, content, usage)
-            except InvalidReply as exc:
-                failures[req.key] = Verdict(status="judge_error", error=f"batch: {exc}", usage=usage,
-                                            details={"error_kind": "invalid", "batch": True})
+    not_batch = "not a batch output line (needs custom_id and response or error)"
+    for where, row in iter_jsonl(Path(path), not_batch):
+        if not isinstance(row.get("custom_id"), str):
+            raise UserError(where, not_batch)
+        req = requests.get(row["custom_id"])
+        if req is None:
+            continue
+        response = row.get("response") or {}
+        body = response.get("body") if isinstance(response, dict) else None
+        status = response.get("status_code") if isinstance(response, dict) else None
+        if row.get("error") or status != 200 or not isinstance(body, dict):
+            err = row.get("error")
+            if not err and isinstance(body, dict):
+                err = body.get("error")
+            msg = err.get("message") if isinstance(err, dict) else err
+            failures[req.key] = Verdict(status="judge_error",
+                                        error=f"batch: status {status}: {str(msg or 'no response')[:200]}",
+                                        details={"error_kind": "transport", "batch": True})
+            continue
+        usage = add_usage({}, body.get("usage"))
+        choices = body.get("choices") or []
+        content = (choices[0].get("message") or {}).get("content") if choices else None
+        try:
+            client.accept(req, content, usage)
+        except InvalidReply as exc:
+            failures[req.key] = Verdict(status="judge_error", error=f"batch: {exc}", usage=usage,
+                                        details={"error_kind": "invalid", "batch": True})
     return failures
