@@ -123,7 +123,10 @@ class ExecutorConfig(Strict):
     kind: Literal["local", "ray"] = "local"
     address: str | None = None     # a Ray cluster; None: $RAY_ADDRESS, else a local Ray instance for the run
     local_cpus: int | None = Field(default=None, ge=1)  # CPUs of that local instance (default: all)
-    cpus_per_job: float = Field(default=1.0, gt=0)      # CPUs each quantize task and engine actor reserves
+    # CPUs each quantize task and engine actor reserves. None: 1 on a cluster with GPUs; on a CPU-only cluster a
+    # whole node (vLLM's CPU engine binds a thread to every core: engines sharing cores only slow each other,
+    # and a different thread count changes floating-point sums, so greedy texts would differ from local runs)
+    cpus_per_job: float | None = Field(default=None, gt=0)
     gpus_per_quantize: float | None = Field(default=None, ge=0)  # None: 1 on a cluster with GPUs, else 0
     gpus_per_generate: float | None = Field(default=None, ge=0)  # None: tensor x data parallel size on GPUs
     max_retries: int = Field(default=3, ge=0)           # a job whose worker dies is run again this often

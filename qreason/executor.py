@@ -211,9 +211,17 @@ class RayExecutor:
         resources = self.ray.cluster_resources()
         self.has_gpus = resources.get("GPU", 0) > 0
         self.total = {"CPU": resources.get("CPU", 0), "GPU": resources.get("GPU", 0)}
-        self._check_fits("CPU", self.ex.cpus_per_job, "executor.cpus_per_job")
+        self.cpus = self.ex.cpus_per_job or self._default_cpus()
+        self._check_fits("CPU", self.cpus, "executor.cpus_per_job")
         log.info("Ray executor: %s (%s CPUs, %s GPUs)", address or "local instance",
                  resources.get("CPU", 0), resources.get("GPU", 0))
+
+    def _default_cpus(self) -> float:
+        """1 CPU per job where GPUs do the work; on CPU-only clusters a whole node (the smallest)."""
+        if self.has_gpus:
+            return 1
+        nodes = [n["Resources"].get("CPU", 0) for n in self.ray.nodes() if n.get("Alive")]
+        return max(1, min((c for c in nodes if c > 0), default=1))
 
     def _check_fits(self, kind: str, need: float, what: str) -> None:
         """A job needing more than the whole cluster has would wait forever: say so instead."""
@@ -229,7 +237,7 @@ class RayExecutor:
     def quantize(self, jobs: list[tuple]) -> list[ModelVariant]:
         """All quantize jobs at once, each a Ray task with its GPU; returns the variants in job order."""
         gpus = self._gpus(self.ex.gpus_per_quantize, 1, "executor.gpus_per_quantize")
-        task = self.ray.remote(_quantize_task).options(num_cpus=self.ex.cpus_per_job, num_gpus=gpus,
+        task = self.ray.remote(_quantize_task).options(num_cpus=self.cpus, num_gpus=gpus,
                                                        max_retries=self.ex.max_retries)
         refs = [task.remote(*job) for job in jobs]
         try:
@@ -255,7 +263,7 @@ class RayExecutor:
             gpus = self._gpus(self.ex.gpus_per_generate, b.tensor_parallel_size * b.data_parallel_size,
                               "executor.gpus_per_generate")
             cls = self.ray.remote(EngineActor).options(
-                num_cpus=self.ex.cpus_per_job, num_gpus=gpus, max_restarts=self.ex.max_retries,
+                num_cpus=self.cpus, num_gpus=gpus, max_restarts=self.ex.max_retries,
                 max_task_retries=self.ex.max_retries)
             log.info("starting a Ray engine actor for %s", model.path)
             self.actors[fingerprint] = cls.remote(b, model)

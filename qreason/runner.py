@@ -111,7 +111,8 @@ def make_plan(config: str | Path | LoadedConfig, output_dir: str | Path | None =
         raise UserError(f"{loaded.path}: executor", "Ray is not installed in this environment "
                                                    "(scripts/setup-env.sh installs it)")
     local_cpus = ex.local_cpus or os.cpu_count() or 1
-    if ex.kind == "ray" and not (ex.address or os.environ.get("RAY_ADDRESS")) and ex.cpus_per_job > local_cpus:
+    if (ex.kind == "ray" and not (ex.address or os.environ.get("RAY_ADDRESS")) and ex.cpus_per_job
+            and ex.cpus_per_job > local_cpus):
         raise UserError(f"{loaded.path}: executor.cpus_per_job", f"a job needs {ex.cpus_per_job:g} CPUs but the "
                                                                 f"local Ray instance has {local_cpus}")
     if len(set(names)) != len(names):

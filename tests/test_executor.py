@@ -112,9 +112,10 @@ def test_ray_and_local_executors_give_the_same_results(default_model, tmp_path, 
     from qreason.runner import run
 
     monkeypatch.setenv("QREASON_CACHE", str(tmp_path / "cache"))  # the RTN checkpoint is made by a Ray task
-    # each engine actor takes both CPUs: the second model's engine can only start once the first is released
+    # on a CPU-only cluster each engine actor takes a whole node (both CPUs here): the second model's engine can
+    # only start once the first is released
     ray_cfg = matrix_config(tmp_path / "ray.yaml", default_model.path,
-                            "{kind: ray, local_cpus: 2, cpus_per_job: 2}", tmp_path / "ray")
+                            "{kind: ray, local_cpus: 2}", tmp_path / "ray")
     on_ray = run(ray_cfg)
     assert on_ray["executor"] == "ray" and on_ray["quantization"]["quantized"] == 1
     assert on_ray["generations"] == {**on_ray["generations"], "planned": 24, "produced": 24, "failed": 0}
