@@ -12,7 +12,8 @@ from .store import RunIndex, RunStore
 
 def prune(index: RunIndex, older_than_days: float, dry_run: bool = True) -> dict[str, list[str]]:
     """Run directories whose newest invocation finished more than ``older_than_days`` ago are deleted (with
-    their index rows); then cached quantized checkpoints that no remaining run directory refers to.
+    their index rows); then cached quantized checkpoints that no remaining run directory refers to, and
+    leftover staging directories of killed quantizations.
     Returns what was (or, with ``dry_run``, would be) removed."""
     cutoff = datetime.now(timezone.utc) - timedelta(days=older_than_days)
     newest: dict[str, datetime] = {}
@@ -24,8 +25,12 @@ def prune(index: RunIndex, older_than_days: float, dry_run: bool = True) -> dict
     used = {str(Path(v.path).resolve()) for d in kept_dirs if Path(d).is_dir()
             for v in RunStore(Path(d)).variants.all() if v.method != "none"}
     quant_root = cache_dir() / "quantized"
-    stale = sorted(str(p) for p in quant_root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                   and str(p.resolve()) not in used) if quant_root.is_dir() else []
+    entries = [p for p in quant_root.iterdir() if p.is_dir()] if quant_root.is_dir() else []
+    stale = sorted(str(p) for p in entries if not p.name.startswith(".") and str(p.resolve()) not in used)
+    # staging directories of quantizations that were killed (SIGKILL leaves no chance to clean up); a running
+    # quantization's own is younger than the cutoff
+    stale += sorted(str(p) for p in entries if p.name.endswith(".partial")
+                    and datetime.fromtimestamp(p.stat().st_mtime, timezone.utc) < cutoff)
     if not dry_run:
         for d in old_dirs:
             shutil.rmtree(d, ignore_errors=True)

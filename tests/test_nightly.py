@@ -2,9 +2,11 @@
 Runs go through the OpenAI-compatible backend against a local scripted endpoint, so no model is needed."""
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -81,7 +83,7 @@ def test_second_run_on_the_same_directory_refuses_cleanly(tmp_path, monkeypatch)
     cfg = config(tmp_path, "http://127.0.0.1:9/v1", "m")
     with RunLock(tmp_path / "out" / "nightly"):
         result = subprocess.run([sys.executable, "-m", "qreason.cli", "run", str(cfg)], capture_output=True,
-                                text=True, timeout=300, env={**__import__("os").environ})
+                                text=True, timeout=300, env={**os.environ})
     assert result.returncode == 2
     assert "another qreason run" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "nightly" / "generations.jsonl").exists()
@@ -124,8 +126,10 @@ def test_prune_forgets_old_runs_and_unused_checkpoints(tmp_path, monkeypatch):
 
     monkeypatch.setenv("QREASON_CACHE", str(tmp_path / "cache"))
     quant = tmp_path / "cache" / "quantized"
-    for name in ("used", "unused"):
+    for name in ("used", "unused", ".killed.abc.partial", ".running.def.partial"):
         (quant / name).mkdir(parents=True)
+    long_ago = time.time() - 60 * 86400
+    os.utime(quant / ".killed.abc.partial", (long_ago, long_ago))  # a quantization killed two months ago
     index = RunIndex(tmp_path / "index.sqlite")
     old, new = tmp_path / "old", tmp_path / "new"
     for d in (old, new):
@@ -139,10 +143,12 @@ def test_prune_forgets_old_runs_and_unused_checkpoints(tmp_path, monkeypatch):
     index.start("r-new", new, "n", "h", {})
     index.finish("r-new", "ok", {})
     plan = prune(index, 30, dry_run=True)
-    assert plan == {"run_dirs": [str(old.resolve())], "checkpoints": [str(quant / "unused")]}
+    assert plan == {"run_dirs": [str(old.resolve())],
+                    "checkpoints": [str(quant / "unused"), str(quant / ".killed.abc.partial")]}
     assert old.exists() and (quant / "unused").exists()
     prune(index, 30, dry_run=False)
     assert not old.exists() and not (quant / "unused").exists() and (quant / "used").exists() and new.exists()
+    assert not (quant / ".killed.abc.partial").exists() and (quant / ".running.def.partial").exists()
     assert [r["run_id"] for r in index.list()] == ["r-new"]
 
 
