@@ -201,13 +201,14 @@ class RayExecutor:
         if not self.ray.is_initialized():
             kwargs: dict = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": True,
                             "configure_logging": False}
-            if address:
+            if address:  # connect (shutdown() at the end only disconnects; the cluster keeps running)
                 self.ray.init(address=address, **kwargs)
             else:
-                # records are small: a modest object store works even where /dev/shm is tiny (containers)
-                self.ray.init(num_cpus=self.ex.local_cpus or os.cpu_count(), include_dashboard=False,
-                              object_store_memory=LOCAL_OBJECT_STORE_BYTES, **kwargs)
-                self.owned = True
+                # "local": a new instance even where `ray start` left a cluster running. Records are small: a
+                # modest object store works even where /dev/shm is tiny (containers).
+                self.ray.init(address="local", num_cpus=self.ex.local_cpus or os.cpu_count(),
+                              include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **kwargs)
+            self.owned = True  # a Ray session the caller started is left alone
         resources = self.ray.cluster_resources()
         self.has_gpus = resources.get("GPU", 0) > 0
         self.total = {"CPU": resources.get("CPU", 0), "GPU": resources.get("GPU", 0)}

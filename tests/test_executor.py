@@ -182,3 +182,56 @@ report: {{enabled: false}}
     assert len(keys) == 40 and not [k for k, n in Counter(keys).items() if n > 1]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["generations"]["failed"] == 0 and summary["generations"]["produced"] == 40
+
+
+CLUSTER = """
+import sys, time, ray
+ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # up until the test closes stdin
+"""
+
+
+def test_a_running_ray_cluster_from_ray_address(tmp_path, monkeypatch):
+    """A cluster started apart from qreason (by another process), found through $RAY_ADDRESS: the jobs run on it
+    (engine actors with the OpenAI-compatible backend against a scripted endpoint), the records come back to the
+    run store, and the cluster is still up afterwards (qreason only disconnects from a cluster it did not start)."""
+    from fault_server import FaultServer
+
+    from qreason.runner import run
+
+    cluster = subprocess.Popen([sys.executable, "-c", CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    try:
+        address = cluster.stdout.readline().strip()
+        assert address, "the Ray cluster did not start"
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        # Ray clusters use token authentication; a client naming an address must ask for it (the token is in
+        # ~/.ray/auth_token, written by the cluster)
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")
+        with FaultServer([]) as server:
+            cfg = write_config(tmp_path / "c.yaml", f"""
+name: on-cluster
+output_dir: {tmp_path / "out"}
+tasks: [{{name: synthetic, limit: 5}}]
+sampling: {{max_tokens: 32, seeds: [0, 1]}}
+backend: {{kind: openai, base_url: "{server.base_url}", model: m, max_retries: 0}}
+executor: ray
+curate: {{enabled: false}}
+report: {{enabled: false}}
+""")
+            summary = run(cfg)
+        assert summary["executor"] == "ray"
+        assert summary["generations"]["produced"] == 10 and summary["generations"]["failed"] == 0
+        assert len((tmp_path / "out" / "generations.jsonl").read_text().splitlines()) == 10
+        assert cluster.poll() is None  # the cluster qreason connected to is still running
+        probe = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{address}'); "
+                                "print(ray.cluster_resources()['CPU'])"], capture_output=True, text=True,
+                               timeout=120)
+        assert probe.returncode == 0 and probe.stdout.strip().endswith("2.0"), probe.stderr[-2000:]
+    finally:
+        cluster.stdin.close()
+        try:
+            cluster.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            cluster.kill()
