@@ -138,6 +138,6 @@ def test_seeded_sampling_at_batch_scale(vllm_backend, default_model, tmp_path):
     first = [done for _, done in vllm_backend.generate(requests, sampling)]
     second = [done for _, done in vllm_backend.generate(requests, sampling)]
     assert all(d.error is None and d.completion_tokens for d in first)
-    assert sum(d.prompt_tokens for d in first[:32]) > 8192  # one batch (32) exceeds a scheduler step
+    assert sum(d.prompt_tokens for d in first[:32]) > 2 * 4096  # one batch (32) spans several scheduler steps
     assert [d.text for d in first] == [d.text for d in second]
     assert sum(a.text != b.text for a, b in zip(first[::2], first[1::2])) >= 12  # seeds 0 and 1 differ

