@@ -54,11 +54,6 @@ class LocalExecutor:
 
         return [quantize(*job) for job in jobs]
 
-    def release(self, fingerprint: str) -> None:
-        actor = self.actors.pop(fingerprint, None)
-        if actor is not None:
-            self.ray.kill(actor)
-
     def backend_for(self, model: ResolvedModel) -> Backend:
         if self.lent is not None and model.fingerprint == self.lent_fingerprint:
             return self.lent
