@@ -76,6 +76,21 @@ def _check_variant(base: ResolvedModel, spec: VariantConfig, loaded: LoadedConfi
     return variant_name(spec)
 
 
+def _check_executor(loaded: LoadedConfig) -> None:
+    """What can be known about the executor before a run starts: Ray importable, jobs fitting a local instance
+    (a remote cluster is checked when connected)."""
+    ex = loaded.config.executor
+    if ex.kind != "ray":
+        return
+    if importlib.util.find_spec("ray") is None:
+        raise UserError(f"{loaded.path}: executor", "Ray is not installed in this environment "
+                                                   "(scripts/setup-env.sh installs it)")
+    local_cpus = ex.local_cpus or os.cpu_count() or 1
+    if not (ex.address or os.environ.get("RAY_ADDRESS")) and ex.cpus_per_job and ex.cpus_per_job > local_cpus:
+        raise UserError(f"{loaded.path}: executor.cpus_per_job", f"a job needs {ex.cpus_per_job:g} CPUs but the "
+                                                                f"local Ray instance has {local_cpus}")
+
+
 def run_dir_of(loaded: LoadedConfig, output_dir: str | Path | None = None) -> Path:
     if output_dir is not None:
         return Path(output_dir).resolve()
@@ -106,15 +121,7 @@ def make_plan(config: str | Path | LoadedConfig, output_dir: str | Path | None =
         served = cfg.backend.model or cfg.model.path
         base = ResolvedModel(cfg.model.path, served, content_key("endpoint", cfg.backend.base_url, served), "endpoint")
     names = [cfg.model.name] + [_check_variant(base, v, loaded) for v in cfg.quantize]
-    ex = cfg.executor
-    if ex.kind == "ray" and importlib.util.find_spec("ray") is None:
-        raise UserError(f"{loaded.path}: executor", "Ray is not installed in this environment "
-                                                   "(scripts/setup-env.sh installs it)")
-    local_cpus = ex.local_cpus or os.cpu_count() or 1
-    if (ex.kind == "ray" and not (ex.address or os.environ.get("RAY_ADDRESS")) and ex.cpus_per_job
-            and ex.cpus_per_job > local_cpus):
-        raise UserError(f"{loaded.path}: executor.cpus_per_job", f"a job needs {ex.cpus_per_job:g} CPUs but the "
-                                                                f"local Ray instance has {local_cpus}")
+    _check_executor(loaded)
     if len(set(names)) != len(names):
         raise UserError(str(loaded.path), f"variant names must be unique (got {', '.join(names)}); set name:")
     problems, prompts = [], []
