@@ -186,7 +186,7 @@ report: {{enabled: false}}
 
 CLUSTER = """
 import sys, time, ray
-ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20)
+ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20)
 print(ray.get_runtime_context().gcs_address, flush=True)
 sys.stdin.read()  # up until the test closes stdin
 """
