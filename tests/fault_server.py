@@ -9,21 +9,17 @@ requests get ``default``. Real behaviour is tested against a real vLLM server; t
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-class FaultServer:
-    def __init__(self, script: list[str], default: str = "ok", slow_seconds: float = 5.0,
-                 content="Step 1: 2 + 3 = 5\nThe final answer is \\boxed{5}."):
-        """``content``: the reply text, or a function of the request body that returns it."""
-        self.script = list(script)
-        self.default = default
-        self.slow_seconds = slow_seconds
-        self.content = content
-        self.requests: list[dict] = []
-        self.lock = threading.Lock()
+class JsonServer:
+    """A threaded HTTP server on 127.0.0.1 that hands every POST's JSON body to ``handle``; a context manager.
+    Subclasses decide the reply (``send`` writes one)."""
+
+    def __init__(self):
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -32,19 +28,69 @@ class FaultServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                with server.lock:
-                    server.requests.append({"path": self.path, "body": body,
-                                            "authorization": self.headers.get("Authorization")})
-                    action = server.script.pop(0) if server.script else server.default
-                server.respond(self, action, body)
+                server.handle(self, body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 128  # the default backlog (5) refuses connections when many arrive at once
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def handle(self, handler: BaseHTTPRequestHandler, body: dict) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def send(handler: BaseHTTPRequestHandler, status: int, payload: bytes, content_type: str = "application/json",
+             headers: dict[str, str] | None = None) -> None:
+        try:
+            handler.send_response(status)
+            handler.send_header("Content-Type", content_type)
+            handler.send_header("Content-Length", str(len(payload)))
+            for k, v in (headers or {}).items():
+                handler.send_header(k, v)
+            handler.end_headers()
+            handler.wfile.write(payload)
+        except OSError:
+            pass  # the client gave up (timeout) before the answer came
+
+    @staticmethod
+    def drop(handler: BaseHTTPRequestHandler) -> None:
+        """Close the connection without a reply."""
+        handler.close_connection = True
+        handler.connection.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class FaultServer(JsonServer):
+    def __init__(self, script: list[str], default: str = "ok", slow_seconds: float = 5.0,
+                 content="Step 1: 2 + 3 = 5\nThe final answer is \\boxed{5}."):
+        """``content``: the reply text, or a function of the request body that returns it."""
+        super().__init__()
+        self.script = list(script)
+        self.default = default
+        self.slow_seconds = slow_seconds
+        self.content = content
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+
+    def handle(self, handler: BaseHTTPRequestHandler, body: dict) -> None:
+        with self.lock:
+            self.requests.append({"path": handler.path, "body": body,
+                                  "authorization": handler.headers.get("Authorization")})
+            action = self.script.pop(0) if self.script else self.default
+        self.respond(handler, action, body)
 
     def completion(self, body: dict, content: str) -> dict:
         return {"id": "cmpl-test", "object": "chat.completion", "created": int(time.time()),
@@ -55,8 +101,7 @@ class FaultServer:
 
     def respond(self, handler: BaseHTTPRequestHandler, action: str, body: dict) -> None:
         if action == "drop":
-            handler.close_connection = True
-            handler.connection.shutdown(2)
+            self.drop(handler)
             return
         if action == "slow":
             time.sleep(self.slow_seconds)
@@ -75,18 +120,4 @@ class FaultServer:
             payload = json.dumps(self.completion(body, content)).encode()
         else:
             raise ValueError(action)
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(payload)))
-        for k, v in headers.items():
-            handler.send_header(k, v)
-        handler.end_headers()
-        handler.wfile.write(payload)
-
-    def __enter__(self) -> "FaultServer":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.send(handler, status, payload, headers=headers)

@@ -7,15 +7,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
+from fault_server import JsonServer
 from judge_helpers import make_run
 from qreason.judge import JudgeConfig, JudgeInput, run_judging
 from qreason.judge.client import JudgeClient, ReplyCache
@@ -40,39 +40,15 @@ SCRIPTS = {
 }
 
 
-class _Server(ThreadingHTTPServer):
-    request_queue_size = 128  # the default backlog (5) refuses connections when many requests arrive at once
-
-
-class FakeJudge:
+class FakeJudge(JsonServer):
     """A threaded HTTP server; counts requests per marker, records their times and the bearer tokens."""
 
     def __init__(self):
+        super().__init__()
         self.counts: Counter = Counter()
         self.auth: set[str] = set()
         self.times: dict[str, list[float]] = {}
         self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                server.handle(self, body)
-
-        self.httpd = _Server(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def start(self) -> str:
-        self.thread.start()
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
     def handle(self, h: BaseHTTPRequestHandler, body: dict) -> None:
         marker = re.search(r"FAULT:(\w+)", body["messages"][-1]["content"]).group(1)
@@ -90,8 +66,7 @@ class FakeJudge:
         elif action == "500":
             status, payload = 500, {"error": {"message": "boom"}}
         elif action == "drop":
-            h.close_connection = True
-            h.connection.shutdown(socket.SHUT_RDWR)
+            self.drop(h)
             return
         elif action == "garbage":
             ctype, payload = "text/html", "<html>not json</html>"
@@ -105,24 +80,13 @@ class FakeJudge:
                                     "finish_reason": "stop"}],
                        "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}}
         data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
-        try:
-            h.send_response(status)
-            h.send_header("Content-Type", ctype)
-            h.send_header("Content-Length", str(len(data)))
-            for k, v in headers.items():
-                h.send_header(k, v)
-            h.end_headers()
-            h.wfile.write(data)
-        except OSError:
-            pass  # the client gave up (timeout) before the answer came
+        self.send(h, status, data, ctype, headers)
 
 
 @pytest.fixture
 def fake():
-    server = FakeJudge()
-    url = server.start()
-    yield server, url
-    server.stop()
+    with FakeJudge() as server:
+        yield server, server.base_url
 
 
 def spec(url: str, **kw) -> dict:
