@@ -6,27 +6,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${QREASON_VENV:-.venv}
-DEVICE=${QREASON_DEVICE:-auto}
-if [ "$DEVICE" = auto ]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then DEVICE=cuda; else DEVICE=cpu; fi
-fi
-case "$DEVICE" in cpu|cuda) ;; *) echo "setup-env: QREASON_DEVICE must be auto, cpu or cuda (got '$DEVICE')" >&2; exit 2;; esac
+source scripts/env-common.sh
+resolve_device setup-env
 REQ_DEVICE=requirements/$([ "$DEVICE" = cuda ] && echo gpu || echo cpu).txt
 
 stamp="$VENV/.qreason-env"
 want="$DEVICE $(cat requirements/common.txt requirements/constraints.txt "$REQ_DEVICE" pyproject.toml | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 
-UV=$(command -v uv || true)
-if [ -z "$UV" ]; then
-  python3 -m pip install -q --disable-pip-version-check "uv==0.13.9"
-  UV=$(command -v uv || echo "$(python3 -m site --user-base)/bin/uv")
-fi
+find_uv
 echo "setup-env: creating $VENV for $DEVICE (this takes a few minutes the first time)"
 "$UV" venv -q --allow-existing -p 3.11 "$VENV"
 PY="$VENV/bin/python"
-FIND=()
-[ -d /opt/wheels ] && FIND=(--find-links /opt/wheels)
 if [ "$DEVICE" = cpu ]; then
   # torch's CPU wheel first, then everything else constrained to it so nothing pulls CUDA torch.
   "$UV" pip install -q -p "$PY" "${FIND[@]}" "torch==2.13.0"

@@ -7,12 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LABEL=$1 VENV=$2 REQ=$3 WITH_QREASON=$4 CHECK=$5
-DEVICE=${QREASON_DEVICE:-auto}
 TORCH=torch==2.13.0
-if [ "$DEVICE" = auto ]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then DEVICE=cuda; else DEVICE=cpu; fi
-fi
-case "$DEVICE" in cpu|cuda) ;; *) echo "$LABEL: QREASON_DEVICE must be auto, cpu or cuda (got '$DEVICE')" >&2; exit 2;; esac
+source scripts/env-common.sh
+resolve_device "$LABEL"
 
 stamp="$VENV/.qreason-side-env"
 sources=("$REQ")
@@ -20,16 +17,10 @@ sources=("$REQ")
 want="$DEVICE $TORCH $(cat "${sources[@]}" | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 
-UV=$(command -v uv || true)
-if [ -z "$UV" ]; then
-  python3 -m pip install -q --disable-pip-version-check "uv==0.13.9"
-  UV=$(command -v uv || echo "$(python3 -m site --user-base)/bin/uv")
-fi
+find_uv
 echo "$LABEL: creating $VENV for $DEVICE (a minute or two the first time)"
 "$UV" venv -q --allow-existing -p 3.11 "$VENV"
 PY="$VENV/bin/python"
-FIND=()
-[ -d /opt/wheels ] && FIND=(--find-links /opt/wheels)
 # Every install is constrained to the torch installed first; without it pip would pull GBs of CUDA torch.
 printf '%s\n' "$TORCH" > "$VENV/torch-constraint.txt"
 if [ "$DEVICE" = cpu ]; then
