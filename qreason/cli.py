@@ -116,7 +116,7 @@ def _cmd_analyze(args) -> int:
 
 def _cmd_curate(args) -> int:
     from .curate import curate
-    from .generate import make_backend
+    from .executor import LocalExecutor
     from .grade import Grader
     from .models import ResolvedModel
 
@@ -124,21 +124,16 @@ def _cmd_curate(args) -> int:
     base = next((v for v in store.variants.all() if v.name == cfg.model.name), None)
     if base is None:
         raise UserError(str(store.dir), f"no record of the base variant {cfg.model.name!r} in variants.jsonl")
-    engine = []
-
-    def factory():
-        engine.append(make_backend(cfg.backend, ResolvedModel(base.name, base.path, base.fingerprint, "variant")))
-        return engine[0]
-
+    model = ResolvedModel(base.name, base.path, base.fingerprint, "variant")
     settings = cfg.curate.model_copy(update={k: v for k, v in (("max_items", args.max_items), ("seed", args.seed))
                                              if v is not None})
+    engines = LocalExecutor(cfg)  # starts the base model's engine only if continuations are needed
     try:
-        result = curate(store, settings, cfg.sampling, base.name, base.fingerprint, factory,
-                        Grader(cfg.grading.timeout_s, cfg.grading.workers),
+        result = curate(store, settings, cfg.sampling, base.name, base.fingerprint,
+                        lambda: engines.backend_for(model), Grader(cfg.grading.timeout_s, cfg.grading.workers),
                         out_dir=Path(args.out) if args.out else None)
     finally:
-        for e in engine:
-            e.close()
+        engines.close()
     if result.out_dir is None:
         print("no judged flips with a located first faulty step: nothing to curate")
         return 0

@@ -119,9 +119,6 @@ class EngineActor:
         done = dict((r.key, c) for r, c in self.backend.generate(requests, sampling))
         return self.backend.name, self.backend.versions, [done[r.key] for r in requests]
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 def _quantize_task(*job):
     from .quantize import quantize
