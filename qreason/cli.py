@@ -21,41 +21,41 @@ def _cmd_run(args) -> int:
     codes = []
     for summary in summaries:
         if len(summaries) > 1:
-            print(f"\n== {summary['name']}")
+            print(f"\n== {summary.name}")
         codes.append(_print_run(summary))
     return max(codes)
 
 
-def _print_run(summary: dict) -> int:
-    """Print one run's results; returns its exit code (3: a gate tripped, 1: generations failed)."""
+def _print_run(summary) -> int:
+    """Print one run's results (a ``RunSummary``); returns its exit code (3: a gate tripped, 1: generations
+    failed)."""
+    from .gates import GATE_EXIT_CODE
     from .summary import format_table
 
-    gen, quant = summary["generations"], summary["quantization"]
-    print(format_table(summary["results"]))
-    print(f"\ngenerations: {gen['produced']} produced, {gen['cached']} cached, {gen['failed']} failed; "
-          f"checkpoints: {quant['quantized']} quantized, {quant['reused']} reused; "
-          f"wall time {summary['wall_seconds']:.1f} s")
-    if summary.get("curate", {}).get("dir"):
-        c = summary["curate"]
-        print(f"silver bullet dataset: {c['items']} items, {c['dpo_pairs']} DPO pairs -> {c['dir']}")
-    print(f"run directory: {summary['run_dir']}")
-    if summary.get("report"):
-        print(f"report: {summary['report']}")
-    if summary["gates"]["tripped"]:
-        from .gates import GATE_EXIT_CODE
-
-        print(f"qreason: regression gates tripped ({summary['name']}):", file=sys.stderr)
-        for line in summary["gates"]["tripped"]:
+    gen, quant = summary.generations, summary.quantization
+    print(format_table(summary.results))
+    print(f"\ngenerations: {gen.produced} produced, {gen.cached} cached, {gen.failed} failed; "
+          f"checkpoints: {quant.quantized} quantized, {quant.reused} reused; "
+          f"wall time {summary.wall_seconds:.1f} s")
+    if summary.curate and summary.curate.dir:
+        c = summary.curate
+        print(f"silver bullet dataset: {c.items} items, {c.dpo_pairs} DPO pairs -> {c.dir}")
+    print(f"run directory: {summary.run_dir}")
+    if summary.report:
+        print(f"report: {summary.report}")
+    if summary.gates.tripped:
+        print(f"qreason: regression gates tripped ({summary.name}):", file=sys.stderr)
+        for line in summary.gates.tripped:
             print(f"  - {line}", file=sys.stderr)
         return GATE_EXIT_CODE
-    if gen["failed"]:
-        print(f"qreason: {gen['failed']} generations failed; re-run the same command to retry them", file=sys.stderr)
+    if gen.failed:
+        print(f"qreason: {gen.failed} generations failed; re-run the same command to retry them", file=sys.stderr)
         return 1
     return 0
 
 
 def _cmd_runs(args) -> int:
-    from .runner import default_index
+    from .plan import default_index
     from .store import RunIndex
 
     index = RunIndex(Path(args.index)) if args.index else default_index()
@@ -144,7 +144,7 @@ def _cmd_curate(args) -> int:
 
 def _cmd_report(args) -> int:
     from .report import build_report
-    from .runner import default_index
+    from .plan import default_index
 
     store, cfg = _open_run(args.run_dir)
     path = build_report(store, Path(args.out) if args.out else None, default_index(), cfg.model.name,
@@ -154,7 +154,7 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from .runner import describe_plan, make_plans
+    from .plan import describe_plan, make_plans
 
     print("\n\n".join(describe_plan(plan) for plan in make_plans(args.config, output_dir=args.output_dir)))
     return 0
@@ -165,8 +165,9 @@ def _cmd_compare(args) -> int:
 
     from .analysis import compare_runs
     from .envinfo import changes
-    from .runner import default_index
+    from .plan import default_index
     from .store import RunStore
+    from .summary import RunSummary
 
     def locate(ref: str) -> RunStore:
         if Path(ref).is_dir():
@@ -192,14 +193,15 @@ def _cmd_compare(args) -> int:
         with pd.option_context("display.width", 160, "display.max_columns", 20):
             print(f"B = {b.dir} against A = {a.dir} (accuracies in %; lost = right in A, wrong in B)")
             print(show.rename(columns={"acc_ref": "acc_A", "acc": "acc_B"}).to_string(index=False))
-    changed = changes(a.read_json("summary.json") or {}, b.read_json("summary.json") or {})
+    changed = changes(RunSummary.read(a.read_json("summary.json") or {}),
+                      RunSummary.read(b.read_json("summary.json") or {}))
     print("changed from A to B: " + ("; ".join(changed) if changed else "no library version or hardware"))
     return 0
 
 
 def _cmd_prune(args) -> int:
     from .retention import prune
-    from .runner import default_index
+    from .plan import default_index
 
     removed = prune(default_index(), args.older_than, dry_run=not args.yes)
     verb = "removed" if args.yes else "would remove (pass --yes to delete)"
@@ -218,12 +220,10 @@ def _cmd_model(args) -> int:
 
 
 def _cmd_tasks(args) -> int:
-    from .tasks import TASKS_DIR, load_spec
+    from .tasks import load_spec, task_names
 
-    for path in sorted(TASKS_DIR.glob("*.yaml")):
-        if path.stem == "prompts":
-            continue
-        spec = load_spec(path.stem)
+    for name in task_names():
+        spec = load_spec(name)
         print(f"{spec.name:<10} {spec.answer_type:<8} {spec.description}")
     return 0
 
@@ -231,7 +231,9 @@ def _cmd_tasks(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qreason", description="Measure how quantization damages LLM reasoning.",
                                 epilog=EPILOG)
-    p.add_argument("-v", "--verbose", action="store_true", help="show library (vLLM) logs at INFO level")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show library logs (vLLM, transformers, warnings) in the terminal too; they are always in "
+                        "RUN_DIR/run.log")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="run every stage of a config (cached work is skipped)", epilog=EPILOG,
@@ -279,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("model", nargs="?", default="default", help="'default', a local directory or a hub id")
     m.set_defaults(fn=_cmd_model)
 
-    t = sub.add_parser("tasks", help="list the task specs in tasks/")
+    t = sub.add_parser("tasks", help="list the task specs (built-in tasks/ and directories on $QREASON_TASKS_PATH)")
     t.set_defaults(fn=_cmd_tasks)
 
     from .judge.cli import register as register_judge
@@ -307,14 +309,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    level = "INFO" if args.verbose else "WARNING"
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", level)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+class _OwnRecords(logging.Filter):
+    """The terminal shows qreason's own log records; other libraries' only when they are errors (all of them
+    with ``-v``). Everything still reaches the run's ``run.log``."""
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.verbose or record.name.startswith("qreason") or record.levelno >= logging.ERROR
+
+
+def setup_logging(verbose: bool) -> None:
+    """Library logs (vLLM, transformers, torch and Python warnings) go to the run log, not the terminal."""
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")    # vLLM's loggers propagate to ours instead
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "error")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for old in [h for h in root.handlers if getattr(h, "qreason_console", False)]:
+        root.removeHandler(old)  # main() called again in the same process
+    console = logging.StreamHandler()
+    console.qreason_console = True
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    console.addFilter(_OwnRecords(verbose))
+    root.addHandler(console)
+    logging.captureWarnings(True)
     for noisy in ("httpx", "httpcore", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
     try:
         return args.fn(args)
     except UserError as exc:

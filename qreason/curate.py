@@ -32,7 +32,7 @@ from .generate import Backend, GenerationRequest, run_generation
 from .grade import Grader, grade_key, run_grading
 from .records import Generation, Judgment, SilverBulletItem, content_key
 from .steps import step_spans
-from .store import RunStore, write_atomic
+from .store import RunStore
 
 log = logging.getLogger(__name__)
 

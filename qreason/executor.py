@@ -24,7 +24,7 @@ from .generate import Backend, Completion, GenerationRequest, GenerationStats, m
 from .models import ResolvedModel
 
 if TYPE_CHECKING:
-    from .config import BackendConfig, ExecutorConfig, RunConfig, SamplingConfig
+    from .config import VLLMConfig, ExecutorConfig, RunConfig, SamplingConfig
     from .records import Generation, ModelVariant
     from .store import Table
 
@@ -111,7 +111,7 @@ class EngineActor:
     """One model's generation engine inside a Ray worker. ``generate`` answers one batch and returns the
     completions with the backend's name and versions (recorded with every generation)."""
 
-    def __init__(self, backend_cfg: BackendConfig, model: ResolvedModel):
+    def __init__(self, backend_cfg: VLLMConfig, model: ResolvedModel):
         self.backend = make_backend(backend_cfg, model)
 
     def generate(self, requests: list[GenerationRequest],

@@ -7,15 +7,16 @@ from __future__ import annotations
 from .config import GatesConfig
 from .records import Judgment
 from .store import RunIndex
+from .summary import RunSummary
 
 GATE_EXIT_CODE = 3
 
 
-def previous_summary(index: RunIndex, name: str, run_id: str) -> dict | None:
+def previous_summary(index: RunIndex, name: str, run_id: str | None) -> RunSummary | None:
     """The summary of the last finished run of this config before ``run_id``."""
     earlier = [r for r in index.list(name) if r["run_id"] != run_id and r["status"] in ("ok", "gated")
                and r["summary"] and r["summary"].get("results")]
-    return earlier[-1]["summary"] if earlier else None
+    return RunSummary.read(earlier[-1]["summary"]) if earlier else None
 
 
 def judge_error_rate(judgments: list[Judgment]) -> tuple[float, int]:
@@ -24,11 +25,11 @@ def judge_error_rate(judgments: list[Judgment]) -> tuple[float, int]:
     return (sum(j.status == "judge_error" for j in llm) / len(llm) if llm else 0.0), len(llm)
 
 
-def check_gates(gates: GatesConfig, summary: dict, base: str, previous: dict | None,
+def check_gates(gates: GatesConfig, summary: RunSummary, base: str, previous: RunSummary | None,
                 judgments: list[Judgment]) -> list[str]:
     """One readable line per tripped gate (empty: all passed)."""
     tripped = []
-    rows = {(r["variant"], r["task"]): r["accuracy_mean"] for r in summary.get("results", [])}
+    rows = {(r.variant, r.task): r.accuracy_mean for r in summary.results}
     for (variant, task), acc in sorted(rows.items()):
         cell = f"{variant}/{task}"
         if gates.min_accuracy is not None and acc < gates.min_accuracy:
@@ -39,11 +40,11 @@ def check_gates(gates: GatesConfig, summary: dict, base: str, previous: dict | N
             tripped.append(f"{cell}: accuracy {100 * acc:.1f}% is {100 * (base_acc - acc):.1f} points below "
                            f"{base} ({100 * base_acc:.1f}%); the limit is {100 * gates.max_drop:.1f}")
     if gates.max_drop_vs_previous is not None and previous is not None:
-        before = {(r["variant"], r["task"]): r["accuracy_mean"] for r in previous.get("results", [])}
+        before = {(r.variant, r.task): r.accuracy_mean for r in previous.results}
         for cell, acc in sorted(rows.items()):
             if cell in before and before[cell] - acc > gates.max_drop_vs_previous + 1e-12:
                 tripped.append(f"{cell[0]}/{cell[1]}: accuracy {100 * acc:.1f}% is {100 * (before[cell] - acc):.1f} "
-                               f"points below the previous run {previous.get('run_id')} ({100 * before[cell]:.1f}%); "
+                               f"points below the previous run {previous.run_id} ({100 * before[cell]:.1f}%); "
                                f"the limit is {100 * gates.max_drop_vs_previous:.1f}")
     if gates.max_judge_error_rate is not None:
         rate, n = judge_error_rate(judgments)

@@ -1,189 +1,195 @@
-"""``qreason run``: plan from the config, then the stages in order, each reading the store and appending to it:
+"""``qreason run``: a plan (``plan.py``), then the stages in order over one run context:
 
-    quantize -> generate -> grade -> judge -> analyze -> curate -> report
+    quantize -> generate -> grade -> judge -> analyze -> curate -> report -> gates
 
-Everything that can be wrong with the input (config, task data, models, recipes, calibration files) is checked
-before the run directory is touched, so bad input leaves no artifacts behind.
+Every stage has the same shape: ``stage(ctx)`` reads the run store (and what earlier stages left in the context),
+appends its own records, and returns its typed section of the ``RunSummary`` (or None). The runner is the loop;
+the work itself lives in each stage's module, which the per-stage CLI commands call too.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 
-from .config import LoadedConfig, RunConfig, VariantConfig, load_config
+from .analysis import Analysis, analyze
+from .curate import curate
 from .envinfo import environment
-from .errors import UserError
 from .executor import make_executor
-from .generate import Backend, GenerationRequest, make_request
-from .grade import Grader, grade_key, run_grading
-from .models import ResolvedModel, resolve_model
-from .records import ModelVariant, Problem, content_key
 from .gates import check_gates, previous_summary
+from .generate import Backend
+from .grade import Grader, grade_key, run_grading
+from .judge import run_judging
+from .models import ResolvedModel
+from .plan import Plan, default_index, make_plan, make_plans, variant_name
+from .records import ModelVariant, content_key
+from .report import build_report
 from .store import RunIndex, RunLock, RunStore, now_iso, write_atomic
-from .summary import accuracy_table
-from .tasks import TaskSpec, build_messages, load_problems
+from .summary import (CurateSummary, GatesSummary, GenerationSummary, QuantizationSummary, QuantizedVariant,
+                      RunSummary, accuracy_table)
 
 log = logging.getLogger(__name__)
 
 
-def runs_root() -> Path:
-    return Path(os.environ.get("QREASON_RUNS", "runs")).resolve()
-
-
-def default_index() -> RunIndex:
-    return RunIndex(Path(os.environ.get("QREASON_INDEX", runs_root() / "index.sqlite")))
-
-
 @dataclass
-class Plan:
-    loaded: LoadedConfig
-    run_dir: Path
-    base: ResolvedModel
-    problems: list[Problem]
-    prompts: list[tuple[Problem, list[dict[str, str]]]]   # every problem with its chat messages
-    variant_names: list[str] = field(default_factory=list)
+class RunContext:
+    """What the stages of one run share: the plan, the store, the executor (engines), and what earlier stages
+    produced for later ones (the variants, the generation keys of this config, the analysis)."""
 
-    def requests_for(self, variant: str, model: ResolvedModel) -> list[GenerationRequest]:
-        cfg = self.loaded.config
-        return [make_request(variant, model, p, messages, cfg.sampling, seed)
-                for p, messages in self.prompts for seed in cfg.sampling.seeds]
+    plan: Plan
+    store: RunStore
+    index: RunIndex
+    summary: RunSummary
+    executor: Any = None
+    variants: list[ModelVariant] = field(default_factory=list)
+    wanted: set[str] = field(default_factory=set)   # keys of the generations this config asks for
+    analysis: Analysis | None = None
+    env: dict = field(default_factory=dict)
 
+    @property
+    def cfg(self):
+        return self.plan.loaded.config
 
-def variant_name(spec: VariantConfig) -> str:
-    """A variant's label: its ``name``, else the method (an import: the checkpoint's directory name)."""
-    if spec.name:
-        return spec.name
-    return Path(spec.path.rstrip("/")).name if spec.method == "import" else spec.method
-
-
-def _check_variant(base: ResolvedModel, spec: VariantConfig, loaded: LoadedConfig) -> str:
-    """Validate one quantized variant without creating anything; returns its name."""
-    from .quantize import prepare
-
-    if spec.method == "import":
-        resolve_model(spec.path, spec.revision, loaded.base_dir)
-    else:
-        prepare(base, spec, variant_name(spec), base_dir=loaded.base_dir)
-    return variant_name(spec)
+    @property
+    def grader(self) -> Grader:
+        return Grader(self.cfg.grading.timeout_s, self.cfg.grading.workers)
 
 
-def _check_executor(loaded: LoadedConfig) -> None:
-    """What can be known about the executor before a run starts: Ray importable, jobs fitting a local instance
-    (a remote cluster is checked when connected)."""
-    ex = loaded.config.executor
-    if ex.kind != "ray":
-        return
-    if importlib.util.find_spec("ray") is None:
-        raise UserError(f"{loaded.path}: executor", "Ray is not installed in this environment "
-                                                   "(scripts/setup-env.sh installs it)")
-    local_cpus = ex.local_cpus or os.cpu_count() or 1
-    if not (ex.address or os.environ.get("RAY_ADDRESS")) and ex.cpus_per_job and ex.cpus_per_job > local_cpus:
-        raise UserError(f"{loaded.path}: executor.cpus_per_job", f"a job needs {ex.cpus_per_job:g} CPUs but the "
-                                                                f"local Ray instance has {local_cpus}")
+# ------------------------------------------------------------------------------------------------- stages
 
-
-def run_dir_of(loaded: LoadedConfig, output_dir: str | Path | None = None) -> Path:
-    if output_dir is not None:
-        return Path(output_dir).resolve()
-    cfg = loaded.config
-    return loaded.resolve(cfg.output_dir) if cfg.output_dir else runs_root() / cfg.name
-
-
-def make_plans(config_path: str | Path, output_dir: str | Path | None = None) -> list[Plan]:
-    """One plan per model of the config (``models:``), or the single plan; everything is validated before any
-    plan is returned."""
-    loaded = load_config(config_path)
-    if not loaded.config.models:
-        return [make_plan(loaded, output_dir)]
-    return [make_plan(sub) for sub in loaded.per_model(run_dir_of(loaded, output_dir))]
-
-
-def make_plan(config: str | Path | LoadedConfig, output_dir: str | Path | None = None) -> Plan:
-    """Validate the config, load every task's problems, resolve the models, check the quantization recipes.
-    Writes nothing to the run directory."""
-    loaded = config if isinstance(config, LoadedConfig) else load_config(config)
-    cfg = loaded.config
-    if cfg.models:
-        raise UserError(str(loaded.path), "a config with models: is several runs; use make_plans()")
-    specs_and_problems: list[tuple[TaskSpec, list[Problem]]] = [load_problems(t, loaded) for t in cfg.tasks]
-    if cfg.backend.kind == "vllm":
-        base = resolve_model(cfg.model.path, cfg.model.revision, loaded.base_dir)
-    else:
-        served = cfg.backend.model or cfg.model.path
-        base = ResolvedModel(cfg.model.path, served, content_key("endpoint", cfg.backend.base_url, served), "endpoint")
-    names = [cfg.model.name] + [_check_variant(base, v, loaded) for v in cfg.quantize]
-    _check_executor(loaded)
-    if len(set(names)) != len(names):
-        raise UserError(str(loaded.path), f"variant names must be unique (got {', '.join(names)}); set name:")
-    problems, prompts = [], []
-    for task_cfg, (spec, task_problems) in zip(cfg.tasks, specs_and_problems):
-        problems.extend(task_problems)
-        prompts.extend((p, build_messages(spec, p, task_cfg.format_example)) for p in task_problems)
-    return Plan(loaded, run_dir_of(loaded, output_dir), base, problems, prompts, names)
-
-
-def describe_plan(plan: Plan) -> str:
-    """What a run of this plan would do, job by job, and what is cached already."""
-    from .models import fingerprint_dir
-    from .quantize import prepare
-    from .quantize.cache import read_provenance
-
-    cfg = plan.loaded.config
-    store = RunStore(plan.run_dir)
-    have = store.generations if (plan.run_dir / "generations.jsonl").exists() else None
-    lines = [f"plan for {cfg.name}: {len(plan.problems)} problems x {len(cfg.sampling.seeds)} seeds, "
-             f"run directory {plan.run_dir}"]
-    ex = cfg.executor
-    if ex.kind == "ray":
-        where = ex.address or os.environ.get("RAY_ADDRESS") or "a local Ray instance started for the run"
-        lines.append(f"  executor  ray on {where}: quantize jobs as tasks, one engine actor per model, "
-                     f"{ex.max_retries} retries per lost worker")
-    else:
-        lines.append("  executor  local: the jobs below run in turn in this process")
-    models = [(cfg.model.name, plan.base)]
-    for spec in cfg.quantize:
-        name = variant_name(spec)
-        if spec.method == "import":
-            m = resolve_model(spec.path, spec.revision, plan.loaded.base_dir)
-            lines.append(f"  quantize  {name:<22} import {m.path}")
-            models.append((name, m))
-            continue
-        prep = prepare(plan.base, spec, name, base_dir=plan.loaded.base_dir)
-        found = read_provenance(prep.dest)
-        if found is not None and found.get("key") == prep.key:
-            lines.append(f"  quantize  {name:<22} cached {prep.dest}")
-            models.append((name, ResolvedModel(name, str(prep.dest), fingerprint_dir(prep.dest), "variant")))
-        else:
-            lines.append(f"  quantize  {name:<22} to do ({spec.method} -> {prep.dest})")
-            models.append((name, None))
-    for name, model in models:
-        n = len(plan.prompts) * len(cfg.sampling.seeds)
-        if model is None:
-            lines.append(f"  generate  {name:<22} {n} to do (after quantization)")
-            continue
-        cached = sum(r.key in have for r in plan.requests_for(name, model)) if have is not None else 0
-        lines.append(f"  generate  {name:<22} {n - cached} to do, {cached} cached")
-    judges = ", ".join(j.name for j in cfg.judge.judges) or "rule checks only"
-    lines.append(f"  then      grade, judge ({judges}), analyze, "
-                 f"{'curate, ' if cfg.curate.enabled else ''}{'report' if cfg.report.enabled else ''}: "
-                 "finished work is skipped")
-    return "\n".join(lines)
-
-
-def _base_variant(plan: Plan) -> ModelVariant:
-    cfg = plan.loaded.config
-    return ModelVariant(key=content_key("variant", cfg.model.name, plan.base.fingerprint), name=cfg.model.name,
+def quantize_stage(ctx: RunContext) -> QuantizationSummary:
+    """The base variant plus each quantized one (made, or reused from the checkpoint cache)."""
+    plan = ctx.plan
+    base = ModelVariant(key=content_key("variant", ctx.cfg.model.name, plan.base.fingerprint), name=ctx.cfg.model.name,
                         base_model=plan.base.spec, base_fingerprint=plan.base.fingerprint, method="none",
                         path=plan.base.path, fingerprint=plan.base.fingerprint, reused=True, created_at=now_iso())
+    ctx.variants = [base] + ctx.executor.quantize(
+        [(plan.base, spec, variant_name(spec), None, plan.loaded.base_dir) for spec in ctx.cfg.quantize])
+    ctx.store.variants.append(ctx.variants)
+    made = ctx.variants[1:]
+    return QuantizationSummary(
+        variants=[QuantizedVariant(name=v.name, method=v.method, reused=v.reused, seconds=v.quantize_seconds,
+                                   path=v.path, versions=v.versions) for v in made],
+        quantized=sum(not v.reused for v in made), reused=sum(v.reused for v in made))
+
+
+def generate_stage(ctx: RunContext) -> GenerationSummary:
+    """Quantized variants first, the base last (a local engine then stays up for curation)."""
+    jobs, planned = [], 0
+    for v in ctx.variants[1:] + ctx.variants[:1]:
+        model = ResolvedModel(v.name, v.path, v.fingerprint, "variant")
+        requests = ctx.plan.requests_for(v.name, model)
+        planned += len(requests)
+        ctx.wanted |= {r.key for r in requests}
+        todo = [r for r in requests if r.key not in ctx.store.generations]
+        log.info("%s: %d generations planned, %d to do", v.name, len(requests), len(todo))
+        if todo:
+            jobs.append((model, todo))
+    stats = ctx.executor.generate(ctx.store.generations, jobs, ctx.cfg.sampling,
+                                  {v.fingerprint: v.name for v in ctx.variants})
+    return GenerationSummary(planned=planned, cached=planned - stats.produced - stats.failed,
+                             produced=stats.produced, failed=stats.failed, seconds=round(stats.seconds, 2))
+
+
+def grade_stage(ctx: RunContext) -> list:
+    generations = [g for g in ctx.store.generations.all() if g.key in ctx.wanted]
+    ctx.summary.grades_written = run_grading(ctx.store, ctx.grader, generations)
+    keys = {grade_key(g.key) for g in generations}
+    return accuracy_table([g for g in ctx.store.grades.all() if g.key in keys])
+
+
+def judge_stage(ctx: RunContext) -> dict:
+    return run_judging(ctx.store, ctx.cfg.judge).model_dump()
+
+
+def analyze_stage(ctx: RunContext) -> None:
+    if not ctx.summary.results:
+        log.warning("no graded generations: skipping analysis, curation and the report")
+        return None
+    ctx.analysis = analyze(ctx.store, ctx.cfg.model.name, generation_keys=ctx.wanted)
+    return None
+
+
+def curate_stage(ctx: RunContext) -> CurateSummary | None:
+    if not ctx.cfg.curate.enabled or ctx.analysis is None:
+        return None
+    base = ctx.plan.base
+    result = curate(ctx.store, ctx.cfg.curate, ctx.cfg.sampling, ctx.cfg.model.name, base.fingerprint,
+                    lambda: ctx.executor.backend_for(base), ctx.grader, ctx.summary.run_id)
+    return CurateSummary(candidates=result.candidates, items=result.items, dpo_pairs=result.dpo_pairs,
+                         dir=str(result.out_dir) if result.out_dir else None)
+
+
+def finish_stage(ctx: RunContext) -> None:
+    """Engines are released and the summary is written before the report, which reads it."""
+    ctx.executor.close()
+    s = ctx.summary
+    s.finished_at = now_iso()
+    s.wall_seconds = round(time.monotonic() - ctx.env["t0"], 2)
+    s.versions, s.hardware = ctx.env["versions"], ctx.env["hardware"]
+    ctx.store.write_json("summary.json", s.dump())
+    return None
+
+
+def report_stage(ctx: RunContext) -> str | None:
+    if not ctx.cfg.report.enabled or ctx.analysis is None:
+        return None
+    path = build_report(ctx.store, index=ctx.index, base=ctx.cfg.model.name, max_failures=ctx.cfg.report.max_failures,
+                        analysis=ctx.analysis, generation_keys=ctx.wanted)
+    return str(path)
+
+
+def gates_stage(ctx: RunContext) -> GatesSummary:
+    previous = previous_summary(ctx.index, ctx.cfg.name, ctx.summary.run_id)
+    judgments = [j for j in ctx.store.judgments.all() if j.generation_key in ctx.wanted]
+    tripped = check_gates(ctx.cfg.gates, ctx.summary, ctx.cfg.model.name, previous, judgments)
+    return GatesSummary(tripped=tripped, passed=not tripped)
+
+
+# (summary field, stage): the field receives what the stage returns, when it returns something
+STAGES: list[tuple[str, Callable[[RunContext], Any]]] = [
+    ("quantization", quantize_stage),
+    ("generations", generate_stage),
+    ("results", grade_stage),
+    ("judge", judge_stage),
+    ("analysis", analyze_stage),
+    ("curate", curate_stage),
+    ("finish", finish_stage),
+    ("report", report_stage),
+    ("gates", gates_stage),
+]
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+
+def run(config_path: str | Path, output_dir: str | Path | None = None, index: RunIndex | None = None,
+        backend: Backend | None = None) -> RunSummary:
+    """Run every stage for a config; returns the summary (also written to summary.json).
+
+    ``backend``: an already started engine for the base model, used instead of starting one (the caller keeps
+    ownership and closes it)."""
+    t0 = time.monotonic()
+    return run_plan(make_plan(config_path, output_dir), index, backend, t0)
+
+
+def run_all(config_path: str | Path, output_dir: str | Path | None = None,
+            index: RunIndex | None = None) -> list[RunSummary]:
+    """Every run of a config: one, or one per model of a ``models:`` axis (all validated first, run in turn)."""
+    return [run_plan(plan, index) for plan in make_plans(config_path, output_dir)]
+
+
+def run_plan(plan: Plan, index: RunIndex | None = None, backend: Backend | None = None,
+             t0: float | None = None) -> RunSummary:
+    store = RunStore(plan.run_dir)
+    with RunLock(store.dir):
+        return _run_locked(plan, store, index or default_index(), backend, time.monotonic() if t0 is None else t0)
 
 
 def _attach_log_file(run_dir: Path) -> logging.Handler:
@@ -193,33 +199,7 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def run(config_path: str | Path, output_dir: str | Path | None = None, index: RunIndex | None = None,
-        backend: Backend | None = None) -> dict:
-    """Run every stage for a config; returns the summary (also written to summary.json).
-
-    ``backend``: an already started engine for the base model, used instead of starting one (the caller keeps
-    ownership and closes it)."""
-    t0 = time.monotonic()
-    plan = make_plan(config_path, output_dir)
-    return run_plan(plan, index, backend, t0)
-
-
-def run_all(config_path: str | Path, output_dir: str | Path | None = None,
-            index: RunIndex | None = None) -> list[dict]:
-    """Every run of a config: one, or one per model of a ``models:`` axis (all validated first, run in turn)."""
-    plans = make_plans(config_path, output_dir)
-    return [run_plan(plan, index) for plan in plans]
-
-
-def run_plan(plan: Plan, index: RunIndex | None = None, backend: Backend | None = None,
-             t0: float | None = None) -> dict:
-    store = RunStore(plan.run_dir)
-    with RunLock(store.dir):
-        return _run_locked(plan, store, index or default_index(), backend,
-                           time.monotonic() if t0 is None else t0)
-
-
-def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend | None, t0: float) -> dict:
+def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend | None, t0: float) -> RunSummary:
     cfg = plan.loaded.config
     handler = _attach_log_file(store.dir)
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
@@ -229,88 +209,28 @@ def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend |
     # the config as written: ${VAR} references stay unexpanded, so no secret or local path leaks into the run
     write_atomic(store.dir / "config.yaml", plan.loaded.text or yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     index.start(run_id, store.dir, cfg.name, config_hash, env)
-    status, summary = "failed", None
-    executor = None
+    summary = RunSummary(run_id=run_id, name=cfg.name, run_dir=str(store.dir), config_hash=config_hash,
+                         model={"spec": plan.base.spec, "fingerprint": plan.base.fingerprint,
+                                "source": plan.base.source})
+    ctx = RunContext(plan, store, index, summary, env={**env, "t0": t0})
+    status = "failed"
     try:
         store.problems.append(plan.problems)
-        summary = {"run_id": run_id, "name": cfg.name, "run_dir": str(store.dir), "config_hash": config_hash,
-                   "model": {"spec": plan.base.spec, "fingerprint": plan.base.fingerprint,
-                             "source": plan.base.source}}
-
-        executor = make_executor(cfg, backend, plan.base.fingerprint)
-        summary["executor"] = executor.kind
-        # quantize (or reuse cached checkpoints)
-        variants = [_base_variant(plan)] + executor.quantize(
-            [(plan.base, spec, variant_name(spec), None, plan.loaded.base_dir) for spec in cfg.quantize])
-        store.variants.append(variants)
-        summary["quantization"] = {
-            "variants": [{"name": v.name, "method": v.method, "reused": v.reused, "seconds": v.quantize_seconds,
-                          "path": v.path, "versions": v.versions} for v in variants[1:]],
-            "quantized": sum(not v.reused for v in variants[1:]), "reused": sum(v.reused for v in variants[1:])}
-
-        # generate: quantized variants first, the base last (a local engine then stays up for curation)
-        jobs, planned, wanted = [], 0, set()
-        for v in variants[1:] + variants[:1]:
-            model = ResolvedModel(v.name, v.path, v.fingerprint, "variant")
-            requests = plan.requests_for(v.name, model)
-            planned += len(requests)
-            wanted |= {r.key for r in requests}
-            todo = [r for r in requests if r.key not in store.generations]
-            log.info("%s: %d generations planned, %d to do", v.name, len(requests), len(todo))
-            if todo:
-                jobs.append((model, todo))
-        stats = executor.generate(store.generations, jobs, cfg.sampling, {v.fingerprint: v.name for v in variants})
-        produced, failed, gen_seconds = stats.produced, stats.failed, stats.seconds
-        summary["generations"] = {"planned": planned, "cached": planned - produced - failed, "produced": produced,
-                                  "failed": failed, "seconds": round(gen_seconds, 2)}
-
-        # grade
-        grader = Grader(cfg.grading.timeout_s, cfg.grading.workers)
-        generations = [g for g in store.generations.all() if g.key in wanted]
-        summary["grades_written"] = run_grading(store, grader, generations)
-        grade_keys = {grade_key(g.key) for g in generations}
-        summary["results"] = accuracy_table([g for g in store.grades.all() if g.key in grade_keys])
-
-        # judge, analyze, curate, report (they need graded generations)
-        from .judge import run_judging
-
-        summary["judge"] = run_judging(store, cfg.judge).model_dump()
-        from .analysis import analyze
-
-        analysis = analyze(store, cfg.model.name, generation_keys=wanted) if summary["results"] else None
-        if analysis is None:
-            log.warning("no graded generations: skipping analysis, curation and the report")
-        if cfg.curate.enabled and analysis is not None:
-            from .curate import curate
-
-            result = curate(store, cfg.curate, cfg.sampling, cfg.model.name, plan.base.fingerprint,
-                            lambda: executor.backend_for(plan.base), grader, run_id)
-            summary["curate"] = {"candidates": result.candidates, "items": result.items,
-                                 "dpo_pairs": result.dpo_pairs,
-                                 "dir": str(result.out_dir) if result.out_dir else None}
-        executor.close()
-        summary["finished_at"] = now_iso()
-        summary["wall_seconds"] = round(time.monotonic() - t0, 2)
-        summary["versions"], summary["hardware"] = env["versions"], env["hardware"]
-        store.write_json("summary.json", summary)
-        if cfg.report.enabled and analysis is not None:
-            from .report import build_report
-
-            path = build_report(store, index=index, base=cfg.model.name, max_failures=cfg.report.max_failures,
-                                analysis=analysis, generation_keys=wanted)
-            summary["report"] = str(path)
-        tripped = check_gates(cfg.gates, summary, cfg.model.name, previous_summary(index, cfg.name, run_id),
-                              [j for j in store.judgments.all() if j.generation_key in wanted])
-        summary["gates"] = {"tripped": tripped, "passed": not tripped}
-        store.write_json("summary.json", summary)
-        status = "incomplete" if failed else "gated" if tripped else "ok"
+        ctx.executor = make_executor(cfg, backend, plan.base.fingerprint)
+        summary.executor = ctx.executor.kind
+        for name, stage in STAGES:
+            section = stage(ctx)
+            if section is not None:
+                setattr(summary, name, section)
+        store.write_json("summary.json", summary.dump())
+        status = ("incomplete" if summary.generations.failed else "gated" if summary.gates.tripped else "ok")
         return summary
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
-        if executor is not None:
-            executor.close()
-        index.finish(run_id, status, summary)
+        if ctx.executor is not None:
+            ctx.executor.close()
+        index.finish(run_id, status, summary.dump())
         logging.getLogger().removeHandler(handler)
         handler.close()

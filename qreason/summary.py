@@ -1,12 +1,17 @@
-"""Accuracy per variant and task: per seed, and mean ± std across seeds, with outcome counts."""
+"""The run summary (``RunSummary``, written as summary.json) and its main table: accuracy per variant and task,
+per seed and mean ± std across seeds, with outcome counts."""
 
 from __future__ import annotations
 
 import statistics
 from collections import Counter, defaultdict
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from .records import Grade
 
+SCHEMA_VERSION = 1
 STATUSES = ("correct", "wrong", "no_answer", "truncated", "grader_error")
 
 
@@ -31,7 +36,8 @@ def accuracy_table(grades: list[Grade]) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list) -> str:
+    rows = [r.model_dump() if isinstance(r, BaseModel) else r for r in rows]
     head = ["variant", "task", "problems", "seeds", "accuracy", *STATUSES]
     body = [[r["variant"], r["task"], str(r["n_problems"]), str(len(r["seeds"])),
              f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} %",
@@ -39,3 +45,93 @@ def format_table(rows: list[dict]) -> str:
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*b) for b in body)])
+
+
+# ------------------------------------------------------------------------------------------ the run summary
+
+class Section(BaseModel):
+    """A part of the summary; unknown keys are kept (a newer qreason may have written them)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+
+class ResultRow(Section):
+    """Accuracy of one variant on one task (``accuracy_table``)."""
+
+    variant: str
+    task: str
+    n_problems: int
+    seeds: list[int]
+    accuracy_per_seed: dict[int, float]
+    accuracy_mean: float
+    accuracy_std: float
+    outcomes: dict[str, int]
+
+
+class QuantizedVariant(Section):
+    name: str = ""
+    method: str = ""
+    reused: bool = False
+    seconds: float | None = None
+    path: str = ""
+    versions: dict[str, str] = Field(default_factory=dict)
+
+
+class QuantizationSummary(Section):
+    variants: list[QuantizedVariant] = Field(default_factory=list)
+    quantized: int = 0
+    reused: int = 0
+
+
+class GenerationSummary(Section):
+    planned: int = 0
+    cached: int = 0
+    produced: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+
+class CurateSummary(Section):
+    candidates: int = 0
+    items: int = 0
+    dpo_pairs: int = 0
+    dir: str | None = None
+
+
+class GatesSummary(Section):
+    tripped: list[str] = Field(default_factory=list)
+    passed: bool = True
+
+
+class RunSummary(Section):
+    """``summary.json``: what one run did and found. Each stage fills its own section; readers (the CLI, gates,
+    the report's trend, ``compare``) use these fields, never string keys. Summaries of older runs (no
+    ``schema_version``) validate too: every section is optional."""
+
+    schema_version: int = SCHEMA_VERSION
+    run_id: str | None = None
+    name: str = ""
+    run_dir: str = ""
+    config_hash: str | None = None
+    model: dict[str, Any] = Field(default_factory=dict)
+    executor: str | None = None
+    quantization: QuantizationSummary | None = None
+    generations: GenerationSummary | None = None
+    grades_written: int = 0
+    results: list[ResultRow] = Field(default_factory=list)
+    judge: dict[str, Any] | None = None          # qreason.judge.JudgeStats
+    curate: CurateSummary | None = None
+    finished_at: str | None = None
+    wall_seconds: float | None = None
+    versions: dict[str, Any] = Field(default_factory=dict)
+    hardware: dict[str, Any] = Field(default_factory=dict)
+    report: str | None = None
+    gates: GatesSummary | None = None
+
+    @classmethod
+    def read(cls, data: dict | None) -> "RunSummary | None":
+        """A summary from JSON (a file or the run index); None for None."""
+        return None if data is None else cls.model_validate(data)
+
+    def dump(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=True)

@@ -4,7 +4,6 @@ turns a problem into chat messages."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -12,14 +11,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import synthetic
-from .config import LoadedConfig, TaskConfig
+from . import resources, synthetic
+from .config import TaskConfig
 from .errors import UserError
 from .records import Problem, content_key
 from .store import iter_jsonl
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-TASKS_DIR = Path(os.environ.get("QREASON_TASKS_DIR", REPO_DIR / "tasks"))
 
 
 class HubSource(BaseModel):
@@ -74,9 +71,9 @@ def load_spec(name: str, base_dir: Path | None = None) -> TaskSpec:
     candidate = Path(name)
     if not candidate.is_absolute() and base_dir is not None:
         candidate = base_dir / candidate
-    path = candidate if name.endswith((".yaml", ".yml")) else TASKS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in TASKS_DIR.glob("*.yaml") if p.stem != "prompts")
+    path = candidate if name.endswith((".yaml", ".yml")) else resources.find("tasks", f"{name}.yaml")
+    if path is None or not path.is_file():
+        known = task_names()
         raise UserError(f"task {name!r}", f"no such task (known: {', '.join(known)}; or give a path to a task YAML)")
     try:
         return TaskSpec.model_validate(_read_yaml(path))
@@ -85,12 +82,19 @@ def load_spec(name: str, base_dir: Path | None = None) -> TaskSpec:
         raise UserError(str(path), f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
+def task_names() -> list[str]:
+    """The tasks on the search path (built-in and the user's directories)."""
+    return [p.stem for p in resources.listing("tasks") if p.stem != "prompts"]
+
+
 def load_prompt(name: str) -> PromptTemplate:
-    path = TASKS_DIR / "prompts.yaml"
-    prompts = _read_yaml(path) or {}
-    if name not in prompts:
-        raise UserError(str(path), f"no prompt named {name!r}")
-    return PromptTemplate.model_validate(prompts[name])
+    """A prompt by name from the ``prompts.yaml`` files on the task search path (the user's first)."""
+    files = [d / "prompts.yaml" for d in resources.search_path("tasks") if (d / "prompts.yaml").is_file()]
+    for path in files:
+        prompts = _read_yaml(path) or {}
+        if name in prompts:
+            return PromptTemplate.model_validate(prompts[name])
+    raise UserError(" / ".join(map(str, files)) or "prompts.yaml", f"no prompt named {name!r}")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -150,11 +154,12 @@ def _problem(spec: TaskSpec, row: dict, index: int, where: str) -> Problem:
                    question=question, answer=answer, answer_type=spec.answer_type, meta=meta)
 
 
-def load_problems(task: TaskConfig, loaded: LoadedConfig) -> tuple[TaskSpec, list[Problem]]:
-    """Validated problems for one task of a run config (first ``limit`` rows)."""
-    spec = load_spec(task.name, loaded.base_dir)
+def load_problems(task: TaskConfig, base_dir: Path) -> tuple[TaskSpec, list[Problem]]:
+    """Validated problems for one task of a run config (first ``limit`` rows); relative paths (a task YAML, a
+    data file) are resolved against ``base_dir``, the config file's directory."""
+    spec = load_spec(task.name, base_dir)
     if task.data:
-        path = loaded.resolve(task.data)
+        path = (base_dir / Path(task.data).expanduser()).resolve()
         rows, where = read_jsonl(path), str(path)
     elif spec.source.synthetic is not None:
         params = {**spec.source.synthetic, **task.params}
@@ -163,7 +168,7 @@ def load_problems(task: TaskConfig, loaded: LoadedConfig) -> tuple[TaskSpec, lis
         try:
             rows = synthetic.generate(**params)
         except (TypeError, ValueError) as exc:
-            raise UserError(f"{loaded.path}: task {task.name}", f"bad synthetic params ({exc})") from None
+            raise UserError(f"task {task.name}", f"bad synthetic params ({exc})") from None
         where = f"synthetic task {task.name}"
     elif spec.source.hub is not None:
         rows, where = _hub_rows(spec), f"hub dataset {spec.source.hub.path}"

@@ -48,10 +48,10 @@ def vllm_backend(default_model):
     long-lived one."""
     if not has_vllm():
         pytest.skip("vLLM is not installed")
-    from qreason.config import BackendConfig
+    from qreason.config import VLLMConfig
     from qreason.generate.vllm_backend import VLLMBackend
 
-    backend = VLLMBackend(BackendConfig(max_model_len=2048, batch_size=32), default_model)
+    backend = VLLMBackend(VLLMConfig(max_model_len=2048, batch_size=32), default_model)
     yield backend
     backend.close()
 

@@ -117,13 +117,13 @@ def test_ray_and_local_executors_give_the_same_results(default_model, tmp_path, 
     ray_cfg = matrix_config(tmp_path / "ray.yaml", default_model.path,
                             "{kind: ray, local_cpus: 2}", tmp_path / "ray")
     on_ray = run(ray_cfg)
-    assert on_ray["executor"] == "ray" and on_ray["quantization"]["quantized"] == 1
-    assert on_ray["generations"] == {**on_ray["generations"], "planned": 24, "produced": 24, "failed": 0}
+    assert on_ray.executor == "ray" and on_ray.quantization.quantized == 1
+    assert on_ray.generations.model_dump() == {**on_ray.generations.model_dump(), "planned": 24, "produced": 24, "failed": 0}
     local = run(matrix_config(tmp_path / "local.yaml", default_model.path, "local", tmp_path / "local"))
-    assert local["executor"] == "local" and local["quantization"]["reused"] == 1
+    assert local.executor == "local" and local.quantization.reused == 1
     assert by_cell(tmp_path / "ray") == by_cell(tmp_path / "local")
     assert len(by_cell(tmp_path / "ray")) == 24
-    assert on_ray["results"] == local["results"]
+    assert on_ray.results == local.results
     backends = {json.loads(line)["backend"] for line in (tmp_path / "ray" / "generations.jsonl").open()}
     assert backends == {json.loads(line)["backend"] for line in (tmp_path / "local" / "generations.jsonl").open()}
     assert len(backends) == 1 and backends.pop().startswith("vllm")
@@ -221,8 +221,8 @@ curate: {{enabled: false}}
 report: {{enabled: false}}
 """)
             summary = run(cfg)
-        assert summary["executor"] == "ray"
-        assert summary["generations"]["produced"] == 10 and summary["generations"]["failed"] == 0
+        assert summary.executor == "ray"
+        assert summary.generations.produced == 10 and summary.generations.failed == 0
         assert len((tmp_path / "out" / "generations.jsonl").read_text().splitlines()) == 10
         assert cluster.poll() is None  # the cluster qreason connected to is still running
         probe = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{address}'); "

@@ -19,7 +19,7 @@ from qreason.judge import (JudgeConfig, JudgeInput, Verdict, build_messages, che
                            final_judgments, load_processbench, load_taxonomy, load_template, parse_judge_spec,
                            parse_reply, processbench_metrics, repetition_start, rule_verdict, run_bench,
                            run_judging, vote)
-from qreason.judge.cli import main as judge_main
+from qreason.cli import main as judge_main
 from qreason.judge.prompts import InvalidReply, neutralise, reply_schema
 
 TAX = load_taxonomy()

@@ -48,7 +48,7 @@ def test_gate_trips_on_a_regression_against_the_previous_night(tmp_path, monkeyp
     gates = "gates: {max_drop_vs_previous: 0.05, min_accuracy: 0.5}"
     with FaultServer([], content=solver(True)) as good:
         first = run(config(tmp_path, good.base_url, "m-good", gates))
-    assert first["results"][0]["accuracy_mean"] == 1.0 and first["gates"]["passed"]
+    assert first.results[0].accuracy_mean == 1.0 and first.gates.passed
     stored = (tmp_path / "out" / "nightly" / "config.yaml").read_text()
     assert "${RUN_ROOT}" in stored and str(tmp_path) not in stored  # references are kept, never expanded values
     with FaultServer([], content=solver(False)) as bad:  # tonight's model is broken
@@ -64,17 +64,19 @@ def test_gate_trips_on_a_regression_against_the_previous_night(tmp_path, monkeyp
 
 
 def test_gates_against_the_base_and_the_judge_error_rate():
-    summary = {"results": [
-        {"variant": "base", "task": "gsm8k", "accuracy_mean": 0.60},
-        {"variant": "gptq", "task": "gsm8k", "accuracy_mean": 0.57},
-        {"variant": "rtn", "task": "gsm8k", "accuracy_mean": 0.40}]}
+    from qreason.summary import RunSummary
+
+    summary = RunSummary(results=[
+        {"variant": v, "task": "gsm8k", "n_problems": 100, "seeds": [0], "accuracy_per_seed": {0: acc},
+         "accuracy_mean": acc, "accuracy_std": 0.0, "outcomes": {}}
+        for v, acc in (("base", 0.60), ("gptq", 0.57), ("rtn", 0.40))])
     judgments = [Judgment(key=str(i), generation_key=str(i), variant="rtn", task="gsm8k", problem_id=str(i), seed=0,
                           judge="j1" if i < 4 else "rules", status="judge_error" if i == 0 else "ok",
                           created_at="now") for i in range(6)]
     tripped = check_gates(GatesConfig(max_drop=0.05, max_judge_error_rate=0.2), summary, "base", None, judgments)
     assert tripped == ["rtn/gsm8k: accuracy 40.0% is 20.0 points below base (60.0%); the limit is 5.0",
                        "judge error rate 25.0% of 4 LLM judgments exceeds 20.0%"]
-    assert check_gates(GatesConfig(max_drop=0.05), summary | {"results": summary["results"][:2]}, "base", None,
+    assert check_gates(GatesConfig(max_drop=0.05), summary.model_copy(update={"results": summary.results[:2]}), "base", None,
                        []) == []
 
 
@@ -216,7 +218,7 @@ def test_trend_and_compare_name_a_library_upgrade_between_nights(tmp_path, monke
         second = run(config(tmp_path, server.base_url, "m"))
     html = (tmp_path / "out2" / "nightly" / "report.html").read_text()
     trend = html[html.index('id="trend"'):html.index('id="dataset"')]
-    assert trend.count(first["run_id"]) == 1 and trend.count(second["run_id"]) == 1
+    assert trend.count(first.run_id) == 1 and trend.count(second.run_id) == 1
     before = real["versions"][dist]
     assert f"{dist}: {before} -&gt; 99.0.0" in trend and "100.0%" in trend and "0.0%" in trend
     out = subprocess.run([sys.executable, "-m", "qreason.cli", "compare", str(tmp_path / "out" / "nightly"),
@@ -227,12 +229,14 @@ def test_trend_and_compare_name_a_library_upgrade_between_nights(tmp_path, monke
 
 def test_changes_between_runs():
     from qreason.envinfo import changes
+    from qreason.summary import RunSummary
 
     a = {"versions": {"vllm": "0.32.0", "torch": "2.13.0"}, "hardware": {"cpu": "X", "cpu_count": 2, "gpus": []},
          "quantization": {"variants": [{"versions": {"llmcompressor": "0.14.0"}}]}}
     b = {"versions": {"vllm": "0.32.0", "torch": "2.14.0", "ray": "2.60.0"},
          "hardware": {"cpu": "X", "cpu_count": 2, "gpus": ["H100"]},
          "quantization": {"variants": [{"versions": {"llmcompressor": "0.15.0"}}]}}
+    a, b = RunSummary.read(a), RunSummary.read(b)
     assert changes(a, b) == ["gpus: none -> H100", "llmcompressor (quantization): 0.14.0 -> 0.15.0",
                              "torch: 2.13.0 -> 2.14.0"]
-    assert changes(a, a) == [] and changes({}, b) == []
+    assert changes(a, a) == [] and changes(RunSummary(), b) == []

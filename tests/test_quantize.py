@@ -708,7 +708,7 @@ def tiny_base(path: Path) -> ResolvedModel:
 
 def generate_with_vllm(path: str) -> list:
     """Two short greedy answers from the vLLM backend (the engine is closed before returning)."""
-    from qreason.config import BackendConfig, SamplingConfig
+    from qreason.config import VLLMConfig, SamplingConfig
     from qreason.generate import make_request
     from qreason.generate.vllm_backend import VLLMBackend
     from qreason.records import Problem
@@ -721,7 +721,7 @@ def generate_with_vllm(path: str) -> list:
             key=f"p{i}", task="t", problem_id=str(i), question=question, answer="0", answer_type="number"
         )
         requests.append(make_request("v", model, p, [{"role": "user", "content": question}], sampling, 0))
-    backend = VLLMBackend(BackendConfig(), model)
+    backend = VLLMBackend(VLLMConfig(), model)
     try:
         return [done for _, done in backend.generate(requests, sampling)]
     finally:

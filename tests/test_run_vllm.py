@@ -66,12 +66,12 @@ def test_generation_records_carry_text_steps_tokens_and_versions(vllm_backend, d
 def test_run_twice_second_does_no_model_work(vllm_backend, tmp_path):
     cfg = synthetic_config(tmp_path, 12)
     first = run(cfg, backend=vllm_backend)
-    assert first["generations"]["produced"] == 12
-    (row,) = first["results"]
-    assert row["task"] == "synthetic" and row["n_problems"] == 12 and sum(row["outcomes"].values()) == 12
+    assert first.generations.produced == 12
+    (row,) = first.results
+    assert row.task == "synthetic" and row.n_problems == 12 and sum(row.outcomes.values()) == 12
     second = run(cfg)  # no backend given: an engine would be started only if there were work to do
-    assert second["generations"] == {**second["generations"], "produced": 0, "cached": 12}
-    assert second["results"] == first["results"]
+    assert second.generations.model_dump() == {**second.generations.model_dump(), "produced": 0, "cached": 12}
+    assert second.results == first.results
     run_dir = tmp_path / "out"
     for name in ("config.yaml", "environment.json", "summary.json", "problems.jsonl", "generations.jsonl",
                  "grades.jsonl", "run.log"):
@@ -103,8 +103,8 @@ def test_kill_9_while_generating_then_resume_gives_each_record_once(vllm_backend
     summary = run(cfg, backend=vllm_backend)
     keys = [json.loads(line)["key"] for line in gens.read_text().splitlines()]
     assert len(keys) == n and len(set(keys)) == n
-    assert summary["generations"]["produced"] == n - before
-    assert summary["results"][0]["n_problems"] == n
+    assert summary.generations.produced == n - before
+    assert summary.results[0].n_problems == n
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "gsm8k_test.jsonl").exists(), reason="shared data not present")
@@ -118,9 +118,9 @@ tasks:
 sampling: {{max_tokens: 64}}
 """)
     summary = run(cfg, backend=vllm_backend)
-    (row,) = summary["results"]
-    assert row["task"] == "gsm8k" and row["n_problems"] == 8
-    assert sum(row["outcomes"].values()) == 8
+    (row,) = summary.results
+    assert row.task == "gsm8k" and row.n_problems == 8
+    assert sum(row.outcomes.values()) == 8
 
 
 def test_seeded_sampling_at_batch_scale(vllm_backend, default_model, tmp_path):

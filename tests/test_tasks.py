@@ -47,7 +47,7 @@ def test_synthetic_problems_are_deterministic_and_their_answers_follow_from_the_
 
 def test_synthetic_task_records_difficulty(tmp_path):
     cfg = loaded(tmp_path, "  - name: synthetic\n    limit: 8\n    params: {max_steps: 2}\n")
-    spec, problems = load_problems(cfg.config.tasks[0], cfg)
+    spec, problems = load_problems(cfg.config.tasks[0], cfg.base_dir)
     assert len(problems) == 8 and spec.answer_type == "number"
     assert {p.meta["difficulty"] for p in problems} == {1, 2}
     assert len({p.problem_id for p in problems}) == 8
@@ -58,7 +58,7 @@ def test_local_gsm8k_style_file_extracts_answer_and_reference_steps(tmp_path):
         {"question": "Tom has 3 bags of 4 apples. How many apples?", "answer": "3 * 4 = <<3*4=12>>12\n#### 12"},
         {"question": "A shop sells 1,000 pens and 234 more.", "answer": "1000 + 234 = 1234\n#### 1,234"}])
     cfg = loaded(tmp_path, f"  - name: gsm8k\n    data: {data}\n")
-    spec, problems = load_problems(cfg.config.tasks[0], cfg)
+    spec, problems = load_problems(cfg.config.tasks[0], cfg.base_dir)
     assert [p.answer for p in problems] == ["12", "1234"]
     assert [p.problem_id for p in problems] == ["0", "1"]
     assert problems[0].meta["reference_steps"] == ["3 * 4 = 12"] and problems[0].meta["n_reference_steps"] == 1
@@ -68,16 +68,16 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "#### 1"}], ["{not json\n"])
     cfg = loaded(tmp_path, f"  - name: gsm8k\n    data: {data}\n")
     with pytest.raises(UserError, match=re.escape(f"{data}:2: invalid JSON")):
-        load_problems(cfg.config.tasks[0], cfg)
+        load_problems(cfg.config.tasks[0], cfg.base_dir)
 
 
 def test_missing_field_and_missing_file_are_user_errors(tmp_path):
     data = write_jsonl(tmp_path / "m.jsonl", [{"question": "q", "answer": "#### 1"}, {"question": "q2"}])
     cfg = loaded(tmp_path, f"  - name: gsm8k\n    data: {data}\n  - name: gsm8k\n    data: nope.jsonl\n")
     with pytest.raises(UserError, match=re.escape(f"{data}:2: missing field 'answer'")):
-        load_problems(cfg.config.tasks[0], cfg)
+        load_problems(cfg.config.tasks[0], cfg.base_dir)
     with pytest.raises(UserError, match="nope.jsonl: data file not found"):
-        load_problems(cfg.config.tasks[1], cfg)
+        load_problems(cfg.config.tasks[1], cfg.base_dir)
 
 
 def test_unknown_task_lists_the_known_ones():
@@ -88,7 +88,7 @@ def test_unknown_task_lists_the_known_ones():
 def test_hub_source_unreachable_suggests_local_data(tmp_path):
     cfg = loaded(tmp_path, "  - name: gsm8k\n")
     with pytest.raises(UserError, match="set data: PATH.jsonl"):
-        load_problems(cfg.config.tasks[0], cfg)
+        load_problems(cfg.config.tasks[0], cfg.base_dir)
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared data not present")
@@ -97,7 +97,7 @@ def test_hub_source_unreachable_suggests_local_data(tmp_path):
                                                     ("aime24", "aime2024.jsonl", "integer")])
 def test_real_datasets_load_by_path(tmp_path, task, file, answer_type):
     cfg = loaded(tmp_path, f"  - name: {task}\n    data: {SHARED_DATA / file}\n    limit: 20\n")
-    spec, problems = load_problems(cfg.config.tasks[0], cfg)
+    spec, problems = load_problems(cfg.config.tasks[0], cfg.base_dir)
     assert len(problems) == 20 and all(p.answer_type == answer_type for p in problems)
     assert all(p.answer and "####" not in p.answer for p in problems)
     if task == "math500":
@@ -108,7 +108,7 @@ def test_real_datasets_load_by_path(tmp_path, task, file, answer_type):
 
 def test_messages_ask_for_numbered_steps_and_boxed_answer_with_optional_example(tmp_path):
     cfg = loaded(tmp_path, "  - name: synthetic\n    limit: 1\n")
-    spec, (problem,) = load_problems(cfg.config.tasks[0], cfg)
+    spec, (problem,) = load_problems(cfg.config.tasks[0], cfg.base_dir)
     plain = build_messages(spec, problem, format_example=False)
     shown = build_messages(spec, problem, format_example=True)
     assert [m["role"] for m in plain] == ["user"] and [m["role"] for m in shown] == ["user", "assistant", "user"]

@@ -1,8 +1,8 @@
 """Generation stage: requests in, ``Generation`` records out, stored as each batch completes.
 
-A backend is anything with ``name``, ``versions`` and ``generate(requests, sampling)`` yielding
-``(request, Completion)`` pairs as they finish. Two exist: the vLLM offline engine and an OpenAI-compatible
-endpoint. The stage itself is backend-agnostic: it skips requests whose key is stored, converts completions to
+Backends (``base.py`` holds their protocol and registry) are looked up by the config's ``kind``: the vLLM offline
+engine (``vllm``), an OpenAI-compatible endpoint (``openai``) and generations made elsewhere read from a file
+(``replay``). The stage itself is backend-agnostic: it skips requests whose key is stored, converts completions to
 records, and appends them durably in small groups so a killed run loses at most the group in flight.
 """
 
@@ -11,77 +11,24 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Iterable
 
 from tqdm.auto import tqdm
 
-from ..models import ResolvedModel
-from ..records import Generation, Problem, content_key
+from ..records import Generation
 from ..steps import split_steps
 from ..store import Table, now_iso
+from . import openai_backend, replay_backend, vllm_backend  # noqa: F401  (each registers its backend)
+from .base import (BACKENDS, Backend, Completion, GenerationRequest, make_backend, make_request, register_backend,
+                   resolve_base, sampling_identity)
 
-if TYPE_CHECKING:  # config imports the judge package, which uses this one: no runtime import here
-    from ..config import BackendConfig, SamplingConfig
+if TYPE_CHECKING:
+    from ..config import SamplingConfig
+
+__all__ = ["BACKENDS", "Backend", "Completion", "GenerationRequest", "GenerationStats", "make_backend",
+           "make_request", "register_backend", "resolve_base", "run_generation", "sampling_identity", "to_record"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    key: str
-    variant: str
-    model_fingerprint: str
-    task: str
-    problem_id: str
-    messages: list[dict[str, str]]
-    seed: int
-
-    @property
-    def prompt_hash(self) -> str:
-        return content_key("messages", self.messages)
-
-
-@dataclass
-class Completion:
-    text: str = ""
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    finish_reason: str | None = None
-    seconds: float = 0.0
-    error: str | None = None  # set when the backend gave up on this request; nothing is stored for it
-
-
-class Backend(Protocol):
-    name: str
-    versions: dict[str, str]
-
-    def generate(self, requests: list[GenerationRequest],
-                 sampling: SamplingConfig) -> Iterator[tuple[GenerationRequest, Completion]]: ...
-
-    def close(self) -> None: ...
-
-
-def sampling_identity(sampling: SamplingConfig) -> dict:
-    """The sampling settings that change a single generation (seeds are per request)."""
-    return sampling.model_dump(exclude={"seeds"})
-
-
-def make_request(variant: str, model: ResolvedModel, problem: Problem, messages: list[dict[str, str]],
-                 sampling: SamplingConfig, seed: int) -> GenerationRequest:
-    key = content_key("generation", model.fingerprint, problem.task, problem.problem_id, problem.key,
-                      content_key("messages", messages), sampling_identity(sampling), seed)
-    return GenerationRequest(key=key, variant=variant, model_fingerprint=model.fingerprint, task=problem.task,
-                             problem_id=problem.problem_id, messages=messages, seed=seed)
-
-
-def make_backend(cfg: BackendConfig, model: ResolvedModel) -> Backend:
-    if cfg.kind == "openai":
-        from .openai_backend import OpenAIBackend
-
-        return OpenAIBackend(cfg, model)
-    from .vllm_backend import VLLMBackend
-
-    return VLLMBackend(cfg, model)
 
 
 def to_record(req: GenerationRequest, done: Completion, backend: Backend, sampling: SamplingConfig) -> Generation:

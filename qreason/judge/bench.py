@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..config import RULES_JUDGE
 from ..store import iter_jsonl, write_atomic
+from .base import make_judge
 from .client import JudgeClient, ReplyCache, add_usage
 from .config import JudgeSpec
 from .panel import vote
 from .prompts import JudgeInput, Verdict, load_taxonomy, load_template
-from .rules import RULES_JUDGE, rule_verdict
+from .rules import rule_verdict
 from .stage import _run_coroutine
 
 
@@ -94,7 +96,7 @@ def run_bench(data: Path, judges: list[JudgeSpec], out: Path, prompt_version: st
     else:
         template, taxonomy = load_template(prompt_version), load_taxonomy()
         cache = ReplyCache(out / "judge_cache.sqlite")
-        clients = [JudgeClient(spec, template, taxonomy, cache) for spec in judges]
+        clients = [make_judge(spec, template, taxonomy, cache) for spec in judges]
         try:
             verdicts = _run_coroutine(_judge_rows(rows, clients))
         finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -136,13 +135,3 @@ def cmd_judge_bench(args) -> int:
     print(json.dumps(metrics, indent=2))
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m qreason.judge.cli judge ...``: the same as ``qreason judge ...``."""
-    from ..cli import main as qreason_main
-
-    return qreason_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,6 +26,7 @@ from typing import Any, Iterable
 from ..errors import UserError
 from ..records import content_key
 from ..store import iter_jsonl
+from .base import register_judge
 from .config import JudgeSpec
 from .prompts import (InvalidReply, JudgeInput, PromptTemplate, Taxonomy, Verdict, build_messages, parse_reply,
                       reply_schema, response_format)
@@ -83,6 +84,7 @@ class JudgeRequest:
     n_steps: int
 
 
+@register_judge("openai")
 class JudgeClient:
     """One judge spec: builds requests, answers them from the cache or the endpoint, and counts HTTP requests."""
 

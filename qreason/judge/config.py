@@ -1,88 +1,19 @@
-"""Configuration of the judge stage: the judge specs, which failures to judge, the prompt version, batch mode."""
+"""Reading judge configuration from the command line and from files. The schemas themselves (judge specs, which
+failures to judge, the prompt version, batch mode) live in ``qreason.config`` with every other schema."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
-from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
+from ..config import PANEL_JUDGE, RULES_JUDGE, BatchConfig, JudgeConfig, JudgeSpec
 from ..errors import UserError
-from .prompts import DEFAULT_PROMPT_VERSION
-from .rules import RULES_JUDGE
 
-PANEL_JUDGE = "panel"
-RESERVED_NAMES = {RULES_JUDGE, PANEL_JUDGE}
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class JudgeSpec(Strict):
-    """One LLM judge: a model behind an OpenAI-compatible endpoint."""
-
-    name: str                              # label stored in Judgment.judge; unique within a panel
-    base_url: str                          # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
-    model: str
-    api_key_env: str = "OPENAI_API_KEY"    # the variable holding the key (unset: "EMPTY", for local servers)
-    concurrency: int = Field(default=4, ge=1)
-    timeout_s: float = Field(default=120.0, gt=0)
-    max_retries: int = Field(default=4, ge=0)       # transport retries: 408/409/429/5xx, timeouts, dropped connections
-    invalid_retries: int = Field(default=2, ge=0)   # further attempts after a malformed or off-schema reply
-    backoff_s: float = Field(default=1.0, ge=0)     # first wait before an invalid-reply retry (doubles each time)
-    temperature: float = Field(default=0.0, ge=0)
-    retry_temperature: float = Field(default=0.7, ge=0)  # used for invalid-reply retries (a greedy judge would
-                                                         # repeat the same reply)
-    max_tokens: int | None = Field(default=None, gt=0)   # default: the prompt template's max_tokens
-    seed: int | None = None
-    schema_limits: bool = True    # put maxLength/minimum/maximum into the reply schema (turn off for endpoints
-                                  # whose strict mode rejects them)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, name: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]*", name):
-            raise ValueError("must be a slug (letters, digits, '.', '_', ':', '/', '-')")
-        if name in RESERVED_NAMES:
-            raise ValueError(f"{name!r} is reserved")
-        return name
-
-
-class BatchConfig(Strict):
-    """Batch mode: ``write`` writes one OpenAI batch input file per judge (requests not answered yet) and makes
-    no requests; ``read`` loads the matching output files (OpenAI Batch API or ``vllm run-batch``) into the cache
-    and judges from the cache only. Files: DIR/JUDGE.batch_input.jsonl and DIR/JUDGE.batch_output.jsonl."""
-
-    mode: Literal["off", "write", "read"] = "off"
-    dir: str | None = None        # default: RUN_DIR/judge_batch
-
-
-class JudgeConfig(Strict):
-    """The judge stage. No judges: the rule checks are the only (offline) judge."""
-
-    judges: list[JudgeSpec] = Field(default_factory=list)
-    which: Literal["failures", "flips"] = "failures"
-    statuses: list[Literal["wrong", "no_answer", "truncated", "grader_error"]] = \
-        Field(default_factory=lambda: ["wrong", "no_answer", "truncated"], min_length=1)
-    base_variant: str = "base"
-    prompt_version: str = DEFAULT_PROMPT_VERSION
-    llm_for_outcomes: bool = False   # also send no-answer / truncated / collapsed solutions to the LLM judges
-    retry_invalid: bool = False      # ask again where a judge gave no valid reply in an earlier run (transport
-                                     # failures are always retried)
-    cache_path: str | None = None    # default: RUN_DIR/judge_cache.sqlite
-    batch: BatchConfig = Field(default_factory=BatchConfig)
-
-    @model_validator(mode="after")
-    def _unique(self) -> "JudgeConfig":
-        names = [j.name for j in self.judges]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"judge names must be unique (repeated: {', '.join(dup)})")
-        return self
+__all__ = ["BatchConfig", "JudgeConfig", "JudgeSpec", "PANEL_JUDGE", "RULES_JUDGE", "load_judge_config",
+           "parse_judge_spec"]
 
 
 def _first_error(exc: ValidationError) -> str:

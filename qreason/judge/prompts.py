@@ -10,7 +10,6 @@ a hash of itself). Templates are filled in a single pass, so substituted text is
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -20,12 +19,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .. import resources
+from ..config import DEFAULT_PROMPT_VERSION
 from ..errors import UserError
 from ..records import content_key
 
-REPO_DIR = Path(__file__).resolve().parent.parent.parent
-PROMPTS_DIR = Path(os.environ.get("QREASON_JUDGE_PROMPTS_DIR", REPO_DIR / "judge_prompts"))
-DEFAULT_PROMPT_VERSION = "judge-v1"
 NONE = "none"          # what the reply schema uses for "no error" in the type fields
 OUTCOME = "Outcome"    # error_type of the outcomes the rule checks detect
 
@@ -114,7 +112,7 @@ def _validate(model: type[BaseModel], data: Any, path: Path):
 
 @lru_cache(maxsize=8)
 def load_taxonomy(path: Path | None = None) -> Taxonomy:
-    path = Path(path) if path else PROMPTS_DIR / "taxonomy.yaml"
+    path = Path(path) if path else resources.find("judge_prompts", "taxonomy.yaml")
     return _validate(Taxonomy, _load_yaml(path), path)
 
 
@@ -135,9 +133,10 @@ class PromptTemplate(BaseModel):
 @lru_cache(maxsize=8)
 def load_template(version: str = DEFAULT_PROMPT_VERSION) -> PromptTemplate:
     """A judge prompt template by version (``judge-v1`` is judge_prompts/judge_v1.yaml) or by path."""
-    path = Path(version) if version.endswith((".yaml", ".yml")) else PROMPTS_DIR / f"{version.replace('-', '_')}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem.replace("_", "-") for p in PROMPTS_DIR.glob("judge_*.yaml"))
+    path = (Path(version) if version.endswith((".yaml", ".yml"))
+            else resources.find("judge_prompts", f"{version.replace('-', '_')}.yaml"))
+    if path is None or not path.is_file():
+        known = [p.stem.replace("_", "-") for p in resources.listing("judge_prompts", "judge_*.yaml")]
         raise UserError(f"prompt version {version!r}", f"no such judge prompt (known: {', '.join(known)})")
     tpl = _validate(PromptTemplate, _load_yaml(path), path)
     if not version.endswith((".yaml", ".yml")) and tpl.version != version:

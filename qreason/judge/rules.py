@@ -31,7 +31,6 @@ from typing import Iterator
 from .prompts import OUTCOME, Verdict
 
 RULES_REVISION = 1
-RULES_JUDGE = "rules"
 
 # ------------------------------------------------------------------------------------------------ text clean-up
 

@@ -33,11 +33,12 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..records import Generation, Grade, Judgment, Problem, content_key
 from ..store import RunStore, now_iso
+from .base import make_judge
 from .client import JudgeClient, JudgeRequest, ReplyCache, add_usage, read_batch, write_batch
-from .config import PANEL_JUDGE, JudgeConfig
+from .config import PANEL_JUDGE, RULES_JUDGE, JudgeConfig
 from .panel import vote
 from .prompts import OUTCOME, JudgeInput, Verdict, load_taxonomy, load_template
-from .rules import RULES_JUDGE, RULES_REVISION, rule_verdict
+from .rules import RULES_REVISION, rule_verdict
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ def run_judging(store: RunStore, cfg: JudgeConfig) -> JudgeStats:
     taxonomy = load_taxonomy()
     cache = ReplyCache(_resolve(store, cfg.cache_path, "judge_cache.sqlite"))
     batch_dir = _resolve(store, cfg.batch.dir, "judge_batch")
-    clients = [JudgeClient(spec, template, taxonomy, cache, offline=cfg.batch.mode != "off") for spec in cfg.judges]
+    clients = [make_judge(spec, template, taxonomy, cache, offline=cfg.batch.mode != "off") for spec in cfg.judges]
     for cl in clients:
         stats.judges[cl.spec.name] = {"ok": 0, "judge_error": 0, "cached": 0, "done": 0, "pending": 0}
     try:

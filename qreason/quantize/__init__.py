@@ -23,11 +23,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
+from ..config import CalibrationSpec, QuantizeSpec
 from ..errors import UserError
 from .launch import QuantizeFailed
 
@@ -46,37 +45,6 @@ __all__ = [
     "list_methods",
     "QuantizeFailed",
 ]
-
-
-class CalibrationSpec(BaseModel):
-    """Where calibration samples come from (only methods that calibrate use them)."""
-
-    model_config = ConfigDict(extra="forbid")
-    source: Literal["generic", "jsonl", "traces"] = "generic"
-    path: str | None = None  # jsonl: the file (required); traces: local data for the task (optional)
-    task: str | None = None  # traces: the task to answer (required); jsonl: use that task's field names
-    n_samples: int = Field(default=64, gt=0)
-    max_seq_len: int = Field(default=512, gt=0)
-    seed: int = 0  # which rows/problems are chosen
-
-
-class QuantizeSpec(BaseModel):
-    """One variant to make: a method from the registry (``list_methods()``) with overrides, or an import."""
-
-    model_config = ConfigDict(extra="forbid")
-    method: str
-    overrides: dict[str, Any] = Field(default_factory=dict)
-    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
-    path: str | None = None  # import: a quantized checkpoint directory or hub id
-    revision: str | None = None  # import from the hub: the revision
-
-    @model_validator(mode="after")
-    def _import_needs_path(self) -> "QuantizeSpec":
-        if self.method == "import" and not self.path:
-            raise ValueError("method import needs path: the quantized checkpoint (directory or hub id)")
-        if self.method != "import" and self.path:
-            raise ValueError("path is only for method import")
-        return self
 
 
 def list_methods() -> list[dict]:

@@ -25,7 +25,7 @@ from ..errors import UserError
 
 if TYPE_CHECKING:
     from ..models import ResolvedModel
-    from . import CalibrationSpec
+    from ..config import CalibrationSpec
 
 GENERIC_TEXT = Path(__file__).with_name("calibration_text.txt")
 # Row layouts a JSONL calibration file may use, tried in order: (fields, how the row becomes a sample).
@@ -171,25 +171,19 @@ def plan_calibration(spec: "CalibrationSpec", base_dir: Path | None = None) -> C
 
 def generate_traces(plan: CalibrationPlan, base: "ResolvedModel", echo: Callable[[str], None]) -> list[dict]:
     """Answers of the full-precision model to ``n_samples`` problems of the task, as chat samples."""
-    from ..config import BackendConfig, LoadedConfig, RunConfig, SamplingConfig, TaskConfig
+    from ..config import SamplingConfig, TaskConfig, VLLMConfig
     from ..generate import make_backend, make_request
     from ..tasks import build_messages, load_problems
     from .shapes import read_config
 
     s = plan.spec
     task_cfg = TaskConfig(name=s.task, data=str(plan.path) if plan.path else None)
-    base_dir = plan.base_dir or Path.cwd()
-    loaded = LoadedConfig(
-        config=RunConfig(name="calibration-traces", tasks=[task_cfg]),
-        path=base_dir / "calibration-traces.yaml",
-        base_dir=base_dir,
-    )
-    task_spec, problems = load_problems(task_cfg, loaded)
+    task_spec, problems = load_problems(task_cfg, plan.base_dir or Path.cwd())
     random.Random(s.seed).shuffle(problems)
     chosen = problems[: s.n_samples]
     sampling = SamplingConfig(temperature=0.0, max_tokens=s.max_seq_len, seeds=[s.seed])
     positions = read_config(base.path).get("max_position_embeddings") or 4096
-    backend_cfg = BackendConfig(max_model_len=min(int(positions), s.max_seq_len + 2048))
+    backend_cfg = VLLMConfig(max_model_len=min(int(positions), s.max_seq_len + 2048))
     requests = [
         make_request("calibration", base, p, build_messages(task_spec, p, False), sampling, s.seed)
         for p in chosen

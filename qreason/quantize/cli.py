@@ -1,7 +1,6 @@
 """``qreason quantize``: make (or reuse) a quantized variant of a model from the command line.
 
-``register(subparsers)`` adds the sub-command to qreason's parser; ``python -m qreason.quantize.cli`` runs
-it on its own.
+``register(subparsers)`` adds the sub-command to qreason's parser (``qreason.cli``).
 """
 
 from __future__ import annotations
@@ -176,13 +175,3 @@ def register(subparsers) -> argparse.ArgumentParser:
     q.set_defaults(fn=run_command)
     return q
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m qreason.quantize.cli ARGS``: the same as ``qreason quantize ARGS``."""
-    from ..cli import main as qreason_main
-
-    return qreason_main(["quantize", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

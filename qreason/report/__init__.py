@@ -17,6 +17,7 @@ import pandas as pd
 from ..envinfo import changes
 from ..analysis import Analysis, analyze, verdicts
 from ..store import RunIndex, RunStore, write_atomic
+from ..summary import RunSummary
 from . import figures
 
 TEMPLATE_DIR = Path(__file__).parent
@@ -57,22 +58,20 @@ def drilldown(store: RunStore, base: str, limit: int, generation_keys: set[str] 
     return items[:limit]
 
 
-def trend_points(index: RunIndex | None, name: str, current: dict | None = None) -> pd.DataFrame:
+def trend_points(index: RunIndex | None, name: str, current: RunSummary | None = None) -> pd.DataFrame:
     """Accuracy per variant/task of every finished run of this config, plus the current one."""
     rows = []
-    runs = [r for r in (index.list(name) if index is not None else []) if r["status"] == "ok" and r["summary"]]
-    if current and current.get("results") and all(r["run_id"] != current.get("run_id") for r in runs):
-        runs.append({"run_id": current["run_id"], "finished_at": current.get("finished_at"), "started_at": None,
-                     "summary": current})
-    runs.sort(key=lambda r: r["finished_at"] or r["started_at"] or "")
+    runs = [(r["run_id"], r["finished_at"] or r["started_at"] or "", RunSummary.read(r["summary"]))
+            for r in (index.list(name) if index is not None else []) if r["status"] == "ok" and r["summary"]]
+    if current and current.results and all(run_id != current.run_id for run_id, _, _ in runs):
+        runs.append((current.run_id, current.finished_at or "", current))
+    runs.sort(key=lambda r: r[1])
     previous = None
-    for run in runs:
-        summary = run["summary"]
-        when = datetime.fromisoformat(run["finished_at"] or run["started_at"])
+    for run_id, when, summary in runs:
         changed = "; ".join(changes(previous, summary)) if previous is not None else ""
-        for r in summary.get("results", []):
-            rows.append({"when": when, "run_id": run["run_id"], "series": f"{r['variant']} / {r['task']}",
-                         "accuracy": r["accuracy_mean"], "changes": changed})
+        for r in summary.results:
+            rows.append({"when": datetime.fromisoformat(when), "run_id": run_id, "series": f"{r.variant} / {r.task}",
+                         "accuracy": r.accuracy_mean, "changes": changed})
         previous = summary
     return pd.DataFrame(rows, columns=["when", "run_id", "series", "accuracy", "changes"])
 
@@ -92,7 +91,7 @@ def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex 
                  base: str = "base", max_failures: int = 200, analysis: Analysis | None = None,
                  generation_keys: set[str] | None = None) -> Path:
     analysis = analysis or analyze(store, base, generation_keys=generation_keys)
-    summary = store.read_json("summary.json") or {}
+    summary = RunSummary.read(store.read_json("summary.json") or {})
     env = store.read_json("environment.json") or {}
     card_path = store.dir / "silver_bullet" / "README.md"
     deg = analysis.degradation
@@ -101,7 +100,7 @@ def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex 
     for j in chosen.values():
         if j.first_error_step is not None and j.first_error_step >= 0:
             first_error_rel[j.variant].append(j.first_error_step)
-    trend = trend_points(index, summary.get("name", store.dir.name), summary)
+    trend = trend_points(index, summary.name or store.dir.name, summary)
     trend_series, trend_rows = trend_table(trend)
     figs = {
         "accuracy": figures.grouped_bars(deg, "task", "variant", "accuracy", "Accuracy by task", "accuracy (%)",
@@ -117,8 +116,8 @@ def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex 
     }
     env_versions = env.get("versions", {})
     context = {
-        "title": f"qreason report: {summary.get('name', store.dir.name)}",
-        "summary": summary, "environment": env, "versions": env_versions,
+        "title": f"qreason report: {summary.name or store.dir.name}",
+        "summary": summary.dump(), "environment": env, "versions": env_versions,
         "degradation": _records(deg), "flips": _records(analysis.flips),
         "error_types": _records(analysis.error_types), "sub_types": _records(analysis.sub_types),
         "capabilities": _records(analysis.capabilities), "first_errors": _records(analysis.first_errors),

@@ -1,0 +1,7 @@
+"""``python -m qreason ARGS``: the same as the ``qreason`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
