@@ -51,7 +51,7 @@ def bootstrap_diff_ci(base: np.ndarray, variant: np.ndarray, n_boot: int = 2000,
     return float(lo), float(hi)
 
 
-def frames(store: RunStore, generation_keys: set[str] | None = None) -> dict[str, pd.DataFrame]:
+def frames(store: RunStore, generation_keys: set[str] | None = None, base: str = BASE) -> dict[str, pd.DataFrame]:
     """The run's records as DataFrames: one row per grade (joined with its generation, problem and variant),
     and one row per judgment. ``generation_keys`` limits them to those generations (a config's own work, when
     the run directory also holds records of an earlier version of the config)."""
@@ -74,7 +74,7 @@ def frames(store: RunStore, generation_keys: set[str] | None = None) -> dict[str
         df = df.merge(variants.drop_duplicates("variant"), on="variant", how="left")
     else:
         df["method"], df["bits"] = None, None
-    df["method"] = df["method"].fillna(df["variant"].where(df["variant"] != BASE, "none"))
+    df["method"] = df["method"].fillna(df["variant"].where(df["variant"] != base, "none"))
     df["correct"] = (df["status"] == "correct").astype(int)
     records = [j for j in store.judgments.all() if keep(j.generation_key)]
     judgments = pd.DataFrame([j.model_dump() for j in records])
@@ -241,7 +241,7 @@ class Analysis:
 
 def analyze(store: RunStore, base: str = BASE, save: bool = True,
             generation_keys: set[str] | None = None) -> Analysis:
-    data = frames(store, generation_keys)
+    data = frames(store, generation_keys, base)
     df, judgments = data["grades"], data["judgments"]
     if df.empty:
         raise ValueError(f"{store.dir}: no graded generations to analyse")

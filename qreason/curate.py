@@ -28,6 +28,7 @@ import pandas as pd
 
 from .analysis import verdicts
 from .config import CurateConfig, SamplingConfig
+from .flips import is_flip, latest_grades, solved_cells
 from .generate import Backend, GenerationRequest, run_generation
 from .grade import Grader, grade_key, run_grading
 from .records import Generation, Judgment, SilverBulletItem, content_key
@@ -56,15 +57,15 @@ def split_at_step(text: str, k: int) -> tuple[str, str] | None:
 
 
 def find_candidates(store: RunStore, base: str) -> list[Candidate]:
-    grades = {(g.variant, g.task, g.problem_id, g.seed): g.status for g in store.grades.all()}
+    solved = solved_cells(latest_grades(store).values(), base)
     generations = {g.key: g for g in store.generations.all()}
     out = []
     for gen_key, verdict in sorted(verdicts(store).items()):
         gen = generations.get(gen_key)
-        if gen is None or gen.variant == base or verdict.first_error_step is None or verdict.first_error_step < 0:
+        if gen is None or not is_flip(gen, base, solved):
             continue
-        if grades.get((base, gen.task, gen.problem_id, gen.seed)) != "correct":
-            continue  # not a flip
+        if verdict.first_error_step is None or verdict.first_error_step < 0:
+            continue
         parts = split_at_step(gen.text, verdict.first_error_step)
         if parts is None:
             continue

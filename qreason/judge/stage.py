@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..flips import is_flip, latest_grades, solved_cells
 from ..records import Generation, Grade, Judgment, Problem, content_key
 from ..store import RunStore, now_iso
 from .base import make_judge
@@ -66,19 +67,10 @@ class JudgeStats(BaseModel):
 
 # ---------------------------------------------------------------------------------------------- selection
 
-def latest_grades(store: RunStore) -> dict[str, Grade]:
-    """The newest grade of each generation (file order)."""
-    out: dict[str, Grade] = {}
-    for g in store.grades.all():
-        out[g.generation_key] = g
-    return out
-
-
 def select_candidates(store: RunStore, cfg: JudgeConfig) -> list[Candidate]:
     """The failures to judge: graded with a status in cfg.statuses, flips marked; only flips if cfg.which says so."""
     grades = latest_grades(store)
-    base_correct = {(g.task, g.problem_id, g.seed) for g in grades.values()
-                    if g.variant == cfg.base_variant and g.status == "correct"}
+    solved = solved_cells(grades.values(), cfg.base_variant)
     problems = {(p.task, p.problem_id): p for p in store.problems.all()}
     out = []
     for grade in grades.values():
@@ -91,7 +83,7 @@ def select_candidates(store: RunStore, cfg: JudgeConfig) -> list[Candidate]:
         if problem is None:
             raise UserError(str(store.problems.path),
                             f"no problem {gen.task}/{gen.problem_id} for generation {gen.key}")
-        flip = gen.variant != cfg.base_variant and (gen.task, gen.problem_id, gen.seed) in base_correct
+        flip = is_flip(gen, cfg.base_variant, solved)
         if cfg.which == "flips" and not flip:
             continue
         out.append(Candidate(gen, grade, problem, flip))

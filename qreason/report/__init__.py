@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..envinfo import changes
 from ..analysis import Analysis, analyze, verdicts
+from ..flips import is_flip, latest_grades, solved_cells
 from ..store import RunIndex, RunStore, write_atomic
 from ..summary import RunSummary
 from . import figures
@@ -31,7 +32,8 @@ def drilldown(store: RunStore, base: str, limit: int, generation_keys: set[str] 
     """Failures of non-base variants that have a verdict: flips first, each beside the base's solution."""
     generations = {g.key: g for g in store.generations.all() if generation_keys is None or g.key in generation_keys}
     by_cell = {(g.variant, g.task, g.problem_id, g.seed): g for g in generations.values()}
-    grades = {g.generation_key: g for g in store.grades.all()}
+    grades = latest_grades(store)
+    solved = solved_cells(grades.values(), base)
     problems = {(p.task, p.problem_id): p for p in store.problems.all()}
     all_judgments = defaultdict(list)
     for j in store.judgments.all():
@@ -43,7 +45,7 @@ def drilldown(store: RunStore, base: str, limit: int, generation_keys: set[str] 
             continue
         ref = by_cell.get((base, gen.task, gen.problem_id, gen.seed))
         ref_grade = grades.get(ref.key) if ref else None
-        flip = ref_grade is not None and ref_grade.status == "correct"
+        flip = is_flip(gen, base, solved)
         problem = problems.get((gen.task, gen.problem_id))
         items.append({
             "id": f"f-{key}", "variant": gen.variant, "task": gen.task, "problem_id": gen.problem_id,
