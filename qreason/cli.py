@@ -43,6 +43,8 @@ def _print_run(summary) -> int:
     print(f"run directory: {summary.run_dir}")
     if summary.report:
         print(f"report: {summary.report}")
+    for error in (summary.judge or {}).get("errors", []):
+        print(f"qreason: judge stopped: {error}", file=sys.stderr)
     if summary.gates.tripped:
         print(f"qreason: regression gates tripped ({summary.name}):", file=sys.stderr)
         for line in summary.gates.tripped:
@@ -76,12 +78,13 @@ def _cmd_runs(args) -> int:
 
 def _cmd_grade(args) -> int:
     from .grade import Grader, run_grading
-    from .store import RunStore
+    from .store import RunLock, RunStore
 
     store = RunStore(Path(args.run_dir))
     if not (store.dir / "generations.jsonl").exists():
         raise UserError(str(store.dir), "not a run directory (no generations.jsonl)")
-    n = run_grading(store, Grader(args.timeout, args.workers))
+    with RunLock(store.dir):  # a writer: only the lock holder appends (and cuts a torn tail)
+        n = run_grading(store, Grader(args.timeout, args.workers))
     print(f"{n} new grades written to {store.grades.path}")
     return 0
 
@@ -115,12 +118,22 @@ def _cmd_analyze(args) -> int:
 
 
 def _cmd_curate(args) -> int:
+    from .curate import check_out_dir
+    from .store import RunLock
+
+    if args.out:
+        check_out_dir(Path(args.out))  # before any work: the dataset replaces the directory
+    store, cfg = _open_run(args.run_dir)
+    with RunLock(store.dir):
+        return _curate_locked(args, store, cfg)
+
+
+def _curate_locked(args, store, cfg) -> int:
     from .curate import curate
     from .executor import LocalExecutor
     from .grade import Grader
     from .models import ResolvedModel
 
-    store, cfg = _open_run(args.run_dir)
     base = next((v for v in store.variants.all() if v.name == cfg.model.name), None)
     if base is None:
         raise UserError(str(store.dir), f"no record of the base variant {cfg.model.name!r} in variants.jsonl")
@@ -139,6 +152,22 @@ def _cmd_curate(args) -> int:
         return 0
     print(f"{result.items} items ({result.dpo_pairs} DPO pairs) from {result.candidates} candidates -> "
           f"{result.out_dir}")
+    return 0
+
+
+def _cmd_repair(args) -> int:
+    from .store import RunLock, RunStore
+
+    store = RunStore(Path(args.run_dir))
+    if not store.dir.is_dir():
+        raise UserError(str(store.dir), "no such run directory")
+    with RunLock(store.dir):
+        moved = store.repair()
+    for name, n in moved.items():
+        if n:
+            print(f"{name}: {n} corrupt line{'s' if n != 1 else ''} moved to {name}.corrupt-*")
+    if not any(moved.values()):
+        print(f"nothing to repair in {store.dir}")
     return 0
 
 
@@ -302,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, help="seed for balancing and the train/test split (default: the config's)")
     c.set_defaults(fn=_cmd_curate)
 
+    rep = sub.add_parser("repair", help="move corrupt or torn lines of a run's tables into TABLE.corrupt-* files "
+                                        "beside them (nothing is deleted), so the run can be read and resumed")
+    rep.add_argument("run_dir")
+    rep.set_defaults(fn=_cmd_repair)
+
     rp = sub.add_parser("report", help="write the self-contained HTML report of a run directory")
     rp.add_argument("run_dir")
     rp.add_argument("--out", help="output file (default: RUN_DIR/report.html)")
@@ -336,7 +370,7 @@ def setup_logging(verbose: bool) -> None:
     console.addFilter(_OwnRecords(verbose))
     root.addHandler(console)
     logging.captureWarnings(True)
-    for noisy in ("httpx", "httpcore", "openai"):
+    for noisy in ("httpx", "httpx2", "httpcore", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

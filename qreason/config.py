@@ -114,6 +114,7 @@ class JudgeConfig(Strict):
     retry_invalid: bool = False      # ask again where a judge gave no valid reply in an earlier run (transport
                                      # failures are always retried)
     cache_path: str | None = None    # default: RUN_DIR/judge_cache.sqlite
+    rules_timeout_s: float = Field(default=10.0, gt=0)  # wall-clock limit of the rule checks per generation
     batch: BatchConfig = Field(default_factory=BatchConfig)
 
     @model_validator(mode="after")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections import Counter, defaultdict
@@ -28,6 +29,7 @@ import pandas as pd
 
 from .analysis import verdicts
 from .config import CurateConfig, SamplingConfig
+from .errors import UserError
 from .flips import is_flip, latest_grades, solved_cells
 from .generate import Backend, GenerationRequest, run_generation
 from .grade import Grader, grade_key, run_grading
@@ -231,11 +233,32 @@ Load with `datasets.load_dataset("json", data_files=...)` or point TRL's SFTTrai
 """
 
 
-def export(items: list[SilverBulletItem], out_dir: Path, provenance: dict) -> Path:
-    """Write the dataset into ``out_dir`` atomically (a temporary directory renamed into place)."""
+DATASET_MARKER = ".qreason-dataset"   # written into every dataset directory qreason exports
+_LEGACY_LAYOUT = {"sft", "dpo", "items.jsonl", "README.md"}   # what exports wrote before the marker existed
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an output directory that holds anything but a dataset qreason wrote: export replaces it whole,
+    and qreason never deletes what it did not create. Called before any work is done."""
     out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise UserError(str(out_dir), "exists and is not a directory; choose another --out")
+    names = {p.name for p in out_dir.iterdir()}
+    if names and DATASET_MARKER not in names and not names <= _LEGACY_LAYOUT:
+        raise UserError(str(out_dir), f"not a dataset qreason wrote (no {DATASET_MARKER}) and not empty; "
+                                      "choose an empty or new directory for --out")
+
+
+def export(items: list[SilverBulletItem], out_dir: Path, provenance: dict) -> Path:
+    """Write the dataset into ``out_dir`` atomically: it is built in a temporary directory beside it, then renamed
+    into place; an earlier dataset there is first renamed aside and deleted only once the new one is in place."""
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    old: Path | None = None
     try:
         for kind, make in (("sft", sft_row), ("dpo", dpo_row)):
             (tmp / kind).mkdir()
@@ -247,12 +270,20 @@ def export(items: list[SilverBulletItem], out_dir: Path, provenance: dict) -> Pa
                     pd.DataFrame(rows).to_parquet(tmp / kind / f"{split}.parquet", index=False)
         (tmp / "items.jsonl").write_text("".join(it.model_dump_json() + "\n" for it in items), encoding="utf-8")
         (tmp / "README.md").write_text(dataset_card(items, provenance), encoding="utf-8")
+        (tmp / DATASET_MARKER).write_text("written by qreason curate; the directory is replaced on re-export\n",
+                                          encoding="utf-8")
         if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
+            os.replace(out_dir, old / out_dir.name)
+        os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out_dir.exists():
+            os.replace(old / out_dir.name, out_dir)  # put the previous dataset back
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
@@ -267,6 +298,7 @@ class CurateResult:
 def curate(store: RunStore, cfg: CurateConfig, sampling: SamplingConfig, base: str, base_fingerprint: str,
            backend_factory: Callable[[], Backend], grader: Grader, run_id: str | None = None,
            out_dir: Path | None = None) -> CurateResult:
+    check_out_dir(out_dir or store.dir / "silver_bullet")
     candidates = find_candidates(store, base)
     if not candidates:
         log.info("curate: no judged flips with a located first faulty step; no dataset written")

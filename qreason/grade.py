@@ -97,6 +97,58 @@ def grade_key(generation_key: str) -> str:
     return content_key("grade", generation_key, grader_id())
 
 
+def bounded_calls(fn, jobs: list[tuple[object, tuple]], limit_s: float, workers: int,
+                  warm_up=None) -> Iterator[tuple[object, bool, object]]:
+    """Call ``fn(args)`` for each ``(job, args)`` in a pool of spawned worker processes, each call under a
+    wall-clock limit; yield ``(job, True, result)`` or ``(job, False, "timed out after N s")`` in completion
+    order. ``fn`` must be a picklable top-level function. Workers import ``fn``'s module (and run ``warm_up``)
+    before any clock starts. A call past its limit cannot be cancelled inside a pool: the pool is replaced and
+    the calls still running are resubmitted. Used for grading and for the judge's rule checks: untrusted model
+    output must never hang a run."""
+    if not jobs:
+        return
+    ctx = mp.get_context("spawn")
+
+    def start():
+        pool = ctx.Pool(workers, initializer=_import_and_warm, initargs=(fn.__module__, warm_up))
+        pool.map(_noop, range(workers * 2))
+        return pool
+
+    pool = start()
+    queue = list(reversed(jobs))
+    running: dict[int, tuple[object, tuple, object, float]] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < workers:  # each submitted job starts at once
+                job, args = queue.pop()
+                running[id(job)] = (job, args, pool.apply_async(fn, (args,)), time.monotonic())
+            finished = [k for k, (_, _, res, _) in running.items() if res.ready()]
+            for k in finished:
+                job, _, res, _ = running.pop(k)
+                yield job, True, res.get()
+            overdue = [k for k, (_, _, _, t) in running.items() if time.monotonic() - t > limit_s]
+            if overdue:
+                for k in overdue:
+                    job, _, _, _ = running.pop(k)
+                    yield job, False, f"timed out after {limit_s:g} s"
+                pool.terminate()
+                pool = start()
+                queue.extend((job, args) for job, args, _, _ in running.values())
+                running.clear()
+            if not finished:
+                time.sleep(0.005)
+    finally:
+        pool.terminate()
+
+
+def _import_and_warm(module: str, warm_up) -> None:
+    import importlib
+
+    importlib.import_module(module)
+    if warm_up is not None:
+        warm_up()
+
+
 class Grader:
     """Grades in a pool of spawned worker processes with a per-answer wall-clock limit."""
 
@@ -107,45 +159,13 @@ class Grader:
         self.fn = fn or _worker  # a picklable top-level function of the job's argument tuple
         self.grader = grader_id()
 
-    def _pool(self):
-        """A started pool: workers have imported Math-Verify before any job's clock starts."""
-        pool = mp.get_context("spawn").Pool(self.workers, initializer=_warm_up)
-        pool.map(_noop, range(self.workers * 2))
-        return pool
-
     def grade(self, jobs: list[GradeJob]) -> Iterator[Grade]:
         """Yield one Grade per job (in completion order)."""
-        if not jobs:
-            return
         limit = self.timeout_s + self.grace_s
-        pool = self._pool()
-        queue = list(reversed(jobs))
-        running: dict[int, tuple[GradeJob, object, float]] = {}
-        try:
-            while queue or running:
-                while queue and len(running) < self.workers:  # each submitted job starts at once
-                    job = queue.pop()
-                    g = job.generation
-                    args = (g.text, g.finish_reason, job.problem.answer, job.problem.answer_type, self.timeout_s)
-                    running[id(job)] = (job, pool.apply_async(self.fn, (args,)), time.monotonic())
-                finished = [k for k, (_, res, _) in running.items() if res.ready()]
-                for k in finished:
-                    job, res, _ = running.pop(k)
-                    yield self._record(job, *res.get())
-                overdue = [k for k, (_, _, t) in running.items() if time.monotonic() - t > limit]
-                if overdue:
-                    for k in overdue:
-                        job, _, _ = running.pop(k)
-                        yield self._record(job, "grader_error", None, f"timed out after {limit:g} s")
-                    # The pool cannot cancel one task: replace it and resubmit what was still running.
-                    pool.terminate()
-                    pool = self._pool()
-                    queue.extend(job for job, _, _ in running.values())
-                    running.clear()
-                if not finished:
-                    time.sleep(0.005)
-        finally:
-            pool.terminate()
+        calls = [(job, (job.generation.text, job.generation.finish_reason, job.problem.answer,
+                        job.problem.answer_type, self.timeout_s)) for job in jobs]
+        for job, ok, result in bounded_calls(self.fn, calls, limit, self.workers, _warm_up):
+            yield self._record(job, *result) if ok else self._record(job, "grader_error", None, result)
 
     def _record(self, job: GradeJob, status: str, extracted: str | None, detail: str | None) -> Grade:
         g = job.generation

@@ -8,20 +8,43 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def content_key(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable parts (dict order does not matter)."""
     blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+
+
+def clean_text(value: Any) -> Any:
+    """``value`` with every lone UTF-16 surrogate (``"\\ud800"`` in a JSON reply or task file) replaced by U+FFFD,
+    in strings nested in lists and dicts too. Such text cannot be written as UTF-8, so it is cleaned on the way
+    in; unchanged values are returned as they are (no copy)."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value) if _SURROGATE.search(value) else value
+    if isinstance(value, list):
+        out = [clean_text(v) for v in value]
+        return value if all(a is b for a, b in zip(out, value)) else out
+    if isinstance(value, dict):
+        items = [(clean_text(k), clean_text(v)) for k, v in value.items()]
+        return value if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, value.items())) else dict(items)
+    return value
 
 
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
     key: str
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _clean_text(cls, value: Any) -> Any:
+        return clean_text(value)
 
 
 class Problem(Record):

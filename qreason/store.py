@@ -1,8 +1,12 @@
 """The run store: a run directory with one append-only JSONL table per record type, plus a SQLite run index.
 
 Durability rules:
-- a table is appended in whole lines with one write, then flushed and fsynced;
-- on open, a torn last line (a kill -9 in the middle of a write) is cut off, so the table stays valid JSONL;
+- a table is appended in whole lines with one write, then fsynced; a write that fails (a full disk, a file size
+  limit) is undone: the table is cut back to its last complete line and the failure reported;
+- readers never change a table: a torn last line (a kill -9 in the middle of a write, or a write in progress in
+  another process) is ignored; the next writer, who holds the run lock, cuts it off before appending;
+- a corrupt line in the middle is reported with its file and line; ``qreason repair RUN_DIR`` (under the run
+  lock) moves such lines into a ``.corrupt-*`` file beside the table and keeps every valid line;
 - keys are unique: ``append`` skips records whose key is already stored, so a resumed run never duplicates;
 - every other file (config, summary, environment) is written to a temporary name and renamed into place.
 """
@@ -33,11 +37,16 @@ def now_iso() -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see either the old file or the complete new one."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -74,29 +83,65 @@ class Table(Generic[R]):
         self.record_type = record_type
         self._rows: dict[str, R] | None = None
 
+    def _read_lines(self) -> tuple[list[bytes], bytes]:
+        """(complete lines, torn tail) of the file; a reader never changes it."""
+        data = self.path.read_bytes() if self.path.exists() else b""
+        end = data.rfind(b"\n") + 1
+        return data[:end].split(b"\n")[:-1], data[end:]
+
+    def _parse(self, line: bytes) -> R:
+        """One record; raises ValueError (with the reason) on a corrupt line."""
+        try:
+            return self.record_type.model_validate_json(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError("not UTF-8") from None
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
     def _load(self) -> dict[str, R]:
         if self._rows is not None:
             return self._rows
         rows: dict[str, R] = {}
-        if self.path.exists():
-            data = self.path.read_bytes()
-            end = data.rfind(b"\n") + 1
-            if end < len(data):  # torn last line from an interrupted write: drop it
-                with open(self.path, "r+b") as fh:
-                    fh.truncate(end)
-                data = data[:end]
-            for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = self.record_type.model_validate_json(line)
-                except ValidationError as exc:
-                    first = exc.errors()[0]
-                    raise UserError(f"{self.path}:{lineno}", f"corrupt {self.record_type.__name__} record "
-                                    f"({'.'.join(map(str, first['loc']))}: {first['msg']})") from None
-                rows.setdefault(rec.key, rec)
+        lines, _torn = self._read_lines()
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = self._parse(line)
+            except ValueError as exc:
+                raise UserError(f"{self.path}:{lineno}", f"corrupt {self.record_type.__name__} record ({exc}); "
+                                f"`qreason repair {self.path.parent}` moves corrupt lines aside") from None
+            rows.setdefault(rec.key, rec)
         self._rows = rows
         return rows
+
+    def repair(self) -> int:
+        """Move corrupt lines (and a torn tail) into ``TABLE.corrupt-TIME`` beside the table and rewrite the table
+        with the valid lines; returns how many lines were moved. The caller must hold the run lock."""
+        lines, torn = self._read_lines()
+        good, bad = [], []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                self._parse(line)
+                good.append(line)
+            except ValueError:
+                bad.append(line)
+        if torn:
+            bad.append(torn)
+        if not bad:
+            return 0
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        with open(aside, "xb") as fh:
+            fh.write(b"".join(line + b"\n" for line in bad))
+            fh.flush()
+            os.fsync(fh.fileno())
+        write_bytes_atomic(self.path, b"".join(line + b"\n" for line in good))
+        self._rows = None
+        return len(bad)
 
     def __contains__(self, key: str) -> bool:
         return key in self._load()
@@ -118,13 +163,48 @@ class Table(Generic[R]):
             return 0
         blob = "".join(r.model_dump_json() + "\n" for r in new).encode("utf-8")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "ab") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            end = _complete_end(fd)
+            if end < os.fstat(fd).st_size:  # a torn tail from an interrupted write: the writer cuts it off
+                os.ftruncate(fd, end)
+            try:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError as exc:
+                restored = _restore(fd, end)
+                raise UserError(str(self.path), f"could not append {len(new)} records ({exc.strerror or exc}); "
+                                + ("the table was restored to its last complete line" if restored else
+                                   "restoring it failed too: run `qreason repair` once the disk has room")) from None
+        finally:
+            os.close(fd)
         for r in new:
             rows[r.key] = r
         return len(new)
+
+
+def _complete_end(fd: int, chunk: int = 1 << 16) -> int:
+    """The size of the file up to and including its last newline (0 when it has none)."""
+    pos = os.fstat(fd).st_size
+    while pos > 0:
+        start = max(0, pos - chunk)
+        i = os.pread(fd, pos - start, start).rfind(b"\n")
+        if i >= 0:
+            return start + i + 1
+        pos = start
+    return 0
+
+
+def _restore(fd: int, size: int) -> bool:
+    """Cut a file back to ``size`` after a failed write; whether that worked."""
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+        return True
+    except OSError:
+        return False
 
 
 class RunStore:
@@ -145,6 +225,13 @@ class RunStore:
         path = self.dir / name
         write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
         return path
+
+    def tables(self) -> list[Table]:
+        return [t for t in vars(self).values() if isinstance(t, Table)]
+
+    def repair(self) -> dict[str, int]:
+        """Repair every table (see ``Table.repair``); table file name -> lines moved aside. Hold the run lock."""
+        return {t.path.name: t.repair() for t in self.tables() if t.path.exists()}
 
     def read_json(self, name: str):
         path = self.dir / name

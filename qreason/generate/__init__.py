@@ -59,17 +59,20 @@ def run_generation(table: Table[Generation], requests: Iterable[GenerationReques
     start = last_flush = time.monotonic()
     pending: list[Generation] = []
     with tqdm(total=len(todo), desc=desc, unit="gen", dynamic_ncols=True) as bar:
-        for req, done in backend.generate(todo, sampling):
-            bar.update(1)
-            if done.error is not None:
-                stats.failed += 1
-                log.warning("generation failed for %s/%s seed %s: %s", req.task, req.problem_id,
-                            req.seed, done.error)
-                continue
-            pending.append(to_record(req, done, backend, sampling))
-            if len(pending) >= flush_every or time.monotonic() - last_flush >= flush_seconds:
-                stats.produced += table.append(pending)
-                pending, last_flush = [], time.monotonic()
-        stats.produced += table.append(pending)
+        try:
+            for req, done in backend.generate(todo, sampling):
+                bar.update(1)
+                if done.error is not None:
+                    stats.failed += 1
+                    log.warning("generation failed for %s/%s seed %s: %s", req.task, req.problem_id,
+                                req.seed, done.error)
+                    continue
+                pending.append(to_record(req, done, backend, sampling))
+                if len(pending) >= flush_every or time.monotonic() - last_flush >= flush_seconds:
+                    batch, pending, last_flush = pending, [], time.monotonic()
+                    stats.produced += table.append(batch)
+        finally:  # also when the backend stops the stage (an endpoint refusing every request): keep what came
+            batch, pending = pending, []
+            stats.produced += table.append(batch)
     stats.seconds = time.monotonic() - start
     return stats

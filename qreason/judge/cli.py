@@ -75,7 +75,7 @@ def _specs(values: list[str] | None) -> list | None:
 def cmd_judge(args) -> int:
     from pydantic import ValidationError
 
-    from ..store import RunStore
+    from ..store import RunLock, RunStore
     from .config import JudgeConfig, load_judge_config
     from .stage import distribution, run_judging
 
@@ -100,7 +100,8 @@ def cmd_judge(args) -> int:
     except ValidationError as exc:
         err = exc.errors()[0]
         raise UserError("qreason judge", f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    stats = run_judging(store, cfg)
+    with RunLock(store.dir):  # a writer: only the lock holder appends (and cuts a torn tail)
+        stats = run_judging(store, cfg)
     dist = distribution(store)
     if args.json:
         print(json.dumps({"stats": stats.model_dump(), "distribution": dist}, indent=2))
@@ -118,7 +119,11 @@ def cmd_judge(args) -> int:
             print(f"{variant}: {d['failures']} failures, {d['flips']} flips; types: {types}; median first "
                   f"faulty step {d['first_error_step']['median']}")
         print(f"judgments: {store.judgments.path}")
+    for error in stats.errors:
+        print(f"qreason: error: {error}", file=sys.stderr)
     errors = sum(c["judge_error"] for c in stats.judges.values())
+    if stats.errors:
+        return UserError.exit_code
     if errors:
         print(f"qreason: {errors} judge errors recorded; a re-run retries the endpoint failures among them "
               "(--retry-invalid: also the invalid replies)", file=sys.stderr)

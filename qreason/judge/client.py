@@ -35,6 +35,11 @@ BATCH_URL = "/v1/chat/completions"
 USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
+def reply_usage(reply) -> dict[str, int]:
+    """The token counts a Reply (``generate.openai_backend.read_reply``) carried."""
+    return {f: getattr(reply, f) for f in USAGE_FIELDS if getattr(reply, f) is not None}
+
+
 def add_usage(total: dict[str, int], usage: Any) -> dict[str, int]:
     """Sum token usage (an openai usage object or a dict) into ``total``."""
     if usage is None:
@@ -96,6 +101,7 @@ class JudgeClient:
         self.cache = cache
         self.offline = offline          # answer from the cache only (batch read mode)
         self.requests = 0               # HTTP requests sent, retries included
+        self.refused: str | None = None # why the endpoint refused a request outright (then nothing more is sent)
         self._client = None
         self._sem: asyncio.Semaphore | None = None
 
@@ -136,64 +142,88 @@ class JudgeClient:
         if self._client is None:
             import openai
 
+            from ..generate.openai_backend import deadline_http_client  # not at import: see judge()
+
             async def count(_request) -> None:
                 self.requests += 1
 
             self._client = openai.AsyncOpenAI(
-                base_url=self.spec.base_url, api_key=os.environ.get(self.spec.api_key_env) or "EMPTY",
+                base_url=self.spec.base_url, api_key=self.secrets[0] if self.secrets else "EMPTY",
                 max_retries=self.spec.max_retries, timeout=self.spec.timeout_s,
-                http_client=openai.DefaultAsyncHttpxClient(event_hooks={"request": [count]}))
+                http_client=deadline_http_client(self.spec.timeout_s, {"request": [count]}))
             self._sem = asyncio.Semaphore(self.spec.concurrency)
         return self._client
 
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        key = os.environ.get(self.spec.api_key_env)
+        return (key,) if key else ()
+
     async def judge(self, req: JudgeRequest) -> Verdict | None:
-        """The verdict for a request: cached, fetched, or judge_error. None only offline on a cache miss."""
+        """The verdict for a request: cached, fetched, or judge_error. None offline on a cache miss, and once the
+        endpoint has refused a request outright (400/401/403/404: ``self.refused`` says why, once per run)."""
         verdict = self.cached(req)
-        if verdict is not None or self.offline:
+        if verdict is not None or self.offline or self.refused:
             return verdict
         import openai
 
-        from ..generate.openai_backend import short_error  # here, not at import: qreason.config imports this package
+        # here, not at import: qreason.config imports this package
+        from ..generate.openai_backend import REFUSED_STATUSES, read_reply, redact, short_error
 
         client = self._openai()
         usage: dict[str, int] = {}
         problem, kind = "no attempt made", "invalid"   # kind of the last problem: invalid reply or transport
+        details: dict[str, Any] = {}
         attempts = 1 + self.spec.invalid_retries
         async with self._sem:
             for attempt in range(attempts):
+                if self.refused:
+                    return None
                 if attempt:
                     await asyncio.sleep(self.spec.backoff_s * 2 ** (attempt - 1))
                 body = req.body if attempt == 0 else {
                     **req.body, "temperature": max(self.spec.temperature, self.spec.retry_temperature)}
                 try:
                     resp = await client.chat.completions.create(**body)
-                except (openai.APIStatusError, openai.APIConnectionError) as exc:
+                except openai.APIStatusError as exc:
+                    if exc.status_code in REFUSED_STATUSES:
+                        self.refused = self.refused or (f"judge {self.spec.name}: the endpoint refused the request "
+                                                        f"({short_error(exc, self.secrets)}); nothing was recorded "
+                                                        "for it, fix the judge spec and re-run")
+                        return None
+                    return self._transport_error(short_error(exc, self.secrets), usage, attempt)
+                except openai.APIConnectionError as exc:
                     # the client has already retried these with backoff; give up on this input
-                    return Verdict(status="judge_error", error=short_error(exc),
-                                   usage={**usage, "attempts": attempt + 1}, details={"error_kind": "transport"})
+                    return self._transport_error(short_error(exc, self.secrets), usage, attempt)
                 except Exception as exc:  # noqa: BLE001 - an unreadable response body: retry like a bad reply
-                    problem, kind = f"unreadable response ({short_error(exc)})", "transport"
+                    problem, kind = f"unreadable response ({short_error(exc, self.secrets)})", "transport"
                     continue
-                if not hasattr(resp, "choices"):  # a 200 whose body is not JSON comes back as text
-                    problem, kind = f"unreadable response (not a chat completion: {str(resp)[:80]!r})", "transport"
+                reply = read_reply(resp)
+                add_usage(usage, reply_usage(reply))
+                if reply.problem:  # no choices, no message, content that is not text: the endpoint's fault
+                    problem, kind = reply.problem, "transport"
                     continue
-                add_usage(usage, getattr(resp, "usage", None))
-                choices = resp.choices or []
-                if not choices:
-                    problem, kind = "reply had no choices", "invalid"
+                if reply.refusal is not None:
+                    problem, kind = f"the judge refused: {reply.refusal[:300]!r}", "invalid"
+                    details = {"refusal": reply.refusal[:1000]}
                     continue
-                content = choices[0].message.content
                 try:
-                    verdict = self.accept(req, content, dict(usage))
+                    verdict = self.accept(req, reply.content, dict(usage))
                 except InvalidReply as exc:
                     problem, kind = str(exc), "invalid"
-                    if choices[0].finish_reason == "length":
+                    if reply.finish_reason == "length":
                         problem += " (the reply hit max_tokens)"
                     continue
                 verdict.usage = {**usage, "attempts": attempt + 1}
                 return verdict
-        return Verdict(status="judge_error", error=f"no valid reply after {attempts} attempts: {problem}",
-                       usage={**usage, "attempts": attempts}, details={"error_kind": kind})
+        return Verdict(status="judge_error", error=redact(f"no valid reply after {attempts} attempts: {problem}",
+                                                          self.secrets),
+                       usage={**usage, "attempts": attempts}, details={"error_kind": kind, **details})
+
+    @staticmethod
+    def _transport_error(error: str, usage: dict[str, int], attempt: int) -> Verdict:
+        return Verdict(status="judge_error", error=error, usage={**usage, "attempts": attempt + 1},
+                       details={"error_kind": "transport"})
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -245,11 +275,17 @@ def read_batch(path: Path, client: JudgeClient, requests: dict[str, JudgeRequest
                                         error=f"batch: status {status}: {str(msg or 'no response')[:200]}",
                                         details={"error_kind": "transport", "batch": True})
             continue
-        usage = add_usage({}, body.get("usage"))
-        choices = body.get("choices") or []
-        content = (choices[0].get("message") or {}).get("content") if choices else None
+        from ..generate.openai_backend import read_reply  # not at import: qreason.config imports this package
+
+        reply = read_reply(body)
+        usage = reply_usage(reply)
+        if reply.problem or reply.refusal is not None:
+            what = reply.problem or f"the judge refused: {reply.refusal[:300]!r}"
+            failures[req.key] = Verdict(status="judge_error", error=f"batch: {what}", usage=usage,
+                                        details={"error_kind": "invalid", "batch": True})
+            continue
         try:
-            client.accept(req, content, usage)
+            client.accept(req, reply.content, usage)
         except InvalidReply as exc:
             failures[req.key] = Verdict(status="judge_error", error=f"batch: {exc}", usage=usage,
                                         details={"error_kind": "invalid", "batch": True})

@@ -260,6 +260,8 @@ _FENCE = re.compile(r"^\s*```(?:json)?\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
 
 def parse_reply(content: str | None, n_steps: int, taxonomy: Taxonomy) -> Verdict:
     """A validated verdict from reply text; raises InvalidReply with a one-line reason."""
+    if content is not None and not isinstance(content, str):
+        raise InvalidReply(f"the reply is a {type(content).__name__}, not text")
     if content is None or not content.strip():
         raise InvalidReply("empty reply")
     m = _FENCE.match(content)

@@ -110,6 +110,8 @@ _NOT_UNITS = {"st", "nd", "rd", "th", "to", "and", "or", "is", "are", "was", "we
               "each", "equals", "makes", "means", "becomes", "yields", "plus", "minus", "times", "less", "more"}
 MAX_DIGITS = 18    # longer numbers are not checked
 MAX_TOKENS = 200   # nor are longer expressions (bounds the time spent on degenerate text)
+MAX_BITS = 512     # nor are values whose numerator or denominator would grow past this many bits: a magnitude
+                   # bound alone lets a tiny fraction's denominator grow 64-fold per nested power
 
 
 def tokenize(text: str) -> list[Tok]:
@@ -233,7 +235,7 @@ class _Parser:
         while (t := self.peek()) is not None and t.kind == "op" and t.text in "+-":
             self.take()
             rhs = self.term()
-            value = value + rhs if t.text == "+" else value - rhs
+            value = _bounded(value + rhs if t.text == "+" else value - rhs)
         return value
 
     def term(self):
@@ -265,6 +267,8 @@ class _Parser:
             exp = self.unary()
             if exp != int(exp) or abs(exp) > 64 or abs(base) > 10**6 or (base == 0 and exp < 0):
                 raise ParseFail("unsupported power")
+            if isinstance(base, Fraction) and _bits(base) * abs(int(exp)) > MAX_BITS:
+                raise ParseFail("power too large to check")
             return _bounded(Fraction(base) ** int(exp) if isinstance(base, Fraction) else base ** int(exp))
         return base
 
@@ -299,7 +303,15 @@ class _Parser:
         raise ParseFail(f"unexpected {t.text!r}")
 
 
+def _bits(value: Fraction) -> int:
+    return max(value.numerator.bit_length(), value.denominator.bit_length())
+
+
 def _bounded(value):
+    """The value, if it is small enough to check quickly: at most 1e15, and (exact fractions) at most MAX_BITS
+    bits in numerator and denominator, so every further operation stays cheap."""
+    if isinstance(value, Fraction) and _bits(value) > MAX_BITS:
+        raise ParseFail("number too long")
     if abs(value) > 10**15:
         raise ParseFail("number too large")
     return value
@@ -501,6 +513,15 @@ def repetition_start(steps: list[str]) -> tuple[int, str] | None:
 
 
 # ------------------------------------------------------------------------------------------------ verdict
+
+def rule_verdict_call(args: tuple[list[str], str | None]) -> Verdict:
+    """``rule_verdict(*args)`` for a worker process (see ``qreason.grade.bounded_calls``): a failure of the
+    checks on hostile text becomes a rule-check error verdict, never an exception."""
+    try:
+        return rule_verdict(*args)
+    except Exception as exc:  # noqa: BLE001 - untrusted model output must not stop the stage
+        return Verdict(status="judge_error", error=f"rule checks failed: {type(exc).__name__}: {str(exc)[:200]}")
+
 
 def rule_verdict(steps: list[str], grade_status: str | None = None) -> Verdict:
     """The rule checks' verdict on a solution. The earliest step finding wins (arithmetic over repetition at the

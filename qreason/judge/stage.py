@@ -39,7 +39,7 @@ from .client import JudgeClient, JudgeRequest, ReplyCache, add_usage, read_batch
 from .config import PANEL_JUDGE, RULES_JUDGE, JudgeConfig
 from .panel import vote
 from .prompts import OUTCOME, JudgeInput, Verdict, load_taxonomy, load_template
-from .rules import RULES_REVISION, rule_verdict
+from .rules import RULES_REVISION, rule_verdict_call
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class JudgeStats(BaseModel):
     requests: int = 0                     # HTTP requests sent (retries included)
     usage: dict[str, int] = Field(default_factory=dict)
     batch_files: list[str] = Field(default_factory=list)
+    errors: list[str] = Field(default_factory=list)   # judges stopped for the run: the endpoint refused the request
     seconds: float = 0.0
 
 
@@ -178,6 +179,38 @@ def _run_coroutine(coro):
     return box.get("value")
 
 
+RULES_FLUSH_EVERY = 32   # rule verdicts are appended in groups this small, so a killed run keeps what was done
+
+
+def rule_judgments(store: RunStore, candidates: list[Candidate], timeout_s: float,
+                   stats: JudgeStats) -> dict[str, Judgment]:
+    """The rule-check record of every candidate (generation key -> record). Missing ones are computed in worker
+    processes, each generation under a wall-clock limit (the checks read untrusted model output); one that
+    overruns gets a rule-check error record, which, like a verdict, is final, so a re-run neither redoes nor
+    hangs on it. Records are appended as they come in."""
+    from ..grade import bounded_calls  # grading is an earlier stage; imported here to keep start-up light
+
+    out: dict[str, Judgment] = {}
+    jobs = []
+    for c in candidates:
+        rec = store.judgments.get(rules_key(c))
+        if rec is None:
+            jobs.append((c, (list(c.generation.steps), c.grade.status)))
+        else:
+            out[c.generation.key] = rec
+    pending: list[Judgment] = []
+    for c, ok, result in bounded_calls(rule_verdict_call, jobs, timeout_s, min(2, max(len(jobs), 1))):
+        verdict = result if ok else Verdict(status="judge_error", error=f"rule checks {result}")
+        rec = to_record(c, rules_key(c), RULES_JUDGE, verdict, None, {"findings": verdict.details.get("findings", [])})
+        out[c.generation.key] = rec
+        pending.append(rec)
+        if len(pending) >= RULES_FLUSH_EVERY or not ok:
+            stats.rules_written += store.judgments.append(pending)
+            pending = []
+    stats.rules_written += store.judgments.append(pending)
+    return out
+
+
 def run_judging(store: RunStore, cfg: JudgeConfig) -> JudgeStats:
     """Judge the selected failures of a run; appends to store.judgments. Safe to re-run: finished work is skipped,
     cached replies are reused, endpoint failures are retried (invalid replies too with cfg.retry_invalid)."""
@@ -187,17 +220,7 @@ def run_judging(store: RunStore, cfg: JudgeConfig) -> JudgeStats:
     stats.candidates = len(candidates)
     stats.flips = sum(c.flip for c in candidates)
 
-    rules: dict[str, Judgment] = {}
-    new = []
-    for c in candidates:
-        key = rules_key(c)
-        rec = store.judgments.get(key)
-        if rec is None:
-            verdict = rule_verdict(c.generation.steps, c.grade.status)
-            rec = to_record(c, key, RULES_JUDGE, verdict, None, {"findings": verdict.details["findings"]})
-            new.append(rec)
-        rules[c.generation.key] = rec
-    stats.rules_written = store.judgments.append(new)
+    rules = rule_judgments(store, candidates, cfg.rules_timeout_s, stats)
     if not cfg.judges:
         stats.seconds = round(time.monotonic() - t0, 3)
         return stats
@@ -237,6 +260,7 @@ def run_judging(store: RunStore, cfg: JudgeConfig) -> JudgeStats:
         _run_coroutine(_judge_all(store, todo, clients, requests, failures, stats, cfg.retry_invalid))
     finally:
         stats.requests = sum(cl.requests for cl in clients)
+        stats.errors = [cl.refused for cl in clients if getattr(cl, "refused", None)]  # the caller reports them
         cache.close()
         stats.seconds = round(time.monotonic() - t0, 3)
     return stats
@@ -255,7 +279,12 @@ async def _judge_all(store: RunStore, todo: list[Candidate], clients: list[Judge
         if done is not None:
             stats.judges[name]["done"] += 1
             return done.key, to_verdict(done), None
-        verdict = failures[name].get(req.key) or await cl.judge(req)
+        try:
+            verdict = failures[name].get(req.key) or await cl.judge(req)
+        except Exception as exc:  # noqa: BLE001 - one member's bug must not stop the panel or the run
+            log.warning("judge %s failed on %s: %s", name, c.generation.key, exc)
+            verdict = Verdict(status="judge_error", error=f"judge failed: {type(exc).__name__}: {str(exc)[:200]}",
+                              details={"error_kind": "transport"})
         if verdict is None:
             stats.judges[name]["pending"] += 1
             return key, None, None
