@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -27,7 +27,13 @@ def clean_text(value: Any) -> Any:
     in strings nested in lists and dicts too. Such text cannot be written as UTF-8, so it is cleaned on the way
     in; unchanged values are returned as they are (no copy)."""
     if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value) if _SURROGATE.search(value) else value
+        if value.isascii():
+            return value
+        try:
+            value.encode("utf-8")  # fast: only a surrogate makes this fail
+            return value
+        except UnicodeEncodeError:
+            return _SURROGATE.sub("\ufffd", value)
     if isinstance(value, list):
         out = [clean_text(v) for v in value]
         return value if all(a is b for a, b in zip(out, value)) else out
@@ -41,10 +47,11 @@ class Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
     key: str
 
-    @field_validator("*", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _clean_text(cls, value: Any) -> Any:
-        return clean_text(value)
+    def _clean_text(cls, data: Any, info: ValidationInfo) -> Any:
+        # JSON input is a table line qreason wrote, which cannot hold a surrogate: skip the walk (reads stay fast)
+        return data if info.mode == "json" else clean_text(data)
 
 
 class Problem(Record):

@@ -282,9 +282,11 @@ async def _judge_all(store: RunStore, todo: list[Candidate], clients: list[Judge
         try:
             verdict = failures[name].get(req.key) or await cl.judge(req)
         except Exception as exc:  # noqa: BLE001 - one member's bug must not stop the panel or the run
-            log.warning("judge %s failed on %s: %s", name, c.generation.key, exc)
-            verdict = Verdict(status="judge_error", error=f"judge failed: {type(exc).__name__}: {str(exc)[:200]}",
-                              details={"error_kind": "transport"})
+            from ..generate.openai_backend import redact  # not at import: qreason.config imports this package
+
+            error = redact(f"judge failed: {type(exc).__name__}: {str(exc)[:200]}", cl.secrets)
+            log.warning("judge %s on %s: %s", name, c.generation.key, error)
+            verdict = Verdict(status="judge_error", error=error, details={"error_kind": "transport"})
         if verdict is None:
             stats.judges[name]["pending"] += 1
             return key, None, None
