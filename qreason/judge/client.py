@@ -255,6 +255,8 @@ def read_batch(path: Path, client: JudgeClient, requests: dict[str, JudgeRequest
     """Load a batch output file (OpenAI Batch API or ``vllm run-batch``): valid replies go into the cache; the
     verdicts of lines that carry an error or an invalid reply are returned by custom_id (as judge_error).
     Lines for requests not in ``requests`` are ignored."""
+    from ..generate.openai_backend import read_reply, redact  # not at import: see JudgeClient.judge
+
     failures: dict[str, Verdict] = {}
     not_batch = "not a batch output line (needs custom_id and response or error)"
     for where, row in iter_jsonl(Path(path), not_batch):
@@ -272,11 +274,10 @@ def read_batch(path: Path, client: JudgeClient, requests: dict[str, JudgeRequest
                 err = body.get("error")
             msg = err.get("message") if isinstance(err, dict) else err
             failures[req.key] = Verdict(status="judge_error",
-                                        error=f"batch: status {status}: {str(msg or 'no response')[:200]}",
+                                        error=redact(f"batch: status {status}: {str(msg or 'no response')[:200]}",
+                                                     client.secrets),
                                         details={"error_kind": "transport", "batch": True})
             continue
-        from ..generate.openai_backend import read_reply  # not at import: qreason.config imports this package
-
         reply = read_reply(body)
         usage = reply_usage(reply)
         if reply.problem or reply.refusal is not None:
