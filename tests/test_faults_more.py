@@ -331,3 +331,36 @@ def test_a_panel_member_that_raises_is_recorded_and_the_panel_goes_on(tmp_path, 
     assert len(broken) == 2 and all("RuntimeError" in j.error for j in broken)
     panels = [j for j in store.judgments.all() if j.judge == "panel"]
     assert len(panels) == 2 and all(p.status == "ok" and p.votes["n_valid"] == 1 for p in panels)
+
+
+def test_run_against_a_refusing_endpoint_is_one_line_exit_2_and_leaks_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_hostile import REPO
+
+    class Refuse(Hostile):
+        def handle(self, h, body):
+            with self.lock:
+                self.counts["all"] += 1
+            self.act(h, body, "401")
+
+    with Refuse({}, "") as server:
+        cfg = tmp_path / "run.yaml"
+        cfg.write_text("name: ep\noutput_dir: out\nmodel: {path: smollm2}\ntasks: [{name: synthetic, limit: 12}]\n"
+                       "sampling: {max_tokens: 48}\n"
+                       f"backend: {{kind: openai, base_url: '{server.base_url}?key=${{QREASON_HOSTILE_KEY}}', "
+                       "model: smollm2, concurrency: 3, api_key_env: QREASON_HOSTILE_KEY}\n")
+        result = subprocess.run([sys.executable, "-m", "qreason.cli", "run", str(cfg)], capture_output=True,
+                                text=True, timeout=300,
+                                env={**os.environ, "PYTHONPATH": str(REPO), "QREASON_HOSTILE_KEY": SECRET})
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("qreason: error")]
+    assert len(errors) == 1 and "401" in errors[0] and "refused" in errors[0]
+    assert "generation failed" not in result.stderr
+    assert server.counts["all"] <= 3  # the requests in flight when the first refusal came
+    assert SECRET not in result.stderr + result.stdout
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
