@@ -175,9 +175,10 @@ class Table(Generic[R]):
                 os.fsync(fd)
             except OSError as exc:
                 restored = _restore(fd, end)
-                raise UserError(str(self.path), f"could not append {len(new)} records ({exc.strerror or exc}); "
-                                + ("the table was restored to its last complete line" if restored else
-                                   "restoring it failed too: run `qreason repair` once the disk has room")) from None
+                after = ("the table was restored to its last complete line" if restored else
+                         "restoring it failed too: run `qreason repair` once the disk has room")
+                raise UserError(str(self.path), f"could not append {len(new)} records "
+                                                f"({exc.strerror or exc}); {after}") from None
         finally:
             os.close(fd)
         for r in new:

@@ -111,7 +111,8 @@ def deadline_http_client(timeout_s: float, event_hooks=None, max_bytes: int = MA
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    raise hx.ReadTimeout(f"no complete reply within {timeout_s:g} s", request=self.request) from None
+                    raise hx.ReadTimeout(f"no complete reply within {timeout_s:g} s",
+                                         request=self.request) from None
                 total += len(chunk)
                 if total > max_bytes:
                     raise hx.ReadError(f"reply body larger than {max_bytes >> 20} MiB", request=self.request)
@@ -177,7 +178,8 @@ def read_reply(resp) -> Reply:
         return Reply(problem=f"unreadable response (not a chat completion: {str(resp)[:80]!r})")
     usage = _get(resp, "usage")
     out = Reply(prompt_tokens=_int(_get(usage, "prompt_tokens")),
-                completion_tokens=_int(_get(usage, "completion_tokens")), total_tokens=_int(_get(usage, "total_tokens")))
+                completion_tokens=_int(_get(usage, "completion_tokens")),
+                total_tokens=_int(_get(usage, "total_tokens")))
     choices = _get(resp, "choices")
     if not choices:
         out.problem = "reply had no choices"

@@ -101,7 +101,7 @@ class JudgeClient:
         self.cache = cache
         self.offline = offline          # answer from the cache only (batch read mode)
         self.requests = 0               # HTTP requests sent, retries included
-        self.refused: str | None = None # why the endpoint refused a request outright (then nothing more is sent)
+        self.refused: str | None = None  # why the endpoint refused a request outright (then nothing is sent)
         self._client = None
         self._sem: asyncio.Semaphore | None = None
 
@@ -187,9 +187,10 @@ class JudgeClient:
                     resp = await client.chat.completions.create(**body)
                 except openai.APIStatusError as exc:
                     if exc.status_code in REFUSED_STATUSES:
-                        self.refused = self.refused or (f"judge {self.spec.name}: the endpoint refused the request "
-                                                        f"({short_error(exc, self.secrets)}); nothing was recorded "
-                                                        "for it, fix the judge spec and re-run")
+                        self.refused = self.refused or (
+                            f"judge {self.spec.name}: the endpoint refused the request "
+                            f"({short_error(exc, self.secrets)}); nothing was recorded for it, fix the judge spec "
+                            "and re-run")
                         return None
                     return self._transport_error(short_error(exc, self.secrets), usage, attempt)
                 except openai.APIConnectionError as exc:

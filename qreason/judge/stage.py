@@ -62,7 +62,7 @@ class JudgeStats(BaseModel):
     requests: int = 0                     # HTTP requests sent (retries included)
     usage: dict[str, int] = Field(default_factory=dict)
     batch_files: list[str] = Field(default_factory=list)
-    errors: list[str] = Field(default_factory=list)   # judges stopped for the run: the endpoint refused the request
+    errors: list[str] = Field(default_factory=list)   # judges stopped for the run (the endpoint refused them)
     seconds: float = 0.0
 
 
@@ -201,7 +201,8 @@ def rule_judgments(store: RunStore, candidates: list[Candidate], timeout_s: floa
     pending: list[Judgment] = []
     for c, ok, result in bounded_calls(rule_verdict_call, jobs, timeout_s, min(2, max(len(jobs), 1))):
         verdict = result if ok else Verdict(status="judge_error", error=f"rule checks {result}")
-        rec = to_record(c, rules_key(c), RULES_JUDGE, verdict, None, {"findings": verdict.details.get("findings", [])})
+        rec = to_record(c, rules_key(c), RULES_JUDGE, verdict, None,
+                        {"findings": verdict.details.get("findings", [])})
         out[c.generation.key] = rec
         pending.append(rec)
         if len(pending) >= RULES_FLUSH_EVERY or not ok:
