@@ -289,24 +289,29 @@ def test_read_only_commands_leave_a_locked_run_alone_and_writers_wait_for_the_lo
 
 # ------------------------------------------------------------------------------------------ 13. batch files
 
-@pytest.mark.parametrize("line", [
-    {"custom_id": "K", "response": [1, 2]},
-    {"custom_id": "K", "response": {"status_code": 200, "body": {"choices": {"a": 1}}}},
-    {"custom_id": "K", "response": {"status_code": 200, "body": {"choices": ["text"]}}},
-    {"custom_id": "K", "response": {"status_code": 200, "body": {"choices": [{"message": "hi"}]}}},
-    {"custom_id": "K", "response": {"status_code": 200, "body": {"choices": [{"message": {"content": 7}}]}}},
-    {"custom_id": "K", "response": {"status_code": 200, "body": {"choices": [{"message": None}]}}},
-    {"custom_id": "K", "response": {"status_code": 200, "body": {"choices": [], "usage": [3]}}},
-    {"custom_id": "K", "response": {"status_code": "200", "body": "<html>"}, "error": ["x"]},
-])
-def test_batch_lines_of_the_wrong_shape_become_judge_errors(tmp_path, line):
-    store = make_run(tmp_path / "run")
+WRONG_SHAPES = [
+    {"response": [1, 2]},
+    {"response": {"status_code": 200, "body": {"choices": {"a": 1}}}},
+    {"response": {"status_code": 200, "body": {"choices": ["text"]}}},
+    {"response": {"status_code": 200, "body": {"choices": [{"message": "hi"}]}}},
+    {"response": {"status_code": 200, "body": {"choices": [{"message": {"content": 7}}]}}},
+    {"response": {"status_code": 200, "body": {"choices": [{"message": None}]}}},
+    {"response": {"status_code": 200, "body": {"choices": [], "usage": [3]}}},
+    {"response": {"status_code": "200", "body": "<html>"}, "error": ["x"]},
+]
+
+
+def test_batch_lines_of_the_wrong_shape_become_judge_errors(tmp_path):
+    """Well-formed JSON lines whose fields have the wrong shape: each becomes a judge_error, none a crash."""
+    cases = [_hostile_case(f"p{i}", f"Step 1: {i} + 1 = {i + 3}.") for i in range(len(WRONG_SHAPES))]
+    store = make_run(tmp_path / "run", cases)
     base = {"judges": [{"name": "j", "base_url": "http://127.0.0.1:9/v1", "model": "m"}]}
     stats = run_judging(store, JudgeConfig.model_validate({**base, "batch": {"mode": "write"}}))
     path = Path(stats.batch_files[0])
     ids = [json.loads(x)["custom_id"] for x in path.read_text().splitlines()]
+    assert len(ids) == len(WRONG_SHAPES)
     (path.parent / "j.batch_output.jsonl").write_text("".join(json.dumps({**line, "custom_id": i}) + "\n"
-                                                              for i in ids))
+                                                              for i, line in zip(ids, WRONG_SHAPES)))
     stats = run_judging(store, JudgeConfig.model_validate({**base, "batch": {"mode": "read"}}))
     assert stats.judges["j"]["judge_error"] == len(ids) and stats.requests == 0
     errors = [j.error for j in store.judgments.all() if j.judge == "j"]
