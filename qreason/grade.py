@@ -1,9 +1,13 @@
-"""Grading with Math-Verify: correct / wrong / no_answer / truncated / grader_error.
+"""Grading with Math-Verify: two verdicts per solution, each one of correct / wrong / no_answer / truncated /
+grader_error.
 
+- ``status`` (strict): the answer stated behind an explicit marker (``\\boxed{}``, "final answer is", "the
+  answer is", "Answer:", ``####``), found by the rules in ``qreason.extract``; no marker that parses is no_answer.
+  A number quoted in the middle of the reasoning is never taken for the answer.
+- ``lenient_status``: the same comparison on the answer a reader would take when no marker states one (the number
+  or formula of the final sentence). Equal to ``status`` whenever a marker was found. ``no_answer`` strictly but
+  ``correct`` leniently is a *format failure*: right maths, unreadable format.
 - truncated: the generation hit max_tokens (finish_reason "length"); its answer, if any, is not final.
-- no_answer: the text finished but states no final answer (no \\boxed{}, "final answer", "answer:" or "####").
-- correct / wrong: Math-Verify's verdict on the final answer. Only the text from the last final-answer marker
-  on is parsed, so a number quoted earlier in the reasoning is never taken for the answer.
 - grader_error: parsing or verification failed or ran past the time limit.
 
 Each answer is graded in a worker process. Math-Verify's own timeouts use SIGALRM, which works only on a main
@@ -18,62 +22,129 @@ import multiprocessing as mp
 import re
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from functools import lru_cache
+from typing import Iterable, Iterator, NamedTuple
 
 from tqdm.auto import tqdm
 
+from .extract import Candidate, MAX_CANDIDATE, clean, lenient_candidate, normalize_text, number_in, \
+    strict_candidates, words
 from .records import Generation, Grade, Problem, content_key
 from .store import Table
 
-GRADER_REVISION = 1
-FINAL_MARKERS = re.compile(r"\\boxed\s*\{|\\fbox\s*\{|final answer|answer\s*(?:is|:)|####", re.IGNORECASE)
+MAX_TRIES = 8  # candidates tried per solution: bounds the parser's work on a text full of boxes
+
+GRADER_REVISION = 2  # 2: extraction in a defined order over all markers, and the lenient verdict
 
 
 def grader_id() -> str:
     return f"math-verify=={md.version('math-verify')}/qreason-grade-{GRADER_REVISION}"
 
 
-def final_answer_region(text: str) -> str | None:
-    """The text from the last final-answer marker on, or None when the text states no final answer."""
-    marks = list(FINAL_MARKERS.finditer(text))
-    if not marks:
-        return None
-    return text[marks[-1].start():]
+class Verdict(NamedTuple):
+    """The strict verdict (explicit markers only) and the lenient one (what a reader takes) on one solution."""
+
+    status: str
+    extracted: str | None
+    detail: str | None
+    lenient_status: str
+    lenient_extracted: str | None
 
 
-def _answer_text(parsed: list) -> str | None:
-    if not parsed:
+def _parse(latex: str, timeout_s: int) -> list:
+    """Math-Verify's reading of one answer written as LaTeX (with or without delimiters); [] if none."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    if not latex or len(latex) > MAX_CANDIDATE:
+        return []
+    got = parse(f"$${latex}$$", [LatexExtractionConfig(), ExprExtractionConfig()], fallback_mode="no_fallback",
+                parsing_timeout=timeout_s, raise_on_error=True)
+    return [x for x in got if not isinstance(x, str)]
+
+
+def _number_form(s: str) -> str:
+    """A number answer without what only decorates it: thousands separators, percent signs."""
+    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
+    return re.sub(r"\\?%$", "", s).strip()
+
+
+def interpret(candidate: Candidate, answer_type: str, timeout_s: int) -> tuple[list, str] | None:
+    """(parsed answer, the text compared) for a candidate, or None when it states no readable answer."""
+    s = clean(candidate.text)
+    if not s or len(s) > MAX_CANDIDATE:
         return None
-    return str(parsed[1] if len(parsed) > 1 else parsed[0])
+    lenient = candidate.source == "lenient"
+    if answer_type in ("number", "integer"):
+        if words(s) or lenient or "=" in s:
+            s = number_in(s, last=lenient) or ""
+        s = _number_form(s)
+    elif words(s):  # prose around a single number ("5 apples"); else a text answer such as "Evelyn"
+        s = number_in(s, last=lenient) or s
+    parsed = _parse(s, timeout_s)
+    if not parsed and answer_type == "latex" and not lenient and words(s) and len(s) <= 60:
+        return [], s  # a short text answer: compared as text
+    return (parsed, s) if parsed else None
+
+
+def first_answer(candidates: list[Candidate], answer_type: str, timeout_s: int) -> tuple[list, str] | None:
+    """The first candidate that states a readable answer (at most MAX_TRIES are tried)."""
+    for candidate in candidates[:MAX_TRIES]:
+        got = interpret(candidate, answer_type, timeout_s)
+        if got is not None:
+            return got
+    return None
+
+
+@lru_cache(maxsize=256)
+def _reference(reference: str, answer_type: str, timeout_s: int) -> tuple[list, str]:
+    ref = clean(reference)
+    if answer_type != "latex":
+        ref = _number_form(ref.replace(",", ""))
+    return _parse(ref, timeout_s), ref
+
+
+def _same(gold: tuple[list, str], pred: tuple[list, str], timeout_s: int) -> bool:
+    from math_verify import verify
+
+    if normalize_text(gold[1]) == normalize_text(pred[1]):
+        return True
+    if not gold[0] or not pred[0]:
+        return False
+    return verify(gold[0], pred[0], timeout_seconds=timeout_s, raise_on_error=True)
+
+
+def grade_answer(text: str, finish_reason: str | None, reference: str, answer_type: str,
+                 timeout_s: int = 10) -> Verdict:
+    """Both verdicts on one solution. Runs Math-Verify in the calling (main) thread."""
+    strict = first_answer(strict_candidates(text), answer_type, timeout_s)
+    loose = strict
+    if strict is None:
+        fallback = lenient_candidate(text)
+        loose = interpret(fallback, answer_type, timeout_s) if fallback else None
+    shown, loose_shown = (strict[1] if strict else None), (loose[1] if loose else None)
+    if finish_reason == "length":
+        return Verdict("truncated", shown, None, "truncated", loose_shown)
+    gold = _reference(reference, answer_type, timeout_s)
+    if not gold[0] and answer_type != "latex":
+        detail = f"could not parse the reference answer {reference!r}"
+        return Verdict("grader_error", shown, detail, "grader_error", loose_shown)
+
+    def verdict(pred) -> str:
+        return "no_answer" if pred is None else "correct" if _same(gold, pred, timeout_s) else "wrong"
+    status = verdict(strict)
+    return Verdict(status, shown, None, status if strict else verdict(loose), loose_shown)
 
 
 def grade_text(text: str, finish_reason: str | None, reference: str, answer_type: str,
                timeout_s: int = 10) -> tuple[str, str | None, str | None]:
-    """(status, extracted answer, detail) for one solution. Runs Math-Verify in the calling (main) thread."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
-    region = final_answer_region(text)
-    pred = []
-    if region is not None:
-        pred = parse(region, [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
-                     parsing_timeout=timeout_s, raise_on_error=True)
-    extracted = _answer_text(pred)
-    if finish_reason == "length":
-        return "truncated", extracted, None
-    if not pred:
-        return "no_answer", None, None
-    gold_text = reference if answer_type == "latex" else reference.replace(",", "")
-    gold = parse(f"${gold_text}$", [LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=timeout_s,
-                 raise_on_error=True)
-    if not gold:
-        return "grader_error", extracted, f"could not parse the reference answer {reference!r}"
-    ok = verify(gold, pred, timeout_seconds=timeout_s, raise_on_error=True)
-    return ("correct" if ok else "wrong"), extracted, None
+    """(strict status, extracted answer, detail) for one solution; see ``grade_answer`` for both verdicts."""
+    v = grade_answer(text, finish_reason, reference, answer_type, timeout_s)
+    return v.status, v.extracted, v.detail
 
 
-def _worker(args: tuple) -> tuple[str, str | None, str | None]:
+def _worker(args: tuple) -> tuple:
     try:
-        return grade_text(*args)
+        return tuple(grade_answer(*args))
     except Exception as exc:  # noqa: BLE001 - any failure of the grader is a grader_error, never a crash
         return "grader_error", None, f"{type(exc).__name__}: {str(exc)[:200]}"
 
@@ -147,11 +218,13 @@ class Grader:
         finally:
             pool.terminate()
 
-    def _record(self, job: GradeJob, status: str, extracted: str | None, detail: str | None) -> Grade:
+    def _record(self, job: GradeJob, status: str, extracted: str | None, detail: str | None,
+                lenient_status: str | None = None, lenient_extracted: str | None = None) -> Grade:
         g = job.generation
         return Grade(key=job.key, generation_key=g.key, variant=g.variant, task=g.task, problem_id=g.problem_id,
                      seed=g.seed, status=status, extracted=extracted, reference=job.problem.answer,
-                     grader=self.grader, detail=detail)
+                     grader=self.grader, detail=detail, lenient_status=lenient_status or status,
+                     lenient_extracted=lenient_extracted if lenient_status else extracted)
 
 
 def run_grading(store, grader: Grader, generations: Iterable[Generation] | None = None,
