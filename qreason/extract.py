@@ -28,11 +28,17 @@ PHRASE = re.compile(r"(?:final\s+answer|\banswer)\s*(?:is\b|:|=)?|####", re.IGNO
 NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d])|(?<![\w.])-?\.\d+")
 WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{2,}")
 TEXT_COMMAND = re.compile(r"\\(?:text|textbf|mathrm|mbox|textit|mathbf|operatorname)\s*\{([^{}]*)\}")
-MATH_ENV = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|(?<![\\$])\$([^$\n]+?)\$", re.DOTALL)
+# inline $...$ must hug its content, so "costs $5 and $6" is not read as the formula "5 and "
+MATH_ENV = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|(?<![\\$])\$(?!\s)([^$\n]+?)(?<!\s)\$(?!\d)",
+                      re.DOTALL)
 BOLD = re.compile(r"\*\*(.+?)\*\*", re.DOTALL)
 COPULA = re.compile(r"\b(?:is|are|was|were|be|equals?|makes?|total(?:s| of)?|has|have|had|gets?|got|needs?|"
                     r"costs?|left)\b|=", re.IGNORECASE)
 CONNECTOR = re.compile(r"^(?:\s|[,;$]|\\[()]|\\quad|\\text\{\s*(?:and|or)\s*\}|\band\b|\bor\b|[a-zA-Z]\s*=)*$")
+STATEMENT_VERB = re.compile(r"\b(?:is|are|equals?)\b|=|:")
+_VALUE = r"\x00(\d+)\x00|\*\*([^*]+)\*\*|(-?\$?\d[\d,]*(?:\.\d+)?%?)"
+STATEMENT_VALUE = re.compile(_VALUE)
+STATEMENT_LIST = re.compile(rf"\s*(?:{_VALUE})(?:\s*(?:,\s*and|,\s*or|,|and|or)\s*(?:{_VALUE}))*\s*")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
 MAX_CANDIDATE = 400  # a longer "answer" is prose, not an answer; also bounds the parser's work
 
@@ -122,7 +128,9 @@ def phrase_candidates(text: str) -> list[Candidate]:
 
 
 def strict_candidates(text: str) -> list[Candidate]:
-    return boxed_candidates(text) + phrase_candidates(text)
+    """Every explicit statement of the answer, in the order they are tried."""
+    statement = statement_candidate(text)
+    return boxed_candidates(text) + phrase_candidates(text) + ([statement] if statement else [])
 
 
 def _protect_math(line: str) -> tuple[str, list[str]]:
@@ -148,6 +156,42 @@ def final_sentence(text: str) -> str | None:
     return None
 
 
+def _last_statement(text: str) -> tuple[str, list[str]] | None:
+    """The solution's closing sentence (math blocks as placeholders); a formula on a line of its own after a
+    line that ends in ":" belongs to that line's sentence."""
+    protected, blocks = _protect_math(text.strip())
+    lines = [x.strip() for x in protected.split("\n") if x.strip()]
+    if not lines:
+        return None
+    last = lines[-1]
+    if re.fullmatch(r"\x00\d+\x00[\s.]*", last) and len(lines) > 1 and lines[-2].rstrip("*").endswith(":"):
+        last = lines[-2] + " " + last
+    return SENTENCE_END.split(last)[-1], blocks
+
+
+def statement_candidate(text: str) -> Candidate | None:
+    """The value a closing sentence such as "Therefore, the value of x is \\(3\\)." states: what follows its
+    last "is/are/=/:" when that is nothing but formulas, bold text or numbers (joined by "and" or commas) and
+    ends the sentence. "Raymond has $8 left." states no answer this way."""
+    found = _last_statement(text)
+    if found is None:
+        return None
+    sentence, blocks = found
+    copulas = list(STATEMENT_VERB.finditer(sentence))
+    if not copulas:
+        return None
+    tail = re.sub(r"[\s.!]+$", "", sentence[copulas[-1].end():])
+    tail = re.sub(r"^\s*(?:approximately|exactly|about|equal to|given by|therefore|thus)?\s*:?\s*", "", tail)
+    items = STATEMENT_VALUE.findall(tail)
+    if len(items) == 1 and not items[0][2]:  # a formula or bold value may carry a unit: "is \\(48\\) square units"
+        tail = re.sub(r"(?<=\S)\s+[a-zA-Z]+(?:\s+[a-zA-Z]+){0,2}$", "", tail)
+    if not items or not STATEMENT_LIST.fullmatch(tail):
+        return None
+    values = [blocks[int(i[0])] if i[0] else (i[1] or i[2]) for i in items]
+    inner = [_math_block_at(v) or v for v in values]
+    return Candidate(", ".join(x.strip().strip(",").strip() for x in inner), "statement")
+
+
 def lenient_candidate(text: str) -> Candidate | None:
     """The answer a reader takes from the final sentence when no marker states one."""
     sentence = final_sentence(text)
@@ -171,7 +215,7 @@ def clean(candidate: str) -> str:
     s = s.replace("**", "").replace("__", "")
     s = re.sub(r"\\\$|\$", "", s)                       # currency and inline math delimiters
     s = re.sub(r"\\[()\[\]]", "", s)                    # \( \) \[ \]
-    s = re.sub(r"\\(\d)", r"\1", s)                     # "\15" (a mangled "\$15")
+    s = re.sub(r"(?<!\\)\\(\d)", r"\1", s)              # "\15" (a mangled "\$15"), not "\\2" (a row break)
     s = s.replace("−", "-").replace("\\!", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = s.strip().lstrip(":=").strip()
     return re.sub(r"[\s.,;:]+$", "", s)

@@ -74,6 +74,9 @@ def interpret(candidate: Candidate, answer_type: str, timeout_s: int) -> tuple[l
     if not s or len(s) > MAX_CANDIDATE:
         return None
     lenient = candidate.source == "lenient"
+    if words(s):  # prose such as "the product of the digits is 6": the value is what the last "is" names
+        stated = re.split(r"\b(?:is|are|equals)\b", s)[-1].strip()
+        s = stated or s
     if answer_type in ("number", "integer"):
         if words(s) or lenient or "=" in s:
             s = number_in(s, last=lenient) or ""
@@ -81,7 +84,7 @@ def interpret(candidate: Candidate, answer_type: str, timeout_s: int) -> tuple[l
     elif words(s):  # prose around a single number ("5 apples"); else a text answer such as "Evelyn"
         s = number_in(s, last=lenient) or s
     parsed = _parse(s, timeout_s)
-    if not parsed and answer_type == "latex" and not lenient and words(s) and len(s) <= 60:
+    if not parsed and answer_type == "latex" and not lenient and (words(s) or "\\text" in s) and len(s) <= 60:
         return [], s  # a short text answer: compared as text
     return (parsed, s) if parsed else None
 
@@ -110,7 +113,23 @@ def _same(gold: tuple[list, str], pred: tuple[list, str], timeout_s: int) -> boo
         return True
     if not gold[0] or not pred[0]:
         return False
-    return verify(gold[0], pred[0], timeout_seconds=timeout_s, raise_on_error=True)
+    if verify(gold[0], pred[0], timeout_seconds=timeout_s, raise_on_error=True):
+        return True
+    if "%" in gold[1] + pred[1]:  # "17.5\\%" and "17.5" state the same percentage
+        bare = [_parse(_number_form(x), timeout_s) for x in (gold[1], pred[1])]
+        return bool(bare[0] and bare[1]) and verify(bare[0], bare[1], timeout_seconds=timeout_s, raise_on_error=True)
+    return False
+
+
+def _matches(gold: tuple[list, str], pred: tuple[list, str], timeout_s: int) -> bool:
+    """Whether the answer states the reference; "x = 10,080" states "10080" when the reference is no equation."""
+    if _same(gold, pred, timeout_s):
+        return True
+    if "=" in pred[1] and "=" not in gold[1]:
+        rhs = pred[1].rsplit("=", 1)[1].strip()
+        parsed = _parse(rhs, timeout_s)
+        return bool(rhs) and _same(gold, (parsed, rhs), timeout_s)
+    return False
 
 
 def grade_answer(text: str, finish_reason: str | None, reference: str, answer_type: str,
@@ -130,7 +149,7 @@ def grade_answer(text: str, finish_reason: str | None, reference: str, answer_ty
         return Verdict("grader_error", shown, detail, "grader_error", loose_shown)
 
     def verdict(pred) -> str:
-        return "no_answer" if pred is None else "correct" if _same(gold, pred, timeout_s) else "wrong"
+        return "no_answer" if pred is None else "correct" if _matches(gold, pred, timeout_s) else "wrong"
     status = verdict(strict)
     return Verdict(status, shown, None, status if strict else verdict(loose), loose_shown)
 
