@@ -18,20 +18,26 @@ killing a worker that overruns. So grading is bounded wherever ``grade`` is call
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import multiprocessing as mp
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Iterator, NamedTuple
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple, get_args
 
 from tqdm.auto import tqdm
 
 from .extract import Candidate, MAX_CANDIDATE, clean, lenient_candidate, normalize_text, number_in, \
     strict_candidates, words
-from .records import Generation, Grade, Problem, content_key
-from .store import Table
+from .errors import UserError
+from .records import Generation, Grade, GradeStatus, Problem, content_key
+from .store import Table, iter_jsonl, write_atomic
 
+STATUSES = get_args(GradeStatus)
+PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/[1-9]\d*)?")
 MAX_TRIES = 8  # candidates tried per solution: bounds the parser's work on a text full of boxes
 
 GRADER_REVISION = 2  # 2: extraction in a defined order over all markers, and the lenient verdict
@@ -57,6 +63,10 @@ def _parse(latex: str, timeout_s: int) -> list:
 
     if not latex or len(latex) > MAX_CANDIDATE:
         return []
+    if PLAIN_NUMBER.fullmatch(latex):  # most answers: skip the LaTeX parser
+        import sympy
+
+        return [sympy.Rational(latex)]
     got = parse(f"$${latex}$$", [LatexExtractionConfig(), ExprExtractionConfig()], fallback_mode="no_fallback",
                 parsing_timeout=timeout_s, raise_on_error=True)
     return [x for x in got if not isinstance(x, str)]
@@ -113,6 +123,8 @@ def _same(gold: tuple[list, str], pred: tuple[list, str], timeout_s: int) -> boo
         return True
     if not gold[0] or not pred[0]:
         return False
+    if getattr(gold[0][0], "is_Integer", False) and getattr(pred[0][0], "is_Integer", False):  # plain integers: no need for the general comparison
+        return bool(gold[0][0] == pred[0][0])
     if verify(gold[0], pred[0], timeout_seconds=timeout_s, raise_on_error=True):
         return True
     if "%" in gold[1] + pred[1]:  # "17.5\\%" and "17.5" state the same percentage
@@ -205,35 +217,41 @@ class Grader:
 
     def grade(self, jobs: list[GradeJob]) -> Iterator[Grade]:
         """Yield one Grade per job (in completion order)."""
-        if not jobs:
+        args = [(j.generation.text, j.generation.finish_reason, j.problem.answer, j.problem.answer_type,
+                 self.timeout_s) for j in jobs]
+        for i, result in self.run(args):
+            yield self._record(jobs[i], *result)
+
+    def run(self, args: list[tuple]) -> Iterator[tuple[int, tuple]]:
+        """``(index, result)`` for each argument tuple of ``fn`` (in completion order); an answer that overruns
+        the limit gets a grader_error result."""
+        if not args:
             return
         limit = self.timeout_s + self.grace_s
         pool = self._pool()
-        queue = list(reversed(jobs))
-        running: dict[int, tuple[GradeJob, object, float]] = {}
+        queue = list(reversed(range(len(args))))
+        running: dict[int, tuple[object, float]] = {}
         try:
             while queue or running:
                 while queue and len(running) < self.workers:  # each submitted job starts at once
-                    job = queue.pop()
-                    g = job.generation
-                    args = (g.text, g.finish_reason, job.problem.answer, job.problem.answer_type, self.timeout_s)
-                    running[id(job)] = (job, pool.apply_async(self.fn, (args,)), time.monotonic())
-                finished = [k for k, (_, res, _) in running.items() if res.ready()]
-                for k in finished:
-                    job, res, _ = running.pop(k)
-                    yield self._record(job, *res.get())
-                overdue = [k for k, (_, _, t) in running.items() if time.monotonic() - t > limit]
+                    i = queue.pop()
+                    running[i] = (pool.apply_async(self.fn, (args[i],)), time.monotonic())
+                finished = [i for i, (res, _) in running.items() if res.ready()]
+                for i in finished:
+                    res, _ = running.pop(i)
+                    yield i, res.get()
+                overdue = [i for i, (_, t) in running.items() if time.monotonic() - t > limit]
                 if overdue:
-                    for k in overdue:
-                        job, _, _ = running.pop(k)
-                        yield self._record(job, "grader_error", None, f"timed out after {limit:g} s")
+                    for i in overdue:
+                        running.pop(i)
+                        yield i, ("grader_error", None, f"timed out after {limit:g} s")
                     # The pool cannot cancel one task: replace it and resubmit what was still running.
                     pool.terminate()
                     pool = self._pool()
-                    queue.extend(job for job, _, _ in running.values())
+                    queue.extend(running)
                     running.clear()
                 if not finished:
-                    time.sleep(0.005)
+                    time.sleep(0.002)
         finally:
             pool.terminate()
 
@@ -265,3 +283,60 @@ def run_grading(store, grader: Grader, generations: Iterable[Generation] | None 
             written += out.append(pending)
             pending = []
     return written + out.append(pending)
+
+
+ANSWER_TYPES = ("number", "latex", "integer")
+
+
+def read_solutions(path: Path, response_field: str, reference_field: str,
+                   finish_field: str | None = None) -> list[dict]:
+    """Every row of a JSONL file of solutions, checked: a row without a text response or a reference is a
+    UserError naming its line (nothing is graded then)."""
+    rows = []
+    for where, row in iter_jsonl(path):
+        for name in (response_field, reference_field):
+            if name not in row:
+                raise UserError(where, f"missing field {name!r}")
+        if not isinstance(row[response_field], str):
+            raise UserError(where, f"field {response_field!r} must be a string, not "
+                                   f"{type(row[response_field]).__name__}")
+        ref = row[reference_field]
+        if isinstance(ref, bool) or not isinstance(ref, (str, int, float)) or not str(ref).strip():
+            raise UserError(where, f"field {reference_field!r} must be a non-empty string or number, not {ref!r}"[:200])
+        if finish_field and row.get(finish_field) is not None and not isinstance(row[finish_field], str):
+            raise UserError(where, f"field {finish_field!r} must be a string or null")
+        rows.append(row)
+    return rows
+
+
+def grade_file(path: Path, out: Path, response_field: str, reference_field: str, answer_type: str,
+               grader: Grader, finish_field: str | None = None) -> dict:
+    """Grade a JSONL file of solutions written anywhere: ``out`` gets each row with ``status``,
+    ``lenient_status`` and ``extracted`` added (same order), written whole or not at all. Returns the counts."""
+    if answer_type not in ANSWER_TYPES:
+        raise UserError(answer_type, f"answer type must be one of {', '.join(ANSWER_TYPES)}")
+    path, out = Path(path), Path(out)
+    if out.exists() and out.resolve() == path.resolve():
+        raise UserError(str(out), "the output would overwrite the input file")
+    rows = read_solutions(path, response_field, reference_field, finish_field)
+    args = [(r[response_field], r.get(finish_field) if finish_field else None, str(r[reference_field]),
+             answer_type, grader.timeout_s) for r in rows]
+    results: list[tuple] = [()] * len(rows)
+    t0 = time.monotonic()
+    for i, result in tqdm(grader.run(args), total=len(args), desc="grade", unit="ans", disable=not rows,
+                          dynamic_ncols=True):
+        results[i] = result
+    lines = []
+    for row, result in zip(rows, results):
+        status, extracted = result[0], result[1]
+        lenient_status = result[3] if len(result) > 3 else status
+        lines.append(json.dumps({**row, "status": status, "lenient_status": lenient_status, "extracted": extracted},
+                                ensure_ascii=False))
+    write_atomic(out, "".join(line + "\n" for line in lines))
+    strict = Counter(r[0] for r in results)
+    lenient = Counter(r[3] if len(r) > 3 else r[0] for r in results)
+    return {"input": str(path), "out": str(out), "rows": len(rows), "answer_type": answer_type,
+            "status": {s: strict.get(s, 0) for s in STATUSES},
+            "lenient_status": {s: lenient.get(s, 0) for s in STATUSES},
+            "format_failures": sum(r[0] == "no_answer" and len(r) > 3 and r[3] == "correct" for r in results),
+            "seconds": round(time.monotonic() - t0, 2)}
