@@ -32,8 +32,7 @@ TEXT_COMMAND = re.compile(r"\\(?:text|textbf|mathrm|mbox|textit|mathbf|operatorn
 MATH_ENV = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|(?<![\\$])\$(?!\s)([^$\n]+?)(?<!\s)\$(?!\d)",
                       re.DOTALL)
 BOLD = re.compile(r"\*\*(.+?)\*\*", re.DOTALL)
-COPULA = re.compile(r"\b(?:is|are|was|were|be|equals?|makes?|total(?:s| of)?|has|have|had|gets?|got|needs?|"
-                    r"costs?|left)\b|=", re.IGNORECASE)
+COPULA = re.compile(r"\b(?:is|are|was|were|be|equals?|total(?:s| of)?|has|have|had)\b|=", re.IGNORECASE)
 CONNECTOR = re.compile(r"^(?:\s|[,;$]|\\[()]|\\quad|\\text\{\s*(?:and|or)\s*\}|\band\b|\bor\b|[a-zA-Z]\s*=)*$")
 STATEMENT_VERB = re.compile(r"\b(?:is|are|equals?)\b|=|:")
 _VALUE = r"\x00(\d+)\x00|\*\*([^*]+)\*\*|(-?\$?\d[\d,]*(?:\.\d+)?%?)"
