@@ -40,6 +40,8 @@ STATEMENT_VALUE = re.compile(_VALUE)
 STATEMENT_LIST = re.compile(rf"\s*(?:{_VALUE})(?:\s*(?:,\s*and|,\s*or|,|and|or)\s*(?:{_VALUE}))*\s*")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
 MAX_CANDIDATE = 400  # a longer "answer" is prose, not an answer; also bounds the parser's work
+MAX_PHRASES = 8  # final-answer phrases considered, the last ones
+CLOSING_CHARS = 3000  # the closing sentence is looked for in this much of the end of a solution
 
 
 @dataclass(frozen=True)
@@ -50,32 +52,31 @@ class Candidate:
     source: str
 
 
-def _balanced(text: str, start: int) -> tuple[str, int] | None:
-    """The contents of the brace group whose ``{`` is at ``start``, and the index after its ``}``."""
-    depth = 0
-    for i in range(start, len(text)):
-        ch = text[i]
-        if ch == "\\":
+def brace_pairs(text: str) -> dict[int, int]:
+    """Index of each unescaped ``{`` -> index of its closing ``}``, in one pass (model text can hold thousands
+    of unclosed braces; matching each one separately would take quadratic time)."""
+    pairs, stack = {}, []
+    for i, ch in enumerate(text):
+        if ch in "{}" and i > 0 and text[i - 1] == "\\":
             continue
-        if ch == "{" and (i == 0 or text[i - 1] != "\\"):
-            depth += 1
-        elif ch == "}" and text[i - 1] != "\\":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1:i], i + 1
-    return None
+        if ch == "{":
+            stack.append(i)
+        elif ch == "}" and stack:
+            pairs[stack.pop()] = i
+    return pairs
 
 
 def boxes(text: str) -> list[tuple[int, int, str]]:
     """Every ``\\boxed``/``\\fbox`` as (start, end, contents), in order; ``\\boxed 5`` (no braces) too."""
     found = []
+    pairs = brace_pairs(text) if "\\boxed" in text or "\\fbox" in text else {}
     for m in BOX_OPEN.finditer(text):
         if m.group(1):
-            got = _balanced(text, m.start(1))
-            if got:
-                found.append((m.start(), got[1], got[0]))
+            close = pairs.get(m.start(1))
+            if close is not None and close - m.start(1) <= 2 * MAX_CANDIDATE:  # longer: prose, never an answer
+                found.append((m.start(), close + 1, text[m.start(1) + 1:close]))
         else:
-            plain = re.match(r"[^\s$.,}]+", text[m.end():])
+            plain = re.match(r"[^\s$.,}]+", text[m.end():m.end() + MAX_CANDIDATE])
             if plain:
                 found.append((m.start(), m.end() + plain.end(), plain.group()))
     return found
@@ -88,7 +89,7 @@ def boxed_candidates(text: str) -> list[Candidate]:
     i = len(found) - 1
     while i >= 0:
         group = [found[i]]
-        while i > 0 and CONNECTOR.match(text[found[i - 1][1]:group[0][0]]):
+        while i > 0 and found[i - 1][1] <= group[0][0] and CONNECTOR.match(text[found[i - 1][1]:group[0][0]]):
             i -= 1
             group.insert(0, found[i])
         if len(group) > 1:
@@ -119,8 +120,8 @@ def _phrase_tail(text: str) -> str:
 def phrase_candidates(text: str) -> list[Candidate]:
     """The text after each final-answer phrase, last phrase first."""
     out = []
-    for m in reversed(list(PHRASE.finditer(text))):
-        tail = _phrase_tail(text[m.end():])
+    for m in list(PHRASE.finditer(text))[-MAX_PHRASES:][::-1]:
+        tail = _phrase_tail(text[m.end():m.end() + 4 * MAX_CANDIDATE])
         if tail.strip():
             out.append(Candidate(tail, "phrase"))
     return out
@@ -145,7 +146,7 @@ def _protect_math(line: str) -> tuple[str, list[str]]:
 def final_sentence(text: str) -> str | None:
     """The last sentence that states a number or a formula, from the last non-empty line that has one
     (math blocks kept whole)."""
-    protected, blocks = _protect_math(text.strip())
+    protected, blocks = _protect_math(text.strip()[-CLOSING_CHARS:])
     for line in reversed([x for x in protected.split("\n") if x.strip()]):
         for sentence in reversed(SENTENCE_END.split(line)):
             restored = re.sub(r"\x00(\d+)\x00", lambda m: blocks[int(m.group(1))], sentence)
@@ -158,7 +159,7 @@ def final_sentence(text: str) -> str | None:
 def _last_statement(text: str) -> tuple[str, list[str]] | None:
     """The solution's closing sentence (math blocks as placeholders); a formula on a line of its own after a
     line that ends in ":" belongs to that line's sentence."""
-    protected, blocks = _protect_math(text.strip())
+    protected, blocks = _protect_math(text.strip()[-CLOSING_CHARS:])
     lines = [x.strip() for x in protected.split("\n") if x.strip()]
     if not lines:
         return None

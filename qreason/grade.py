@@ -92,7 +92,10 @@ def interpret(candidate: Candidate, answer_type: str, timeout_s: int) -> tuple[l
             s = number_in(s, last=lenient) or ""
         s = _number_form(s)
     elif words(s):  # prose around a single number ("5 apples"); else a text answer such as "Evelyn"
-        s = number_in(s, last=lenient) or s
+        number = number_in(s, last=lenient)
+        if number is None and len(words(s)) > 3:
+            return None  # a sentence, not an answer
+        s = number or s
     parsed = _parse(s, timeout_s)
     if not parsed and answer_type == "latex" and not lenient and (words(s) or "\\text" in s) and len(s) <= 60:
         return [], s  # a short text answer: compared as text

@@ -95,6 +95,20 @@ def test_the_extracted_answer_is_the_one_compared():
     assert (loose.extracted, loose.lenient_extracted) == (None, "45")
 
 
+@pytest.mark.parametrize("text", [
+    "\\boxed{" * 20000,                          # thousands of unclosed braces
+    "\\boxed{" * 5000 + "}" * 5000,              # deeply nested boxes
+    "The answer is " * 20000,                    # a phrase repeated without an answer
+    "$$ x " * 20000 + "\\(" * 20000,             # unclosed math delimiters
+])
+def test_hostile_text_is_graded_quickly(text):
+    import time
+
+    t0 = time.process_time()
+    verdict = grade_answer(text, "stop", "5", "latex")
+    assert verdict.status in ("no_answer", "wrong") and time.process_time() - t0 < 5
+
+
 def write_jsonl(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
 
