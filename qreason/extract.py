@@ -24,7 +24,10 @@ import re
 from dataclasses import dataclass
 
 BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*(\{)?")
-PHRASE = re.compile(r"(?:final\s+answer|\banswer)\s*(?:is\b|:|=)?|####", re.IGNORECASE)
+# "answer" alone ("to answer this, note that 12 ...") is not a marker: it needs "is", ":" or "=" after it, or
+# "final" before it and the end of its line ("**Final Answer**" as a heading)
+PHRASE = re.compile(r"\bfinal\s+answer(?:\s*\*\*)?(?:\s*(?:is\b|:|=)|[ \t]*(?=\n))|\banswer(?:\s*\*\*)?\s*(?:is\b|:|=)"
+                    r"|####", re.IGNORECASE)
 NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d])|(?<![\w.])-?\.\d+")
 WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{2,}")
 TEXT_COMMAND = re.compile(r"\\(?:text|textbf|mathrm|mbox|textit|mathbf|operatorname)\s*\{([^{}]*)\}")

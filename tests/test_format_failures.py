@@ -7,7 +7,7 @@ from qreason.gates import check_gates
 from qreason.records import Grade
 from qreason.report import build_report
 from qreason.store import RunIndex
-from qreason.summary import accuracy_table, format_table
+from qreason.summary import RunSummary, accuracy_table, format_table
 
 from test_analysis import build_run
 
@@ -33,7 +33,8 @@ def test_summary_rows_split_format_failures_from_wrong_answers():
 
 def test_format_failure_gate_trips_per_cell():
     grades = [grade(i, "q", "no_answer", "correct") for i in range(3)] + [grade(9, "q", "correct", "correct")]
-    summary = {"results": accuracy_table(grades + [grade(0, "base", "correct", "correct")])}
+    summary = RunSummary(results=accuracy_table(grades + [grade(0, "base", "correct", "correct")]))
+    assert summary.results[1].format_failures == 3 and RunSummary.read(summary.dump()).results[1].n_grades == 4
     tripped = check_gates(GatesConfig(max_format_failure_rate=0.5), summary, "base", None, [])
     assert tripped == ["q/t: 3 of 4 answers (75.0%) are format failures; the limit is 50.0%"]
     assert check_gates(GatesConfig(max_format_failure_rate=0.75), summary, "base", None, []) == []

@@ -73,6 +73,8 @@ CASES = [
     ("We have 5 apples and buy 3 more, giving 8 apples.\nSo she ends up with 8 apples in the basket.", "5",
      "number", "no_answer", "wrong"),
     ("Step 1: 5 + 5 = 10.\nThe final answer is \\boxed{10}.", "5", "number", "wrong", "wrong"),
+    ("To answer this, recall that 12 eggs fill a carton.\nSo two cartons hold 24 eggs in all.", "12", "number",
+     "no_answer", "wrong"),
     ("I am not able to work this out.", "3", "number", "no_answer", "no_answer"),
 ]
 
