@@ -38,21 +38,24 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data"
 
 
 def grade_one(args: tuple) -> tuple:
-    """(status, extracted, detail, lenient_status, lenient_extracted) for one solution."""
+    """(status, extracted, detail, lenient_status, lenient_extracted) with an older qreason (strict only)."""
     import qreason.grade as g
 
-    try:
-        if hasattr(g, "grade_answer"):
-            return tuple(g.grade_answer(*args))
-        status, extracted, detail = g.grade_text(*args)
-        return status, extracted, detail, status, extracted
-    except Exception as exc:  # noqa: BLE001 - counted as a grader error, as the grading stage does
-        return "grader_error", None, f"{type(exc).__name__}: {exc}"[:200], "grader_error", None
+    status, extracted, detail = g._worker(args)[:3]
+    return status, extracted, detail, status, extracted
 
 
 def grade_all(jobs: list[tuple], workers: int) -> list[tuple]:
-    with mp.get_context("spawn").Pool(workers) as pool:
-        return pool.map(grade_one, jobs, chunksize=8)
+    """Grade in qreason's own worker pool (per-answer time limits, as ``qreason grade-file`` does)."""
+    import qreason.grade as g
+
+    if not hasattr(g.Grader, "run"):  # an older qreason: a plain pool of its worker function
+        with mp.get_context("spawn").Pool(workers) as pool:
+            return pool.map(grade_one, jobs, chunksize=8)
+    results: list[tuple] = [()] * len(jobs)
+    for i, result in g.Grader(timeout_s=10, workers=workers).run(jobs):
+        results[i] = result if len(result) > 3 else (*result, result[0], result[1])
+    return results
 
 
 def read_jsonl(path: Path) -> list[dict]:

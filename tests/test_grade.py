@@ -62,3 +62,16 @@ def test_a_hanging_answer_becomes_grader_error_and_the_rest_still_grade():
     assert time.monotonic() - t0 < 60
     assert grades["7"].status == "grader_error" and "timed out" in grades["7"].detail
     assert {grades[i].status for i in ("1", "2", "3")} == {"correct"}
+
+
+def test_a_math_verify_timeout_is_a_grader_error_not_a_dead_worker(monkeypatch):
+    from math_verify.errors import TimeoutException
+
+    import qreason.grade as grade
+
+    def too_slow(*args):
+        raise TimeoutException("Operation timed out!")  # a BaseException: it would end the worker process
+
+    monkeypatch.setattr(grade, "grade_answer", too_slow)
+    status, extracted, detail = grade._worker(("\\boxed{5}", "stop", "5", "number", 3))
+    assert (status, extracted) == ("grader_error", None) and "3 s limit" in detail
