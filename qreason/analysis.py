@@ -76,6 +76,9 @@ def frames(store: RunStore, generation_keys: set[str] | None = None, base: str =
         df["method"], df["bits"] = None, None
     df["method"] = df["method"].fillna(df["variant"].where(df["variant"] != base, "none"))
     df["correct"] = (df["status"] == "correct").astype(int)
+    if "lenient_status" not in df:
+        df["lenient_status"] = None
+    df["lenient_status"] = df["lenient_status"].fillna(df["status"])  # grader revision 1 had no lenient verdict
     records = [j for j in store.judgments.all() if keep(j.generation_key)]
     judgments = pd.DataFrame([j.model_dump() for j in records])
     if not judgments.empty:
@@ -195,6 +198,27 @@ def lengths(df: pd.DataFrame) -> pd.DataFrame:
         no_answer_rate=("status", lambda s: (s == "no_answer").mean())).reset_index()
 
 
+FORMAT_COLUMNS = ["variant", "task", "n", "accuracy", "lenient_accuracy", "wrong", "format_failures",
+                  "no_answer_other", "truncated", "grader_error", "wrong_rate", "format_failure_rate"]
+
+
+def format_failures(df: pd.DataFrame) -> pd.DataFrame:
+    """Per variant and task, failures split by kind: wrong answers (the maths) against format failures (a right
+    answer that no marker states: strict no_answer, lenient correct) and the other no_answer grades."""
+    rows = []
+    for (variant, task), g in df.groupby(["variant", "task"]):
+        fmt = int(((g["status"] == "no_answer") & (g["lenient_status"] == "correct")).sum())
+        n = len(g)
+        rows.append({"variant": variant, "task": task, "n": n, "accuracy": g["correct"].mean(),
+                     "lenient_accuracy": (g["lenient_status"] == "correct").mean(),
+                     "wrong": int((g["status"] == "wrong").sum()), "format_failures": fmt,
+                     "no_answer_other": int((g["status"] == "no_answer").sum()) - fmt,
+                     "truncated": int((g["status"] == "truncated").sum()),
+                     "grader_error": int((g["status"] == "grader_error").sum()),
+                     "wrong_rate": (g["status"] == "wrong").mean(), "format_failure_rate": fmt / n})
+    return pd.DataFrame(rows, columns=FORMAT_COLUMNS)
+
+
 def by_difficulty(df: pd.DataFrame, base: str = BASE) -> pd.DataFrame:
     """Accuracy and drop vs base per difficulty bucket: MATH level and subject, GSM8K reference steps,
     synthetic steps (whichever the task has)."""
@@ -227,9 +251,10 @@ class Analysis:
     first_errors: pd.DataFrame
     lengths: pd.DataFrame
     difficulty: pd.DataFrame
+    formats: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=FORMAT_COLUMNS))
     tables: list[str] = field(default_factory=lambda: [
         "degradation", "flips", "error_types", "sub_types", "capabilities", "first_errors", "lengths",
-        "difficulty"])
+        "difficulty", "formats"])
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -250,7 +275,7 @@ def analyze(store: RunStore, base: str = BASE, save: bool = True,
         degradation=degradation(accuracy(df), base), flips=flips(df, base),
         error_types=error_distribution(chosen, "error_type"), sub_types=error_distribution(chosen, "sub_type"),
         capabilities=error_distribution(chosen, "capability"), first_errors=first_error_positions(chosen),
-        lengths=lengths(df), difficulty=by_difficulty(df, base))
+        lengths=lengths(df), difficulty=by_difficulty(df, base), formats=format_failures(df))
     if save:
         result.save(store.dir / "analysis")
     return result

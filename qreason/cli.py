@@ -89,6 +89,15 @@ def _cmd_grade(args) -> int:
     return 0
 
 
+def _cmd_grade_file(args) -> int:
+    from .grade import Grader, grade_file
+
+    summary = grade_file(Path(args.input), Path(args.out), args.response_field, args.reference_field,
+                         args.answer_type, Grader(args.timeout, args.workers), args.finish_field)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def _open_run(run_dir: str):
     """A run directory written by ``qreason run`` and its config."""
     from .config import parse_config
@@ -113,6 +122,8 @@ def _cmd_analyze(args) -> int:
         if not result.flips.empty:
             print()
             print(result.flips.to_string(index=False))
+        print("\nwrong answers and format failures (right answer, no readable marker):")
+        print(result.formats.drop(columns=["wrong_rate", "format_failure_rate"]).to_string(index=False))
     print(f"\ntables written to {store.dir / 'analysis'}")
     return 0
 
@@ -304,6 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=int, default=10, help="seconds per answer (default 10)")
     g.add_argument("--workers", type=int, default=2, help="grading processes (default 2)")
     g.set_defaults(fn=_cmd_grade)
+
+    gf = sub.add_parser("grade-file", help="grade a JSONL file of solutions produced anywhere (strict and lenient "
+                                           "verdicts); prints the counts as JSON", epilog=EPILOG)
+    gf.add_argument("input", help="JSONL file, one solution per line")
+    gf.add_argument("--response-field", required=True, metavar="F", help="field holding the solution text")
+    gf.add_argument("--reference-field", required=True, metavar="R", help="field holding the reference answer")
+    gf.add_argument("--answer-type", required=True, choices=["number", "latex", "integer"])
+    gf.add_argument("--out", required=True, help="output JSONL: each row with status, lenient_status and "
+                                                 "extracted added (written whole or not at all)")
+    gf.add_argument("--finish-field", help="optional field with the finish reason ('length' grades as truncated)")
+    gf.add_argument("--timeout", type=int, default=10, help="seconds per answer (default 10)")
+    gf.add_argument("--workers", type=int, default=2, help="grading processes (default 2)")
+    gf.set_defaults(fn=_cmd_grade_file)
 
     m = sub.add_parser("model", help="resolve a model (converting the embedded default once) and print its "
                                      "path and fingerprint")

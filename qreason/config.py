@@ -209,6 +209,7 @@ BackendConfig = Annotated[Union[VLLMConfig, OpenAIConfig, ReplayConfig], Field(d
 
 
 class GradingConfig(Strict):
+    kind: Literal["math-verify"] = "math-verify"   # the grader registry's key (qreason.grade.register_grader)
     timeout_s: int = Field(default=10, ge=1)
     workers: int = Field(default=2, ge=1)
 
@@ -244,6 +245,7 @@ class GatesConfig(Strict):
     max_drop_vs_previous: float | None = Field(default=None, ge=0)  # drop vs the last finished run of this config
     max_judge_error_rate: float | None = Field(default=None, ge=0, le=1)  # judge errors / LLM judgments
     min_accuracy: float | None = Field(default=None, ge=0, le=1)    # absolute floor for every variant and task
+    max_format_failure_rate: float | None = Field(default=None, ge=0, le=1)  # format failures / grades, per cell
 
 
 class ExecutorConfig(Strict):

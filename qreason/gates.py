@@ -25,6 +25,19 @@ def judge_error_rate(judgments: list[Judgment]) -> tuple[float, int]:
     return (sum(j.status == "judge_error" for j in llm) / len(llm) if llm else 0.0), len(llm)
 
 
+def format_failure_gate(limit: float, summary: RunSummary) -> list[str]:
+    """Cells whose share of format failures (right answer, no readable final-answer marker) exceeds ``limit``:
+    a quantized model that drifts in format loses accuracy without losing maths."""
+    tripped = []
+    for r in summary.results:
+        n = r.n_grades or sum(r.outcomes.values())
+        rate = r.format_failures / n if n else 0.0
+        if rate > limit + 1e-12:
+            tripped.append(f"{r.variant}/{r.task}: {r.format_failures} of {n} answers ({100 * rate:.1f}%) are "
+                           f"format failures; the limit is {100 * limit:.1f}%")
+    return tripped
+
+
 def check_gates(gates: GatesConfig, summary: RunSummary, base: str, previous: RunSummary | None,
                 judgments: list[Judgment]) -> list[str]:
     """One readable line per tripped gate (empty: all passed)."""
@@ -46,6 +59,8 @@ def check_gates(gates: GatesConfig, summary: RunSummary, base: str, previous: Ru
                 tripped.append(f"{cell[0]}/{cell[1]}: accuracy {100 * acc:.1f}% is {100 * (before[cell] - acc):.1f} "
                                f"points below the previous run {previous.run_id} ({100 * before[cell]:.1f}%); "
                                f"the limit is {100 * gates.max_drop_vs_previous:.1f}")
+    if gates.max_format_failure_rate is not None:
+        tripped += format_failure_gate(gates.max_format_failure_rate, summary)
     if gates.max_judge_error_rate is not None:
         rate, n = judge_error_rate(judgments)
         if rate > gates.max_judge_error_rate:

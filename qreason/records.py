@@ -97,6 +97,10 @@ class Grade(Record):
     reference: str
     grader: str
     detail: str | None = None
+    # What a reader takes when no marker states the answer (see qreason/grade.py); None in grades written by
+    # grader revision 1. status "no_answer" with lenient_status "correct" is a format failure.
+    lenient_status: GradeStatus | None = None
+    lenient_extracted: str | None = None
 
 
 class ModelVariant(Record):

@@ -25,7 +25,7 @@ from .envinfo import environment
 from .executor import make_executor
 from .gates import check_gates, previous_summary
 from .generate import Backend
-from .grade import Grader, grade_key, run_grading
+from .grade import Grader, grade_key, make_grader, run_grading
 from .judge import run_judging
 from .models import ResolvedModel
 from .plan import Plan, default_index, make_plan, make_plans, variant_name
@@ -59,7 +59,7 @@ class RunContext:
 
     @property
     def grader(self) -> Grader:
-        return Grader(self.cfg.grading.timeout_s, self.cfg.grading.workers)
+        return make_grader(self.cfg.grading)
 
 
 # ------------------------------------------------------------------------------------------------- stages

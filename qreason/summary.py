@@ -15,14 +15,27 @@ SCHEMA_VERSION = 1
 STATUSES = ("correct", "wrong", "no_answer", "truncated", "grader_error")
 
 
+def lenient(g: Grade) -> str:
+    """The lenient verdict (grades of grader revision 1 have none: their strict one stands in)."""
+    return g.lenient_status or g.status
+
+
+def is_format_failure(g: Grade) -> bool:
+    """Right answer, unreadable format: no marker states it, but the closing sentence does."""
+    return g.status == "no_answer" and lenient(g) == "correct"
+
+
 def accuracy_table(grades: list[Grade]) -> list[dict]:
-    """One row per (variant, task). Accuracy counts every outcome but ``correct`` as a failure."""
+    """One row per (variant, task). Accuracy counts every outcome but ``correct`` as a failure; the lenient
+    accuracy counts ``lenient_status``; ``format_failures`` are the no_answer grades whose lenient verdict is
+    correct (they are part of ``outcomes.no_answer``)."""
     cells: dict[tuple[str, str], dict[int, list[Grade]]] = defaultdict(lambda: defaultdict(list))
     for g in grades:
         cells[(g.variant, g.task)][g.seed].append(g)
     rows = []
     for (variant, task), by_seed in sorted(cells.items()):
         per_seed = {seed: sum(g.status == "correct" for g in gs) / len(gs) for seed, gs in sorted(by_seed.items())}
+        lenient_accs = [sum(lenient(g) == "correct" for g in gs) / len(gs) for gs in by_seed.values()]
         accs = list(per_seed.values())
         counts = Counter(g.status for gs in by_seed.values() for g in gs)
         rows.append({
@@ -32,16 +45,21 @@ def accuracy_table(grades: list[Grade]) -> list[dict]:
             "accuracy_mean": statistics.fmean(accs),
             "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
             "outcomes": {s: counts.get(s, 0) for s in STATUSES},
+            "lenient_accuracy_mean": statistics.fmean(lenient_accs),
+            # no_answer split: format failures (the maths was right) vs the rest; wrong answers are outcomes.wrong
+            "format_failures": sum(is_format_failure(g) for gs in by_seed.values() for g in gs),
+            "n_grades": sum(len(gs) for gs in by_seed.values()),
         })
     return rows
 
 
 def format_table(rows: list) -> str:
     rows = [r.model_dump() if isinstance(r, BaseModel) else r for r in rows]
-    head = ["variant", "task", "problems", "seeds", "accuracy", *STATUSES]
+    head = ["variant", "task", "problems", "seeds", "accuracy", "lenient", *STATUSES, "format_failures"]
     body = [[r["variant"], r["task"], str(r["n_problems"]), str(len(r["seeds"])),
              f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} %",
-             *(str(r["outcomes"][s]) for s in STATUSES)] for r in rows]
+             f"{100 * (r.get('lenient_accuracy_mean') or r['accuracy_mean']):.1f} %",
+             *(str(r["outcomes"][s]) for s in STATUSES), str(r.get("format_failures") or 0)] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*b) for b in body)])
@@ -66,6 +84,9 @@ class ResultRow(Section):
     accuracy_mean: float
     accuracy_std: float
     outcomes: dict[str, int]
+    lenient_accuracy_mean: float | None = None  # None in summaries of grader revision 1
+    format_failures: int = 0                    # strict no_answer, lenient correct (part of outcomes.no_answer)
+    n_grades: int | None = None
 
 
 class QuantizedVariant(Section):

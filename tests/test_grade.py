@@ -3,17 +3,17 @@ import time
 
 import pytest
 
-from qreason.grade import Grader, GradeJob, final_answer_region, grade_key, grade_text
+from qreason.grade import Grader, GradeJob, grade_key, grade_text
 from qreason.records import Generation, Problem
 
 
 @pytest.mark.parametrize("text, finish, reference, answer_type, status, extracted", [
     ("Step 1: 2 + 3 = 5\nThe final answer is \\boxed{5}.", "stop", "5", "number", "correct", "5"),
     ("Step 1: 2 + 3 = 6\nThe final answer is \\boxed{6}.", "stop", "5", "number", "wrong", "6"),
-    ("Step 1: 2 + 3 = 5\nSo there are 5.", "stop", "5", "number", "no_answer", None),
+    ("Step 1: 2 + 3 = 5\nSo there are 5 apples left.", "stop", "5", "number", "no_answer", None),
     ("Step 1: 2 + 3 = 5\n\\boxed{5}", "length", "5", "number", "truncated", "5"),
     ("Step 1: 2 + 3 = 5\nStep 2: 5 +", "length", "5", "number", "truncated", None),
-    ("Total: \\boxed{1,234}", "stop", "1234", "number", "correct", "1,234"),
+    ("Total: \\boxed{1,234}", "stop", "1234", "number", "correct", "1234"),
     ("The answer is $\\frac{1}{2}$", "stop", "0.5", "latex", "correct", "\\frac{1}{2}"),
     ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "stop", "\\left( 3, \\frac{\\pi}{2} \\right)", "latex",
      "correct", None),
@@ -26,11 +26,6 @@ def test_outcomes(text, finish, reference, answer_type, status, extracted):
     assert got_status == status
     if extracted is not None:
         assert got_extracted == extracted
-
-
-def test_final_answer_region_takes_the_last_marker():
-    assert final_answer_region("no marker here") is None
-    assert final_answer_region("\\boxed{1} then the final answer: 2").startswith("final answer")
 
 
 def make_job(i: int, text: str, reference: str = "5") -> GradeJob:
@@ -67,3 +62,16 @@ def test_a_hanging_answer_becomes_grader_error_and_the_rest_still_grade():
     assert time.monotonic() - t0 < 60
     assert grades["7"].status == "grader_error" and "timed out" in grades["7"].detail
     assert {grades[i].status for i in ("1", "2", "3")} == {"correct"}
+
+
+def test_a_math_verify_timeout_is_a_grader_error_not_a_dead_worker(monkeypatch):
+    from math_verify.errors import TimeoutException
+
+    import qreason.grade as grade
+
+    def too_slow(*args):
+        raise TimeoutException("Operation timed out!")  # a BaseException: it would end the worker process
+
+    monkeypatch.setattr(grade, "grade_answer", too_slow)
+    status, extracted, detail = grade._worker(("\\boxed{5}", "stop", "5", "number", 3))
+    assert (status, extracted) == ("grader_error", None) and "3 s limit" in detail

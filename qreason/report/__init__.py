@@ -124,6 +124,7 @@ def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex 
         "error_types": _records(analysis.error_types), "sub_types": _records(analysis.sub_types),
         "capabilities": _records(analysis.capabilities), "first_errors": _records(analysis.first_errors),
         "lengths": _records(analysis.lengths), "difficulty": _records(analysis.difficulty),
+        "formats": _records(analysis.formats),
         "variants": [v.model_dump() for v in store.variants.all()],
         "figures": figs, "failures": drilldown(store, base, max_failures, generation_keys), "n_verdicts": len(chosen),
         "dataset_card": card_path.read_text(encoding="utf-8") if card_path.exists() else None,
