@@ -281,8 +281,9 @@ class RayExecutor:
         if fingerprint not in self.actors:
             model = self.models[fingerprint]
             b = self.cfg.backend
-            gpus = self._gpus(self.ex.gpus_per_generate, b.tensor_parallel_size * b.data_parallel_size,
-                              "executor.gpus_per_generate")
+            # an endpoint backend (openai) computes nothing on the worker: no GPUs unless configured
+            per_engine = b.tensor_parallel_size * b.data_parallel_size if b.kind == "vllm" else 0
+            gpus = self._gpus(self.ex.gpus_per_generate, per_engine, "executor.gpus_per_generate")
             options = {}
             if engine_env(b):
                 options["runtime_env"] = {"env_vars": engine_env(b)}
