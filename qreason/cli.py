@@ -98,22 +98,29 @@ def _cmd_grade_file(args) -> int:
     return 0
 
 
-def _open_run(run_dir: str):
-    """A run directory written by ``qreason run`` and its config."""
+def _open_run(run_dir: str, graded: bool = False):
+    """A run directory written by ``qreason run`` and its config. The stored config keeps ``${VAR}`` references
+    as written: one whose variable is unset now stays unexpanded (these commands rarely need it).
+    ``graded``: the command needs grades (analyze, report); a run stopped before grading is told so."""
     from .config import parse_config
+    from .errors import decode_utf8
     from .store import RunStore
 
     store = RunStore(Path(run_dir))
     config = store.dir / "config.yaml"
     if not (store.dir / "generations.jsonl").exists() or not config.exists():
         raise UserError(str(store.dir), "not a run directory (needs generations.jsonl and config.yaml)")
-    return store, parse_config(config.read_text(encoding="utf-8"), str(config))
+    cfg = parse_config(decode_utf8(config.read_bytes(), str(config)), str(config), keep_unset=True)
+    if graded and not len(store.grades):
+        raise UserError(str(store.dir), f"no graded generations (the run stopped before grading); run "
+                                        f"`qreason grade {store.dir}` or re-run the config first")
+    return store, cfg
 
 
 def _cmd_analyze(args) -> int:
     from .analysis import analyze
 
-    store, cfg = _open_run(args.run_dir)
+    store, cfg = _open_run(args.run_dir, graded=True)
     result = analyze(store, cfg.model.name)
     import pandas as pd
 
@@ -140,6 +147,7 @@ def _cmd_curate(args) -> int:
 
 
 def _curate_locked(args, store, cfg) -> int:
+    from .config import unresolved
     from .curate import curate
     from .executor import LocalExecutor
     from .grade import Grader
@@ -152,9 +160,17 @@ def _curate_locked(args, store, cfg) -> int:
     settings = cfg.curate.model_copy(update={k: v for k, v in (("max_items", args.max_items), ("seed", args.seed))
                                              if v is not None})
     engines = LocalExecutor(cfg)  # starts the base model's engine only if continuations are needed
+
+    def engine():
+        missing = unresolved(cfg.backend)
+        if missing:
+            raise UserError(f"{store.dir / 'config.yaml'}: backend", "continuations need the generation backend, "
+                            f"but environment variable {', '.join(missing)} is not set")
+        return engines.backend_for(model)
+
     try:
-        result = curate(store, settings, cfg.sampling, base.name, base.fingerprint,
-                        lambda: engines.backend_for(model), Grader(cfg.grading.timeout_s, cfg.grading.workers),
+        result = curate(store, settings, cfg.sampling, base.name, base.fingerprint, engine,
+                        Grader(cfg.grading.timeout_s, cfg.grading.workers),
                         out_dir=Path(args.out) if args.out else None)
     finally:
         engines.close()
@@ -186,7 +202,7 @@ def _cmd_report(args) -> int:
     from .report import build_report
     from .plan import default_index
 
-    store, cfg = _open_run(args.run_dir)
+    store, cfg = _open_run(args.run_dir, graded=True)
     path = build_report(store, Path(args.out) if args.out else None, default_index(), cfg.model.name,
                         cfg.report.max_failures)
     print(f"report: {path}")
@@ -242,12 +258,15 @@ def _cmd_compare(args) -> int:
 def _cmd_prune(args) -> int:
     from .retention import prune
     from .plan import default_index
+    from .store import RUN_MARKER
 
     removed = prune(default_index(), args.older_than, dry_run=not args.yes)
     verb = "removed" if args.yes else "would remove (pass --yes to delete)"
     print(f"{verb}: {len(removed['run_dirs'])} run directories, {len(removed['checkpoints'])} cached checkpoints")
     for path in removed["run_dirs"] + removed["checkpoints"]:
         print(f"  {path}")
+    for path in removed.get("skipped", []):
+        print(f"  kept {path}: indexed as a run, but it carries no qreason run marker ({RUN_MARKER})")
     return 0
 
 

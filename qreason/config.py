@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import UserError
+from .errors import UserError, decode_utf8
 
 # Names the schemas below need from the stages, defined here so that this module imports no stage.
 RULES_JUDGE = "rules"                 # the offline rule checks, as a judge name in Judgment records
@@ -332,7 +334,9 @@ class LoadedConfig(BaseModel):
             return [self]
         return [self.model_copy(update={"config": cfg.model_copy(update={
             "name": f"{cfg.name}-{m.name}", "model": m, "models": [], "output_dir": str(run_dir / m.name),
-            "judge": cfg.judge.model_copy(update={"base_variant": m.name})})}) for m in cfg.models]
+            "judge": cfg.judge.model_copy(update={"base_variant": m.name})}),
+            "text": sub_run_text(self.text, str(self.path), i, cfg.name) if self.text else ""})
+            for i, m in enumerate(cfg.models)]
 
     def resolve(self, p: str | None) -> Path | None:
         """A path from the config, relative to the config file's directory."""
@@ -365,28 +369,69 @@ def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def expand_env(text: str, where: str) -> str:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` with environment values (for paths and endpoints; secrets
-    belong in ``api_key_env``). Only the unexpanded text is ever stored with a run."""
-    def sub(m: re.Match, lineno: int) -> str:
+def _load_yaml(text: str, where: str, expand: Callable[[re.Match, int], str]) -> tuple[yaml.Node | None, Any]:
+    """Parse YAML in which ``${VAR}`` references stand for values, then replace each reference in the parsed
+    strings with ``expand(match, line)``.
+
+    Expanding after parsing means a value can never change the document's structure (a value holding a newline
+    and ``key: value`` stays one string), references may sit anywhere a word may (in flow mappings too), and
+    references in comments are ignored. Before parsing, each reference is swapped for a placeholder word on the
+    same line, so YAML errors and the node tree keep the file's line numbers."""
+    nonce = secrets.token_hex(4)
+    refs: list[tuple[re.Match, int]] = []
+
+    def mark(m: re.Match, lineno: int) -> str:
+        refs.append((m, lineno))
+        return f"__qreason_env_{nonce}_{len(refs) - 1}__"
+
+    marked = "".join(ENV_REF.sub(lambda m: mark(m, i), line) for i, line in enumerate(text.splitlines(True), 1))
+    try:
+        node = yaml.compose(marked)
+        data = yaml.safe_load(marked)
+    except yaml.YAMLError as exc:
+        mark_ = getattr(exc, "problem_mark", None)
+        line = f":{mark_.line + 1}" if mark_ else ""
+        raise UserError(f"{where}{line}", f"invalid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if not refs:
+        return node, data
+    placeholder = re.compile(rf"__qreason_env_{nonce}_(\d+)__")
+
+    def walk(obj: Any) -> Any:
+        if isinstance(obj, str):
+            return placeholder.sub(lambda m: expand(*refs[int(m.group(1))]), obj)
+        if isinstance(obj, list):
+            return [walk(v) for v in obj]
+        if isinstance(obj, dict):
+            return {walk(k): walk(v) for k, v in obj.items()}
+        return obj
+
+    return node, walk(data)
+
+
+def env_expander(where: str, keep_unset: bool = False) -> Callable[[re.Match, int], str]:
+    """``${VAR}`` and ``${VAR:-default}`` from the environment (for paths and endpoints; secrets belong in
+    ``api_key_env``). An unset variable without a default is a UserError naming the line, or, with
+    ``keep_unset`` (commands reading a stored config, which may not need that value), stays as written."""
+    def expand(m: re.Match, lineno: int) -> str:
         value = os.environ.get(m.group(1), m.group(2))
         if value is None:
+            if keep_unset:
+                return m.group(0)
             raise UserError(f"{where}:{lineno}", f"environment variable {m.group(1)} is not set (and has no default)")
         return value
 
-    return "".join(ENV_REF.sub(lambda m: sub(m, i), line) for i, line in enumerate(text.splitlines(True), 1))
+    return expand
 
 
-def parse_config(text: str, where: str) -> RunConfig:
-    """Validate config text (after ``${VAR}`` expansion); errors name ``where`` (a file) and the line."""
-    text = expand_env(text, where)
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise UserError(f"{where}{line}", f"invalid YAML ({getattr(exc, 'problem', None) or exc})") from None
+def unresolved(model: BaseModel) -> list[str]:
+    """The ``${VAR}`` references left in a config section read with ``keep_unset`` (its variables were unset)."""
+    return sorted({m.group(1) for m in ENV_REF.finditer(model.model_dump_json())})
+
+
+def parse_config(text: str, where: str, keep_unset: bool = False) -> RunConfig:
+    """Validate config text, ``${VAR}`` references expanded (see ``env_expander``); errors name ``where`` (a
+    file) and the line."""
+    node, data = _load_yaml(text, where, env_expander(where, keep_unset))
     if not isinstance(data, dict):
         raise UserError(where, "a run config must be a YAML mapping")
     try:
@@ -400,10 +445,28 @@ def parse_config(text: str, where: str) -> RunConfig:
         raise UserError(f"{where}:{line}" if line else where, f"{field}: {err['msg']}{more}") from None
 
 
+def sub_run_text(text: str, where: str, model_index: int, run_name: str) -> str:
+    """The config text of one run of a ``models:`` axis, references unexpanded: the same settings with
+    ``model:`` set to that entry, ``name`` NAME-MODEL and the output directory RUN_DIR/MODEL. This is what the
+    sub-run's directory keeps, so commands reading it later see that run (its base variant), not the matrix."""
+    _, raw = _load_yaml(text, where, lambda m, _line: m.group(0))
+    model = raw["models"][model_index]
+    name = model.get("name", ModelConfig().name)
+    sub = {k: v for k, v in raw.items() if k != "models"}
+    sub["name"] = f"{run_name}-{name}"
+    sub["model"] = model
+    if isinstance(raw.get("output_dir"), str):
+        sub["output_dir"] = f"{raw['output_dir'].rstrip('/')}/{name}"
+    else:
+        sub.pop("output_dir", None)
+    header = f"# the run of model {name!r} of the models: axis in {Path(where).name}\n"
+    return header + yaml.safe_dump(sub, sort_keys=False, allow_unicode=True)
+
+
 def load_config(path: str | Path) -> LoadedConfig:
     path = Path(path)
     if not path.is_file():
         raise UserError(str(path), "config file not found")
-    text = path.read_text(encoding="utf-8")
+    text = decode_utf8(path.read_bytes(), str(path))
     cfg = parse_config(text, str(path))
     return LoadedConfig(config=cfg, path=path.resolve(), base_dir=path.resolve().parent, text=text)

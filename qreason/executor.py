@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Iterator
 
@@ -24,7 +25,7 @@ from .generate import Backend, Completion, GenerationRequest, GenerationStats, m
 from .models import ResolvedModel
 
 if TYPE_CHECKING:
-    from .config import VLLMConfig, ExecutorConfig, RunConfig, SamplingConfig
+    from .config import BackendConfig, ExecutorConfig, RunConfig, SamplingConfig, VLLMConfig
     from .records import Generation, ModelVariant
     from .store import Table
 
@@ -90,12 +91,39 @@ def make_executor(cfg: RunConfig, lent: Backend | None = None, lent_fingerprint:
 # Environment variables a worker needs to find what the driver finds (caches, offline mode, the quantization
 # environment). Anything that looks like a credential is never shipped: Ray shows runtime environments.
 _SHIPPED_PREFIXES = ("QREASON_", "HF_", "TRANSFORMERS_", "VLLM_")
-_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "PWD", "AUTH", "CREDENTIAL", "COOKIE",
+                 "SESSION", "PRIVATE", "CERT")
+_URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#@]*@")  # scheme://user[:password]@host
+
+
+def _looks_secret(name: str, value: str) -> bool:
+    """A credential by its name (any part of it: ``DB_PASSWD``, ``QREASON_AUTH``) or a URL carrying one
+    (``https://user:pw@mirror``)."""
+    return any(w in name.upper() for w in _SECRET_WORDS) or bool(_URL_USERINFO.match(value.strip()))
 
 
 def worker_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items()
-            if k.startswith(_SHIPPED_PREFIXES) and not any(w in k for w in _SECRET_WORDS)}
+    """The variables every Ray worker gets: qreason's, Hugging Face's, transformers' and vLLM's settings, never
+    one that looks like a credential (Ray shows runtime environments in its dashboard and logs)."""
+    shipped, dropped = {}, []
+    for k, v in os.environ.items():
+        if k.startswith(_SHIPPED_PREFIXES):
+            if _looks_secret(k, v):
+                dropped.append(k)
+            else:
+                shipped[k] = v
+    if dropped:
+        log.info("not passed to Ray workers (they look like credentials): %s", ", ".join(sorted(dropped)))
+    return shipped
+
+
+def engine_env(backend_cfg: BackendConfig) -> dict[str, str]:
+    """What an engine actor needs beyond ``worker_env``: the OpenAI backend's API key, named by ``api_key_env``.
+    A worker on a cluster started elsewhere does not inherit the driver's environment, so it is sent to that
+    actor alone (its runtime environment), never to the whole job and never into a record."""
+    if backend_cfg.kind != "openai" or backend_cfg.api_key_env not in os.environ:
+        return {}
+    return {backend_cfg.api_key_env: os.environ[backend_cfg.api_key_env]}
 
 
 def _import_ray():
@@ -253,11 +281,15 @@ class RayExecutor:
         if fingerprint not in self.actors:
             model = self.models[fingerprint]
             b = self.cfg.backend
-            gpus = self._gpus(self.ex.gpus_per_generate, b.tensor_parallel_size * b.data_parallel_size,
-                              "executor.gpus_per_generate")
+            # an endpoint backend (openai) computes nothing on the worker: no GPUs unless configured
+            per_engine = b.tensor_parallel_size * b.data_parallel_size if b.kind == "vllm" else 0
+            gpus = self._gpus(self.ex.gpus_per_generate, per_engine, "executor.gpus_per_generate")
+            options = {}
+            if engine_env(b):
+                options["runtime_env"] = {"env_vars": engine_env(b)}
             cls = self.ray.remote(EngineActor).options(
                 num_cpus=self.cpus, num_gpus=gpus, max_restarts=self.ex.max_retries,
-                max_task_retries=self.ex.max_retries)
+                max_task_retries=self.ex.max_retries, **options)
             log.info("starting a Ray engine actor for %s", model.path)
             self.actors[fingerprint] = cls.remote(b, model)
         return self.actors[fingerprint]

@@ -7,6 +7,7 @@ names); ``describe_plan`` says what a run of it would do and what is cached (``q
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,10 @@ from .errors import UserError
 from .generate import GenerationRequest, make_request, resolve_base
 from .models import ResolvedModel, resolve_model
 from .records import Problem
-from .store import RunIndex, RunStore
+from .store import RunIndex, RunStore, check_output_dir
 from .tasks import TaskSpec, build_messages, load_problems
+
+log = logging.getLogger(__name__)
 
 
 def runs_root() -> Path:
@@ -55,7 +58,12 @@ def _check_variant(base: ResolvedModel, spec: VariantConfig, loaded: LoadedConfi
     from .quantize import prepare
 
     if spec.method == "import":
-        resolve_model(spec.path, spec.revision, loaded.base_dir)
+        from .quantize.imports import describe_quantization
+        from .quantize.shapes import read_config
+
+        model = resolve_model(spec.path, spec.revision, loaded.base_dir)
+        # an unquantized checkpoint would only fail once the run has started (and been indexed as failed)
+        describe_quantization(read_config(model.path).get("quantization_config"), f"{model.path}/config.json")
     else:
         prepare(base, spec, variant_name(spec), base_dir=loaded.base_dir)
     return variant_name(spec)
@@ -76,6 +84,36 @@ def _check_executor(loaded: LoadedConfig) -> None:
                                                                 f"local Ray instance has {local_cpus}")
 
 
+def _check_prompt_lengths(prompts: list[tuple[Problem, list[dict[str, str]]]], base: ResolvedModel,
+                          loaded: LoadedConfig, where: dict[str, str]) -> None:
+    """Every prompt must fit the engine's context: vLLM refuses a prompt of ``max_model_len`` tokens or more, and
+    finding that out mid-run wastes the run. Counted with the base model's tokenizer and chat template (what
+    vLLM applies), before anything is written. ``where``: problem key -> the place it was read from."""
+    b = loaded.config.backend
+    limit = int(b.engine_args.get("max_model_len", b.max_model_len))
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(base.path)
+    except Exception as exc:  # a checkpoint without a loadable tokenizer fails the same way in vLLM later
+        log.warning("prompt lengths not checked: the tokenizer of %s did not load (%s)", base.path, exc)
+        return
+    texts = [tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+             for _, messages in prompts]
+    # a token covers at least one byte of text (give or take a prefix token): only prompts with about as many
+    # bytes as the limit need counting
+    longish = [i for i, text in enumerate(texts) if len(text.encode("utf-8")) + 8 >= limit]
+    if not longish:
+        return
+    counts = tok([texts[i] for i in longish], add_special_tokens=False)["input_ids"]
+    for i, ids in zip(longish, counts):
+        if len(ids) >= limit:
+            problem = prompts[i][0]
+            raise UserError(where.get(problem.key, f"task {problem.task} problem {problem.problem_id}"),
+                            f"the prompt is {len(ids)} tokens, but backend.max_model_len {limit} must leave room "
+                            f"for at least one generated token; raise max_model_len or shorten the problem")
+
+
 def run_dir_of(loaded: LoadedConfig, output_dir: str | Path | None = None) -> Path:
     if output_dir is not None:
         return Path(output_dir).resolve()
@@ -89,7 +127,9 @@ def make_plans(config_path: str | Path, output_dir: str | Path | None = None) ->
     loaded = load_config(config_path)
     if not loaded.config.models:
         return [make_plan(loaded, output_dir)]
-    return [make_plan(sub) for sub in loaded.per_model(run_dir_of(loaded, output_dir))]
+    run_dir = run_dir_of(loaded, output_dir)
+    check_output_dir(run_dir, children=[m.name for m in loaded.config.models])
+    return [make_plan(sub) for sub in loaded.per_model(run_dir)]
 
 
 def make_plan(config: str | Path | LoadedConfig, output_dir: str | Path | None = None) -> Plan:
@@ -99,7 +139,9 @@ def make_plan(config: str | Path | LoadedConfig, output_dir: str | Path | None =
     cfg = loaded.config
     if cfg.models:
         raise UserError(str(loaded.path), "a config with models: is several runs; use make_plans()")
-    specs_and_problems: list[tuple[TaskSpec, list[Problem]]] = [load_problems(t, loaded.base_dir) for t in cfg.tasks]
+    places: dict[str, str] = {}
+    specs_and_problems: list[tuple[TaskSpec, list[Problem]]] = [load_problems(t, loaded.base_dir, places)
+                                                                for t in cfg.tasks]
     base = resolve_base(cfg.backend, cfg.model, loaded.base_dir)
     names = [cfg.model.name] + [_check_variant(base, v, loaded) for v in cfg.quantize]
     _check_executor(loaded)
@@ -109,7 +151,11 @@ def make_plan(config: str | Path | LoadedConfig, output_dir: str | Path | None =
     for task_cfg, (spec, task_problems) in zip(cfg.tasks, specs_and_problems):
         problems.extend(task_problems)
         prompts.extend((p, build_messages(spec, p, task_cfg.format_example)) for p in task_problems)
-    return Plan(loaded, run_dir_of(loaded, output_dir), base, problems, prompts, names)
+    if cfg.backend.kind == "vllm":
+        _check_prompt_lengths(prompts, base, loaded, places)
+    run_dir = run_dir_of(loaded, output_dir)
+    check_output_dir(run_dir)
+    return Plan(loaded, run_dir, base, problems, prompts, names)
 
 
 def describe_plan(plan: Plan) -> str:

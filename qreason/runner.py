@@ -31,7 +31,7 @@ from .models import ResolvedModel
 from .plan import Plan, default_index, make_plan, make_plans, variant_name
 from .records import ModelVariant, content_key
 from .report import build_report
-from .store import RunIndex, RunLock, RunStore, now_iso, write_atomic
+from .store import RunIndex, RunLock, RunStore, mark_run_dir, now_iso, write_atomic
 from .summary import (CurateSummary, GatesSummary, GenerationSummary, QuantizationSummary, QuantizedVariant,
                       RunSummary, accuracy_table)
 
@@ -204,6 +204,7 @@ def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend |
     handler = _attach_log_file(store.dir)
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
     config_hash = content_key("config", cfg.model_dump())
+    mark_run_dir(store.dir, cfg.name)
     env = environment()
     store.write_json("environment.json", env)
     # the config as written: ${VAR} references stay unexpanded, so no secret or local path leaks into the run
@@ -213,7 +214,7 @@ def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend |
                          model={"spec": plan.base.spec, "fingerprint": plan.base.fingerprint,
                                 "source": plan.base.source})
     ctx = RunContext(plan, store, index, summary, env={**env, "t0": t0})
-    status = "failed"
+    status, failure = "failed", None
     try:
         store.problems.append(plan.problems)
         ctx.executor = make_executor(cfg, backend, plan.base.fingerprint)
@@ -225,12 +226,29 @@ def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend |
         store.write_json("summary.json", summary.dump())
         status = ("incomplete" if summary.generations.failed else "gated" if summary.gates.tripped else "ok")
         return summary
-    except KeyboardInterrupt:
-        status = "interrupted"
+    except BaseException as exc:
+        failure = exc
+        if isinstance(exc, KeyboardInterrupt):
+            status = "interrupted"
         raise
     finally:
-        if ctx.executor is not None:
-            ctx.executor.close()
-        index.finish(run_id, status, summary.dump())
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+        _finish_run(ctx.executor, index, run_id, status, summary, handler, failure)
+
+
+def _finish_run(executor, index: RunIndex, run_id: str, status: str, summary: RunSummary,
+                handler: logging.Handler, failure: BaseException | None) -> None:
+    """Close the engines, record the outcome in the index and detach the log, each step whatever the others do.
+    While an error is ending the run, a failing step (a locked index, an engine that will not close) is logged
+    and that error propagates; after a successful run the first failing step's error is raised."""
+    first: Exception | None = None
+    steps = [("close the engines", lambda: executor is not None and executor.close()),
+             ("record the run in the index", lambda: index.finish(run_id, status, summary.dump())),
+             ("detach the log file", lambda: (logging.getLogger().removeHandler(handler), handler.close()))]
+    for what, step in steps:
+        try:
+            step()
+        except Exception as exc:
+            log.error("could not %s after run %s: %s: %s", what, run_id, type(exc).__name__, exc)
+            first = first or exc
+    if first is not None and failure is None:
+        raise first

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
 import sqlite3
 import tempfile
 from contextlib import closing
@@ -61,11 +62,16 @@ def iter_jsonl(path: Path, not_object: str = "each line must be a JSON object") 
     path = Path(path)
     if not path.is_file():
         raise UserError(str(path), "data file not found")
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(where, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                                       "save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -269,6 +275,43 @@ class RunLock:
             self.fd = None
 
 
+RUN_MARKER = ".qreason-run"
+_OWN_FILES = {".lock", RUN_MARKER}
+
+
+def mark_run_dir(run_dir: Path, name: str) -> None:
+    """Mark a directory as a qreason run directory (once, at the start of its first run). ``prune`` deletes only
+    directories that carry this marker, so a path once indexed and since reused for other files is safe."""
+    marker = Path(run_dir) / RUN_MARKER
+    if not marker.exists():
+        write_atomic(marker, json.dumps({"qreason_run": name, "created_at": now_iso()}) + "\n")
+
+
+def is_run_dir(path: Path) -> bool:
+    """A directory qreason ran in: it carries the marker, or (runs from before markers existed) it holds the
+    config and problem table every run writes first."""
+    path = Path(path)
+    return (path / RUN_MARKER).is_file() or ((path / "config.yaml").is_file() and (path / "problems.jsonl").is_file())
+
+
+def check_output_dir(path: Path, children: Iterable[str] = ()) -> None:
+    """Refuse, before anything is written, an output directory that holds someone else's files: a run writes and
+    ``prune`` deletes there. Allowed: no directory, an empty one, a qreason run directory; ``children``: names of
+    entries that are allowed (the sub-run directories of a ``models:`` axis, each checked on its own)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise UserError(str(path), "the output directory is a file; choose another output_dir")
+    if is_run_dir(path):
+        return
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in _OWN_FILES and p.name not in set(children))
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise UserError(str(path), f"not a qreason run directory and not empty (holds {foreign[0]!r}{more}); "
+                                   "choose another output_dir, or empty it")
+
+
 class RunIndex:
     """A SQLite index of every invocation of every run, for ``qreason runs`` and history."""
 
@@ -285,11 +328,22 @@ class RunIndex:
         environment TEXT
     )"""
 
+    # added after the first release: which process runs a row, so a row whose process is gone can be told apart
+    OWNER_COLUMNS = {"host": "TEXT", "pid": "INTEGER", "pid_started": "TEXT"}
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as db, db:
-            db.execute(self.SCHEMA)
+        with closing(self._connect()) as db:
+            # a write-ahead log: readers (`qreason runs`, reports) never block a run's writes, and a crash
+            # mid-write cannot leave a half-written page in the main file (the mode is stored in the file)
+            db.execute("PRAGMA journal_mode=WAL")
+            with db:
+                db.execute(self.SCHEMA)
+                have = {row["name"] for row in db.execute("PRAGMA table_info(runs)")}
+                for column, kind in self.OWNER_COLUMNS.items():
+                    if column not in have:
+                        db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30)
@@ -297,11 +351,13 @@ class RunIndex:
         return db
 
     def start(self, run_id: str, run_dir: Path, name: str, config_hash: str, environment: dict) -> None:
+        """Record a run as ``running``, owned by this process (host, pid and the pid's start time)."""
         with closing(self._connect()) as db, db:
             db.execute(
-                "INSERT INTO runs (run_id, run_dir, name, config_hash, started_at, status, environment) "
-                "VALUES (?, ?, ?, ?, ?, 'running', ?)",
-                (run_id, str(Path(run_dir).resolve()), name, config_hash, now_iso(), json.dumps(environment)),
+                "INSERT INTO runs (run_id, run_dir, name, config_hash, started_at, status, environment, host, pid, "
+                "pid_started) VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?)",
+                (run_id, str(Path(run_dir).resolve()), name, config_hash, now_iso(), json.dumps(environment),
+                 socket.gethostname(), os.getpid(), process_started(os.getpid())),
             )
 
     def finish(self, run_id: str, status: str, summary: dict | None) -> None:
@@ -324,5 +380,35 @@ class RunIndex:
             item = dict(row)
             for field in ("summary", "environment"):
                 item[field] = json.loads(item[field]) if item[field] else None
+            if item["status"] == "running" and owner_gone(item):
+                item["status"] = "killed"  # killed without a chance to record it (kill -9, power loss, OOM)
             out.append(item)
         return out
+
+
+def process_started(pid: int) -> str | None:
+    """When a process started (clock ticks since boot, from /proc), to tell a live run from a new process that
+    reuses its pid; None where /proc is not available or the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the parenthesised command name
+
+
+def owner_gone(row: dict) -> bool:
+    """Whether the process that started an index row has ended. Only rows of this host can be checked (a row
+    from another machine, or from an index without owner columns, is taken as still running)."""
+    pid = row.get("pid")
+    if not pid or row.get("host") != socket.gethostname():
+        return False
+    if Path("/proc/self/stat").exists():
+        started = process_started(pid)
+        return started is None or (row.get("pid_started") is not None and started != row["pid_started"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

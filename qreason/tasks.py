@@ -4,16 +4,17 @@ turns a problem into chat messages."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import resources, synthetic
 from .config import TaskConfig
-from .errors import UserError
+from .errors import UserError, decode_utf8
 from .records import Problem, content_key
 from .store import iter_jsonl
 
@@ -58,10 +59,24 @@ class TaskSpec(BaseModel):
     meta: list[str] = Field(default_factory=list)
     prompt: str = "general"
 
+    @field_validator("answer_pattern")
+    @classmethod
+    def _answer_group(cls, pattern: str | None) -> str | None:
+        """The pattern is applied to every row: check it compiles and names the answer before any row is read."""
+        if pattern is None:
+            return None
+        try:
+            compiled = re.compile(pattern, re.MULTILINE | re.DOTALL)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression ({exc})") from None
+        if "answer" not in compiled.groupindex:
+            raise ValueError("needs a group (?P<answer>...) that captures the answer")
+        return pattern
+
 
 def _read_yaml(path: Path) -> Any:
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(decode_utf8(path.read_bytes(), str(path)))
     except yaml.YAMLError as exc:
         raise UserError(str(path), f"invalid YAML ({exc})") from None
 
@@ -115,12 +130,23 @@ def _hub_rows(spec: TaskSpec) -> list[dict]:
     return [dict(r) for r in ds]
 
 
+def _check_scalar(value: Any, field: str, where: str, text_only: bool) -> None:
+    """A question must be text; an answer or id may be text or a finite number (JSON allows NaN and Infinity,
+    which would otherwise become the text "nan")."""
+    if text_only and not isinstance(value, str):
+        raise UserError(where, f"field {field!r}: the question must be text, got {type(value).__name__} {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)):
+        raise UserError(where, f"field {field!r} must be text or a finite number, got {value!r}")
+
+
 def _problem(spec: TaskSpec, row: dict, index: int, where: str) -> Problem:
     f = spec.fields
     for field in (f.question, f.answer) + ((f.id,) if f.id else ()):
         if field not in row or row[field] is None or str(row[field]).strip() == "":
             raise UserError(where, f"missing field {field!r} (task {spec.name} expects "
                                    f"{', '.join(x for x in (f.id, f.question, f.answer) if x)})")
+        _check_scalar(row[field], field, where, text_only=field == f.question)
     raw_answer = str(row[f.answer])
     answer = raw_answer
     meta: dict[str, Any] = {k: row[k] for k in spec.meta if k in row}
@@ -139,8 +165,11 @@ def _problem(spec: TaskSpec, row: dict, index: int, where: str) -> Problem:
         meta.setdefault("reference_steps", steps)
         meta.setdefault("n_reference_steps", len(steps))
     if "reference_steps" in row:
-        meta["reference_steps"] = row["reference_steps"]
-        meta["n_reference_steps"] = len(row["reference_steps"])
+        steps = row["reference_steps"]
+        if not isinstance(steps, list) or not all(isinstance(x, str) for x in steps):
+            raise UserError(where, "field 'reference_steps' must be a list of strings (one per step)")
+        meta["reference_steps"] = steps
+        meta["n_reference_steps"] = len(steps)
     if "steps" in row and isinstance(row["steps"], int):
         meta["difficulty"] = row["steps"]
     if spec.answer_type == "integer":
@@ -154,38 +183,43 @@ def _problem(spec: TaskSpec, row: dict, index: int, where: str) -> Problem:
                    question=question, answer=answer, answer_type=spec.answer_type, meta=meta)
 
 
-def load_problems(task: TaskConfig, base_dir: Path) -> tuple[TaskSpec, list[Problem]]:
+def load_problems(task: TaskConfig, base_dir: Path,
+                  places: dict[str, str] | None = None) -> tuple[TaskSpec, list[Problem]]:
     """Validated problems for one task of a run config (first ``limit`` rows); relative paths (a task YAML, a
-    data file) are resolved against ``base_dir``, the config file's directory."""
+    data file) are resolved against ``base_dir``, the config file's directory. ``places``, if given, receives
+    each problem's key -> where it was read (``file:line``), for errors found later in planning."""
     spec = load_spec(task.name, base_dir)
     if task.data:
         path = (base_dir / Path(task.data).expanduser()).resolve()
-        rows, where = read_jsonl(path), str(path)
+        rows, where = [(f"line {line.rsplit(':', 1)[1]}", row) for line, row in iter_jsonl(path)], str(path)
     elif spec.source.synthetic is not None:
         params = {**spec.source.synthetic, **task.params}
         if task.limit:
             params["n"] = task.limit
         try:
-            rows = synthetic.generate(**params)
+            rows = [(f"row {i}", row) for i, row in enumerate(synthetic.generate(**params))]
         except (TypeError, ValueError) as exc:
             raise UserError(f"task {task.name}", f"bad synthetic params ({exc})") from None
         where = f"synthetic task {task.name}"
     elif spec.source.hub is not None:
-        rows, where = _hub_rows(spec), f"hub dataset {spec.source.hub.path}"
+        rows = [(f"row {i}", row) for i, row in enumerate(_hub_rows(spec))]
+        where = f"hub dataset {spec.source.hub.path}"
     else:
         raise UserError(f"task {spec.name}", "the spec names no source; set data: PATH.jsonl")
     if task.limit:
         rows = rows[: task.limit]
     if not rows:
         raise UserError(where, "no problems")
-    problems = []
-    for i, row in enumerate(rows):
-        line = f"{where}:{i + 1}" if task.data else f"{where} row {i}"
-        problems.append(_problem(spec, row, i, line))
-    ids = [p.problem_id for p in problems]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise UserError(where, f"duplicate problem id {dup!r}")
+    problems, seen = [], {}
+    for i, (place, row) in enumerate(rows):  # place: "line N" of a data file, "row N" of a generated/hub set
+        here = f"{where}:{place.split()[1]}" if place.startswith("line") else f"{where} {place}"
+        problem = _problem(spec, row, i, here)
+        if problem.problem_id in seen:  # one pass with a dict: 20k rows take milliseconds, not seconds
+            raise UserError(here, f"duplicate problem id {problem.problem_id!r} (first on {seen[problem.problem_id]})")
+        seen[problem.problem_id] = place
+        problems.append(problem)
+        if places is not None:
+            places[problem.key] = here
     return spec, problems
 
 

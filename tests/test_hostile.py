@@ -17,7 +17,7 @@ import pytest
 from judge_helpers import make_run
 from qreason.errors import UserError
 from qreason.judge import JudgeConfig, run_judging
-from qreason.records import Generation, Grade, Problem, SilverBulletItem, content_key
+from qreason.records import Grade, Problem, SilverBulletItem, content_key
 from qreason.store import RunLock, RunStore, Table
 
 REPO = Path(__file__).resolve().parent.parent

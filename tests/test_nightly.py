@@ -124,7 +124,7 @@ def test_plan_and_compare(tmp_path, monkeypatch):
 def test_prune_forgets_old_runs_and_unused_checkpoints(tmp_path, monkeypatch):
     from qreason.records import ModelVariant
     from qreason.retention import prune
-    from qreason.store import RunIndex, RunStore
+    from qreason.store import RunIndex, RunStore, mark_run_dir
 
     monkeypatch.setenv("QREASON_CACHE", str(tmp_path / "cache"))
     quant = tmp_path / "cache" / "quantized"
@@ -135,6 +135,7 @@ def test_prune_forgets_old_runs_and_unused_checkpoints(tmp_path, monkeypatch):
     index = RunIndex(tmp_path / "index.sqlite")
     old, new = tmp_path / "old", tmp_path / "new"
     for d in (old, new):
+        mark_run_dir(d, "n")
         RunStore(d).variants.append([ModelVariant(key=d.name, name="q", base_model="b", base_fingerprint="f",
                                                   method="rtn", path=str(quant / "used"), fingerprint="x",
                                                   created_at="now")])
@@ -146,7 +147,7 @@ def test_prune_forgets_old_runs_and_unused_checkpoints(tmp_path, monkeypatch):
     index.finish("r-new", "ok", {})
     plan = prune(index, 30, dry_run=True)
     assert plan == {"run_dirs": [str(old.resolve())],
-                    "checkpoints": [str(quant / "unused"), str(quant / ".killed.abc.partial")]}
+                    "checkpoints": [str(quant / "unused"), str(quant / ".killed.abc.partial")], "skipped": []}
     assert old.exists() and (quant / "unused").exists()
     prune(index, 30, dry_run=False)
     assert not old.exists() and not (quant / "unused").exists() and (quant / "used").exists() and new.exists()

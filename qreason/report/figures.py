@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
 
 import matplotlib
@@ -14,6 +15,16 @@ import pandas as pd  # noqa: E402
 COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
 
 
+def _literal_text(draw):
+    """Draw with mathtext off: variant and task names are user text, and a ``$`` in one (``w4$\\cmd{$``) would
+    otherwise be parsed as TeX and fail the report. Scoped to our figures, not set for the whole process."""
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+    return wrapper
+
+
 def _uri(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -21,6 +32,7 @@ def _uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+@_literal_text
 def grouped_bars(df: pd.DataFrame, index: str, columns: str, values: str, title: str, ylabel: str,
                  percent: bool = False, err: str | None = None) -> str | None:
     """Bars of ``values`` grouped by ``index`` with one colour per ``columns`` value."""
@@ -41,6 +53,7 @@ def grouped_bars(df: pd.DataFrame, index: str, columns: str, values: str, title:
     return _uri(fig)
 
 
+@_literal_text
 def histogram(values_by_group: dict[str, list[float]], title: str, xlabel: str, bins: int = 10) -> str | None:
     groups = {k: values_by_group[k] for k in sorted(values_by_group) if values_by_group[k]}
     if not groups:
@@ -56,6 +69,7 @@ def histogram(values_by_group: dict[str, list[float]], title: str, xlabel: str, 
     return _uri(fig)
 
 
+@_literal_text
 def trend(points: pd.DataFrame) -> str | None:
     """Accuracy over time: one line per variant/task (columns: when, series, accuracy)."""
     if points.empty or points["when"].nunique() < 2:
