@@ -158,6 +158,11 @@ def load_problems(task: TaskConfig, base_dir: Path) -> tuple[TaskSpec, list[Prob
     """Validated problems for one task of a run config (first ``limit`` rows); relative paths (a task YAML, a
     data file) are resolved against ``base_dir``, the config file's directory."""
     spec = load_spec(task.name, base_dir)
+    return spec, spec_problems(spec, task, base_dir)
+
+
+def spec_problems(spec: TaskSpec, task: TaskConfig, base_dir: Path) -> list[Problem]:
+    """The problems of a loaded spec for one task config (its data file, synthetic params and limit)."""
     if task.data:
         path = (base_dir / Path(task.data).expanduser()).resolve()
         rows, where = read_jsonl(path), str(path)
@@ -186,7 +191,7 @@ def load_problems(task: TaskConfig, base_dir: Path) -> tuple[TaskSpec, list[Prob
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise UserError(where, f"duplicate problem id {dup!r}")
-    return spec, problems
+    return problems
 
 
 def build_messages(spec: TaskSpec, problem: Problem, format_example: bool) -> list[dict[str, str]]:
