@@ -8,6 +8,7 @@ PY := .venv/bin/python
 env:
 	@bash scripts/setup-env.sh
 	@bash scripts/setup-quant-env.sh
+	@bash scripts/setup-bench-env.sh
 
 demo: env
 	$(PY) -m qreason.cli run configs/demo.yaml
@@ -17,7 +18,6 @@ test: env
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: env
-	@bash scripts/setup-bench-env.sh
 	$(PY) bench/generation_overhead.py
 	$(PY) bench/quantize_methods.py
 

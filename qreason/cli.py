@@ -50,8 +50,19 @@ def _print_run(summary) -> int:
         for line in summary.gates.tripped:
             print(f"  - {line}", file=sys.stderr)
         return GATE_EXIT_CODE
+    lm = summary.lm_eval
+    if lm:
+        print(f"lm-eval: {lm.evaluated} task results evaluated, {lm.cached} cached"
+              + "".join(f"; {v} {t} {lm.primary_metric[t]} {lm.variants[v][t][lm.primary_metric[t]]:.3f}"
+                        for v in lm.variants for t in lm.variants[v] if t in lm.primary_metric))
+        for f in lm.failed:
+            print(f"qreason: lm-eval {f['task']} failed for {f['variant']}: {f['error']} (log: {f['log']})",
+                  file=sys.stderr)
     if gen.failed:
         print(f"qreason: {gen.failed} generations failed; re-run the same command to retry them", file=sys.stderr)
+        return 1
+    if lm and lm.failed:
+        print("qreason: lm-eval tasks failed; re-run the same command to retry them", file=sys.stderr)
         return 1
     return 0
 
@@ -287,6 +298,33 @@ def _cmd_tasks(args) -> int:
     return 0
 
 
+def _cmd_export_lm_eval(args) -> int:
+    from .config import SamplingConfig, TaskConfig, load_config
+    from .lm_eval_tasks import export_tasks
+    from .resources import listing, search_path
+
+    if args.config:
+        loaded = load_config(args.config)
+        tasks, sampling, base_dir = loaded.config.tasks, loaded.config.sampling, loaded.base_dir
+    else:
+        names = [p.stem for p in listing("tasks") if p.stem != "prompts"]
+        tasks, sampling, base_dir = [TaskConfig(name=n) for n in names], SamplingConfig(), None
+    if args.task:
+        known = {Path(t.name).stem: t for t in tasks}
+        unknown = [n for n in args.task if n not in known]
+        if unknown:
+            where = args.config or os.pathsep.join(map(str, search_path("tasks")))
+            raise UserError(where, f"no task {', '.join(map(repr, unknown))} (known: {', '.join(sorted(known))})")
+        tasks = [known[n] for n in args.task]
+    written = export_tasks(Path(args.out), tasks, sampling, base_dir)
+    for path in written:
+        print(path)
+    names = ",".join(p.stem for p in written)
+    print(f"\nrun them with: lm_eval --include_path {Path(args.out).resolve()} --tasks {names} "
+          "--apply_chat_template --fewshot_as_multiturn --metadata '{\"tokenizer\": \"MODEL_PATH\"}' --model ...")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qreason", description="Measure how quantization damages LLM reasoning.",
                                 epilog=EPILOG)
@@ -378,6 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
                                         "beside them (nothing is deleted), so the run can be read and resumed")
     rep.add_argument("run_dir")
     rep.set_defaults(fn=_cmd_repair)
+
+    ex = sub.add_parser("export-lm-eval", help="write qreason's tasks as lm-eval tasks (qreason_<task>.yaml and "
+                                               "utils.py): same problems, prompt, generation settings and grader")
+    ex.add_argument("--out", required=True, help="directory for the task files (lm_eval --include_path DIR)")
+    ex.add_argument("--task", action="append", help="a task to export (repeatable; default: all)")
+    ex.add_argument("--config", help="export the tasks of this run config: its data files, limits, worked "
+                                     "example and sampling (default: the specs in tasks/ with their own sources)")
+    ex.set_defaults(fn=_cmd_export_lm_eval)
 
     rp = sub.add_parser("report", help="write the self-contained HTML report of a run directory")
     rp.add_argument("run_dir")

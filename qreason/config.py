@@ -248,6 +248,50 @@ class GatesConfig(Strict):
     max_judge_error_rate: float | None = Field(default=None, ge=0, le=1)  # judge errors / LLM judgments
     min_accuracy: float | None = Field(default=None, ge=0, le=1)    # absolute floor for every variant and task
     max_format_failure_rate: float | None = Field(default=None, ge=0, le=1)  # format failures / grades, per cell
+    # lm-eval: how far a variant's primary metric of a task may fall below the base's (in the metric's units,
+    # e.g. 0.05 = 5 points of acc; for a lower-is-better metric such as perplexity, how far it may rise)
+    max_lm_eval_drop: float | None = Field(default=None, ge=0)
+
+
+class LmEvalConfig(Strict):
+    """lm-evaluation-harness tasks run for every variant of the run (qreason/lm_eval.py): standard breadth checks
+    (arc_easy, mmlu, ...), qreason's own lm-eval tasks (tasks/lm_eval/), or this run's tasks exported as
+    ``qreason_<task>``. No tasks: the stage is off. ``lm_eval: [arc_easy]`` is short for ``{tasks: [arc_easy]}``."""
+
+    tasks: list[str] = Field(default_factory=list)
+    limit: int | None = Field(default=None, gt=0)            # first N documents of each task
+    num_fewshot: int | None = Field(default=None, ge=0)      # None: each task's own default
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool | None = None                 # None: as apply_chat_template
+    batch_size: int = Field(default=16, ge=1)                # requests per call to the variant's server
+    model_args: dict[str, Any] = Field(default_factory=dict)  # more local-completions arguments (num_concurrent,
+                                                             # max_retries, timeout, max_gen_toks, ...)
+    metadata: dict[str, Any] = Field(default_factory=dict)   # lm-eval task metadata (TaskManager metadata)
+    include_paths: list[str] = Field(default_factory=list)   # more directories of task YAMLs (relative to the config)
+    primary_metrics: dict[str, str] = Field(default_factory=dict)  # task -> the metric of recovery % and gates
+    bootstrap_iters: int = Field(default=1000, ge=0)         # lm-eval's stderr bootstrap (its default, 100000,
+                                                             # costs minutes for non-mean metrics on 2 cores)
+    python: str | None = None  # lm-eval's interpreter (default: $QREASON_BENCH_PYTHON, else .venv-bench/bin/python)
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, tasks: list[str]) -> list[str]:
+        dup = sorted({t for t in tasks if tasks.count(t) > 1})
+        if dup:
+            raise ValueError(f"tasks must be unique (repeated: {', '.join(dup)})")
+        if any(not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", t) for t in tasks):
+            raise ValueError("task names are lm-eval task names (letters, digits, '.', '_', '-')")
+        return tasks
+
+    @field_validator("model_args")
+    @classmethod
+    def _not_ours(cls, args: dict[str, Any]) -> dict[str, Any]:
+        taken = sorted(set(args) & {"model", "pretrained", "base_url", "tokenizer", "tokenizer_backend",
+                                    "tokenized_requests", "batch_size", "max_length"})
+        if taken:
+            raise ValueError(f"{', '.join(taken)} are set by qreason for each variant (batch_size: use "
+                             "lm_eval.batch_size; max_length follows backend.max_model_len)")
+        return args
 
 
 class ExecutorConfig(Strict):
@@ -281,6 +325,7 @@ class RunConfig(Strict):
     curate: CurateConfig = Field(default_factory=CurateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
 
     @model_validator(mode="after")
     def _variant_names(self) -> "RunConfig":
@@ -298,6 +343,8 @@ class RunConfig(Strict):
         if self.quantize and self.backend.kind != "vllm":
             raise ValueError(f"quantized variants need backend.kind vllm (a {self.backend.kind} backend serves one "
                              "fixed model)")
+        if self.lm_eval.tasks and self.backend.kind != "vllm":
+            raise ValueError("lm_eval needs backend.kind vllm (qreason serves each variant to lm-eval itself)")
         if self.judge.base_variant != self.model.name:
             self.judge = self.judge.model_copy(update={"base_variant": self.model.name})
         return self
@@ -306,6 +353,11 @@ class RunConfig(Strict):
     @classmethod
     def _backend_default_kind(cls, value: Any) -> Any:
         return {"kind": "vllm", **value} if isinstance(value, dict) and "kind" not in value else value
+
+    @field_validator("lm_eval", mode="before")
+    @classmethod
+    def _lm_eval_shorthand(cls, value: Any) -> Any:
+        return {"tasks": value} if isinstance(value, list) else value
 
     @field_validator("executor", mode="before")
     @classmethod

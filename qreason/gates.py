@@ -7,7 +7,7 @@ from __future__ import annotations
 from .config import GatesConfig
 from .records import Judgment
 from .store import RunIndex
-from .summary import RunSummary
+from .summary import LmEvalSummary, RunSummary
 
 GATE_EXIT_CODE = 3
 
@@ -61,9 +61,30 @@ def check_gates(gates: GatesConfig, summary: RunSummary, base: str, previous: Ru
                                f"the limit is {100 * gates.max_drop_vs_previous:.1f}")
     if gates.max_format_failure_rate is not None:
         tripped += format_failure_gate(gates.max_format_failure_rate, summary)
+    if gates.max_lm_eval_drop is not None:
+        tripped += lm_eval_gate(gates.max_lm_eval_drop, summary.lm_eval, base)
     if gates.max_judge_error_rate is not None:
         rate, n = judge_error_rate(judgments)
         if rate > gates.max_judge_error_rate:
             tripped.append(f"judge error rate {100 * rate:.1f}% of {n} LLM judgments exceeds "
                            f"{100 * gates.max_judge_error_rate:.1f}%")
+    return tripped
+
+
+def lm_eval_gate(limit: float, section: LmEvalSummary | None, base: str) -> list[str]:
+    """Variants whose primary lm-eval metric of a task is worse than the base's by more than ``limit`` (in the
+    metric's units; "worse" is lower, or higher for a lower-is-better metric such as perplexity)."""
+    if section is None:
+        return []
+    tripped = []
+    for task, metric in sorted(section.primary_metric.items()):
+        base_value = section.variants.get(base, {}).get(task, {}).get(metric)
+        if base_value is None:
+            continue
+        sign = 1.0 if section.higher_is_better.get(task, True) else -1.0
+        for variant in sorted(v for v in section.variants if v != base):
+            value = section.variants[variant].get(task, {}).get(metric)
+            if value is not None and sign * (base_value - value) > limit + 1e-12:
+                tripped.append(f"{variant}/lm-eval {task}: {metric} {value:.4g} is {abs(base_value - value):.4g} "
+                               f"worse than {base} ({base_value:.4g}); the limit is {limit:g}")
     return tripped

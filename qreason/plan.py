@@ -145,6 +145,10 @@ def make_plan(config: str | Path | LoadedConfig, output_dir: str | Path | None =
     base = resolve_base(cfg.backend, cfg.model, loaded.base_dir)
     names = [cfg.model.name] + [_check_variant(base, v, loaded) for v in cfg.quantize]
     _check_executor(loaded)
+    if cfg.lm_eval.tasks:
+        from .lm_eval import check_config
+
+        check_config(cfg.lm_eval, cfg.tasks, loaded.base_dir)
     if len(set(names)) != len(names):
         raise UserError(str(loaded.path), f"variant names must be unique (got {', '.join(names)}); set name:")
     problems, prompts = [], []
@@ -199,6 +203,9 @@ def describe_plan(plan: Plan) -> str:
             continue
         cached = sum(r.key in have for r in plan.requests_for(name, model)) if have is not None else 0
         lines.append(f"  generate  {name:<22} {n - cached} to do, {cached} cached")
+    if cfg.lm_eval.tasks:
+        lines.append(f"  lm-eval   {', '.join(cfg.lm_eval.tasks)} for each of {len(models)} variants "
+                     f"(limit {cfg.lm_eval.limit or 'none'}): results already stored are skipped")
     judges = ", ".join(j.name for j in cfg.judge.judges) or "rule checks only"
     lines.append(f"  then      grade, judge ({judges}), analyze, "
                  f"{'curate, ' if cfg.curate.enabled else ''}{'report' if cfg.report.enabled else ''}: "

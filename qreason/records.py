@@ -166,3 +166,25 @@ class SilverBulletItem(Record):
     judge: str
     split: Literal["train", "test"] = "train"
     provenance: dict[str, Any] = Field(default_factory=dict)
+
+
+class LmEvalResult(Record):
+    """One lm-eval task's result for one model: a variant, or a variant with a recovery adapter. The key covers
+    the model's fingerprint, the task (and the files of qreason-owned tasks), the lm-eval version and every
+    argument, so a re-run finds it and makes no model calls."""
+
+    variant: str
+    model_fingerprint: str
+    adapter_fingerprint: str | None = None
+    task: str
+    lm_eval_version: str
+    args: dict[str, Any]                  # lm-eval arguments and engine settings that shaped the result
+    metrics: dict[str, float]             # "acc", "acc_norm", "exact_match:strict-match" (metric:filter), ...
+    stderr: dict[str, float | None] = Field(default_factory=dict)
+    higher_is_better: dict[str, bool] = Field(default_factory=dict)
+    n_samples: int
+    n_docs: int | None = None
+    task_version: str | None = None
+    samples_file: str                     # lm-eval's per-sample log, relative to the run directory
+    seconds: float
+    created_at: str

@@ -1,6 +1,6 @@
 """``qreason run``: a plan (``plan.py``), then the stages in order over one run context:
 
-    quantize -> generate -> grade -> judge -> analyze -> curate -> report -> gates
+    quantize -> generate -> grade -> judge -> analyze -> curate -> lm_eval -> report -> gates
 
 Every stage has the same shape: ``stage(ctx)`` reads the run store (and what earlier stages left in the context),
 appends its own records, and returns its typed section of the ``RunSummary`` (or None). The runner is the loop;
@@ -32,8 +32,8 @@ from .plan import Plan, default_index, make_plan, make_plans, variant_name
 from .records import ModelVariant, content_key
 from .report import build_report
 from .store import RunIndex, RunLock, RunStore, mark_run_dir, now_iso, write_atomic
-from .summary import (CurateSummary, GatesSummary, GenerationSummary, QuantizationSummary, QuantizedVariant,
-                      RunSummary, accuracy_table)
+from .summary import (CurateSummary, GatesSummary, GenerationSummary, LmEvalSummary, QuantizationSummary,
+                      QuantizedVariant, RunSummary, accuracy_table)
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,17 @@ def curate_stage(ctx: RunContext) -> CurateSummary | None:
                          dir=str(result.out_dir) if result.out_dir else None)
 
 
+def lm_eval_stage(ctx: RunContext) -> LmEvalSummary | None:
+    """lm-eval on every variant, after the engines are closed: each variant gets a vLLM server of its own."""
+    if not ctx.cfg.lm_eval.tasks:
+        return None
+    from .lm_eval import run_lm_eval, targets_for
+
+    ctx.executor.close()
+    return run_lm_eval(ctx.store, ctx.cfg.lm_eval, ctx.cfg.backend, targets_for(ctx.variants), ctx.cfg.model.name,
+                       ctx.cfg.tasks, ctx.cfg.sampling, ctx.plan.loaded.base_dir)
+
+
 def finish_stage(ctx: RunContext) -> None:
     """Engines are released and the summary is written before the report, which reads it."""
     ctx.executor.close()
@@ -161,6 +172,7 @@ STAGES: list[tuple[str, Callable[[RunContext], Any]]] = [
     ("judge", judge_stage),
     ("analysis", analyze_stage),
     ("curate", curate_stage),
+    ("lm_eval", lm_eval_stage),
     ("finish", finish_stage),
     ("report", report_stage),
     ("gates", gates_stage),
@@ -224,7 +236,8 @@ def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend |
             if section is not None:
                 setattr(summary, name, section)
         store.write_json("summary.json", summary.dump())
-        status = ("incomplete" if summary.generations.failed else "gated" if summary.gates.tripped else "ok")
+        failed = summary.generations.failed or (summary.lm_eval is not None and summary.lm_eval.failed)
+        status = ("incomplete" if failed else "gated" if summary.gates.tripped else "ok")
         return summary
     except BaseException as exc:
         failure = exc

@@ -27,7 +27,7 @@ from typing import Generic, Iterable, Iterator, TypeVar
 from pydantic import ValidationError
 
 from .errors import UserError
-from .records import Generation, Grade, Judgment, ModelVariant, Problem, Record
+from .records import Generation, Grade, Judgment, LmEvalResult, ModelVariant, Problem, Record
 
 R = TypeVar("R", bound=Record)
 
@@ -227,6 +227,7 @@ class RunStore:
         # curation: full-precision continuations of quantized prefixes, and their grades
         self.continuations: Table[Generation] = Table(self.dir / "continuations.jsonl", Generation)
         self.continuation_grades: Table[Grade] = Table(self.dir / "continuation_grades.jsonl", Grade)
+        self.lm_eval: Table[LmEvalResult] = Table(self.dir / "lm_eval_results.jsonl", LmEvalResult)
 
     def write_json(self, name: str, obj) -> Path:
         path = self.dir / name

@@ -124,6 +124,24 @@ class GatesSummary(Section):
     passed: bool = True
 
 
+class LmEvalSummary(Section):
+    """The lm-eval stage (qreason/lm_eval.py): every variant's metrics per lm-eval task."""
+
+    tasks: list[str] = Field(default_factory=list)
+    variants: dict[str, dict[str, dict[str, float]]] = Field(default_factory=dict)  # variant -> task -> metric
+    stderr: dict[str, dict[str, dict[str, float | None]]] = Field(default_factory=dict)
+    recovery: dict[str, dict[str, float | None]] = Field(default_factory=dict)  # variant -> task -> % of base
+    primary_metric: dict[str, str] = Field(default_factory=dict)                # task -> metric
+    higher_is_better: dict[str, bool] = Field(default_factory=dict)             # task -> of its primary metric
+    n_samples: dict[str, int] = Field(default_factory=dict)                     # task -> documents evaluated
+    lm_eval_version: str = ""
+    evaluated: int = 0        # (model, task) results lm-eval produced in this invocation
+    cached: int = 0           # found in the store
+    failed: list[dict[str, str]] = Field(default_factory=list)
+    seconds: float = 0.0
+    dir: str = ""
+
+
 class RunSummary(Section):
     """``summary.json``: what one run did and found. Each stage fills its own section; readers (the CLI, gates,
     the report's trend, ``compare``) use these fields, never string keys. Summaries of older runs (no
@@ -142,6 +160,7 @@ class RunSummary(Section):
     results: list[ResultRow] = Field(default_factory=list)
     judge: dict[str, Any] | None = None          # qreason.judge.JudgeStats
     curate: CurateSummary | None = None
+    lm_eval: LmEvalSummary | None = None
     finished_at: str | None = None
     wall_seconds: float | None = None
     versions: dict[str, Any] = Field(default_factory=dict)

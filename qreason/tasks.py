@@ -189,6 +189,12 @@ def load_problems(task: TaskConfig, base_dir: Path,
     data file) are resolved against ``base_dir``, the config file's directory. ``places``, if given, receives
     each problem's key -> where it was read (``file:line``), for errors found later in planning."""
     spec = load_spec(task.name, base_dir)
+    return spec, spec_problems(spec, task, base_dir, places)
+
+
+def spec_problems(spec: TaskSpec, task: TaskConfig, base_dir: Path,
+                  places: dict[str, str] | None = None) -> list[Problem]:
+    """The problems of a loaded spec for one task config (its data file, synthetic params and limit)."""
     if task.data:
         path = (base_dir / Path(task.data).expanduser()).resolve()
         rows, where = [(f"line {line.rsplit(':', 1)[1]}", row) for line, row in iter_jsonl(path)], str(path)
@@ -220,7 +226,7 @@ def load_problems(task: TaskConfig, base_dir: Path,
         problems.append(problem)
         if places is not None:
             places[problem.key] = here
-    return spec, problems
+    return problems
 
 
 def build_messages(spec: TaskSpec, problem: Problem, format_example: bool) -> list[dict[str, str]]:

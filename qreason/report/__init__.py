@@ -89,6 +89,35 @@ def trend_table(points: pd.DataFrame) -> tuple[list[str], list[dict]]:
     return series, rows[::-1]
 
 
+def lm_eval_rows(section: dict | None) -> list[dict]:
+    """The report's lm-eval table: one row per variant, task and metric; recovery % on the primary metric."""
+    if not section:
+        return []
+    rows = []
+    primary = section.get("primary_metric", {})
+    for variant, tasks in section.get("variants", {}).items():
+        for task, metrics in tasks.items():
+            for metric, value in metrics.items():
+                is_primary = primary.get(task) == metric
+                rows.append({"variant": variant, "task": task, "metric": metric, "value": value,
+                             "stderr": section.get("stderr", {}).get(variant, {}).get(task, {}).get(metric),
+                             "primary": is_primary, "n": section.get("n_samples", {}).get(task),
+                             "recovery": section.get("recovery", {}).get(variant, {}).get(task) if is_primary
+                             else None})
+    rows.sort(key=lambda r: (r["task"], not r["primary"], r["metric"], r["variant"]))
+    return rows
+
+
+def lm_eval_figure(rows: list[dict]) -> str | None:
+    primary = pd.DataFrame([r for r in rows if r["primary"]])
+    if primary.empty:
+        return None
+    primary["label"] = primary["task"] + " (" + primary["metric"] + ")"
+    primary["stderr"] = primary["stderr"].fillna(0.0)
+    return figures.grouped_bars(primary, "label", "variant", "value", "lm-eval: primary metric by task", "value",
+                                err="stderr")
+
+
 def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex | None = None,
                  base: str = "base", max_failures: int = 200, analysis: Analysis | None = None,
                  generation_keys: set[str] | None = None) -> Path:
@@ -116,6 +145,8 @@ def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex 
                                         "Mean output length", "tokens"),
         "trend": figures.trend(trend),
     }
+    lm_rows = lm_eval_rows(summary.lm_eval.model_dump() if summary.lm_eval else None)
+    figs["lm_eval"] = lm_eval_figure(lm_rows)
     env_versions = env.get("versions", {})
     context = {
         "title": f"qreason report: {summary.name or store.dir.name}",
@@ -128,7 +159,8 @@ def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex 
         "variants": [v.model_dump() for v in store.variants.all()],
         "figures": figs, "failures": drilldown(store, base, max_failures, generation_keys), "n_verdicts": len(chosen),
         "dataset_card": card_path.read_text(encoding="utf-8") if card_path.exists() else None,
-        "trend_series": trend_series, "trend": trend_rows,
+        "trend_series": trend_series, "trend": trend_rows, "lm_eval": lm_rows,
+        "lm_eval_section": summary.lm_eval.model_dump() if summary.lm_eval else {},
         "generated_at": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     env_j = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,

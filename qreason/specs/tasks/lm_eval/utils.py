@@ -1,0 +1,7 @@
+"""lm-eval functions of the tasks in this directory: thin shims over qreason.lm_eval_tasks."""
+
+from qreason import lm_eval_tasks
+
+
+def dataset(**metadata):
+    return lm_eval_tasks.synthetic_mc_dataset(**metadata)

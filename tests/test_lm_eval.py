@@ -1,0 +1,263 @@
+"""The lm-eval stage and the lm-eval export: config checks, content keys and resume, the exported tasks loading in
+lm-eval, a real run of lm-eval against a real vLLM server, and the agreement of lm-eval's score with qreason's
+on the same generations.
+
+lm-eval lives in its own environment (.venv-bench, made by scripts/setup-bench-env.sh; `make test` creates it):
+tests that need it run it as a subprocess and are skipped, with the reason, only where it is missing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from qreason.config import LmEvalConfig, parse_config
+from qreason.errors import UserError
+
+from conftest import REPO, write_config
+
+BENCH_PYTHON = REPO / ".venv-bench" / "bin" / "python"
+needs_bench = pytest.mark.skipif(not BENCH_PYTHON.is_file(),
+                                 reason="lm-eval's environment .venv-bench is missing (scripts/setup-bench-env.sh)")
+
+
+def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    from qreason.lm_eval import worker_env
+
+    return subprocess.run([str(BENCH_PYTHON), *args], capture_output=True, text=True, env=worker_env(),
+                          timeout=timeout, cwd=REPO)
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+def test_lm_eval_config_validation_names_the_line():
+    ok = parse_config("name: x\ntasks: [{name: synthetic}]\nlm_eval: [qreason_synthetic_mc]\n", "c.yaml")
+    assert ok.lm_eval.tasks == ["qreason_synthetic_mc"] and ok.lm_eval.limit is None
+    bad = {
+        "lm_eval: {tasks: [a, a]}": "c.yaml:3: lm_eval.tasks: Value error, tasks must be unique",
+        "lm_eval: {tasks: [a], limit: 0}": "c.yaml:3: lm_eval.limit:",
+        "lm_eval: {tasks: [a], model_args: {base_url: http://x}}": "base_url",
+        "lm_eval: {tasks: [a], bogus: 1}": "lm_eval.bogus",
+        "lm_eval: {tasks: ['a b']}": "lm-eval task names",
+        "backend: {kind: openai, base_url: 'http://x/v1'}\nlm_eval: [a]": "lm_eval needs backend.kind vllm",
+    }
+    for text, message in bad.items():
+        with pytest.raises(UserError) as err:
+            parse_config(f"name: x\ntasks: [{{name: synthetic}}]\n{text}\n", "c.yaml")
+        assert message in str(err.value), (text, str(err.value))
+
+
+def test_gate_on_lm_eval_metric_drop():
+    from qreason.config import GatesConfig
+    from qreason.gates import check_gates
+    from qreason.summary import LmEvalSummary, RunSummary
+
+    section = {"primary_metric": {"mc": "acc", "ppl": "word_perplexity"},
+               "higher_is_better": {"mc": True, "ppl": False},
+               "variants": {"base": {"mc": {"acc": 0.50}, "ppl": {"word_perplexity": 10.0}},
+                            "q": {"mc": {"acc": 0.42}, "ppl": {"word_perplexity": 10.03}},
+                            "r": {"mc": {"acc": 0.48}, "ppl": {"word_perplexity": 13.0}}}}
+    summary = RunSummary(lm_eval=LmEvalSummary(**section))
+    tripped = check_gates(GatesConfig(max_lm_eval_drop=0.05), summary, "base", None, [])
+    assert len(tripped) == 2
+    assert tripped[0].startswith("q/lm-eval mc: acc 0.42 is 0.08 worse than base")
+    assert tripped[1].startswith("r/lm-eval ppl: word_perplexity 13 is 3 worse")
+    assert check_gates(GatesConfig(max_lm_eval_drop=5), summary, "base", None, []) == []
+
+
+def test_metric_names_and_recovery():
+    from qreason.lm_eval import recovery_percent, split_metrics
+
+    metrics, stderr = split_metrics({"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1,
+                                     "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": "N/A"})
+    assert metrics == {"acc": 0.5, "exact_match:strict-match": 0.25}
+    assert stderr == {"acc": 0.1, "exact_match:strict-match": None}
+    assert recovery_percent(0.4, 0.5, True) == 80.0
+    assert recovery_percent(12.5, 10.0, False) == 80.0
+    assert recovery_percent(0.4, 0.0, True) is None
+
+
+# --------------------------------------------------------------------------------------- keys and resume
+
+@needs_bench
+def test_stored_results_are_not_evaluated_again(tmp_path, monkeypatch):
+    """Content keys: a (model, task) whose record is stored costs nothing; only the missing ones go to lm-eval,
+    and changing an argument (the limit) makes new work."""
+    import qreason.lm_eval as stage
+    from qreason.config import VLLMConfig
+    from qreason.records import LmEvalResult
+    from qreason.store import RunStore
+
+    store = RunStore(tmp_path / "run")
+    cfg = LmEvalConfig(tasks=["t1", "t2"], limit=5)
+    backend = VLLMConfig()
+    targets = [stage.LmEvalTarget("base", "/m", "fp-base"), stage.LmEvalTarget("q", "/q", "fp-q")]
+    calls = []
+
+    def fake_evaluate(target, todo, cfg, backend, python, paths, version, args, store):
+        calls.append((target.name, [t for t, _ in todo]))
+        store.lm_eval.append([LmEvalResult(
+            key=key, variant=target.name, model_fingerprint=target.fingerprint, task=task, lm_eval_version=version,
+            args=args, metrics={"acc": 0.5 if target.name == "base" else 0.4}, higher_is_better={"acc": True},
+            n_samples=5, samples_file="x", seconds=1.0, created_at="now") for task, key in todo])
+        return []
+
+    monkeypatch.setattr(stage, "_evaluate", fake_evaluate)
+    first = stage.run_lm_eval(store, cfg, backend, targets, "base")
+    assert calls == [("base", ["t1", "t2"]), ("q", ["t1", "t2"])] and first.evaluated == 4
+    assert first.recovery == {"q": {"t1": 80.0, "t2": 80.0}} and first.primary_metric == {"t1": "acc", "t2": "acc"}
+    calls.clear()
+    again = stage.run_lm_eval(store, cfg, backend, targets, "base")
+    assert calls == [] and again.evaluated == 0 and again.cached == 4 and again.variants == first.variants
+    # a killed run that stored only some results resumes with the rest
+    kept = [r for r in store.lm_eval.all() if not (r.variant == "q" and r.task == "t2")]
+    store.lm_eval.path.write_text("".join(r.model_dump_json() + "\n" for r in kept))
+    store = RunStore(tmp_path / "run")
+    stage.run_lm_eval(store, cfg, backend, targets, "base")
+    assert calls == [("q", ["t2"])]
+    calls.clear()
+    stage.run_lm_eval(store, cfg.model_copy(update={"limit": 6}), backend, targets[:1], "base")
+    assert calls == [("base", ["t1", "t2"])]
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+def test_export_refuses_unknown_task(tmp_path, capsys):
+    from qreason.cli import main
+
+    assert main(["export-lm-eval", "--out", str(tmp_path / "x"), "--task", "nope"]) == 2
+    assert "no task 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@needs_bench
+def test_export_loads_in_lm_eval_task_manager(tmp_path):
+    """The exported tasks load with TaskManager(include_path=DIR) and give qreason's problems and prompts."""
+    from qreason.cli import main
+    from qreason.config import load_config
+    from qreason.tasks import build_messages, load_problems
+
+    config = write_config(tmp_path / "run.yaml", """
+name: e
+tasks:
+  - {name: synthetic, limit: 7, format_example: true, params: {min_steps: 2, max_steps: 3, seed: 4}}
+sampling: {max_tokens: 77}
+""")
+    out = tmp_path / "export"
+    assert main(["export-lm-eval", "--out", str(out), "--config", str(config)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["qreason_synthetic.yaml", "utils.py"]
+    probe = tmp_path / "probe.py"
+    probe.write_text("""
+import json, sys
+from lm_eval.tasks import TaskManager, get_task_dict
+manager = TaskManager(include_path=sys.argv[1])
+task = get_task_dict(["qreason_synthetic"], manager)["qreason_synthetic"]
+docs = list(task.test_docs())
+print(json.dumps({"n": len(docs), "first": docs[0], "gen": task.config.generation_kwargs,
+                  "fewshot": task.config.num_fewshot, "metrics": [m["metric"] for m in task.config.metric_list],
+                  "text": task.doc_to_text(docs[0])}))
+""")
+    done = bench(str(probe), str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    loaded = load_config(config)
+    spec, problems = load_problems(loaded.config.tasks[0], loaded.base_dir)
+    assert got["n"] == 7 and got["first"]["problem_id"] == problems[0].problem_id
+    assert got["first"]["answer"] == problems[0].answer and got["first"]["question"] == problems[0].question
+    assert got["text"] == build_messages(spec, problems[0], True)[-1]["content"]
+    assert got["gen"]["max_gen_toks"] == 77 and got["gen"]["until"] == [] and got["fewshot"] == 1
+    assert "acc_strict" in got["metrics"]
+
+
+# ------------------------------------------------------------------------------- real runs (vLLM, lm-eval)
+
+@pytest.fixture(scope="module")
+def lm_run(vllm_backend, tmp_path_factory):
+    """One qreason run of the synthetic task with an lm_eval section (qreason's own multiple-choice task, a
+    few documents) on the base model: generation on the shared engine, lm-eval against a vLLM server."""
+    if not BENCH_PYTHON.is_file():
+        pytest.skip("lm-eval's environment .venv-bench is missing (scripts/setup-bench-env.sh)")
+    from qreason.runner import run
+
+    tmp = tmp_path_factory.mktemp("lm")
+    cfg = write_config(tmp / "run.yaml", """
+name: lm
+output_dir: out
+tasks:
+  - {name: synthetic, limit: 16, format_example: true, params: {min_steps: 1, max_steps: 2, ops: [add, sub]}}
+sampling: {max_tokens: 64, seeds: [0]}
+backend: {batch_size: 16, max_model_len: 2048}
+curate: {enabled: false}
+lm_eval: {tasks: [qreason_synthetic_mc], limit: 6, batch_size: 8}
+""")
+    summary = run(cfg, backend=vllm_backend)
+    return cfg, tmp / "out", summary
+
+
+@pytest.mark.vllm
+@pytest.mark.server
+def test_run_records_lm_eval_and_rerun_makes_no_model_calls(lm_run, monkeypatch):
+    import qreason.lm_eval as stage
+    from qreason.runner import run
+    from qreason.store import RunStore
+
+    cfg, run_dir, summary = lm_run
+    lm = summary.dump()["lm_eval"]
+    assert lm["tasks"] == ["qreason_synthetic_mc"] and lm["evaluated"] == 1 and lm["failed"] == []
+    metrics = lm["variants"]["base"]["qreason_synthetic_mc"]
+    assert set(metrics) == {"acc", "acc_norm"} and 0.0 <= metrics["acc"] <= 1.0
+    assert lm["primary_metric"] == {"qreason_synthetic_mc": "acc_norm"} and lm["n_samples"] == {
+        "qreason_synthetic_mc": 6}
+    (record,) = RunStore(run_dir).lm_eval.all()
+    assert record.variant == "base" and record.lm_eval_version == "0.4.13" and record.args["limit"] == 6
+    samples = (run_dir / record.samples_file).read_text().splitlines()
+    assert len(samples) == 6 and "resps" in json.loads(samples[0])
+    assert (run_dir / "lm_eval" / "logs" / "base.server.log").exists()
+    report = (run_dir / "report.html").read_text()
+    assert 'id="lm-eval"' in report and "qreason_synthetic_mc" in report
+
+    def no_server(self):
+        raise AssertionError("a re-run must not start a server")
+
+    monkeypatch.setattr(stage.VariantServer, "__enter__", no_server)
+    again = run(cfg).lm_eval
+    assert again.evaluated == 0 and again.cached == 1 and again.variants == lm["variants"]
+
+
+@pytest.mark.vllm
+def test_lm_eval_scores_qreason_generations_exactly_like_qreason(lm_run, default_model, tmp_path):
+    """Agreement: lm-eval, running the exported qreason_synthetic task on this run's own generations (replayed by
+    an lm-eval model that serves only prompts qreason sent), gives every problem the score qreason gave it."""
+    from qreason.cli import main
+    from qreason.store import RunStore
+
+    cfg, run_dir, summary = lm_run
+    out = tmp_path / "export"
+    assert main(["export-lm-eval", "--out", str(out), "--config", str(cfg)]) == 0
+    result = tmp_path / "replay.json"
+    done = bench(str(REPO / "tests" / "lm_eval_replay.py"), str(run_dir / "generations.jsonl"), str(out),
+                 "qreason_synthetic", default_model.path, str(result))
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(result.read_text())
+    grades = {g.problem_id: g.status for g in RunStore(run_dir).grades.all()}
+    assert got["served"] == 16 and len(got["per_problem"]) == 16
+    assert got["per_problem"] == {pid: float(status == "correct") for pid, status in grades.items()}
+    (row,) = summary.results
+    assert got["metrics"]["acc_strict,none"] == pytest.approx(row.accuracy_mean, abs=1e-12)
+
+
+@needs_bench
+def test_unknown_lm_eval_task_is_refused_before_the_run_directory_exists(tmp_path):
+    from qreason.runner import make_plan
+
+    cfg = write_config(tmp_path / "run.yaml", """
+name: u
+output_dir: out
+tasks: [{name: synthetic, limit: 2}]
+lm_eval: {tasks: [qreason_synthetic_mc, no_such_lm_eval_task]}
+""")
+    with pytest.raises(UserError) as err:
+        make_plan(cfg)
+    assert str(err.value) == "lm_eval.tasks: no_such_lm_eval_task: lm-eval knows no task of this name"
+    assert not (tmp_path / "out").exists()
