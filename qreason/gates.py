@@ -46,6 +46,14 @@ def check_gates(gates: GatesConfig, summary: RunSummary, base: str, previous: Ru
                 tripped.append(f"{cell[0]}/{cell[1]}: accuracy {100 * acc:.1f}% is {100 * (before[cell] - acc):.1f} "
                                f"points below the previous run {previous.run_id} ({100 * before[cell]:.1f}%); "
                                f"the limit is {100 * gates.max_drop_vs_previous:.1f}")
+    for v in (getattr(summary, "recover", None) or {}).get("variants", []):
+        after, before = v.get("recovery_after"), v.get("accuracy_before")
+        if gates.min_recovery_after is not None and after is not None and after < gates.min_recovery_after - 1e-12:
+            tripped.append(f"{v['eval_variant']}: recovery after training {100 * after:.1f}% is below "
+                           f"{100 * gates.min_recovery_after:.1f}%")
+        if gates.recover_no_worse and v["accuracy_after"] < before - 1e-12:
+            tripped.append(f"{v['eval_variant']}: the adapter lowered accuracy on held-out problems "
+                           f"({100 * before:.1f}% -> {100 * v['accuracy_after']:.1f}%)")
     if gates.max_judge_error_rate is not None:
         rate, n = judge_error_rate(judgments)
         if rate > gates.max_judge_error_rate:

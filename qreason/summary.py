@@ -121,6 +121,7 @@ class RunSummary(Section):
     results: list[ResultRow] = Field(default_factory=list)
     judge: dict[str, Any] | None = None          # qreason.judge.JudgeStats
     curate: CurateSummary | None = None
+    recover: dict[str, Any] | None = None        # qreason.recover.RecoverySummary
     finished_at: str | None = None
     wall_seconds: float | None = None
     versions: dict[str, Any] = Field(default_factory=dict)
