@@ -8,6 +8,7 @@ PY := .venv/bin/python
 env:
 	@bash scripts/setup-env.sh
 	@bash scripts/setup-quant-env.sh
+	@bash scripts/setup-train-env.sh
 
 demo: env
 	$(PY) -m qreason.cli run configs/demo.yaml

@@ -322,6 +322,9 @@ class RunConfig(Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"variant names must be unique (repeated: {', '.join(dup)}); set name: on each")
+        unknown = sorted(set(self.recover.variants or []) - set(names[1:]))
+        if unknown:
+            raise ValueError(f"recover.variants names no quantized variant of this config: {', '.join(unknown)}")
         if self.quantize and self.backend.kind != "vllm":
             raise ValueError(f"quantized variants need backend.kind vllm (a {self.backend.kind} backend serves one "
                              "fixed model)")

@@ -116,6 +116,11 @@ def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex 
                                         "Mean output length", "tokens"),
         "trend": figures.trend(trend),
     }
+    recovery = store.read_json("recovery/summary.json")
+    if recovery:
+        arms = [a for v in recovery.get("variants", []) for a in [v] + ([v["control"]] if v.get("control") else [])]
+        figs["loss"] = figures.loss_curves({f"{a['eval_variant']} {phase}": points for a in arms
+                                            for phase, points in (a.get("loss") or {}).items()})
     env_versions = env.get("versions", {})
     context = {
         "title": f"qreason report: {summary.name or store.dir.name}",
@@ -127,7 +132,7 @@ def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex 
         "variants": [v.model_dump() for v in store.variants.all()],
         "figures": figs, "failures": drilldown(store, base, max_failures, generation_keys), "n_verdicts": len(chosen),
         "dataset_card": card_path.read_text(encoding="utf-8") if card_path.exists() else None,
-        "trend_series": trend_series, "trend": trend_rows,
+        "trend_series": trend_series, "trend": trend_rows, "recovery": recovery,
         "generated_at": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     env_j = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
