@@ -180,7 +180,7 @@ def _order(seed: int, *parts) -> str:
 
 
 def control_set(variant: str, target: TrainSet, all_items: list[SilverBulletItem], correct_base: dict,
-                own: dict, seed: int) -> TrainSet:
+                own: dict, seed: int, mode: str) -> TrainSet:
     """The same number of examples, on problems the analysis did not choose: seeded random problems the base
     solved that hold no Silver Bullet item of any variant or split. SFT: the base's solution; DPO: the base's
     solution against the variant's own (different) solution of the same problem and seed."""
@@ -188,7 +188,8 @@ def control_set(variant: str, target: TrainSet, all_items: list[SilverBulletItem
     pool = sorted((k for k in correct_base if k[:2] not in chosen_problems),
                   key=lambda k: _order(seed, variant, *k))
     picked, sft, dpo, used = [], [], [], set()
-    want_sft, want_dpo = len(target.sft), len(target.dpo)
+    want_sft = len(target.sft) if mode != "dpo" else 0  # only the rows the mode trains on
+    want_dpo = len(target.dpo) if mode != "sft" else 0
     for key in pool:
         if key[:2] in used or (len(sft) >= want_sft and len(dpo) >= want_dpo):
             continue
@@ -326,7 +327,7 @@ class ArmPlan:
 
 
 def train_adapters(plans: list[ArmPlan], variant: ModelVariant, cfg: RecoverConfig, need_merged: bool,
-                   echo: Callable[[str], None]) -> None:
+                   work_root: Path, echo: Callable[[str], None]) -> None:
     """One worker run for everything this variant needs: the dense copy, each missing adapter (trained), and the
     merged checkpoints that merged evaluation needs. Fills in ``plan.meta`` of trained adapters."""
     from .quantize.launch import run_worker
@@ -339,7 +340,7 @@ def train_adapters(plans: list[ArmPlan], variant: ModelVariant, cfg: RecoverConf
         if not (need_train or need_merge):
             continue
         if root is None:
-            root = p.adapter_dir.parent / f".{variant.name}.partial"
+            root = work_root / f".{variant.name}.partial"
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
         run = {"name": f"{variant.name} {p.arm}", "mode": cfg.mode, "sft": p.data.sft, "dpo": p.data.dpo,
@@ -553,7 +554,8 @@ def _recover_variant(store, run_cfg, variant, items, all_items, own, base, corre
     target = targeted_set(items)
     arms = [(TARGETED, target)]
     if cfg.control and adapter is None:
-        arms.append((CONTROL, control_set(variant.name, target, all_items, correct_base, own, cfg.seed)))
+        arms.append((CONTROL, control_set(variant.name, target, all_items, correct_base, own, cfg.seed,
+                                             cfg.mode)))
     plans = []
     for arm, data in arms:
         if arm == TARGETED and adapter is not None:
@@ -591,7 +593,8 @@ def _recover_variant(store, run_cfg, variant, items, all_items, own, base, corre
     if todo:
         if owned:  # free the engine's memory while training
             owned.pop().close()
-        train_adapters([p for p in todo if not p.external or need_merged], variant, cfg, need_merged, echo)
+        train_adapters([p for p in todo if not p.external or need_merged], variant, cfg, need_merged,
+                       adapters_root, echo)
     arms_out = {}
     for p in plans:
         t0 = time.monotonic()
