@@ -17,7 +17,6 @@ import pytest
 from qreason.cli import main
 from qreason.errors import UserError
 
-pytestmark = [pytest.mark.quant, pytest.mark.vllm]
 
 N_PROBLEMS = 12
 TRAIN = ["s0-00000", "s0-00001", "s0-00002", "s0-00003"]
@@ -152,6 +151,8 @@ def tiny_model_path(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
+@pytest.mark.quant
+@pytest.mark.vllm
 def test_training_produces_an_adapter_that_changes_the_model(recovered):
     import torch
     from safetensors.torch import load_file
@@ -181,6 +182,8 @@ def test_training_produces_an_adapter_that_changes_the_model(recovered):
     assert sb and sb.keys() == ctl.keys() and sb != ctl
 
 
+@pytest.mark.quant
+@pytest.mark.vllm
 def test_evaluation_never_includes_a_training_problem(recovered):
     from qreason.recover import tables
 
@@ -206,6 +209,8 @@ def test_evaluation_never_includes_a_training_problem(recovered):
     assert v.accuracy_before == pytest.approx(sum(int(p[-1]) % 2 == 0 for p in held) / len(held))
 
 
+@pytest.mark.quant
+@pytest.mark.vllm
 def test_rerun_reuses_the_adapter_and_generates_nothing(recovered):
     from qreason.recover import tables
 
@@ -224,6 +229,8 @@ def _run_cli(capsys, *argv) -> tuple[int, str]:
     return code, err
 
 
+@pytest.mark.quant
+@pytest.mark.vllm
 def test_bad_input_is_one_line_with_exit_2(recovered, tmp_path, capsys):
     import numpy as np
     from safetensors.numpy import save_file
@@ -247,3 +254,39 @@ def test_bad_input_is_one_line_with_exit_2(recovered, tmp_path, capsys):
     code, err = _run_cli(capsys, str(run))
     assert code == 2 and "no Silver Bullet train items" in err and "\n" not in err
     assert not (run / "recovery").exists(), "bad input must leave no artifacts"
+
+
+def test_comparison_counts_repairs_and_breaks_on_paired_items():
+    import numpy as np
+
+    from qreason.recover import compare, head_to_head
+
+    base = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0], float)
+    before = np.array([1, 0, 0, 0, 0, 1, 1, 1, 0, 0], float)
+    after = np.array([1, 1, 1, 1, 1, 0, 1, 1, 0, 1], float)
+    out = compare(base, before, after)
+    assert (out["repaired"], out["broken"]) == (5, 1)
+    assert out["accuracy_before"] == 0.4 and out["accuracy_after"] == 0.8
+    assert out["recovery_before"] == pytest.approx(0.5) and out["recovery_after"] == pytest.approx(1.0)
+    assert out["mcnemar_p"] == pytest.approx(0.21875)  # two-sided exact binomial, 1 of 6 discordant
+    lo, hi = out["diff_ci"]
+    assert lo <= 0.4 <= hi
+    same = head_to_head(after, after)
+    assert same["diff"] == 0 and same["verdict"] == "no significant difference"
+
+
+def test_synthetic_max_number_caps_every_number_and_keeps_the_default():
+    import re
+
+    from qreason import synthetic
+
+    rows = synthetic.generate(n=40, min_steps=1, max_steps=3, ops=["add", "sub"], max_number=9)
+    for r in rows:
+        assert all(int(x) <= 9 for x in re.findall(r"\d+", r["question"]))
+    # without max_number the problems are the ones earlier versions wrote (runs stay comparable)
+    default = synthetic.generate(n=3)
+    assert default[1]["question"] == ("Chloe has 17 cookies. She gives 2 cookies to a friend. Then she gets 6 more "
+                                      "cookies. How many cookies does Chloe have now?")
+    assert [r["answer"] for r in default] == ["22", "21", "6"]
+    with pytest.raises(ValueError):
+        synthetic.generate(n=3, max_number=2)
