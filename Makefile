@@ -9,6 +9,7 @@ env:
 	@bash scripts/setup-env.sh
 	@bash scripts/setup-quant-env.sh
 	@bash scripts/setup-bench-env.sh
+	@bash scripts/setup-train-env.sh
 
 demo: env
 	$(PY) -m qreason.cli run configs/demo.yaml

@@ -41,6 +41,10 @@ def _print_run(summary) -> int:
         c = summary.curate
         print(f"silver bullet dataset: {c.items} items, {c.dpo_pairs} DPO pairs -> {c.dir}")
     print(f"run directory: {summary.run_dir}")
+    if summary.recover and (summary.recover.get("variants") or summary.recover.get("skipped")):
+        from .recover import RecoverySummary
+
+        print(format_recovery(RecoverySummary.model_validate(summary.recover)))
     if summary.report:
         print(f"report: {summary.report}")
     for error in (summary.judge or {}).get("errors", []):
@@ -207,6 +211,56 @@ def _cmd_repair(args) -> int:
     if not any(moved.values()):
         print(f"nothing to repair in {store.dir}")
     return 0
+
+
+def _cmd_recover(args) -> int:
+    from .executor import LocalExecutor
+    from .recover import recover
+
+    from .store import RunLock
+
+    store, cfg = _open_run(args.run_dir)
+    if args.mode:
+        cfg.recover = cfg.recover.model_copy(update={"mode": args.mode})
+    if args.no_control:
+        cfg.recover = cfg.recover.model_copy(update={"control": False})
+    engines = LocalExecutor(cfg)  # one engine at a time, started only if a generation is missing
+    try:
+        with RunLock(store.dir):
+            result = recover(store, cfg, cfg.model.name, engines.backend_for, only=args.variant or None,
+                             adapter=Path(args.adapter).resolve() if args.adapter else None, require_items=True)
+    finally:
+        engines.close()
+    print(format_recovery(result))
+    return 0
+
+
+def format_recovery(result) -> str:
+    """The before/after table of a RecoverySummary, one row per variant and arm."""
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    rows = [["variant", "arm", "mode", "train", "eval", "base", "before", "after", "recovery", "repaired",
+             "broken", "p", "eval_mode"]]
+    for v in result.variants:
+        for arm in [v] + ([v.control] if v.control else []):
+            rows.append([arm.eval_variant, arm.arm, arm.mode, str(arm.train_items), str(len(arm.eval_problem_ids)),
+                         pct(arm.base_accuracy), pct(arm.accuracy_before), pct(arm.accuracy_after),
+                         f"{pct(arm.recovery_before)} -> {pct(arm.recovery_after)}", str(arm.repaired),
+                         str(arm.broken), f"{arm.mcnemar_p:.3g}", arm.eval_mode])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    for v in result.variants:
+        if v.targeted_vs_control:
+            h = v.targeted_vs_control
+            ci = h["ci"]
+            ci_text = "n/a" if ci[0] is None else f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+            lines.append(f"{v.variant}: targeted - control = {100 * h['diff']:+.1f} points, 95% CI {ci_text}, "
+                         f"McNemar p {h['mcnemar_p']:.3g}: {h['verdict']}")
+    for name, why in result.skipped.items():
+        lines.append(f"{name}: skipped ({why})")
+    lines.append(f"recovery: {result.produced} generations produced; {result.summary_path}")
+    return "\n".join(lines)
 
 
 def _cmd_report(args) -> int:
@@ -424,6 +478,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--config", help="export the tasks of this run config: its data files, limits, worked "
                                      "example and sampling (default: the specs in tasks/ with their own sources)")
     ex.set_defaults(fn=_cmd_export_lm_eval)
+
+    rc = sub.add_parser("recover", help="train a LoRA adapter per quantized variant on its Silver Bullet items, "
+                                        "re-evaluate it on problems it never trained on, beside an untargeted "
+                                        "control (needs .venv-train: scripts/setup-train-env.sh)")
+    rc.add_argument("run_dir")
+    rc.add_argument("--variant", action="append", help="only this quantized variant (repeatable)")
+    rc.add_argument("--mode", choices=["sft", "dpo", "sft+dpo"], help="training mode (default: the config's)")
+    rc.add_argument("--no-control", action="store_true", help="skip the control adapter")
+    rc.add_argument("--adapter", help="evaluate this PEFT adapter of --variant instead of training one")
+    rc.set_defaults(fn=_cmd_recover)
 
     rp = sub.add_parser("report", help="write the self-contained HTML report of a run directory")
     rp.add_argument("run_dir")

@@ -228,6 +228,32 @@ class CurateConfig(Strict):
     max_tokens: int | None = Field(default=None, gt=0)  # default: sampling.max_tokens
 
 
+class RecoverConfig(Strict):
+    """The recover stage (see qreason/recover.py): a LoRA adapter per quantized variant, trained on its Silver
+    Bullet train split, then the variant + adapter evaluated on every problem it never trained on, beside a
+    control adapter trained with the same budget on examples the analysis did not choose."""
+
+    enabled: bool = False
+    variants: list[str] | None = None          # default: every quantized variant with Silver Bullet items
+    mode: Literal["sft", "dpo", "sft+dpo"] = "sft"  # SFT on completions only; DPO (reference: the quantized model)
+    rank: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    epochs: int = Field(default=3, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+    max_length: int = Field(default=1024, gt=0)   # tokens per training example (prompt + answer)
+    beta: float = Field(default=0.1, gt=0)        # DPO
+    target_modules: list[str] = Field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1)
+    seed: int = 0
+    control: bool = True                          # also train and evaluate the untargeted control
+    eval_mode: Literal["auto", "lora", "merged"] = "auto"  # auto: vLLM LoRA serving where it works (CUDA), else
+                                                           # a dense checkpoint with the adapter merged in
+    device: Literal["auto", "cpu", "cuda"] = "auto"        # where training runs
+    threads: int | None = Field(default=None, ge=1)        # CPU training threads (default: torch's choice)
+
+
 class VariantConfig(QuantizeSpec):
     """A quantized variant to compare with the base: a method from the registry (``qreason quantize --list``)
     with overrides and calibration, or ``method: import`` with the ``path`` of an existing quantized checkpoint."""
@@ -251,6 +277,10 @@ class GatesConfig(Strict):
     # lm-eval: how far a variant's primary metric of a task may fall below the base's (in the metric's units,
     # e.g. 0.05 = 5 points of acc; for a lower-is-better metric such as perplexity, how far it may rise)
     max_lm_eval_drop: float | None = Field(default=None, ge=0)
+    # recover stage: every recovered variant's recovery (accuracy / base accuracy) after its adapter at least this
+    min_recovery_after: float | None = Field(default=None, ge=0)
+    # recover stage: an adapter that lowers accuracy on the problems it never trained on trips the gate
+    recover_no_worse: bool = False
 
 
 class LmEvalConfig(Strict):
@@ -323,6 +353,7 @@ class RunConfig(Strict):
     grading: GradingConfig = Field(default_factory=GradingConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
+    recover: RecoverConfig = Field(default_factory=RecoverConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
@@ -340,6 +371,9 @@ class RunConfig(Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"variant names must be unique (repeated: {', '.join(dup)}); set name: on each")
+        unknown = sorted(set(self.recover.variants or []) - set(names[1:]))
+        if unknown:
+            raise ValueError(f"recover.variants names no quantized variant of this config: {', '.join(unknown)}")
         if self.quantize and self.backend.kind != "vllm":
             raise ValueError(f"quantized variants need backend.kind vllm (a {self.backend.kind} backend serves one "
                              "fixed model)")

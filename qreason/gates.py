@@ -63,6 +63,14 @@ def check_gates(gates: GatesConfig, summary: RunSummary, base: str, previous: Ru
         tripped += format_failure_gate(gates.max_format_failure_rate, summary)
     if gates.max_lm_eval_drop is not None:
         tripped += lm_eval_gate(gates.max_lm_eval_drop, summary.lm_eval, base)
+    for v in (getattr(summary, "recover", None) or {}).get("variants", []):
+        after, before = v.get("recovery_after"), v.get("accuracy_before")
+        if gates.min_recovery_after is not None and after is not None and after < gates.min_recovery_after - 1e-12:
+            tripped.append(f"{v['eval_variant']}: recovery after training {100 * after:.1f}% is below "
+                           f"{100 * gates.min_recovery_after:.1f}%")
+        if gates.recover_no_worse and v["accuracy_after"] < before - 1e-12:
+            tripped.append(f"{v['eval_variant']}: the adapter lowered accuracy on held-out problems "
+                           f"({100 * before:.1f}% -> {100 * v['accuracy_after']:.1f}%)")
     if gates.max_judge_error_rate is not None:
         rate, n = judge_error_rate(judgments)
         if rate > gates.max_judge_error_rate:

@@ -1,6 +1,6 @@
 """``qreason run``: a plan (``plan.py``), then the stages in order over one run context:
 
-    quantize -> generate -> grade -> judge -> analyze -> curate -> lm_eval -> report -> gates
+    quantize -> generate -> grade -> judge -> analyze -> curate -> recover -> lm_eval -> report -> gates
 
 Every stage has the same shape: ``stage(ctx)`` reads the run store (and what earlier stages left in the context),
 appends its own records, and returns its typed section of the ``RunSummary`` (or None). The runner is the loop;
@@ -127,6 +127,18 @@ def curate_stage(ctx: RunContext) -> CurateSummary | None:
                          dir=str(result.out_dir) if result.out_dir else None)
 
 
+def recover_stage(ctx: RunContext) -> dict | None:
+    """LoRA adapters on the Silver Bullet items, re-evaluated on held-out problems (qreason/recover.py)."""
+    if not ctx.cfg.recover.enabled or ctx.analysis is None:
+        return None
+    from .recover import recover
+
+    if ctx.executor.kind == "local":
+        ctx.executor.close()  # the base model's engine is not needed again: free its memory for training
+    return recover(ctx.store, ctx.cfg, ctx.cfg.model.name, ctx.executor.backend_for, ctx.grader,
+                   generation_keys=ctx.wanted).model_dump(mode="json")
+
+
 def lm_eval_stage(ctx: RunContext) -> LmEvalSummary | None:
     """lm-eval on every variant, after the engines are closed: each variant gets a vLLM server of its own."""
     if not ctx.cfg.lm_eval.tasks:
@@ -172,6 +184,7 @@ STAGES: list[tuple[str, Callable[[RunContext], Any]]] = [
     ("judge", judge_stage),
     ("analysis", analyze_stage),
     ("curate", curate_stage),
+    ("recover", recover_stage),
     ("lm_eval", lm_eval_stage),
     ("finish", finish_stage),
     ("report", report_stage),

@@ -161,6 +161,7 @@ class RunSummary(Section):
     judge: dict[str, Any] | None = None          # qreason.judge.JudgeStats
     curate: CurateSummary | None = None
     lm_eval: LmEvalSummary | None = None
+    recover: dict[str, Any] | None = None        # qreason.recover.RecoverySummary
     finished_at: str | None = None
     wall_seconds: float | None = None
     versions: dict[str, Any] = Field(default_factory=dict)

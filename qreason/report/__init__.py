@@ -147,6 +147,11 @@ def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex 
     }
     lm_rows = lm_eval_rows(summary.lm_eval.model_dump() if summary.lm_eval else None)
     figs["lm_eval"] = lm_eval_figure(lm_rows)
+    recovery = store.read_json("recovery/summary.json")
+    if recovery:
+        arms = [a for v in recovery.get("variants", []) for a in [v] + ([v["control"]] if v.get("control") else [])]
+        figs["loss"] = figures.loss_curves({f"{a['eval_variant']} {phase}": points for a in arms
+                                            for phase, points in (a.get("loss") or {}).items()})
     env_versions = env.get("versions", {})
     context = {
         "title": f"qreason report: {summary.name or store.dir.name}",
@@ -161,6 +166,7 @@ def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex 
         "dataset_card": card_path.read_text(encoding="utf-8") if card_path.exists() else None,
         "trend_series": trend_series, "trend": trend_rows, "lm_eval": lm_rows,
         "lm_eval_section": summary.lm_eval.model_dump() if summary.lm_eval else {},
+        "recovery": recovery,
         "generated_at": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     env_j = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,

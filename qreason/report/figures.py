@@ -84,3 +84,20 @@ def trend(points: pd.DataFrame) -> str | None:
     ax.grid(alpha=0.3)
     fig.autofmt_xdate()
     return _uri(fig)
+
+
+def loss_curves(curves: dict[str, list[list[float]]]) -> str | None:
+    """Training loss per step: one line per adapter and phase (``{"rtn+sb sft": [[step, loss], ...]}``)."""
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    for (name, points), color in zip(sorted(curves.items()), COLORS * 4):
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name, color=color,
+                linestyle="--" if "ctl" in name else "-")
+    ax.set_title("Training loss of the recovery adapters")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8, frameon=False)
+    ax.grid(alpha=0.3)
+    return _uri(fig)

