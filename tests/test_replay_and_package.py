@@ -95,8 +95,11 @@ def _uv() -> str:
 @pytest.mark.vllm
 def test_the_wheel_has_its_data_and_runs_the_synthetic_task_outside_the_checkout(tmp_path, default_model):
     uv = _uv()
-    dist = tmp_path / "dist"
-    subprocess.run([uv, "build", "-q", "--wheel", "--out-dir", str(dist), str(REPO)], check=True,
+    dist, src = tmp_path / "dist", tmp_path / "src"
+    # build from a copy: setuptools writes build/ and *.egg-info into the source tree
+    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "runs", "build", "*.egg-info", "__pycache__", "bench", "tests"))
+    subprocess.run([uv, "build", "-q", "--wheel", "--out-dir", str(dist), str(src)], check=True,
                    capture_output=True, text=True)
     (wheel,) = dist.glob("qreason-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
