@@ -5,7 +5,7 @@ Two kinds of lm-eval task come from here:
 - ``qreason_<task>`` (written by ``qreason export-lm-eval``): qreason's own step-by-step task reproduced exactly
   in lm-eval: the same problems (qreason's loader, from the local file, the hub or the synthetic generator), the
   same chat messages (optional worked example as one user/assistant exchange, then the question), the same
-  generation settings, and scoring by qreason's own grader (Math-Verify, ``qreason.grade.grade_text``).
+  generation settings, and scoring by qreason's own grader (``qreason.grade.grade_answer``: strict and lenient).
 - ``qreason_synthetic_mc`` (shipped in ``tasks/lm_eval/``): a small loglikelihood (multiple-choice) task on
   problems from qreason's synthetic generator. The Hugging Face hub is unreachable on qreason's CI machines and no
   standard lm-eval dataset is available locally, so the demo's lm-eval section runs this qreason-owned task.
@@ -116,28 +116,21 @@ def _token_count(tokenizer: str, text: str) -> int:
 
 def score(doc: dict, text: str, max_gen_toks: int, timeout_s: int = 10) -> dict[str, float]:
     """qreason's grade of one lm-eval generation as lm-eval metrics: ``acc_strict`` (the status qreason's
-    accuracy counts), and ``acc_lenient`` where the grader has a lenient status."""
+    accuracy counts) and ``acc_lenient`` (its lenient verdict: the answer a reader would take when no marker
+    states one)."""
+    from math_verify.errors import TimeoutException  # a BaseException: "except Exception" would miss it
+
     from . import grade
 
     finish = None
     if doc.get("tokenizer") and _token_count(doc["tokenizer"], text) >= max_gen_toks:
         finish = "length"
     try:
-        status, _, _ = grade.grade_text(text, finish, doc["answer"], doc["answer_type"], timeout_s)
-    except Exception:  # noqa: BLE001 - as in qreason's grading: any grader failure is a grader_error
-        status = "grader_error"
-    out = {"acc_strict": float(status == "correct")}
-    # HOOK (branch `grade`): once qreason.grade has lenient_status, the exported tasks report it as acc_lenient.
-    lenient = getattr(grade, "lenient_status", None)
-    if lenient is not None:
-        out["acc_lenient"] = float(lenient(text, finish, doc["answer"], doc["answer_type"], timeout_s) == "correct")
-    return out
-
-
-def has_lenient_grader() -> bool:
-    from . import grade
-
-    return hasattr(grade, "lenient_status")
+        verdict = grade.grade_answer(text, finish, doc["answer"], doc["answer_type"], timeout_s)
+        strict, lenient = verdict.status, verdict.lenient_status
+    except (TimeoutException, Exception):  # noqa: BLE001 - as in qreason's grading: a grader_error
+        strict = lenient = "grader_error"
+    return {"acc_strict": float(strict == "correct"), "acc_lenient": float(lenient == "correct")}
 
 
 # ------------------------------------------------------------------------------------------------------ export
@@ -199,11 +192,10 @@ def _export_one(spec, task, sampling, prompt) -> tuple[dict, dict]:
         "fewshot_config": {"sampler": "first_n", "samples": [
             {"question": prompt.example["question"], "answer": prompt.example["solution"]}] if prompt.example else []},
         "process_results": f"!function utils.process_results_{name}",
-        "metric_list": [{"metric": "acc_strict", "aggregation": "mean", "higher_is_better": True}],
+        "metric_list": [{"metric": "acc_strict", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "acc_lenient", "aggregation": "mean", "higher_is_better": True}],
         "metadata": {"version": float(EXPORT_REVISION), "qreason_messages": messages_note},
     }
-    if has_lenient_grader():
-        cfg["metric_list"].append({"metric": "acc_lenient", "aggregation": "mean", "higher_is_better": True})
     return cfg, {"name": name, "spec": json.dumps(spec.model_dump(), sort_keys=True),
                  "task": json.dumps(task.model_dump(), sort_keys=True), "prompt": prompt.user}
 

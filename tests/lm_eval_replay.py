@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     manager = TaskManager(include_path=export_dir, metadata={"tokenizer": tokenizer})
     result = simple_evaluate(model=lm, tasks=[task], task_manager=manager, apply_chat_template=True,
                              fewshot_as_multiturn=True, log_samples=True, bootstrap_iters=0)
-    per_problem = {s["doc"]["problem_id"]: s["acc_strict"] for s in result["samples"][task]}
+    per_problem = {s["doc"]["problem_id"]: [s["acc_strict"], s["acc_lenient"]] for s in result["samples"][task]}
     Path(out).write_text(json.dumps({"metrics": result["results"][task], "per_problem": per_problem,
                                      "served": lm.served}, default=str), encoding="utf-8")
     return 0

@@ -167,7 +167,7 @@ print(json.dumps({"n": len(docs), "first": docs[0], "gen": task.config.generatio
     assert got["first"]["answer"] == problems[0].answer and got["first"]["question"] == problems[0].question
     assert got["text"] == build_messages(spec, problems[0], True)[-1]["content"]
     assert got["gen"]["max_gen_toks"] == 77 and got["gen"]["until"] == [] and got["fewshot"] == 1
-    assert "acc_strict" in got["metrics"]
+    assert got["metrics"] == ["acc_strict", "acc_lenient"]
 
 
 # ------------------------------------------------------------------------------- real runs (vLLM, lm-eval)
@@ -240,9 +240,10 @@ def test_lm_eval_scores_qreason_generations_exactly_like_qreason(lm_run, default
                  "qreason_synthetic", default_model.path, str(result))
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(result.read_text())
-    grades = {g.problem_id: g.status for g in RunStore(run_dir).grades.all()}
+    grades = {g.problem_id: g for g in RunStore(run_dir).grades.all()}
     assert got["served"] == 16 and len(got["per_problem"]) == 16
-    assert got["per_problem"] == {pid: float(status == "correct") for pid, status in grades.items()}
+    assert got["per_problem"] == {pid: [float(g.status == "correct"), float(g.lenient_status == "correct")]
+                                  for pid, g in grades.items()}
     (row,) = summary.results
     assert got["metrics"]["acc_strict,none"] == pytest.approx(row.accuracy_mean, abs=1e-12)
 
