@@ -403,8 +403,14 @@ def resolve_eval_mode(cfg: RecoverConfig, run_cfg: RunConfig) -> str:
 
 
 def lora_backend(run_cfg: RunConfig, variant: ModelVariant, adapter: Path, rank: int, name: str) -> Backend:
-    """A vLLM engine for the quantized checkpoint that applies ``adapter`` to every request."""
+    """A vLLM engine for the quantized checkpoint that applies ``adapter`` to every request (its rank: the
+    adapter's own, for adapters trained elsewhere)."""
     from vllm.lora.request import LoRARequest
+
+    try:
+        rank = int(json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("r") or rank)
+    except (OSError, ValueError, TypeError):
+        pass
 
     engine_args = {"enable_lora": True, "max_lora_rank": max(8, 1 << (rank - 1).bit_length()), "max_loras": 1,
                    **run_cfg.backend.engine_args}
@@ -431,26 +437,19 @@ def eval_requests(name: str, model: ResolvedModel, items: list[tuple], ev: EvalS
     return [make_request(name, model, problems[k[:2]], ev.own[k].messages, run_cfg.sampling, k[2]) for k in items]
 
 
-def judge_failures(gens: list[Generation], grades: dict, problems: dict, judgments: Table) -> Counter:
-    """Rule-check verdicts of the recovered variant's remaining failures (stored); counts by error type."""
-    from .judge.rules import RULES_JUDGE, RULES_REVISION, rule_verdict
-    from .judge.stage import Candidate, to_record
+def judge_failures(gens: list[Generation], grades: dict, problems: dict, judgments: Table,
+                   timeout_s: float) -> Counter:
+    """Rule-check verdicts of the recovered variant's remaining failures, made by the judge stage's own bounded
+    rule checks and stored in the recovery judgments table; counts by error type."""
+    from types import SimpleNamespace
 
-    new, counts = [], Counter()
-    for g in gens:
-        grade = grades.get(grade_key(g.key))
-        if grade is None or grade.status == "correct":
-            continue
-        key = content_key("judgment", g.key, RULES_JUDGE, RULES_REVISION, grade.status)
-        rec = judgments.get(key)
-        if rec is None:
-            verdict = rule_verdict(g.steps, grade.status)
-            rec = to_record(Candidate(g, grade, problems[(g.task, g.problem_id)], False), key, RULES_JUDGE,
-                            verdict, None, {"findings": verdict.details["findings"]})
-            new.append(rec)
-        counts[rec.error_type or "unlocated"] += 1
-    judgments.append(new)
-    return counts
+    from .judge.stage import Candidate, JudgeStats, rule_judgments
+
+    failed = [Candidate(g, grades[grade_key(g.key)], problems[(g.task, g.problem_id)], False) for g in gens
+              if grades.get(grade_key(g.key)) is not None and grades[grade_key(g.key)].status != "correct"]
+    records = rule_judgments(SimpleNamespace(judgments=judgments), failed, timeout_s, JudgeStats())
+    return Counter((r.error_type or ("rule check error" if r.status != "ok" else "unlocated"))
+                   for r in records.values())
 
 
 # ------------------------------------------------------------------------------------------------ the stage
@@ -614,7 +613,7 @@ def _recover_variant(store, run_cfg, variant, items, all_items, own, base, corre
         run_grading(store, grader, gens, out=grades_t)
         grade_status = {g.generation_key: g.status for g in grades_t.all()}
         failures = judge_failures(gens, {k: grades_t.get(k) for k in (grade_key(g.key) for g in gens)},
-                                  problems, judgments_t)
+                                  problems, judgments_t, run_cfg.judge.rules_timeout_s)
         eval_seconds = time.monotonic() - t0
         after_gens = {k: gens_t.get(r.key) for k, r in zip(eval_items, requests[p.arm])}
         base_arr = _correct(status, base, eval_items)
