@@ -475,4 +475,5 @@ def test_vllm_panel_and_cache(openai_server, tmp_path):
         assert stats3.judges[name]["cached"] == stats.judges[name]["ok"]
     # only what had no valid reply (never cached) is asked again
     n_invalid = stats.judges["a"]["judge_error"] + stats.judges["b"]["judge_error"]
-    assert stats3.requests <= 2 * n_invalid and (n_invalid or stats3.requests == 0)
+    # each asks at most 1 + invalid_retries (2) times
+    assert stats3.requests <= 3 * n_invalid and (n_invalid or stats3.requests == 0)
