@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..config import CalibrationSpec, QuantizeSpec
 from ..errors import UserError
 from .launch import QuantizeFailed
 
 if TYPE_CHECKING:  # imported where used, so that the worker's import of this package stays light
+    from ..config import CalibrationSpec, QuantizeSpec
     from ..models import ResolvedModel
     from ..records import ModelVariant
     from .calibration import CalibrationPlan
@@ -269,3 +269,13 @@ def quantize(
         f"{provenance['size_bytes'] / 2**20:.1f} MiB on disk): {dest}"
     )
     return _variant(provenance, name, dest, reused=False)
+
+
+def __getattr__(name: str):
+    """``QuantizeSpec`` and ``CalibrationSpec`` live in ``qreason.config``; re-exported here lazily, so that the
+    worker (which imports this package in the quantization environment) never loads the run configuration."""
+    if name in ("QuantizeSpec", "CalibrationSpec"):
+        from .. import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
