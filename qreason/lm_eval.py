@@ -68,11 +68,31 @@ class LmEvalTarget:
     adapter_fingerprint: str | None = None
 
 
-def targets_for(variants: list[ModelVariant]) -> list[LmEvalTarget]:
-    """The base and every quantized variant. HOOK (branch ``recover``): append
-    ``LmEvalTarget(name, variant.path, variant.fingerprint, adapter_path, adapter_fingerprint)`` per recovered
-    adapter, and the stage evaluates it like any other variant."""
-    return [LmEvalTarget(v.name, v.path, v.fingerprint) for v in variants]
+def targets_for(variants: list[ModelVariant], recovery: dict | None = None) -> list[LmEvalTarget]:
+    """The base, every quantized variant, and each variant with its targeted recovery adapter (the recover
+    stage's section of the summary: ``{"variants": [{"variant", "eval_variant", "adapter", "adapter_key"}]}``),
+    evaluated under the adapter's name (``VARIANT+sb``) on the variant's quantized checkpoint."""
+    targets = [LmEvalTarget(v.name, v.path, v.fingerprint) for v in variants]
+    by_name = {v.name: v for v in variants}
+    for rec in (recovery or {}).get("variants", []):
+        variant = by_name.get(rec.get("variant"))
+        adapter = rec.get("adapter")
+        if variant is None or not adapter or not (Path(adapter) / "adapter_config.json").is_file():
+            continue
+        from .models import fingerprint_dir
+
+        targets.append(LmEvalTarget(rec["eval_variant"], variant.path, variant.fingerprint, adapter,
+                                    rec.get("adapter_key") or fingerprint_dir(Path(adapter))))
+    return targets
+
+
+def lora_rank_limit(adapter: Path) -> int:
+    """vLLM's ``max_lora_rank`` for an adapter: its rank rounded up to a power of two, at least 8."""
+    try:
+        rank = int(json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("r") or 8)
+    except (OSError, ValueError, TypeError):
+        rank = 8
+    return max(8, 1 << (max(rank, 1) - 1).bit_length())
 
 
 # ------------------------------------------------------------------------------------------ the environment
@@ -225,7 +245,9 @@ class VariantServer:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine_cli_args(kwargs),
                "--served-model-name", self.target.name, "--host", "127.0.0.1", "--port", str(self.port)]
         if self.target.adapter_path:
-            cmd += ["--enable-lora", "--lora-modules", f"{self.served_name}={self.target.adapter_path}"]
+            cmd += ["--enable-lora", "--max-loras", "1",
+                    "--max-lora-rank", str(lora_rank_limit(Path(self.target.adapter_path))),
+                    "--lora-modules", f"{self.served_name}={self.target.adapter_path}"]
         return cmd
 
     def __enter__(self) -> "VariantServer":

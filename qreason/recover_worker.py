@@ -17,45 +17,24 @@ What one job does:
    completions only, DPO with the frozen quantized model as reference, or SFT then DPO), seeded; saved in PEFT
    format, and, when asked, merged into a dense checkpoint for engines that cannot serve the adapter.
 
-Protocol, stdout: lines starting with ``PROGRESS_PREFIX`` are progress for the user; every other line belongs in
-the log file. On success the worker writes ``result_file`` (versions, device, per run: seconds, loss curve) and
-exits 0; on failure it prints one ``ERROR_PREFIX`` line and exits 1.
+The protocol with the parent (progress lines, result file, one error line) is ``qreason.worker_protocol``; the
+result holds versions, device, and per run: seconds and the loss curve.
 """
 
 from __future__ import annotations
 
-import importlib.metadata as md
-import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
-import traceback
 
-# The same markers as qreason.quantize.worker (whose package this worker must not import: it needs pydantic).
-PROGRESS_PREFIX = "@qreason-progress "
-ERROR_PREFIX = "@qreason-error "
+from .worker_protocol import progress, versions, worker_main
+
 VERSIONED = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "compressed-tensors")
 # Per-tensor companions of a compressed weight; the dense copy keeps only the weight itself.
 QUANT_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "weight_global_scale",
                   "input_scale", "input_zero_point", "input_global_scale", "output_scale", "output_zero_point")
-_START = time.monotonic()
-
-
-def progress(message: str) -> None:
-    print(f"{PROGRESS_PREFIX}[{time.monotonic() - _START:6.1f}s] {message}", flush=True)
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in VERSIONED:
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def pick_device(wanted: str) -> str:
@@ -234,33 +213,12 @@ def run(job: dict) -> dict:
     if not os.path.isfile(os.path.join(job["dense_dir"], "config.json")):
         dense_seconds = round(build_dense(job["checkpoint"], job["dense_dir"]), 2)
     runs = {r["name"]: train_run(r, job["dense_dir"], device, seed) for r in job["runs"]}
-    return {"versions": versions(), "device": device, "threads": torch.get_num_threads(),
+    return {"versions": versions(VERSIONED), "device": device, "threads": torch.get_num_threads(),
             "dense_seconds": dense_seconds, "runs": runs}
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        with open(argv[0], encoding="utf-8") as fh:
-            job = json.load(fh)
-        result = run(job)
-        with open(job["result_file"], "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2)
-    except KeyboardInterrupt:
-        print(f"{ERROR_PREFIX}interrupted", flush=True)
-        return 130
-    except BaseException as exc:  # the parent turns this into one line and keeps the traceback in the log
-        traceback.print_exc(file=sys.stdout)
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        print(f"{ERROR_PREFIX}{type(exc).__name__}: {first}", flush=True)
-        return 1
-    progress("done")
-    return 0
+    return worker_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -13,27 +13,27 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
-from .analysis import Analysis, analyze
-from .curate import curate
 from .envinfo import environment
 from .executor import make_executor
 from .gates import check_gates, previous_summary
 from .generate import Backend
 from .grade import Grader, grade_key, make_grader, run_grading
-from .judge import run_judging
 from .models import ResolvedModel
 from .plan import Plan, default_index, make_plan, make_plans, variant_name
 from .records import ModelVariant, content_key
-from .report import build_report
 from .store import RunIndex, RunLock, RunStore, mark_run_dir, now_iso, write_atomic
 from .summary import (CurateSummary, GatesSummary, GenerationSummary, LmEvalSummary, QuantizationSummary,
                       QuantizedVariant, RunSummary, accuracy_table)
+
+if TYPE_CHECKING:  # the stages import their modules when they run: pandas and matplotlib cost seconds to load
+    from .analysis import Analysis
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,14 @@ class RunContext:
     executor: Any = None
     variants: list[ModelVariant] = field(default_factory=list)
     wanted: set[str] = field(default_factory=set)   # keys of the generations this config asks for
-    analysis: Analysis | None = None
+    analysis: "Analysis | None" = None
     env: dict = field(default_factory=dict)
 
     @property
     def cfg(self):
         return self.plan.loaded.config
 
-    @property
+    @cached_property
     def grader(self) -> Grader:
         return make_grader(self.cfg.grading)
 
@@ -106,6 +106,8 @@ def grade_stage(ctx: RunContext) -> list:
 
 
 def judge_stage(ctx: RunContext) -> dict:
+    from .judge import run_judging
+
     return run_judging(ctx.store, ctx.cfg.judge).model_dump()
 
 
@@ -113,6 +115,8 @@ def analyze_stage(ctx: RunContext) -> None:
     if not ctx.summary.results:
         log.warning("no graded generations: skipping analysis, curation and the report")
         return None
+    from .analysis import analyze
+
     ctx.analysis = analyze(ctx.store, ctx.cfg.model.name, generation_keys=ctx.wanted)
     return None
 
@@ -120,6 +124,8 @@ def analyze_stage(ctx: RunContext) -> None:
 def curate_stage(ctx: RunContext) -> CurateSummary | None:
     if not ctx.cfg.curate.enabled or ctx.analysis is None:
         return None
+    from .curate import curate
+
     base = ctx.plan.base
     result = curate(ctx.store, ctx.cfg.curate, ctx.cfg.sampling, ctx.cfg.model.name, base.fingerprint,
                     lambda: ctx.executor.backend_for(base), ctx.grader, ctx.summary.run_id)
@@ -146,7 +152,7 @@ def lm_eval_stage(ctx: RunContext) -> LmEvalSummary | None:
     from .lm_eval import run_lm_eval, targets_for
 
     ctx.executor.close()
-    return run_lm_eval(ctx.store, ctx.cfg.lm_eval, ctx.cfg.backend, targets_for(ctx.variants), ctx.cfg.model.name,
+    return run_lm_eval(ctx.store, ctx.cfg.lm_eval, ctx.cfg.backend, targets_for(ctx.variants, ctx.summary.recover), ctx.cfg.model.name,
                        ctx.cfg.tasks, ctx.cfg.sampling, ctx.plan.loaded.base_dir)
 
 
@@ -164,6 +170,8 @@ def finish_stage(ctx: RunContext) -> None:
 def report_stage(ctx: RunContext) -> str | None:
     if not ctx.cfg.report.enabled or ctx.analysis is None:
         return None
+    from .report import build_report
+
     path = build_report(ctx.store, index=ctx.index, base=ctx.cfg.model.name, max_failures=ctx.cfg.report.max_failures,
                         analysis=ctx.analysis, generation_keys=ctx.wanted)
     return str(path)

@@ -35,7 +35,8 @@ from qreason.quantize import (
     recipes,
     shapes,
 )
-from qreason.quantize.worker import ERROR_PREFIX, MODIFIERS, PROGRESS_PREFIX
+from qreason.quantize.worker import MODIFIERS
+from qreason.worker_protocol import ERROR_PREFIX, PROGRESS_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 QUANT_PYTHON = REPO / ".venv-quant" / "bin" / "python"

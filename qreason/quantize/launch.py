@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from .worker import ERROR_PREFIX, PROGRESS_PREFIX
+from ..worker_protocol import ERROR_PREFIX, PROGRESS_PREFIX
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding the qreason package
 # In a source checkout (the usual case) the quantization environment sits in the repository.

@@ -8,23 +8,17 @@ its stdout. The job names the base checkpoint, the output directory, the llm-com
 library, torch, transformers, datasets and llm-compressor: nothing of qreason that needs vLLM, because the two
 environments pin different versions of the libraries both use.
 
-Protocol, stdout: lines starting with ``PROGRESS_PREFIX`` are progress for the user; every other line (library
-logs) belongs in the log file. On success the worker writes ``result_file`` (JSON: versions, sample count,
-seconds) and exits 0; on failure it prints one ``ERROR_PREFIX`` line naming the problem and exits 1.
+The protocol with the parent (progress lines, result file, one error line) is ``qreason.worker_protocol``; the
+result holds versions, sample count and seconds.
 """
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
-import os
-import platform
 import sys
 import time
-import traceback
 
-PROGRESS_PREFIX = "@qreason-progress "
-ERROR_PREFIX = "@qreason-error "
+from ..worker_protocol import progress, versions, worker_main
 
 # Modifier names allowed in a recipe, and where llm-compressor 0.14 keeps them.
 MODIFIERS = {
@@ -34,21 +28,6 @@ MODIFIERS = {
     "SmoothQuantModifier": "llmcompressor.modifiers.transform",
 }
 VERSIONED = ("torch", "transformers", "llmcompressor", "compressed-tensors", "accelerate", "datasets")
-_START = time.monotonic()
-
-
-def progress(message: str) -> None:
-    print(f"{PROGRESS_PREFIX}[{time.monotonic() - _START:6.1f}s] {message}", flush=True)
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in VERSIONED:
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def build_modifiers(specs: list[dict]) -> list:
@@ -176,7 +155,7 @@ def run(job: dict) -> dict:
     model.save_pretrained(job["output_dir"], save_compressed=True)
     tokenizer.save_pretrained(job["output_dir"])
     return {
-        "versions": versions(),
+        "versions": versions(VERSIONED),
         "n_samples": n_samples,
         "tokens": tokens,
         "oneshot_seconds": round(seconds, 2),
@@ -185,29 +164,7 @@ def run(job: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    # Progress bars would flood the log; the worker reports its own progress.
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        with open(argv[0], encoding="utf-8") as fh:
-            job = json.load(fh)
-        result = run(job)
-        with open(job["result_file"], "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2)
-    except KeyboardInterrupt:
-        print(f"{ERROR_PREFIX}interrupted", flush=True)
-        return 130
-    except BaseException as exc:  # the parent turns this into one line and keeps the traceback in the log
-        traceback.print_exc(file=sys.stdout)
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        print(f"{ERROR_PREFIX}{type(exc).__name__}: {first}", flush=True)
-        return 1
-    progress("done")
-    return 0
+    return worker_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
