@@ -224,6 +224,8 @@ def _cmd_recover(args) -> int:
         cfg.recover = cfg.recover.model_copy(update={"mode": args.mode})
     if args.no_control:
         cfg.recover = cfg.recover.model_copy(update={"control": False})
+    if args.eval_mode:
+        cfg.recover = cfg.recover.model_copy(update={"eval_mode": args.eval_mode})
     engines = LocalExecutor(cfg)  # one engine at a time, started only if a generation is missing
     try:
         with RunLock(store.dir):
@@ -486,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--variant", action="append", help="only this quantized variant (repeatable)")
     rc.add_argument("--mode", choices=["sft", "dpo", "sft+dpo"], help="training mode (default: the config's)")
     rc.add_argument("--no-control", action="store_true", help="skip the control adapter")
+    rc.add_argument("--eval-mode", choices=["auto", "lora", "merged"],
+                    help="serve the adapter with vLLM LoRA, or evaluate a merged dense checkpoint (default: the "
+                         "config's)")
     rc.add_argument("--adapter", help="evaluate this PEFT adapter of --variant instead of training one")
     rc.set_defaults(fn=_cmd_recover)
 
