@@ -49,6 +49,29 @@ def show(table: list[dict]) -> None:
         print("  ".join(fmt(r[h]).ljust(w) for h, w in zip(head, widths)))
 
 
+def _sha(path: Path) -> str | None:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def determinism(fresh: dict, run_dir: Path) -> None:
+    """Seeded training on the same data: the retrained adapter against the run's (same content key, same
+    directory name), byte for byte, and the accuracy after."""
+    old = json.loads((run_dir / "recovery" / "summary.json").read_text()) \
+        if (run_dir / "recovery" / "summary.json").is_file() else {"variants": []}
+    before = {a["eval_variant"]: a for v in old["variants"] for a in [v] + ([v["control"]] if v.get("control") else [])}
+    for v in fresh["variants"]:
+        for arm in [v] + ([v["control"]] if v.get("control") else []):
+            prev = before.get(arm["eval_variant"])
+            if prev is None:
+                continue
+            a = _sha(Path(arm["adapter"]) / "adapter_model.safetensors")
+            b = _sha(run_dir / "recovery" / "adapters" / Path(arm["adapter"]).name / "adapter_model.safetensors")
+            print(f"{arm['eval_variant']}: adapter {'identical to' if a and a == b else 'DIFFERENT from'} the run's; "
+                  f"accuracy after {100 * arm['accuracy_after']:.1f}% (run: {100 * prev['accuracy_after']:.1f}%)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", nargs="?", default="runs/demo")
@@ -78,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.monotonic() - t0
         show(rows(summary.model_dump(), cfg.recover.epochs))
         print(f"stage wall time {wall:.1f} s (worker start-up, dense copy and engine start-up included)")
+        determinism(summary.model_dump(), run_dir)
     return 0
 
 
