@@ -16,7 +16,7 @@ demo: env
 
 test: env
 	@bash scripts/setup-test-tools.sh
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 
 bench: env
 	$(PY) bench/generation_overhead.py
