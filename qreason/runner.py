@@ -152,7 +152,7 @@ def lm_eval_stage(ctx: RunContext) -> LmEvalSummary | None:
     from .lm_eval import run_lm_eval, targets_for
 
     ctx.executor.close()
-    return run_lm_eval(ctx.store, ctx.cfg.lm_eval, ctx.cfg.backend, targets_for(ctx.variants, ctx.summary.recover), ctx.cfg.model.name,
+    return run_lm_eval(ctx.store, ctx.cfg.lm_eval, ctx.cfg.backend, targets_for(ctx.variants, ctx.summary.recover if ctx.cfg.lm_eval.adapters else None), ctx.cfg.model.name,
                        ctx.cfg.tasks, ctx.cfg.sampling, ctx.plan.loaded.base_dir)
 
 
