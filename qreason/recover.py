@@ -100,6 +100,9 @@ class ArmResult(BaseModel):
 
 class VariantRecovery(ArmResult):
     control: ArmResult | None = None
+    # the targeted adapter merged into a dense checkpoint, for lm-eval (``lm_eval.adapters``): vLLM 0.32 cannot
+    # compute prompt logprobs with a LoRA, so loglikelihood tasks need the merged model
+    merged_checkpoint: str | None = None
     targeted_vs_control: dict | None = None  # accuracy difference targeted - control, CI, McNemar p, verdict
 
 
@@ -327,17 +330,17 @@ class ArmPlan:
     external: bool = False     # an adapter the user gave (--adapter)
 
 
-def train_adapters(plans: list[ArmPlan], variant: ModelVariant, cfg: RecoverConfig, need_merged: bool,
+def train_adapters(plans: list[ArmPlan], variant: ModelVariant, cfg: RecoverConfig, merge_arms: set[str],
                    work_root: Path, echo: Callable[[str], None]) -> None:
     """One worker run for everything this variant needs: the dense copy, each missing adapter (trained), and the
-    merged checkpoints that merged evaluation needs. Fills in ``plan.meta`` of trained adapters."""
+    merged checkpoints of the arms in ``merge_arms``. Fills in ``plan.meta`` of trained adapters."""
     from .quantize.launch import run_worker
 
     runs, staged = [], []
     root = None
     for p in plans:
         need_train = p.meta is None
-        need_merge = need_merged and not (merged_dir(p.key) / "config.json").is_file()
+        need_merge = p.arm in merge_arms and not (merged_dir(p.key) / "config.json").is_file()
         if not (need_train or need_merge):
             continue
         if root is None:
@@ -586,12 +589,15 @@ def _recover_variant(store, run_cfg, variant, items, all_items, own, base, corre
     requests = {p.arm: eval_requests(variant.name + SUFFIX[p.arm], models[p.arm], eval_items, ev, problems, run_cfg)
                 for p in plans}
     missing = {arm for arm, reqs in requests.items() if any(r.key not in gens_t for r in reqs)}
-    need_merged = eval_mode == "merged" and bool(missing)
-    todo = [p for p in plans if (p.meta is None or (need_merged and p.arm in missing))]
+    merge_arms = set(missing) if eval_mode == "merged" else set()
+    if run_cfg.lm_eval.tasks and run_cfg.lm_eval.adapters:
+        merge_arms.add(TARGETED)
+    merge_arms = {p.arm for p in plans if p.arm in merge_arms and not (merged_dir(p.key) / "config.json").is_file()}
+    todo = [p for p in plans if p.meta is None or p.arm in merge_arms]
     if todo:
         if owned:  # free the engine's memory while training
             owned.pop().close()
-        train_adapters([p for p in todo if not p.external or need_merged], variant, cfg, need_merged,
+        train_adapters([p for p in todo if not p.external or p.arm in merge_arms], variant, cfg, merge_arms,
                        adapters_root, echo)
     arms_out = {}
     for p in plans:
@@ -636,6 +642,8 @@ def _recover_variant(store, run_cfg, variant, items, all_items, own, base, corre
              f"(base {100 * arms_out[p.arm][1]['base_accuracy']:.1f}%)")
     after_t, fields = arms_out[TARGETED]
     out = VariantRecovery(**fields)
+    merged = merged_dir(next(p.key for p in plans if p.arm == TARGETED))
+    out.merged_checkpoint = str(merged) if (merged / "config.json").is_file() else None
     if CONTROL in arms_out:
         after_c, cfields = arms_out[CONTROL]
         out.control = ArmResult(**cfields)

@@ -121,33 +121,34 @@ def test_stored_results_are_not_evaluated_again(tmp_path, monkeypatch):
     assert calls == [("base", ["t1", "t2"])]
 
 
-def test_recovered_adapters_are_evaluated_on_their_quantized_checkpoint(tmp_path):
-    """After recovery, each variant's targeted adapter becomes an lm-eval target of its own: the variant's
-    checkpoint served with the adapter (vLLM --enable-lora, a rank limit that fits it), keyed by the adapter, so
-    its results never mix with the variant's. A recover section whose adapter is gone adds nothing."""
+def test_recovered_adapters_are_evaluated_as_merged_checkpoints(tmp_path):
+    """After recovery, each variant's targeted adapter becomes an lm-eval target of its own, ``VARIANT+sb``: the
+    dense checkpoint with the adapter merged in (vLLM 0.32 cannot compute prompt logprobs with a LoRA), keyed by
+    the adapter, so its results never mix with the variant's. A recovery without a merged checkpoint (or whose
+    checkpoint is gone) adds nothing."""
     import qreason.lm_eval as stage
     from qreason.config import VLLMConfig
     from qreason.records import ModelVariant
 
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"r": 24, "peft_type": "LORA"}))
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
     variants = [ModelVariant(key=f"k{n}", name=n, base_model="m", base_fingerprint="fb", method=m, path=f"/ck/{n}",
                              fingerprint=f"fp-{n}", created_at="now")
                 for n, m in (("base", "none"), ("rtn", "rtn-w4a16"))]
-    recovery = {"variants": [{"variant": "rtn", "eval_variant": "rtn+sb", "adapter": str(adapter),
-                              "adapter_key": "ak1"},
-                             {"variant": "rtn", "eval_variant": "rtn+gone", "adapter": str(tmp_path / "gone"),
-                              "adapter_key": "ak2"}]}
+    recovery = {"variants": [{"variant": "rtn", "eval_variant": "rtn+sb", "adapter_key": "ak1",
+                              "merged_checkpoint": str(merged)},
+                             {"variant": "rtn", "eval_variant": "rtn+gone", "adapter_key": "ak2",
+                              "merged_checkpoint": str(tmp_path / "gone")},
+                             {"variant": "rtn", "eval_variant": "rtn+lora-only", "adapter_key": "ak3",
+                              "merged_checkpoint": None}]}
     targets = stage.targets_for(variants, recovery)
     assert [t.name for t in targets] == ["base", "rtn", "rtn+sb"]
     rec = targets[-1]
-    assert (rec.path, rec.fingerprint, rec.adapter_path, rec.adapter_fingerprint) == \
-        ("/ck/rtn", "fp-rtn", str(adapter), "ak1")
+    assert (rec.path, rec.adapter_fingerprint) == (str(merged), "ak1") and rec.fingerprint != "fp-rtn"
     assert stage.result_key(rec, "t", "0.4.13", {}) != stage.result_key(targets[1], "t", "0.4.13", {})
     cmd = stage.VariantServer(VLLMConfig(), rec, tmp_path / "log").command()
-    assert cmd[cmd.index("--max-lora-rank") + 1] == "32"
-    assert cmd[cmd.index("--lora-modules") + 1] == f"rtn+sb-adapter={adapter}"
+    assert "--enable-lora" not in cmd and cmd[cmd.index("--model") + 1] == str(merged)
     assert stage.targets_for(variants, None) == targets[:2]
 
 

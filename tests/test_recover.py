@@ -103,6 +103,7 @@ recover:
   batch_size: 2
   max_length: 256
   eval_mode: auto
+lm_eval: {tasks: [qreason_synthetic_mc], limit: 2}   # recovery then merges the targeted adapter for lm-eval
 """
 
 
@@ -180,6 +181,12 @@ def test_training_produces_an_adapter_that_changes_the_model(recovered):
     sb = {g.problem_id: g.text for g in gens if g.variant == "rtn+sb"}
     ctl = {g.problem_id: g.text for g in gens if g.variant == "rtn+ctl"}
     assert sb and sb.keys() == ctl.keys() and sb != ctl
+    # for lm-eval (which needs prompt logprobs, which vLLM's LoRA path cannot give) the targeted adapter is merged
+    # into a dense checkpoint: its weights are the grid plus the adapter, so they differ from the dense copy
+    merged = Path(v.merged_checkpoint)
+    weights = load_file(str(merged / "model.safetensors"))
+    assert weights[name].shape == dense[name].shape and not torch.equal(weights[name].float(), dense[name].float())
+    assert v.control.model_dump().get("merged_checkpoint") is None  # only the targeted arm is merged
 
 
 @pytest.mark.quant
@@ -220,6 +227,7 @@ def test_rerun_reuses_the_adapter_and_generates_nothing(recovered):
     assert second.variants[0].adapter_reused and second.variants[0].control.adapter_reused
     assert second.variants[0].adapter == first.variants[0].adapter
     assert second.variants[0].accuracy_after == first.variants[0].accuracy_after
+    assert second.variants[0].merged_checkpoint == first.variants[0].merged_checkpoint
     assert len(tables(store)[0]) == rows
 
 
