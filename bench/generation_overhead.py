@@ -77,7 +77,7 @@ def write_run_config(path: Path, data: Path, n: int, max_tokens: int, full_pipel
     Unless ``full_pipeline``, the stages lm-eval has no counterpart for (HTML report, curation) are off."""
     import yaml
 
-    from qreason.config import RunConfig
+    from qreason.config.schema import RunConfig
 
     config: dict = {
         "name": "bench-gsm8k",
@@ -106,7 +106,7 @@ def write_lm_eval_task(task_dir: Path, data: Path, max_tokens: int) -> Path:
     """A custom lm-eval task: the local GSM8K file, qreason's user prompt, greedy, last \\boxed{} vs ####."""
     import yaml
 
-    from qreason.tasks import load_prompt, load_spec
+    from qreason.inputs.tasks import load_prompt, load_spec
 
     tmpl = load_prompt(load_spec("gsm8k").prompt)
     if tmpl.system:
@@ -149,10 +149,10 @@ def write_lm_eval_task(task_dir: Path, data: Path, max_tokens: int) -> Path:
 def build_requests(config_path: Path):
     """(config, model, requests) exactly as ``qreason run`` builds them for the base model: qreason's task loader,
     prompt builder and request keys, the model resolved from the config ('default')."""
-    from qreason.config import load_config
-    from qreason.generate import make_request
-    from qreason.models import resolve_model
-    from qreason.tasks import build_messages, load_problems
+    from qreason.config.schema import load_config
+    from qreason.engines import make_request
+    from qreason.inputs.models import resolve_model
+    from qreason.inputs.tasks import build_messages, load_problems
 
     loaded = load_config(config_path)
     cfg = loaded.config
@@ -178,9 +178,9 @@ def measure_overhead(cfg, requests: list, repeats: int, out_dir: Path) -> dict:
     """Raw ``llm.chat`` vs qreason's ``run_generation`` on one engine, alternating, after a warm-up."""
     from vllm import SamplingParams
 
-    from qreason.generate import run_generation
-    from qreason.generate.vllm_backend import VLLMBackend
-    from qreason.models import resolve_model
+    from qreason.stages.generate import run_generation
+    from qreason.engines.vllm import VLLMBackend
+    from qreason.inputs.models import resolve_model
     from qreason.store import RunStore
 
     sampling = cfg.sampling
@@ -528,8 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from qreason.envinfo import environment
-    from qreason.generate.vllm_backend import installed_build
+    from qreason.pipeline.provenance import environment
+    from qreason.engines.vllm import installed_build
 
     data = args.data.resolve()
     if not data.is_file():

@@ -39,7 +39,7 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data"
 
 def grade_one(args: tuple) -> tuple:
     """(status, extracted, detail, lenient_status, lenient_extracted) with an older qreason (strict only)."""
-    import qreason.grade as g
+    import qreason.stages.grade.grader as g
 
     status, extracted, detail = g._worker(args)[:3]
     return status, extracted, detail, status, extracted
@@ -47,7 +47,7 @@ def grade_one(args: tuple) -> tuple:
 
 def grade_all(jobs: list[tuple], workers: int) -> list[tuple]:
     """Grade in qreason's own worker pool (per-answer time limits, as ``qreason grade-file`` does)."""
-    import qreason.grade as g
+    import qreason.stages.grade.grader as g
 
     if not hasattr(g.Grader, "run"):  # an older qreason: a plain pool of its worker function
         with mp.get_context("spawn").Pool(workers) as pool:
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-math", action="store_true", help="only ProcessBench gsm8k")
     ap.add_argument("--json", type=Path, help="also write every number and disagreement here")
     args = ap.parse_args(argv)
-    import qreason.grade as g
+    import qreason.stages.grade.grader as g
 
     t0 = time.monotonic()
     grader = g.grader_id() + ("" if hasattr(g, "grade_answer") else " (strict verdict only)")

@@ -24,10 +24,10 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     from qreason.errors import UserError
-    from qreason.models import resolve_model
-    from qreason.quantize import CalibrationSpec, QuantizeSpec, list_methods, quantize
-    from qreason.quantize.recipes import get_recipe, parse_override
-    from qreason.quantize.shapes import largest_fitting_group, linear_input_widths, read_config
+    from qreason.inputs.models import resolve_model
+    from qreason.stages.quantize import CalibrationSpec, QuantizeSpec, list_methods, quantize
+    from qreason.stages.quantize.recipes import get_recipe, parse_override
+    from qreason.stages.quantize.shapes import largest_fitting_group, linear_input_widths, read_config
 
     names = [m["name"] for m in list_methods()]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

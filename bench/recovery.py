@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{run_dir}: no run directory (run `make demo` first)", file=sys.stderr)
         return 2
     from qreason.cli import _open_run
-    from qreason.recover import recover
+    from qreason.stages.recover import recover
 
     store, cfg = _open_run(str(run_dir))
     if not args.fresh:

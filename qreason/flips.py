@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from .records import Generation, Grade
-from .store import RunStore
+from qreason.records import Generation, Grade
+from qreason.store import RunStore
 
 Cell = tuple[str, str, int]  # (task, problem_id, seed)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .records import Grade
+from qreason.records import Grade
 
 SCHEMA_VERSION = 1
 STATUSES = ("correct", "wrong", "no_answer", "truncated", "grader_error")

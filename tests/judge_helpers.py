@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qreason.records import Generation, Grade, Problem, content_key
-from qreason.steps import split_steps
+from qreason.inputs.steps import split_steps
 from qreason.store import RunStore, now_iso
 
 # (problem id, question, answer, {variant: (solution text, grade status)})

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from qreason.config import load_config, parse_config
+from qreason.config.schema import load_config, parse_config
 from qreason.errors import UserError
-from qreason.runner import run, run_all
+from qreason.pipeline.runner import run, run_all
 from qreason.store import RunIndex
-from qreason.synthetic import generate as synthetic_rows
+from qreason.inputs.synthetic import generate as synthetic_rows
 
 from conftest import write_config
 from fault_server import FaultServer
@@ -117,7 +117,7 @@ def test_run_refuses_a_foreign_non_empty_output_directory_up_front(tmp_path, mon
 
 def test_prune_deletes_only_directories_carrying_the_run_marker(tmp_path, monkeypatch):
     """A directory indexed as a run long ago and since replaced by someone's files is left alone."""
-    from qreason.retention import prune
+    from qreason.store.retention import prune
 
     monkeypatch.setenv("RUN_ROOT", str(tmp_path / "out"))
     monkeypatch.setenv("QREASON_CACHE", str(tmp_path / "cache"))
@@ -291,7 +291,7 @@ def test_read_only_commands_on_a_stored_config_need_no_unset_variables(tmp_path,
 def test_duplicate_ids_at_scale_are_found_fast_and_named_by_line(tmp_path):
     """The duplicate check costs no more than reading the rows (a check comparing every id with every other
     one takes many times longer than reading 20k rows when the repeated id comes last)."""
-    from qreason.tasks import load_problems
+    from qreason.inputs.tasks import load_problems
 
     data = tmp_path / "d.jsonl"
     rows = [{"id": f"p{i}", "question": f"q{i}", "answer": str(i)} for i in range(20000)]

@@ -1,6 +1,6 @@
 import pytest
 
-from qreason.config import load_config, parse_config
+from qreason.config.schema import load_config, parse_config
 from qreason.errors import UserError
 
 

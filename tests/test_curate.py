@@ -3,12 +3,12 @@
 import datasets
 import pytest
 
-from qreason.config import CurateConfig, SamplingConfig
-from qreason.curate import balance, build_items, curate, export, find_candidates, split_at_step
-from qreason.grade import Grader, grade_text
+from qreason.config.schema import CurateConfig, SamplingConfig
+from qreason.stages.curate import balance, build_items, curate, export, find_candidates, split_at_step
+from qreason.stages.grade import Grader, grade_text
 from qreason.records import Generation, Grade, Judgment, Problem
 from qreason.store import RunStore
-from qreason.steps import step_spans
+from qreason.inputs.steps import step_spans
 
 PROMPT = "Solve step by step with 'Step N:' lines and give the final answer as \\boxed{{}}.\n\nProblem: {q}"
 CASES = [  # question, answer, failed quantized solution (first faulty step = 1)

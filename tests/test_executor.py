@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from qreason.config import parse_config
+from qreason.config.schema import parse_config
 from qreason.errors import UserError
-from qreason.executor import _batches, worker_env
-from qreason.generate import GenerationRequest
+from qreason.pipeline.executor import _batches, worker_env
+from qreason.engines import GenerationRequest
 
 from conftest import REPO, has_vllm, write_config
 
@@ -109,7 +109,7 @@ def by_cell(run_dir: Path) -> dict:
 @needs_engine
 @needs_quant
 def test_ray_and_local_executors_give_the_same_results(default_model, tmp_path, monkeypatch):
-    from qreason.runner import run
+    from qreason.pipeline.runner import run
 
     monkeypatch.setenv("QREASON_CACHE", str(tmp_path / "cache"))  # the RTN checkpoint is made by a Ray task
     # on a CPU-only cluster each engine actor takes a whole node (both CPUs here): the second model's engine can
@@ -198,7 +198,7 @@ def test_a_running_ray_cluster_from_ray_address(tmp_path, monkeypatch):
     run store, and the cluster is still up afterwards (qreason only disconnects from a cluster it did not start)."""
     from fault_server import FaultServer
 
-    from qreason.runner import run
+    from qreason.pipeline.runner import run
 
     cluster = subprocess.Popen([sys.executable, "-c", CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})

@@ -18,11 +18,12 @@ import pytest
 
 from fault_server import JsonServer
 from judge_helpers import make_run
-from qreason.config import OpenAIConfig, SamplingConfig
-from qreason.generate import GenerationRequest, run_generation
-from qreason.generate.openai_backend import OpenAIBackend
-from qreason.judge import JudgeConfig, run_judging
-from qreason.models import ResolvedModel
+from qreason.config.schema import OpenAIConfig, SamplingConfig
+from qreason.engines import GenerationRequest
+from qreason.stages.generate import run_generation
+from qreason.engines.openai import OpenAIBackend
+from qreason.stages.judge import JudgeConfig, run_judging
+from qreason.inputs.models import ResolvedModel
 from qreason.records import Generation
 from qreason.store import Table
 
@@ -310,7 +311,7 @@ def test_endpoint_error_echoing_the_key_is_redacted_in_records(tmp_path, monkeyp
 
 
 def test_a_panel_member_that_raises_is_recorded_and_the_panel_goes_on(tmp_path, monkeypatch):
-    from qreason.judge.client import JudgeClient
+    from qreason.stages.judge.client import JudgeClient
 
     store = make_run(tmp_path / "run", [(f"p{i}", f"FAULT:ok q{i}", "4", {"q4": ("Step 1: 2 + 2 = 5.", "wrong")})
                                         for i in range(2)])

@@ -1,9 +1,9 @@
 """Format failures (strict no_answer, lenient correct) are counted apart from wrong answers everywhere a run's
 results are read: the summary rows, the analysis, the gates and the report."""
 
-from qreason.analysis import analyze
-from qreason.config import GatesConfig
-from qreason.gates import check_gates
+from qreason.stages.analyze import analyze
+from qreason.config.schema import GatesConfig
+from qreason.stages.gates import check_gates
 from qreason.records import Grade
 from qreason.report import build_report
 from qreason.store import RunIndex

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from qreason.grade import Grader, GradeJob, grade_key, grade_text
+from qreason.stages.grade import Grader, GradeJob, grade_key, grade_text
 from qreason.records import Generation, Problem
 
 
@@ -67,7 +67,7 @@ def test_a_hanging_answer_becomes_grader_error_and_the_rest_still_grade():
 def test_a_math_verify_timeout_is_a_grader_error_not_a_dead_worker(monkeypatch):
     from math_verify.errors import TimeoutException
 
-    import qreason.grade as grade
+    import qreason.stages.grade.grader as grade
 
     def too_slow(*args):
         raise TimeoutException("Operation timed out!")  # a BaseException: it would end the worker process

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from qreason.cli import main
-from qreason.grade import grade_answer
+from qreason.stages.grade import grade_answer
 
 # (solution text, reference, answer type, strict status, lenient status)
 CASES = [

@@ -16,7 +16,7 @@ import pytest
 
 from judge_helpers import make_run
 from qreason.errors import UserError
-from qreason.judge import JudgeConfig, run_judging
+from qreason.stages.judge import JudgeConfig, run_judging
 from qreason.records import Grade, Problem, SilverBulletItem, content_key
 from qreason.store import RunLock, RunStore, Table
 
@@ -40,7 +40,7 @@ def grade(key: str, status: str = "correct") -> Grade:
 def test_hostile_power_tower_is_judged_in_seconds():
     """A 45-character step with a nested power of a tiny fraction used to run forever (digits x64 per level)."""
     assert len(HOSTILE_STEP) <= 46
-    code = ("from qreason.judge.rules import check_arithmetic\n"
+    code = ("from qreason.stages.judge.rules import check_arithmetic\n"
             f"print(check_arithmetic({HOSTILE_STEP!r}))\n")
     t0 = time.monotonic()
     try:
@@ -55,7 +55,7 @@ def test_hostile_power_tower_is_judged_in_seconds():
 
 
 def test_numbers_stay_small_in_bits_not_only_in_magnitude():
-    from qreason.judge.rules import check_arithmetic, evaluate, resolve_words, tokenize
+    from qreason.stages.judge.rules import check_arithmetic, evaluate, resolve_words, tokenize
 
     t0 = time.monotonic()
     for step in ("(1/999999999999999)^64 * 3 = 1", "((2/3)^64)^64 = 1", "(1/7)^64 + (1/11)^64 + (1/13)^64 = 1"):
@@ -94,7 +94,7 @@ def test_judge_stage_bounds_rule_checks_and_records_a_rule_error(tmp_path):
 def test_rule_verdicts_are_appended_as_they_come(tmp_path, monkeypatch):
     """A run killed during the rule checks keeps the verdicts finished before: they are written in small groups,
     not after the loop."""
-    from qreason.judge import stage
+    from qreason.stages.judge import stage
 
     cases = [_hostile_case(f"p{i}", f"Step 1: {i} + 1 = {i + 2}.") for i in range(6)]
     store = make_run(tmp_path / "run", cases)
@@ -121,7 +121,7 @@ def _item(i: int) -> SilverBulletItem:
 
 
 def test_export_refuses_a_foreign_directory_and_touches_nothing(tmp_path):
-    from qreason.curate import export
+    from qreason.stages.curate import export
 
     out = tmp_path / "mine"
     out.mkdir()
@@ -135,7 +135,7 @@ def test_export_refuses_a_foreign_directory_and_touches_nothing(tmp_path):
 
 
 def test_export_replaces_its_own_dataset_atomically(tmp_path):
-    from qreason.curate import DATASET_MARKER, export
+    from qreason.stages.curate import DATASET_MARKER, export
 
     out = tmp_path / "ds"
     export([_item(0), _item(1)], out, {})

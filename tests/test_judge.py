@@ -15,12 +15,9 @@ import pytest
 
 from judge_helpers import CASES, make_run
 from qreason.errors import UserError
-from qreason.judge import (JudgeConfig, JudgeInput, Verdict, build_messages, check_arithmetic, distribution,
-                           final_judgments, load_processbench, load_taxonomy, load_template, parse_judge_spec,
-                           parse_reply, processbench_metrics, repetition_start, rule_verdict, run_bench,
-                           run_judging, vote)
+from qreason.stages.judge import JudgeConfig, JudgeInput, Verdict, build_messages, check_arithmetic, distribution, final_judgments, load_processbench, load_taxonomy, load_template, parse_judge_spec, parse_reply, processbench_metrics, repetition_start, rule_verdict, run_bench, run_judging, vote
 from qreason.cli import main as judge_main
-from qreason.judge.prompts import InvalidReply, neutralise, reply_schema
+from qreason.stages.judge.prompts import InvalidReply, neutralise, reply_schema
 
 TAX = load_taxonomy()
 TPL = load_template("judge-v1")
@@ -359,7 +356,7 @@ def test_cli(tmp_path, capsys):
 
 def _model_path() -> str:
     pytest.importorskip("vllm")
-    from qreason.models import convert_embedded
+    from qreason.inputs.models import convert_embedded
 
     return str(convert_embedded())
 
@@ -410,8 +407,8 @@ def test_vllm_structured_output(openai_server):
     jsonschema = pytest.importorskip("jsonschema")
     from openai import OpenAI
 
-    from qreason.judge.client import JudgeClient, ReplyCache
-    from qreason.judge.config import JudgeSpec
+    from qreason.stages.judge.client import JudgeClient, ReplyCache
+    from qreason.config.judge import JudgeSpec
 
     inp = JudgeInput(problem=CASES[0][1], steps=["Ana starts with 5 apples.", "5 + 3 = 9.", "The answer is 9."],
                      reference_answer="8")

@@ -17,9 +17,9 @@ import pytest
 
 from fault_server import JsonServer
 from judge_helpers import make_run
-from qreason.judge import JudgeConfig, JudgeInput, run_judging
-from qreason.judge.client import JudgeClient, ReplyCache
-from qreason.judge.prompts import load_taxonomy, load_template
+from qreason.stages.judge import JudgeConfig, JudgeInput, run_judging
+from qreason.stages.judge.client import JudgeClient, ReplyCache
+from qreason.stages.judge.prompts import load_taxonomy, load_template
 
 SECRET = "sk-test-do-not-log-1234567890"
 GOOD = {"rationale": "The sum in step 1 is wrong.", "first_error_step": 1, "error_type": "Execution",
@@ -166,7 +166,7 @@ def test_faults_are_retried_then_recorded(fake, tmp_path, monkeypatch, caplog):
 def test_judge_client_survives_every_fault_directly(fake, tmp_path):
     """The client alone: every fault ends in a verdict or a judge_error, never an exception."""
     _, url = fake
-    from qreason.judge.config import JudgeSpec
+    from qreason.config.judge import JudgeSpec
 
     cache = ReplyCache(tmp_path / "cache.sqlite")
     client = JudgeClient(JudgeSpec.model_validate(spec(url, max_retries=1, invalid_retries=1)), load_template(),

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from qreason.config import LmEvalConfig, parse_config
+from qreason.config.schema import LmEvalConfig, parse_config
 from qreason.errors import UserError
 
 from conftest import REPO, write_config
@@ -23,7 +23,7 @@ needs_bench = pytest.mark.skipif(not BENCH_PYTHON.is_file(),
 
 
 def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    from qreason.lm_eval import worker_env
+    from qreason.stages.lm_eval.stage import worker_env
 
     return subprocess.run([str(BENCH_PYTHON), *args], capture_output=True, text=True, env=worker_env(),
                           timeout=timeout, cwd=REPO)
@@ -49,8 +49,8 @@ def test_lm_eval_config_validation_names_the_line():
 
 
 def test_gate_on_lm_eval_metric_drop():
-    from qreason.config import GatesConfig
-    from qreason.gates import check_gates
+    from qreason.config.schema import GatesConfig
+    from qreason.stages.gates import check_gates
     from qreason.summary import LmEvalSummary, RunSummary
 
     section = {"primary_metric": {"mc": "acc", "ppl": "word_perplexity"},
@@ -67,7 +67,7 @@ def test_gate_on_lm_eval_metric_drop():
 
 
 def test_metric_names_and_recovery():
-    from qreason.lm_eval import recovery_percent, split_metrics
+    from qreason.stages.lm_eval.stage import recovery_percent, split_metrics
 
     metrics, stderr = split_metrics({"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1,
                                      "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": "N/A"})
@@ -84,8 +84,8 @@ def test_metric_names_and_recovery():
 def test_stored_results_are_not_evaluated_again(tmp_path, monkeypatch):
     """Content keys: a (model, task) whose record is stored costs nothing; only the missing ones go to lm-eval,
     and changing an argument (the limit) makes new work."""
-    import qreason.lm_eval as stage
-    from qreason.config import VLLMConfig
+    import qreason.stages.lm_eval.stage as stage
+    from qreason.config.schema import VLLMConfig
     from qreason.records import LmEvalResult
     from qreason.store import RunStore
 
@@ -126,8 +126,8 @@ def test_recovered_adapters_are_evaluated_as_merged_checkpoints(tmp_path):
     dense checkpoint with the adapter merged in (vLLM 0.32 cannot compute prompt logprobs with a LoRA), keyed by
     the adapter, so its results never mix with the variant's. A recovery without a merged checkpoint (or whose
     checkpoint is gone) adds nothing."""
-    import qreason.lm_eval as stage
-    from qreason.config import VLLMConfig
+    import qreason.stages.lm_eval.stage as stage
+    from qreason.config.schema import VLLMConfig
     from qreason.records import ModelVariant
 
     merged = tmp_path / "merged"
@@ -166,8 +166,8 @@ def test_export_refuses_unknown_task(tmp_path, capsys):
 def test_export_loads_in_lm_eval_task_manager(tmp_path):
     """The exported tasks load with TaskManager(include_path=DIR) and give qreason's problems and prompts."""
     from qreason.cli import main
-    from qreason.config import load_config
-    from qreason.tasks import build_messages, load_problems
+    from qreason.config.schema import load_config
+    from qreason.inputs.tasks import build_messages, load_problems
 
     config = write_config(tmp_path / "run.yaml", """
 name: e
@@ -209,7 +209,7 @@ def lm_run(vllm_backend, tmp_path_factory):
     few documents) on the base model: generation on the shared engine, lm-eval against a vLLM server."""
     if not BENCH_PYTHON.is_file():
         pytest.skip("lm-eval's environment .venv-bench is missing (scripts/setup-bench-env.sh)")
-    from qreason.runner import run
+    from qreason.pipeline.runner import run
 
     tmp = tmp_path_factory.mktemp("lm")
     cfg = write_config(tmp / "run.yaml", """
@@ -229,8 +229,8 @@ lm_eval: {tasks: [qreason_synthetic_mc], limit: 6, batch_size: 8}
 @pytest.mark.vllm
 @pytest.mark.server
 def test_run_records_lm_eval_and_rerun_makes_no_model_calls(lm_run, monkeypatch):
-    import qreason.lm_eval as stage
-    from qreason.runner import run
+    import qreason.stages.lm_eval.stage as stage
+    from qreason.pipeline.runner import run
     from qreason.store import RunStore
 
     cfg, run_dir, summary = lm_run
@@ -281,7 +281,7 @@ def test_lm_eval_scores_qreason_generations_exactly_like_qreason(lm_run, default
 
 @needs_bench
 def test_unknown_lm_eval_task_is_refused_before_the_run_directory_exists(tmp_path):
-    from qreason.runner import make_plan
+    from qreason.pipeline.runner import make_plan
 
     cfg = write_config(tmp_path / "run.yaml", """
 name: u

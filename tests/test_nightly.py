@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from qreason.config import GatesConfig
-from qreason.gates import GATE_EXIT_CODE, check_gates
+from qreason.config.schema import GatesConfig
+from qreason.stages.gates import GATE_EXIT_CODE, check_gates
 from qreason.records import Judgment
-from qreason.runner import run
+from qreason.pipeline.runner import run
 from qreason.store import RunLock
-from qreason.synthetic import generate as synthetic_rows
+from qreason.inputs.synthetic import generate as synthetic_rows
 
 from conftest import write_config
 from fault_server import FaultServer
@@ -123,7 +123,7 @@ def test_plan_and_compare(tmp_path, monkeypatch):
 
 def test_prune_forgets_old_runs_and_unused_checkpoints(tmp_path, monkeypatch):
     from qreason.records import ModelVariant
-    from qreason.retention import prune
+    from qreason.store.retention import prune
     from qreason.store import RunIndex, RunStore, mark_run_dir
 
     monkeypatch.setenv("QREASON_CACHE", str(tmp_path / "cache"))
@@ -191,7 +191,7 @@ gates: {{min_accuracy: 0.5}}
 
 
 def test_models_axis_config_errors():
-    from qreason.config import parse_config
+    from qreason.config.schema import parse_config
     from qreason.errors import UserError
 
     base = "name: x\ntasks: [{name: synthetic}]\n"
@@ -204,8 +204,8 @@ def test_models_axis_config_errors():
 def test_trend_and_compare_name_a_library_upgrade_between_nights(tmp_path, monkeypatch):
     """Night 2 runs with a (pretended) newer vLLM: the report's trend has both nights, one row each, and names the
     upgrade beside the accuracy change; `qreason compare` names it too."""
-    import qreason.runner as runner
-    from qreason.envinfo import environment
+    import qreason.pipeline.runner as runner
+    from qreason.pipeline.provenance import environment
 
     monkeypatch.setenv("RUN_ROOT", str(tmp_path / "out"))
     with FaultServer([], content=solver(True)) as server:
@@ -229,7 +229,7 @@ def test_trend_and_compare_name_a_library_upgrade_between_nights(tmp_path, monke
 
 
 def test_changes_between_runs():
-    from qreason.envinfo import changes
+    from qreason.pipeline.provenance import changes
     from qreason.summary import RunSummary
 
     a = {"versions": {"vllm": "0.32.0", "torch": "2.13.0"}, "hardware": {"cpu": "X", "cpu_count": 2, "gpus": []},

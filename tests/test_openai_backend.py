@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qreason.runner import run
+from qreason.pipeline.runner import run
 
 from conftest import write_config
 from fault_server import FaultServer

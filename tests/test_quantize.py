@@ -21,22 +21,10 @@ from pathlib import Path
 import pytest
 
 from qreason.errors import UserError
-from qreason.models import ResolvedModel
-from qreason.quantize import (
-    CalibrationSpec,
-    QuantizeFailed,
-    QuantizeSpec,
-    cache,
-    calibration,
-    imports,
-    list_methods,
-    prepare,
-    quantize,
-    recipes,
-    shapes,
-)
-from qreason.quantize.worker import MODIFIERS
-from qreason.worker_protocol import ERROR_PREFIX, PROGRESS_PREFIX
+from qreason.inputs.models import ResolvedModel
+from qreason.stages.quantize import CalibrationSpec, QuantizeFailed, QuantizeSpec, cache, calibration, imports, list_methods, prepare, quantize, recipes, shapes
+from qreason.workers.quantize import MODIFIERS
+from qreason.workers.protocol import ERROR_PREFIX, PROGRESS_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 QUANT_PYTHON = REPO / ".venv-quant" / "bin" / "python"
@@ -481,7 +469,7 @@ def test_import_rejects_unquantized_or_unknown(tmp_path, smollm2_like):
 
 FAKE_WORKER = """\
 #!{python}
-# Stands in for .venv-quant's python: called as `python -m qreason.quantize.worker JOB`.
+# Stands in for .venv-quant's python: called as `python -m qreason.workers.quantize JOB`.
 import json, os, sys, time
 job = json.load(open(sys.argv[3]))
 mode = os.environ["FAKE_WORKER_MODE"]
@@ -617,7 +605,7 @@ def test_interrupt_stops_the_worker_and_leaves_no_checkpoint(
 
 
 def _parser():
-    from qreason.quantize.cli import register
+    from qreason.cli.quantize import register
 
     parser = argparse.ArgumentParser(prog="qreason")
     return parser, register(parser.add_subparsers(dest="command"))
@@ -676,7 +664,7 @@ def make_tiny_model(path: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qreason.models import convert_embedded
+    from qreason.inputs.models import convert_embedded
 
     default = convert_embedded(
         Path(REAL_CACHE or Path.home() / ".cache" / "qreason") / "models" / "smollm2-135m-instruct"
@@ -705,16 +693,16 @@ def make_tiny_model(path: Path) -> Path:
 
 
 def tiny_base(path: Path) -> ResolvedModel:
-    from qreason.models import fingerprint_dir
+    from qreason.inputs.models import fingerprint_dir
 
     return ResolvedModel(spec="tiny-llama", path=str(path), fingerprint=fingerprint_dir(path), source="local")
 
 
 def generate_with_vllm(path: str) -> list:
     """Two short greedy answers from the vLLM backend (the engine is closed before returning)."""
-    from qreason.config import VLLMConfig, SamplingConfig
-    from qreason.generate import make_request
-    from qreason.generate.vllm_backend import VLLMBackend
+    from qreason.config.schema import VLLMConfig, SamplingConfig
+    from qreason.engines import make_request
+    from qreason.engines.vllm import VLLMBackend
     from qreason.records import Problem
 
     model = ResolvedModel(spec=path, path=path, fingerprint="test", source="local")
@@ -909,7 +897,7 @@ def test_worker_imports_nothing_of_the_main_environment():
     probe = (
         "import sys, qreason.quantize.worker as w; "
         "print([m for m in sys.modules if m.split('.')[0] in ('vllm', 'openai', 'pandas') or "
-        "m in ('qreason.config', 'qreason.records', 'qreason.models', 'qreason.generate', 'qreason.tasks')])"
+        "m in ('qreason.config.schema', 'qreason.records', 'qreason.inputs.models', 'qreason.stages.generate', 'qreason.inputs.tasks')])"
     )
     done = subprocess.run(
         [str(QUANT_PYTHON), "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120

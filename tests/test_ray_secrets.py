@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from qreason.executor import worker_env
+from qreason.pipeline.executor import worker_env
 
 from conftest import write_config
 from fault_server import FaultServer
@@ -42,7 +42,7 @@ sys.stdin.read()
 
 
 def test_the_endpoint_key_reaches_engine_actors_on_a_separate_cluster(tmp_path, monkeypatch):
-    from qreason.runner import run
+    from qreason.pipeline.runner import run
 
     cluster_env = {k: v for k, v in os.environ.items() if k != "MY_ENDPOINT_KEY"}
     cluster = subprocess.Popen([sys.executable, "-c", CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -24,7 +24,7 @@ HELD_OUT_ITEM = "s0-00004"  # a Silver Bullet test-split item: evaluated, never 
 
 
 def _train_env_or_skip():
-    from qreason.recover import train_python
+    from qreason.stages.recover import train_python
 
     try:
         train_python()
@@ -34,7 +34,7 @@ def _train_env_or_skip():
 
 def _gen(variant, fingerprint, problem, messages, text, seed=0):
     from qreason.records import Generation, content_key
-    from qreason.steps import split_steps
+    from qreason.inputs.steps import split_steps
 
     return Generation(key=content_key("test-gen", variant, problem.problem_id, seed), variant=variant,
                       model_fingerprint=fingerprint, task=problem.task, problem_id=problem.problem_id, seed=seed,
@@ -46,12 +46,12 @@ def _gen(variant, fingerprint, problem, messages, text, seed=0):
 def build_run(run_dir: Path, tiny: Path, quantized) -> None:
     """A run directory as ``qreason run`` would leave it after curate (config, problems, variants, graded
     generations, silver_bullet/items.jsonl), for the tiny model and its RTN variant."""
-    from qreason import synthetic
-    from qreason.grade import grade_key
-    from qreason.models import fingerprint_dir
+    from qreason.inputs import synthetic
+    from qreason.stages.grade import grade_key
+    from qreason.inputs.models import fingerprint_dir
     from qreason.records import Grade, ModelVariant, SilverBulletItem, content_key
     from qreason.store import RunStore
-    from qreason.tasks import _problem, build_messages, load_spec
+    from qreason.inputs.tasks import _problem, build_messages, load_spec
 
     spec = load_spec("synthetic")
     problems = [_problem(spec, r, i, "t") for i, r in enumerate(synthetic.generate(n=N_PROBLEMS, max_steps=1,
@@ -126,10 +126,10 @@ def recovered(tmp_path_factory, tiny_model_path):
 
 
 def _recover_twice(tmp_path_factory, tiny_model_path):
-    from qreason.config import parse_config
-    from qreason.models import ResolvedModel, fingerprint_dir
-    from qreason.quantize import QuantizeSpec, quantize
-    from qreason.recover import recover, tables
+    from qreason.config.schema import parse_config
+    from qreason.inputs.models import ResolvedModel, fingerprint_dir
+    from qreason.stages.quantize import QuantizeSpec, quantize
+    from qreason.stages.recover import recover, tables
     from qreason.store import RunStore
 
     base = ResolvedModel("tiny", str(tiny_model_path), fingerprint_dir(tiny_model_path), "local")
@@ -158,7 +158,7 @@ def test_training_produces_an_adapter_that_changes_the_model(recovered):
     import torch
     from safetensors.torch import load_file
 
-    from qreason.recover import dense_dir
+    from qreason.stages.recover import dense_dir
 
     store, _, first, _, _ = recovered
     v = first.variants[0]
@@ -175,7 +175,7 @@ def test_training_produces_an_adapter_that_changes_the_model(recovered):
     assert len(torch.unique(dense[name][0, :32])) <= 16
     assert v.loss.get("sft") and v.train_seconds is not None and v.versions.get("peft")
     # the two adapters answer differently (each changed the model in its own way)
-    from qreason.recover import tables
+    from qreason.stages.recover import tables
 
     gens = tables(store)[0].all()
     sb = {g.problem_id: g.text for g in gens if g.variant == "rtn+sb"}
@@ -192,7 +192,7 @@ def test_training_produces_an_adapter_that_changes_the_model(recovered):
 @pytest.mark.quant
 @pytest.mark.vllm
 def test_evaluation_never_includes_a_training_problem(recovered):
-    from qreason.recover import tables
+    from qreason.stages.recover import tables
 
     store, _, first, _, _ = recovered
     v = first.variants[0]
@@ -219,7 +219,7 @@ def test_evaluation_never_includes_a_training_problem(recovered):
 @pytest.mark.quant
 @pytest.mark.vllm
 def test_rerun_reuses_the_adapter_and_generates_nothing(recovered):
-    from qreason.recover import tables
+    from qreason.stages.recover import tables
 
     store, _, first, second, rows = recovered
     assert first.produced > 0
@@ -267,7 +267,7 @@ def test_bad_input_is_one_line_with_exit_2(recovered, tmp_path, capsys):
 def test_comparison_counts_repairs_and_breaks_on_paired_items():
     import numpy as np
 
-    from qreason.recover import compare, head_to_head
+    from qreason.stages.recover import compare, head_to_head
 
     base = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0], float)
     before = np.array([1, 0, 0, 0, 0, 1, 1, 1, 0, 0], float)
@@ -286,7 +286,7 @@ def test_comparison_counts_repairs_and_breaks_on_paired_items():
 def test_synthetic_max_number_caps_every_number_and_keeps_the_default():
     import re
 
-    from qreason import synthetic
+    from qreason.inputs import synthetic
 
     rows = synthetic.generate(n=40, min_steps=1, max_steps=3, ops=["add", "sub"], max_number=9)
     for r in rows:

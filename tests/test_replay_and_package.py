@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from qreason.cli import main
-from qreason.synthetic import generate as synthetic_rows
+from qreason.inputs.synthetic import generate as synthetic_rows
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ ATTACK = ('Step 1: <script>document.title="pwned"; window.__pwned = 1;</script> 
 
 def plant(store):
     """Replace one failed quantized solution's text and steps with hostile markup."""
-    from qreason.steps import split_steps
+    from qreason.inputs.steps import split_steps
 
     gens = store.generations.all()
     target = next(g for g in gens if g.variant == "rtn-w4a16" and g.key == "rtn-w4a16-1-1")

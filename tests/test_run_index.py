@@ -55,7 +55,7 @@ def test_the_index_uses_a_write_ahead_log(tmp_path):
 
 
 def test_a_failing_index_does_not_mask_the_error_that_ended_the_run(tmp_path, monkeypatch):
-    import qreason.runner as runner
+    import qreason.pipeline.runner as runner
 
     def broken_executor(*args, **kwargs):
         raise RuntimeError("the real reason the run stopped")

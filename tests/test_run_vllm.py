@@ -10,11 +10,12 @@ import time
 
 import pytest
 
-from qreason.config import SamplingConfig
-from qreason.generate import make_request, run_generation
-from qreason.runner import run
+from qreason.config.schema import SamplingConfig
+from qreason.engines import make_request
+from qreason.stages.generate import run_generation
+from qreason.pipeline.runner import run
 from qreason.store import RunIndex, RunStore
-from qreason.synthetic import generate as synthetic_rows
+from qreason.inputs.synthetic import generate as synthetic_rows
 
 from conftest import SHARED_DATA, write_config
 
@@ -35,7 +36,7 @@ backend: {{batch_size: 16, max_model_len: 2048}}
 
 
 def test_generation_records_carry_text_steps_tokens_and_versions(vllm_backend, default_model, tmp_path):
-    from qreason.tasks import load_spec, build_messages
+    from qreason.inputs.tasks import load_spec, build_messages
     from qreason.records import Problem
 
     store = RunStore(tmp_path / "run")

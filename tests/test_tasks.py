@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from qreason import synthetic
-from qreason.config import LoadedConfig, parse_config
+from qreason.inputs import synthetic
+from qreason.config.schema import LoadedConfig, parse_config
 from qreason.errors import UserError
-from qreason.steps import split_steps
-from qreason.tasks import build_messages, load_problems, load_spec
+from qreason.inputs.steps import split_steps
+from qreason.inputs.tasks import build_messages, load_problems, load_spec
 
 from conftest import SHARED_DATA
 

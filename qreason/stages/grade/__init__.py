@@ -1,0 +1,9 @@
+"""The grade stage: every generation's final answer against the reference, with Math-Verify (strict and lenient
+verdicts). ``extract`` finds answer candidates in a solution; ``grader`` interprets and compares them."""
+
+from qreason.stages.grade.grader import (ANSWER_TYPES, GRADER_REVISION, STATUSES, Grader, GradeJob, bounded_calls,
+                                         grade_answer, grade_file, grade_key, grade_text, grader_id, make_grader,
+                                         register_grader, run_grading)
+
+__all__ = ["ANSWER_TYPES", "GRADER_REVISION", "STATUSES", "GradeJob", "Grader", "bounded_calls", "grade_answer",
+           "grade_file", "grade_key", "grade_text", "grader_id", "make_grader", "register_grader", "run_grading"]

@@ -1,0 +1,409 @@
+"""The judge stage: read generations, grades and problems from the run store; append Judgment records.
+
+For every selected failure, the rule checks run first (judge "rules"); then each LLM judge of the config (judge =
+its name); then, with two or more judges, the panel's vote (judge "panel"). Records are appended per failure as
+soon as its verdicts are in, so an interrupted run loses only what was in flight, and the reply cache keeps even
+that. Keys:
+- rules:  content_key("judgment", generation, "rules", rules revision, grade status)
+- judge:  content_key("judgment", generation, judge name, request key) where the request key covers the judge
+          model, the prompt version and the whole request; a valid verdict under this key is never redone
+- errors: "no valid reply after all attempts" is stored under a key derived from the judge key and, like a
+          verdict, not redone (unless ``retry_invalid``); a transport failure (endpoint down, timeouts, 5xx after
+          the client's retries) gets a fresh key, so the next run tries again. The newest record of a
+          (generation, judge) pair is its current one (``current_judgments``)
+- panel:  content_key("judgment", generation, "panel", the member records' keys)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import statistics
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
+
+from qreason.errors import UserError
+from qreason.flips import is_flip, latest_grades, solved_cells
+from qreason.records import Generation, Grade, Judgment, Problem, content_key
+from qreason.store import RunStore, now_iso
+from qreason.stages.judge.base import make_judge
+from qreason.stages.judge.client import JudgeClient, JudgeRequest, ReplyCache, add_usage, read_batch, write_batch
+from qreason.config.judge import PANEL_JUDGE, RULES_JUDGE, JudgeConfig
+from qreason.stages.judge.panel import vote
+from qreason.stages.judge.prompts import OUTCOME, JudgeInput, Verdict, load_taxonomy, load_template
+from qreason.stages.judge.rules import RULES_REVISION, rule_verdict_call
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    generation: Generation
+    grade: Grade
+    problem: Problem
+    flip: bool
+
+
+class JudgeStats(BaseModel):
+    candidates: int = 0                   # failures selected for judging
+    flips: int = 0                        # of which flips
+    rules_written: int = 0
+    llm_items: int = 0                    # failures sent to the LLM judges (outcomes and empty solutions are not)
+    judges: dict[str, dict[str, int]] = Field(default_factory=dict)  # name -> ok, judge_error, cached, done, pending
+    panel_written: int = 0
+    requests: int = 0                     # HTTP requests sent (retries included)
+    usage: dict[str, int] = Field(default_factory=dict)
+    batch_files: list[str] = Field(default_factory=list)
+    errors: list[str] = Field(default_factory=list)   # judges stopped for the run (the endpoint refused them)
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+def select_candidates(store: RunStore, cfg: JudgeConfig) -> list[Candidate]:
+    """The failures to judge: graded with a status in cfg.statuses, flips marked; only flips if cfg.which says so."""
+    grades = latest_grades(store)
+    solved = solved_cells(grades.values(), cfg.base_variant)
+    problems = {(p.task, p.problem_id): p for p in store.problems.all()}
+    out = []
+    for grade in grades.values():
+        if grade.status not in cfg.statuses:
+            continue
+        gen = store.generations.get(grade.generation_key)
+        if gen is None:
+            raise UserError(str(store.grades.path), f"grade {grade.key} refers to a generation that is not stored")
+        problem = problems.get((gen.task, gen.problem_id))
+        if problem is None:
+            raise UserError(str(store.problems.path),
+                            f"no problem {gen.task}/{gen.problem_id} for generation {gen.key}")
+        flip = is_flip(gen, cfg.base_variant, solved)
+        if cfg.which == "flips" and not flip:
+            continue
+        out.append(Candidate(gen, grade, problem, flip))
+    return out
+
+
+def judge_input(c: Candidate) -> JudgeInput:
+    meta = c.problem.meta or {}
+    ref = meta.get("reference_solution")
+    if not ref and isinstance(meta.get("reference_steps"), list):
+        ref = "\n".join(str(s) for s in meta["reference_steps"])
+    return JudgeInput(problem=c.problem.question, steps=list(c.generation.steps), reference_answer=c.problem.answer,
+                      reference_solution=str(ref) if ref else None)
+
+
+# ---------------------------------------------------------------------------------------------- records
+
+def rules_key(c: Candidate) -> str:
+    return content_key("judgment", c.generation.key, RULES_JUDGE, RULES_REVISION, c.grade.status)
+
+
+def judge_key(c: Candidate, name: str, req: JudgeRequest) -> str:
+    return content_key("judgment", c.generation.key, name, req.key)
+
+
+def invalid_key(key: str) -> str:
+    """Where a judge's final "no valid reply" for a request is stored; like a verdict, it is not redone."""
+    return content_key(key, "invalid_reply")
+
+
+def finished(store: RunStore, key: str, retry_invalid: bool) -> Judgment | None:
+    """The stored outcome of a judge request that needs no new attempt: its verdict, or its final invalid reply."""
+    done = store.judgments.get(key)
+    if done is None and not retry_invalid:
+        done = store.judgments.get(invalid_key(key))
+    return done
+
+
+def error_key(key: str, v: Verdict) -> str:
+    """The key of a judge_error record. Invalid replies: final (``invalid_key``). Transport failures: a fresh key,
+    so the next run tries again; from a batch output file: derived from the error, so re-reading the file adds
+    nothing."""
+    if v.details.get("error_kind") == "invalid":
+        return invalid_key(key)
+    if v.details.get("batch"):
+        return content_key(key, "judge_error", "batch", v.error)
+    return content_key(key, "judge_error", secrets.token_hex(8))
+
+
+def to_record(c: Candidate, key: str, judge: str, v: Verdict, prompt_version: str | None,
+              votes: dict[str, Any] | None = None) -> Judgment:
+    g = c.generation
+    return Judgment(key=key, generation_key=g.key, variant=g.variant, task=g.task, problem_id=g.problem_id,
+                    seed=g.seed, judge=judge, prompt_version=prompt_version, status=v.status,
+                    first_error_step=v.first_error_step, error_type=v.error_type, sub_type=v.sub_type,
+                    capability=v.capability, rationale=v.rationale, flip=c.flip, votes=votes or {},
+                    usage={k: int(x) for k, x in v.usage.items()}, error=v.error, created_at=now_iso())
+
+
+def to_verdict(j: Judgment) -> Verdict:
+    return Verdict(status=j.status, first_error_step=j.first_error_step, error_type=j.error_type,
+                   sub_type=j.sub_type, capability=j.capability, rationale=j.rationale, error=j.error,
+                   usage=dict(j.usage))
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+def _resolve(store: RunStore, path: str | None, default: str) -> Path:
+    p = Path(path).expanduser() if path else Path(default)
+    return p if p.is_absolute() else store.dir / p
+
+
+def _run_coroutine(coro):
+    """asyncio.run, also from a thread that already runs an event loop (then in a helper thread)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict[str, Any] = {}
+
+    def worker():
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+
+    t = threading.Thread(target=worker, name="qreason-judge")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+RULES_FLUSH_EVERY = 32   # rule verdicts are appended in groups this small, so a killed run keeps what was done
+
+
+def rule_judgments(store: RunStore, candidates: list[Candidate], timeout_s: float,
+                   stats: JudgeStats) -> dict[str, Judgment]:
+    """The rule-check record of every candidate (generation key -> record). Missing ones are computed in worker
+    processes, each generation under a wall-clock limit (the checks read untrusted model output); one that
+    overruns gets a rule-check error record, which, like a verdict, is final, so a re-run neither redoes nor
+    hangs on it. Records are appended as they come in."""
+    from qreason.stages.grade import bounded_calls  # grading is an earlier stage; imported here to keep start-up light
+
+    out: dict[str, Judgment] = {}
+    jobs = []
+    for c in candidates:
+        rec = store.judgments.get(rules_key(c))
+        if rec is None:
+            jobs.append((c, (list(c.generation.steps), c.grade.status)))
+        else:
+            out[c.generation.key] = rec
+    pending: list[Judgment] = []
+    for c, ok, result in bounded_calls(rule_verdict_call, jobs, timeout_s, min(2, max(len(jobs), 1))):
+        verdict = result if ok else Verdict(status="judge_error", error=f"rule checks {result}")
+        rec = to_record(c, rules_key(c), RULES_JUDGE, verdict, None,
+                        {"findings": verdict.details.get("findings", [])})
+        out[c.generation.key] = rec
+        pending.append(rec)
+        if len(pending) >= RULES_FLUSH_EVERY or not ok:
+            stats.rules_written += store.judgments.append(pending)
+            pending = []
+    stats.rules_written += store.judgments.append(pending)
+    return out
+
+
+def run_judging(store: RunStore, cfg: JudgeConfig) -> JudgeStats:
+    """Judge the selected failures of a run; appends to store.judgments. Safe to re-run: finished work is skipped,
+    cached replies are reused, endpoint failures are retried (invalid replies too with cfg.retry_invalid)."""
+    t0 = time.monotonic()
+    stats = JudgeStats()
+    candidates = select_candidates(store, cfg)
+    stats.candidates = len(candidates)
+    stats.flips = sum(c.flip for c in candidates)
+
+    rules = rule_judgments(store, candidates, cfg.rules_timeout_s, stats)
+    if not cfg.judges:
+        stats.seconds = round(time.monotonic() - t0, 3)
+        return stats
+
+    todo = [c for c in candidates if c.generation.steps
+            and (cfg.llm_for_outcomes or rules[c.generation.key].error_type != OUTCOME)]
+    stats.llm_items = len(todo)
+    template = load_template(cfg.prompt_version)
+    taxonomy = load_taxonomy()
+    cache = ReplyCache(_resolve(store, cfg.cache_path, "judge_cache.sqlite"))
+    batch_dir = _resolve(store, cfg.batch.dir, "judge_batch")
+    clients = [make_judge(spec, template, taxonomy, cache, offline=cfg.batch.mode != "off") for spec in cfg.judges]
+    for cl in clients:
+        stats.judges[cl.spec.name] = {"ok": 0, "judge_error": 0, "cached": 0, "done": 0, "pending": 0}
+    try:
+        requests = {cl.spec.name: [cl.request(judge_input(c)) for c in todo] for cl in clients}
+        if cfg.batch.mode == "write":
+            for cl in clients:
+                pending = [r for c, r in zip(todo, requests[cl.spec.name])
+                           if finished(store, judge_key(c, cl.spec.name, r), cfg.retry_invalid) is None
+                           and cl.cache.get(r.key) is None]
+                path = batch_dir / f"{cl.spec.name.replace('/', '_')}.batch_input.jsonl"
+                n = write_batch(path, pending)
+                stats.judges[cl.spec.name]["pending"] = n
+                stats.batch_files.append(str(path))
+            stats.seconds = round(time.monotonic() - t0, 3)
+            return stats
+        failures: dict[str, dict[str, Verdict]] = {cl.spec.name: {} for cl in clients}
+        if cfg.batch.mode == "read":
+            for cl in clients:
+                path = batch_dir / f"{cl.spec.name.replace('/', '_')}.batch_output.jsonl"
+                if path.is_file():
+                    failures[cl.spec.name] = read_batch(path, cl, {r.key: r for r in requests[cl.spec.name]})
+                    stats.batch_files.append(str(path))
+                else:
+                    log.warning("judge %s: no batch output file %s", cl.spec.name, path)
+        _run_coroutine(_judge_all(store, todo, clients, requests, failures, stats, cfg.retry_invalid))
+    finally:
+        stats.requests = sum(cl.requests for cl in clients)
+        stats.errors = [cl.refused for cl in clients if getattr(cl, "refused", None)]  # the caller reports them
+        cache.close()
+        stats.seconds = round(time.monotonic() - t0, 3)
+    return stats
+
+
+async def _judge_all(store: RunStore, todo: list[Candidate], clients: list[JudgeClient],
+                     requests: dict[str, list[JudgeRequest]], failures: dict[str, dict[str, Verdict]],
+                     stats: JudgeStats, retry_invalid: bool) -> None:
+    version = clients[0].template.version
+    bar = tqdm(total=len(todo), desc="judge", unit="sol", disable=not todo, dynamic_ncols=True)
+
+    async def member(c: Candidate, cl: JudgeClient, req: JudgeRequest) -> tuple[str, Verdict | None, Judgment | None]:
+        name = cl.spec.name
+        key = judge_key(c, name, req)
+        done = finished(store, key, retry_invalid)
+        if done is not None:
+            stats.judges[name]["done"] += 1
+            return done.key, to_verdict(done), None
+        try:
+            verdict = failures[name].get(req.key) or await cl.judge(req)
+        except Exception as exc:  # noqa: BLE001 - one member's bug must not stop the panel or the run
+            from qreason.engines.openai import redact  # not at import: qreason.config imports this package
+
+            error = redact(f"judge failed: {type(exc).__name__}: {str(exc)[:200]}", cl.secrets)
+            log.warning("judge %s on %s: %s", name, c.generation.key, error)
+            verdict = Verdict(status="judge_error", error=error, details={"error_kind": "transport"})
+        if verdict is None:
+            stats.judges[name]["pending"] += 1
+            return key, None, None
+        if verdict.ok:
+            stats.judges[name]["ok"] += 1
+            stats.judges[name]["cached"] += int(verdict.usage.get("cached", 0))
+            if not verdict.usage.get("cached"):
+                add_usage(stats.usage, verdict.usage)
+        else:
+            stats.judges[name]["judge_error"] += 1
+            add_usage(stats.usage, verdict.usage)
+            key = error_key(key, verdict)
+        return key, verdict, to_record(c, key, name, verdict, version, {"model": cl.spec.model})
+
+    async def one(i: int, c: Candidate) -> None:
+        results = await asyncio.gather(*(member(c, cl, requests[cl.spec.name][i]) for cl in clients))
+        records = [rec for _, _, rec in results if rec is not None]
+        if len(clients) >= 2 and all(v is not None for _, v, _ in results):
+            key = content_key("judgment", c.generation.key, PANEL_JUDGE, [k for k, _, _ in results])
+            if key not in store.judgments:
+                panel = vote([(cl.spec.name, v) for cl, (_, v, _) in zip(clients, results)])
+                records.append(to_record(c, key, PANEL_JUDGE, panel, version, panel.details))
+                stats.panel_written += 1
+        store.judgments.append(records)
+        bar.update()
+
+    try:
+        await asyncio.gather(*(one(i, c) for i, c in enumerate(todo)))
+    finally:
+        bar.close()
+        for cl in clients:
+            await cl.aclose()
+
+
+# ---------------------------------------------------------------------------------------------- reading back
+
+def current_judgments(store: RunStore, prompt_version: str | None = None) -> dict[str, dict[str, Judgment]]:
+    """generation key -> judge -> its current record: the newest valid one, else the newest judge_error."""
+    out: dict[str, dict[str, Judgment]] = {}
+    for j in store.judgments.all():
+        if prompt_version and j.judge != RULES_JUDGE and j.prompt_version != prompt_version:
+            continue
+        mine = out.setdefault(j.generation_key, {})
+        old = mine.get(j.judge)
+        if old is None or j.status == "ok" or old.status != "ok":
+            mine[j.judge] = j
+    return out
+
+
+def final_judgments(store: RunStore, prompt_version: str | None = None) -> dict[str, Judgment]:
+    """The verdict that counts for each judged generation: the panel's when valid, else a single LLM judge's
+    when valid (the newest), else the rule checks'."""
+    out = {}
+    for gen_key, by_judge in current_judgments(store, prompt_version).items():
+        panel = by_judge.get(PANEL_JUDGE)
+        llm = [j for name, j in by_judge.items() if name not in (PANEL_JUDGE, RULES_JUDGE) and j.status == "ok"]
+        if panel is not None and panel.status == "ok":
+            out[gen_key] = panel
+        elif llm:
+            out[gen_key] = max(llm, key=lambda j: j.created_at)
+        elif RULES_JUDGE in by_judge:
+            out[gen_key] = by_judge[RULES_JUDGE]
+        else:
+            out[gen_key] = next(iter(by_judge.values()))
+    return out
+
+
+def _positions(values: list[float], bins: list[tuple[str, float, float]] | None = None) -> dict[str, Any]:
+    if not values:
+        return {"n": 0, "histogram": {}, "mean": None, "median": None}
+    if bins is None:
+        hist = {str(int(k)): n for k, n in sorted(Counter(values).items())}
+    else:
+        hist = {label: sum(lo <= v < hi for v in values) for label, lo, hi in bins}
+    return {"n": len(values), "histogram": hist, "mean": round(statistics.fmean(values), 4),
+            "median": round(statistics.median(values), 4)}
+
+
+RELATIVE_BINS = [("0.0-0.2", 0.0, 0.2), ("0.2-0.4", 0.2, 0.4), ("0.4-0.6", 0.4, 0.6), ("0.6-0.8", 0.6, 0.8),
+                 ("0.8-1.0", 0.8, 1.01)]
+
+
+def distribution(store: RunStore, source: str = "final", flips_only: bool = False,
+                 prompt_version: str | None = None) -> dict[str, dict[str, Any]]:
+    """Per variant: counts of error types, sub-types and capabilities, and where the first faulty step lies
+    (absolute index, and index / number of steps). ``source``: "final" (panel, else judge, else rules), or one
+    judge's name ("rules", "panel", a judge). Plain dicts, ready for JSON."""
+    if source == "final":
+        chosen = final_judgments(store, prompt_version)
+    else:
+        chosen = {k: by[source] for k, by in current_judgments(store, prompt_version).items() if source in by}
+    out: dict[str, dict[str, Any]] = {}
+    per_variant: dict[str, list[Judgment]] = {}
+    for j in chosen.values():
+        if flips_only and not j.flip:
+            continue
+        per_variant.setdefault(j.variant, []).append(j)
+    for variant, items in sorted(per_variant.items()):
+        ok = [j for j in items if j.status == "ok"]
+        located = [j for j in ok if j.first_error_step is not None and j.first_error_step >= 0]
+        absolute, relative = [], []
+        for j in located:
+            absolute.append(float(j.first_error_step))
+            gen = store.generations.get(j.generation_key)
+            if gen is not None and gen.steps:
+                relative.append(j.first_error_step / len(gen.steps))
+        out[variant] = {
+            "failures": len(items),
+            "flips": sum(j.flip for j in items),
+            "judge_errors": len(items) - len(ok),
+            "sources": dict(Counter(j.judge for j in items)),
+            "error_types": dict(Counter(j.error_type for j in ok if j.error_type)),
+            "sub_types": dict(Counter(j.sub_type for j in ok if j.sub_type)),
+            "capabilities": dict(Counter(j.capability for j in ok if j.capability)),
+            "no_faulty_step": sum(j.first_error_step == -1 for j in ok),
+            "first_error_step": _positions(absolute),
+            "relative_position": _positions(relative, RELATIVE_BINS),
+        }
+    return out

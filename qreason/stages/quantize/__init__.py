@@ -1,0 +1,273 @@
+"""The quantize stage: a base model plus a ``QuantizeSpec`` in, a ``ModelVariant`` (a checkpoint on disk) out.
+
+    from qreason.quantize import QuantizeSpec, quantize, list_methods
+    spec = QuantizeSpec(method="gptq-w4a16", overrides={"group_size": 64})
+    variant = quantize(resolve_model("default"), spec)
+
+Methods are recipes in ``recipes.yaml`` (``recipes.py`` resolves them), calibration samples come from
+``calibration.py``, the work itself runs in the separate llm-compressor environment (``launch.py`` starts
+``worker.py`` there), and ``cache.py`` keys, places and describes the result. ``method="import"`` takes an
+existing quantized checkpoint instead (``imports.py``).
+
+Everything that can be wrong with the input (method, overrides, group size, calibration data, the quantization
+environment) is checked before any directory is created or process started, and reported as a one-line
+``UserError``. This module imports nothing heavy: vLLM is loaded only for calibration traces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qreason import __version__
+from qreason.errors import UserError
+from qreason.workers.launch import QuantizeFailed
+
+if TYPE_CHECKING:  # imported where used, so that the worker's import of this package stays light
+    from qreason.config.schema import CalibrationSpec, QuantizeSpec
+    from qreason.inputs.models import ResolvedModel
+    from qreason.records import ModelVariant
+    from qreason.stages.quantize.calibration import CalibrationPlan
+    from qreason.stages.quantize.recipes import ResolvedRecipe
+
+__all__ = [
+    "CalibrationSpec",
+    "QuantizeSpec",
+    "Prepared",
+    "prepare",
+    "quantize",
+    "list_methods",
+    "QuantizeFailed",
+]
+
+
+def list_methods() -> list[dict]:
+    """Every registered method: name, description, whether it calibrates, parameters (defaults, help)."""
+    from qreason.stages.quantize.recipes import list_methods as _list
+
+    return _list()
+
+
+def _stderr_echo(label: str) -> Callable[[str], None]:
+    def echo(message: str) -> None:
+        print(f"quantize {label}: {message}", file=sys.stderr, flush=True)
+
+    return echo
+
+
+def _variant(provenance: dict, name: str, path: Path, reused: bool) -> "ModelVariant":
+    from qreason.inputs.models import fingerprint_dir
+    from qreason.records import ModelVariant, content_key
+
+    return ModelVariant(
+        key=content_key("variant", name, provenance["key"]),
+        name=name,
+        base_model=provenance["base"]["spec"],
+        base_fingerprint=provenance["base"]["fingerprint"],
+        method=provenance["method"],
+        recipe=provenance["recipe"],
+        recipe_hash=provenance["recipe_hash"],
+        path=str(path),
+        fingerprint=fingerprint_dir(path),
+        bits=provenance["bits"],
+        size_bytes=provenance["size_bytes"],
+        quantize_seconds=provenance["wall_seconds"],
+        peak_memory_mb=provenance["peak_memory_mb"],
+        reused=reused,
+        versions=provenance["versions"],
+        created_at=provenance["created_at"],
+    )
+
+
+def _import(
+    base: "ResolvedModel", spec: QuantizeSpec, name: str | None, base_dir: Path | None
+) -> "ModelVariant":
+    from qreason.inputs.models import resolve_model
+    from qreason.records import ModelVariant, content_key
+    from qreason.store import now_iso
+    from qreason.stages.quantize.cache import checkpoint_size
+    from qreason.stages.quantize.imports import describe_quantization
+    from qreason.stages.quantize.shapes import read_config
+
+    model = resolve_model(spec.path, spec.revision, base_dir)
+    config = read_config(model.path)
+    fmt = describe_quantization(config.get("quantization_config"), f"{model.path}/config.json")
+    recipe = fmt.as_recipe(config["quantization_config"])
+    name = name or Path(spec.path.rstrip("/")).name
+    return ModelVariant(
+        key=content_key("variant", name, "import", model.fingerprint),
+        name=name,
+        base_model=base.spec,
+        base_fingerprint=base.fingerprint,
+        method="import",
+        recipe=recipe,
+        recipe_hash=content_key("import", recipe),
+        path=model.path,
+        fingerprint=model.fingerprint,
+        bits=fmt.bits,
+        size_bytes=checkpoint_size(Path(model.path)),
+        versions={"format": fmt.format},
+        created_at=now_iso(),
+    )
+
+
+@dataclass
+class Prepared:
+    """A checked quantization request: the resolved recipe, calibration plan, cache key and destination."""
+
+    recipe: "ResolvedRecipe"
+    plan: "CalibrationPlan | None"
+    key: str
+    name: str
+    dest: Path
+
+
+def prepare(
+    base: "ResolvedModel",
+    spec: QuantizeSpec,
+    name: str | None = None,
+    out_dir: Path | None = None,
+    base_dir: Path | None = None,
+) -> Prepared:
+    """Check a request and compute its cache key; creates nothing and starts nothing."""
+    from qreason.stages.quantize.cache import cache_root, quant_key
+    from qreason.stages.quantize.calibration import plan_calibration
+    from qreason.stages.quantize.recipes import resolve
+    from qreason.stages.quantize.shapes import check_group_size
+
+    if spec.method == "import":
+        raise UserError("method import", "an import is not quantized; call quantize() for it")
+    recipe = resolve(spec.method, spec.overrides)
+    if "group_size" in recipe.params:
+        check_group_size(base.path, recipe.params["group_size"], recipe.name)
+    plan = plan_calibration(spec.calibration, base_dir) if recipe.calibration else None
+    key = quant_key(base.fingerprint, recipe.identity(), plan.identity if plan else None)
+    name = name or recipe.name
+    dest = Path(out_dir).expanduser().resolve() if out_dir is not None else cache_root() / key
+    return Prepared(recipe, plan, key, name, dest)
+
+
+def quantize(
+    base: "ResolvedModel",
+    spec: QuantizeSpec,
+    name: str | None = None,
+    out_dir: Path | None = None,
+    base_dir: Path | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> "ModelVariant":
+    """Quantize ``base`` as ``spec`` says, or reuse the cached checkpoint made from the same inputs.
+
+    ``name``: the variant's label in every later record (default: the method's name).
+    ``out_dir``: where the checkpoint goes (default: ``cache_dir()/quantized/KEY``). ``base_dir``: where
+    relative paths in the spec are resolved (a config file's directory). ``echo``: receives progress lines
+    (default: printed to stderr).
+    """
+    if spec.method == "import":
+        return _import(base, spec, name, base_dir)
+    from qreason.store import now_iso
+    from qreason.stages.quantize.cache import CALIBRATION_FILE, PROVENANCE, checkpoint_size, publish, read_provenance, staging, worker_log_path
+    from qreason.stages.quantize.calibration import write_samples
+    from qreason.workers.launch import quant_python, run_worker
+
+    # 1. Check everything; nothing is created or started before this block has passed.
+    prep = prepare(base, spec, name, out_dir, base_dir)
+    recipe, plan, key, name, dest = prep.recipe, prep.plan, prep.key, prep.name, prep.dest
+    echo = echo or _stderr_echo(name)
+
+    # 2. A finished checkpoint from the same inputs is reused.
+    found = read_provenance(dest)
+    if found is not None and found["key"] == key:
+        echo(f"reusing {dest}")
+        return _variant(found, name, dest, reused=True)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise UserError(
+            str(dest),
+            "exists and is not a checkpoint made from these inputs; "
+            "choose another output directory or remove it",
+        )
+    python = quant_python()
+
+    # 3. Build in a temporary directory beside dest; rename into place only when complete.
+    started = time.monotonic()
+    with staging(dest) as tmp:
+        job: dict[str, Any] = {
+            "model": base.path,
+            "output_dir": str(tmp),
+            "modifiers": recipe.modifiers,
+            "calibration": None,
+            "seed": spec.calibration.seed,
+        }
+        calibration_record = None
+        detail = "no calibration"
+        if plan is not None:
+            samples = plan.build(base, echo)
+            write_samples(samples, tmp / CALIBRATION_FILE)
+            job["calibration"] = {
+                "file": str(tmp / CALIBRATION_FILE),
+                "max_seq_len": spec.calibration.max_seq_len,
+            }
+            calibration_record = {
+                **plan.identity,
+                "path": str(plan.path) if plan.path else None,
+                "task": spec.calibration.task,
+                "n_used": len(samples),
+                "file": CALIBRATION_FILE,
+            }
+            detail = f"{len(samples)} {spec.calibration.source} calibration samples"
+        echo(f"quantizing {base.spec} with {recipe.name} in {python.parent.parent.name} ({detail})")
+        run = run_worker(job, tmp, worker_log_path(dest), name, echo)
+        if calibration_record is not None:
+            calibration_record["tokens"] = run.result.get("tokens")
+        provenance = {
+            "key": key,
+            "method": recipe.name,
+            "bits": recipe.bits,
+            "recipe": recipe.identity(),
+            "overrides": recipe.overrides,
+            "recipe_hash": recipe.hash,
+            "base": {
+                "spec": base.spec,
+                "path": base.path,
+                "fingerprint": base.fingerprint,
+                "source": base.source,
+            },
+            "calibration": calibration_record,
+            "wall_seconds": round(time.monotonic() - started, 2),
+            "worker_seconds": round(run.seconds, 2),
+            "worker_cpu_seconds": round(run.cpu_seconds, 2),
+            "oneshot_seconds": run.result.get("oneshot_seconds"),
+            "peak_memory_mb": round(run.peak_memory_mb, 1),
+            "size_bytes": checkpoint_size(tmp),
+            "versions": run.result.get("versions", {}),
+            "device": run.result.get("device"),
+            "qreason_version": __version__,
+            "created_at": now_iso(),
+        }
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
+        (tmp / PROVENANCE).write_text(
+            json.dumps(provenance, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        if not publish(tmp, dest):
+            echo(f"another process finished {dest} first; using it")
+            return _variant(read_provenance(dest), name, dest, reused=True)
+    echo(
+        f"done in {provenance['wall_seconds']:.1f} s (peak memory {provenance['peak_memory_mb']:.0f} MB, "
+        f"{provenance['size_bytes'] / 2**20:.1f} MiB on disk): {dest}"
+    )
+    return _variant(provenance, name, dest, reused=False)
+
+
+def __getattr__(name: str):
+    """``QuantizeSpec`` and ``CalibrationSpec`` live in ``qreason.config``; re-exported here lazily, so that the
+    worker (which imports this package in the quantization environment) never loads the run configuration."""
+    if name in ("QuantizeSpec", "CalibrationSpec"):
+        from qreason.config import schema as config
+
+        return getattr(config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

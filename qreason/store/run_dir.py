@@ -1,0 +1,76 @@
+"""A run directory: its tables and metadata files (``RunStore``) and the lock that keeps one writer."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+from qreason.errors import UserError
+from qreason.records import Generation, Grade, Judgment, LmEvalResult, ModelVariant, Problem
+from qreason.store.files import write_atomic
+from qreason.store.table import Table
+
+
+class RunStore:
+    """One run directory: the tables of every stage and the run's metadata files."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir)
+        self.problems: Table[Problem] = Table(self.dir / "problems.jsonl", Problem)
+        self.generations: Table[Generation] = Table(self.dir / "generations.jsonl", Generation)
+        self.grades: Table[Grade] = Table(self.dir / "grades.jsonl", Grade)
+        self.variants: Table[ModelVariant] = Table(self.dir / "variants.jsonl", ModelVariant)
+        self.judgments: Table[Judgment] = Table(self.dir / "judgments.jsonl", Judgment)
+        # curation: full-precision continuations of quantized prefixes, and their grades
+        self.continuations: Table[Generation] = Table(self.dir / "continuations.jsonl", Generation)
+        self.continuation_grades: Table[Grade] = Table(self.dir / "continuation_grades.jsonl", Grade)
+        self.lm_eval: Table[LmEvalResult] = Table(self.dir / "lm_eval_results.jsonl", LmEvalResult)
+
+    def write_json(self, name: str, obj) -> Path:
+        path = self.dir / name
+        write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+        return path
+
+    def tables(self) -> list[Table]:
+        return [t for t in vars(self).values() if isinstance(t, Table)]
+
+    def repair(self) -> dict[str, int]:
+        """Repair every table (see ``Table.repair``); table file name -> lines moved aside. Hold the run lock."""
+        return {t.path.name: t.repair() for t in self.tables() if t.path.exists()}
+
+    def read_json(self, name: str):
+        path = self.dir / name
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+class RunLock:
+    """An exclusive lock on a run directory, so two runs never write the same tables. The operating system
+    releases it when the process ends, however it ends (a kill -9 leaves nothing to clean up)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(str(self.path.parent), f"another qreason run (pid {holder}) is using this run "
+                                                   "directory; wait for it to finish or choose another output_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
