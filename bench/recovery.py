@@ -81,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (run_dir / "config.yaml").is_file():
         print(f"{run_dir}: no run directory (run `make demo` first)", file=sys.stderr)
         return 2
-    from qreason.cli import _open_run
+    from qreason.stages.base import RunContext
     from qreason.stages.recover import recover
 
-    store, cfg = _open_run(str(run_dir))
+    cfg = RunContext.open(run_dir).cfg
     if not args.fresh:
         summary = json.loads((run_dir / "recovery" / "summary.json").read_text())
         show(rows(summary, cfg.recover.epochs))
@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("recovery", ".lock"))
         os.environ["QREASON_CACHE"] = str(Path(tmp) / "cache")
         # the quantized checkpoints stay where the run's variants point; only the stage's own outputs are fresh
-        store, cfg = _open_run(str(copy))
+        ctx = RunContext.open(copy)
+        store, cfg = ctx.store, ctx.cfg
         t0 = time.monotonic()
         summary = recover(store, cfg, cfg.model.name)
         wall = time.monotonic() - t0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter, defaultdict
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -124,6 +124,84 @@ class GatesSummary(Section):
     passed: bool = True
 
 
+class JudgeSummary(Section):
+    """The judge stage (``qreason.stages.judge``): what was judged and by whom."""
+
+    candidates: int = 0                   # failures selected for judging
+    flips: int = 0                        # of which flips
+    rules_written: int = 0
+    llm_items: int = 0                    # failures sent to the LLM judges (outcomes and empty solutions are not)
+    judges: dict[str, dict[str, int]] = Field(default_factory=dict)  # name -> ok, judge_error, cached, done, pending
+    panel_written: int = 0
+    requests: int = 0                     # HTTP requests sent (retries included)
+    usage: dict[str, int] = Field(default_factory=dict)
+    batch_files: list[str] = Field(default_factory=list)
+    errors: list[str] = Field(default_factory=list)   # judges stopped for the run (the endpoint refused them)
+    seconds: float = 0.0
+
+
+class ArmResult(Section):
+    """One adapter (targeted or control) of one quantized variant, evaluated on the held-out problems."""
+
+    variant: str                          # the quantized variant
+    eval_variant: str                     # the name its re-evaluation generations carry (VARIANT+sb / +ctl)
+    arm: Literal["targeted", "control"]
+    mode: str
+    train_items: int
+    train_problem_ids: list[str]
+    eval_problem_ids: list[str]
+    seeds: list[int]
+    base_accuracy: float
+    accuracy_before: float
+    accuracy_after: float
+    recovery_before: float | None         # accuracy / base accuracy (None when the base solved nothing)
+    recovery_after: float | None
+    recovery_after_ci: list[float | None] = Field(default_factory=list)  # paired bootstrap over problems
+    repaired: int                         # wrong before, right after (same problem and seed)
+    broken: int                           # right before, wrong after
+    mcnemar_p: float
+    diff_ci: list[float | None]           # accuracy_after - accuracy_before, paired bootstrap 95 %
+    adapter: str                          # PEFT adapter directory (adapter_config.json)
+    adapter_key: str
+    adapter_reused: bool
+    eval_mode: Literal["lora", "merged"]
+    train_seconds: float | None
+    eval_seconds: float
+    generations_produced: int
+    loss: dict[str, list[list[float]]] = Field(default_factory=dict)  # phase -> [[step, loss], ...]
+    failures_after: dict[str, int] = Field(default_factory=dict)     # rule-check verdicts of what still fails
+    versions: dict[str, str] = Field(default_factory=dict)
+
+
+class HeadToHead(Section):
+    """Targeted against control training on the same held-out items."""
+
+    diff: float                           # accuracy targeted - control
+    ci: list[float | None]                # paired bootstrap 95 % interval of ``diff``
+    targeted_only: int                    # right after targeted training only
+    control_only: int                     # right after control training only
+    mcnemar_p: float
+    verdict: str
+
+
+class VariantRecovery(ArmResult):
+    control: ArmResult | None = None
+    # the targeted adapter merged into a dense checkpoint, for lm-eval (``lm_eval.adapters``): vLLM 0.32 cannot
+    # compute prompt logprobs with a LoRA, so loglikelihood tasks need the merged model
+    merged_checkpoint: str | None = None
+    targeted_vs_control: HeadToHead | None = None
+
+
+class RecoverySummary(Section):
+    """The recover stage (``qreason.stages.recover``), also written to ``RUN_DIR/recovery/summary.json``."""
+
+    variants: list[VariantRecovery] = Field(default_factory=list)
+    skipped: dict[str, str] = Field(default_factory=dict)  # variant -> why nothing was trained
+    produced: int = 0
+    seconds: float = 0.0
+    summary_path: str | None = None
+
+
 class LmEvalSummary(Section):
     """The lm-eval stage (qreason/lm_eval.py): every variant's metrics per lm-eval task."""
 
@@ -158,10 +236,10 @@ class RunSummary(Section):
     generations: GenerationSummary | None = None
     grades_written: int = 0
     results: list[ResultRow] = Field(default_factory=list)
-    judge: dict[str, Any] | None = None          # qreason.judge.JudgeStats
+    judge: JudgeSummary | None = None
     curate: CurateSummary | None = None
     lm_eval: LmEvalSummary | None = None
-    recover: dict[str, Any] | None = None        # qreason.recover.RecoverySummary
+    recover: RecoverySummary | None = None
     finished_at: str | None = None
     wall_seconds: float | None = None
     versions: dict[str, Any] = Field(default_factory=dict)
@@ -176,3 +254,26 @@ class RunSummary(Section):
 
     def dump(self) -> dict:
         return self.model_dump(mode="json", exclude_none=True)
+
+
+# ------------------------------------------------------------------------------- what differs between runs
+
+def provenance(summary: RunSummary) -> dict[str, str]:
+    """What a run's numbers may depend on besides the config: library versions (main and quantization
+    environments) and hardware, flattened to name -> value."""
+    out = {k: str(v) for k, v in summary.versions.items()}
+    hw = summary.hardware
+    if hw:
+        out["cpu"] = f"{hw.get('cpu')} x{hw.get('cpu_count')}"
+        out["gpus"] = ", ".join(hw.get("gpus") or []) or "none"
+    for v in summary.quantization.variants if summary.quantization else []:
+        for dist, version in v.versions.items():
+            out[f"{dist} (quantization)"] = str(version)
+    return out
+
+
+def changes(before: RunSummary, after: RunSummary) -> list[str]:
+    """Versions and hardware that differ between two runs' summaries, as 'name: old -> new' (only names both
+    record: a run without quantized variants says nothing about llm-compressor)."""
+    a, b = provenance(before), provenance(after)
+    return [f"{k}: {a[k]} -> {b[k]}" for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]

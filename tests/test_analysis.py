@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from qreason.stages.analyze import analyze, bootstrap_diff_ci, mcnemar_exact
+from qreason.stages.analyze import analyze
+from qreason.stats import bootstrap_diff_ci, mcnemar_exact
 from qreason.records import Generation, Grade, Judgment, Problem
 from qreason.store import RunStore
 

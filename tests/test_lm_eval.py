@@ -129,6 +129,7 @@ def test_recovered_adapters_are_evaluated_as_merged_checkpoints(tmp_path):
     import qreason.stages.lm_eval.stage as stage
     from qreason.config.schema import VLLMConfig
     from qreason.records import ModelVariant
+    from qreason.summary import RecoverySummary, VariantRecovery
 
     merged = tmp_path / "merged"
     merged.mkdir()
@@ -136,12 +137,10 @@ def test_recovered_adapters_are_evaluated_as_merged_checkpoints(tmp_path):
     variants = [ModelVariant(key=f"k{n}", name=n, base_model="m", base_fingerprint="fb", method=m, path=f"/ck/{n}",
                              fingerprint=f"fp-{n}", created_at="now")
                 for n, m in (("base", "none"), ("rtn", "rtn-w4a16"))]
-    recovery = {"variants": [{"variant": "rtn", "eval_variant": "rtn+sb", "adapter_key": "ak1",
-                              "merged_checkpoint": str(merged)},
-                             {"variant": "rtn", "eval_variant": "rtn+gone", "adapter_key": "ak2",
-                              "merged_checkpoint": str(tmp_path / "gone")},
-                             {"variant": "rtn", "eval_variant": "rtn+lora-only", "adapter_key": "ak3",
-                              "merged_checkpoint": None}]}
+    arms = [VariantRecovery.model_construct(variant="rtn", eval_variant=name, adapter_key=key, merged_checkpoint=path)
+            for name, key, path in (("rtn+sb", "ak1", str(merged)), ("rtn+gone", "ak2", str(tmp_path / "gone")),
+                                    ("rtn+lora-only", "ak3", None))]
+    recovery = RecoverySummary(variants=arms)
     targets = stage.targets_for(variants, recovery)
     assert [t.name for t in targets] == ["base", "rtn", "rtn+sb"]
     rec = targets[-1]

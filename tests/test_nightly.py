@@ -229,7 +229,7 @@ def test_trend_and_compare_name_a_library_upgrade_between_nights(tmp_path, monke
 
 
 def test_changes_between_runs():
-    from qreason.pipeline.provenance import changes
+    from qreason.summary import changes
     from qreason.summary import RunSummary
 
     a = {"versions": {"vllm": "0.32.0", "torch": "2.13.0"}, "hardware": {"cpu": "X", "cpu_count": 2, "gpus": []},

@@ -41,13 +41,11 @@ def _print_run(summary) -> int:
         c = summary.curate
         print(f"silver bullet dataset: {c.items} items, {c.dpo_pairs} DPO pairs -> {c.dir}")
     print(f"run directory: {summary.run_dir}")
-    if summary.recover and (summary.recover.get("variants") or summary.recover.get("skipped")):
-        from qreason.stages.recover import RecoverySummary
-
-        print(format_recovery(RecoverySummary.model_validate(summary.recover)))
+    if summary.recover and (summary.recover.variants or summary.recover.skipped):
+        print(format_recovery(summary.recover))
     if summary.report:
         print(f"report: {summary.report}")
-    for error in (summary.judge or {}).get("errors", []):
+    for error in summary.judge.errors if summary.judge else []:
         print(f"qreason: judge stopped: {error}", file=sys.stderr)
     if summary.gates.tripped:
         print(f"qreason: regression gates tripped ({summary.name}):", file=sys.stderr)
@@ -91,16 +89,34 @@ def _cmd_runs(args) -> int:
     return 0
 
 
-def _cmd_grade(args) -> int:
-    from qreason.stages.grade import Grader, run_grading
-    from qreason.store import RunLock, RunStore
+def _stage_command(run_dir: str, stage, update=None, graded: bool = False, engines=None):
+    """A per-stage command: open the run's context (its stored config), apply the command's flags to the config
+    (``update(cfg)``), run the stage under the run lock and store its section in the run's summary.json."""
+    from qreason.pipeline.runner import run_stage
+    from qreason.stages.base import RunContext
+    from qreason.store import RunLock
 
-    store = RunStore(Path(args.run_dir))
-    if not (store.dir / "generations.jsonl").exists():
-        raise UserError(str(store.dir), "not a run directory (no generations.jsonl)")
-    with RunLock(store.dir):  # a writer: only the lock holder appends (and cuts a torn tail)
-        n = run_grading(store, Grader(args.timeout, args.workers))
-    print(f"{n} new grades written to {store.grades.path}")
+    ctx = RunContext.open(run_dir, engines=engines, graded=graded)
+    if update is not None:
+        update(ctx.cfg)
+    with RunLock(ctx.store.dir):  # a writer: only the lock holder appends (and cuts a torn tail)
+        try:
+            run_stage(stage, ctx, force=True)
+        finally:
+            if engines is not None:
+                engines.close()
+    return ctx
+
+
+def _cmd_grade(args) -> int:
+    from qreason.stages.grade import GradeStage
+
+    def update(cfg):
+        flags = {k: v for k, v in (("timeout_s", args.timeout), ("workers", args.workers)) if v is not None}
+        cfg.grading = cfg.grading.model_copy(update=flags)
+
+    ctx = _stage_command(args.run_dir, GradeStage(), update)
+    print(f"{ctx.summary.grades_written} new grades written to {ctx.store.grades.path}")
     return 0
 
 
@@ -113,30 +129,11 @@ def _cmd_grade_file(args) -> int:
     return 0
 
 
-def _open_run(run_dir: str, graded: bool = False):
-    """A run directory written by ``qreason run`` and its config. The stored config keeps ``${VAR}`` references
-    as written: one whose variable is unset now stays unexpanded (these commands rarely need it).
-    ``graded``: the command needs grades (analyze, report); a run stopped before grading is told so."""
-    from qreason.config.schema import parse_config
-    from qreason.errors import decode_utf8
-    from qreason.store import RunStore
-
-    store = RunStore(Path(run_dir))
-    config = store.dir / "config.yaml"
-    if not (store.dir / "generations.jsonl").exists() or not config.exists():
-        raise UserError(str(store.dir), "not a run directory (needs generations.jsonl and config.yaml)")
-    cfg = parse_config(decode_utf8(config.read_bytes(), str(config)), str(config), keep_unset=True)
-    if graded and not len(store.grades):
-        raise UserError(str(store.dir), f"no graded generations (the run stopped before grading); run "
-                                        f"`qreason grade {store.dir}` or re-run the config first")
-    return store, cfg
-
-
 def _cmd_analyze(args) -> int:
-    from qreason.stages.analyze import analyze
+    from qreason.stages.base import RunContext
 
-    store, cfg = _open_run(args.run_dir, graded=True)
-    result = analyze(store, cfg.model.name)
+    ctx = RunContext.open(args.run_dir, graded=True)
+    store, result = ctx.store, ctx.analysis
     import pandas as pd
 
     with pd.option_context("display.width", 160, "display.max_columns", 20):
@@ -151,49 +148,34 @@ def _cmd_analyze(args) -> int:
 
 
 def _cmd_curate(args) -> int:
-    from qreason.stages.curate import check_out_dir
-    from qreason.store import RunLock
-
-    if args.out:
-        check_out_dir(Path(args.out))  # before any work: the dataset replaces the directory
-    store, cfg = _open_run(args.run_dir)
-    with RunLock(store.dir):
-        return _curate_locked(args, store, cfg)
-
-
-def _curate_locked(args, store, cfg) -> int:
     from qreason.config.schema import unresolved
-    from qreason.stages.curate import curate
     from qreason.pipeline.executor import LocalExecutor
-    from qreason.stages.grade import Grader
-    from qreason.inputs.models import ResolvedModel
+    from qreason.stages.base import RunContext
+    from qreason.stages.curate import CurateStage, check_out_dir
 
-    base = next((v for v in store.variants.all() if v.name == cfg.model.name), None)
-    if base is None:
-        raise UserError(str(store.dir), f"no record of the base variant {cfg.model.name!r} in variants.jsonl")
-    model = ResolvedModel(base.name, base.path, base.fingerprint, "variant")
-    settings = cfg.curate.model_copy(update={k: v for k, v in (("max_items", args.max_items), ("seed", args.seed))
-                                             if v is not None})
-    engines = LocalExecutor(cfg)  # starts the base model's engine only if continuations are needed
+    out = Path(args.out) if args.out else None
+    if out:
+        check_out_dir(out)  # before any work: the dataset replaces the directory
+    cfg = RunContext.open(args.run_dir).cfg
+    missing = unresolved(cfg.backend)
 
-    def engine():
-        missing = unresolved(cfg.backend)
-        if missing:
-            raise UserError(f"{store.dir / 'config.yaml'}: backend", "continuations need the generation backend, "
-                            f"but environment variable {', '.join(missing)} is not set")
-        return engines.backend_for(model)
+    class Engines(LocalExecutor):  # starts the base model's engine only if continuations are needed
+        def backend_for(self, model):
+            if missing:
+                raise UserError(f"{Path(args.run_dir) / 'config.yaml'}: backend", "continuations need the "
+                                f"generation backend, but environment variable {', '.join(missing)} is not set")
+            return super().backend_for(model)
 
-    try:
-        result = curate(store, settings, cfg.sampling, base.name, base.fingerprint, engine,
-                        Grader(cfg.grading.timeout_s, cfg.grading.workers),
-                        out_dir=Path(args.out) if args.out else None)
-    finally:
-        engines.close()
-    if result.out_dir is None:
+    def update(cfg):
+        flags = {k: v for k, v in (("max_items", args.max_items), ("seed", args.seed)) if v is not None}
+        cfg.curate = cfg.curate.model_copy(update=flags)
+
+    ctx = _stage_command(args.run_dir, CurateStage(out_dir=out), update, engines=Engines(cfg))
+    c = ctx.summary.curate
+    if c is None or not c.dir:
         print("no judged flips with a located first faulty step: nothing to curate")
         return 0
-    print(f"{result.items} items ({result.dpo_pairs} DPO pairs) from {result.candidates} candidates -> "
-          f"{result.out_dir}")
+    print(f"{c.items} items ({c.dpo_pairs} DPO pairs) from {c.candidates} candidates -> {c.dir}")
     return 0
 
 
@@ -215,25 +197,20 @@ def _cmd_repair(args) -> int:
 
 def _cmd_recover(args) -> int:
     from qreason.pipeline.executor import LocalExecutor
-    from qreason.stages.recover import recover
+    from qreason.stages.base import RunContext
+    from qreason.stages.recover import RecoverStage
 
-    from qreason.store import RunLock
+    def update(cfg):
+        flags = {k: v for k, v in (("mode", args.mode), ("eval_mode", args.eval_mode)) if v}
+        if args.no_control:
+            flags["control"] = False
+        cfg.recover = cfg.recover.model_copy(update=flags)
 
-    store, cfg = _open_run(args.run_dir)
-    if args.mode:
-        cfg.recover = cfg.recover.model_copy(update={"mode": args.mode})
-    if args.no_control:
-        cfg.recover = cfg.recover.model_copy(update={"control": False})
-    if args.eval_mode:
-        cfg.recover = cfg.recover.model_copy(update={"eval_mode": args.eval_mode})
-    engines = LocalExecutor(cfg)  # one engine at a time, started only if a generation is missing
-    try:
-        with RunLock(store.dir):
-            result = recover(store, cfg, cfg.model.name, engines.backend_for, only=args.variant or None,
-                             adapter=Path(args.adapter).resolve() if args.adapter else None, require_items=True)
-    finally:
-        engines.close()
-    print(format_recovery(result))
+    stage = RecoverStage(only=args.variant or None, adapter=Path(args.adapter).resolve() if args.adapter else None,
+                         require_items=True)
+    cfg = RunContext.open(args.run_dir).cfg
+    ctx = _stage_command(args.run_dir, stage, update, engines=LocalExecutor(cfg))  # one engine at a time
+    print(format_recovery(ctx.summary.recover))
     return 0
 
 
@@ -255,10 +232,9 @@ def format_recovery(result) -> str:
     for v in result.variants:
         if v.targeted_vs_control:
             h = v.targeted_vs_control
-            ci = h["ci"]
-            ci_text = "n/a" if ci[0] is None else f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
-            lines.append(f"{v.variant}: targeted - control = {100 * h['diff']:+.1f} points, 95% CI {ci_text}, "
-                         f"McNemar p {h['mcnemar_p']:.3g}: {h['verdict']}")
+            ci_text = "n/a" if h.ci[0] is None else f"[{100 * h.ci[0]:+.1f}, {100 * h.ci[1]:+.1f}]"
+            lines.append(f"{v.variant}: targeted - control = {100 * h.diff:+.1f} points, 95% CI {ci_text}, "
+                         f"McNemar p {h.mcnemar_p:.3g}: {h.verdict}")
     for name, why in result.skipped.items():
         lines.append(f"{name}: skipped ({why})")
     lines.append(f"recovery: {result.produced} generations produced; {result.summary_path}")
@@ -266,12 +242,12 @@ def format_recovery(result) -> str:
 
 
 def _cmd_report(args) -> int:
-    from qreason.report import build_report
     from qreason.pipeline.plan import default_index
+    from qreason.report import ReportStage
+    from qreason.stages.base import RunContext
 
-    store, cfg = _open_run(args.run_dir, graded=True)
-    path = build_report(store, Path(args.out) if args.out else None, default_index(), cfg.model.name,
-                        cfg.report.max_failures)
+    ctx = RunContext.open(args.run_dir, index=default_index(), graded=True)
+    path = ReportStage(Path(args.out) if args.out else None).run(ctx)
     print(f"report: {path}")
     return 0
 
@@ -287,7 +263,7 @@ def _cmd_compare(args) -> int:
     import pandas as pd
 
     from qreason.stages.analyze import compare_runs
-    from qreason.pipeline.provenance import changes
+    from qreason.summary import changes
     from qreason.pipeline.plan import default_index
     from qreason.store import RunStore
     from qreason.summary import RunSummary
@@ -425,8 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("grade", help="grade the ungraded generations of a run directory")
     g.add_argument("run_dir")
-    g.add_argument("--timeout", type=int, default=10, help="seconds per answer (default 10)")
-    g.add_argument("--workers", type=int, default=2, help="grading processes (default 2)")
+    g.add_argument("--timeout", type=int, help="seconds per answer (default: the run's grading.timeout_s)")
+    g.add_argument("--workers", type=int, help="grading processes (default: the run's grading.workers)")
     g.set_defaults(fn=_cmd_grade)
 
     gf = sub.add_parser("grade-file", help="grade a JSONL file of solutions produced anywhere (strict and lenient "

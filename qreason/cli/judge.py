@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     j.add_argument("--which", choices=["failures", "flips"],
                    help="judge every failure (default), or only flips: failures on a problem and seed that the "
                         "base variant solved")
-    j.add_argument("--base-variant", metavar="NAME", help="the variant flips are measured against (default: base)")
+    j.add_argument("--base-variant", metavar="NAME", help="the variant flips are measured against (default: the run's model)")
     j.add_argument("--prompt-version", metavar="V", help="judge prompt template in judge_prompts/ "
                                                          "(default: judge-v1)")
     j.add_argument("--llm-for-outcomes", action="store_true", default=None,
@@ -75,33 +75,38 @@ def _specs(values: list[str] | None) -> list | None:
 def cmd_judge(args) -> int:
     from pydantic import ValidationError
 
-    from qreason.store import RunLock, RunStore
-    from qreason.config.judge import JudgeConfig, load_judge_config
-    from qreason.stages.judge.stage import distribution, run_judging
+    from qreason.cli import _stage_command
+    from qreason.config.judge import load_judge_config
+    from qreason.stages.judge import JudgeStage, distribution
 
-    store = RunStore(Path(args.run_dir))
-    if not (store.dir / "generations.jsonl").is_file() or not (store.dir / "grades.jsonl").is_file():
-        raise UserError(str(store.dir), "not a graded run directory (needs generations.jsonl and grades.jsonl)")
-    data = (load_judge_config(args.config) if args.config else JudgeConfig()).model_dump()
-    judges = _specs(args.judge)
-    if judges is not None:
-        data["judges"] = [spec.model_dump() for spec in judges]
-    for opt, field in (("which", "which"), ("base_variant", "base_variant"), ("prompt_version", "prompt_version"),
-                       ("llm_for_outcomes", "llm_for_outcomes"), ("retry_invalid", "retry_invalid"),
-                       ("cache", "cache_path")):
-        if getattr(args, opt) is not None:
-            data[field] = getattr(args, opt)
-    if args.batch_write or args.batch_read:
-        data["batch"]["mode"] = "write" if args.batch_write else "read"
-    if args.batch_dir:
-        data["batch"]["dir"] = args.batch_dir
-    try:
-        cfg = JudgeConfig.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise UserError("qreason judge", f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    with RunLock(store.dir):  # a writer: only the lock holder appends (and cuts a torn tail)
-        stats = run_judging(store, cfg)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "generations.jsonl").is_file() or not (run_dir / "grades.jsonl").is_file():
+        raise UserError(str(run_dir), "not a graded run directory (needs generations.jsonl and grades.jsonl)")
+
+    def update(run_cfg):
+        """The run's own judge section (its base variant among them), or --config's, then the flags."""
+        data = (load_judge_config(args.config) if args.config else run_cfg.judge).model_dump()
+        data["base_variant"] = run_cfg.model.name
+        judges = _specs(args.judge)
+        if judges is not None:
+            data["judges"] = [spec.model_dump() for spec in judges]
+        for opt, field in (("which", "which"), ("base_variant", "base_variant"),
+                           ("prompt_version", "prompt_version"), ("llm_for_outcomes", "llm_for_outcomes"),
+                           ("retry_invalid", "retry_invalid"), ("cache", "cache_path")):
+            if getattr(args, opt) is not None:
+                data[field] = getattr(args, opt)
+        if args.batch_write or args.batch_read:
+            data["batch"]["mode"] = "write" if args.batch_write else "read"
+        if args.batch_dir:
+            data["batch"]["dir"] = args.batch_dir
+        try:
+            run_cfg.judge = type(run_cfg.judge).model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise UserError("qreason judge", f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+    ctx = _stage_command(args.run_dir, JudgeStage(), update)
+    store, stats = ctx.store, ctx.summary.judge
     dist = distribution(store)
     if args.json:
         print(json.dumps({"stats": stats.model_dump(), "distribution": dist}, indent=2))

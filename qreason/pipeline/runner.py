@@ -1,10 +1,10 @@
 """``qreason run``: a plan (``plan.py``), then the stages in order over one run context:
 
-    quantize -> generate -> grade -> judge -> analyze -> curate -> recover -> lm_eval -> report -> gates
+    quantize -> generate -> grade -> judge -> analyze -> curate -> recover -> lm_eval -> (finish) -> report -> gates
 
-Every stage has the same shape: ``stage(ctx)`` reads the run store (and what earlier stages left in the context),
-appends its own records, and returns its typed section of the ``RunSummary`` (or None). The runner is the loop;
-the work itself lives in each stage's module, which the per-stage CLI commands call too.
+Every stage follows one contract (``qreason.stages.base``): ``enabled(cfg)``, then ``run(ctx)`` returns its typed
+section of the ``RunSummary`` (or None), which the loop stores under the stage's ``section``. The work lives in
+each stage's module; the per-stage CLI commands call the same ``stage.run(ctx)`` on ``RunContext.open(run_dir)``.
 """
 
 from __future__ import annotations
@@ -12,191 +12,70 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
-from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
-from qreason.pipeline.provenance import environment
-from qreason.pipeline.executor import make_executor
-from qreason.stages.gates import check_gates, previous_summary
 from qreason.engines import Backend
-from qreason.stages.grade import Grader, grade_key, make_grader, run_grading
-from qreason.inputs.models import ResolvedModel
-from qreason.pipeline.plan import Plan, default_index, make_plan, make_plans, variant_name
-from qreason.records import ModelVariant, content_key
+from qreason.pipeline.executor import make_executor
+from qreason.pipeline.plan import Plan, default_index, make_plan, make_plans
+from qreason.pipeline.provenance import environment
+from qreason.records import content_key
+from qreason.report import ReportStage
+from qreason.stages.analyze import AnalyzeStage
+from qreason.stages.base import RunContext, Stage
+from qreason.stages.curate import CurateStage
+from qreason.stages.gates import GatesStage
+from qreason.stages.generate import GenerateStage
+from qreason.stages.grade import GradeStage
+from qreason.stages.judge import JudgeStage
+from qreason.stages.lm_eval import LmEvalStage
+from qreason.stages.quantize import QuantizeStage
+from qreason.stages.recover import RecoverStage
 from qreason.store import RunIndex, RunLock, RunStore, mark_run_dir, now_iso, write_atomic
-from qreason.summary import CurateSummary, GatesSummary, GenerationSummary, LmEvalSummary, QuantizationSummary, QuantizedVariant, RunSummary, accuracy_table
-
-if TYPE_CHECKING:  # the stages import their modules when they run: pandas and matplotlib cost seconds to load
-    from qreason.stages.analyze import Analysis
+from qreason.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RunContext:
-    """What the stages of one run share: the plan, the store, the executor (engines), and what earlier stages
-    produced for later ones (the variants, the generation keys of this config, the analysis)."""
+class FinishStage:
+    """Engines released and timing recorded before the report, which shows them."""
 
-    plan: Plan
-    store: RunStore
-    index: RunIndex
-    summary: RunSummary
-    executor: Any = None
-    variants: list[ModelVariant] = field(default_factory=list)
-    wanted: set[str] = field(default_factory=set)   # keys of the generations this config asks for
-    analysis: "Analysis | None" = None
-    env: dict = field(default_factory=dict)
+    name = "finish"
+    section = None
 
-    @property
-    def cfg(self):
-        return self.plan.loaded.config
+    def __init__(self, t0: float, env: dict):
+        self.t0, self.env = t0, env
 
-    @cached_property
-    def grader(self) -> Grader:
-        return make_grader(self.cfg.grading)
+    def enabled(self, cfg) -> bool:
+        return True
 
-
-# ------------------------------------------------------------------------------------------------- stages
-
-def quantize_stage(ctx: RunContext) -> QuantizationSummary:
-    """The base variant plus each quantized one (made, or reused from the checkpoint cache)."""
-    plan = ctx.plan
-    base = ModelVariant(key=content_key("variant", ctx.cfg.model.name, plan.base.fingerprint), name=ctx.cfg.model.name,
-                        base_model=plan.base.spec, base_fingerprint=plan.base.fingerprint, method="none",
-                        path=plan.base.path, fingerprint=plan.base.fingerprint, reused=True, created_at=now_iso())
-    ctx.variants = [base] + ctx.executor.quantize(
-        [(plan.base, spec, variant_name(spec), None, plan.loaded.base_dir) for spec in ctx.cfg.quantize])
-    ctx.store.variants.append(ctx.variants)
-    made = ctx.variants[1:]
-    return QuantizationSummary(
-        variants=[QuantizedVariant(name=v.name, method=v.method, reused=v.reused, seconds=v.quantize_seconds,
-                                   path=v.path, versions=v.versions) for v in made],
-        quantized=sum(not v.reused for v in made), reused=sum(v.reused for v in made))
-
-
-def generate_stage(ctx: RunContext) -> GenerationSummary:
-    """Quantized variants first, the base last (a local engine then stays up for curation)."""
-    jobs, planned = [], 0
-    for v in ctx.variants[1:] + ctx.variants[:1]:
-        model = ResolvedModel(v.name, v.path, v.fingerprint, "variant")
-        requests = ctx.plan.requests_for(v.name, model)
-        planned += len(requests)
-        ctx.wanted |= {r.key for r in requests}
-        todo = [r for r in requests if r.key not in ctx.store.generations]
-        log.info("%s: %d generations planned, %d to do", v.name, len(requests), len(todo))
-        if todo:
-            jobs.append((model, todo))
-    stats = ctx.executor.generate(ctx.store.generations, jobs, ctx.cfg.sampling,
-                                  {v.fingerprint: v.name for v in ctx.variants})
-    return GenerationSummary(planned=planned, cached=planned - stats.produced - stats.failed,
-                             produced=stats.produced, failed=stats.failed, seconds=round(stats.seconds, 2))
-
-
-def grade_stage(ctx: RunContext) -> list:
-    generations = [g for g in ctx.store.generations.all() if g.key in ctx.wanted]
-    ctx.summary.grades_written = run_grading(ctx.store, ctx.grader, generations)
-    keys = {grade_key(g.key) for g in generations}
-    return accuracy_table([g for g in ctx.store.grades.all() if g.key in keys])
-
-
-def judge_stage(ctx: RunContext) -> dict:
-    from qreason.stages.judge import run_judging
-
-    return run_judging(ctx.store, ctx.cfg.judge).model_dump()
-
-
-def analyze_stage(ctx: RunContext) -> None:
-    if not ctx.summary.results:
-        log.warning("no graded generations: skipping analysis, curation and the report")
+    def run(self, ctx: RunContext) -> None:
+        if ctx.engines is not None:
+            ctx.engines.close()
+        s = ctx.summary
+        s.finished_at = now_iso()
+        s.wall_seconds = round(time.monotonic() - self.t0, 2)
+        s.versions, s.hardware = self.env["versions"], self.env["hardware"]
         return None
-    from qreason.stages.analyze import analyze
-
-    ctx.analysis = analyze(ctx.store, ctx.cfg.model.name, generation_keys=ctx.wanted)
-    return None
 
 
-def curate_stage(ctx: RunContext) -> CurateSummary | None:
-    if not ctx.cfg.curate.enabled or ctx.analysis is None:
-        return None
-    from qreason.stages.curate import curate
-
-    base = ctx.plan.base
-    result = curate(ctx.store, ctx.cfg.curate, ctx.cfg.sampling, ctx.cfg.model.name, base.fingerprint,
-                    lambda: ctx.executor.backend_for(base), ctx.grader, ctx.summary.run_id)
-    return CurateSummary(candidates=result.candidates, items=result.items, dpo_pairs=result.dpo_pairs,
-                         dir=str(result.out_dir) if result.out_dir else None)
+def stages(t0: float, env: dict) -> list[Stage]:
+    """The stages of ``qreason run``, in order. A new stage: its module, its typed section, one line here."""
+    return [QuantizeStage(), GenerateStage(), GradeStage(), JudgeStage(), AnalyzeStage(), CurateStage(),
+            RecoverStage(), LmEvalStage(), FinishStage(t0, env), ReportStage(), GatesStage()]
 
 
-def recover_stage(ctx: RunContext) -> dict | None:
-    """LoRA adapters on the Silver Bullet items, re-evaluated on held-out problems (qreason/recover.py)."""
-    if not ctx.cfg.recover.enabled or ctx.analysis is None:
-        return None
-    from qreason.stages.recover import recover
-
-    if ctx.executor.kind == "local":
-        ctx.executor.close()  # the base model's engine is not needed again: free its memory for training
-    return recover(ctx.store, ctx.cfg, ctx.cfg.model.name, ctx.executor.backend_for, ctx.grader,
-                   generation_keys=ctx.wanted).model_dump(mode="json")
-
-
-def lm_eval_stage(ctx: RunContext) -> LmEvalSummary | None:
-    """lm-eval on every variant, after the engines are closed: each variant gets a vLLM server of its own."""
-    if not ctx.cfg.lm_eval.tasks:
-        return None
-    from qreason.stages.lm_eval import run_lm_eval, targets_for
-
-    ctx.executor.close()
-    return run_lm_eval(ctx.store, ctx.cfg.lm_eval, ctx.cfg.backend, targets_for(ctx.variants, ctx.summary.recover if ctx.cfg.lm_eval.adapters else None), ctx.cfg.model.name,
-                       ctx.cfg.tasks, ctx.cfg.sampling, ctx.plan.loaded.base_dir)
-
-
-def finish_stage(ctx: RunContext) -> None:
-    """Engines are released and the summary is written before the report, which reads it."""
-    ctx.executor.close()
-    s = ctx.summary
-    s.finished_at = now_iso()
-    s.wall_seconds = round(time.monotonic() - ctx.env["t0"], 2)
-    s.versions, s.hardware = ctx.env["versions"], ctx.env["hardware"]
-    ctx.store.write_json("summary.json", s.dump())
-    return None
-
-
-def report_stage(ctx: RunContext) -> str | None:
-    if not ctx.cfg.report.enabled or ctx.analysis is None:
-        return None
-    from qreason.report import build_report
-
-    path = build_report(ctx.store, index=ctx.index, base=ctx.cfg.model.name, max_failures=ctx.cfg.report.max_failures,
-                        analysis=ctx.analysis, generation_keys=ctx.wanted)
-    return str(path)
-
-
-def gates_stage(ctx: RunContext) -> GatesSummary:
-    previous = previous_summary(ctx.index, ctx.cfg.name, ctx.summary.run_id)
-    judgments = [j for j in ctx.store.judgments.all() if j.generation_key in ctx.wanted]
-    tripped = check_gates(ctx.cfg.gates, ctx.summary, ctx.cfg.model.name, previous, judgments)
-    return GatesSummary(tripped=tripped, passed=not tripped)
-
-
-# (summary field, stage): the field receives what the stage returns, when it returns something
-STAGES: list[tuple[str, Callable[[RunContext], Any]]] = [
-    ("quantization", quantize_stage),
-    ("generations", generate_stage),
-    ("results", grade_stage),
-    ("judge", judge_stage),
-    ("analysis", analyze_stage),
-    ("curate", curate_stage),
-    ("recover", recover_stage),
-    ("lm_eval", lm_eval_stage),
-    ("finish", finish_stage),
-    ("report", report_stage),
-    ("gates", gates_stage),
-]
+def run_stage(stage: Stage, ctx: RunContext, force: bool = False) -> None:
+    """Run one stage if the config enables it (``force``: a per-stage command runs it anyway); its section goes
+    into the summary, written at once."""
+    if not (force or stage.enabled(ctx.cfg)):
+        return
+    section = stage.run(ctx)
+    if section is not None and stage.section is not None:
+        setattr(ctx.summary, stage.section, section)
+    ctx.store.write_json("summary.json", ctx.summary.dump())
 
 
 # ------------------------------------------------------------------------------------------------- the loop
@@ -245,16 +124,15 @@ def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend |
     summary = RunSummary(run_id=run_id, name=cfg.name, run_dir=str(store.dir), config_hash=config_hash,
                          model={"spec": plan.base.spec, "fingerprint": plan.base.fingerprint,
                                 "source": plan.base.source})
-    ctx = RunContext(plan, store, index, summary, env={**env, "t0": t0})
+    ctx = RunContext(cfg=cfg, store=store, summary=summary, base=plan.base, index=index,
+                     base_dir=plan.loaded.base_dir, prompts=plan.prompts)
     status, failure = "failed", None
     try:
         store.problems.append(plan.problems)
-        ctx.executor = make_executor(cfg, backend, plan.base.fingerprint)
-        summary.executor = ctx.executor.kind
-        for name, stage in STAGES:
-            section = stage(ctx)
-            if section is not None:
-                setattr(summary, name, section)
+        ctx.engines = make_executor(cfg, backend, plan.base.fingerprint)
+        summary.executor = ctx.engines.kind
+        for stage in stages(t0, env):
+            run_stage(stage, ctx)
         store.write_json("summary.json", summary.dump())
         failed = summary.generations.failed or (summary.lm_eval is not None and summary.lm_eval.failed)
         status = ("incomplete" if failed else "gated" if summary.gates.tripped else "ok")
@@ -265,7 +143,7 @@ def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend |
             status = "interrupted"
         raise
     finally:
-        _finish_run(ctx.executor, index, run_id, status, summary, handler, failure)
+        _finish_run(ctx.engines, index, run_id, status, summary, handler, failure)
 
 
 def _finish_run(executor, index: RunIndex, run_id: str, status: str, summary: RunSummary,

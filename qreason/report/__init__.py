@@ -14,11 +14,11 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
-from qreason.pipeline.provenance import changes
+from qreason.summary import changes
 from qreason.stages.analyze import Analysis, analyze, verdicts
 from qreason.flips import is_flip, latest_grades, solved_cells
 from qreason.store import RunIndex, RunStore, write_atomic
-from qreason.summary import RunSummary
+from qreason.summary import LmEvalSummary, RunSummary
 from qreason.report import figures
 
 TEMPLATE_DIR = Path(__file__).parent
@@ -89,21 +89,19 @@ def trend_table(points: pd.DataFrame) -> tuple[list[str], list[dict]]:
     return series, rows[::-1]
 
 
-def lm_eval_rows(section: dict | None) -> list[dict]:
+def lm_eval_rows(section: LmEvalSummary | None) -> list[dict]:
     """The report's lm-eval table: one row per variant, task and metric; recovery % on the primary metric."""
     if not section:
         return []
     rows = []
-    primary = section.get("primary_metric", {})
-    for variant, tasks in section.get("variants", {}).items():
+    for variant, tasks in section.variants.items():
         for task, metrics in tasks.items():
             for metric, value in metrics.items():
-                is_primary = primary.get(task) == metric
+                is_primary = section.primary_metric.get(task) == metric
                 rows.append({"variant": variant, "task": task, "metric": metric, "value": value,
-                             "stderr": section.get("stderr", {}).get(variant, {}).get(task, {}).get(metric),
-                             "primary": is_primary, "n": section.get("n_samples", {}).get(task),
-                             "recovery": section.get("recovery", {}).get(variant, {}).get(task) if is_primary
-                             else None})
+                             "stderr": section.stderr.get(variant, {}).get(task, {}).get(metric),
+                             "primary": is_primary, "n": section.n_samples.get(task),
+                             "recovery": section.recovery.get(variant, {}).get(task) if is_primary else None})
     rows.sort(key=lambda r: (r["task"], not r["primary"], r["metric"], r["variant"]))
     return rows
 
@@ -120,9 +118,11 @@ def lm_eval_figure(rows: list[dict]) -> str | None:
 
 def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex | None = None,
                  base: str = "base", max_failures: int = 200, analysis: Analysis | None = None,
-                 generation_keys: set[str] | None = None) -> Path:
+                 generation_keys: set[str] | None = None, summary: RunSummary | None = None) -> Path:
+    """The report of a run from its typed summary (default: the run's ``summary.json``) and its store; written
+    to ``out_path`` (default ``RUN_DIR/report.html``)."""
     analysis = analysis or analyze(store, base, generation_keys=generation_keys)
-    summary = RunSummary.read(store.read_json("summary.json") or {})
+    summary = summary or RunSummary.read(store.read_json("summary.json") or {})
     env = store.read_json("environment.json") or {}
     card_path = store.dir / "silver_bullet" / "README.md"
     deg = analysis.degradation
@@ -145,13 +145,13 @@ def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex 
                                         "Mean output length", "tokens"),
         "trend": figures.trend(trend),
     }
-    lm_rows = lm_eval_rows(summary.lm_eval.model_dump() if summary.lm_eval else None)
+    lm_rows = lm_eval_rows(summary.lm_eval)
     figs["lm_eval"] = lm_eval_figure(lm_rows)
-    recovery = store.read_json("recovery/summary.json")
+    recovery = summary.recover
     if recovery:
-        arms = [a for v in recovery.get("variants", []) for a in [v] + ([v["control"]] if v.get("control") else [])]
-        figs["loss"] = figures.loss_curves({f"{a['eval_variant']} {phase}": points for a in arms
-                                            for phase, points in (a.get("loss") or {}).items()})
+        arms = [a for v in recovery.variants for a in [v] + ([v.control] if v.control else [])]
+        figs["loss"] = figures.loss_curves({f"{a.eval_variant} {phase}": points for a in arms
+                                            for phase, points in a.loss.items()})
     env_versions = env.get("versions", {})
     context = {
         "title": f"qreason report: {summary.name or store.dir.name}",
@@ -166,7 +166,7 @@ def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex 
         "dataset_card": card_path.read_text(encoding="utf-8") if card_path.exists() else None,
         "trend_series": trend_series, "trend": trend_rows, "lm_eval": lm_rows,
         "lm_eval_section": summary.lm_eval.model_dump() if summary.lm_eval else {},
-        "recovery": recovery,
+        "recovery": recovery.model_dump(mode="json") if recovery else None,
         "generated_at": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     env_j = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
@@ -177,3 +177,22 @@ def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex 
     out = out_path or store.dir / "report.html"
     write_atomic(Path(out), html)
     return Path(out)
+
+
+class ReportStage:
+    """The run's HTML report, from the summary the earlier stages filled."""
+
+    name = "report"
+    section = "report"
+
+    def __init__(self, out_path: Path | None = None):
+        self.out_path = out_path
+
+    def enabled(self, cfg) -> bool:
+        return cfg.report.enabled
+
+    def run(self, ctx) -> str | None:
+        if ctx.analysis is None:
+            return None
+        return str(build_report(ctx.store, self.out_path, ctx.index, ctx.base_name, ctx.cfg.report.max_failures,
+                                ctx.analysis, ctx.wanted, summary=ctx.summary))

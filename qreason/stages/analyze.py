@@ -14,6 +14,7 @@ Conventions:
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,33 +23,12 @@ import numpy as np
 import pandas as pd
 
 from qreason.records import Judgment
+from qreason.stats import bootstrap_diff_ci, mcnemar_exact
 from qreason.store import RunStore, write_atomic
 
+log = logging.getLogger(__name__)
 BASE = "base"
 DIFFICULTY_COLUMNS = ("level", "subject", "n_reference_steps", "difficulty")
-
-
-def mcnemar_exact(lost: int, gained: int) -> float:
-    """Two-sided exact McNemar p-value for discordant counts (binomial test with p = 1/2)."""
-    n = lost + gained
-    if n == 0:
-        return 1.0
-    k = min(lost, gained)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return min(1.0, 2 * tail)
-
-
-def bootstrap_diff_ci(base: np.ndarray, variant: np.ndarray, n_boot: int = 2000, seed: int = 0,
-                      level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of mean(variant) - mean(base) over paired items (0/1 arrays)."""
-    base, variant = np.asarray(base, float), np.asarray(variant, float)
-    if len(base) == 0:
-        return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(base), size=(n_boot, len(base)))
-    diffs = variant[idx].mean(axis=1) - base[idx].mean(axis=1)
-    lo, hi = np.quantile(diffs, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
 
 
 def frames(store: RunStore, generation_keys: set[str] | None = None, base: str = BASE) -> dict[str, pd.DataFrame]:
@@ -279,3 +259,18 @@ def analyze(store: RunStore, base: str = BASE, save: bool = True,
     if save:
         result.save(store.dir / "analysis")
     return result
+
+
+class AnalyzeStage:
+    """The degradation tables (``analysis/*.csv``); later stages read ``ctx.analysis``."""
+
+    name = "analyze"
+    section = None
+
+    def enabled(self, cfg) -> bool:
+        return True
+
+    def run(self, ctx) -> None:
+        if ctx.analysis is None:
+            log.warning("no graded generations: nothing to analyse, curate, recover or report")
+        return None

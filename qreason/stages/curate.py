@@ -37,6 +37,7 @@ from qreason.stages.grade import Grader, grade_key, run_grading
 from qreason.records import Generation, Judgment, SilverBulletItem, content_key
 from qreason.inputs.steps import step_spans
 from qreason.store import RunStore
+from qreason.summary import CurateSummary
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def find_chosen(store: RunStore, candidates: list[Candidate], cfg: CurateConfig,
         run_grading(store, grader, full, out=store.continuation_grades)
         for c in todo:
             req = requests[c.failed.key]
-            grade = store.continuation_grades.get(grade_key(req.key))
+            grade = store.continuation_grades.get(grade_key(req.key, grader.grader))
             if grade is not None and grade.status == "correct":
                 chosen[c.failed.key] = store.continuations.get(req.key).text
     return chosen
@@ -313,3 +314,29 @@ def curate(store: RunStore, cfg: CurateConfig, sampling: SamplingConfig, base: s
                   "seed": cfg.seed, "max_items": cfg.max_items, "candidates": len(candidates)}
     path = export(items, out_dir or store.dir / "silver_bullet", provenance)
     return CurateResult(len(candidates), len(items), sum(it.chosen is not None for it in items), path)
+
+
+class CurateStage:
+    """The Silver Bullet dataset from the run's judged flips."""
+
+    name = "curate"
+    section = "curate"
+
+    def __init__(self, out_dir: Path | None = None):
+        self.out_dir = out_dir
+
+    def enabled(self, cfg) -> bool:
+        return cfg.curate.enabled
+
+    def run(self, ctx) -> CurateSummary | None:
+        if ctx.analysis is None:
+            return None
+        from qreason.inputs.models import ResolvedModel
+
+        base = ctx.base_record
+        model = ResolvedModel(base.name, base.path, base.fingerprint, "variant")
+        result = curate(ctx.store, ctx.cfg.curate, ctx.cfg.sampling, base.name, base.fingerprint,
+                        lambda: ctx.need_engines().backend_for(model), ctx.grader, ctx.summary.run_id,
+                        out_dir=self.out_dir)
+        return CurateSummary(candidates=result.candidates, items=result.items, dpo_pairs=result.dpo_pairs,
+                             dir=str(result.out_dir) if result.out_dir else None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from qreason.config.schema import GatesConfig
 from qreason.records import Judgment
 from qreason.store import RunIndex
-from qreason.summary import LmEvalSummary, RunSummary
+from qreason.summary import GatesSummary, LmEvalSummary, RunSummary
 
 GATE_EXIT_CODE = 3
 
@@ -63,14 +63,14 @@ def check_gates(gates: GatesConfig, summary: RunSummary, base: str, previous: Ru
         tripped += format_failure_gate(gates.max_format_failure_rate, summary)
     if gates.max_lm_eval_drop is not None:
         tripped += lm_eval_gate(gates.max_lm_eval_drop, summary.lm_eval, base)
-    for v in (getattr(summary, "recover", None) or {}).get("variants", []):
-        after, before = v.get("recovery_after"), v.get("accuracy_before")
+    for v in summary.recover.variants if summary.recover else []:
+        after, before = v.recovery_after, v.accuracy_before
         if gates.min_recovery_after is not None and after is not None and after < gates.min_recovery_after - 1e-12:
-            tripped.append(f"{v['eval_variant']}: recovery after training {100 * after:.1f}% is below "
+            tripped.append(f"{v.eval_variant}: recovery after training {100 * after:.1f}% is below "
                            f"{100 * gates.min_recovery_after:.1f}%")
-        if gates.recover_no_worse and v["accuracy_after"] < before - 1e-12:
-            tripped.append(f"{v['eval_variant']}: the adapter lowered accuracy on held-out problems "
-                           f"({100 * before:.1f}% -> {100 * v['accuracy_after']:.1f}%)")
+        if gates.recover_no_worse and v.accuracy_after < before - 1e-12:
+            tripped.append(f"{v.eval_variant}: the adapter lowered accuracy on held-out problems "
+                           f"({100 * before:.1f}% -> {100 * v.accuracy_after:.1f}%)")
     if gates.max_judge_error_rate is not None:
         rate, n = judge_error_rate(judgments)
         if rate > gates.max_judge_error_rate:
@@ -96,3 +96,19 @@ def lm_eval_gate(limit: float, section: LmEvalSummary | None, base: str) -> list
                 tripped.append(f"{variant}/lm-eval {task}: {metric} {value:.4g} is {abs(base_value - value):.4g} "
                                f"worse than {base} ({base_value:.4g}); the limit is {limit:g}")
     return tripped
+
+
+class GatesStage:
+    """Regression gates on this run's summary (and the previous run of the same config in the index)."""
+
+    name = "gates"
+    section = "gates"
+
+    def enabled(self, cfg) -> bool:
+        return True
+
+    def run(self, ctx) -> GatesSummary:
+        previous = previous_summary(ctx.index, ctx.cfg.name, ctx.summary.run_id) if ctx.index else None
+        judgments = [j for j in ctx.store.judgments.all() if j.generation_key in ctx.wanted]
+        tripped = check_gates(ctx.cfg.gates, ctx.summary, ctx.base_name, previous, judgments)
+        return GatesSummary(tripped=tripped, passed=not tripped)

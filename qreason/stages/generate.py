@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Iterable
 from tqdm.auto import tqdm
 
 from qreason.records import Generation
+from qreason.summary import GenerationSummary
 from qreason.inputs.steps import split_steps
 from qreason.store import Table, now_iso
 from qreason.engines import Backend, Completion, GenerationRequest, sampling_identity
@@ -73,3 +74,32 @@ def run_generation(table: Table[Generation], requests: Iterable[GenerationReques
             stats.produced += table.append(batch)
     stats.seconds = time.monotonic() - start
     return stats
+
+
+class GenerateStage:
+    """Every (variant, problem, seed) of the config; quantized variants first, the base last (a local engine
+    then stays up for curation)."""
+
+    name = "generate"
+    section = "generations"
+
+    def enabled(self, cfg) -> bool:
+        return True
+
+    def run(self, ctx) -> GenerationSummary:
+        from qreason.inputs.models import ResolvedModel
+
+        jobs, planned = [], 0
+        for v in ctx.variants[1:] + ctx.variants[:1]:
+            model = ResolvedModel(v.name, v.path, v.fingerprint, "variant")
+            requests = ctx.requests_for(v.name, model)
+            planned += len(requests)
+            ctx.wanted |= {r.key for r in requests}
+            todo = [r for r in requests if r.key not in ctx.store.generations]
+            log.info("%s: %d generations planned, %d to do", v.name, len(requests), len(todo))
+            if todo:
+                jobs.append((model, todo))
+        stats = ctx.need_engines().generate(ctx.store.generations, jobs, ctx.cfg.sampling,
+                                            {v.fingerprint: v.name for v in ctx.variants})
+        return GenerationSummary(planned=planned, cached=planned - stats.produced - stats.failed,
+                                 produced=stats.produced, failed=stats.failed, seconds=round(stats.seconds, 2))

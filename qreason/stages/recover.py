@@ -43,7 +43,7 @@ from typing import Callable, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from qreason.stages.analyze import bootstrap_diff_ci, mcnemar_exact
+from qreason.stats import bootstrap_diff_ci, mcnemar_exact
 from qreason.config.schema import RecoverConfig, RunConfig
 from qreason.errors import UserError
 from qreason.engines import Backend, GenerationRequest, make_backend, make_request
@@ -51,6 +51,7 @@ from qreason.stages.generate import run_generation
 from qreason.stages.grade import Grader, grade_key, run_grading
 from qreason.inputs.models import ResolvedModel, cache_dir, fingerprint_dir
 from qreason.records import Generation, ModelVariant, SilverBulletItem, content_key
+from qreason.summary import ArmResult, HeadToHead, RecoverySummary, VariantRecovery
 from qreason.store import RunStore, Table, now_iso, write_atomic
 
 log = logging.getLogger(__name__)
@@ -65,55 +66,6 @@ DEFAULT_TRAIN_VENV = PACKAGE_ROOT / ".venv-train" if (PACKAGE_ROOT / "pyproject.
 
 
 # ------------------------------------------------------------------------------------------------ results
-
-class ArmResult(BaseModel):
-    """One adapter (targeted or control) of one quantized variant, evaluated on the held-out problems."""
-
-    variant: str                          # the quantized variant
-    eval_variant: str                     # the name its re-evaluation generations carry (VARIANT+sb / +ctl)
-    arm: Literal["targeted", "control"]
-    mode: str
-    train_items: int
-    train_problem_ids: list[str]
-    eval_problem_ids: list[str]
-    seeds: list[int]
-    base_accuracy: float
-    accuracy_before: float
-    accuracy_after: float
-    recovery_before: float | None         # accuracy / base accuracy (None when the base solved nothing)
-    recovery_after: float | None
-    recovery_after_ci: list[float | None] = Field(default_factory=list)  # paired bootstrap over problems
-    repaired: int                         # wrong before, right after (same problem and seed)
-    broken: int                           # right before, wrong after
-    mcnemar_p: float
-    diff_ci: list[float | None]           # accuracy_after - accuracy_before, paired bootstrap 95 %
-    adapter: str                          # PEFT adapter directory (adapter_config.json)
-    adapter_key: str
-    adapter_reused: bool
-    eval_mode: Literal["lora", "merged"]
-    train_seconds: float | None
-    eval_seconds: float
-    generations_produced: int
-    loss: dict[str, list[list[float]]] = Field(default_factory=dict)  # phase -> [[step, loss], ...]
-    failures_after: dict[str, int] = Field(default_factory=dict)     # rule-check verdicts of what still fails
-    versions: dict[str, str] = Field(default_factory=dict)
-
-
-class VariantRecovery(ArmResult):
-    control: ArmResult | None = None
-    # the targeted adapter merged into a dense checkpoint, for lm-eval (``lm_eval.adapters``): vLLM 0.32 cannot
-    # compute prompt logprobs with a LoRA, so loglikelihood tasks need the merged model
-    merged_checkpoint: str | None = None
-    targeted_vs_control: dict | None = None  # accuracy difference targeted - control, CI, McNemar p, verdict
-
-
-class RecoverySummary(BaseModel):
-    variants: list[VariantRecovery] = Field(default_factory=list)
-    skipped: dict[str, str] = Field(default_factory=dict)  # variant -> why nothing was trained
-    produced: int = 0
-    seconds: float = 0.0
-    summary_path: str | None = None
-
 
 # ------------------------------------------------------------------------------------------------ storage
 
@@ -248,7 +200,7 @@ def compare(base: np.ndarray, before: np.ndarray, after: np.ndarray) -> dict:
             "mcnemar_p": mcnemar_exact(broken, repaired), "diff_ci": [_clean(lo), _clean(hi)]}
 
 
-def head_to_head(control: np.ndarray, targeted: np.ndarray) -> dict:
+def head_to_head(control: np.ndarray, targeted: np.ndarray) -> HeadToHead:
     """Targeted against control on the same items: did aiming at the first faulty step beat the same budget?"""
     lo, hi = bootstrap_diff_ci(control, targeted)
     wins = int(((control == 0) & (targeted == 1)).sum())
@@ -261,8 +213,8 @@ def head_to_head(control: np.ndarray, targeted: np.ndarray) -> dict:
         verdict = "the control beat targeted training"
     else:
         verdict = "no significant difference"
-    return {"diff": diff, "ci": [lo, hi], "targeted_only": wins, "control_only": losses,
-            "mcnemar_p": mcnemar_exact(losses, wins), "verdict": verdict}
+    return HeadToHead(diff=diff, ci=[lo, hi], targeted_only=wins, control_only=losses,
+                      mcnemar_p=mcnemar_exact(losses, wins), verdict=verdict)
 
 
 # ------------------------------------------------------------------------------------------------ adapters
@@ -448,11 +400,11 @@ def judge_failures(gens: list[Generation], grades: dict, problems: dict, judgmen
     rule checks and stored in the recovery judgments table; counts by error type."""
     from types import SimpleNamespace
 
-    from qreason.stages.judge.stage import Candidate, JudgeStats, rule_judgments
+    from qreason.stages.judge.stage import Candidate, JudgeSummary, rule_judgments
 
     failed = [Candidate(g, grades[grade_key(g.key)], problems[(g.task, g.problem_id)], False) for g in gens
               if grades.get(grade_key(g.key)) is not None and grades[grade_key(g.key)].status != "correct"]
-    records = rule_judgments(SimpleNamespace(judgments=judgments), failed, timeout_s, JudgeStats())
+    records = rule_judgments(SimpleNamespace(judgments=judgments), failed, timeout_s, JudgeSummary())
     return Counter((r.error_type or ("rule check error" if r.status != "ok" else "unlocated"))
                    for r in records.values())
 
@@ -650,3 +602,26 @@ def _recover_variant(store, run_cfg, variant, items, all_items, own, base, corre
         out.control = ArmResult(**cfields)
         out.targeted_vs_control = head_to_head(after_c, after_t)
     return out
+
+
+class RecoverStage:
+    """LoRA adapters on the Silver Bullet items, re-evaluated on held-out problems beside a control."""
+
+    name = "recover"
+    section = "recover"
+
+    def __init__(self, only: list[str] | None = None, adapter: Path | None = None, require_items: bool = False):
+        self.only, self.adapter, self.require_items = only, adapter, require_items
+
+    def enabled(self, cfg) -> bool:
+        return cfg.recover.enabled
+
+    def run(self, ctx) -> RecoverySummary | None:
+        if ctx.analysis is None and not self.require_items:
+            return None
+        engines = ctx.need_engines()
+        if engines.kind == "local":
+            engines.close()  # the base model's engine is not needed again: free its memory for training
+        return recover(ctx.store, ctx.cfg, ctx.base_name, engines.backend_for, ctx.grader,
+                       generation_keys=ctx.wanted, only=self.only, adapter=self.adapter,
+                       require_items=self.require_items)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from qreason.stages.grade.extract import Candidate, MAX_CANDIDATE, clean, lenient_candidate, normalize_text, number_in, strict_candidates, words
 from qreason.errors import UserError
+from qreason.pool import bounded_calls
 from qreason.records import Generation, Grade, GradeStatus, Problem, content_key
 from qreason.store import Table, iter_jsonl, write_atomic
 
@@ -192,10 +193,6 @@ def _warm_up() -> None:
     grade_answer("So $x = \\boxed{\\left(3, \\frac{\\pi}{2}\\right)}$.", "stop", "(3, \\pi/2)", "latex", 600)
 
 
-def _noop(_: int) -> None:
-    return None
-
-
 @dataclass
 class GradeJob:
     generation: Generation
@@ -203,60 +200,10 @@ class GradeJob:
     key: str
 
 
-def grade_key(generation_key: str) -> str:
-    return content_key("grade", generation_key, grader_id())
-
-
-def bounded_calls(fn, jobs: list[tuple[object, tuple]], limit_s: float, workers: int,
-                  warm_up=None) -> Iterator[tuple[object, bool, object]]:
-    """Call ``fn(args)`` for each ``(job, args)`` in a pool of spawned worker processes, each call under a
-    wall-clock limit; yield ``(job, True, result)`` or ``(job, False, "timed out after N s")`` in completion
-    order. ``fn`` must be a picklable top-level function. Workers import ``fn``'s module (and run ``warm_up``)
-    before any clock starts. A call past its limit cannot be cancelled inside a pool: the pool is replaced and
-    the calls still running are resubmitted. Used for grading and for the judge's rule checks: untrusted model
-    output must never hang a run."""
-    if not jobs:
-        return
-    ctx = mp.get_context("spawn")
-
-    def start():
-        pool = ctx.Pool(workers, initializer=_import_and_warm, initargs=(fn.__module__, warm_up))
-        pool.map(_noop, range(workers * 2))
-        return pool
-
-    pool = start()
-    queue = list(reversed(jobs))
-    running: dict[int, tuple[object, tuple, object, float]] = {}
-    try:
-        while queue or running:
-            while queue and len(running) < workers:  # each submitted job starts at once
-                job, args = queue.pop()
-                running[id(job)] = (job, args, pool.apply_async(fn, (args,)), time.monotonic())
-            finished = [k for k, (_, _, res, _) in running.items() if res.ready()]
-            for k in finished:
-                job, _, res, _ = running.pop(k)
-                yield job, True, res.get()
-            overdue = [k for k, (_, _, _, t) in running.items() if time.monotonic() - t > limit_s]
-            if overdue:
-                for k in overdue:
-                    job, _, _, _ = running.pop(k)
-                    yield job, False, f"timed out after {limit_s:g} s"
-                pool.terminate()
-                pool = start()
-                queue.extend((job, args) for job, args, _, _ in running.values())
-                running.clear()
-            if not finished:
-                time.sleep(0.005)
-    finally:
-        pool.terminate()
-
-
-def _import_and_warm(module: str, warm_up) -> None:
-    import importlib
-
-    importlib.import_module(module)
-    if warm_up is not None:
-        warm_up()
+def grade_key(generation_key: str, grader: str | None = None) -> str:
+    """The key of a generation's grade by one grader (``grader``: its id, ``Grader.grader``; default: this
+    module's Math-Verify grader). Two graders never share keys, so each finds only its own grades."""
+    return content_key("grade", generation_key, grader or grader_id())
 
 
 @dataclass(frozen=True, eq=False)
@@ -325,7 +272,7 @@ def run_grading(store, grader: Grader, generations: Iterable[Generation] | None 
     problems = {(p.task, p.problem_id): p for p in store.problems.all()}
     jobs = []
     for g in generations if generations is not None else store.generations.all():
-        key = grade_key(g.key)
+        key = grade_key(g.key, grader.grader)
         if key not in out:
             jobs.append(GradeJob(g, problems[(g.task, g.problem_id)], key))
     written, pending = 0, []

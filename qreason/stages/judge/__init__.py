@@ -4,7 +4,7 @@ points at, by rule checks (always, no LLM) and by a panel of LLM judges behind O
 Stage API (used by the runner and by ``qreason judge``):
 
     cfg = JudgeConfig(judges=[JudgeSpec(name="a", base_url="http://127.0.0.1:8000/v1", model="m")])
-    stats = run_judging(RunStore(run_dir), cfg)      # appends Judgment records; resumable; returns JudgeStats
+    stats = run_judging(RunStore(run_dir), cfg)      # appends Judgment records; resumable; returns JudgeSummary
     distribution(store)                              # per variant: error types, capabilities, positions
 
 Judgments per failure: judge "rules" (arithmetic check, repetition collapse, no-answer/truncation outcome), one
@@ -18,10 +18,10 @@ from qreason.config.judge import BatchConfig, JudgeConfig, JudgeSpec, load_judge
 from qreason.stages.judge.panel import vote
 from qreason.stages.judge.prompts import JudgeInput, Verdict, build_messages, load_taxonomy, load_template, parse_reply
 from qreason.stages.judge.rules import check_arithmetic, repetition_start, rule_verdict
-from qreason.stages.judge.stage import JudgeStats, current_judgments, distribution, final_judgments, run_judging, select_candidates
+from qreason.stages.judge.stage import JudgeStage, JudgeSummary, current_judgments, distribution, final_judgments, run_judging, select_candidates
 
 __all__ = [
-    "BatchConfig", "JudgeConfig", "JudgeInput", "JudgeSpec", "JudgeStats", "Verdict", "build_messages",
+    "BatchConfig", "JudgeConfig", "JudgeInput", "JudgeSpec", "JudgeStage", "JudgeSummary", "Verdict", "build_messages",
     "check_arithmetic", "current_judgments", "distribution", "final_judgments", "load_judge_config",
     "load_processbench", "load_taxonomy", "load_template", "parse_judge_spec", "parse_reply",
     "processbench_metrics", "repetition_start", "rule_verdict", "run_bench", "run_judging", "select_candidates",

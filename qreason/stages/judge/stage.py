@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from qreason.errors import UserError
 from qreason.flips import is_flip, latest_grades, solved_cells
 from qreason.records import Generation, Grade, Judgment, Problem, content_key
+from qreason.summary import JudgeSummary
 from qreason.store import RunStore, now_iso
 from qreason.stages.judge.base import make_judge
 from qreason.stages.judge.client import JudgeClient, JudgeRequest, ReplyCache, add_usage, read_batch, write_batch
@@ -50,20 +51,6 @@ class Candidate:
     grade: Grade
     problem: Problem
     flip: bool
-
-
-class JudgeStats(BaseModel):
-    candidates: int = 0                   # failures selected for judging
-    flips: int = 0                        # of which flips
-    rules_written: int = 0
-    llm_items: int = 0                    # failures sent to the LLM judges (outcomes and empty solutions are not)
-    judges: dict[str, dict[str, int]] = Field(default_factory=dict)  # name -> ok, judge_error, cached, done, pending
-    panel_written: int = 0
-    requests: int = 0                     # HTTP requests sent (retries included)
-    usage: dict[str, int] = Field(default_factory=dict)
-    batch_files: list[str] = Field(default_factory=list)
-    errors: list[str] = Field(default_factory=list)   # judges stopped for the run (the endpoint refused them)
-    seconds: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -183,12 +170,12 @@ RULES_FLUSH_EVERY = 32   # rule verdicts are appended in groups this small, so a
 
 
 def rule_judgments(store: RunStore, candidates: list[Candidate], timeout_s: float,
-                   stats: JudgeStats) -> dict[str, Judgment]:
+                   stats: JudgeSummary) -> dict[str, Judgment]:
     """The rule-check record of every candidate (generation key -> record). Missing ones are computed in worker
     processes, each generation under a wall-clock limit (the checks read untrusted model output); one that
     overruns gets a rule-check error record, which, like a verdict, is final, so a re-run neither redoes nor
     hangs on it. Records are appended as they come in."""
-    from qreason.stages.grade import bounded_calls  # grading is an earlier stage; imported here to keep start-up light
+    from qreason.pool import bounded_calls
 
     out: dict[str, Judgment] = {}
     jobs = []
@@ -212,11 +199,11 @@ def rule_judgments(store: RunStore, candidates: list[Candidate], timeout_s: floa
     return out
 
 
-def run_judging(store: RunStore, cfg: JudgeConfig) -> JudgeStats:
+def run_judging(store: RunStore, cfg: JudgeConfig) -> JudgeSummary:
     """Judge the selected failures of a run; appends to store.judgments. Safe to re-run: finished work is skipped,
     cached replies are reused, endpoint failures are retried (invalid replies too with cfg.retry_invalid)."""
     t0 = time.monotonic()
-    stats = JudgeStats()
+    stats = JudgeSummary()
     candidates = select_candidates(store, cfg)
     stats.candidates = len(candidates)
     stats.flips = sum(c.flip for c in candidates)
@@ -269,7 +256,7 @@ def run_judging(store: RunStore, cfg: JudgeConfig) -> JudgeStats:
 
 async def _judge_all(store: RunStore, todo: list[Candidate], clients: list[JudgeClient],
                      requests: dict[str, list[JudgeRequest]], failures: dict[str, dict[str, Verdict]],
-                     stats: JudgeStats, retry_invalid: bool) -> None:
+                     stats: JudgeSummary, retry_invalid: bool) -> None:
     version = clients[0].template.version
     bar = tqdm(total=len(todo), desc="judge", unit="sol", disable=not todo, dynamic_ncols=True)
 
@@ -407,3 +394,16 @@ def distribution(store: RunStore, source: str = "final", flips_only: bool = Fals
             "relative_position": _positions(relative, RELATIVE_BINS),
         }
     return out
+
+
+class JudgeStage:
+    """Judge the run's failures: rule checks always, the LLM panel when judges are configured."""
+
+    name = "judge"
+    section = "judge"
+
+    def enabled(self, cfg) -> bool:
+        return True
+
+    def run(self, ctx) -> JudgeSummary:
+        return run_judging(ctx.store, ctx.cfg.judge)  # the run config sets base_variant to its model's name

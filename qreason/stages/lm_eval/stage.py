@@ -40,7 +40,7 @@ from qreason.workers.lm_eval import ERROR_PREFIX, RESULT_PREFIX
 from qreason.records import LmEvalResult, ModelVariant, content_key
 from qreason.inputs.resources import SPECS_DIR
 from qreason.store import RunStore, now_iso
-from qreason.summary import LmEvalSummary
+from qreason.summary import LmEvalSummary, RecoverySummary
 
 if TYPE_CHECKING:
     from qreason.config.schema import LmEvalConfig, SamplingConfig, TaskConfig, VLLMConfig
@@ -67,19 +67,20 @@ class LmEvalTarget:
     adapter_fingerprint: str | None = None
 
 
-def targets_for(variants: list[ModelVariant], recovery: dict | None = None) -> list[LmEvalTarget]:
+def targets_for(variants: list[ModelVariant],
+                recovery: RecoverySummary | None = None) -> list[LmEvalTarget]:
     """The base, every quantized variant, and each variant's targeted recovery adapter (the recover stage's
     section of the summary), evaluated as ``VARIANT+sb`` on the checkpoint with the adapter merged in
     (``merged_checkpoint``): vLLM 0.32 cannot compute prompt logprobs with a LoRA, which loglikelihood tasks
     need. A recovery without a merged checkpoint adds nothing."""
     targets = [LmEvalTarget(v.name, v.path, v.fingerprint) for v in variants]
     known = {v.name for v in variants}
-    for rec in (recovery or {}).get("variants", []):
-        merged = rec.get("merged_checkpoint")
-        if rec.get("variant") not in known or not merged or not (Path(merged) / "config.json").is_file():
+    for rec in recovery.variants if recovery else []:
+        merged = rec.merged_checkpoint
+        if rec.variant not in known or not merged or not (Path(merged) / "config.json").is_file():
             continue
-        key = rec.get("adapter_key") or Path(merged).name
-        targets.append(LmEvalTarget(rec["eval_variant"], merged, content_key("merged-adapter", key), key))
+        key = rec.adapter_key or Path(merged).name
+        targets.append(LmEvalTarget(rec.eval_variant, merged, content_key("merged-adapter", key), key))
     return targets
 
 
@@ -475,3 +476,21 @@ def run_lm_eval(store: RunStore, cfg: LmEvalConfig, backend: VLLMConfig, targets
     summary.evaluated, summary.cached, summary.failed = evaluated, cached, failures
     summary.seconds = round(time.monotonic() - start, 2)
     return summary
+
+
+class LmEvalStage:
+    """lm-eval on every variant (and each recovered adapter), after the engines are closed: each variant gets a
+    vLLM server of its own."""
+
+    name = "lm_eval"
+    section = "lm_eval"
+
+    def enabled(self, cfg) -> bool:
+        return bool(cfg.lm_eval.tasks)
+
+    def run(self, ctx) -> LmEvalSummary:
+        if ctx.engines is not None:
+            ctx.engines.close()
+        recovery = ctx.summary.recover if ctx.cfg.lm_eval.adapters else None
+        return run_lm_eval(ctx.store, ctx.cfg.lm_eval, ctx.cfg.backend, targets_for(ctx.variants, recovery),
+                           ctx.base_name, ctx.cfg.tasks, ctx.cfg.sampling, ctx.base_dir)

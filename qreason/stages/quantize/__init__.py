@@ -271,3 +271,38 @@ def __getattr__(name: str):
 
         return getattr(config, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def variant_name(spec) -> str:
+    """A variant's label: its ``name``, else the method (an import: the checkpoint's directory name)."""
+    if spec.name:
+        return spec.name
+    return Path(spec.path.rstrip("/")).name if spec.method == "import" else spec.method
+
+
+class QuantizeStage:
+    """The base variant plus each quantized one (made, or reused from the checkpoint cache)."""
+
+    name = "quantize"
+    section = "quantization"
+
+    def enabled(self, cfg) -> bool:
+        return True
+
+    def run(self, ctx):
+        from qreason.records import ModelVariant, content_key
+        from qreason.store import now_iso
+        from qreason.summary import QuantizationSummary, QuantizedVariant
+
+        b = ctx.base
+        base = ModelVariant(key=content_key("variant", ctx.cfg.model.name, b.fingerprint), name=ctx.cfg.model.name,
+                            base_model=b.spec, base_fingerprint=b.fingerprint, method="none", path=b.path,
+                            fingerprint=b.fingerprint, reused=True, created_at=now_iso())
+        ctx.variants = [base] + ctx.need_engines().quantize(
+            [(b, spec, variant_name(spec), None, ctx.base_dir) for spec in ctx.cfg.quantize])
+        ctx.store.variants.append(ctx.variants)
+        made = ctx.variants[1:]
+        return QuantizationSummary(
+            variants=[QuantizedVariant(name=v.name, method=v.method, reused=v.reused, seconds=v.quantize_seconds,
+                                       path=v.path, versions=v.versions) for v in made],
+            quantized=sum(not v.reused for v in made), reused=sum(v.reused for v in made))

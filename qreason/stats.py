@@ -1,0 +1,31 @@
+"""Paired statistics of 0/1 outcomes: McNemar's exact test on discordant pairs and a percentile bootstrap of the
+difference in means (seeded, so reports are reproducible)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def mcnemar_exact(lost: int, gained: int) -> float:
+    """Two-sided exact McNemar p-value for discordant counts (binomial test with p = 1/2)."""
+    n = lost + gained
+    if n == 0:
+        return 1.0
+    k = min(lost, gained)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def bootstrap_diff_ci(base: np.ndarray, variant: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of mean(variant) - mean(base) over paired items (0/1 arrays)."""
+    base, variant = np.asarray(base, float), np.asarray(variant, float)
+    if len(base) == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(base), size=(n_boot, len(base)))
+    diffs = variant[idx].mean(axis=1) - base[idx].mean(axis=1)
+    lo, hi = np.quantile(diffs, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
