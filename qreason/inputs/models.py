@@ -36,6 +36,7 @@ class ResolvedModel:
     path: str          # what vLLM loads
     fingerprint: str   # content hash of the weights, config and tokenizer
     source: str        # embedded | local | hub
+    adapter: str | None = None  # a PEFT LoRA adapter applied to every request (vLLM backend only)
 
 
 def _file_sha256(path: Path) -> str:

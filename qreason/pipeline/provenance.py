@@ -6,7 +6,6 @@ import os
 import platform
 import sys
 
-from typing import TYPE_CHECKING
 
 from qreason import __version__
 from qreason.workers.protocol import versions as installed_versions

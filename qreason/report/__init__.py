@@ -124,7 +124,7 @@ def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex 
     analysis = analysis or analyze(store, base, generation_keys=generation_keys)
     summary = summary or RunSummary.read(store.read_json("summary.json") or {})
     env = store.read_json("environment.json") or {}
-    card_path = store.dir / "silver_bullet" / "README.md"
+    card_path = store.dataset_dir / "README.md"
     deg = analysis.degradation
     first_error_rel = defaultdict(list)
     chosen = {k: j for k, j in verdicts(store).items() if generation_keys is None or k in generation_keys}
@@ -174,7 +174,7 @@ def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex 
     env_j.filters["pct"] = lambda v, d=1: "–" if v is None else f"{100 * v:.{d}f}%"
     env_j.filters["num"] = lambda v, d=2: "–" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
     html = env_j.get_template("report.html.j2").render(**context)
-    out = out_path or store.dir / "report.html"
+    out = out_path or store.report_path
     write_atomic(Path(out), html)
     return Path(out)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -257,7 +256,7 @@ def analyze(store: RunStore, base: str = BASE, save: bool = True,
         capabilities=error_distribution(chosen, "capability"), first_errors=first_error_positions(chosen),
         lengths=lengths(df), difficulty=by_difficulty(df, base), formats=format_failures(df))
     if save:
-        result.save(store.dir / "analysis")
+        result.save(store.analysis_dir)
     return result
 
 

@@ -9,7 +9,7 @@ faulty step k is known, build:
 
 Items are balanced across (error type, capability), one per problem, capped (default 332, the paper's size) and
 split train/test deterministically by seed. Exports: JSONL and Parquet in the formats TRL's SFT trainer
-(chat ``messages``) and DPO trainer (conversational ``prompt``/``chosen``/``rejected``) read, plus a dataset card.
+(conversational ``prompt``/``completion``) and DPO trainer (conversational ``prompt``/``chosen``/``rejected``) read, plus a dataset card.
 """
 
 from __future__ import annotations
@@ -177,13 +177,22 @@ def build_items(store: RunStore, candidates: list[Candidate], chosen: dict[str, 
     return [it.model_copy(update={"split": assign_split(it, cfg.seed, cfg.test_fraction)}) for it in picked]
 
 
-def sft_row(it: SilverBulletItem) -> dict:
-    return {"messages": [*it.messages, {"role": "assistant", "content": it.sft_solution}], **_meta(it)}
+def sft_row(messages: list[dict], solution: str, **meta) -> dict:
+    """An SFT example in TRL's conversational prompt-completion format (the loss covers the completion only)."""
+    return {"prompt": messages, "completion": [{"role": "assistant", "content": solution}], **meta}
 
 
-def dpo_row(it: SilverBulletItem) -> dict:
-    return {"prompt": it.messages, "chosen": [{"role": "assistant", "content": it.chosen}],
-            "rejected": [{"role": "assistant", "content": it.rejected}], "prefix": it.prefix, **_meta(it)}
+def dpo_row(messages: list[dict], chosen: str, rejected: str, **meta) -> dict:
+    """A preference pair in TRL's conversational preference format."""
+    return {"prompt": messages, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], **meta}
+
+
+def item_rows(it: SilverBulletItem) -> dict[str, dict | None]:
+    """An item's rows in the exported dataset (with its provenance): SFT always, DPO when it has a pair."""
+    return {"sft": sft_row(it.messages, it.sft_solution, **_meta(it)),
+            "dpo": dpo_row(it.messages, it.chosen, it.rejected, prefix=it.prefix, **_meta(it))
+            if it.chosen is not None else None}
 
 
 def _meta(it: SilverBulletItem) -> dict:
@@ -211,7 +220,7 @@ def dataset_card(items: list[SilverBulletItem], provenance: dict) -> str:
 Built by qreason from the failures that quantization introduced: problems the full-precision model solved and a
 quantized variant did not, with the first faulty step located by a judge.
 
-- **SFT** (`sft/`, chat `messages`): the problem and a verified-correct full-precision solution. {len(items)} items
+- **SFT** (`sft/`, conversational `prompt` / `completion`): the problem and a verified-correct full-precision solution. {len(items)} items
   (train {splits.get('train', 0)}, test {splits.get('test', 0)}).
 - **DPO** (`dpo/`, conversational `prompt` / `chosen` / `rejected`): both answers start with the quantized model's
   own steps before its first faulty step (`prefix`); "rejected" continues with its faulty steps, "chosen" with a
@@ -262,10 +271,10 @@ def export(items: list[SilverBulletItem], out_dir: Path, provenance: dict) -> Pa
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     old: Path | None = None
     try:
-        for kind, make in (("sft", sft_row), ("dpo", dpo_row)):
+        for kind in ("sft", "dpo"):
             (tmp / kind).mkdir()
             for split in ("train", "test"):
-                rows = [make(it) for it in items if it.split == split and (kind == "sft" or it.chosen is not None)]
+                rows = [r for it in items if it.split == split and (r := item_rows(it)[kind]) is not None]
                 (tmp / kind / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                                    for r in rows), encoding="utf-8")
                 if rows:
@@ -300,7 +309,7 @@ class CurateResult:
 def curate(store: RunStore, cfg: CurateConfig, sampling: SamplingConfig, base: str, base_fingerprint: str,
            backend_factory: Callable[[], Backend], grader: Grader, run_id: str | None = None,
            out_dir: Path | None = None) -> CurateResult:
-    check_out_dir(out_dir or store.dir / "silver_bullet")
+    check_out_dir(out_dir or store.dataset_dir)
     candidates = find_candidates(store, base)
     if not candidates:
         log.info("curate: no judged flips with a located first faulty step; no dataset written")
@@ -312,7 +321,7 @@ def curate(store: RunStore, cfg: CurateConfig, sampling: SamplingConfig, base: s
                   "base_model": base_fingerprint, "variants": sorted({it.variant for it in items}),
                   "methods": sorted({it.method for it in items}), "judges": sorted({it.judge for it in items}),
                   "seed": cfg.seed, "max_items": cfg.max_items, "candidates": len(candidates)}
-    path = export(items, out_dir or store.dir / "silver_bullet", provenance)
+    path = export(items, out_dir or store.dataset_dir, provenance)
     return CurateResult(len(candidates), len(items), sum(it.chosen is not None for it in items), path)
 
 

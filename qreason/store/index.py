@@ -9,7 +9,6 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
-from qreason.errors import UserError
 from qreason.store.files import now_iso
 
 

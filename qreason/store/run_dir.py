@@ -27,6 +27,33 @@ class RunStore:
         self.continuations: Table[Generation] = Table(self.dir / "continuations.jsonl", Generation)
         self.continuation_grades: Table[Grade] = Table(self.dir / "continuation_grades.jsonl", Grade)
         self.lm_eval: Table[LmEvalResult] = Table(self.dir / "lm_eval_results.jsonl", LmEvalResult)
+        # the recover stage's re-evaluation of adapters, kept apart from the run's own tables so that judging,
+        # curation and analysis never mistake recovered variants for the config's
+        self.recovery_generations: Table[Generation] = Table(self.recovery_dir / "generations.jsonl", Generation)
+        self.recovery_grades: Table[Grade] = Table(self.recovery_dir / "grades.jsonl", Grade)
+        self.recovery_judgments: Table[Judgment] = Table(self.recovery_dir / "judgments.jsonl", Judgment)
+
+    # the run directory's other places (every path of a run directory is named here)
+    @property
+    def recovery_dir(self) -> Path:
+        return self.dir / "recovery"
+
+    @property
+    def dataset_dir(self) -> Path:
+        """The Silver Bullet dataset (``curate``)."""
+        return self.dir / "silver_bullet"
+
+    @property
+    def analysis_dir(self) -> Path:
+        return self.dir / "analysis"
+
+    @property
+    def lm_eval_dir(self) -> Path:
+        return self.dir / "lm_eval"
+
+    @property
+    def report_path(self) -> Path:
+        return self.dir / "report.html"
 
     def write_json(self, name: str, obj) -> Path:
         path = self.dir / name

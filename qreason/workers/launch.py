@@ -1,11 +1,12 @@
-"""Run the quantization worker in the quantization environment, as a subprocess.
+"""The one launcher of side-environment workers (quantization, training, lm-eval).
 
-The worker (``qreason.workers.quantize``) needs llm-compressor, whose pins clash with vLLM's, so it runs with
-the Python of ``.venv-quant`` (made by ``scripts/setup-quant-env.sh``). This module finds that interpreter,
-starts the worker in its own process group, shows the worker's progress lines as they come, writes everything
-it prints to a log file, and measures the child's wall time and peak memory (``ru_maxrss`` from ``wait4``).
-A failure becomes one ``QuantizeFailed`` line that names the log; Ctrl-C stops the worker before it is
-re-raised.
+Each side environment pins libraries that clash with the main one (llm-compressor, TRL/PEFT, lm-eval), so its
+worker runs as ``python -m MODULE JOB.json`` with that environment's interpreter (``SideEnv.python``: an
+explicit path, else ``$QREASON_<NAME>_PYTHON``, else ``.venv-<name>`` beside the package in a checkout or in the
+working directory of an installed qreason). ``run_worker`` writes the job, starts the worker in its own process
+group, streams its output into a log (progress lines go to ``echo``, every line to ``on_line``), measures its
+wall time, CPU time and peak memory, and stops the whole group when the caller is interrupted. A worker that
+fails raises ``WorkerFailed``: one line naming the log; not the user's input, so the CLI exits with 1.
 """
 
 from __future__ import annotations
@@ -23,33 +24,66 @@ from qreason.errors import UserError
 from qreason.workers.protocol import ERROR_PREFIX, PROGRESS_PREFIX
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding the qreason package
-# In a source checkout (the usual case) the quantization environment sits in the repository.
+# In a source checkout (the usual case) the side environments sit in the repository.
 IS_CHECKOUT = (PACKAGE_ROOT / "pyproject.toml").is_file()
-DEFAULT_VENV = (PACKAGE_ROOT if IS_CHECKOUT else Path.cwd()) / ".venv-quant"
 
 
-class QuantizeFailed(UserError):
-    """The worker ran and failed: reported as one line, with the log's path for the details."""
+class WorkerFailed(Exception):
+    """A worker ran and failed (not bad input): one line naming the log that holds the details."""
+
+    exit_code = 1
+
+    def __init__(self, where: str, message: str):
+        self.where, self.message = where, message
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class SideEnv:
+    """A side environment: its name (``quant`` -> ``.venv-quant``, ``$QREASON_QUANT_PYTHON``), what it is for
+    and the script that makes it."""
+
+    name: str
+    purpose: str
+    setup: str
+
+    @property
+    def variable(self) -> str:
+        return f"QREASON_{self.name.upper()}_PYTHON"
+
+    def python(self, configured: str | None = None) -> Path:
+        """The interpreter: ``configured``, else the environment variable, else the default virtualenv."""
+        chosen = configured or os.environ.get(self.variable)
+        root = PACKAGE_ROOT if IS_CHECKOUT else Path.cwd()
+        python = Path(chosen) if chosen else root / f".venv-{self.name}" / "bin" / "python"
+        if not python.is_file():
+            raise UserError(f"{self.purpose} environment", f"{python} not found; create it with {self.setup} "
+                                                           f"(or set {self.variable})")
+        return python
+
+
+QUANT = SideEnv("quant", "quantization", "scripts/setup-quant-env.sh")
+TRAIN = SideEnv("train", "training", "scripts/setup-train-env.sh")
+BENCH = SideEnv("bench", "lm-eval", "scripts/setup-bench-env.sh")
+
+
+def side_env_vars(drop: tuple[str, ...] = ()) -> dict[str, str]:
+    """The environment a worker starts with: this process's, less ``drop``, with this checkout first on the
+    path (a side environment need not have qreason installed) and no progress bars or tokenizer threads."""
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    if IS_CHECKOUT:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    env.update({"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    return env
 
 
 @dataclass
 class WorkerRun:
-    result: dict  # what the worker wrote to its result file
+    result: dict  # what the worker wrote to its result file ({} for a worker that streams its results)
+    returncode: int
     seconds: float  # wall time of the subprocess
     peak_memory_mb: float  # the subprocess's peak resident memory
     cpu_seconds: float  # user + system CPU time of the subprocess (less sensitive to a busy machine)
-
-
-def quant_python() -> Path:
-    """The quantization environment's interpreter: $QREASON_QUANT_PYTHON, else .venv-quant in the repo."""
-    configured = os.environ.get("QREASON_QUANT_PYTHON")
-    python = Path(configured) if configured else DEFAULT_VENV / "bin" / "python"
-    if not python.is_file():
-        raise UserError(
-            "quantization environment",
-            f"{python} not found; create it with scripts/setup-quant-env.sh (or set QREASON_QUANT_PYTHON)",
-        )
-    return python
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -66,51 +100,35 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def run_worker(
-    job: dict,
-    job_dir: Path,
-    log_path: Path,
-    label: str,
-    echo: Callable[[str], None],
-    python: Path | None = None,
-    module: str = "qreason.workers.quantize",
-    stage: str = "quantize",
-) -> WorkerRun:
-    """Run one job to completion; ``echo`` receives the worker's progress lines. ``python`` and ``module``:
-    another side environment's worker speaking the same protocol (the recover stage's training worker);
-    ``stage`` names it in errors."""
-    python = python or quant_python()
+def run_worker(job: dict, job_dir: Path, log_path: Path, label: str, echo: Callable[[str], None], *,
+               python: Path, module: str, stage: str, env: dict[str, str] | None = None,
+               on_line: Callable[[str], None] | None = None, check: bool = True,
+               args: tuple[str, ...] = ()) -> WorkerRun:
+    """Run one job to completion. ``stage`` and ``label`` name it in errors; ``check``: a failed worker raises
+    ``WorkerFailed`` (a worker that reports failures line by line, as lm-eval's does, passes False and reads
+    ``returncode``). ``env``: the worker's environment (default ``side_env_vars()``)."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     job_file = job_dir / "job.json"
     result_file = job_dir / "result.json"
     job_file.write_text(json.dumps({**job, "result_file": str(result_file)}, indent=2), encoding="utf-8")
-    env = dict(os.environ)
-    if (
-        IS_CHECKOUT
-    ):  # the worker runs this checkout's code even where .venv-quant has no editable install of it
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
-    env.update({"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"})
     start = time.monotonic()
     error: str | None = None
-    proc = subprocess.Popen(
-        [str(python), "-m", module, str(job_file)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env=env,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-        start_new_session=True,
-    )
+    proc = subprocess.Popen([str(python), "-m", module, *args, str(job_file)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env or side_env_vars(),
+                            text=True, encoding="utf-8", errors="replace", start_new_session=True)
     try:
-        with open(log_path, "w", encoding="utf-8") as log:
+        with open(log_path, "a", encoding="utf-8") as log:
             for line in proc.stdout:
                 log.write(line)
+                log.flush()
                 text = line.rstrip("\n")
                 if text.startswith(PROGRESS_PREFIX):
-                    echo(text[len(PROGRESS_PREFIX) :])
+                    echo(text[len(PROGRESS_PREFIX):])
                 elif text.startswith(ERROR_PREFIX):
-                    error = text[len(ERROR_PREFIX) :]
+                    error = text[len(ERROR_PREFIX):]
+                if on_line is not None:
+                    on_line(text)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     except BaseException:
@@ -119,7 +137,8 @@ def run_worker(
     finally:
         proc.stdout.close()
     seconds = time.monotonic() - start
-    if proc.returncode != 0 or not result_file.is_file():
+    failed = proc.returncode != 0 or (check and not result_file.is_file())
+    if failed and check:
         if error:
             reason = error
         elif proc.returncode < 0:
@@ -127,13 +146,9 @@ def run_worker(
             reason = f"the worker was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
         else:
             reason = f"the worker exited with code {proc.returncode}"
-        raise QuantizeFailed(f"{stage} {label}", f"{reason} (full log: {log_path})")
-    result = json.loads(result_file.read_text(encoding="utf-8"))
+        raise WorkerFailed(f"{stage} {label}", f"{reason} (full log: {log_path})")
+    result = json.loads(result_file.read_text(encoding="utf-8")) if result_file.is_file() else {}
     job_file.unlink(missing_ok=True)
     result_file.unlink(missing_ok=True)
-    return WorkerRun(
-        result=result,
-        seconds=seconds,
-        peak_memory_mb=usage.ru_maxrss / 1024,
-        cpu_seconds=usage.ru_utime + usage.ru_stime,
-    )
+    return WorkerRun(result=result, returncode=proc.returncode, seconds=seconds,
+                     peak_memory_mb=usage.ru_maxrss / 1024, cpu_seconds=usage.ru_utime + usage.ru_stime)

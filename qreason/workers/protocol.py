@@ -6,7 +6,9 @@ so a worker imports only this module of qreason, plus its own libraries.
 
 Protocol, stdout: a line starting with ``PROGRESS_PREFIX`` is progress for the user; every other line belongs in the
 log file. On success the worker writes ``job["result_file"]`` (JSON) and exits 0; on failure it prints one
-``ERROR_PREFIX`` line naming the problem and exits 1 (130 when interrupted).
+``ERROR_PREFIX`` line naming the problem and exits 1 (130 when interrupted). A worker that produces several
+results (lm-eval: one per task) prints ``RESULT_PREFIX PATH`` for each file as it is written, and ``ERROR_PREFIX
+ITEM: MESSAGE`` for each item that failed.
 """
 
 from __future__ import annotations
@@ -18,11 +20,65 @@ import platform
 import sys
 import time
 import traceback
-from typing import Callable
+from typing import Any, Callable, NotRequired, TypedDict
 
 PROGRESS_PREFIX = "@qreason-progress "
 ERROR_PREFIX = "@qreason-error "
+RESULT_PREFIX = "@qreason-result "  # a worker that streams results: one line per result file written
 _START = time.monotonic()
+
+
+
+# ---------------------------------------------------------------------------------------------- the jobs
+# What the main process sends each worker (the job file, JSON). ``result_file`` is added by the launcher.
+
+class CalibrationFile(TypedDict):
+    file: str              # JSONL of chat samples
+    max_seq_len: int
+
+
+class QuantizeJob(TypedDict):
+    model: str                           # the base checkpoint directory
+    output_dir: str
+    modifiers: list[dict[str, Any]]      # llm-compressor modifiers of the resolved recipe
+    calibration: CalibrationFile | None
+    seed: int
+
+
+class TrainRun(TypedDict):
+    name: str                            # "VARIANT ARM"
+    mode: str                            # sft | dpo | sft+dpo
+    sft: list[dict]                      # TRL conversational prompt-completion rows
+    dpo: list[dict]                      # TRL conversational preference rows
+    hyper: dict[str, Any]
+    merged_dir: str | None               # also write the adapter merged into a dense checkpoint here
+    adapter_dir: NotRequired[str]        # train a new adapter into this directory
+    load_adapter: NotRequired[str]       # or load this finished one (to merge it)
+
+
+class TrainJob(TypedDict):
+    checkpoint: str                      # the quantized checkpoint
+    dense_dir: str                       # its dense copy of the grid weights (made once, reused)
+    device: str
+    seed: int
+    threads: int | None
+    runs: list[TrainRun]
+
+
+class LmEvalJob(TypedDict):
+    model: str                           # lm-eval model type (local-completions)
+    model_args: dict[str, Any]
+    tasks: list[dict[str, str]]          # name and the stage's result key
+    include_paths: list[str]
+    limit: NotRequired[int | float | None]
+    num_fewshot: NotRequired[int | None]
+    apply_chat_template: NotRequired[bool]
+    fewshot_as_multiturn: NotRequired[bool]
+    bootstrap_iters: NotRequired[int]
+    metadata: NotRequired[dict[str, Any]]
+    samples_dir: NotRequired[str]
+    results_dir: NotRequired[str]
+    cache: NotRequired[str]
 
 
 def progress(message: str) -> None:

@@ -3,8 +3,8 @@ verdicts). ``extract`` finds answer candidates in a solution; ``grader`` interpr
 
 from qreason.stages.grade.grader import (ANSWER_TYPES, GRADER_REVISION, STATUSES, Grader, GradeJob,
                                          grade_answer, grade_file, grade_key, grade_text, grader_id, make_grader,
-                                         register_grader, run_grading)
+                                         run_grading)
 from qreason.stages.grade.stage import GradeStage
 
 __all__ = ["GradeStage", "ANSWER_TYPES", "GRADER_REVISION", "STATUSES", "GradeJob", "Grader", "grade_answer",
-           "grade_file", "grade_key", "grade_text", "grader_id", "make_grader", "register_grader", "run_grading"]
+           "grade_file", "grade_key", "grade_text", "grader_id", "make_grader", "run_grading"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
-import multiprocessing as mp
 import re
 import time
 from collections import Counter
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 from qreason.stages.grade.extract import Candidate, MAX_CANDIDATE, clean, lenient_candidate, normalize_text, number_in, strict_candidates, words
 from qreason.errors import UserError
 from qreason.pool import bounded_calls
+from qreason.registry import GRADERS
 from qreason.records import Generation, Grade, GradeStatus, Problem, content_key
 from qreason.store import Table, iter_jsonl, write_atomic
 
@@ -213,24 +213,11 @@ class _Index:
     i: int
 
 
-GRADERS: dict[str, type] = {}
+def make_grader(cfg) -> Grader:
+    """The grader a run config asks for (``GradingConfig``): its kind in ``qreason.registry.GRADERS``."""
+    return GRADERS.get(cfg.kind, "grading.kind")(cfg.timeout_s, cfg.workers)
 
 
-def register_grader(kind: str):
-    """Class decorator: the grader for ``grading: {kind: KIND}`` (built as ``cls(timeout_s, workers)``)."""
-    def add(cls: type) -> type:
-        GRADERS[kind] = cls
-        return cls
-
-    return add
-
-
-def make_grader(cfg) -> "Grader":
-    """The grader a run config asks for (``GradingConfig``)."""
-    return GRADERS[cfg.kind](cfg.timeout_s, cfg.workers)
-
-
-@register_grader("math-verify")
 class Grader:
     """Grades in a pool of spawned worker processes with a per-answer wall-clock limit."""
 

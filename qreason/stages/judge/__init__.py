@@ -18,12 +18,12 @@ from qreason.config.judge import BatchConfig, JudgeConfig, JudgeSpec, load_judge
 from qreason.stages.judge.panel import vote
 from qreason.stages.judge.prompts import JudgeInput, Verdict, build_messages, load_taxonomy, load_template, parse_reply
 from qreason.stages.judge.rules import check_arithmetic, repetition_start, rule_verdict
-from qreason.stages.judge.stage import JudgeStage, JudgeSummary, current_judgments, distribution, final_judgments, run_judging, select_candidates
+from qreason.stages.judge.stage import Failure, JudgeStage, JudgeSummary, current_judgments, distribution, final_judgments, rule_check, run_judging, select_candidates
 
 __all__ = [
-    "BatchConfig", "JudgeConfig", "JudgeInput", "JudgeSpec", "JudgeStage", "JudgeSummary", "Verdict", "build_messages",
+    "BatchConfig", "JudgeConfig", "JudgeInput", "JudgeSpec", "Failure", "JudgeStage", "JudgeSummary", "Verdict", "build_messages",
     "check_arithmetic", "current_judgments", "distribution", "final_judgments", "load_judge_config",
     "load_processbench", "load_taxonomy", "load_template", "parse_judge_spec", "parse_reply",
-    "processbench_metrics", "repetition_start", "rule_verdict", "run_bench", "run_judging", "select_candidates",
+    "processbench_metrics", "repetition_start", "rule_check", "rule_verdict", "run_bench", "run_judging", "select_candidates",
     "vote",
 ]

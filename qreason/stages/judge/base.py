@@ -1,32 +1,46 @@
-"""The judge registry: LLM judge kinds looked up by ``JudgeSpec.kind``.
+"""LLM judge kinds, looked up by ``JudgeSpec.kind`` in ``qreason.registry.JUDGES``.
 
 A judge kind is a class constructed as ``cls(spec, template, taxonomy, cache, offline=...)`` with the interface of
-``client.JudgeClient`` (``request`` builds a cacheable request for one failure, ``ask`` answers it, ``close``);
-it registers itself with ``@register_judge("kind")``. The rule checks are not a kind: they always run, offline.
+``Judge`` below (``client.JudgeClient`` is the one built in). The rule checks are not a kind: they always run,
+offline.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Protocol
 
-from qreason.errors import UserError
+from qreason.registry import JUDGES
 
 if TYPE_CHECKING:
     from qreason.config.schema import JudgeSpec
-
-JUDGES: dict[str, type] = {}
-
-
-def register_judge(kind: str) -> Callable[[type], type]:
-    def add(cls: type) -> type:
-        JUDGES[kind] = cls
-        return cls
-
-    return add
+    from qreason.stages.judge.client import JudgeRequest, ReplyCache
+    from qreason.stages.judge.prompts import JudgeInput, Verdict
 
 
-def make_judge(spec: JudgeSpec, *args, **kwargs):
+class Judge(Protocol):
+    """One LLM judge of the panel."""
+
+    spec: JudgeSpec
+    cache: ReplyCache                 # replies by request key: a re-run asks nothing twice
+    requests: int                     # HTTP requests sent, retries included
+    refused: str | None               # why the endpoint refused outright (the run reports it and stops asking)
+    secrets: tuple[str, ...]          # values to redact from anything recorded
+
+    def request(self, item: JudgeInput) -> JudgeRequest:
+        """The cacheable request (messages and its content key) for one failure."""
+        ...
+
+    def accept(self, request: JudgeRequest, content: str | None, usage: dict[str, int]) -> Verdict:
+        """Validate a reply (raises ``InvalidReply``) and cache it (batch outputs come through here)."""
+        ...
+
+    async def judge(self, request: JudgeRequest) -> Verdict | None:
+        """The verdict: cached, fetched or a judge_error; None offline on a cache miss or once refused."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def make_judge(spec: JudgeSpec, *args, **kwargs) -> Judge:
     """The judge for one spec (its kind's class, built with the stage's template, taxonomy and reply cache)."""
-    if spec.kind not in JUDGES:
-        raise UserError(f"judge {spec.name}", f"no judge kind {spec.kind!r} (have {', '.join(sorted(JUDGES))})")
-    return JUDGES[spec.kind](spec, *args, **kwargs)
+    return JUDGES.get(spec.kind, f"judge {spec.name}")(spec, *args, **kwargs)

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from qreason.engines.openai_http import REFUSED_STATUSES, deadline_http_client, read_reply, redact, short_error
 from qreason.errors import UserError
 from qreason.records import content_key
 from qreason.store import iter_jsonl
-from qreason.stages.judge.base import register_judge
 from qreason.config.judge import JudgeSpec
 from qreason.stages.judge.prompts import InvalidReply, JudgeInput, PromptTemplate, Taxonomy, Verdict, build_messages, parse_reply, reply_schema, response_format
 
@@ -88,7 +88,6 @@ class JudgeRequest:
     n_steps: int
 
 
-@register_judge("openai")
 class JudgeClient:
     """One judge spec: builds requests, answers them from the cache or the endpoint, and counts HTTP requests."""
 
@@ -141,7 +140,6 @@ class JudgeClient:
         if self._client is None:
             import openai
 
-            from qreason.engines.openai import deadline_http_client  # not at import: see judge()
 
             async def count(_request) -> None:
                 self.requests += 1
@@ -166,8 +164,6 @@ class JudgeClient:
             return verdict
         import openai
 
-        # here, not at import: qreason.config imports this package
-        from qreason.engines.openai import REFUSED_STATUSES, read_reply, redact, short_error
 
         client = self._openai()
         usage: dict[str, int] = {}
@@ -255,7 +251,6 @@ def read_batch(path: Path, client: JudgeClient, requests: dict[str, JudgeRequest
     """Load a batch output file (OpenAI Batch API or ``vllm run-batch``): valid replies go into the cache; the
     verdicts of lines that carry an error or an invalid reply are returned by custom_id (as judge_error).
     Lines for requests not in ``requests`` are ignored."""
-    from qreason.engines.openai import read_reply, redact  # not at import: see JudgeClient.judge
 
     failures: dict[str, Verdict] = {}
     not_batch = "not a batch output line (needs custom_id and response or error)"

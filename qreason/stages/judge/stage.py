@@ -27,14 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
+from qreason.engines.openai_http import redact
 from qreason.errors import UserError
 from qreason.flips import is_flip, latest_grades, solved_cells
 from qreason.records import Generation, Grade, Judgment, Problem, content_key
 from qreason.summary import JudgeSummary
-from qreason.store import RunStore, now_iso
+from qreason.store import RunStore, Table, now_iso
 from qreason.stages.judge.base import make_judge
 from qreason.stages.judge.client import JudgeClient, JudgeRequest, ReplyCache, add_usage, read_batch, write_batch
 from qreason.config.judge import PANEL_JUDGE, RULES_JUDGE, JudgeConfig
@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Candidate:
+class Failure:
+    """A failed solution to judge: its generation, grade and problem, and whether it is a flip."""
+
     generation: Generation
     grade: Grade
     problem: Problem
@@ -55,7 +57,7 @@ class Candidate:
 
 # ---------------------------------------------------------------------------------------------- selection
 
-def select_candidates(store: RunStore, cfg: JudgeConfig) -> list[Candidate]:
+def select_candidates(store: RunStore, cfg: JudgeConfig) -> list[Failure]:
     """The failures to judge: graded with a status in cfg.statuses, flips marked; only flips if cfg.which says so."""
     grades = latest_grades(store)
     solved = solved_cells(grades.values(), cfg.base_variant)
@@ -74,11 +76,11 @@ def select_candidates(store: RunStore, cfg: JudgeConfig) -> list[Candidate]:
         flip = is_flip(gen, cfg.base_variant, solved)
         if cfg.which == "flips" and not flip:
             continue
-        out.append(Candidate(gen, grade, problem, flip))
+        out.append(Failure(gen, grade, problem, flip))
     return out
 
 
-def judge_input(c: Candidate) -> JudgeInput:
+def judge_input(c: Failure) -> JudgeInput:
     meta = c.problem.meta or {}
     ref = meta.get("reference_solution")
     if not ref and isinstance(meta.get("reference_steps"), list):
@@ -89,11 +91,11 @@ def judge_input(c: Candidate) -> JudgeInput:
 
 # ---------------------------------------------------------------------------------------------- records
 
-def rules_key(c: Candidate) -> str:
+def rules_key(c: Failure) -> str:
     return content_key("judgment", c.generation.key, RULES_JUDGE, RULES_REVISION, c.grade.status)
 
 
-def judge_key(c: Candidate, name: str, req: JudgeRequest) -> str:
+def judge_key(c: Failure, name: str, req: JudgeRequest) -> str:
     return content_key("judgment", c.generation.key, name, req.key)
 
 
@@ -121,7 +123,7 @@ def error_key(key: str, v: Verdict) -> str:
     return content_key(key, "judge_error", secrets.token_hex(8))
 
 
-def to_record(c: Candidate, key: str, judge: str, v: Verdict, prompt_version: str | None,
+def to_record(c: Failure, key: str, judge: str, v: Verdict, prompt_version: str | None,
               votes: dict[str, Any] | None = None) -> Judgment:
     g = c.generation
     return Judgment(key=key, generation_key=g.key, variant=g.variant, task=g.task, problem_id=g.problem_id,
@@ -169,9 +171,9 @@ def _run_coroutine(coro):
 RULES_FLUSH_EVERY = 32   # rule verdicts are appended in groups this small, so a killed run keeps what was done
 
 
-def rule_judgments(store: RunStore, candidates: list[Candidate], timeout_s: float,
-                   stats: JudgeSummary) -> dict[str, Judgment]:
-    """The rule-check record of every candidate (generation key -> record). Missing ones are computed in worker
+def rule_check(table: Table[Judgment], candidates: list[Failure], timeout_s: float) -> tuple[dict[str, Judgment], int]:
+    """The rule-check record of every candidate (generation key -> record) and how many were written to
+    ``table`` (the run's judgments, or the recover stage's). Missing ones are computed in worker
     processes, each generation under a wall-clock limit (the checks read untrusted model output); one that
     overruns gets a rule-check error record, which, like a verdict, is final, so a re-run neither redoes nor
     hangs on it. Records are appended as they come in."""
@@ -180,12 +182,13 @@ def rule_judgments(store: RunStore, candidates: list[Candidate], timeout_s: floa
     out: dict[str, Judgment] = {}
     jobs = []
     for c in candidates:
-        rec = store.judgments.get(rules_key(c))
+        rec = table.get(rules_key(c))
         if rec is None:
             jobs.append((c, (list(c.generation.steps), c.grade.status)))
         else:
             out[c.generation.key] = rec
     pending: list[Judgment] = []
+    written = 0
     for c, ok, result in bounded_calls(rule_verdict_call, jobs, timeout_s, min(2, max(len(jobs), 1))):
         verdict = result if ok else Verdict(status="judge_error", error=f"rule checks {result}")
         rec = to_record(c, rules_key(c), RULES_JUDGE, verdict, None,
@@ -193,10 +196,9 @@ def rule_judgments(store: RunStore, candidates: list[Candidate], timeout_s: floa
         out[c.generation.key] = rec
         pending.append(rec)
         if len(pending) >= RULES_FLUSH_EVERY or not ok:
-            stats.rules_written += store.judgments.append(pending)
+            written += table.append(pending)
             pending = []
-    stats.rules_written += store.judgments.append(pending)
-    return out
+    return out, written + table.append(pending)
 
 
 def run_judging(store: RunStore, cfg: JudgeConfig) -> JudgeSummary:
@@ -208,7 +210,7 @@ def run_judging(store: RunStore, cfg: JudgeConfig) -> JudgeSummary:
     stats.candidates = len(candidates)
     stats.flips = sum(c.flip for c in candidates)
 
-    rules = rule_judgments(store, candidates, cfg.rules_timeout_s, stats)
+    rules, stats.rules_written = rule_check(store.judgments, candidates, cfg.rules_timeout_s)
     if not cfg.judges:
         stats.seconds = round(time.monotonic() - t0, 3)
         return stats
@@ -254,13 +256,13 @@ def run_judging(store: RunStore, cfg: JudgeConfig) -> JudgeSummary:
     return stats
 
 
-async def _judge_all(store: RunStore, todo: list[Candidate], clients: list[JudgeClient],
+async def _judge_all(store: RunStore, todo: list[Failure], clients: list[JudgeClient],
                      requests: dict[str, list[JudgeRequest]], failures: dict[str, dict[str, Verdict]],
                      stats: JudgeSummary, retry_invalid: bool) -> None:
     version = clients[0].template.version
     bar = tqdm(total=len(todo), desc="judge", unit="sol", disable=not todo, dynamic_ncols=True)
 
-    async def member(c: Candidate, cl: JudgeClient, req: JudgeRequest) -> tuple[str, Verdict | None, Judgment | None]:
+    async def member(c: Failure, cl: JudgeClient, req: JudgeRequest) -> tuple[str, Verdict | None, Judgment | None]:
         name = cl.spec.name
         key = judge_key(c, name, req)
         done = finished(store, key, retry_invalid)
@@ -270,7 +272,6 @@ async def _judge_all(store: RunStore, todo: list[Candidate], clients: list[Judge
         try:
             verdict = failures[name].get(req.key) or await cl.judge(req)
         except Exception as exc:  # noqa: BLE001 - one member's bug must not stop the panel or the run
-            from qreason.engines.openai import redact  # not at import: qreason.config imports this package
 
             error = redact(f"judge failed: {type(exc).__name__}: {str(exc)[:200]}", cl.secrets)
             log.warning("judge %s on %s: %s", name, c.generation.key, error)
@@ -289,7 +290,7 @@ async def _judge_all(store: RunStore, todo: list[Candidate], clients: list[Judge
             key = error_key(key, verdict)
         return key, verdict, to_record(c, key, name, verdict, version, {"model": cl.spec.model})
 
-    async def one(i: int, c: Candidate) -> None:
+    async def one(i: int, c: Failure) -> None:
         results = await asyncio.gather(*(member(c, cl, requests[cl.spec.name][i]) for cl in clients))
         records = [rec for _, _, rec in results if rec is not None]
         if len(clients) >= 2 and all(v is not None for _, v, _ in results):

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qreason.errors import UserError
-from qreason.workers.lm_eval import ERROR_PREFIX, RESULT_PREFIX
+from qreason.workers.launch import BENCH, run_worker, side_env_vars
+from qreason.workers.protocol import ERROR_PREFIX, RESULT_PREFIX, LmEvalJob
 from qreason.records import LmEvalResult, ModelVariant, content_key
 from qreason.inputs.resources import SPECS_DIR
 from qreason.store import RunStore, now_iso
@@ -86,22 +87,12 @@ def targets_for(variants: list[ModelVariant],
 
 # ------------------------------------------------------------------------------------------ the environment
 
-def bench_python(cfg: LmEvalConfig) -> Path:
-    """lm-eval's interpreter: the config's, else $QREASON_BENCH_PYTHON, else .venv-bench of this checkout."""
-    configured = cfg.python or os.environ.get("QREASON_BENCH_PYTHON")
-    python = Path(configured) if configured else PACKAGE_ROOT / ".venv-bench" / "bin" / "python"
-    if not python.is_file():
-        raise UserError("lm_eval", f"lm-eval's environment {python} not found; create it with "
-                                   "scripts/setup-bench-env.sh (or set lm_eval.python / QREASON_BENCH_PYTHON)")
-    return python
-
-
 def worker_env() -> dict[str, str]:
     """The worker's environment: this checkout first on the path (exported tasks import qreason), no API key of
     the user's (the variant's server is local and needs none), no tokenizer threads fighting vLLM's."""
-    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    env = side_env_vars(drop=("OPENAI_API_KEY",))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
-    env.update({"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OPENAI_API_KEY": "EMPTY"})
+    env["OPENAI_API_KEY"] = "EMPTY"
     return env
 
 
@@ -137,17 +128,21 @@ def files_hash(paths: list[str]) -> str:
 
 def run_worker_check(python: Path, tasks: list[str], paths: list[str]) -> None:
     """Fail with one line when lm-eval knows none of a task name (before the run directory is touched)."""
+    errors: list[str] = []
+
+    def on_line(line: str) -> None:
+        if line.startswith(ERROR_PREFIX):
+            errors.append(line[len(ERROR_PREFIX):])
+
     with tempfile.TemporaryDirectory(prefix="qreason-lm-eval-") as work:
-        job = Path(work) / "check.json"
-        job.write_text(json.dumps({"tasks": [{"name": t} for t in tasks], "include_paths": paths}),
-                       encoding="utf-8")
-        out = subprocess.run([str(python), "-m", "qreason.workers.lm_eval", "--check", str(job)],
-                             capture_output=True, text=True, env=worker_env(), timeout=600)
-    errors = [line[len(ERROR_PREFIX):] for line in out.stdout.splitlines() if line.startswith(ERROR_PREFIX)]
+        log_path = Path(work) / "check.log"
+        run = run_worker({"tasks": [{"name": t} for t in tasks], "include_paths": paths}, Path(work), log_path,
+                         "task names", lambda _: None, python=python, module="qreason.workers.lm_eval",
+                         stage="lm_eval", env=worker_env(), on_line=on_line, check=False, args=("--check",))
+        tail = (log_path.read_text(encoding="utf-8").strip().splitlines() or ["?"])[-1]
     if errors:
         raise UserError("lm_eval.tasks", "; ".join(errors))
-    if out.returncode != 0:
-        tail = (out.stderr.strip().splitlines() or ["?"])[-1]
+    if run.returncode != 0:
         raise UserError("lm_eval", f"lm-eval could not list its tasks ({tail[:300]})")
 
 
@@ -174,7 +169,7 @@ def check_config(cfg: LmEvalConfig, run_tasks: list[TaskConfig], base_dir: Path 
     paths, and that lm-eval knows every task (qreason_<task> names of this run's tasks are exported for it)."""
     if not cfg.tasks:
         return
-    python = bench_python(cfg)
+    python = BENCH.python(cfg.python)
     for p in include_paths(cfg, None, base_dir)[1:]:
         if not Path(p).is_dir():
             raise UserError("lm_eval.include_paths", f"{p} is not a directory")
@@ -344,7 +339,7 @@ def _evaluate(target: LmEvalTarget, todo: list[tuple[str, str]], cfg: LmEvalConf
               python: Path, paths: list[str], version: str, args: dict, store: RunStore) -> list[dict[str, str]]:
     """Serve one target and run lm-eval on its missing tasks; each task's record is stored as it finishes.
     Returns the failures."""
-    lm_dir = store.dir / "lm_eval"
+    lm_dir = store.lm_eval_dir
     work = lm_dir / "work" / target.name
     work.mkdir(parents=True, exist_ok=True)
     failures: list[dict[str, str]] = []
@@ -353,7 +348,7 @@ def _evaluate(target: LmEvalTarget, todo: list[tuple[str, str]], cfg: LmEvalConf
         model_args = {"model": server.served_name, "base_url": server.base_url, "tokenizer_backend": "huggingface",
                       "tokenizer": target.path, "tokenized_requests": True, "batch_size": cfg.batch_size,
                       "max_length": backend.max_model_len, "timeout": 600, **cfg.model_args}
-        job = {"model": "local-completions", "model_args": model_args,
+        job: LmEvalJob = {"model": "local-completions", "model_args": model_args,
                "tasks": [{"name": t, "key": k} for t, k in todo], "include_paths": paths, "limit": cfg.limit,
                "num_fewshot": cfg.num_fewshot, "apply_chat_template": cfg.apply_chat_template,
                "fewshot_as_multiturn": multiturn(cfg), "bootstrap_iters": cfg.bootstrap_iters,
@@ -362,38 +357,21 @@ def _evaluate(target: LmEvalTarget, todo: list[tuple[str, str]], cfg: LmEvalConf
                "samples_dir": str(lm_dir / "samples" / target.name), "results_dir": str(work),
                # lm-eval's request cache lets a task killed half-way resume; one per model and arguments
                "cache": str(work / f"requests-{cache_id}")}
-        job_file = work / "job.json"
-        job_file.write_text(json.dumps(job, indent=1), encoding="utf-8")
         log_path = lm_dir / "logs" / f"{target.name}.lm_eval.log"
         keys = dict(todo)
-        proc = subprocess.Popen([str(python), "-m", "qreason.workers.lm_eval", str(job_file)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=worker_env(), text=True, encoding="utf-8", errors="replace",
-                                start_new_session=True)
-        try:
-            with open(log_path, "a", encoding="utf-8") as fh:
-                for line in proc.stdout:
-                    fh.write(line)
-                    fh.flush()
-                    if line.startswith(RESULT_PREFIX):
-                        result = json.loads(Path(line[len(RESULT_PREFIX):].strip()).read_text(encoding="utf-8"))
-                        key = keys[result["task"]]
-                        store.lm_eval.append([_record(target, key, version, args, result, store.dir)])
-                        log.info("lm-eval %s / %s done in %.0f s", target.name, result["task"], result["seconds"])
-                    elif line.startswith(ERROR_PREFIX):
-                        task, _, message = line[len(ERROR_PREFIX):].strip().partition(": ")
-                        failures.append({"variant": target.name, "task": task, "error": message,
-                                         "log": str(log_path)})
-            proc.wait()
-        except BaseException:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-            raise
-        finally:
-            proc.stdout.close()
+
+        def on_line(line: str) -> None:
+            if line.startswith(RESULT_PREFIX):
+                result = json.loads(Path(line[len(RESULT_PREFIX):].strip()).read_text(encoding="utf-8"))
+                store.lm_eval.append([_record(target, keys[result["task"]], version, args, result, store.dir)])
+                log.info("lm-eval %s / %s done in %.0f s", target.name, result["task"], result["seconds"])
+            elif line.startswith(ERROR_PREFIX):
+                task, _, message = line[len(ERROR_PREFIX):].strip().partition(": ")
+                failures.append({"variant": target.name, "task": task, "error": message, "log": str(log_path)})
+
+        proc = run_worker(job, work, log_path, target.name, lambda _: None, python=python,
+                          module="qreason.workers.lm_eval", stage="lm_eval", env=worker_env(), on_line=on_line,
+                          check=False)
         done = {r.task for r in store.lm_eval.all() if r.key in set(keys.values())}
         for task, _ in todo:
             if task not in done and not any(f["task"] == task for f in failures):
@@ -446,9 +424,9 @@ def run_lm_eval(store: RunStore, cfg: LmEvalConfig, backend: VLLMConfig, targets
     ``run_tasks`` / ``sampling``: the run's qreason tasks and sampling, exported as ``qreason_<task>`` when the
     section names them."""
     start = time.monotonic()
-    python = bench_python(cfg)
+    python = BENCH.python(cfg.python)
     version = lm_eval_version(python)
-    lm_dir = store.dir / "lm_eval"
+    lm_dir = store.lm_eval_dir
     export = exported_tasks(cfg, run_tasks or [])
     export_dir = None
     if export:

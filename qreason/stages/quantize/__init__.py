@@ -1,17 +1,17 @@
 """The quantize stage: a base model plus a ``QuantizeSpec`` in, a ``ModelVariant`` (a checkpoint on disk) out.
 
-    from qreason.quantize import QuantizeSpec, quantize, list_methods
+    from qreason.stages.quantize import QuantizeSpec, quantize, list_methods
     spec = QuantizeSpec(method="gptq-w4a16", overrides={"group_size": 64})
     variant = quantize(resolve_model("default"), spec)
 
 Methods are recipes in ``recipes.yaml`` (``recipes.py`` resolves them), calibration samples come from
-``calibration.py``, the work itself runs in the separate llm-compressor environment (``launch.py`` starts
-``worker.py`` there), and ``cache.py`` keys, places and describes the result. ``method="import"`` takes an
+``calibration.py``, the work itself runs in the separate llm-compressor environment (``qreason.workers.launch``
+starts ``qreason.workers.quantize`` there), and ``cache.py`` keys, places and describes the result. ``method="import"`` takes an
 existing quantized checkpoint instead (``imports.py``).
 
 Everything that can be wrong with the input (method, overrides, group size, calibration data, the quantization
 environment) is checked before any directory is created or process started, and reported as a one-line
-``UserError``. This module imports nothing heavy: vLLM is loaded only for calibration traces.
+``UserError``. vLLM is loaded only for calibration traces.
 """
 
 from __future__ import annotations
@@ -23,18 +23,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+
 
 from qreason import __version__
 from qreason.errors import UserError
-from qreason.workers.launch import QuantizeFailed
-
-if TYPE_CHECKING:  # imported where used, so that the worker's import of this package stays light
-    from qreason.config.schema import CalibrationSpec, QuantizeSpec
-    from qreason.inputs.models import ResolvedModel
-    from qreason.records import ModelVariant
-    from qreason.stages.quantize.calibration import CalibrationPlan
-    from qreason.stages.quantize.recipes import ResolvedRecipe
+from qreason.config.schema import CalibrationSpec, QuantizeSpec
+from qreason.inputs.models import ResolvedModel, fingerprint_dir, resolve_model
+from qreason.records import ModelVariant, content_key
+from qreason.stages.quantize.cache import CALIBRATION_FILE, PROVENANCE, cache_root, checkpoint_size, publish, quant_key, read_provenance, staging, worker_log_path
+from qreason.stages.quantize.calibration import CalibrationPlan, plan_calibration, write_samples
+from qreason.stages.quantize.imports import describe_quantization
+from qreason.stages.quantize.recipes import ResolvedRecipe, resolve
+from qreason.stages.quantize.recipes import list_methods as _list
+from qreason.stages.quantize.shapes import check_group_size, read_config
+from qreason.store import now_iso
+from qreason.workers.launch import QUANT, run_worker
+from qreason.workers.protocol import QuantizeJob
+from qreason.workers.launch import WorkerFailed
 
 __all__ = [
     "CalibrationSpec",
@@ -43,13 +48,12 @@ __all__ = [
     "prepare",
     "quantize",
     "list_methods",
-    "QuantizeFailed",
+    "WorkerFailed",
 ]
 
 
 def list_methods() -> list[dict]:
     """Every registered method: name, description, whether it calibrates, parameters (defaults, help)."""
-    from qreason.stages.quantize.recipes import list_methods as _list
 
     return _list()
 
@@ -61,9 +65,7 @@ def _stderr_echo(label: str) -> Callable[[str], None]:
     return echo
 
 
-def _variant(provenance: dict, name: str, path: Path, reused: bool) -> "ModelVariant":
-    from qreason.inputs.models import fingerprint_dir
-    from qreason.records import ModelVariant, content_key
+def _variant(provenance: dict, name: str, path: Path, reused: bool) -> ModelVariant:
 
     return ModelVariant(
         key=content_key("variant", name, provenance["key"]),
@@ -86,14 +88,8 @@ def _variant(provenance: dict, name: str, path: Path, reused: bool) -> "ModelVar
 
 
 def _import(
-    base: "ResolvedModel", spec: QuantizeSpec, name: str | None, base_dir: Path | None
-) -> "ModelVariant":
-    from qreason.inputs.models import resolve_model
-    from qreason.records import ModelVariant, content_key
-    from qreason.store import now_iso
-    from qreason.stages.quantize.cache import checkpoint_size
-    from qreason.stages.quantize.imports import describe_quantization
-    from qreason.stages.quantize.shapes import read_config
+    base: ResolvedModel, spec: QuantizeSpec, name: str | None, base_dir: Path | None
+) -> ModelVariant:
 
     model = resolve_model(spec.path, spec.revision, base_dir)
     config = read_config(model.path)
@@ -121,25 +117,21 @@ def _import(
 class Prepared:
     """A checked quantization request: the resolved recipe, calibration plan, cache key and destination."""
 
-    recipe: "ResolvedRecipe"
-    plan: "CalibrationPlan | None"
+    recipe: ResolvedRecipe
+    plan: CalibrationPlan | None
     key: str
     name: str
     dest: Path
 
 
 def prepare(
-    base: "ResolvedModel",
+    base: ResolvedModel,
     spec: QuantizeSpec,
     name: str | None = None,
     out_dir: Path | None = None,
     base_dir: Path | None = None,
 ) -> Prepared:
     """Check a request and compute its cache key; creates nothing and starts nothing."""
-    from qreason.stages.quantize.cache import cache_root, quant_key
-    from qreason.stages.quantize.calibration import plan_calibration
-    from qreason.stages.quantize.recipes import resolve
-    from qreason.stages.quantize.shapes import check_group_size
 
     if spec.method == "import":
         raise UserError("method import", "an import is not quantized; call quantize() for it")
@@ -154,13 +146,13 @@ def prepare(
 
 
 def quantize(
-    base: "ResolvedModel",
+    base: ResolvedModel,
     spec: QuantizeSpec,
     name: str | None = None,
     out_dir: Path | None = None,
     base_dir: Path | None = None,
     echo: Callable[[str], None] | None = None,
-) -> "ModelVariant":
+) -> ModelVariant:
     """Quantize ``base`` as ``spec`` says, or reuse the cached checkpoint made from the same inputs.
 
     ``name``: the variant's label in every later record (default: the method's name).
@@ -170,10 +162,6 @@ def quantize(
     """
     if spec.method == "import":
         return _import(base, spec, name, base_dir)
-    from qreason.store import now_iso
-    from qreason.stages.quantize.cache import CALIBRATION_FILE, PROVENANCE, checkpoint_size, publish, read_provenance, staging, worker_log_path
-    from qreason.stages.quantize.calibration import write_samples
-    from qreason.workers.launch import quant_python, run_worker
 
     # 1. Check everything; nothing is created or started before this block has passed.
     prep = prepare(base, spec, name, out_dir, base_dir)
@@ -191,12 +179,12 @@ def quantize(
             "exists and is not a checkpoint made from these inputs; "
             "choose another output directory or remove it",
         )
-    python = quant_python()
+    python = QUANT.python()
 
     # 3. Build in a temporary directory beside dest; rename into place only when complete.
     started = time.monotonic()
     with staging(dest) as tmp:
-        job: dict[str, Any] = {
+        job: QuantizeJob = {
             "model": base.path,
             "output_dir": str(tmp),
             "modifiers": recipe.modifiers,
@@ -221,7 +209,8 @@ def quantize(
             }
             detail = f"{len(samples)} {spec.calibration.source} calibration samples"
         echo(f"quantizing {base.spec} with {recipe.name} in {python.parent.parent.name} ({detail})")
-        run = run_worker(job, tmp, worker_log_path(dest), name, echo)
+        run = run_worker(job, tmp, worker_log_path(dest), name, echo, python=python,
+                         module="qreason.workers.quantize", stage="quantize")
         if calibration_record is not None:
             calibration_record["tokens"] = run.result.get("tokens")
         provenance = {
@@ -261,16 +250,6 @@ def quantize(
         f"{provenance['size_bytes'] / 2**20:.1f} MiB on disk): {dest}"
     )
     return _variant(provenance, name, dest, reused=False)
-
-
-def __getattr__(name: str):
-    """``QuantizeSpec`` and ``CalibrationSpec`` live in ``qreason.config``; re-exported here lazily, so that the
-    worker (which imports this package in the quantization environment) never loads the run configuration."""
-    if name in ("QuantizeSpec", "CalibrationSpec"):
-        from qreason.config import schema as config
-
-        return getattr(config, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def variant_name(spec) -> str:
