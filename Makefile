@@ -4,7 +4,7 @@
 # QREASON_DEVICE=cpu|cuda overrides the automatic choice of vLLM build (cuda when nvidia-smi sees a GPU).
 PY := .venv/bin/python
 
-.PHONY: demo test env bench clean
+.PHONY: demo test lint env bench clean
 env:
 	@bash scripts/setup-env.sh
 	@bash scripts/setup-quant-env.sh
@@ -14,9 +14,14 @@ env:
 demo: env
 	$(PY) -m qreason.cli run configs/demo.yaml
 
-test: env
+test: env lint
 	@bash scripts/setup-test-tools.sh
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
+
+# ruff: the project's 110 columns, pyflakes, import order, and one formatting style (ruff format)
+lint: env
+	$(PY) -m ruff check qreason tests bench
+	$(PY) -m ruff format --check qreason tests bench
 
 bench: env
 	$(PY) bench/generation_overhead.py

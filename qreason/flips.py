@@ -7,15 +7,14 @@ from __future__ import annotations
 from typing import Iterable
 
 from qreason.records import Generation, Grade
-from qreason.store import RunStore
 
 Cell = tuple[str, str, int]  # (task, problem_id, seed)
 
 
-def latest_grades(store: RunStore) -> dict[str, Grade]:
-    """The newest grade of each generation (file order: a re-grade by a newer grader comes later)."""
+def latest_grades(grades: Iterable[Grade]) -> dict[str, Grade]:
+    """The newest grade of each generation (table order: a re-grade by a newer grader comes later)."""
     out: dict[str, Grade] = {}
-    for g in store.grades.all():
+    for g in grades:
         out[g.generation_key] = g
     return out
 

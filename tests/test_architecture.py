@@ -1,9 +1,13 @@
-"""The shape of the package: no import cycles (lazy and type-checking imports included), config as a leaf."""
+"""The shape of the package: layers that import downward only, workers that import nothing of the main
+environment, stages that meet only through their public entry points, no import cycles (lazy and type-checking
+imports included), config as a leaf."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "qreason"
 
@@ -103,3 +107,97 @@ def test_config_is_a_leaf():
     allowed = {"qreason.errors", "qreason.config.schema"}
     reached = reachable(import_graph(), "qreason.config.schema")
     assert reached <= allowed, f"qreason.config reaches {sorted(reached - allowed)}"
+
+
+# The layers, lowest first: a module may import its own layer and the layers below it, never one above.
+LAYERS = [
+    ("leaves", ["qreason", "qreason.errors", "qreason.registry", "qreason.records", "qreason.summary", "qreason.stats",
+                "qreason.pool", "qreason.flips", "qreason.config"]),
+    ("store", ["qreason.store"]),
+    ("inputs", ["qreason.inputs"]),
+    ("engines", ["qreason.engines"]),
+    ("workers", ["qreason.workers"]),
+    ("stages", ["qreason.stages"]),
+    ("report", ["qreason.report"]),
+    ("pipeline", ["qreason.pipeline"]),
+    # the command line, ``python -m qreason`` and the shim that task files exported by old versions import
+    # and the lm-eval task files shipped as package data, which lm-eval loads
+    ("cli", ["qreason.cli", "qreason.__main__", "qreason.lm_eval_tasks", "qreason.specs"]),
+]
+WORKERS = {"qreason.workers.quantize", "qreason.workers.train", "qreason.workers.lm_eval"}
+
+
+def layer_of(module: str) -> int:
+    """The index of a module's layer (the longest matching prefix wins: ``qreason`` itself is a leaf)."""
+    best, found = -1, None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, found = len(prefix), i
+    assert found is not None, f"{module} belongs to no layer: add it to LAYERS"
+    return found
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
+                  for m, targets in graph.items() for t in targets if layer_of(t) > layer_of(m))
+
+
+def stage_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[1] == "stages" and parts[2] != "base" else None
+
+
+def private_stage_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Stages importing another stage's inner modules (``qreason.stages.judge.stage``) instead of its package."""
+    out = []
+    for m, targets in graph.items():
+        if stage_of(m) is None:
+            continue
+        for t in targets:
+            other = stage_of(t)
+            if other and other != stage_of(m) and t != f"qreason.stages.{other}":
+                out.append(f"{m} imports {t}: use qreason.stages.{other}")
+    return sorted(out)
+
+
+def private_names_across_stages() -> list[str]:
+    """``from qreason.stages.X import _name`` from outside stage X."""
+    out = []
+    for path in PKG.rglob("*.py"):
+        mod = module_name(path)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and stage_of(node.module) not in (None, stage_of(mod)):
+                out += [f"{mod} imports {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    return sorted(out)
+
+
+def test_the_layer_check_finds_a_planted_upward_import():
+    graph = {"qreason.store.table": {"qreason.stages.grade"}, "qreason.stages.grade": {"qreason.store.table"}}
+    assert upward_imports(graph) == ["qreason.store.table (store) imports qreason.stages.grade (stages)"]
+    assert private_stage_imports({"qreason.stages.recover.stage": {"qreason.stages.judge.stage"}})
+
+
+def test_layers_import_downward_only():
+    problems = upward_imports(import_graph())
+    assert not problems, "imports against the layers:\n" + "\n".join(problems)
+
+
+def test_workers_import_only_the_protocol():
+    """A worker runs in a side environment (llm-compressor, TRL, lm-eval): of qreason it may import only the
+    protocol, which imports nothing of qreason."""
+    graph = import_graph()
+    bad = {w: sorted(graph[w] - {"qreason.workers.protocol", "qreason.workers", "qreason"}) for w in WORKERS}
+    bad["qreason.workers.protocol"] = sorted(graph["qreason.workers.protocol"] - {"qreason.workers", "qreason"})
+    assert not any(bad.values()), {k: v for k, v in bad.items() if v}
+
+
+def test_stages_meet_only_through_their_public_entry_points():
+    problems = private_stage_imports(import_graph()) + private_names_across_stages()
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("module", ["qreason.registry", "qreason.summary", "qreason.stats", "qreason.flips"])
+def test_leaves_import_only_leaves(module):
+    reached = reachable(import_graph(), module)
+    assert all(layer_of(m) == 0 for m in reached), f"{module} reaches {sorted(reached)}"

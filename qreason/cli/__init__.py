@@ -90,33 +90,15 @@ def _cmd_runs(args) -> int:
     return 0
 
 
-def _stage_command(run_dir: str, stage, update=None, graded: bool = False, engines=None):
-    """A per-stage command: open the run's context (its stored config), apply the command's flags to the config
-    (``update(cfg)``), run the stage under the run lock and store its section in the run's summary.json."""
-    from qreason.pipeline.runner import run_stage
-    from qreason.stages.base import RunContext
-    from qreason.store import RunLock
-
-    ctx = RunContext.open(run_dir, engines=engines, graded=graded)
-    if update is not None:
-        update(ctx.cfg)
-    with RunLock(ctx.store.dir):  # a writer: only the lock holder appends (and cuts a torn tail)
-        try:
-            run_stage(stage, ctx, force=True)
-        finally:
-            if engines is not None:
-                engines.close()
-    return ctx
-
-
 def _cmd_grade(args) -> int:
+    from qreason.pipeline.runner import run_stage_command
     from qreason.stages.grade import GradeStage
 
     def update(cfg):
         flags = {k: v for k, v in (("timeout_s", args.timeout), ("workers", args.workers)) if v is not None}
         cfg.grading = cfg.grading.model_copy(update=flags)
 
-    ctx = _stage_command(args.run_dir, GradeStage(), update)
+    ctx = run_stage_command(args.run_dir, GradeStage(), update)
     print(f"{ctx.summary.grades_written} new grades written to {ctx.store.grades.path}")
     return 0
 
@@ -131,10 +113,11 @@ def _cmd_grade_file(args) -> int:
 
 
 def _cmd_analyze(args) -> int:
+    from qreason.stages.analyze import analysis_for
     from qreason.stages.base import RunContext
 
     ctx = RunContext.open(args.run_dir, graded=True)
-    store, result = ctx.store, ctx.analysis
+    store, result = ctx.store, analysis_for(ctx)
     import pandas as pd
 
     with pd.option_context("display.width", 160, "display.max_columns", 20):
@@ -149,6 +132,7 @@ def _cmd_analyze(args) -> int:
 
 
 def _cmd_curate(args) -> int:
+    from qreason.pipeline.runner import run_stage_command
     from qreason.config.schema import unresolved
     from qreason.pipeline.executor import LocalExecutor
     from qreason.stages.base import RunContext
@@ -171,7 +155,7 @@ def _cmd_curate(args) -> int:
         flags = {k: v for k, v in (("max_items", args.max_items), ("seed", args.seed)) if v is not None}
         cfg.curate = cfg.curate.model_copy(update=flags)
 
-    ctx = _stage_command(args.run_dir, CurateStage(out_dir=out), update, engines=Engines(cfg))
+    ctx = run_stage_command(args.run_dir, CurateStage(out_dir=out), update, engines=Engines(cfg))
     c = ctx.summary.curate
     if c is None or not c.dir:
         print("no judged flips with a located first faulty step: nothing to curate")
@@ -197,6 +181,7 @@ def _cmd_repair(args) -> int:
 
 
 def _cmd_recover(args) -> int:
+    from qreason.pipeline.runner import run_stage_command
     from qreason.pipeline.executor import LocalExecutor
     from qreason.stages.base import RunContext
     from qreason.stages.recover import RecoverStage
@@ -210,7 +195,7 @@ def _cmd_recover(args) -> int:
     stage = RecoverStage(only=args.variant or None, adapter=Path(args.adapter).resolve() if args.adapter else None,
                          require_items=True)
     cfg = RunContext.open(args.run_dir).cfg
-    ctx = _stage_command(args.run_dir, stage, update, engines=LocalExecutor(cfg))  # one engine at a time
+    ctx = run_stage_command(args.run_dir, stage, update, engines=LocalExecutor(cfg))  # one engine at a time
     print(format_recovery(ctx.summary.recover))
     return 0
 

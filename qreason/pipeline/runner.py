@@ -14,6 +14,7 @@ import secrets
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -24,7 +25,8 @@ from qreason.pipeline.provenance import environment
 from qreason.records import content_key
 from qreason.report import ReportStage
 from qreason.stages.analyze import AnalyzeStage
-from qreason.stages.base import RunContext, Stage
+from qreason.config.schema import RunConfig
+from qreason.stages.base import Engines, RunContext, Stage
 from qreason.stages.curate import CurateStage
 from qreason.stages.gates import GatesStage
 from qreason.stages.generate import GenerateStage
@@ -48,7 +50,7 @@ class FinishStage:
     def __init__(self, t0: float, env: dict):
         self.t0, self.env = t0, env
 
-    def enabled(self, cfg) -> bool:
+    def enabled(self, cfg: RunConfig) -> bool:
         return True
 
     def run(self, ctx: RunContext) -> None:
@@ -76,6 +78,23 @@ def run_stage(stage: Stage, ctx: RunContext, force: bool = False) -> None:
     if section is not None and stage.section is not None:
         setattr(ctx.summary, stage.section, section)
     ctx.store.write_json("summary.json", ctx.summary.dump())
+
+
+def run_stage_command(run_dir: str | Path, stage: Stage, update: Callable[[RunConfig], None] | None = None,
+                      engines: Engines | None = None, graded: bool = False) -> RunContext:
+    """A per-stage command: open the run's context (its stored config), apply the command's flags to the config
+    (``update(cfg)``), run the stage under the run lock, store its section in the run's summary.json and close
+    the engines."""
+    ctx = RunContext.open(run_dir, engines=engines, graded=graded)
+    if update is not None:
+        update(ctx.cfg)
+    try:
+        with RunLock(ctx.store.dir):  # a writer: only the lock holder appends (and cuts a torn tail)
+            run_stage(stage, ctx, force=True)
+    finally:
+        if engines is not None:
+            engines.close()
+    return ctx
 
 
 # ------------------------------------------------------------------------------------------------- the loop

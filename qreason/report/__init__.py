@@ -14,8 +14,10 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
+from qreason.config.schema import RunConfig
+from qreason.stages.base import RunContext
 from qreason.summary import changes
-from qreason.stages.analyze import Analysis, analyze, verdicts
+from qreason.stages.analyze import Analysis, analysis_for, analyze, verdicts
 from qreason.flips import is_flip, latest_grades, solved_cells
 from qreason.store import RunIndex, RunStore, write_atomic
 from qreason.summary import LmEvalSummary, RunSummary
@@ -32,7 +34,7 @@ def drilldown(store: RunStore, base: str, limit: int, generation_keys: set[str] 
     """Failures of non-base variants that have a verdict: flips first, each beside the base's solution."""
     generations = {g.key: g for g in store.generations.all() if generation_keys is None or g.key in generation_keys}
     by_cell = {(g.variant, g.task, g.problem_id, g.seed): g for g in generations.values()}
-    grades = latest_grades(store)
+    grades = latest_grades(store.grades.all())
     solved = solved_cells(grades.values(), base)
     problems = {(p.task, p.problem_id): p for p in store.problems.all()}
     all_judgments = defaultdict(list)
@@ -188,11 +190,12 @@ class ReportStage:
     def __init__(self, out_path: Path | None = None):
         self.out_path = out_path
 
-    def enabled(self, cfg) -> bool:
+    def enabled(self, cfg: RunConfig) -> bool:
         return cfg.report.enabled
 
-    def run(self, ctx) -> str | None:
-        if ctx.analysis is None:
+    def run(self, ctx: RunContext) -> str | None:
+        analysis = analysis_for(ctx)
+        if analysis is None:
             return None
         return str(build_report(ctx.store, self.out_path, ctx.index, ctx.base_name, ctx.cfg.report.max_failures,
-                                ctx.analysis, ctx.wanted, summary=ctx.summary))
+                                analysis, ctx.wanted, summary=ctx.summary))

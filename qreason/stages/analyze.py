@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from qreason.config.schema import RunConfig
 from qreason.records import Judgment
+from qreason.stages.base import RunContext
 from qreason.stats import bootstrap_diff_ci, mcnemar_exact
 from qreason.store import RunStore, write_atomic
 
@@ -260,16 +262,24 @@ def analyze(store: RunStore, base: str = BASE, save: bool = True,
     return result
 
 
+def analysis_for(ctx: RunContext) -> Analysis | None:
+    """The run's analysis of its wanted generations: the analyze stage's, or computed now (a per-stage command);
+    None when nothing is graded."""
+    if ctx.analysis is None and ctx.summary.results:
+        ctx.analysis = analyze(ctx.store, ctx.base_name, generation_keys=ctx.wanted)
+    return ctx.analysis
+
+
 class AnalyzeStage:
-    """The degradation tables (``analysis/*.csv``); later stages read ``ctx.analysis``."""
+    """The degradation tables (``analysis/*.csv``); curation, recovery and the report use them."""
 
     name = "analyze"
     section = None
 
-    def enabled(self, cfg) -> bool:
+    def enabled(self, cfg: RunConfig) -> bool:
         return True
 
-    def run(self, ctx) -> None:
-        if ctx.analysis is None:
+    def run(self, ctx: RunContext) -> None:
+        if analysis_for(ctx) is None:
             log.warning("no graded generations: nothing to analyse, curate, recover or report")
         return None

@@ -13,22 +13,32 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Protocol
 
 from qreason.config.schema import RunConfig, SamplingConfig, parse_config
 from qreason.engines import Backend, GenerationRequest, make_request
 from qreason.errors import UserError, decode_utf8
 from qreason.inputs.models import ResolvedModel
 from qreason.records import ModelVariant, Problem
+from qreason.registry import GRADERS
 from qreason.store import RunIndex, RunStore, Table
 from qreason.summary import ResultRow, RunSummary, Section, accuracy_table
 
 if TYPE_CHECKING:
-    from qreason.records import Generation
-    from qreason.stages.analyze import Analysis
-    from qreason.stages.grade import Grader
+    from qreason.records import Generation, Grade
 
 log = logging.getLogger(__name__)
+
+
+class Grader(Protocol):
+    """A grader, registered in ``qreason.registry.GRADERS`` under ``grading.kind`` and built as
+    ``cls(timeout_s, workers)`` (``qreason.stages.grade.grader.Grader`` is Math-Verify's)."""
+
+    grader: str   # the grader's id: part of every grade's key, so two graders never share grades
+
+    def grade(self, jobs: list) -> Iterator[Grade]:
+        """One ``Grade`` per ``GradeJob`` (generation, problem, key), in completion order."""
+        ...
 
 
 class Engines(Protocol):
@@ -63,7 +73,7 @@ class RunContext:
     prompts: list[tuple[Problem, list[dict[str, str]]]] = field(default_factory=list)
     variants: list[ModelVariant] = field(default_factory=list)
     wanted: set[str] = field(default_factory=set)
-    _analysis: Analysis | None = None
+    analysis: Any = None                  # the analyze stage's Analysis (qreason.stages.analyze.analysis_for)
     _grader: Grader | None = None
 
     @classmethod
@@ -107,20 +117,9 @@ class RunContext:
     def grader(self) -> Grader:
         """The grader the run's ``grading:`` section configures (built once)."""
         if self._grader is None:
-            from qreason.stages.grade import make_grader
-
-            self._grader = make_grader(self.cfg.grading)
+            g = self.cfg.grading
+            self._grader = GRADERS.get(g.kind, "grading.kind")(g.timeout_s, g.workers)
         return self._grader
-
-    @property
-    def analysis(self) -> Analysis | None:
-        """The degradation analysis of the wanted generations (computed once, on first use); None when nothing
-        is graded."""
-        if self._analysis is None and self.summary.results:
-            from qreason.stages.analyze import analyze
-
-            self._analysis = analyze(self.store, self.base_name, generation_keys=self.wanted)
-        return self._analysis
 
     def requests_for(self, variant: str, model: ResolvedModel) -> list[GenerationRequest]:
         """Every (problem, seed) request of the config for one model."""

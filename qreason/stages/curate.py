@@ -27,7 +27,9 @@ from typing import Callable
 
 import pandas as pd
 
-from qreason.stages.analyze import verdicts
+from qreason.config.schema import RunConfig
+from qreason.stages.base import RunContext
+from qreason.stages.analyze import analysis_for, verdicts
 from qreason.config.schema import CurateConfig, SamplingConfig
 from qreason.errors import UserError
 from qreason.flips import is_flip, latest_grades, solved_cells
@@ -61,7 +63,7 @@ def split_at_step(text: str, k: int) -> tuple[str, str] | None:
 
 
 def find_candidates(store: RunStore, base: str) -> list[Candidate]:
-    solved = solved_cells(latest_grades(store).values(), base)
+    solved = solved_cells(latest_grades(store.grades.all()).values(), base)
     generations = {g.key: g for g in store.generations.all()}
     out = []
     for gen_key, verdict in sorted(verdicts(store).items()):
@@ -334,11 +336,11 @@ class CurateStage:
     def __init__(self, out_dir: Path | None = None):
         self.out_dir = out_dir
 
-    def enabled(self, cfg) -> bool:
+    def enabled(self, cfg: RunConfig) -> bool:
         return cfg.curate.enabled
 
-    def run(self, ctx) -> CurateSummary | None:
-        if ctx.analysis is None:
+    def run(self, ctx: RunContext) -> CurateSummary | None:
+        if analysis_for(ctx) is None:
             return None
         from qreason.inputs.models import ResolvedModel
 

@@ -4,6 +4,8 @@ exit with code 3 after writing everything, so cron or CI can alert on it."""
 
 from __future__ import annotations
 
+from qreason.config.schema import RunConfig
+from qreason.stages.base import RunContext
 from qreason.config.schema import GatesConfig
 from qreason.records import Judgment
 from qreason.store import RunIndex
@@ -104,10 +106,10 @@ class GatesStage:
     name = "gates"
     section = "gates"
 
-    def enabled(self, cfg) -> bool:
+    def enabled(self, cfg: RunConfig) -> bool:
         return True
 
-    def run(self, ctx) -> GatesSummary:
+    def run(self, ctx: RunContext) -> GatesSummary:
         previous = previous_summary(ctx.index, ctx.cfg.name, ctx.summary.run_id) if ctx.index else None
         judgments = [j for j in ctx.store.judgments.all() if j.generation_key in ctx.wanted]
         tripped = check_gates(ctx.cfg.gates, ctx.summary, ctx.base_name, previous, judgments)

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Iterable
 
 from tqdm.auto import tqdm
 
+from qreason.config.schema import RunConfig
+from qreason.stages.base import RunContext
 from qreason.records import Generation
 from qreason.summary import GenerationSummary
 from qreason.inputs.steps import split_steps
@@ -83,10 +85,10 @@ class GenerateStage:
     name = "generate"
     section = "generations"
 
-    def enabled(self, cfg) -> bool:
+    def enabled(self, cfg: RunConfig) -> bool:
         return True
 
-    def run(self, ctx) -> GenerationSummary:
+    def run(self, ctx: RunContext) -> GenerationSummary:
         from qreason.inputs.models import ResolvedModel
 
         jobs, planned = [], 0

@@ -13,6 +13,12 @@ from typing import Iterable, Iterator
 from qreason.errors import UserError
 
 
+def cache_dir() -> Path:
+    """qreason's cache outside any run directory (converted models, quantized checkpoints, adapters):
+    ``$QREASON_CACHE``, else ``~/.cache/qreason``."""
+    return Path(os.environ.get("QREASON_CACHE", Path.home() / ".cache" / "qreason"))
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

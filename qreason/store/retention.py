@@ -6,7 +6,7 @@ import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from qreason.inputs.models import cache_dir
+from qreason.store.files import cache_dir
 from qreason.store import RUN_MARKER, RunIndex, RunStore
 
 

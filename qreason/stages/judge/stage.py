@@ -29,6 +29,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from qreason.config.schema import RunConfig
+from qreason.stages.base import RunContext
 from qreason.engines.openai_http import redact
 from qreason.errors import UserError
 from qreason.flips import is_flip, latest_grades, solved_cells
@@ -59,7 +61,7 @@ class Failure:
 
 def select_candidates(store: RunStore, cfg: JudgeConfig) -> list[Failure]:
     """The failures to judge: graded with a status in cfg.statuses, flips marked; only flips if cfg.which says so."""
-    grades = latest_grades(store)
+    grades = latest_grades(store.grades.all())
     solved = solved_cells(grades.values(), cfg.base_variant)
     problems = {(p.task, p.problem_id): p for p in store.problems.all()}
     out = []
@@ -403,8 +405,8 @@ class JudgeStage:
     name = "judge"
     section = "judge"
 
-    def enabled(self, cfg) -> bool:
+    def enabled(self, cfg: RunConfig) -> bool:
         return True
 
-    def run(self, ctx) -> JudgeSummary:
+    def run(self, ctx: RunContext) -> JudgeSummary:
         return run_judging(ctx.store, ctx.cfg.judge)  # the run config sets base_variant to its model's name

@@ -120,13 +120,13 @@ def score(doc: dict, text: str, max_gen_toks: int, timeout_s: int = 10) -> dict[
     states one)."""
     from math_verify.errors import TimeoutException  # a BaseException: "except Exception" would miss it
 
-    from qreason.stages.grade import grader as grade
+    from qreason.stages.grade import grade_answer
 
     finish = None
     if doc.get("tokenizer") and _token_count(doc["tokenizer"], text) >= max_gen_toks:
         finish = "length"
     try:
-        verdict = grade.grade_answer(text, finish, doc["answer"], doc["answer_type"], timeout_s)
+        verdict = grade_answer(text, finish, doc["answer"], doc["answer_type"], timeout_s)
         strict, lenient = verdict.status, verdict.lenient_status
     except (TimeoutException, Exception):  # noqa: BLE001 - as in qreason's grading: a grader_error
         strict = lenient = "grader_error"

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qreason.config.schema import RunConfig
+from qreason.stages.base import RunContext
 from qreason.errors import UserError
 from qreason.workers.launch import BENCH, run_worker, side_env_vars
 from qreason.workers.protocol import ERROR_PREFIX, RESULT_PREFIX, LmEvalJob
@@ -463,10 +465,10 @@ class LmEvalStage:
     name = "lm_eval"
     section = "lm_eval"
 
-    def enabled(self, cfg) -> bool:
+    def enabled(self, cfg: RunConfig) -> bool:
         return bool(cfg.lm_eval.tasks)
 
-    def run(self, ctx) -> LmEvalSummary:
+    def run(self, ctx: RunContext) -> LmEvalSummary:
         if ctx.engines is not None:
             ctx.engines.close()
         recovery = ctx.summary.recover if ctx.cfg.lm_eval.adapters else None

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+from qreason.config.schema import RunConfig
+from qreason.stages.base import RunContext
 from qreason import __version__
 from qreason.errors import UserError
 from qreason.config.schema import CalibrationSpec, QuantizeSpec
@@ -265,10 +267,10 @@ class QuantizeStage:
     name = "quantize"
     section = "quantization"
 
-    def enabled(self, cfg) -> bool:
+    def enabled(self, cfg: RunConfig) -> bool:
         return True
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         from qreason.records import ModelVariant, content_key
         from qreason.store import now_iso
         from qreason.summary import QuantizationSummary, QuantizedVariant

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from qreason.inputs.models import cache_dir
+from qreason.store import cache_dir
 from qreason.records import content_key
 
 PROVENANCE = "qreason-quant.json"

@@ -13,7 +13,7 @@ from typing import Callable
 
 from qreason.config.schema import RecoverConfig
 from qreason.errors import UserError
-from qreason.inputs.models import cache_dir
+from qreason.store import cache_dir
 from qreason.records import ModelVariant, content_key
 from qreason.workers.launch import TRAIN
 from qreason.store import now_iso

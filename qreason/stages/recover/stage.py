@@ -37,9 +37,11 @@ from pathlib import Path
 from typing import Callable
 
 
+from qreason.stages.base import RunContext
 from qreason.config.schema import RecoverConfig, RunConfig
 from qreason.errors import UserError
 from qreason.engines import Backend, make_backend
+from qreason.stages.analyze import analysis_for
 from qreason.stages.generate import run_generation
 from qreason.stages.grade import Grader, grade_key, make_grader, run_grading
 from qreason.inputs.models import ResolvedModel, fingerprint_dir
@@ -269,11 +271,11 @@ class RecoverStage:
     def __init__(self, only: list[str] | None = None, adapter: Path | None = None, require_items: bool = False):
         self.only, self.adapter, self.require_items = only, adapter, require_items
 
-    def enabled(self, cfg) -> bool:
+    def enabled(self, cfg: RunConfig) -> bool:
         return cfg.recover.enabled
 
-    def run(self, ctx) -> RecoverySummary | None:
-        if ctx.analysis is None and not self.require_items:
+    def run(self, ctx: RunContext) -> RecoverySummary | None:
+        if analysis_for(ctx) is None and not self.require_items:
             return None
         engines = ctx.need_engines()
         if engines.kind == "local":
