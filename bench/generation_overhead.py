@@ -13,11 +13,14 @@ own task loader), the embedded default model, greedy decoding, the same max_toke
     template; wall times, accuracies and the speed ratio (target: qreason at least 4x faster). The prompts lm-eval
     actually sent are checked against qreason's.
 
-Everything the benchmark writes (the run config, the lm-eval task, the runs, the results JSON) goes to bench/out/.
+Everything the benchmark writes (the run config, the lm-eval task, the runs, the results JSON) goes to
+bench/out/ (or --out DIR). --smoke: 2 prompts, 8 tokens, one repetition, so that a test runs every code path
+quickly (the numbers then mean nothing).
 lm-eval lives in its own environment (.venv-bench, made by scripts/setup-bench-env.sh).
 
     .venv/bin/python bench/generation_overhead.py [--n 64] [--max-tokens 256] [--repeats 3]
                                                   [--skip-raw] [--skip-lm-eval] [--full-pipeline]
+                                                  [--out DIR] [--smoke]
 
 (b) runs first (its subprocesses start their own engines), then (a) in this process. Timings on a shared machine
 are noisy: the load average is recorded before and after each measurement, and process CPU time next to wall
@@ -159,7 +162,7 @@ def build_requests(config_path: Path):
     model = resolve_model(cfg.model.path, cfg.model.revision, loaded.base_dir)
     requests = []
     for task_cfg in cfg.tasks:
-        spec, problems = load_problems(task_cfg, loaded)
+        spec, problems = load_problems(task_cfg, loaded.base_dir)
         for p in problems:
             messages = build_messages(spec, p, task_cfg.format_example)
             requests.extend(make_request(cfg.model.name, model, p, messages, cfg.sampling, seed)
@@ -504,7 +507,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="lm-eval --batch_size (default: qreason's engine batch size, 64)")
     p.add_argument("--lm-eval-device", default=None, help="lm-eval --device (default: cpu, or cuda with the "
                                                           "CUDA build of vLLM)")
+    p.add_argument("--out", type=Path, default=OUT, help=f"where everything is written (default {OUT})")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes for a smoke test: --n 2 --max-tokens 8 --repeats 1 (the timings mean "
+                        "nothing)")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.n, args.max_tokens, args.repeats = 2, 8, 1
     if args.n < 1 or args.max_tokens < 1 or args.repeats < 1:
         p.error("--n, --max-tokens and --repeats must be positive")
     return args
@@ -536,11 +545,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"bench: data file not found: {data} (pass --data PATH)")
     lm_eval = None if args.skip_lm_eval else find_lm_eval(args.lm_eval)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    OUT.mkdir(parents=True, exist_ok=True)
-    work = OUT / "runs" / stamp
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "runs" / stamp
     work.mkdir(parents=True)
 
-    config_path = write_run_config(OUT / "qreason_gsm8k_bench.yaml", data, args.n, args.max_tokens,
+    config_path = write_run_config(out / "qreason_gsm8k_bench.yaml", data, args.n, args.max_tokens,
                                    args.full_pipeline)
     cfg, model, requests = build_requests(config_path)
     if len(requests) != args.n:
@@ -581,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     # would otherwise still hold the memory they need.
     e2e = {"qreason": run_qreason_e2e(config_path, work / "qreason-run")}
     if lm_eval is not None:
-        task_dir = OUT / "lm_eval_tasks"
+        task_dir = out / "lm_eval_tasks"
         write_lm_eval_task(task_dir, data, args.max_tokens)
         lm = run_lm_eval(lm_eval, task_dir, model.path, args.n, lm_batch, device, work / "lm-eval")
         lm["prompt_check"] = check_lm_eval_prompts(lm.pop("_samples"), requests, model.path,
@@ -598,11 +608,11 @@ def main(argv: list[str] | None = None) -> int:
 
     result["load_avg_end"] = load_avg()
     result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    json_path = OUT / f"generation_overhead_{stamp}.json"
+    json_path = out / f"generation_overhead_{stamp}.json"
     result["json"] = str(json_path)
     text = json.dumps(result, indent=2, default=str) + "\n"
     json_path.write_text(text, encoding="utf-8")
-    (OUT / "generation_overhead.json").write_text(text, encoding="utf-8")  # the latest run
+    (out / "generation_overhead.json").write_text(text, encoding="utf-8")  # the latest run
     report(result)
     return 0
 

@@ -16,6 +16,10 @@ solutions, and against solutions whose answers are known to be right.
 The data is read from ../shared/data (or --data-dir); see its README. Nothing is written unless --json is given.
 
     .venv/bin/python bench/grading_fidelity.py [--data-dir DIR] [--workers 2] [--json OUT.json]
+                                               [--limit N] [--smoke]
+
+--limit N grades only the first N rows of each set (of olympiadbench: the solutions of its first N problems);
+--smoke is --limit 8, a quick check that the script runs.
 
 It runs against whichever qreason is first on the path: with an older one that has only the strict verdict
 (``grade_text``), the lenient columns repeat the strict ones, which gives the "before" numbers:
@@ -94,8 +98,8 @@ def agreement(labels: list[bool], predicted: list[bool]) -> dict:
             "recall": tp / (tp + fn) if tp + fn else float("nan"), "false_pos": fp, "false_neg": fn}
 
 
-def gsm8k_section(data: Path, workers: int) -> dict:
-    rows = processbench_gsm8k(data)
+def gsm8k_section(data: Path, workers: int, limit: int | None = None) -> dict:
+    rows = processbench_gsm8k(data)[:limit]
     results = grade_all([(r["text"], "stop", r["reference"], "number", 10) for r in rows], workers)
     labels = [r["label"] for r in rows]
     out = {"strict": agreement(labels, [x[0] == "correct" for x in results]),
@@ -110,16 +114,19 @@ def gsm8k_section(data: Path, workers: int) -> dict:
     return out
 
 
-def math500_section(data: Path, workers: int) -> dict:
-    rows = read_jsonl(data / "math500.jsonl")
+def math500_section(data: Path, workers: int, limit: int | None = None) -> dict:
+    rows = read_jsonl(data / "math500.jsonl")[:limit]
     results = grade_all([(r["solution"], "stop", r["answer"], "latex", 10) for r in rows], workers)
     misses = [{"id": r["unique_id"], "answer": r["answer"], "status": x[0], "extracted": x[1]}
               for r, x in zip(rows, results) if x[0] != "correct"]
     return {"n": len(rows), "strict_recall": 1 - len(misses) / len(rows), "misses": misses}
 
 
-def olympiad_section(data: Path, workers: int) -> dict:
+def olympiad_section(data: Path, workers: int, limit: int | None = None) -> dict:
     rows = [r for r in read_jsonl(data / "processbench_olympiadbench.jsonl") if r["final_answer_correct"]]
+    if limit is not None:  # the solutions of the first ``limit`` problems, so that same-problem pairs remain
+        keep = set(list(dict.fromkeys(r["problem"] for r in rows))[:limit])
+        rows = [r for r in rows if r["problem"] in keep]
     # first pass: what each solution marked correct states (graded against a placeholder reference)
     first = grade_all([(solution_text(r), "stop", "0", "latex", 10) for r in rows], workers)
     found = [x[0] != "no_answer" for x in first]
@@ -151,13 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--skip-math", action="store_true", help="only ProcessBench gsm8k")
     ap.add_argument("--json", type=Path, help="also write every number and disagreement here")
+    ap.add_argument("--limit", type=int, help="grade only the first N rows of each set")
+    ap.add_argument("--smoke", action="store_true", help="--limit 8: check that the script runs, quickly")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.limit = 8
     import qreason.stages.grade.grader as g
 
     t0 = time.monotonic()
     grader = g.grader_id() + ("" if hasattr(g, "grade_answer") else " (strict verdict only)")
     print(f"grader {grader}; data {args.data_dir}")
-    report = {"grader": grader, "gsm8k": gsm8k_section(args.data_dir, args.workers)}
+    report = {"grader": grader, "gsm8k": gsm8k_section(args.data_dir, args.workers, args.limit)}
     gsm = report["gsm8k"]
     print(f"\nProcessBench gsm8k vs final_answer_correct ({gsm['format_failures']} format failures):")
     show("lenient", gsm["lenient"])
@@ -168,12 +179,12 @@ def main(argv: list[str] | None = None) -> int:
               f"lenient={d['lenient_status']:<9} extracted={d['extracted']!s:<12} reference={d['reference']:<8} "
               f"… {d['ending'][-90:]!r}")
     if not args.skip_math:
-        m5 = report["math500"] = math500_section(args.data_dir, args.workers)
+        m5 = report["math500"] = math500_section(args.data_dir, args.workers, args.limit)
         print(f"\nMATH-500 reference solutions vs their answers: strict recall {m5['strict_recall']:.4f} "
               f"(n={m5['n']})")
         for miss in m5["misses"]:
             print(f"  {miss['id']}: answer {miss['answer']!r} -> {miss['status']} ({miss['extracted']!r})")
-        ob = report["olympiadbench"] = olympiad_section(args.data_dir, args.workers)
+        ob = report["olympiadbench"] = olympiad_section(args.data_dir, args.workers, args.limit)
         print(f"\nProcessBench olympiadbench, {ob['n_marked_correct']} solutions marked correct: strict answer found "
               f"in {ob['strict_answer_found']:.4f}; {ob['pairs']} same-problem pairs agree in "
               f"{ob['pairs_equal']:.4f}")
