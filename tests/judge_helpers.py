@@ -28,8 +28,11 @@ CASES = [
 
 
 def make_run(run_dir: Path, cases=CASES) -> RunStore:
-    """A run store with problems, generations and grades for the cases (seed 0)."""
+    """A run store with problems, generations and grades for the cases (seed 0), and the config a run keeps
+    (its base variant is ``base``)."""
     store = RunStore(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text("name: judged\nmodel: {name: base}\ntasks: [{name: synthetic}]\n")
     problems, gens, grades = [], [], []
     for pid, question, answer, by_variant in cases:
         p = Problem(key=content_key("problem", "toy", pid), task="toy", problem_id=pid, question=question,

@@ -135,11 +135,12 @@ def test_export_refuses_a_foreign_directory_and_touches_nothing(tmp_path):
 
 
 def test_export_replaces_its_own_dataset_atomically(tmp_path):
-    from qreason.stages.curate import DATASET_MARKER, export
+    from qreason.stages.curate import export
+    from qreason.store import owned_as
 
     out = tmp_path / "ds"
     export([_item(0), _item(1)], out, {})
-    assert (out / DATASET_MARKER).is_file()
+    assert owned_as(out) == "dataset"
     export([_item(2)], out, {})
     assert [json.loads(x)["key"] for x in (out / "items.jsonl").read_text().splitlines()] == ["k2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # nothing left beside it

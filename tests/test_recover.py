@@ -277,7 +277,7 @@ def test_comparison_counts_repairs_and_breaks_on_paired_items():
     lo, hi = out["diff_ci"]
     assert lo <= 0.4 <= hi
     same = head_to_head(after, after)
-    assert same["diff"] == 0 and same["verdict"] == "no significant difference"
+    assert same.diff == 0 and same.verdict == "no significant difference"
 
 
 def test_synthetic_max_number_caps_every_number_and_keeps_the_default():

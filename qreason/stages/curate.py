@@ -17,9 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +35,7 @@ from qreason.stages.generate import run_generation
 from qreason.stages.grade import Grader, grade_key, run_grading
 from qreason.records import Generation, Judgment, SilverBulletItem, content_key
 from qreason.inputs.steps import step_spans
-from qreason.store import RunStore
+from qreason.store import OWNER_MARKER, RunStore, mark_owned, owned_as, publish, staging
 from qreason.summary import CurateSummary
 
 log = logging.getLogger(__name__)
@@ -246,7 +243,6 @@ Load with `datasets.load_dataset("json", data_files=...)` or point TRL's SFTTrai
 """
 
 
-DATASET_MARKER = ".qreason-dataset"   # written into every dataset directory qreason exports
 _LEGACY_LAYOUT = {"sft", "dpo", "items.jsonl", "README.md"}   # what exports wrote before the marker existed
 
 
@@ -259,8 +255,8 @@ def check_out_dir(out_dir: Path) -> None:
     if not out_dir.is_dir():
         raise UserError(str(out_dir), "exists and is not a directory; choose another --out")
     names = {p.name for p in out_dir.iterdir()}
-    if names and DATASET_MARKER not in names and not names <= _LEGACY_LAYOUT:
-        raise UserError(str(out_dir), f"not a dataset qreason wrote (no {DATASET_MARKER}) and not empty; "
+    if names and owned_as(out_dir) != "dataset" and not names <= _LEGACY_LAYOUT:
+        raise UserError(str(out_dir), f"not a dataset qreason wrote (no {OWNER_MARKER}) and not empty; "
                                       "choose an empty or new directory for --out")
 
 
@@ -269,10 +265,7 @@ def export(items: list[SilverBulletItem], out_dir: Path, provenance: dict) -> Pa
     into place; an earlier dataset there is first renamed aside and deleted only once the new one is in place."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    old: Path | None = None
-    try:
+    with staging(out_dir, suffix="") as tmp:
         for kind in ("sft", "dpo"):
             (tmp / kind).mkdir()
             for split in ("train", "test"):
@@ -283,20 +276,8 @@ def export(items: list[SilverBulletItem], out_dir: Path, provenance: dict) -> Pa
                     pd.DataFrame(rows).to_parquet(tmp / kind / f"{split}.parquet", index=False)
         (tmp / "items.jsonl").write_text("".join(it.model_dump_json() + "\n" for it in items), encoding="utf-8")
         (tmp / "README.md").write_text(dataset_card(items, provenance), encoding="utf-8")
-        (tmp / DATASET_MARKER).write_text("written by qreason curate; the directory is replaced on re-export\n",
-                                          encoding="utf-8")
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
-            os.replace(out_dir, old / out_dir.name)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out_dir.exists():
-            os.replace(old / out_dir.name, out_dir)  # put the previous dataset back
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        mark_owned(tmp, "dataset", "silver bullet")
+        publish(tmp, out_dir, replace=True)
     return out_dir
 
 

@@ -13,12 +13,13 @@ Durability rules:
 
 from __future__ import annotations
 
-from qreason.store.files import (RUN_MARKER, cache_dir, check_output_dir, is_run_dir, iter_jsonl, mark_run_dir, now_iso,
-                                 write_atomic, write_bytes_atomic)
+from qreason.store.files import (OWNER_MARKER, cache_dir, check_output_dir, file_sha256, is_run_dir, iter_jsonl,
+                                 mark_owned, mark_run_dir, now_iso, owned_as, publish, staging, write_atomic,
+                                 write_bytes_atomic)
 from qreason.store.index import RunIndex, owner_gone, process_started
 from qreason.store.run_dir import RunLock, RunStore
 from qreason.store.table import Table
 
-__all__ = ["RUN_MARKER", "RunIndex", "RunLock", "RunStore", "Table", "cache_dir", "check_output_dir", "is_run_dir",
-           "iter_jsonl", "mark_run_dir", "now_iso", "owner_gone", "process_started", "write_atomic",
+__all__ = ["OWNER_MARKER", "RunIndex", "RunLock", "RunStore", "Table", "cache_dir", "check_output_dir",
+           "file_sha256", "is_run_dir", "iter_jsonl", "mark_owned", "mark_run_dir", "owned_as", "publish", "staging", "now_iso", "owner_gone", "process_started", "write_atomic",
            "write_bytes_atomic"]

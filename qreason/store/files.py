@@ -1,11 +1,16 @@
-"""Small files of a run directory written whole: atomic writes, JSONL input reading, the run-directory
-marker (qreason's one ownership marker) and the check that an output directory is ours to write."""
+"""Files and directories written whole, and what qreason owns: atomic writes of files (``write_atomic``) and of
+directories (``staging`` + ``publish``), file hashes, JSONL input reading, the one ownership marker that says a
+directory is qreason's (a run directory, an exported dataset) and the check that an output directory is ours to
+write. qreason deletes or replaces only directories that carry the marker."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -17,6 +22,52 @@ def cache_dir() -> Path:
     """qreason's cache outside any run directory (converted models, quantized checkpoints, adapters):
     ``$QREASON_CACHE``, else ``~/.cache/qreason``."""
     return Path(os.environ.get("QREASON_CACHE", Path.home() / ".cache" / "qreason"))
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's content, read in blocks (checkpoints are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextmanager
+def staging(dest: Path, suffix: str = ".partial") -> Iterator[Path]:
+    """A new temporary directory beside ``dest`` to build it in; removed at the end unless ``publish`` moved
+    it into place."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=suffix))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(tmp: Path, dest: Path, replace: bool = False) -> bool:
+    """Rename the finished directory ``tmp`` to ``dest`` in one step. ``replace``: an existing ``dest`` (the
+    caller checked that it is qreason's) is renamed aside first, put back if the rename fails, and deleted only
+    once the new one is in place. Without ``replace``, False when ``dest`` exists (another process finished
+    it first: the caller uses that one)."""
+    tmp.chmod(0o755)  # mkdtemp makes it private; what qreason publishes is an ordinary directory
+    old = None
+    if replace and dest.exists():
+        old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old."))
+        os.replace(dest, old / dest.name)
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        if old is not None:
+            os.replace(old / dest.name, dest)  # put the previous one back
+            shutil.rmtree(old, ignore_errors=True)
+            raise
+        if dest.is_dir() and any(dest.iterdir()):
+            return False
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return True
 
 
 def now_iso() -> str:
@@ -69,23 +120,38 @@ def iter_jsonl(path: Path, not_object: str = "each line must be a JSON object") 
 
 
 
-RUN_MARKER = ".qreason-run"
-_OWN_FILES = {".lock", RUN_MARKER}
+OWNER_MARKER = ".qreason"   # {"kind": "run" | "dataset", "name": ..., "created_at": ...}
+_LEGACY_MARKERS = {"run": ".qreason-run", "dataset": ".qreason-dataset"}   # written by qreason before 0.2
+_OWN_FILES = {".lock", OWNER_MARKER, *_LEGACY_MARKERS.values()}
+
+
+def mark_owned(directory: Path, kind: str, name: str) -> None:
+    """Mark ``directory`` as qreason's (once): ``prune`` deletes, and re-exports replace, only marked
+    directories, so a path once used by qreason and since reused for other files is safe."""
+    marker = Path(directory) / OWNER_MARKER
+    if not marker.exists():
+        write_atomic(marker, json.dumps({"kind": kind, "name": name, "created_at": now_iso()}) + "\n")
+
+
+def owned_as(directory: Path) -> str | None:
+    """What qreason made ``directory`` as (``run``, ``dataset``), from its marker; None when unmarked."""
+    directory = Path(directory)
+    try:
+        return json.loads((directory / OWNER_MARKER).read_text(encoding="utf-8"))["kind"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return next((kind for kind, legacy in _LEGACY_MARKERS.items() if (directory / legacy).is_file()), None)
 
 
 def mark_run_dir(run_dir: Path, name: str) -> None:
-    """Mark a directory as a qreason run directory (once, at the start of its first run). ``prune`` deletes only
-    directories that carry this marker, so a path once indexed and since reused for other files is safe."""
-    marker = Path(run_dir) / RUN_MARKER
-    if not marker.exists():
-        write_atomic(marker, json.dumps({"qreason_run": name, "created_at": now_iso()}) + "\n")
+    """Mark a directory as a qreason run directory (at the start of its first run)."""
+    mark_owned(run_dir, "run", name)
 
 
 def is_run_dir(path: Path) -> bool:
     """A directory qreason ran in: it carries the marker, or (runs from before markers existed) it holds the
     config and problem table every run writes first."""
     path = Path(path)
-    return (path / RUN_MARKER).is_file() or ((path / "config.yaml").is_file() and (path / "problems.jsonl").is_file())
+    return owned_as(path) == "run" or ((path / "config.yaml").is_file() and (path / "problems.jsonl").is_file())
 
 
 def check_output_dir(path: Path, children: Iterable[str] = ()) -> None:

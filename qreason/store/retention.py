@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from qreason.store.files import cache_dir
-from qreason.store import RUN_MARKER, RunIndex, RunStore
+from qreason.store import RunIndex, RunStore, owned_as
 
 
 def prune(index: RunIndex, older_than_days: float, dry_run: bool = True) -> dict[str, list[str]]:
@@ -22,7 +22,7 @@ def prune(index: RunIndex, older_than_days: float, dry_run: bool = True) -> dict
         newest[r["run_dir"]] = max(when, newest.get(r["run_dir"], when))
     old_dirs = sorted(d for d, when in newest.items() if when < cutoff)
     # a directory indexed once but no longer a run (emptied and reused for other files) is never deleted
-    skipped = [d for d in old_dirs if Path(d).exists() and not (Path(d) / RUN_MARKER).is_file()]
+    skipped = [d for d in old_dirs if Path(d).exists() and owned_as(d) != "run"]
     old_dirs = [d for d in old_dirs if d not in skipped]
     kept_dirs = [d for d in newest if d not in old_dirs]
     used = {str(Path(v.path).resolve()) for d in kept_dirs if Path(d).is_dir()

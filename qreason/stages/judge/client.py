@@ -26,7 +26,7 @@ from typing import Any, Iterable
 from qreason.engines.openai_http import REFUSED_STATUSES, deadline_http_client, read_reply, redact, short_error
 from qreason.errors import UserError
 from qreason.records import content_key
-from qreason.store import iter_jsonl
+from qreason.store import iter_jsonl, write_atomic
 from qreason.config.judge import JudgeSpec
 from qreason.stages.judge.prompts import InvalidReply, JudgeInput, PromptTemplate, Taxonomy, Verdict, build_messages, parse_reply, reply_schema, response_format
 
@@ -241,9 +241,7 @@ def write_batch(path: Path, requests: Iterable[JudgeRequest]) -> int:
         seen.add(r.key)
         lines.append(json.dumps({"custom_id": r.key, "method": "POST", "url": BATCH_URL, "body": r.body},
                                 ensure_ascii=False))
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(line + "\n" for line in lines))
     return len(lines)
 
 

@@ -17,7 +17,6 @@ environment) is checked before any directory is created or process started, and 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -240,7 +239,6 @@ def quantize(
             "qreason_version": __version__,
             "created_at": now_iso(),
         }
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
         (tmp / PROVENANCE).write_text(
             json.dumps(provenance, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )

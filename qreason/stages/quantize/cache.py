@@ -10,14 +10,11 @@ included, the temporary directory is removed, so a directory that exists is a fi
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from qreason.store import cache_dir
+from qreason.store import cache_dir, staging  # noqa: F401  (staging: the quantize stage builds in it)
+from qreason.store import publish as store_publish
 from qreason.records import content_key
 
 PROVENANCE = "qreason-quant.json"
@@ -61,27 +58,10 @@ def worker_log_path(dest: Path) -> Path:
     return dest.parent / f"{dest.name}.quantize.log"
 
 
-@contextmanager
-def staging(dest: Path) -> Iterator[Path]:
-    """A temporary directory beside ``dest``, always removed at the end (``publish`` moves it away first)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial"))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def publish(tmp: Path, dest: Path) -> bool:
     """Move the worker log into the finished ``tmp`` and rename ``tmp`` to ``dest``. False when another
     process put a checkpoint there first (the caller then uses that one)."""
     log = worker_log_path(dest)
     if log.is_file():
         shutil.move(log, tmp / LOG_FILE)
-    try:
-        os.replace(tmp, dest)
-    except OSError:
-        if read_provenance(dest) is not None:
-            return False
-        raise
-    return True
+    return store_publish(tmp, dest)

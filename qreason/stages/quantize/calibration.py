@@ -13,7 +13,6 @@ Samples are chosen with a seeded shuffle, so the same spec always selects the sa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qreason.errors import UserError
+from qreason.store import file_sha256
 
 if TYPE_CHECKING:
     from qreason.inputs.models import ResolvedModel
@@ -30,14 +30,6 @@ if TYPE_CHECKING:
 GENERIC_TEXT = Path(__file__).with_name("calibration_text.txt")
 # Row layouts a JSONL calibration file may use, tried in order: (fields, how the row becomes a sample).
 PAIR_FIELDS = (("question", "answer"), ("problem", "solution"), ("prompt", "response"), ("input", "output"))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def generic_paragraphs() -> list[str]:
@@ -123,7 +115,7 @@ def plan_calibration(spec: "CalibrationSpec", base_dir: Path | None = None) -> C
         "seed": spec.seed,
     }
     if spec.source == "generic":
-        return CalibrationPlan(spec, None, None, {**common, "text_sha256": _sha256(GENERIC_TEXT)}, base_dir)
+        return CalibrationPlan(spec, None, None, {**common, "text_sha256": file_sha256(GENERIC_TEXT)}, base_dir)
     if spec.source == "jsonl":
         if not spec.path:
             raise UserError(
@@ -149,7 +141,7 @@ def plan_calibration(spec: "CalibrationSpec", base_dir: Path | None = None) -> C
             )
             raise UserError(f"{path}:1", f"a calibration row needs {wanted} (this row has {sorted(rows[0])})")
         return CalibrationPlan(
-            spec, path, fields, {**common, "file_sha256": _sha256(path), "fields": fields}, base_dir
+            spec, path, fields, {**common, "file_sha256": file_sha256(path), "fields": fields}, base_dir
         )
     # traces: the task must load now, so that a bad task fails before the model is started
     if not spec.task:
@@ -164,7 +156,7 @@ def plan_calibration(spec: "CalibrationSpec", base_dir: Path | None = None) -> C
         spec,
         path,
         None,
-        {**common, "task": spec.task, "data_sha256": _sha256(path) if path else None, "temperature": 0.0},
+        {**common, "task": spec.task, "data_sha256": file_sha256(path) if path else None, "temperature": 0.0},
         base_dir,
     )
 

@@ -4,7 +4,6 @@ the user gives, and one training-worker run per variant for everything it needs.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Callable
 
 from qreason.config.schema import RecoverConfig
 from qreason.errors import UserError
-from qreason.store import cache_dir
+from qreason.store import cache_dir, publish
 from qreason.records import ModelVariant, content_key
 from qreason.workers.launch import TRAIN
 from qreason.store import now_iso
@@ -145,14 +144,12 @@ def train_adapters(plans: list[ArmPlan], variant: ModelVariant, cfg: RecoverConf
                         "versions": result.result["versions"], "created_at": now_iso()}
                 tmp = Path(run["adapter_dir"])
                 (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-                shutil.rmtree(p.adapter_dir, ignore_errors=True)
-                os.replace(tmp, p.adapter_dir)
+                publish(tmp, p.adapter_dir, replace=True)
                 p.meta = meta
             if run.get("merged_dir"):
                 dest = merged_dir(p.key)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 if not (dest / "config.json").is_file():
-                    shutil.rmtree(dest, ignore_errors=True)
-                    os.replace(run["merged_dir"], dest)
+                    publish(Path(run["merged_dir"]), dest, replace=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
