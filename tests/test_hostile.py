@@ -73,22 +73,30 @@ def _hostile_case(pid: str, steps: str) -> tuple:
 
 def test_judge_stage_bounds_rule_checks_and_records_a_rule_error(tmp_path):
     """Each generation's rule checks run under a wall-clock limit in a worker process; what overruns gets a
-    rule-check error record at once, so a re-run does not redo (or hang on) it."""
-    long = "\n".join(f"Step {i}: {i} * 3 + {i} = {4 * i}. Then {i} + 7 - 2 = {i + 5}." for i in range(3000))
+    rule-check error record at once, so a re-run does not redo (or hang on) it. The long solution is made long
+    enough, on this machine, to take ten times the limit: the test does not depend on the machine's speed."""
+    from qreason.inputs.steps import split_steps
+    from qreason.stages.judge.rules import rule_verdict
+
+    n = 3000
+    while True:
+        long = "\n".join(f"Step {i}: {i} * 3 + {i} = {4 * i}. Then {i} + 7 - 2 = {i + 5}." for i in range(n))
+        t0 = time.monotonic()
+        rule_verdict(split_steps(long), "wrong")
+        if time.monotonic() - t0 >= 3.0 or n >= 1_000_000:
+            break
+        n *= 2
     store = make_run(tmp_path / "run", [_hostile_case("hostile", f"Step 1: {HOSTILE_STEP}."),
                                         _hostile_case("long", long), _hostile_case("fine", "Step 1: 2 + 2 = 5.")])
-    t0 = time.monotonic()
     stats = run_judging(store, JudgeConfig(rules_timeout_s=0.3))
-    assert time.monotonic() - t0 < 30
     rules = {j.problem_id: j for j in store.judgments.all() if j.judge == "rules"}
     assert stats.rules_written == 3 and set(rules) == {"hostile", "long", "fine"}
     assert rules["long"].status == "judge_error" and "rule checks" in rules["long"].error
     assert "0.3 s" in rules["long"].error
     assert rules["hostile"].status == "ok"
     assert rules["fine"].status == "ok" and rules["fine"].first_error_step == 0
-    t0 = time.monotonic()
     again = run_judging(store, JudgeConfig(rules_timeout_s=0.3))
-    assert again.rules_written == 0 and time.monotonic() - t0 < 5
+    assert again.rules_written == 0
 
 
 def test_rule_verdicts_are_appended_as_they_come(tmp_path, monkeypatch):
