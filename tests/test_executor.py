@@ -16,7 +16,7 @@ import pytest
 
 from qreason.config.schema import parse_config
 from qreason.errors import UserError
-from qreason.pipeline.executor import _batches, worker_env
+from qreason.pipeline.executor import _batches, shipped_env
 from qreason.engines import GenerationRequest
 
 from conftest import REPO, has_vllm, write_config
@@ -41,7 +41,7 @@ def test_workers_get_paths_and_offline_settings_but_never_credentials(monkeypatc
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     monkeypatch.setenv("QREASON_JUDGE_API_KEY", "sk-secret")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
-    env = worker_env()
+    env = shipped_env()
     assert env["QREASON_CACHE"] == "/shared/cache" and env["HF_HUB_OFFLINE"] == "1"
     assert "sk-secret" not in env.values() and "hf_secret" not in env.values()
 

@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 from qreason.config.schema import LmEvalConfig, parse_config
+from qreason.engines.vllm_server import VLLMServer
 from qreason.errors import UserError
 
 from conftest import REPO, write_config
@@ -23,9 +24,9 @@ needs_bench = pytest.mark.skipif(not BENCH_PYTHON.is_file(),
 
 
 def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    from qreason.stages.lm_eval.stage import worker_env
+    from qreason.stages.lm_eval.stage import lm_eval_env
 
-    return subprocess.run([str(BENCH_PYTHON), *args], capture_output=True, text=True, env=worker_env(),
+    return subprocess.run([str(BENCH_PYTHON), *args], capture_output=True, text=True, env=lm_eval_env(),
                           timeout=timeout, cwd=REPO)
 
 
@@ -146,7 +147,7 @@ def test_recovered_adapters_are_evaluated_as_merged_checkpoints(tmp_path):
     rec = targets[-1]
     assert (rec.path, rec.adapter_fingerprint) == (str(merged), "ak1") and rec.fingerprint != "fp-rtn"
     assert stage.result_key(rec, "t", "0.4.13", {}) != stage.result_key(targets[1], "t", "0.4.13", {})
-    cmd = stage.VariantServer(VLLMConfig(), rec, tmp_path / "log").command()
+    cmd = VLLMServer(VLLMConfig(), rec.path, rec.name, tmp_path / "log").command()
     assert "--enable-lora" not in cmd and cmd[cmd.index("--model") + 1] == str(merged)
     assert stage.targets_for(variants, None) == targets[:2]
 
@@ -228,7 +229,6 @@ lm_eval: {tasks: [qreason_synthetic_mc], limit: 6, batch_size: 8}
 @pytest.mark.vllm
 @pytest.mark.server
 def test_run_records_lm_eval_and_rerun_makes_no_model_calls(lm_run, monkeypatch):
-    import qreason.stages.lm_eval.stage as stage
     from qreason.pipeline.runner import run
     from qreason.store import RunStore
 
@@ -250,7 +250,7 @@ def test_run_records_lm_eval_and_rerun_makes_no_model_calls(lm_run, monkeypatch)
     def no_server(self):
         raise AssertionError("a re-run must not start a server")
 
-    monkeypatch.setattr(stage.VariantServer, "__enter__", no_server)
+    monkeypatch.setattr(VLLMServer, "__enter__", no_server)
     again = run(cfg).lm_eval
     assert again.evaluated == 0 and again.cached == 1 and again.variants == lm["variants"]
 

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from qreason.pipeline.executor import worker_env
+from qreason.pipeline.executor import shipped_env
 
 from conftest import write_config
 from fault_server import FaultServer
@@ -24,13 +24,13 @@ def test_worker_environment_drops_anything_that_looks_like_a_credential(monkeypa
     monkeypatch.setenv("QREASON_DB_PASSWD", "hunter2")
     monkeypatch.setenv("VLLM_CREDENTIALS", "c")
     monkeypatch.setenv("HF_PROXY_URL", "http://user:pw@proxy:3128")
-    env = worker_env()
+    env = shipped_env()
     assert env["QREASON_CACHE"] == "/shared/cache" and env["HF_HUB_OFFLINE"] == "1"
     assert env["HF_ENDPOINT"] == "https://mirror.example/hf"
     for name in ("QREASON_AUTH", "QREASON_DB_PASSWD", "VLLM_CREDENTIALS", "HF_PROXY_URL"):
         assert name not in env
     monkeypatch.setenv("HF_ENDPOINT", "https://alice:s3cret@mirror.example/hf")
-    assert "HF_ENDPOINT" not in worker_env()
+    assert "HF_ENDPOINT" not in shipped_env()
 
 
 CLUSTER = """

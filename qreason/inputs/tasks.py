@@ -40,7 +40,7 @@ class Fields(BaseModel):
     answer: str = "answer"
 
 
-class PromptTemplate(BaseModel):
+class TaskPrompt(BaseModel):
     model_config = ConfigDict(extra="forbid")
     system: str | None = None
     user: str
@@ -102,13 +102,13 @@ def task_names() -> list[str]:
     return [p.stem for p in resources.listing("tasks") if p.stem != "prompts"]
 
 
-def load_prompt(name: str) -> PromptTemplate:
+def load_prompt(name: str) -> TaskPrompt:
     """A prompt by name from the ``prompts.yaml`` files on the task search path (the user's first)."""
     files = [d / "prompts.yaml" for d in resources.search_path("tasks") if (d / "prompts.yaml").is_file()]
     for path in files:
         prompts = _read_yaml(path) or {}
         if name in prompts:
-            return PromptTemplate.model_validate(prompts[name])
+            return TaskPrompt.model_validate(prompts[name])
     raise UserError(" / ".join(map(str, files)) or "prompts.yaml", f"no prompt named {name!r}")
 
 

@@ -103,7 +103,7 @@ def _looks_secret(name: str, value: str) -> bool:
     return any(w in name.upper() for w in _SECRET_WORDS) or bool(_URL_USERINFO.match(value.strip()))
 
 
-def worker_env() -> dict[str, str]:
+def shipped_env() -> dict[str, str]:
     """The variables every Ray worker gets: qreason's, Hugging Face's, transformers' and vLLM's settings, never
     one that looks like a credential (Ray shows runtime environments in its dashboard and logs)."""
     shipped, dropped = {}, []
@@ -119,7 +119,7 @@ def worker_env() -> dict[str, str]:
 
 
 def engine_env(backend_cfg: BackendConfig) -> dict[str, str]:
-    """What an engine actor needs beyond ``worker_env``: the OpenAI backend's API key, named by ``api_key_env``.
+    """What an engine actor needs beyond ``shipped_env``: the OpenAI backend's API key, named by ``api_key_env``.
     A worker on a cluster started elsewhere does not inherit the driver's environment, so it is sent to that
     actor alone (its runtime environment), never to the whole job and never into a record."""
     if backend_cfg.kind != "openai" or backend_cfg.api_key_env not in os.environ:
@@ -220,7 +220,7 @@ class RayExecutor:
         self.owned = False
         address = self.ex.address or os.environ.get("RAY_ADDRESS")
         if not self.ray.is_initialized():
-            kwargs: dict = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": True,
+            kwargs: dict = {"runtime_env": {"env_vars": shipped_env()}, "log_to_driver": True,
                             "configure_logging": False}
             if address:  # connect (shutdown() at the end only disconnects; the cluster keeps running)
                 self.ray.init(address=address, **kwargs)

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Candidate:
+class FlipCandidate:
     failed: Generation      # the quantized variant's failed generation
     verdict: Judgment
     k: int                  # first faulty step
@@ -59,7 +59,7 @@ def split_at_step(text: str, k: int) -> tuple[str, str] | None:
     return text[:start], text[start:]
 
 
-def find_candidates(store: RunStore, base: str) -> list[Candidate]:
+def find_candidates(store: RunStore, base: str) -> list[FlipCandidate]:
     solved = solved_cells(latest_grades(store.grades.all()).values(), base)
     generations = {g.key: g for g in store.generations.all()}
     out = []
@@ -72,18 +72,18 @@ def find_candidates(store: RunStore, base: str) -> list[Candidate]:
         parts = split_at_step(gen.text, verdict.first_error_step)
         if parts is None:
             continue
-        out.append(Candidate(gen, verdict, verdict.first_error_step, *parts))
+        out.append(FlipCandidate(gen, verdict, verdict.first_error_step, *parts))
     return out
 
 
-def continuation_request(c: Candidate, base_fingerprint: str, attempt: int, sampling: SamplingConfig):
+def continuation_request(c: FlipCandidate, base_fingerprint: str, attempt: int, sampling: SamplingConfig):
     messages = [*c.failed.messages, {"role": "assistant", "content": c.prefix}]
     key = content_key("continuation", base_fingerprint, c.failed.key, c.k, attempt, sampling.model_dump())
     return GenerationRequest(key=key, variant=f"continuation:{c.failed.variant}", model_fingerprint=base_fingerprint,
                              task=c.failed.task, problem_id=c.failed.problem_id, messages=messages, seed=attempt)
 
 
-def find_chosen(store: RunStore, candidates: list[Candidate], cfg: CurateConfig, sampling: SamplingConfig,
+def find_chosen(store: RunStore, candidates: list[FlipCandidate], cfg: CurateConfig, sampling: SamplingConfig,
                 base_fingerprint: str, backend_factory: Callable[[], Backend], grader: Grader) -> dict[str, str]:
     """Generate full-precision continuations (greedy first, then sampled), grade prefix + continuation, and
     return the first verified-correct continuation per candidate (keyed by the failed generation's key).
@@ -145,7 +145,7 @@ def assign_split(item: SilverBulletItem, seed: int, test_fraction: float) -> str
     return "test" if bucket < test_fraction else "train"
 
 
-def build_items(store: RunStore, candidates: list[Candidate], chosen: dict[str, str], base: str,
+def build_items(store: RunStore, candidates: list[FlipCandidate], chosen: dict[str, str], base: str,
                 cfg: CurateConfig, methods: dict[str, str], run_id: str | None) -> list[SilverBulletItem]:
     grades = {(g.variant, g.task, g.problem_id, g.seed): g.status for g in store.grades.all()}
     base_solutions: dict[tuple, list[Generation]] = defaultdict(list)

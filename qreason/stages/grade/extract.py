@@ -48,7 +48,7 @@ CLOSING_CHARS = 3000  # the closing sentence is looked for in this much of the e
 
 
 @dataclass(frozen=True)
-class Candidate:
+class AnswerCandidate:
     """A piece of text that may state the final answer, and where it came from ("boxed", "phrase", "lenient")."""
 
     text: str
@@ -85,10 +85,10 @@ def boxes(text: str) -> list[tuple[int, int, str]]:
     return found
 
 
-def boxed_candidates(text: str) -> list[Candidate]:
+def boxed_candidates(text: str) -> list[AnswerCandidate]:
     """Box contents, last first; a run of boxes joined only by connectors is one candidate "a, b"."""
     found = [b for b in boxes(text) if b[2].strip()]
-    out: list[Candidate] = []
+    out: list[AnswerCandidate] = []
     i = len(found) - 1
     while i >= 0:
         group = [found[i]]
@@ -96,8 +96,8 @@ def boxed_candidates(text: str) -> list[Candidate]:
             i -= 1
             group.insert(0, found[i])
         if len(group) > 1:
-            out.append(Candidate(", ".join(b[2] for b in group), "boxed"))
-        out.append(Candidate(group[-1][2], "boxed"))
+            out.append(AnswerCandidate(", ".join(b[2] for b in group), "boxed"))
+        out.append(AnswerCandidate(group[-1][2], "boxed"))
         i -= 1
     return out
 
@@ -120,17 +120,17 @@ def _phrase_tail(text: str) -> str:
     return line
 
 
-def phrase_candidates(text: str) -> list[Candidate]:
+def phrase_candidates(text: str) -> list[AnswerCandidate]:
     """The text after each final-answer phrase, last phrase first."""
     out = []
     for m in list(PHRASE.finditer(text))[-MAX_PHRASES:][::-1]:
         tail = _phrase_tail(text[m.end():m.end() + 4 * MAX_CANDIDATE])
         if tail.strip():
-            out.append(Candidate(tail, "phrase"))
+            out.append(AnswerCandidate(tail, "phrase"))
     return out
 
 
-def strict_candidates(text: str) -> list[Candidate]:
+def strict_candidates(text: str) -> list[AnswerCandidate]:
     """Every explicit statement of the answer, in the order they are tried."""
     statement = statement_candidate(text)
     return boxed_candidates(text) + phrase_candidates(text) + ([statement] if statement else [])
@@ -172,7 +172,7 @@ def _last_statement(text: str) -> tuple[str, list[str]] | None:
     return SENTENCE_END.split(last)[-1], blocks
 
 
-def statement_candidate(text: str) -> Candidate | None:
+def statement_candidate(text: str) -> AnswerCandidate | None:
     """The value a closing sentence such as "Therefore, the value of x is \\(3\\)." states: what follows its
     last "is/are/=/:" when that is nothing but formulas, bold text or numbers (joined by "and" or commas) and
     ends the sentence. "Raymond has $8 left." states no answer this way."""
@@ -192,24 +192,24 @@ def statement_candidate(text: str) -> Candidate | None:
         return None
     values = [blocks[int(i[0])] if i[0] else (i[1] or i[2]) for i in items]
     inner = [_math_block_at(v) or v for v in values]
-    return Candidate(", ".join(x.strip().strip(",").strip() for x in inner), "statement")
+    return AnswerCandidate(", ".join(x.strip().strip(",").strip() for x in inner), "statement")
 
 
-def lenient_candidate(text: str) -> Candidate | None:
+def lenient_candidate(text: str) -> AnswerCandidate | None:
     """The answer a reader takes from the final sentence when no marker states one."""
     sentence = final_sentence(text)
     if sentence is None:
         return None
     bold = [b for b in BOLD.findall(sentence) if re.search(r"\d", b)]
     if bold:
-        return Candidate(bold[-1], "lenient")
+        return AnswerCandidate(bold[-1], "lenient")
     formulas = [next(g for g in m.groups() if g is not None) for m in MATH_ENV.finditer(sentence)]
     if formulas:
-        return Candidate(formulas[-1], "lenient")
+        return AnswerCandidate(formulas[-1], "lenient")
     copulas = list(COPULA.finditer(sentence))
     after = sentence[copulas[-1].end():] if copulas else ""
     numbers = NUMBER.findall(after) or NUMBER.findall(sentence)
-    return Candidate(numbers[0] if after and NUMBER.search(after) else numbers[-1], "lenient") if numbers else None
+    return AnswerCandidate(numbers[0] if after and NUMBER.search(after) else numbers[-1], "lenient") if numbers else None
 
 
 def clean(candidate: str) -> str:

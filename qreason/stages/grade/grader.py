@@ -29,7 +29,7 @@ from typing import Iterable, Iterator, NamedTuple, get_args
 
 from tqdm.auto import tqdm
 
-from qreason.stages.grade.extract import Candidate, MAX_CANDIDATE, clean, lenient_candidate, normalize_text, number_in, strict_candidates, words
+from qreason.stages.grade.extract import AnswerCandidate, MAX_CANDIDATE, clean, lenient_candidate, normalize_text, number_in, strict_candidates, words
 from qreason.errors import UserError
 from qreason.pool import bounded_calls
 from qreason.registry import GRADERS
@@ -47,7 +47,7 @@ def grader_id() -> str:
     return f"math-verify=={md.version('math-verify')}/qreason-grade-{GRADER_REVISION}"
 
 
-class Verdict(NamedTuple):
+class GradeVerdict(NamedTuple):
     """The strict verdict (explicit markers only) and the lenient one (what a reader takes) on one solution."""
 
     status: str
@@ -78,7 +78,7 @@ def _number_form(s: str) -> str:
     return re.sub(r"\\?%$", "", s).strip()
 
 
-def interpret(candidate: Candidate, answer_type: str, timeout_s: int) -> tuple[list, str] | None:
+def interpret(candidate: AnswerCandidate, answer_type: str, timeout_s: int) -> tuple[list, str] | None:
     """(parsed answer, the text compared) for a candidate, or None when it states no readable answer."""
     s = clean(candidate.text)
     if not s or len(s) > MAX_CANDIDATE:
@@ -102,7 +102,7 @@ def interpret(candidate: Candidate, answer_type: str, timeout_s: int) -> tuple[l
     return (parsed, s) if parsed else None
 
 
-def first_answer(candidates: list[Candidate], answer_type: str, timeout_s: int) -> tuple[list, str] | None:
+def first_answer(candidates: list[AnswerCandidate], answer_type: str, timeout_s: int) -> tuple[list, str] | None:
     """The first candidate that states a readable answer (at most MAX_TRIES are tried)."""
     for candidate in candidates[:MAX_TRIES]:
         got = interpret(candidate, answer_type, timeout_s)
@@ -148,7 +148,7 @@ def _matches(gold: tuple[list, str], pred: tuple[list, str], timeout_s: int) -> 
 
 
 def grade_answer(text: str, finish_reason: str | None, reference: str, answer_type: str,
-                 timeout_s: int = 10) -> Verdict:
+                 timeout_s: int = 10) -> GradeVerdict:
     """Both verdicts on one solution. Runs Math-Verify in the calling (main) thread."""
     strict = first_answer(strict_candidates(text), answer_type, timeout_s)
     loose = strict
@@ -157,16 +157,16 @@ def grade_answer(text: str, finish_reason: str | None, reference: str, answer_ty
         loose = interpret(fallback, answer_type, timeout_s) if fallback else None
     shown, loose_shown = (strict[1] if strict else None), (loose[1] if loose else None)
     if finish_reason == "length":
-        return Verdict("truncated", shown, None, "truncated", loose_shown)
+        return GradeVerdict("truncated", shown, None, "truncated", loose_shown)
     gold = _reference(reference, answer_type, timeout_s)
     if not gold[0] and answer_type != "latex":
         detail = f"could not parse the reference answer {reference!r}"
-        return Verdict("grader_error", shown, detail, "grader_error", loose_shown)
+        return GradeVerdict("grader_error", shown, detail, "grader_error", loose_shown)
 
     def verdict(pred) -> str:
         return "no_answer" if pred is None else "correct" if _matches(gold, pred, timeout_s) else "wrong"
     status = verdict(strict)
-    return Verdict(status, shown, None, status if strict else verdict(loose), loose_shown)
+    return GradeVerdict(status, shown, None, status if strict else verdict(loose), loose_shown)
 
 
 def grade_text(text: str, finish_reason: str | None, reference: str, answer_type: str,

