@@ -1,4 +1,4 @@
-"""Run inside lm-eval's environment (.venv-bench) by tests/test_lm_eval.py: lm-eval scores a qreason run's own
+"""Run inside lm-eval's environment (.venv-bench) by tests/stages/test_lm_eval.py: lm-eval scores a qreason run's own
 generations through the exported qreason_<task> task.
 
     python tests/lm_eval_replay.py GENERATIONS.jsonl EXPORT_DIR TASK TOKENIZER OUT.json

@@ -8,7 +8,7 @@ from qreason.records import Generation
 from qreason.report import build_report
 from qreason.store import RunIndex
 
-from test_analysis import build_run
+from run_builders import build_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ATTACK = ('Step 1: <script>document.title="pwned"; window.__pwned = 1;</script> 2 + 2 = 5\n'

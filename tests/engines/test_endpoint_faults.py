@@ -278,7 +278,7 @@ def test_judge_cli_reports_a_refusing_endpoint_once(tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    from test_hostile import REPO
+    from conftest import REPO
 
     store = make_run(tmp_path / "run", cases(["401"] * 1)
                      + [(f"x{i}", f"FAULT:401 q{i}", "4", {"q4": ("Step 1: 2 + 2 = 5.", "wrong")}) for i in range(5)])
@@ -339,7 +339,7 @@ def test_run_against_a_refusing_endpoint_is_one_line_exit_2_and_leaks_nothing(tm
     import subprocess
     import sys
 
-    from test_hostile import REPO
+    from conftest import REPO
 
     class Refuse(Hostile):
         def handle(self, h, body):

@@ -14,11 +14,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from qreason.cli import main
 from qreason.inputs.synthetic import generate as synthetic_rows
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def replay_config(tmp_path: Path, backend: str, n: int = 6) -> Path:

@@ -244,7 +244,7 @@ def test_analyze_and_report_on_an_ungraded_run(tmp_path, monkeypatch):
 def test_mathtext_in_variant_and_task_names_is_drawn_literally(tmp_path):
     from qreason.report import build_report
 
-    from test_analysis import build_run
+    from run_builders import build_run
 
     store = build_run(tmp_path)
     hostile = r"w4$\undefinedcmd{$"

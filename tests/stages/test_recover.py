@@ -147,7 +147,7 @@ def _recover_twice(tmp_path_factory, tiny_model_path):
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
-    from test_quantize import make_tiny_model
+    from run_builders import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from judge_helpers import make_run
 from qreason.errors import UserError
 from qreason.stages.judge import JudgeConfig, run_judging
 from qreason.records import Grade, Problem, SilverBulletItem, content_key
 from qreason.store import RunLock, RunStore, Table
 
-REPO = Path(__file__).resolve().parent.parent
 HOSTILE_STEP = "((((1/999999999999999)^64)^64)^64)^64 + 1 = 5"
 
 
