@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qreason.errors import UserError, decode_utf8
+from qreason.registry import GRADERS, JUDGES, Registry
 
 # Names the schemas below need from the stages, defined here so that this module imports no stage.
 RULES_JUDGE = "rules"                 # the offline rule checks, as a judge name in Judgment records
@@ -63,10 +64,18 @@ class QuantizeSpec(BaseModel):
 
 # --- judging (qreason/judge)
 
+def _registered(registry: Registry, kind: str) -> str:
+    if kind not in registry.kinds():
+        raise ValueError(f"no {registry.what} {kind!r} (have {', '.join(registry.kinds())})")
+    return kind
+
+
 class JudgeSpec(Strict):
     """One LLM judge: a model behind an OpenAI-compatible endpoint."""
 
-    kind: Literal["openai"] = "openai"     # a kind in qreason.registry.JUDGES
+    _kind = field_validator("kind")(lambda v: _registered(JUDGES, v))
+
+    kind: str = "openai"                   # a kind in qreason.registry.JUDGES
     name: str                              # label stored in Judgment.judge; unique within a panel
     base_url: str                          # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
     model: str
@@ -211,9 +220,11 @@ BackendConfig = Annotated[Union[VLLMConfig, OpenAIConfig, ReplayConfig], Field(d
 
 
 class GradingConfig(Strict):
-    kind: Literal["math-verify"] = "math-verify"   # a kind in qreason.registry.GRADERS
+    kind: str = "math-verify"   # a kind in qreason.registry.GRADERS
     timeout_s: int = Field(default=10, ge=1)
     workers: int = Field(default=2, ge=1)
+
+    _kind = field_validator("kind")(lambda v: _registered(GRADERS, v))
 
 
 class CurateConfig(Strict):
