@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create qreason's training environment (.venv-train): TRL and PEFT for the recover stage, apart from the main
 # environment (vLLM's pins) and the quantization one (llm-compressor's). qreason runs
-# `python -m qreason.recover_worker` in it as a subprocess.
+# `python -m qreason.workers.train` in it as a subprocess.
 #   QREASON_DEVICE=auto|cpu|cuda   which torch to install (auto: cuda when nvidia-smi sees a GPU)
 #   QREASON_TRAIN_VENV=.venv-train where to put the environment
 exec bash "$(dirname "$0")/torch-side-env.sh" setup-train-env "${QREASON_TRAIN_VENV:-.venv-train}" \
