@@ -6,11 +6,15 @@ own task loader), the embedded default model, greedy decoding, the same max_toke
 
 (a) generation overhead: one vLLM engine (qreason's ``VLLMBackend``), a warm-up call, then alternately
     raw ``llm.chat`` on the prompts and qreason's ``run_generation`` into a fresh run store; medians and the
-    overhead in percent (target: at most 5 %). Token counts and texts of both are compared so the reader sees the
+    overhead in percent (target: at most 5 %). Token counts and texts of both are compared so the reader sees
+    the
     work was the same.
-(b) end to end: ``python -m qreason.cli run`` (engine start, generation, Math-Verify grading) in a fresh output
-    directory against ``lm_eval --model hf`` with a task YAML rendering the same user prompt through the same chat
-    template; wall times, accuracies and the speed ratio (target: qreason at least 4x faster). The prompts lm-eval
+(b) end to end: ``python -m qreason.cli run`` (engine start, generation, Math-Verify grading) in a fresh
+output
+    directory against ``lm_eval --model hf`` with a task YAML rendering the same user prompt through the same
+    chat
+    template; wall times, accuracies and the speed ratio (target: qreason at least 4x faster). The prompts
+    lm-eval
     actually sent are checked against qreason's.
 
 Everything the benchmark writes (the run config, the lm-eval task, the runs, the results JSON) goes to
@@ -22,7 +26,8 @@ lm-eval lives in its own environment (.venv-bench, made by scripts/setup-bench-e
                                                   [--skip-raw] [--skip-lm-eval] [--full-pipeline]
                                                   [--out DIR] [--smoke]
 
-(b) runs first (its subprocesses start their own engines), then (a) in this process. Timings on a shared machine
+(b) runs first (its subprocesses start their own engines), then (a) in this process. Timings on a shared
+machine
 are noisy: the load average is recorded before and after each measurement, and process CPU time next to wall
 time; vLLM's CPU backend pins its threads to cores and suffers badly when other processes compete for them.
 """
@@ -56,8 +61,11 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "gsm8k_test.jsonl"
 DEFAULT_LM_EVAL = REPO / ".venv-bench" / "bin" / "lm_eval"
 TASK_NAME = "qreason_gsm8k_bench"
 FILTER_NAME = "last_boxed"  # the accuracy compared: the last \boxed{...} against the answer after ####
-FALLBACK_FILTER = "last_number"  # reported beside it: the last number in the text (lm-eval's flexible-extract)
-# The environment as it was when the script started: subprocesses get this, not what the in-process engine set.
+FALLBACK_FILTER = (
+    "last_number"  # reported beside it: the last number in the text (lm-eval's flexible-extract)
+)
+# The environment as it was when the script started: subprocesses get this, not what the in-process engine
+# set.
 BASE_ENV = dict(os.environ)
 SUBPROCESS_ENV = {**BASE_ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -74,6 +82,7 @@ def load_avg() -> list[float] | None:
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
+
 
 def write_run_config(path: Path, data: Path, n: int, max_tokens: int, full_pipeline: bool) -> Path:
     """The qreason run config both parts use: the gsm8k task on the local file, greedy, one seed.
@@ -93,13 +102,17 @@ def write_run_config(path: Path, data: Path, n: int, max_tokens: int, full_pipel
             if stage in RunConfig.model_fields:
                 config[stage] = {"enabled": False}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# Written by bench/generation_overhead.py; overwritten on every run.\n"
-                    + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    path.write_text(
+        "# Written by bench/generation_overhead.py; overwritten on every run.\n"
+        + yaml.safe_dump(config, sort_keys=False),
+        encoding="utf-8",
+    )
     return path
 
 
 def jinja_literal(text: str) -> str:
-    """``text`` as a Jinja template that renders to exactly ``text`` (checked against lm-eval's logged prompts)."""
+    """``text`` as a Jinja template that renders to exactly ``text`` (checked against lm-eval's logged
+    prompts)."""
     if "endraw" in text:
         raise SystemExit("bench: the prompt template contains 'endraw'; it cannot be quoted for Jinja")
     return "{% raw %}" + text + "{% endraw %}" if text else ""
@@ -113,8 +126,10 @@ def write_lm_eval_task(task_dir: Path, data: Path, max_tokens: int) -> Path:
 
     tmpl = load_prompt(load_spec("gsm8k").prompt)
     if tmpl.system:
-        raise SystemExit("bench: the gsm8k prompt has a system message; the lm-eval task here renders only "
-                         "the user turn (pass it with --system_instruction)")
+        raise SystemExit(
+            "bench: the gsm8k prompt has a system message; the lm-eval task here renders only "
+            "the user turn (pass it with --system_instruction)"
+        )
     before, placeholder, after = tmpl.user.partition("{question}")
     if not placeholder:
         raise SystemExit("bench: the gsm8k user prompt has no {question} placeholder")
@@ -128,29 +143,59 @@ def write_lm_eval_task(task_dir: Path, data: Path, max_tokens: int) -> Path:
         # qreason's answer: what follows '####', without thousands separators
         "doc_to_target": "{{answer.split('####')[-1].strip().replace(',', '')}}",
         "num_fewshot": 0,
-        "generation_kwargs": {"until": [], "max_gen_toks": max_tokens, "do_sample": False, "temperature": 0.0},
-        "filter_list": [{"name": FILTER_NAME, "filter": [
-            {"function": "regex", "regex_pattern": r"\\boxed\{([^{}]*)\}", "group_select": -1},
-            {"function": "take_first"}]},
-            {"name": FALLBACK_FILTER, "filter": [
-                {"function": "regex", "regex_pattern": r"(-?[$0-9.,]{2,})|(-?[0-9]+)", "group_select": -1},
-                {"function": "take_first"}]}],
-        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
-                         "ignore_case": True, "ignore_punctuation": False,
-                         "regexes_to_ignore": [",", r"\$", r"\.$", r"^\s+", r"\s+$"]}],
+        "generation_kwargs": {
+            "until": [],
+            "max_gen_toks": max_tokens,
+            "do_sample": False,
+            "temperature": 0.0,
+        },
+        "filter_list": [
+            {
+                "name": FILTER_NAME,
+                "filter": [
+                    {"function": "regex", "regex_pattern": r"\\boxed\{([^{}]*)\}", "group_select": -1},
+                    {"function": "take_first"},
+                ],
+            },
+            {
+                "name": FALLBACK_FILTER,
+                "filter": [
+                    {
+                        "function": "regex",
+                        "regex_pattern": r"(-?[$0-9.,]{2,})|(-?[0-9]+)",
+                        "group_select": -1,
+                    },
+                    {"function": "take_first"},
+                ],
+            },
+        ],
+        "metric_list": [
+            {
+                "metric": "exact_match",
+                "aggregation": "mean",
+                "higher_is_better": True,
+                "ignore_case": True,
+                "ignore_punctuation": False,
+                "regexes_to_ignore": [",", r"\$", r"\.$", r"^\s+", r"\s+$"],
+            }
+        ],
         "metadata": {"version": 1.0},
     }
     if task_dir.exists():
         shutil.rmtree(task_dir)
     task_dir.mkdir(parents=True)
     path = task_dir / f"{TASK_NAME}.yaml"
-    path.write_text("# Written by bench/generation_overhead.py; overwritten on every run.\n"
-                    + yaml.safe_dump(task, sort_keys=False, allow_unicode=True, width=1000), encoding="utf-8")
+    path.write_text(
+        "# Written by bench/generation_overhead.py; overwritten on every run.\n"
+        + yaml.safe_dump(task, sort_keys=False, allow_unicode=True, width=1000),
+        encoding="utf-8",
+    )
     return path
 
 
 def build_requests(config_path: Path):
-    """(config, model, requests) exactly as ``qreason run`` builds them for the base model: qreason's task loader,
+    """(config, model, requests) exactly as ``qreason run`` builds them for the base model: qreason's task
+    loader,
     prompt builder and request keys, the model resolved from the config ('default')."""
     from qreason.config.schema import load_config
     from qreason.engines import make_request
@@ -165,8 +210,10 @@ def build_requests(config_path: Path):
         spec, problems = load_problems(task_cfg, loaded.base_dir)
         for p in problems:
             messages = build_messages(spec, p, task_cfg.format_example)
-            requests.extend(make_request(cfg.model.name, model, p, messages, cfg.sampling, seed)
-                            for seed in cfg.sampling.seeds)
+            requests.extend(
+                make_request(cfg.model.name, model, p, messages, cfg.sampling, seed)
+                for seed in cfg.sampling.seeds
+            )
     return cfg, model, requests
 
 
@@ -177,13 +224,14 @@ def problem_id(req) -> str:
 
 # ------------------------------------------------------------------------------------ (a) generation overhead
 
+
 def measure_overhead(cfg, requests: list, repeats: int, out_dir: Path) -> dict:
     """Raw ``llm.chat`` vs qreason's ``run_generation`` on one engine, alternating, after a warm-up."""
     from vllm import SamplingParams
 
-    from qreason.stages.generate import run_generation
     from qreason.engines.vllm import VLLMBackend
     from qreason.inputs.models import resolve_model
+    from qreason.stages.generate import run_generation
     from qreason.store import RunStore
 
     sampling = cfg.sampling
@@ -193,8 +241,15 @@ def measure_overhead(cfg, requests: list, repeats: int, out_dir: Path) -> dict:
     engine_start_s = time.perf_counter() - t0
     log(f"[a] engine started in {engine_start_s:.1f} s")
     messages = [r.messages for r in requests]
-    params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
-                             seed=r.seed) for r in requests]
+    params = [
+        SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            seed=r.seed,
+        )
+        for r in requests
+    ]
 
     # run_generation takes the run store, or (newer qreason) the store's generations table
     wants_table = next(iter(inspect.signature(run_generation).parameters)) == "table"
@@ -212,7 +267,9 @@ def measure_overhead(cfg, requests: list, repeats: int, out_dir: Path) -> dict:
             stats = run_generation(store.generations if wants_table else store, requests, backend, sampling)
             dt, dc = time.perf_counter() - t, time.process_time() - c
             if stats.failed or stats.produced != len(requests):
-                raise RuntimeError(f"qreason produced {stats.produced} of {len(requests)} ({stats.failed} failed)")
+                raise RuntimeError(
+                    f"qreason produced {stats.produced} of {len(requests)} ({stats.failed} failed)"
+                )
             by_key = {g.key: g for g in RunStore(Path(tmp) / "run").generations.all()}  # read back from disk
             texts = [by_key[r.key].text for r in requests]
             return dt, dc, sum(by_key[r.key].completion_tokens or 0 for r in requests), texts
@@ -228,13 +285,24 @@ def measure_overhead(cfg, requests: list, repeats: int, out_dir: Path) -> dict:
             order = ("raw", "qreason") if i % 2 == 0 else ("qreason", "raw")  # ABBA: drift hits both alike
             for name in order:
                 dt, dc, toks, txt = fns[name]()
-                runs[name].append({"seconds": round(dt, 3), "cpu_seconds": round(dc, 3), "completion_tokens": toks,
-                                   "load_avg": load_avg()})
+                runs[name].append(
+                    {
+                        "seconds": round(dt, 3),
+                        "cpu_seconds": round(dc, 3),
+                        "completion_tokens": toks,
+                        "load_avg": load_avg(),
+                    }
+                )
                 texts.setdefault(name, txt)
                 if txt != texts[name]:
-                    log(f"[a] note: {name} repetition {i + 1} produced different texts from its first repetition")
-                log(f"[a] rep {i + 1}/{repeats} {name:<8} {dt:7.2f} s wall  {dc:7.2f} s cpu  {toks} tokens  "
-                    f"({toks / dt:.0f} tok/s)  load {load_avg()}")
+                    log(
+                        f"[a] note: {name} repetition {i + 1} produced different texts from its first "
+                        "repetition"
+                    )
+                log(
+                    f"[a] rep {i + 1}/{repeats} {name:<8} {dt:7.2f} s wall  {dc:7.2f} s cpu  {toks} tokens  "
+                    f"({toks / dt:.0f} tok/s)  load {load_avg()}"
+                )
     finally:
         backend_kwargs = dict(backend.kwargs)
         backend.close()
@@ -257,14 +325,16 @@ def measure_overhead(cfg, requests: list, repeats: int, out_dir: Path) -> dict:
         "identical_texts": identical,
         "n_prompts": len(requests),
         "ratio": round(med["qreason"] / med["raw"], 4),
-        "overhead_percent_of_min": round(100 * (min(r["seconds"] for r in runs["qreason"])
-                                                / min(r["seconds"] for r in runs["raw"]) - 1), 2),
+        "overhead_percent_of_min": round(
+            100 * (min(r["seconds"] for r in runs["qreason"]) / min(r["seconds"] for r in runs["raw"]) - 1), 2
+        ),
         "overhead_percent": round(100 * (med["qreason"] / med["raw"] - 1), 2),
         "target_overhead_percent": 5.0,
     }
 
 
 # ------------------------------------------------------------------------------------------ (b) end to end
+
 
 def run_timed(cmd: list[str], log_path: Path, extra_env: dict[str, str] | None = None) -> tuple[float, int]:
     """Run a command in the repository, its output to ``log_path``; (wall seconds, exit code)."""
@@ -273,8 +343,9 @@ def run_timed(cmd: list[str], log_path: Path, extra_env: dict[str, str] | None =
     with open(log_path, "w", encoding="utf-8") as fh:
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
-        rc = subprocess.call(cmd, cwd=REPO, env={**SUBPROCESS_ENV, **(extra_env or {})}, stdout=fh,
-                             stderr=subprocess.STDOUT)
+        rc = subprocess.call(
+            cmd, cwd=REPO, env={**SUBPROCESS_ENV, **(extra_env or {})}, stdout=fh, stderr=subprocess.STDOUT
+        )
         dt = time.perf_counter() - t
         ru2 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (ru2.ru_utime - ru.ru_utime) + (ru2.ru_stime - ru.ru_stime)
@@ -296,21 +367,32 @@ def run_qreason_e2e(config: Path, run_dir: Path) -> dict:
     cmd = [sys.executable, "-m", "qreason.cli", "run", str(config), "--output-dir", str(run_dir)]
     before = load_avg()
     # the bench's runs are indexed apart from the user's runs/index.sqlite
-    wall, cpu, rc = run_timed(cmd, run_dir.parent / "qreason.log",
-                              {"QREASON_INDEX": str(run_dir.parent / "index.sqlite")})
+    wall, cpu, rc = run_timed(
+        cmd, run_dir.parent / "qreason.log", {"QREASON_INDEX": str(run_dir.parent / "index.sqlite")}
+    )
     if rc != 0:
         raise SystemExit(f"bench: qreason run failed (exit {rc}):\n{tail(run_dir.parent / 'qreason.log')}")
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     row = summary["results"][0]
-    gens = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    gens = [
+        json.loads(line)
+        for line in (run_dir / "generations.jsonl").read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
     log(f"[b] qreason: {wall:.1f} s wall, accuracy {100 * row['accuracy_mean']:.1f} %")
     return {
-        "command": shlex.join(cmd), "wall_seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
-        "internal_wall_seconds": summary["wall_seconds"], "generation_seconds": summary["generations"]["seconds"],
-        "accuracy": row["accuracy_mean"], "n_problems": row["n_problems"], "outcomes": row["outcomes"],
+        "command": shlex.join(cmd),
+        "wall_seconds": round(wall, 2),
+        "cpu_seconds": round(cpu, 2),
+        "internal_wall_seconds": summary["wall_seconds"],
+        "generation_seconds": summary["generations"]["seconds"],
+        "accuracy": row["accuracy_mean"],
+        "n_problems": row["n_problems"],
+        "outcomes": row["outcomes"],
         "completion_tokens": sum(g.get("completion_tokens") or 0 for g in gens),
-        "run_dir": str(run_dir), "load_avg_before": before, "load_avg_after": load_avg(),
+        "run_dir": str(run_dir),
+        "load_avg_before": before,
+        "load_avg_after": load_avg(),
     }
 
 
@@ -323,28 +405,51 @@ def lm_eval_versions(lm_eval: Path) -> dict:
     py = lm_eval_python(lm_eval)
     if py is None:
         return {}
-    code = ("import importlib.metadata as m, json; v = {}\n"
-            "for d in ('lm-eval', 'torch', 'transformers', 'tokenizers', 'accelerate', 'datasets'):\n"
-            "    try: v[d] = m.version(d)\n"
-            "    except m.PackageNotFoundError: pass\n"
-            "print(json.dumps(v))")
+    code = (
+        "import importlib.metadata as m, json; v = {}\n"
+        "for d in ('lm-eval', 'torch', 'transformers', 'tokenizers', 'accelerate', 'datasets'):\n"
+        "    try: v[d] = m.version(d)\n"
+        "    except m.PackageNotFoundError: pass\n"
+        "print(json.dumps(v))"
+    )
     try:
-        return json.loads(subprocess.run([str(py), "-c", code], capture_output=True, text=True, check=True,
-                                         env=SUBPROCESS_ENV).stdout)
+        return json.loads(
+            subprocess.run(
+                [str(py), "-c", code], capture_output=True, text=True, check=True, env=SUBPROCESS_ENV
+            ).stdout
+        )
     except (subprocess.CalledProcessError, ValueError):
         return {}
 
 
-def run_lm_eval(lm_eval: Path, task_dir: Path, model_path: str, n: int, batch_size: int, device: str,
-                out_dir: Path) -> dict:
+def run_lm_eval(
+    lm_eval: Path, task_dir: Path, model_path: str, n: int, batch_size: int, device: str, out_dir: Path
+) -> dict:
     log("\n[b] lm-eval end to end: lm_eval --model hf (model load, generation, scoring)")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    cmd = [str(lm_eval), "--model", "hf", "--model_args", f"pretrained={model_path},dtype=bfloat16",
-           "--tasks", TASK_NAME, "--include_path", str(task_dir), "--apply_chat_template",
-           "--batch_size", str(batch_size), "--device", device, "--limit", str(n),
-           "--output_path", str(out_dir), "--log_samples"]
+    cmd = [
+        str(lm_eval),
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={model_path},dtype=bfloat16",
+        "--tasks",
+        TASK_NAME,
+        "--include_path",
+        str(task_dir),
+        "--apply_chat_template",
+        "--batch_size",
+        str(batch_size),
+        "--device",
+        device,
+        "--limit",
+        str(n),
+        "--output_path",
+        str(out_dir),
+        "--log_samples",
+    ]
     before = load_avg()
     wall, cpu, rc = run_timed(cmd, out_dir.parent / "lm-eval.log")
     if rc != 0:
@@ -357,16 +462,25 @@ def run_lm_eval(lm_eval: Path, task_dir: Path, model_path: str, n: int, batch_si
     acc = results["results"][TASK_NAME][f"exact_match,{FILTER_NAME}"]
     acc_fallback = results["results"][TASK_NAME].get(f"exact_match,{FALLBACK_FILTER}")
     # one line per document and filter: keep the lines of the filter compared
-    samples = [json.loads(line) for line in Path(samples_files[-1]).read_text(encoding="utf-8").splitlines()
-               if line.strip()]
+    samples = [
+        json.loads(line)
+        for line in Path(samples_files[-1]).read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
     samples = [x for x in samples if x.get("filter", FILTER_NAME) == FILTER_NAME]
     log(f"[b] lm-eval: {wall:.1f} s wall, accuracy {100 * acc:.1f} %")
     return {
-        "command": shlex.join(cmd), "wall_seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
+        "command": shlex.join(cmd),
+        "wall_seconds": round(wall, 2),
+        "cpu_seconds": round(cpu, 2),
         "internal_seconds": float(results.get("total_evaluation_time_seconds") or 0) or None,
-        "accuracy": acc, f"accuracy_{FALLBACK_FILTER}": acc_fallback, "n_samples": len(samples),
+        "accuracy": acc,
+        f"accuracy_{FALLBACK_FILTER}": acc_fallback,
+        "n_samples": len(samples),
         "results_file": results_files[-1],
-        "samples_file": samples_files[-1], "load_avg_before": before, "load_avg_after": load_avg(),
+        "samples_file": samples_files[-1],
+        "load_avg_before": before,
+        "load_avg_after": load_avg(),
         "_samples": samples,
     }
 
@@ -417,17 +531,28 @@ def check_lm_eval_prompts(samples: list[dict], requests: list, model_path: str, 
             same += 1
         elif mismatch is None:
             mismatch = {"doc_id": s.get("doc_id"), "lm_eval": prompt, "qreason": want}
-    return {"prompts_checked": checked, "prompts_identical": same, "first_mismatch": mismatch,
-            "completion_tokens_retokenized": gen_tokens, "completions_identical_to_qreason": same_text}
+    return {
+        "prompts_checked": checked,
+        "prompts_identical": same,
+        "first_mismatch": mismatch,
+        "completion_tokens_retokenized": gen_tokens,
+        "completions_identical_to_qreason": same_text,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- report
 
+
 def fmt_table(head: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     line = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([line.format(*head), line.format(*("-" * w for w in widths)),
-                      *(line.format(*map(str, r)) for r in rows)])
+    return "\n".join(
+        [
+            line.format(*head),
+            line.format(*("-" * w for w in widths)),
+            *(line.format(*map(str, r)) for r in rows),
+        ]
+    )
 
 
 def report(result: dict) -> None:
@@ -436,51 +561,89 @@ def report(result: dict) -> None:
     log(f"qreason generation overhead benchmark  ({result['started_at']})")
     log(f"prompts: first {c['n']} rows of {c['data']} (gsm8k task, qreason prompt, no worked example)")
     log(f"sampling: greedy, max_tokens {c['max_tokens']}; model {c['model_path']}")
-    log(f"machine: {c['machine']['cpu']} x{c['machine']['cpu_count']}, load avg at start {c['load_avg_start']}")
+    log(
+        f"machine: {c['machine']['cpu']} x{c['machine']['cpu_count']}, load avg at start "
+        f"{c['load_avg_start']}"
+    )
     a = result.get("overhead")
     if a:
-        log(f"\n(a) qreason run_generation vs raw vllm.LLM.chat, one engine, {a['n_prompts']} prompts, "
-            f"{a['repeats']} interleaved repetitions after a warm-up")
-        log(f"    engine: {json.dumps(a['engine_kwargs'], sort_keys=True)}; qreason batch_size {a['batch_size']}")
-        rows = [[k, f"{a['median_seconds'][k]:.2f}", f"{a['min_seconds'][k]:.2f}",
-                 " ".join(f"{r['seconds']:.2f}" for r in a["runs"][k]), f"{a['median_cpu_seconds'][k]:.2f}",
-                 a["completion_tokens"][k], f"{a['completion_tokens'][k] / a['median_seconds'][k]:.0f}"]
-                for k in ("raw", "qreason")]
+        log(
+            f"\n(a) qreason run_generation vs raw vllm.LLM.chat, one engine, {a['n_prompts']} prompts, "
+            f"{a['repeats']} interleaved repetitions after a warm-up"
+        )
+        log(
+            f"    engine: {json.dumps(a['engine_kwargs'], sort_keys=True)}; qreason batch_size "
+            f"{a['batch_size']}"
+        )
+        rows = [
+            [
+                k,
+                f"{a['median_seconds'][k]:.2f}",
+                f"{a['min_seconds'][k]:.2f}",
+                " ".join(f"{r['seconds']:.2f}" for r in a["runs"][k]),
+                f"{a['median_cpu_seconds'][k]:.2f}",
+                a["completion_tokens"][k],
+                f"{a['completion_tokens'][k] / a['median_seconds'][k]:.0f}",
+            ]
+            for k in ("raw", "qreason")
+        ]
         log(fmt_table(["path", "median s", "min s", "all s", "median cpu s", "tokens", "tok/s"], rows))
         ok = a["overhead_percent"] <= a["target_overhead_percent"]
         log(f"    identical texts: {a['identical_texts']}/{a['n_prompts']}")
-        log(f"    qreason / raw = {a['ratio']:.3f}  ->  overhead {a['overhead_percent']:+.1f} % "
+        log(
+            f"    qreason / raw = {a['ratio']:.3f}  ->  overhead {a['overhead_percent']:+.1f} % "
             f"(target <= {a['target_overhead_percent']:.0f} %: {'met' if ok else 'NOT met'}); "
             f"on the fastest repetitions {a['overhead_percent_of_min']:+.1f} %; "
-            f"cpu-time overhead {a['cpu_overhead_percent']:+.1f} %")
+            f"cpu-time overhead {a['cpu_overhead_percent']:+.1f} %"
+        )
     b = result.get("end_to_end")
     if b:
         log(f"\n(b) end to end on the same {c['n']} prompts (wall time of the whole command)")
         q, lm = b["qreason"], b.get("lm_eval")
-        rows = [["qreason (vLLM)", f"{q['wall_seconds']:.1f}", f"{q['cpu_seconds']:.1f}",
-                 f"{100 * q['accuracy']:.1f} %", q["completion_tokens"],
-                 f"generation {q['generation_seconds']:.1f} s; Math-Verify; outcomes "
-                 + ", ".join(f"{k} {v}" for k, v in q["outcomes"].items() if v)]]
+        rows = [
+            [
+                "qreason (vLLM)",
+                f"{q['wall_seconds']:.1f}",
+                f"{q['cpu_seconds']:.1f}",
+                f"{100 * q['accuracy']:.1f} %",
+                q["completion_tokens"],
+                f"generation {q['generation_seconds']:.1f} s; Math-Verify; outcomes "
+                + ", ".join(f"{k} {v}" for k, v in q["outcomes"].items() if v),
+            ]
+        ]
         if lm:
-            rows.append(["lm-eval (hf)", f"{lm['wall_seconds']:.1f}", f"{lm['cpu_seconds']:.1f}",
-                         f"{100 * lm['accuracy']:.1f} %", f"~{lm['prompt_check']['completion_tokens_retokenized']}",
-                         f"batch_size {c['lm_eval_batch_size']}, device {c['lm_eval_device']}; exact_match on "
-                         f"last \\boxed{{}} (on the last number instead: "
-                         f"{100 * (lm.get(f'accuracy_{FALLBACK_FILTER}') or 0):.1f} %)"])
+            rows.append(
+                [
+                    "lm-eval (hf)",
+                    f"{lm['wall_seconds']:.1f}",
+                    f"{lm['cpu_seconds']:.1f}",
+                    f"{100 * lm['accuracy']:.1f} %",
+                    f"~{lm['prompt_check']['completion_tokens_retokenized']}",
+                    f"batch_size {c['lm_eval_batch_size']}, device {c['lm_eval_device']}; exact_match on "
+                    f"last \\boxed{{}} (on the last number instead: "
+                    f"{100 * (lm.get(f'accuracy_{FALLBACK_FILTER}') or 0):.1f} %)",
+                ]
+            )
         log(fmt_table(["harness", "wall s", "cpu s", "accuracy", "tokens", "notes"], rows))
         if lm:
             pc = lm["prompt_check"]
-            log(f"    prompts identical to qreason's (chat template rendered): "
+            log(
+                f"    prompts identical to qreason's (chat template rendered): "
                 f"{pc['prompts_identical']}/{pc['prompts_checked']}; completions identical to qreason's: "
-                f"{pc['completions_identical_to_qreason']}/{lm['n_samples']} (HF vs vLLM kernels)")
+                f"{pc['completions_identical_to_qreason']}/{lm['n_samples']} (HF vs vLLM kernels)"
+            )
             if pc["first_mismatch"]:
                 m = pc["first_mismatch"]
-                log(f"    first mismatch (doc {m['doc_id']}):\n      lm-eval: {m['lm_eval']!r}\n"
-                    f"      qreason: {m['qreason']!r}")
+                log(
+                    f"    first mismatch (doc {m['doc_id']}):\n      lm-eval: {m['lm_eval']!r}\n"
+                    f"      qreason: {m['qreason']!r}"
+                )
             ok = b["speedup"] >= b["target_speedup"]
-            log(f"    lm-eval / qreason wall time = {b['speedup']:.2f}x "
+            log(
+                f"    lm-eval / qreason wall time = {b['speedup']:.2f}x "
                 f"(target >= {b['target_speedup']:.0f}x: {'met' if ok else 'NOT met'}); "
-                f"cpu time {b['cpu_speedup']:.2f}x")
+                f"cpu time {b['cpu_speedup']:.2f}x"
+            )
         else:
             log("    lm-eval skipped (--skip-lm-eval)")
     log(f"\nload avg at end {result['load_avg_end']}; results: {result['json']}")
@@ -489,28 +652,52 @@ def report(result: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------------ main
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--n", type=int, default=64, help="number of GSM8K prompts (default 64)")
-    p.add_argument("--max-tokens", type=int, default=256, help="max generated tokens per prompt (default 256)")
+    p.add_argument(
+        "--max-tokens", type=int, default=256, help="max generated tokens per prompt (default 256)"
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions of each path in (a) (default 3)")
     p.add_argument("--skip-raw", action="store_true", help="skip (a), the raw-vLLM vs qreason comparison")
-    p.add_argument("--skip-lm-eval", action="store_true", help="skip lm-eval in (b) (qreason end to end still runs)")
-    p.add_argument("--full-pipeline", action="store_true",
-                   help="leave qreason's HTML report and curation stages on in (b) (default: off, as lm-eval has "
-                        "no counterpart)")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"GSM8K test JSONL (default {DEFAULT_DATA})")
-    p.add_argument("--lm-eval", type=Path, default=None,
-                   help=f"lm_eval executable (default {DEFAULT_LM_EVAL.relative_to(REPO)}, else lm_eval on PATH)")
-    p.add_argument("--lm-eval-batch-size", type=int, default=None,
-                   help="lm-eval --batch_size (default: qreason's engine batch size, 64)")
-    p.add_argument("--lm-eval-device", default=None, help="lm-eval --device (default: cpu, or cuda with the "
-                                                          "CUDA build of vLLM)")
+    p.add_argument(
+        "--skip-lm-eval", action="store_true", help="skip lm-eval in (b) (qreason end to end still runs)"
+    )
+    p.add_argument(
+        "--full-pipeline",
+        action="store_true",
+        help="leave qreason's HTML report and curation stages on in (b) (default: off, as lm-eval has "
+        "no counterpart)",
+    )
+    p.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help=f"GSM8K test JSONL (default {DEFAULT_DATA})"
+    )
+    p.add_argument(
+        "--lm-eval",
+        type=Path,
+        default=None,
+        help=f"lm_eval executable (default {DEFAULT_LM_EVAL.relative_to(REPO)}, else lm_eval on PATH)",
+    )
+    p.add_argument(
+        "--lm-eval-batch-size",
+        type=int,
+        default=None,
+        help="lm-eval --batch_size (default: qreason's engine batch size, 64)",
+    )
+    p.add_argument(
+        "--lm-eval-device",
+        default=None,
+        help="lm-eval --device (default: cpu, or cuda with the CUDA build of vLLM)",
+    )
     p.add_argument("--out", type=Path, default=OUT, help=f"where everything is written (default {OUT})")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny sizes for a smoke test: --n 2 --max-tokens 8 --repeats 1 (the timings mean "
-                        "nothing)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes for a smoke test: --n 2 --max-tokens 8 --repeats 1 (the timings mean nothing)",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.n, args.max_tokens, args.repeats = 2, 8, 1
@@ -528,8 +715,10 @@ def find_lm_eval(arg: Path | None) -> Path:
         found = shutil.which("lm_eval")
         cand = Path(found) if found else DEFAULT_LM_EVAL
     if not cand.exists():
-        raise SystemExit(f"bench: lm_eval not found at {cand}; run scripts/setup-bench-env.sh "
-                         "(or pass --lm-eval PATH, or --skip-lm-eval)")
+        raise SystemExit(
+            f"bench: lm_eval not found at {cand}; run scripts/setup-bench-env.sh "
+            "(or pass --lm-eval PATH, or --skip-lm-eval)"
+        )
     return cand
 
 
@@ -537,8 +726,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from qreason.pipeline.provenance import environment
     from qreason.engines.vllm import installed_build
+    from qreason.pipeline.provenance import environment
 
     data = args.data.resolve()
     if not data.is_file():
@@ -550,8 +739,9 @@ def main(argv: list[str] | None = None) -> int:
     work = out / "runs" / stamp
     work.mkdir(parents=True)
 
-    config_path = write_run_config(out / "qreason_gsm8k_bench.yaml", data, args.n, args.max_tokens,
-                                   args.full_pipeline)
+    config_path = write_run_config(
+        out / "qreason_gsm8k_bench.yaml", data, args.n, args.max_tokens, args.full_pipeline
+    )
     cfg, model, requests = build_requests(config_path)
     if len(requests) != args.n:
         raise SystemExit(f"bench: expected {args.n} requests, qreason built {len(requests)}")
@@ -561,14 +751,27 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": {
-            "n": args.n, "max_tokens": args.max_tokens, "repeats": args.repeats, "data": str(data),
-            "temperature": cfg.sampling.temperature, "top_p": cfg.sampling.top_p, "seeds": cfg.sampling.seeds,
-            "format_example": False, "model_path": model.path, "model_fingerprint": model.fingerprint,
-            "qreason_config": str(config_path), "backend": cfg.backend.model_dump(),
-            "lm_eval_batch_size": lm_batch, "lm_eval_device": device,
-            "versions": env["versions"], "lm_eval_env_versions": lm_eval_versions(lm_eval) if lm_eval else {},
-            "machine": {**env["hardware"], "platform": platform.platform()}, "load_avg_start": load_avg(),
-            "skip_raw": args.skip_raw, "skip_lm_eval": args.skip_lm_eval, "full_pipeline": args.full_pipeline,
+            "n": args.n,
+            "max_tokens": args.max_tokens,
+            "repeats": args.repeats,
+            "data": str(data),
+            "temperature": cfg.sampling.temperature,
+            "top_p": cfg.sampling.top_p,
+            "seeds": cfg.sampling.seeds,
+            "format_example": False,
+            "model_path": model.path,
+            "model_fingerprint": model.fingerprint,
+            "qreason_config": str(config_path),
+            "backend": cfg.backend.model_dump(),
+            "lm_eval_batch_size": lm_batch,
+            "lm_eval_device": device,
+            "versions": env["versions"],
+            "lm_eval_env_versions": lm_eval_versions(lm_eval) if lm_eval else {},
+            "machine": {**env["hardware"], "platform": platform.platform()},
+            "load_avg_start": load_avg(),
+            "skip_raw": args.skip_raw,
+            "skip_lm_eval": args.skip_lm_eval,
+            "full_pipeline": args.full_pipeline,
         },
     }
     c = result["config"]
@@ -576,15 +779,23 @@ def main(argv: list[str] | None = None) -> int:
     log(f"  prompts        first {args.n} rows of {data}")
     log(f"  sampling       greedy (temperature 0, top_p 1), max_tokens {args.max_tokens}, seed 0")
     log(f"  model          {model.path} (fingerprint {model.fingerprint})")
-    log(f"  engine         vLLM build {installed_build()}, qreason backend defaults: "
-        f"max_model_len {cfg.backend.max_model_len}, batch_size {cfg.backend.batch_size}")
-    log(f"  qreason run    {config_path} ({'all stages' if args.full_pipeline else 'HTML report and curation off'})")
+    log(
+        f"  engine         vLLM build {installed_build()}, qreason backend defaults: "
+        f"max_model_len {cfg.backend.max_model_len}, batch_size {cfg.backend.batch_size}"
+    )
+    log(
+        f"  qreason run    {config_path} "
+        f"({'all stages' if args.full_pipeline else 'HTML report and curation off'})"
+    )
     log(f"  lm-eval        {lm_eval or 'skipped'} (batch_size {lm_batch}, device {device})")
     log(f"  versions       {json.dumps(c['versions'])}")
     if c["lm_eval_env_versions"]:
         log(f"  lm-eval env    {json.dumps(c['lm_eval_env_versions'])}")
-    log(f"  machine        {c['machine']['cpu']} x{c['machine']['cpu_count']}, "
-        f"{c['machine']['memory_gib']} GiB, gpus {c['machine']['gpus'] or 'none'}; load avg {c['load_avg_start']}")
+    log(
+        f"  machine        {c['machine']['cpu']} x{c['machine']['cpu_count']}, "
+        f"{c['machine']['memory_gib']} GiB, gpus {c['machine']['gpus'] or 'none'}; load avg "
+        f"{c['load_avg_start']}"
+    )
     log(f"  output         {work}")
 
     # (b) first: its subprocesses each start their own engine, and on a GPU the in-process engine of (a)
@@ -594,8 +805,9 @@ def main(argv: list[str] | None = None) -> int:
         task_dir = out / "lm_eval_tasks"
         write_lm_eval_task(task_dir, data, args.max_tokens)
         lm = run_lm_eval(lm_eval, task_dir, model.path, args.n, lm_batch, device, work / "lm-eval")
-        lm["prompt_check"] = check_lm_eval_prompts(lm.pop("_samples"), requests, model.path,
-                                                   work / "qreason-run")
+        lm["prompt_check"] = check_lm_eval_prompts(
+            lm.pop("_samples"), requests, model.path, work / "qreason-run"
+        )
         lm["task_yaml"] = str(task_dir / f"{TASK_NAME}.yaml")
         e2e["lm_eval"] = lm
         e2e["speedup"] = round(lm["wall_seconds"] / e2e["qreason"]["wall_seconds"], 3)

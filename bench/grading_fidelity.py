@@ -1,19 +1,24 @@
 #!/usr/bin/env python
-"""Does qreason's grader agree with people? Checked against answer-correctness labels that people gave real model
+"""Does qreason's grader agree with people? Checked against answer-correctness labels that people gave real
+model
 solutions, and against solutions whose answers are known to be right.
 
-1. ProcessBench gsm8k (400 solutions by 8 models, each labelled ``final_answer_correct``), joined with the GSM8K
-   reference answers by question text. Printed: agreement, precision and recall of ``lenient_status == correct``
+1. ProcessBench gsm8k (400 solutions by 8 models, each labelled ``final_answer_correct``), joined with the
+GSM8K
+   reference answers by question text. Printed: agreement, precision and recall of ``lenient_status ==
+   correct``
    and of ``status == correct`` against the label, and every disagreement. Target: lenient agreement >= 0.98.
 2. MATH-style LaTeX answers, where no labelled set with references is at hand:
    - MATH-500: each reference solution (written by people, it boxes the right answer) graded against the
      dataset's answer: strict recall, which should be 1.0;
    - ProcessBench olympiadbench (no references): the share of solutions people marked correct from which the
-     strict rules extract an answer at all (an upper bound on strict recall), and, per problem, whether the other
+     strict rules extract an answer at all (an upper bound on strict recall), and, per problem, whether the
+     other
      solutions marked correct grade correct against the first one's extracted answer (answers written in
      different forms must compare equal).
 
-The data is read from ../shared/data (or --data-dir); see its README. Nothing is written unless --json is given.
+The data is read from ../shared/data (or --data-dir); see its README. Nothing is written unless --json is
+given.
 
     .venv/bin/python bench/grading_fidelity.py [--data-dir DIR] [--workers 2] [--json OUT.json]
                                                [--limit N] [--smoke]
@@ -76,15 +81,24 @@ def processbench_gsm8k(data: Path) -> list[dict]:
     refs = {}
     for name in ("gsm8k_test.jsonl", "gsm8k_train.jsonl"):
         for r in read_jsonl(data / name):
-            refs.setdefault(" ".join(r["question"].split()), r["answer"].split("####")[-1].strip().replace(",", ""))
+            refs.setdefault(
+                " ".join(r["question"].split()), r["answer"].split("####")[-1].strip().replace(",", "")
+            )
     rows = []
     for r in read_jsonl(data / "processbench_gsm8k.jsonl"):
         ref = refs.get(" ".join(r["problem"].split()))
         if ref is None:
             print(f"  (no GSM8K reference for {r['id']}; left out)", file=sys.stderr)
             continue
-        rows.append({"id": r["id"], "generator": r["generator"], "text": solution_text(r), "reference": ref,
-                     "label": bool(r["final_answer_correct"])})
+        rows.append(
+            {
+                "id": r["id"],
+                "generator": r["generator"],
+                "text": solution_text(r),
+                "reference": ref,
+                "label": bool(r["final_answer_correct"]),
+            }
+        )
     return rows
 
 
@@ -93,32 +107,51 @@ def agreement(labels: list[bool], predicted: list[bool]) -> dict:
     fp = sum(p and not y for p, y in zip(predicted, labels))
     fn = sum(y and not p for p, y in zip(predicted, labels))
     n = len(labels)
-    return {"n": n, "agreement": sum(p == y for p, y in zip(predicted, labels)) / n if n else float("nan"),
-            "precision": tp / (tp + fp) if tp + fp else float("nan"),
-            "recall": tp / (tp + fn) if tp + fn else float("nan"), "false_pos": fp, "false_neg": fn}
+    return {
+        "n": n,
+        "agreement": sum(p == y for p, y in zip(predicted, labels)) / n if n else float("nan"),
+        "precision": tp / (tp + fp) if tp + fp else float("nan"),
+        "recall": tp / (tp + fn) if tp + fn else float("nan"),
+        "false_pos": fp,
+        "false_neg": fn,
+    }
 
 
 def gsm8k_section(data: Path, workers: int, limit: int | None = None) -> dict:
     rows = processbench_gsm8k(data)[:limit]
     results = grade_all([(r["text"], "stop", r["reference"], "number", 10) for r in rows], workers)
     labels = [r["label"] for r in rows]
-    out = {"strict": agreement(labels, [x[0] == "correct" for x in results]),
-           "lenient": agreement(labels, [x[3] == "correct" for x in results]),
-           "format_failures": sum(x[0] == "no_answer" and x[3] == "correct" for x in results),
-           "disagreements": []}
+    out = {
+        "strict": agreement(labels, [x[0] == "correct" for x in results]),
+        "lenient": agreement(labels, [x[3] == "correct" for x in results]),
+        "format_failures": sum(x[0] == "no_answer" and x[3] == "correct" for x in results),
+        "disagreements": [],
+    }
     for r, x in zip(rows, results):
         if (x[3] == "correct") != r["label"]:
-            out["disagreements"].append({"id": r["id"], "generator": r["generator"], "label": r["label"],
-                                         "status": x[0], "lenient_status": x[3], "extracted": x[1] or x[4],
-                                         "reference": r["reference"], "ending": r["text"][-160:]})
+            out["disagreements"].append(
+                {
+                    "id": r["id"],
+                    "generator": r["generator"],
+                    "label": r["label"],
+                    "status": x[0],
+                    "lenient_status": x[3],
+                    "extracted": x[1] or x[4],
+                    "reference": r["reference"],
+                    "ending": r["text"][-160:],
+                }
+            )
     return out
 
 
 def math500_section(data: Path, workers: int, limit: int | None = None) -> dict:
     rows = read_jsonl(data / "math500.jsonl")[:limit]
     results = grade_all([(r["solution"], "stop", r["answer"], "latex", 10) for r in rows], workers)
-    misses = [{"id": r["unique_id"], "answer": r["answer"], "status": x[0], "extracted": x[1]}
-              for r, x in zip(rows, results) if x[0] != "correct"]
+    misses = [
+        {"id": r["unique_id"], "answer": r["answer"], "status": x[0], "extracted": x[1]}
+        for r, x in zip(rows, results)
+        if x[0] != "correct"
+    ]
     return {"n": len(rows), "strict_recall": 1 - len(misses) / len(rows), "misses": misses}
 
 
@@ -140,16 +173,26 @@ def olympiad_section(data: Path, workers: int, limit: int | None = None) -> dict
             continue
         pairs += [(r, anchor) for r, _ in group[1:]]
     second = grade_all([(solution_text(r), "stop", anchor, "latex", 10) for r, anchor in pairs], workers)
-    return {"n_marked_correct": len(rows), "strict_answer_found": sum(found) / len(rows),
-            "no_strict_answer": [r["id"] for r, ok in zip(rows, found) if not ok],
-            "pairs": len(pairs), "pairs_equal": sum(x[0] == "correct" for x in second) / max(len(pairs), 1),
-            "pairs_differing": [{"id": r["id"], "anchor": a, "status": x[0], "extracted": x[1]}
-                                for (r, a), x in zip(pairs, second) if x[0] != "correct"]}
+    return {
+        "n_marked_correct": len(rows),
+        "strict_answer_found": sum(found) / len(rows),
+        "no_strict_answer": [r["id"] for r, ok in zip(rows, found) if not ok],
+        "pairs": len(pairs),
+        "pairs_equal": sum(x[0] == "correct" for x in second) / max(len(pairs), 1),
+        "pairs_differing": [
+            {"id": r["id"], "anchor": a, "status": x[0], "extracted": x[1]}
+            for (r, a), x in zip(pairs, second)
+            if x[0] != "correct"
+        ],
+    }
 
 
 def show(title: str, m: dict) -> None:
-    print(f"  {title:<8} agreement {m['agreement']:.4f}  precision {m['precision']:.4f}  recall {m['recall']:.4f}"
-          f"  (false positives {m['false_pos']}, false negatives {m['false_neg']}, n={m['n']})")
+    print(
+        f"  {title:<8} agreement {m['agreement']:.4f}  precision {m['precision']:.4f}  recall "
+        f"{m['recall']:.4f}"
+        f"  (false positives {m['false_pos']}, false negatives {m['false_neg']}, n={m['n']})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,19 +218,27 @@ def main(argv: list[str] | None = None) -> int:
     show("strict", gsm["strict"])
     print(f"\n  {len(gsm['disagreements'])} disagreements of the lenient verdict:")
     for d in gsm["disagreements"]:
-        print(f"  {d['id']:<11} label={'correct' if d['label'] else 'wrong':<7} strict={d['status']:<9} "
-              f"lenient={d['lenient_status']:<9} extracted={d['extracted']!s:<12} reference={d['reference']:<8} "
-              f"… {d['ending'][-90:]!r}")
+        print(
+            f"  {d['id']:<11} label={'correct' if d['label'] else 'wrong':<7} strict={d['status']:<9} "
+            f"lenient={d['lenient_status']:<9} extracted={d['extracted']!s:<12} "
+            f"reference={d['reference']:<8} "
+            f"… {d['ending'][-90:]!r}"
+        )
     if not args.skip_math:
         m5 = report["math500"] = math500_section(args.data_dir, args.workers, args.limit)
-        print(f"\nMATH-500 reference solutions vs their answers: strict recall {m5['strict_recall']:.4f} "
-              f"(n={m5['n']})")
+        print(
+            f"\nMATH-500 reference solutions vs their answers: strict recall {m5['strict_recall']:.4f} "
+            f"(n={m5['n']})"
+        )
         for miss in m5["misses"]:
             print(f"  {miss['id']}: answer {miss['answer']!r} -> {miss['status']} ({miss['extracted']!r})")
         ob = report["olympiadbench"] = olympiad_section(args.data_dir, args.workers, args.limit)
-        print(f"\nProcessBench olympiadbench, {ob['n_marked_correct']} solutions marked correct: strict answer found "
-              f"in {ob['strict_answer_found']:.4f}; {ob['pairs']} same-problem pairs agree in "
-              f"{ob['pairs_equal']:.4f}")
+        print(
+            f"\nProcessBench olympiadbench, {ob['n_marked_correct']} solutions marked correct: strict answer "
+            "found "
+            f"in {ob['strict_answer_found']:.4f}; {ob['pairs']} same-problem pairs agree in "
+            f"{ob['pairs_equal']:.4f}"
+        )
         print(f"  no strict answer: {', '.join(ob['no_strict_answer'])}")
         for d in ob["pairs_differing"]:
             print(f"  {d['id']}: {d['extracted']!r} vs {d['anchor']!r} -> {d['status']}")

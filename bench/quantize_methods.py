@@ -3,7 +3,8 @@
     python bench/quantize_methods.py                       # all methods, 64 generic calibration samples
     python bench/quantize_methods.py --methods rtn-w4a16 gptq-w4a16 --samples 16
     python bench/quantize_methods.py --set awq-w4a16:n_grid=5
-    python bench/quantize_methods.py --smoke                # rtn-w4a16 on 2 samples of 64 tokens: does it run?
+    python bench/quantize_methods.py --smoke                # rtn-w4a16 on 2 samples of 64 tokens: does it
+    run?
 
 Each method runs fresh into a temporary directory (the cache is neither read nor written unless --keep DIR is
 given), so the numbers are the cost of one real quantization: wall time of the whole call (calibration
@@ -54,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--keep", metavar="DIR", help="write the checkpoints to DIR/METHOD and keep them")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--smoke", action="store_true",
-                   help="a quick check that the script runs: --methods rtn-w4a16 --samples 2 --max-seq-len 64")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a quick check that the script runs: --methods rtn-w4a16 --samples 2 --max-seq-len 64",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.methods, args.samples, args.max_seq_len = ["rtn-w4a16"], 2, 64

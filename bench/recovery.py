@@ -2,10 +2,12 @@
 variant and arm, with examples/s and generations/s.
 
     python bench/recovery.py                 # runs/demo (run `make demo` first)
-    python bench/recovery.py RUN_DIR --fresh # retrain and re-generate into a copy of RUN_DIR (a temporary dir)
+    python bench/recovery.py RUN_DIR --fresh # retrain and re-generate into a copy of RUN_DIR (a temporary
+    dir)
 
 Without --fresh the numbers come from RUN_DIR/recovery/summary.json (what the last real run measured: a reused
-adapter keeps the training time of the run that trained it). With --fresh the stage runs again from scratch on a
+adapter keeps the training time of the run that trained it). With --fresh the stage runs again from scratch
+on a
 copy, its cache directory (dense copies, merged checkpoints) in a temporary directory too, so every step is
 paid: worker start-up, dense copy, training, merging, engine start-up, generation and grading.
 Needs .venv-train (scripts/setup-train-env.sh).
@@ -30,11 +32,18 @@ def rows(summary: dict, epochs: int) -> list[dict]:
     for v in summary.get("variants", []):
         for arm in [v] + ([v["control"]] if v.get("control") else []):
             train_s, eval_s, produced = arm["train_seconds"], arm["eval_seconds"], arm["generations_produced"]
-            out.append({"variant": arm["eval_variant"], "examples": arm["train_items"],
-                        "steps": sum(len(c) for c in arm.get("loss", {}).values()), "train_s": train_s,
-                        "examples_per_s": arm["train_items"] * epochs / train_s if train_s else None,
-                        "eval_s": eval_s, "produced": produced,
-                        "gen_per_s": produced / eval_s if produced and eval_s else None})
+            out.append(
+                {
+                    "variant": arm["eval_variant"],
+                    "examples": arm["train_items"],
+                    "steps": sum(len(c) for c in arm.get("loss", {}).values()),
+                    "train_s": train_s,
+                    "examples_per_s": arm["train_items"] * epochs / train_s if train_s else None,
+                    "eval_s": eval_s,
+                    "produced": produced,
+                    "gen_per_s": produced / eval_s if produced and eval_s else None,
+                }
+            )
     return out
 
 
@@ -58,18 +67,31 @@ def _sha(path: Path) -> str | None:
 def determinism(fresh: dict, run_dir: Path) -> None:
     """Seeded training on the same data: the retrained adapter against the run's (same content key, same
     directory name), byte for byte, and the accuracy after."""
-    old = json.loads((run_dir / "recovery" / "summary.json").read_text()) \
-        if (run_dir / "recovery" / "summary.json").is_file() else {"variants": []}
-    before = {a["eval_variant"]: a for v in old["variants"] for a in [v] + ([v["control"]] if v.get("control") else [])}
+    old = (
+        json.loads((run_dir / "recovery" / "summary.json").read_text())
+        if (run_dir / "recovery" / "summary.json").is_file()
+        else {"variants": []}
+    )
+    before = {
+        a["eval_variant"]: a
+        for v in old["variants"]
+        for a in [v] + ([v["control"]] if v.get("control") else [])
+    }
     for v in fresh["variants"]:
         for arm in [v] + ([v["control"]] if v.get("control") else []):
             prev = before.get(arm["eval_variant"])
             if prev is None:
                 continue
             a = _sha(Path(arm["adapter"]) / "adapter_model.safetensors")
-            b = _sha(run_dir / "recovery" / "adapters" / Path(arm["adapter"]).name / "adapter_model.safetensors")
-            print(f"{arm['eval_variant']}: adapter {'identical to' if a and a == b else 'DIFFERENT from'} the run's; "
-                  f"accuracy after {100 * arm['accuracy_after']:.1f}% (run: {100 * prev['accuracy_after']:.1f}%)")
+            b = _sha(
+                run_dir / "recovery" / "adapters" / Path(arm["adapter"]).name / "adapter_model.safetensors"
+            )
+            print(
+                f"{arm['eval_variant']}: adapter {'identical to' if a and a == b else 'DIFFERENT from'} the "
+                "run's; "
+                f"accuracy after {100 * arm['accuracy_after']:.1f}% (run: "
+                f"{100 * prev['accuracy_after']:.1f}%)"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         copy = Path(tmp) / "run"
         shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("recovery", ".lock"))
         os.environ["QREASON_CACHE"] = str(Path(tmp) / "cache")
-        # the quantized checkpoints stay where the run's variants point; only the stage's own outputs are fresh
+        # the quantized checkpoints stay where the run's variants point; only the stage's own outputs are
+        # fresh
         ctx = RunContext.open(copy)
         store, cfg = ctx.store, ctx.cfg
         t0 = time.monotonic()

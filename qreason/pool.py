@@ -1,4 +1,5 @@
-"""Bounded work in processes: calls on untrusted input (grading a model's answer, checking its arithmetic) run in
+"""Bounded work in processes: calls on untrusted input (grading a model's answer, checking its arithmetic)
+run in
 spawned worker processes, each under a wall-clock limit, so no model output can hang a run."""
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ def _noop(_: int) -> None:
     return None
 
 
-def bounded_calls(fn, jobs: list[tuple[object, tuple]], limit_s: float, workers: int,
-                  warm_up=None) -> Iterator[tuple[object, bool, object]]:
+def bounded_calls(
+    fn, jobs: list[tuple[object, tuple]], limit_s: float, workers: int, warm_up=None
+) -> Iterator[tuple[object, bool, object]]:
     """Call ``fn(args)`` for each ``(job, args)`` in a pool of spawned worker processes, each call under a
     wall-clock limit; yield ``(job, True, result)`` or ``(job, False, "timed out after N s")`` in completion
     order. ``fn`` must be a picklable top-level function. Workers import ``fn``'s module (and run ``warm_up``)

@@ -23,8 +23,10 @@ def content_key(*parts: Any) -> str:
 
 
 def clean_text(value: Any) -> Any:
-    """``value`` with every lone UTF-16 surrogate (``"\\ud800"`` in a JSON reply or task file) replaced by U+FFFD,
-    in strings nested in lists and dicts too. Such text cannot be written as UTF-8, so it is cleaned on the way
+    """``value`` with every lone UTF-16 surrogate (``"\\ud800"`` in a JSON reply or task file) replaced by
+    U+FFFD,
+    in strings nested in lists and dicts too. Such text cannot be written as UTF-8, so it is cleaned on the
+    way
     in; unchanged values are returned as they are (no copy)."""
     if isinstance(value, str):
         if value.isascii():
@@ -39,7 +41,11 @@ def clean_text(value: Any) -> Any:
         return value if all(a is b for a, b in zip(out, value)) else out
     if isinstance(value, dict):
         items = [(clean_text(k), clean_text(v)) for k, v in value.items()]
-        return value if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, value.items())) else dict(items)
+        return (
+            value
+            if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, value.items()))
+            else dict(items)
+        )
     return value
 
 
@@ -50,7 +56,8 @@ class Record(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _clean_text(cls, data: Any, info: ValidationInfo) -> Any:
-        # JSON input is a table line qreason wrote, which cannot hold a surrogate: skip the walk (reads stay fast)
+        # JSON input is a table line qreason wrote, which cannot hold a surrogate: skip the walk (reads stay
+        # fast)
         return data if info.mode == "json" else clean_text(data)
 
 
@@ -106,10 +113,10 @@ class Grade(Record):
 class ModelVariant(Record):
     """A model under comparison: the full-precision base or a quantized (or imported) checkpoint of it."""
 
-    name: str                       # variant label used in every later record ("base", "gptq-w4a16", ...)
-    base_model: str                 # the base model spec from the config
+    name: str  # variant label used in every later record ("base", "gptq-w4a16", ...)
+    base_model: str  # the base model spec from the config
     base_fingerprint: str
-    method: str                     # "none" for the base, a recipe name, or "import" for a given checkpoint
+    method: str  # "none" for the base, a recipe name, or "import" for a given checkpoint
     recipe: dict[str, Any] = Field(default_factory=dict)
     recipe_hash: str | None = None
     path: str
@@ -118,7 +125,7 @@ class ModelVariant(Record):
     size_bytes: int | None = None
     quantize_seconds: float | None = None
     peak_memory_mb: float | None = None
-    reused: bool = False            # True when an existing cached checkpoint was used
+    reused: bool = False  # True when an existing cached checkpoint was used
     versions: dict[str, str] = Field(default_factory=dict)
     created_at: str
 
@@ -131,15 +138,15 @@ class Judgment(Record):
     task: str
     problem_id: str
     seed: int
-    judge: str                      # "rules", a judge model id, or "panel"
+    judge: str  # "rules", a judge model id, or "panel"
     prompt_version: str | None = None
     status: Literal["ok", "judge_error"] = "ok"
-    first_error_step: int | None = None   # 0-based step index; -1 = no faulty step found
+    first_error_step: int | None = None  # 0-based step index; -1 = no faulty step found
     error_type: str | None = None
     sub_type: str | None = None
     capability: str | None = None
     rationale: str | None = None
-    flip: bool = False              # the base variant solved this problem with this seed; this variant did not
+    flip: bool = False  # the base variant solved this problem with this seed; this variant did not
     votes: dict[str, Any] = Field(default_factory=dict)
     usage: dict[str, int] = Field(default_factory=dict)
     error: str | None = None
@@ -147,18 +154,19 @@ class Judgment(Record):
 
 
 class SilverBulletItem(Record):
-    """One item of the recovery dataset: an SFT example and, when a verified continuation exists, a DPO pair."""
+    """One item of the recovery dataset: an SFT example and, when a verified continuation exists, a DPO
+    pair."""
 
     task: str
     problem_id: str
-    variant: str                    # the quantized variant whose failure this item repairs
+    variant: str  # the quantized variant whose failure this item repairs
     method: str
     seed: int
     messages: list[dict[str, str]]  # the prompt (as the models saw it)
-    sft_solution: str               # a verified-correct full-precision solution
-    prefix: str | None = None       # the quantized model's own steps before the first faulty one
-    chosen: str | None = None       # full-precision continuation of the prefix, graded correct
-    rejected: str | None = None     # the quantized model's steps from the first faulty one on
+    sft_solution: str  # a verified-correct full-precision solution
+    prefix: str | None = None  # the quantized model's own steps before the first faulty one
+    chosen: str | None = None  # full-precision continuation of the prefix, graded correct
+    rejected: str | None = None  # the quantized model's steps from the first faulty one on
     first_error_step: int
     error_type: str | None = None
     sub_type: str | None = None
@@ -169,7 +177,8 @@ class SilverBulletItem(Record):
 
 
 class LmEvalResult(Record):
-    """One lm-eval task's result for one model: a variant, or a variant with a recovery adapter. The key covers
+    """One lm-eval task's result for one model: a variant, or a variant with a recovery adapter. The key
+    covers
     the model's fingerprint, the task (and the files of qreason-owned tasks), the lm-eval version and every
     argument, so a re-run finds it and makes no model calls."""
 
@@ -178,13 +187,13 @@ class LmEvalResult(Record):
     adapter_fingerprint: str | None = None
     task: str
     lm_eval_version: str
-    args: dict[str, Any]                  # lm-eval arguments and engine settings that shaped the result
-    metrics: dict[str, float]             # "acc", "acc_norm", "exact_match:strict-match" (metric:filter), ...
+    args: dict[str, Any]  # lm-eval arguments and engine settings that shaped the result
+    metrics: dict[str, float]  # "acc", "acc_norm", "exact_match:strict-match" (metric:filter), ...
     stderr: dict[str, float | None] = Field(default_factory=dict)
     higher_is_better: dict[str, bool] = Field(default_factory=dict)
     n_samples: int
     n_docs: int | None = None
     task_version: str | None = None
-    samples_file: str                     # lm-eval's per-sample log, relative to the run directory
+    samples_file: str  # lm-eval's per-sample log, relative to the run directory
     seconds: float
     created_at: str

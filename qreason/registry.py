@@ -1,4 +1,5 @@
-"""The one registry: every pluggable kind (generation backend, grader, LLM judge) looked up by the ``kind`` its
+"""The one registry: every pluggable kind (generation backend, grader, LLM judge) looked up by the ``kind``
+its
 config section names.
 
 Built-in kinds are lazy ``"module:attr"`` entries, imported the first time they are asked for (a run that uses
@@ -26,6 +27,7 @@ class Registry(Generic[T]):
 
     def register(self, kind: str) -> Callable[[T], T]:
         """Decorator: ``obj`` is the ``kind``."""
+
         def add(obj: T) -> T:
             self._loaded[kind] = obj
             return obj
@@ -45,14 +47,23 @@ class Registry(Generic[T]):
         return self._loaded[kind]
 
 
-BACKENDS: Registry[type] = Registry("backend", {
-    "vllm": "qreason.engines.vllm:VLLMBackend",
-    "openai": "qreason.engines.openai:OpenAIBackend",
-    "replay": "qreason.engines.replay:ReplayBackend",
-})
-GRADERS: Registry[type] = Registry("grader", {
-    "math-verify": "qreason.stages.grade.grader:Grader",
-})
-JUDGES: Registry[type] = Registry("judge kind", {
-    "openai": "qreason.stages.judge.client:JudgeClient",
-})
+BACKENDS: Registry[type] = Registry(
+    "backend",
+    {
+        "vllm": "qreason.engines.vllm:VLLMBackend",
+        "openai": "qreason.engines.openai:OpenAIBackend",
+        "replay": "qreason.engines.replay:ReplayBackend",
+    },
+)
+GRADERS: Registry[type] = Registry(
+    "grader",
+    {
+        "math-verify": "qreason.stages.grade.grader:Grader",
+    },
+)
+JUDGES: Registry[type] = Registry(
+    "judge kind",
+    {
+        "openai": "qreason.stages.judge.client:JudgeClient",
+    },
+)

@@ -1,4 +1,5 @@
-"""Paired statistics of 0/1 outcomes: McNemar's exact test on discordant pairs and a percentile bootstrap of the
+"""Paired statistics of 0/1 outcomes: McNemar's exact test on discordant pairs and a percentile bootstrap of
+the
 difference in means (seeded, so reports are reproducible)."""
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ def mcnemar_exact(lost: int, gained: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def bootstrap_diff_ci(base: np.ndarray, variant: np.ndarray, n_boot: int = 2000, seed: int = 0,
-                      level: float = 0.95) -> tuple[float, float]:
+def bootstrap_diff_ci(
+    base: np.ndarray, variant: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap CI of mean(variant) - mean(base) over paired items (0/1 arrays)."""
     base, variant = np.asarray(base, float), np.asarray(variant, float)
     if len(base) == 0:

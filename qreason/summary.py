@@ -1,4 +1,5 @@
-"""The run summary (``RunSummary``, written as summary.json) and its main table: accuracy per variant and task,
+"""The run summary (``RunSummary``, written as summary.json) and its main table: accuracy per variant and
+task,
 per seed and mean ± std across seeds, with outcome counts."""
 
 from __future__ import annotations
@@ -34,38 +35,57 @@ def accuracy_table(grades: list[Grade]) -> list[dict]:
         cells[(g.variant, g.task)][g.seed].append(g)
     rows = []
     for (variant, task), by_seed in sorted(cells.items()):
-        per_seed = {seed: sum(g.status == "correct" for g in gs) / len(gs) for seed, gs in sorted(by_seed.items())}
+        per_seed = {
+            seed: sum(g.status == "correct" for g in gs) / len(gs) for seed, gs in sorted(by_seed.items())
+        }
         lenient_accs = [sum(lenient(g) == "correct" for g in gs) / len(gs) for gs in by_seed.values()]
         accs = list(per_seed.values())
         counts = Counter(g.status for gs in by_seed.values() for g in gs)
-        rows.append({
-            "variant": variant, "task": task,
-            "n_problems": len({g.problem_id for gs in by_seed.values() for g in gs}),
-            "seeds": list(per_seed), "accuracy_per_seed": per_seed,
-            "accuracy_mean": statistics.fmean(accs),
-            "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "outcomes": {s: counts.get(s, 0) for s in STATUSES},
-            "lenient_accuracy_mean": statistics.fmean(lenient_accs),
-            # no_answer split: format failures (the maths was right) vs the rest; wrong answers are outcomes.wrong
-            "format_failures": sum(is_format_failure(g) for gs in by_seed.values() for g in gs),
-            "n_grades": sum(len(gs) for gs in by_seed.values()),
-        })
+        rows.append(
+            {
+                "variant": variant,
+                "task": task,
+                "n_problems": len({g.problem_id for gs in by_seed.values() for g in gs}),
+                "seeds": list(per_seed),
+                "accuracy_per_seed": per_seed,
+                "accuracy_mean": statistics.fmean(accs),
+                "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "outcomes": {s: counts.get(s, 0) for s in STATUSES},
+                "lenient_accuracy_mean": statistics.fmean(lenient_accs),
+                # no_answer split: format failures (the maths was right) vs the rest; wrong answers are
+                # outcomes.wrong
+                "format_failures": sum(is_format_failure(g) for gs in by_seed.values() for g in gs),
+                "n_grades": sum(len(gs) for gs in by_seed.values()),
+            }
+        )
     return rows
 
 
 def format_table(rows: list) -> str:
     rows = [r.model_dump() if isinstance(r, BaseModel) else r for r in rows]
     head = ["variant", "task", "problems", "seeds", "accuracy", "lenient", *STATUSES, "format_failures"]
-    body = [[r["variant"], r["task"], str(r["n_problems"]), str(len(r["seeds"])),
-             f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} %",
-             f"{100 * (r.get('lenient_accuracy_mean') or r['accuracy_mean']):.1f} %",
-             *(str(r["outcomes"][s]) for s in STATUSES), str(r.get("format_failures") or 0)] for r in rows]
+    body = [
+        [
+            r["variant"],
+            r["task"],
+            str(r["n_problems"]),
+            str(len(r["seeds"])),
+            f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} %",
+            f"{100 * (r.get('lenient_accuracy_mean') or r['accuracy_mean']):.1f} %",
+            *(str(r["outcomes"][s]) for s in STATUSES),
+            str(r.get("format_failures") or 0),
+        ]
+        for r in rows
+    ]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*b) for b in body)])
+    return "\n".join(
+        [fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*b) for b in body)]
+    )
 
 
 # ------------------------------------------------------------------------------------------ the run summary
+
 
 class Section(BaseModel):
     """A part of the summary; unknown keys are kept (a newer qreason may have written them)."""
@@ -85,7 +105,7 @@ class ResultRow(Section):
     accuracy_std: float
     outcomes: dict[str, int]
     lenient_accuracy_mean: float | None = None  # None in summaries of grader revision 1
-    format_failures: int = 0                    # strict no_answer, lenient correct (part of outcomes.no_answer)
+    format_failures: int = 0  # strict no_answer, lenient correct (part of outcomes.no_answer)
     n_grades: int | None = None
 
 
@@ -127,24 +147,26 @@ class GatesSummary(Section):
 class JudgeSummary(Section):
     """The judge stage (``qreason.stages.judge``): what was judged and by whom."""
 
-    candidates: int = 0                   # failures selected for judging
-    flips: int = 0                        # of which flips
+    candidates: int = 0  # failures selected for judging
+    flips: int = 0  # of which flips
     rules_written: int = 0
-    llm_items: int = 0                    # failures sent to the LLM judges (outcomes and empty solutions are not)
-    judges: dict[str, dict[str, int]] = Field(default_factory=dict)  # name -> ok, judge_error, cached, done, pending
+    llm_items: int = 0  # failures sent to the LLM judges (outcomes and empty solutions are not)
+    judges: dict[str, dict[str, int]] = Field(
+        default_factory=dict
+    )  # name -> ok, judge_error, cached, done, pending
     panel_written: int = 0
-    requests: int = 0                     # HTTP requests sent (retries included)
+    requests: int = 0  # HTTP requests sent (retries included)
     usage: dict[str, int] = Field(default_factory=dict)
     batch_files: list[str] = Field(default_factory=list)
-    errors: list[str] = Field(default_factory=list)   # judges stopped for the run (the endpoint refused them)
+    errors: list[str] = Field(default_factory=list)  # judges stopped for the run (the endpoint refused them)
     seconds: float = 0.0
 
 
 class ArmResult(Section):
     """One adapter (targeted or control) of one quantized variant, evaluated on the held-out problems."""
 
-    variant: str                          # the quantized variant
-    eval_variant: str                     # the name its re-evaluation generations carry (VARIANT+sb / +ctl)
+    variant: str  # the quantized variant
+    eval_variant: str  # the name its re-evaluation generations carry (VARIANT+sb / +ctl)
     arm: Literal["targeted", "control"]
     mode: str
     train_items: int
@@ -154,14 +176,14 @@ class ArmResult(Section):
     base_accuracy: float
     accuracy_before: float
     accuracy_after: float
-    recovery_before: float | None         # accuracy / base accuracy (None when the base solved nothing)
+    recovery_before: float | None  # accuracy / base accuracy (None when the base solved nothing)
     recovery_after: float | None
     recovery_after_ci: list[float | None] = Field(default_factory=list)  # paired bootstrap over problems
-    repaired: int                         # wrong before, right after (same problem and seed)
-    broken: int                           # right before, wrong after
+    repaired: int  # wrong before, right after (same problem and seed)
+    broken: int  # right before, wrong after
     mcnemar_p: float
-    diff_ci: list[float | None]           # accuracy_after - accuracy_before, paired bootstrap 95 %
-    adapter: str                          # PEFT adapter directory (adapter_config.json)
+    diff_ci: list[float | None]  # accuracy_after - accuracy_before, paired bootstrap 95 %
+    adapter: str  # PEFT adapter directory (adapter_config.json)
     adapter_key: str
     adapter_reused: bool
     eval_mode: Literal["lora", "merged"]
@@ -169,24 +191,25 @@ class ArmResult(Section):
     eval_seconds: float
     generations_produced: int
     loss: dict[str, list[list[float]]] = Field(default_factory=dict)  # phase -> [[step, loss], ...]
-    failures_after: dict[str, int] = Field(default_factory=dict)     # rule-check verdicts of what still fails
+    failures_after: dict[str, int] = Field(default_factory=dict)  # rule-check verdicts of what still fails
     versions: dict[str, str] = Field(default_factory=dict)
 
 
 class HeadToHead(Section):
     """Targeted against control training on the same held-out items."""
 
-    diff: float                           # accuracy targeted - control
-    ci: list[float | None]                # paired bootstrap 95 % interval of ``diff``
-    targeted_only: int                    # right after targeted training only
-    control_only: int                     # right after control training only
+    diff: float  # accuracy targeted - control
+    ci: list[float | None]  # paired bootstrap 95 % interval of ``diff``
+    targeted_only: int  # right after targeted training only
+    control_only: int  # right after control training only
     mcnemar_p: float
     verdict: str
 
 
 class VariantRecovery(ArmResult):
     control: ArmResult | None = None
-    # the targeted adapter merged into a dense checkpoint, for lm-eval (``lm_eval.adapters``): vLLM 0.32 cannot
+    # the targeted adapter merged into a dense checkpoint, for lm-eval (``lm_eval.adapters``): vLLM 0.32
+    # cannot
     # compute prompt logprobs with a LoRA, so loglikelihood tasks need the merged model
     merged_checkpoint: str | None = None
     targeted_vs_control: HeadToHead | None = None
@@ -206,22 +229,25 @@ class LmEvalSummary(Section):
     """The lm-eval stage (qreason/lm_eval.py): every variant's metrics per lm-eval task."""
 
     tasks: list[str] = Field(default_factory=list)
-    variants: dict[str, dict[str, dict[str, float]]] = Field(default_factory=dict)  # variant -> task -> metric
+    variants: dict[str, dict[str, dict[str, float]]] = Field(
+        default_factory=dict
+    )  # variant -> task -> metric
     stderr: dict[str, dict[str, dict[str, float | None]]] = Field(default_factory=dict)
     recovery: dict[str, dict[str, float | None]] = Field(default_factory=dict)  # variant -> task -> % of base
-    primary_metric: dict[str, str] = Field(default_factory=dict)                # task -> metric
-    higher_is_better: dict[str, bool] = Field(default_factory=dict)             # task -> of its primary metric
-    n_samples: dict[str, int] = Field(default_factory=dict)                     # task -> documents evaluated
+    primary_metric: dict[str, str] = Field(default_factory=dict)  # task -> metric
+    higher_is_better: dict[str, bool] = Field(default_factory=dict)  # task -> of its primary metric
+    n_samples: dict[str, int] = Field(default_factory=dict)  # task -> documents evaluated
     lm_eval_version: str = ""
-    evaluated: int = 0        # (model, task) results lm-eval produced in this invocation
-    cached: int = 0           # found in the store
+    evaluated: int = 0  # (model, task) results lm-eval produced in this invocation
+    cached: int = 0  # found in the store
     failed: list[dict[str, str]] = Field(default_factory=list)
     seconds: float = 0.0
     dir: str = ""
 
 
 class RunSummary(Section):
-    """``summary.json``: what one run did and found. Each stage fills its own section; readers (the CLI, gates,
+    """``summary.json``: what one run did and found. Each stage fills its own section; readers (the CLI,
+    gates,
     the report's trend, ``compare``) use these fields, never string keys. Summaries of older runs (no
     ``schema_version``) validate too: every section is optional."""
 
@@ -257,6 +283,7 @@ class RunSummary(Section):
 
 
 # ------------------------------------------------------------------------------- what differs between runs
+
 
 def provenance(summary: RunSummary) -> dict[str, str]:
     """What a run's numbers may depend on besides the config: library versions (main and quantization

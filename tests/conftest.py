@@ -87,10 +87,26 @@ def openai_server(default_model, tmp_path_factory):
         pytest.skip("vLLM is not installed")
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", default_model.path,
-           "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port),
-           "--max-model-len", "2048", "--kv-cache-memory-bytes", str(2 << 30), "--enforce-eager",
-           "--distributed-executor-backend", "uni"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        default_model.path,
+        "--served-model-name",
+        "smollm2",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "2048",
+        "--kv-cache-memory-bytes",
+        str(2 << 30),
+        "--enforce-eager",
+        "--distributed-executor-backend",
+        "uni",
+    ]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)

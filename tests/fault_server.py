@@ -45,8 +45,13 @@ class JsonServer:
         raise NotImplementedError
 
     @staticmethod
-    def send(handler: BaseHTTPRequestHandler, status: int, payload: bytes, content_type: str = "application/json",
-             headers: dict[str, str] | None = None) -> None:
+    def send(
+        handler: BaseHTTPRequestHandler,
+        status: int,
+        payload: bytes,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         try:
             handler.send_response(status)
             handler.send_header("Content-Type", content_type)
@@ -74,8 +79,13 @@ class JsonServer:
 
 
 class FaultServer(JsonServer):
-    def __init__(self, script: list[str], default: str = "ok", slow_seconds: float = 5.0,
-                 content="Step 1: 2 + 3 = 5\nThe final answer is \\boxed{5}."):
+    def __init__(
+        self,
+        script: list[str],
+        default: str = "ok",
+        slow_seconds: float = 5.0,
+        content="Step 1: 2 + 3 = 5\nThe final answer is \\boxed{5}.",
+    ):
         """``content``: the reply text, or a function of the request body that returns it."""
         super().__init__()
         self.script = list(script)
@@ -87,17 +97,23 @@ class FaultServer(JsonServer):
 
     def handle(self, handler: BaseHTTPRequestHandler, body: dict) -> None:
         with self.lock:
-            self.requests.append({"path": handler.path, "body": body,
-                                  "authorization": handler.headers.get("Authorization")})
+            self.requests.append(
+                {"path": handler.path, "body": body, "authorization": handler.headers.get("Authorization")}
+            )
             action = self.script.pop(0) if self.script else self.default
         self.respond(handler, action, body)
 
     def completion(self, body: dict, content: str) -> dict:
-        return {"id": "cmpl-test", "object": "chat.completion", "created": int(time.time()),
-                "model": body.get("model", "m"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                             "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17}}
+        return {
+            "id": "cmpl-test",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", "m"),
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17},
+        }
 
     def respond(self, handler: BaseHTTPRequestHandler, action: str, body: dict) -> None:
         if action == "drop":
@@ -115,8 +131,13 @@ class FaultServer(JsonServer):
         elif action == "malformed":
             payload = b'{"id": "x", "choices": [ this is not json'
         elif action.startswith("ok"):
-            content = action[3:] if action.startswith("ok:") else \
-                self.content(body) if callable(self.content) else self.content
+            content = (
+                action[3:]
+                if action.startswith("ok:")
+                else self.content(body)
+                if callable(self.content)
+                else self.content
+            )
             payload = json.dumps(self.completion(body, content)).encode()
         else:
             raise ValueError(action)

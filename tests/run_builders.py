@@ -13,31 +13,81 @@ REAL_CACHE = os.environ.get("QREASON_CACHE")  # read at collection, before any t
 
 
 def build_run(tmp_path) -> RunStore:
-    """4 problems x 2 seeds; base right on 7 of 8, the quantized variant right on 4 of 8 (lost 3, gained 0)."""
+    """4 problems x 2 seeds; base right on 7 of 8, the quantized variant right on 4 of 8 (lost 3, gained
+    0)."""
     store = RunStore(tmp_path / "run")
     base_right = {("0", 0), ("0", 1), ("1", 0), ("1", 1), ("2", 0), ("2", 1), ("3", 0)}
     quant_right = {("0", 0), ("0", 1), ("1", 0), ("3", 0)}
     problems, gens, grades, judgments = [], [], [], []
     for pid in "0123":
-        problems.append(Problem(key=f"p{pid}", task="synthetic", problem_id=pid, question="q", answer="1",
-                                answer_type="number", meta={"difficulty": 1 + int(pid) % 2}))
+        problems.append(
+            Problem(
+                key=f"p{pid}",
+                task="synthetic",
+                problem_id=pid,
+                question="q",
+                answer="1",
+                answer_type="number",
+                meta={"difficulty": 1 + int(pid) % 2},
+            )
+        )
         for seed in (0, 1):
             for variant, right in (("base", base_right), ("rtn-w4a16", quant_right)):
                 key = f"{variant}-{pid}-{seed}"
                 ok = (pid, seed) in right
-                gens.append(Generation(key=key, variant=variant, model_fingerprint="f", task="synthetic",
-                                       problem_id=pid, seed=seed, prompt_hash="h", messages=[],
-                                       text="a\nb\nc\nd", steps=["a", "b", "c", "d"], prompt_tokens=5,
-                                       completion_tokens=10 if ok else 30, finish_reason="stop",
-                                       backend="t", versions={}, sampling={}, seconds=0.1, created_at="now"))
-                grades.append(Grade(key="g" + key, generation_key=key, variant=variant, task="synthetic",
-                                    problem_id=pid, seed=seed, status="correct" if ok else "wrong", extracted="1",
-                                    reference="1", grader="t"))
+                gens.append(
+                    Generation(
+                        key=key,
+                        variant=variant,
+                        model_fingerprint="f",
+                        task="synthetic",
+                        problem_id=pid,
+                        seed=seed,
+                        prompt_hash="h",
+                        messages=[],
+                        text="a\nb\nc\nd",
+                        steps=["a", "b", "c", "d"],
+                        prompt_tokens=5,
+                        completion_tokens=10 if ok else 30,
+                        finish_reason="stop",
+                        backend="t",
+                        versions={},
+                        sampling={},
+                        seconds=0.1,
+                        created_at="now",
+                    )
+                )
+                grades.append(
+                    Grade(
+                        key="g" + key,
+                        generation_key=key,
+                        variant=variant,
+                        task="synthetic",
+                        problem_id=pid,
+                        seed=seed,
+                        status="correct" if ok else "wrong",
+                        extracted="1",
+                        reference="1",
+                        grader="t",
+                    )
+                )
                 if not ok:
-                    judgments.append(Judgment(key="j" + key, generation_key=key, variant=variant, task="synthetic",
-                                              problem_id=pid, seed=seed, judge="rules", first_error_step=1,
-                                              error_type="Execution", sub_type="computational error",
-                                              capability="numerical computation", created_at="now"))
+                    judgments.append(
+                        Judgment(
+                            key="j" + key,
+                            generation_key=key,
+                            variant=variant,
+                            task="synthetic",
+                            problem_id=pid,
+                            seed=seed,
+                            judge="rules",
+                            first_error_step=1,
+                            error_type="Execution",
+                            sub_type="computational error",
+                            capability="numerical computation",
+                            created_at="now",
+                        )
+                    )
     store.problems.append(problems)
     store.generations.append(gens)
     store.grades.append(grades)

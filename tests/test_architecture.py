@@ -23,7 +23,8 @@ def import_graph() -> dict[str, set[str]]:
     """Every module of the package and the package modules it imports anywhere in its source (top level,
     inside functions, under TYPE_CHECKING). ``from . import x`` counts as importing the package itself and,
     when ``x`` is a module, that module too. Importing a submodule does not count as importing its parents
-    (Python runs their ``__init__`` first, but a parent that imports its child back is not a cycle of ours)."""
+    (Python runs their ``__init__`` first, but a parent that imports its child back is not a cycle of
+    ours)."""
     modules = {module_name(p): p for p in PKG.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
@@ -103,17 +104,38 @@ def test_no_import_cycles_in_the_package():
 
 
 def test_config_is_a_leaf():
-    """The config schemas import no stage: only errors, the registry (kinds are validated against it) and other
+    """The config schemas import no stage: only errors, the registry (kinds are validated against it) and
+    other
     schema modules."""
-    allowed = {"qreason.errors", "qreason.registry", "qreason.config", "qreason.config.schema", "qreason.config.judge"}
-    reached = reachable(import_graph(), "qreason.config.schema") | reachable(import_graph(), "qreason.config.judge")
+    allowed = {
+        "qreason.errors",
+        "qreason.registry",
+        "qreason.config",
+        "qreason.config.schema",
+        "qreason.config.judge",
+    }
+    reached = reachable(import_graph(), "qreason.config.schema") | reachable(
+        import_graph(), "qreason.config.judge"
+    )
     assert reached <= allowed, f"qreason.config reaches {sorted(reached - allowed)}"
 
 
 # The layers, lowest first: a module may import its own layer and the layers below it, never one above.
 LAYERS = [
-    ("leaves", ["qreason", "qreason.errors", "qreason.registry", "qreason.records", "qreason.summary", "qreason.stats",
-                "qreason.pool", "qreason.flips", "qreason.config"]),
+    (
+        "leaves",
+        [
+            "qreason",
+            "qreason.errors",
+            "qreason.registry",
+            "qreason.records",
+            "qreason.summary",
+            "qreason.stats",
+            "qreason.pool",
+            "qreason.flips",
+            "qreason.config",
+        ],
+    ),
     ("store", ["qreason.store"]),
     ("inputs", ["qreason.inputs"]),
     ("engines", ["qreason.engines"]),
@@ -140,8 +162,12 @@ def layer_of(module: str) -> int:
 
 
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
-    return sorted(f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
-                  for m, targets in graph.items() for t in targets if layer_of(t) > layer_of(m))
+    return sorted(
+        f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
+        for m, targets in graph.items()
+        for t in targets
+        if layer_of(t) > layer_of(m)
+    )
 
 
 def stage_of(module: str) -> str | None:
@@ -150,7 +176,8 @@ def stage_of(module: str) -> str | None:
 
 
 def private_stage_imports(graph: dict[str, set[str]]) -> list[str]:
-    """Stages importing another stage's inner modules (``qreason.stages.judge.stage``) instead of its package."""
+    """Stages importing another stage's inner modules (``qreason.stages.judge.stage``) instead of its
+    package."""
     out = []
     for m, targets in graph.items():
         if stage_of(m) is None:
@@ -168,7 +195,11 @@ def private_names_across_stages() -> list[str]:
     for path in PKG.rglob("*.py"):
         mod = module_name(path)
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module and stage_of(node.module) not in (None, stage_of(mod)):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and stage_of(node.module) not in (None, stage_of(mod))
+            ):
                 out += [f"{mod} imports {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     return sorted(out)
 
@@ -189,7 +220,9 @@ def test_workers_import_only_the_protocol():
     protocol, which imports nothing of qreason."""
     graph = import_graph()
     bad = {w: sorted(graph[w] - {"qreason.workers.protocol", "qreason.workers", "qreason"}) for w in WORKERS}
-    bad["qreason.workers.protocol"] = sorted(graph["qreason.workers.protocol"] - {"qreason.workers", "qreason"})
+    bad["qreason.workers.protocol"] = sorted(
+        graph["qreason.workers.protocol"] - {"qreason.workers", "qreason"}
+    )
     assert not any(bad.values()), {k: v for k, v in bad.items() if v}
 
 

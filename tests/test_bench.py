@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, SHARED_DATA, has_vllm
 
 QUANT_PYTHON = Path(os.environ.get("QREASON_QUANT_PYTHON") or REPO / ".venv-quant" / "bin" / "python")
@@ -22,10 +21,18 @@ def bench(script: str, *args: str, timeout: float = 900) -> str:
     """Run bench/SCRIPT with this checkout's qreason first on the path; its stdout (exit code 0 asserted)."""
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
-    assert proc.returncode == 0, \
+    proc = subprocess.run(
+        [sys.executable, f"bench/{script}", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, (
         f"{script} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
     return proc.stdout
 
 
@@ -35,8 +42,9 @@ def has_line(pattern: str, text: str) -> bool:
 
 def needs_data(*names: str):
     missing = [n for n in names if not (SHARED_DATA / n).is_file()]
-    return pytest.mark.skipif(bool(missing),
-                              reason=f"shared data not present: {', '.join(missing)} in {SHARED_DATA}")
+    return pytest.mark.skipif(
+        bool(missing), reason=f"shared data not present: {', '.join(missing)} in {SHARED_DATA}"
+    )
 
 
 @pytest.mark.vllm
@@ -52,11 +60,17 @@ def test_generation_overhead_smoke(tmp_path):
     assert result["overhead"]["n_prompts"] == 2 and result["end_to_end"]["qreason"]["n_problems"] == 2
 
 
-@needs_data("gsm8k_test.jsonl", "gsm8k_train.jsonl", "processbench_gsm8k.jsonl", "math500.jsonl",
-            "processbench_olympiadbench.jsonl")
+@needs_data(
+    "gsm8k_test.jsonl",
+    "gsm8k_train.jsonl",
+    "processbench_gsm8k.jsonl",
+    "math500.jsonl",
+    "processbench_olympiadbench.jsonl",
+)
 def test_grading_fidelity_smoke(tmp_path):
-    out = bench("grading_fidelity.py", "--smoke", "--data-dir", str(SHARED_DATA),
-                "--json", str(tmp_path / "r.json"))
+    out = bench(
+        "grading_fidelity.py", "--smoke", "--data-dir", str(SHARED_DATA), "--json", str(tmp_path / "r.json")
+    )
     assert "ProcessBench gsm8k vs final_answer_correct" in out
     assert has_line(r"^  lenient +agreement ", out)
     assert "MATH-500 reference solutions vs their answers: strict recall" in out
@@ -66,8 +80,9 @@ def test_grading_fidelity_smoke(tmp_path):
 
 
 @pytest.mark.quant
-@pytest.mark.skipif(not QUANT_PYTHON.is_file(),
-                    reason=f"{QUANT_PYTHON} not found: run scripts/setup-quant-env.sh")
+@pytest.mark.skipif(
+    not QUANT_PYTHON.is_file(), reason=f"{QUANT_PYTHON} not found: run scripts/setup-quant-env.sh"
+)
 def test_quantize_methods_smoke(tmp_path):
     out = bench("quantize_methods.py", "--smoke", "--json", str(tmp_path / "q.json"))
     assert has_line(r"^method +overrides +wall s +method s +CPU s +peak MB", out)
@@ -78,13 +93,33 @@ def test_quantize_methods_smoke(tmp_path):
 
 def arm(name: str, kind: str, train_s: float | None) -> dict:
     """One well-formed ArmResult: 4 training items, 6 generations in 3 s of re-evaluation."""
-    return {"variant": "rtn-w4a16", "eval_variant": name, "arm": kind, "mode": "sft", "train_items": 4,
-            "train_problem_ids": ["1", "2", "3", "4"], "eval_problem_ids": ["5", "6"], "seeds": [0, 1],
-            "base_accuracy": 0.5, "accuracy_before": 0.25, "accuracy_after": 0.5, "recovery_before": 0.5,
-            "recovery_after": 1.0, "repaired": 1, "broken": 0, "mcnemar_p": 1.0, "diff_ci": [0.0, 0.5],
-            "adapter": f"/nowhere/{name}", "adapter_key": name, "adapter_reused": False, "eval_mode": "lora",
-            "train_seconds": train_s, "eval_seconds": 3.0, "generations_produced": 6,
-            "loss": {"sft": [[1, 2.0], [2, 1.5], [3, 1.2]]}}
+    return {
+        "variant": "rtn-w4a16",
+        "eval_variant": name,
+        "arm": kind,
+        "mode": "sft",
+        "train_items": 4,
+        "train_problem_ids": ["1", "2", "3", "4"],
+        "eval_problem_ids": ["5", "6"],
+        "seeds": [0, 1],
+        "base_accuracy": 0.5,
+        "accuracy_before": 0.25,
+        "accuracy_after": 0.5,
+        "recovery_before": 0.5,
+        "recovery_after": 1.0,
+        "repaired": 1,
+        "broken": 0,
+        "mcnemar_p": 1.0,
+        "diff_ci": [0.0, 0.5],
+        "adapter": f"/nowhere/{name}",
+        "adapter_key": name,
+        "adapter_reused": False,
+        "eval_mode": "lora",
+        "train_seconds": train_s,
+        "eval_seconds": 3.0,
+        "generations_produced": 6,
+        "loss": {"sft": [[1, 2.0], [2, 1.5], [3, 1.2]]},
+    }
 
 
 def test_recovery_smoke(tmp_path):
@@ -98,13 +133,22 @@ def test_recovery_smoke(tmp_path):
     (run / "config.yaml").write_text(config, encoding="utf-8")
     (run / "generations.jsonl").write_text("", encoding="utf-8")
     targeted, control = arm("rtn-w4a16+sb", "targeted", 2.0), arm("rtn-w4a16+ctl", "control", None)
-    summary = RecoverySummary.model_validate({"variants": [{**targeted, "control": control}], "produced": 12,
-                                              "seconds": 10.0})
+    summary = RecoverySummary.model_validate(
+        {"variants": [{**targeted, "control": control}], "produced": 12, "seconds": 10.0}
+    )
     (run / "recovery" / "summary.json").write_text(summary.model_dump_json(), encoding="utf-8")
     out = bench("recovery.py", str(run))
     lines = out.splitlines()
-    assert lines[0].split() == ["variant", "examples", "steps", "train_s", "examples_per_s", "eval_s",
-                                "produced", "gen_per_s"]
+    assert lines[0].split() == [
+        "variant",
+        "examples",
+        "steps",
+        "train_s",
+        "examples_per_s",
+        "eval_s",
+        "produced",
+        "gen_per_s",
+    ]
     # examples/s = 4 items x 2 epochs / 2 s; generations/s = 6 / 3 s; the control has no training time
     assert lines[1].split() == ["rtn-w4a16+sb", "4", "3", "2.00", "4.00", "3.00", "6", "2.00"]
     assert lines[2].split() == ["rtn-w4a16+ctl", "4", "3", "-", "-", "3.00", "6", "2.00"]

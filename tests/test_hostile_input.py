@@ -1,5 +1,7 @@
-"""Hostile and careless input (issue 11): rule checks that must stay bounded, a curate --out that must not delete
-what qreason did not write, lone surrogates, a full disk, read-only commands that must not cut tables, and batch
+"""Hostile and careless input (issue 11): rule checks that must stay bounded, a curate --out that must not
+delete
+what qreason did not write, lone surrogates, a full disk, read-only commands that must not cut tables, and
+batch
 files of the wrong shape."""
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 from judge_helpers import make_run
+
 from qreason.errors import UserError
-from qreason.stages.judge import JudgeConfig, run_judging
 from qreason.records import Grade, Problem, SilverBulletItem, content_key
+from qreason.stages.judge import JudgeConfig, run_judging
 from qreason.store import RunLock, RunStore, Table
 
 HOSTILE_STEP = "((((1/999999999999999)^64)^64)^64)^64 + 1 = 5"
@@ -26,26 +28,51 @@ HOSTILE_STEP = "((((1/999999999999999)^64)^64)^64)^64 + 1 = 5"
 
 def qreason(*args, cwd=None, timeout=120):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "qreason.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "qreason.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def grade(key: str, status: str = "correct") -> Grade:
-    return Grade(key=key, generation_key="g" + key, variant="base", task="t", problem_id=key, seed=0,
-                 status=status, extracted="1", reference="1", grader="test")
+    return Grade(
+        key=key,
+        generation_key="g" + key,
+        variant="base",
+        task="t",
+        problem_id=key,
+        seed=0,
+        status=status,
+        extracted="1",
+        reference="1",
+        grader="test",
+    )
 
 
 # ------------------------------------------------------------------------------------------ 1. rule checks
 
+
 def test_hostile_power_tower_is_judged_in_seconds():
-    """A 45-character step with a nested power of a tiny fraction used to run forever (digits x64 per level)."""
+    """A 45-character step with a nested power of a tiny fraction used to run forever (digits x64 per
+    level)."""
     assert len(HOSTILE_STEP) <= 46
-    code = ("from qreason.stages.judge.rules import check_arithmetic\n"
-            f"print(check_arithmetic({HOSTILE_STEP!r}))\n")
+    code = (
+        "from qreason.stages.judge.rules import check_arithmetic\n"
+        f"print(check_arithmetic({HOSTILE_STEP!r}))\n"
+    )
     t0 = time.monotonic()
     try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20,
-                             env={**os.environ, "PYTHONPATH": str(REPO)})
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("check_arithmetic did not return within 20 s")
     assert out.returncode == 0, out.stderr
@@ -58,7 +85,11 @@ def test_numbers_stay_small_in_bits_not_only_in_magnitude():
     from qreason.stages.judge.rules import check_arithmetic, evaluate, resolve_words, tokenize
 
     t0 = time.monotonic()
-    for step in ("(1/999999999999999)^64 * 3 = 1", "((2/3)^64)^64 = 1", "(1/7)^64 + (1/11)^64 + (1/13)^64 = 1"):
+    for step in (
+        "(1/999999999999999)^64 * 3 = 1",
+        "((2/3)^64)^64 = 1",
+        "(1/7)^64 + (1/11)^64 + (1/13)^64 = 1",
+    ):
         check_arithmetic(step)
     assert time.monotonic() - t0 < 1
     # ordinary powers are still checked
@@ -86,8 +117,14 @@ def test_judge_stage_bounds_rule_checks_and_records_a_rule_error(tmp_path):
         if time.monotonic() - t0 >= 3.0 or n >= 1_000_000:
             break
         n *= 2
-    store = make_run(tmp_path / "run", [_hostile_case("hostile", f"Step 1: {HOSTILE_STEP}."),
-                                        _hostile_case("long", long), _hostile_case("fine", "Step 1: 2 + 2 = 5.")])
+    store = make_run(
+        tmp_path / "run",
+        [
+            _hostile_case("hostile", f"Step 1: {HOSTILE_STEP}."),
+            _hostile_case("long", long),
+            _hostile_case("fine", "Step 1: 2 + 2 = 5."),
+        ],
+    )
     stats = run_judging(store, JudgeConfig(rules_timeout_s=0.3))
     rules = {j.problem_id: j for j in store.judgments.all() if j.judge == "rules"}
     assert stats.rules_written == 3 and set(rules) == {"hostile", "long", "fine"}
@@ -100,7 +137,8 @@ def test_judge_stage_bounds_rule_checks_and_records_a_rule_error(tmp_path):
 
 
 def test_rule_verdicts_are_appended_as_they_come(tmp_path, monkeypatch):
-    """A run killed during the rule checks keeps the verdicts finished before: they are written in small groups,
+    """A run killed during the rule checks keeps the verdicts finished before: they are written in small
+    groups,
     not after the loop."""
     from qreason.stages.judge import stage
 
@@ -122,10 +160,20 @@ def test_rule_verdicts_are_appended_as_they_come(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ 2. curate --out
 
+
 def _item(i: int) -> SilverBulletItem:
-    return SilverBulletItem(key=f"k{i}", task="t", problem_id=str(i), variant="q", method="rtn", seed=0,
-                            messages=[{"role": "user", "content": "q"}], sft_solution="s", first_error_step=1,
-                            judge="rules")
+    return SilverBulletItem(
+        key=f"k{i}",
+        task="t",
+        problem_id=str(i),
+        variant="q",
+        method="rtn",
+        seed=0,
+        messages=[{"role": "user", "content": "q"}],
+        sft_solution="s",
+        first_error_step=1,
+        judge="rules",
+    )
 
 
 def test_export_refuses_a_foreign_directory_and_touches_nothing(tmp_path):
@@ -163,12 +211,38 @@ def test_curate_cli_refuses_a_foreign_out_dir_before_any_work(tmp_path):
     from qreason.store import now_iso
 
     store = make_run(tmp_path / "run")
-    store.variants.append([ModelVariant(key="v", name="base", base_model="m", base_fingerprint="fp", method="none",
-                                        path=str(tmp_path / "no-model"), fingerprint="fp", created_at=now_iso())])
+    store.variants.append(
+        [
+            ModelVariant(
+                key="v",
+                name="base",
+                base_model="m",
+                base_fingerprint="fp",
+                method="none",
+                path=str(tmp_path / "no-model"),
+                fingerprint="fp",
+                created_at=now_iso(),
+            )
+        ]
+    )
     gen = next(g for g in store.generations.all() if g.variant == "q4" and g.problem_id == "p0")
-    store.judgments.append([Judgment(key="j", generation_key=gen.key, variant="q4", task="toy", problem_id="p0",
-                                     seed=0, judge="rules", first_error_step=1, error_type="Execution",
-                                     flip=True, created_at=now_iso())])
+    store.judgments.append(
+        [
+            Judgment(
+                key="j",
+                generation_key=gen.key,
+                variant="q4",
+                task="toy",
+                problem_id="p0",
+                seed=0,
+                judge="rules",
+                first_error_step=1,
+                error_type="Execution",
+                flip=True,
+                created_at=now_iso(),
+            )
+        ]
+    )
     (store.dir / "config.yaml").write_text("name: x\ntasks: [{name: synthetic}]\n")
     out = tmp_path / "home"
     out.mkdir()
@@ -182,10 +256,18 @@ def test_curate_cli_refuses_a_foreign_out_dir_before_any_work(tmp_path):
 
 # ------------------------------------------------------------------------------------------ 5. surrogates
 
+
 def test_lone_surrogates_are_replaced_on_the_way_in(tmp_path):
     bad = json.loads('"x \\ud800 y"')
-    p = Problem(key="k", task="t", problem_id="1", question=bad, answer="1", answer_type="number",
-                meta={"steps": [bad]})
+    p = Problem(
+        key="k",
+        task="t",
+        problem_id="1",
+        question=bad,
+        answer="1",
+        answer_type="number",
+        meta={"steps": [bad]},
+    )
     assert "\ud800" not in p.question and "\ufffd" in p.question and "\ud800" not in p.meta["steps"][0]
     assert content_key("problem", bad) == content_key("problem", bad)  # no crash
     table = Table(tmp_path / "problems.jsonl", Problem)
@@ -195,11 +277,15 @@ def test_lone_surrogates_are_replaced_on_the_way_in(tmp_path):
 
 def test_plan_accepts_a_task_file_with_a_lone_surrogate(tmp_path):
     data = tmp_path / "data.jsonl"
-    data.write_text('{"question": "How many? \\ud800", "answer": "#### 4"}\n'
-                    '{"question": "And now?", "answer": "#### 5"}\n')
+    data.write_text(
+        '{"question": "How many? \\ud800", "answer": "#### 4"}\n'
+        '{"question": "And now?", "answer": "#### 5"}\n'
+    )
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"name: s\noutput_dir: out\ntasks:\n  - name: gsm8k\n    data: {data}\n"
-                   "backend: {kind: openai, base_url: 'http://127.0.0.1:9/v1', model: m}\n")
+    cfg.write_text(
+        f"name: s\noutput_dir: out\ntasks:\n  - name: gsm8k\n    data: {data}\n"
+        "backend: {kind: openai, base_url: 'http://127.0.0.1:9/v1', model: m}\n"
+    )
     result = qreason("plan", str(cfg))
     assert result.returncode == 0, result.stderr
     assert "2 problems" in result.stdout
@@ -235,8 +321,13 @@ def test_failed_append_restores_the_last_complete_line(tmp_path):
     before = path.read_bytes()
     script = tmp_path / "full.py"
     script.write_text(FULL_DISK)
-    out = subprocess.run([sys.executable, str(script), str(path), str(len(before) + 300)], capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    out = subprocess.run(
+        [sys.executable, str(script), str(path), str(len(before) + 300)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=60,
+    )
     assert out.returncode == 2, out.stderr
     assert "grades.jsonl" in out.stdout and "restored" in out.stdout
     assert path.read_bytes() == before
@@ -263,7 +354,9 @@ def test_corrupt_middle_line_points_at_repair_and_repair_keeps_the_good_lines(tm
     assert "nothing to repair" in qreason("repair", str(store.dir)).stdout
 
 
-# ------------------------------------------------------------------------------------------ 7. readers and locks
+# ------------------------------------------------------------------------------------------ 7. readers and
+# locks
+
 
 def test_reading_never_cuts_a_table(tmp_path):
     """A reader (another process may be writing this very line) leaves a torn tail alone; the next writer
@@ -319,8 +412,9 @@ def test_batch_lines_of_the_wrong_shape_become_judge_errors(tmp_path):
     path = Path(stats.batch_files[0])
     ids = [json.loads(x)["custom_id"] for x in path.read_text().splitlines()]
     assert len(ids) == len(WRONG_SHAPES)
-    (path.parent / "j.batch_output.jsonl").write_text("".join(json.dumps({**line, "custom_id": i}) + "\n"
-                                                              for i, line in zip(ids, WRONG_SHAPES)))
+    (path.parent / "j.batch_output.jsonl").write_text(
+        "".join(json.dumps({**line, "custom_id": i}) + "\n" for i, line in zip(ids, WRONG_SHAPES))
+    )
     stats = run_judging(store, JudgeConfig.model_validate({**base, "batch": {"mode": "read"}}))
     assert stats.judges["j"]["judge_error"] == len(ids) and stats.requests == 0
     errors = [j.error for j in store.judgments.all() if j.judge == "j"]

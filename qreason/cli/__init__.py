@@ -35,9 +35,11 @@ def _print_run(summary) -> int:
 
     gen, quant = summary.generations, summary.quantization
     print(format_table(summary.results))
-    print(f"\ngenerations: {gen.produced} produced, {gen.cached} cached, {gen.failed} failed; "
-          f"checkpoints: {quant.quantized} quantized, {quant.reused} reused; "
-          f"wall time {summary.wall_seconds:.1f} s")
+    print(
+        f"\ngenerations: {gen.produced} produced, {gen.cached} cached, {gen.failed} failed; "
+        f"checkpoints: {quant.quantized} quantized, {quant.reused} reused; "
+        f"wall time {summary.wall_seconds:.1f} s"
+    )
     if summary.curate and summary.curate.dir:
         c = summary.curate
         print(f"silver bullet dataset: {c.items} items, {c.dpo_pairs} DPO pairs -> {c.dir}")
@@ -55,14 +57,25 @@ def _print_run(summary) -> int:
         return GATE_EXIT_CODE
     lm = summary.lm_eval
     if lm:
-        print(f"lm-eval: {lm.evaluated} task results evaluated, {lm.cached} cached"
-              + "".join(f"; {v} {t} {lm.primary_metric[t]} {lm.variants[v][t][lm.primary_metric[t]]:.3f}"
-                        for v in lm.variants for t in lm.variants[v] if t in lm.primary_metric))
+        print(
+            f"lm-eval: {lm.evaluated} task results evaluated, {lm.cached} cached"
+            + "".join(
+                f"; {v} {t} {lm.primary_metric[t]} {lm.variants[v][t][lm.primary_metric[t]]:.3f}"
+                for v in lm.variants
+                for t in lm.variants[v]
+                if t in lm.primary_metric
+            )
+        )
         for f in lm.failed:
-            print(f"qreason: lm-eval {f['task']} failed for {f['variant']}: {f['error']} (log: {f['log']})",
-                  file=sys.stderr)
+            print(
+                f"qreason: lm-eval {f['task']} failed for {f['variant']}: {f['error']} (log: {f['log']})",
+                file=sys.stderr,
+            )
     if gen.failed:
-        print(f"qreason: {gen.failed} generations failed; re-run the same command to retry them", file=sys.stderr)
+        print(
+            f"qreason: {gen.failed} generations failed; re-run the same command to retry them",
+            file=sys.stderr,
+        )
         return 1
     if lm and lm.failed:
         print("qreason: lm-eval tasks failed; re-run the same command to retry them", file=sys.stderr)
@@ -84,9 +97,13 @@ def _cmd_runs(args) -> int:
         return 0
     for r in rows:
         s = r["summary"] or {}
-        acc = ", ".join(f"{x['variant']}/{x['task']} {100 * x['accuracy_mean']:.1f}%" for x in s.get("results", []))
+        acc = ", ".join(
+            f"{x['variant']}/{x['task']} {100 * x['accuracy_mean']:.1f}%" for x in s.get("results", [])
+        )
         produced = s.get("generations", {}).get("produced", "-")
-        print(f"{r['run_id']}  {r['status']:<11} {r['name']:<16} produced={produced!s:<5} {acc}  {r['run_dir']}")
+        print(
+            f"{r['run_id']}  {r['status']:<11} {r['name']:<16} produced={produced!s:<5} {acc}  {r['run_dir']}"
+        )
     return 0
 
 
@@ -106,8 +123,15 @@ def _cmd_grade(args) -> int:
 def _cmd_grade_file(args) -> int:
     from qreason.stages.grade import Grader, grade_file
 
-    summary = grade_file(Path(args.input), Path(args.out), args.response_field, args.reference_field,
-                         args.answer_type, Grader(args.timeout, args.workers), args.finish_field)
+    summary = grade_file(
+        Path(args.input),
+        Path(args.out),
+        args.response_field,
+        args.reference_field,
+        args.answer_type,
+        Grader(args.timeout, args.workers),
+        args.finish_field,
+    )
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -132,9 +156,9 @@ def _cmd_analyze(args) -> int:
 
 
 def _cmd_curate(args) -> int:
-    from qreason.pipeline.runner import run_stage_command
     from qreason.config.schema import unresolved
     from qreason.pipeline.executor import LocalExecutor
+    from qreason.pipeline.runner import run_stage_command
     from qreason.stages.base import RunContext
     from qreason.stages.curate import CurateStage, check_out_dir
 
@@ -147,8 +171,11 @@ def _cmd_curate(args) -> int:
     class Engines(LocalExecutor):  # starts the base model's engine only if continuations are needed
         def backend_for(self, model):
             if missing:
-                raise UserError(f"{Path(args.run_dir) / 'config.yaml'}: backend", "continuations need the "
-                                f"generation backend, but environment variable {', '.join(missing)} is not set")
+                raise UserError(
+                    f"{Path(args.run_dir) / 'config.yaml'}: backend",
+                    "continuations need the "
+                    f"generation backend, but environment variable {', '.join(missing)} is not set",
+                )
             return super().backend_for(model)
 
     def update(cfg):
@@ -181,8 +208,8 @@ def _cmd_repair(args) -> int:
 
 
 def _cmd_recover(args) -> int:
-    from qreason.pipeline.runner import run_stage_command
     from qreason.pipeline.executor import LocalExecutor
+    from qreason.pipeline.runner import run_stage_command
     from qreason.stages.base import RunContext
     from qreason.stages.recover import RecoverStage
 
@@ -192,8 +219,11 @@ def _cmd_recover(args) -> int:
             flags["control"] = False
         cfg.recover = cfg.recover.model_copy(update=flags)
 
-    stage = RecoverStage(only=args.variant or None, adapter=Path(args.adapter).resolve() if args.adapter else None,
-                         require_items=True)
+    stage = RecoverStage(
+        only=args.variant or None,
+        adapter=Path(args.adapter).resolve() if args.adapter else None,
+        require_items=True,
+    )
     cfg = RunContext.open(args.run_dir).cfg
     ctx = run_stage_command(args.run_dir, stage, update, engines=LocalExecutor(cfg))  # one engine at a time
     print(format_recovery(ctx.summary.recover))
@@ -202,25 +232,56 @@ def _cmd_recover(args) -> int:
 
 def format_recovery(result) -> str:
     """The before/after table of a RecoverySummary, one row per variant and arm."""
+
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
 
-    rows = [["variant", "arm", "mode", "train", "eval", "base", "before", "after", "recovery", "repaired",
-             "broken", "p", "eval_mode"]]
+    rows = [
+        [
+            "variant",
+            "arm",
+            "mode",
+            "train",
+            "eval",
+            "base",
+            "before",
+            "after",
+            "recovery",
+            "repaired",
+            "broken",
+            "p",
+            "eval_mode",
+        ]
+    ]
     for v in result.variants:
         for arm in [v] + ([v.control] if v.control else []):
-            rows.append([arm.eval_variant, arm.arm, arm.mode, str(arm.train_items), str(len(arm.eval_problem_ids)),
-                         pct(arm.base_accuracy), pct(arm.accuracy_before), pct(arm.accuracy_after),
-                         f"{pct(arm.recovery_before)} -> {pct(arm.recovery_after)}", str(arm.repaired),
-                         str(arm.broken), f"{arm.mcnemar_p:.3g}", arm.eval_mode])
+            rows.append(
+                [
+                    arm.eval_variant,
+                    arm.arm,
+                    arm.mode,
+                    str(arm.train_items),
+                    str(len(arm.eval_problem_ids)),
+                    pct(arm.base_accuracy),
+                    pct(arm.accuracy_before),
+                    pct(arm.accuracy_after),
+                    f"{pct(arm.recovery_before)} -> {pct(arm.recovery_after)}",
+                    str(arm.repaired),
+                    str(arm.broken),
+                    f"{arm.mcnemar_p:.3g}",
+                    arm.eval_mode,
+                ]
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     for v in result.variants:
         if v.targeted_vs_control:
             h = v.targeted_vs_control
             ci_text = "n/a" if h.ci[0] is None else f"[{100 * h.ci[0]:+.1f}, {100 * h.ci[1]:+.1f}]"
-            lines.append(f"{v.variant}: targeted - control = {100 * h.diff:+.1f} points, 95% CI {ci_text}, "
-                         f"McNemar p {h.mcnemar_p:.3g}: {h.verdict}")
+            lines.append(
+                f"{v.variant}: targeted - control = {100 * h.diff:+.1f} points, 95% CI {ci_text}, "
+                f"McNemar p {h.mcnemar_p:.3g}: {h.verdict}"
+            )
     for name, why in result.skipped.items():
         lines.append(f"{name}: skipped ({why})")
     lines.append(f"recovery: {result.produced} generations produced; {result.summary_path}")
@@ -248,11 +309,10 @@ def _cmd_plan(args) -> int:
 def _cmd_compare(args) -> int:
     import pandas as pd
 
-    from qreason.stages.analyze import compare_runs
-    from qreason.summary import changes
     from qreason.pipeline.plan import default_index
+    from qreason.stages.analyze import compare_runs
     from qreason.store import RunStore
-    from qreason.summary import RunSummary
+    from qreason.summary import RunSummary, changes
 
     def locate(ref: str) -> RunStore:
         if Path(ref).is_dir():
@@ -273,25 +333,30 @@ def _cmd_compare(args) -> int:
     if table.empty:
         print("the two runs share no (variant, task, problem, seed)")
     else:
-        show = table.assign(**{c: (100 * table[c]).round(1)
-                               for c in ("acc_ref", "acc", "acc_diff", "ci_low", "ci_high")})
+        show = table.assign(
+            **{c: (100 * table[c]).round(1) for c in ("acc_ref", "acc", "acc_diff", "ci_low", "ci_high")}
+        )
         with pd.option_context("display.width", 160, "display.max_columns", 20):
             print(f"B = {b.dir} against A = {a.dir} (accuracies in %; lost = right in A, wrong in B)")
             print(show.rename(columns={"acc_ref": "acc_A", "acc": "acc_B"}).to_string(index=False))
-    changed = changes(RunSummary.read(a.read_json("summary.json") or {}),
-                      RunSummary.read(b.read_json("summary.json") or {}))
+    changed = changes(
+        RunSummary.read(a.read_json("summary.json") or {}), RunSummary.read(b.read_json("summary.json") or {})
+    )
     print("changed from A to B: " + ("; ".join(changed) if changed else "no library version or hardware"))
     return 0
 
 
 def _cmd_prune(args) -> int:
-    from qreason.store.retention import prune
     from qreason.pipeline.plan import default_index
     from qreason.store import OWNER_MARKER
+    from qreason.store.retention import prune
 
     removed = prune(default_index(), args.older_than, dry_run=not args.yes)
     verb = "removed" if args.yes else "would remove (pass --yes to delete)"
-    print(f"{verb}: {len(removed['run_dirs'])} run directories, {len(removed['checkpoints'])} cached checkpoints")
+    print(
+        f"{verb}: {len(removed['run_dirs'])} run directories, {len(removed['checkpoints'])} cached "
+        "checkpoints"
+    )
     for path in removed["run_dirs"] + removed["checkpoints"]:
         print(f"  {path}")
     for path in removed.get("skipped", []):
@@ -318,8 +383,8 @@ def _cmd_tasks(args) -> int:
 
 def _cmd_export_lm_eval(args) -> int:
     from qreason.config.schema import SamplingConfig, TaskConfig, load_config
-    from qreason.stages.lm_eval.export import export_tasks
     from qreason.inputs.resources import listing, search_path
+    from qreason.stages.lm_eval.export import export_tasks
 
     if args.config:
         loaded = load_config(args.config)
@@ -332,50 +397,80 @@ def _cmd_export_lm_eval(args) -> int:
         unknown = [n for n in args.task if n not in known]
         if unknown:
             where = args.config or os.pathsep.join(map(str, search_path("tasks")))
-            raise UserError(where, f"no task {', '.join(map(repr, unknown))} (known: {', '.join(sorted(known))})")
+            raise UserError(
+                where, f"no task {', '.join(map(repr, unknown))} (known: {', '.join(sorted(known))})"
+            )
         tasks = [known[n] for n in args.task]
     written = export_tasks(Path(args.out), tasks, sampling, base_dir)
     for path in written:
         print(path)
     names = ",".join(p.stem for p in written)
-    print(f"\nrun them with: lm_eval --include_path {Path(args.out).resolve()} --tasks {names} "
-          "--apply_chat_template --fewshot_as_multiturn --metadata '{\"tokenizer\": \"MODEL_PATH\"}' --model ...")
+    print(
+        f"\nrun them with: lm_eval --include_path {Path(args.out).resolve()} --tasks {names} "
+        '--apply_chat_template --fewshot_as_multiturn --metadata \'{"tokenizer": "MODEL_PATH"}\' --model ...'
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qreason", description="Measure how quantization damages LLM reasoning.",
-                                epilog=EPILOG)
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="show library logs (vLLM, transformers, warnings) in the terminal too; they are always in "
-                        "RUN_DIR/run.log")
+    p = argparse.ArgumentParser(
+        prog="qreason", description="Measure how quantization damages LLM reasoning.", epilog=EPILOG
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show library logs (vLLM, transformers, warnings) in the terminal too; they are always in "
+        "RUN_DIR/run.log",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    r = sub.add_parser("run", help="run every stage of a config (cached work is skipped)", epilog=EPILOG,
-                       description="Generate, grade and summarise for a run config. Re-running the same config "
-                                   "does no model work; an interrupted run resumes where it stopped.")
+    r = sub.add_parser(
+        "run",
+        help="run every stage of a config (cached work is skipped)",
+        epilog=EPILOG,
+        description="Generate, grade and summarise for a run config. Re-running the same config "
+        "does no model work; an interrupted run resumes where it stopped.",
+    )
     r.add_argument("config", help="run config YAML (see configs/ and the README's config reference)")
-    r.add_argument("--output-dir", help="run directory (default: output_dir from the config, else runs/NAME; "
-                                        "QREASON_RUNS sets the runs root)")
+    r.add_argument(
+        "--output-dir",
+        help="run directory (default: output_dir from the config, else runs/NAME; "
+        "QREASON_RUNS sets the runs root)",
+    )
     r.set_defaults(fn=_cmd_run)
 
-    pl = sub.add_parser("plan", help="print what `qreason run CONFIG` would do: the jobs, what is cached and what "
-                                     "will run (validates everything, runs nothing)")
+    pl = sub.add_parser(
+        "plan",
+        help="print what `qreason run CONFIG` would do: the jobs, what is cached and what "
+        "will run (validates everything, runs nothing)",
+    )
     pl.add_argument("config")
     pl.add_argument("--output-dir", help="run directory (as for run)")
     pl.set_defaults(fn=_cmd_plan)
 
-    cp = sub.add_parser("compare", help="compare two runs cell by cell (variant x task), paired on problems "
-                                        "and seeds, with McNemar p-values and bootstrap intervals")
+    cp = sub.add_parser(
+        "compare",
+        help="compare two runs cell by cell (variant x task), paired on problems "
+        "and seeds, with McNemar p-values and bootstrap intervals",
+    )
     cp.add_argument("run_a", help="run directory or run id (from `qreason runs`)")
     cp.add_argument("run_b", help="run directory or run id")
     cp.add_argument("--json", action="store_true", help="print JSON")
     cp.set_defaults(fn=_cmd_compare)
 
-    pr = sub.add_parser("prune", help="delete run directories not run for a while, and cached quantized "
-                                      "checkpoints that no remaining run uses (dry run unless --yes)")
-    pr.add_argument("--older-than", type=float, default=30, metavar="DAYS",
-                    help="a run directory whose newest run finished more than DAYS ago goes (default 30)")
+    pr = sub.add_parser(
+        "prune",
+        help="delete run directories not run for a while, and cached quantized "
+        "checkpoints that no remaining run uses (dry run unless --yes)",
+    )
+    pr.add_argument(
+        "--older-than",
+        type=float,
+        default=30,
+        metavar="DAYS",
+        help="a run directory whose newest run finished more than DAYS ago goes (default 30)",
+    )
     pr.add_argument("--yes", action="store_true", help="really delete (default: only list)")
     pr.set_defaults(fn=_cmd_prune)
 
@@ -391,25 +486,41 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, help="grading processes (default: the run's grading.workers)")
     g.set_defaults(fn=_cmd_grade)
 
-    gf = sub.add_parser("grade-file", help="grade a JSONL file of solutions produced anywhere (strict and lenient "
-                                           "verdicts); prints the counts as JSON", epilog=EPILOG)
+    gf = sub.add_parser(
+        "grade-file",
+        help="grade a JSONL file of solutions produced anywhere (strict and lenient "
+        "verdicts); prints the counts as JSON",
+        epilog=EPILOG,
+    )
     gf.add_argument("input", help="JSONL file, one solution per line")
     gf.add_argument("--response-field", required=True, metavar="F", help="field holding the solution text")
-    gf.add_argument("--reference-field", required=True, metavar="R", help="field holding the reference answer")
+    gf.add_argument(
+        "--reference-field", required=True, metavar="R", help="field holding the reference answer"
+    )
     gf.add_argument("--answer-type", required=True, choices=["number", "latex", "integer"])
-    gf.add_argument("--out", required=True, help="output JSONL: each row with status, lenient_status and "
-                                                 "extracted added (written whole or not at all)")
-    gf.add_argument("--finish-field", help="optional field with the finish reason ('length' grades as truncated)")
+    gf.add_argument(
+        "--out",
+        required=True,
+        help="output JSONL: each row with status, lenient_status and "
+        "extracted added (written whole or not at all)",
+    )
+    gf.add_argument(
+        "--finish-field", help="optional field with the finish reason ('length' grades as truncated)"
+    )
     gf.add_argument("--timeout", type=int, default=10, help="seconds per answer (default 10)")
     gf.add_argument("--workers", type=int, default=2, help="grading processes (default 2)")
     gf.set_defaults(fn=_cmd_grade_file)
 
-    m = sub.add_parser("model", help="resolve a model (converting the embedded default once) and print its "
-                                     "path and fingerprint")
+    m = sub.add_parser(
+        "model",
+        help="resolve a model (converting the embedded default once) and print its path and fingerprint",
+    )
     m.add_argument("model", nargs="?", default="default", help="'default', a local directory or a hub id")
     m.set_defaults(fn=_cmd_model)
 
-    t = sub.add_parser("tasks", help="list the task specs (built-in tasks/ and directories on $QREASON_TASKS_PATH)")
+    t = sub.add_parser(
+        "tasks", help="list the task specs (built-in tasks/ and directories on $QREASON_TASKS_PATH)"
+    )
     t.set_defaults(fn=_cmd_tasks)
 
     from qreason.cli.judge import register as register_judge
@@ -422,37 +533,57 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("run_dir")
     a.set_defaults(fn=_cmd_analyze)
 
-    c = sub.add_parser("curate", help="build the Silver Bullet recovery dataset (SFT and DPO) from a run's "
-                                      "judged flips; generates full-precision continuations when needed")
+    c = sub.add_parser(
+        "curate",
+        help="build the Silver Bullet recovery dataset (SFT and DPO) from a run's "
+        "judged flips; generates full-precision continuations when needed",
+    )
     c.add_argument("run_dir")
     c.add_argument("--out", help="output directory (default: RUN_DIR/silver_bullet)")
     c.add_argument("--max-items", type=int, help="cap on the number of items (default: the config's, 332)")
-    c.add_argument("--seed", type=int, help="seed for balancing and the train/test split (default: the config's)")
+    c.add_argument(
+        "--seed", type=int, help="seed for balancing and the train/test split (default: the config's)"
+    )
     c.set_defaults(fn=_cmd_curate)
 
-    rep = sub.add_parser("repair", help="move corrupt or torn lines of a run's tables into TABLE.corrupt-* files "
-                                        "beside them (nothing is deleted), so the run can be read and resumed")
+    rep = sub.add_parser(
+        "repair",
+        help="move corrupt or torn lines of a run's tables into TABLE.corrupt-* files "
+        "beside them (nothing is deleted), so the run can be read and resumed",
+    )
     rep.add_argument("run_dir")
     rep.set_defaults(fn=_cmd_repair)
 
-    ex = sub.add_parser("export-lm-eval", help="write qreason's tasks as lm-eval tasks (qreason_<task>.yaml and "
-                                               "utils.py): same problems, prompt, generation settings and grader")
+    ex = sub.add_parser(
+        "export-lm-eval",
+        help="write qreason's tasks as lm-eval tasks (qreason_<task>.yaml and "
+        "utils.py): same problems, prompt, generation settings and grader",
+    )
     ex.add_argument("--out", required=True, help="directory for the task files (lm_eval --include_path DIR)")
     ex.add_argument("--task", action="append", help="a task to export (repeatable; default: all)")
-    ex.add_argument("--config", help="export the tasks of this run config: its data files, limits, worked "
-                                     "example and sampling (default: the specs in tasks/ with their own sources)")
+    ex.add_argument(
+        "--config",
+        help="export the tasks of this run config: its data files, limits, worked "
+        "example and sampling (default: the specs in tasks/ with their own sources)",
+    )
     ex.set_defaults(fn=_cmd_export_lm_eval)
 
-    rc = sub.add_parser("recover", help="train a LoRA adapter per quantized variant on its Silver Bullet items, "
-                                        "re-evaluate it on problems it never trained on, beside an untargeted "
-                                        "control (needs .venv-train: scripts/setup-train-env.sh)")
+    rc = sub.add_parser(
+        "recover",
+        help="train a LoRA adapter per quantized variant on its Silver Bullet items, "
+        "re-evaluate it on problems it never trained on, beside an untargeted "
+        "control (needs .venv-train: scripts/setup-train-env.sh)",
+    )
     rc.add_argument("run_dir")
     rc.add_argument("--variant", action="append", help="only this quantized variant (repeatable)")
     rc.add_argument("--mode", choices=["sft", "dpo", "sft+dpo"], help="training mode (default: the config's)")
     rc.add_argument("--no-control", action="store_true", help="skip the control adapter")
-    rc.add_argument("--eval-mode", choices=["auto", "lora", "merged"],
-                    help="serve the adapter with vLLM LoRA, or evaluate a merged dense checkpoint (default: the "
-                         "config's)")
+    rc.add_argument(
+        "--eval-mode",
+        choices=["auto", "lora", "merged"],
+        help="serve the adapter with vLLM LoRA, or evaluate a merged dense checkpoint (default: the "
+        "config's)",
+    )
     rc.add_argument("--adapter", help="evaluate this PEFT adapter of --variant instead of training one")
     rc.set_defaults(fn=_cmd_recover)
 
@@ -477,7 +608,7 @@ class _OwnRecords(logging.Filter):
 
 def setup_logging(verbose: bool) -> None:
     """Library logs (vLLM, transformers, torch and Python warnings) go to the run log, not the terminal."""
-    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")    # vLLM's loggers propagate to ours instead
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM's loggers propagate to ours instead
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "error")
     root = logging.getLogger()

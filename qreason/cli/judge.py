@@ -8,57 +8,102 @@ from pathlib import Path
 
 from qreason.errors import UserError
 
-SPEC_HELP = ("a judge: 'rules' (the rule checks only, no LLM), key=value pairs such as "
-             "name=gpt,base_url=https://api.openai.com/v1,model=gpt-4o-mini,api_key_env=OPENAI_API_KEY "
-             "(other keys: concurrency, timeout_s, max_retries, invalid_retries, backoff_s, temperature, "
-             "retry_temperature, max_tokens, seed, schema_limits), inline JSON, or a YAML/JSON file with one spec. "
-             "Repeat for a panel (majority vote). The API key is read from the variable named by api_key_env.")
+SPEC_HELP = (
+    "a judge: 'rules' (the rule checks only, no LLM), key=value pairs such as "
+    "name=gpt,base_url=https://api.openai.com/v1,model=gpt-4o-mini,api_key_env=OPENAI_API_KEY "
+    "(other keys: concurrency, timeout_s, max_retries, invalid_retries, backoff_s, temperature, "
+    "retry_temperature, max_tokens, seed, schema_limits), inline JSON, or a YAML/JSON file with one spec. "
+    "Repeat for a panel (majority vote). The API key is read from the variable named by api_key_env."
+)
 
 
 def register(subparsers) -> None:
     j = subparsers.add_parser(
-        "judge", help="find the first faulty step, error type and capability of a run's failures",
+        "judge",
+        help="find the first faulty step, error type and capability of a run's failures",
         description="Judge the failed solutions of a run directory: the rule checks always run (no LLM); LLM "
-                    "judges run when given. Appends to judgments.jsonl; re-running skips finished work, reuses "
-                    "cached replies and retries judge errors.")
-    j.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (with generations.jsonl and grades.jsonl)")
+        "judges run when given. Appends to judgments.jsonl; re-running skips finished work, reuses "
+        "cached replies and retries judge errors.",
+    )
+    j.add_argument(
+        "run_dir", metavar="RUN_DIR", help="a run directory (with generations.jsonl and grades.jsonl)"
+    )
     j.add_argument("--judge", action="append", default=None, metavar="SPEC", help=SPEC_HELP)
-    j.add_argument("--config", metavar="FILE", help="judge config YAML (a JudgeConfig mapping, or one under a "
-                                                    "top-level 'judge:' key); the options below override it")
-    j.add_argument("--which", choices=["failures", "flips"],
-                   help="judge every failure (default), or only flips: failures on a problem and seed that the "
-                        "base variant solved")
-    j.add_argument("--base-variant", metavar="NAME", help="the variant flips are measured against (default: the run's model)")
-    j.add_argument("--prompt-version", metavar="V", help="judge prompt template in judge_prompts/ "
-                                                         "(default: judge-v1)")
-    j.add_argument("--llm-for-outcomes", action="store_true", default=None,
-                   help="also send no-answer, truncated and repetition-collapsed solutions to the LLM judges "
-                        "(default: the rule checks settle them)")
-    j.add_argument("--retry-invalid", action="store_true", default=None,
-                   help="ask again where a judge gave no valid reply in an earlier run (failures of the endpoint "
-                        "itself are always retried)")
+    j.add_argument(
+        "--config",
+        metavar="FILE",
+        help="judge config YAML (a JudgeConfig mapping, or one under a "
+        "top-level 'judge:' key); the options below override it",
+    )
+    j.add_argument(
+        "--which",
+        choices=["failures", "flips"],
+        help="judge every failure (default), or only flips: failures on a problem and seed that the "
+        "base variant solved",
+    )
+    j.add_argument(
+        "--base-variant",
+        metavar="NAME",
+        help="the variant flips are measured against (default: the run's model)",
+    )
+    j.add_argument(
+        "--prompt-version", metavar="V", help="judge prompt template in judge_prompts/ (default: judge-v1)"
+    )
+    j.add_argument(
+        "--llm-for-outcomes",
+        action="store_true",
+        default=None,
+        help="also send no-answer, truncated and repetition-collapsed solutions to the LLM judges "
+        "(default: the rule checks settle them)",
+    )
+    j.add_argument(
+        "--retry-invalid",
+        action="store_true",
+        default=None,
+        help="ask again where a judge gave no valid reply in an earlier run (failures of the endpoint "
+        "itself are always retried)",
+    )
     group = j.add_mutually_exclusive_group()
-    group.add_argument("--batch-write", action="store_true",
-                       help="write OpenAI batch input files (one per judge) instead of calling the endpoints")
-    group.add_argument("--batch-read", action="store_true",
-                       help="read the batch output files (OpenAI Batch API or vllm run-batch) and judge from them")
-    j.add_argument("--batch-dir", metavar="DIR", help="batch files: DIR/JUDGE.batch_input.jsonl and "
-                                                      "DIR/JUDGE.batch_output.jsonl (default: RUN_DIR/judge_batch)")
+    group.add_argument(
+        "--batch-write",
+        action="store_true",
+        help="write OpenAI batch input files (one per judge) instead of calling the endpoints",
+    )
+    group.add_argument(
+        "--batch-read",
+        action="store_true",
+        help="read the batch output files (OpenAI Batch API or vllm run-batch) and judge from them",
+    )
+    j.add_argument(
+        "--batch-dir",
+        metavar="DIR",
+        help="batch files: DIR/JUDGE.batch_input.jsonl and "
+        "DIR/JUDGE.batch_output.jsonl (default: RUN_DIR/judge_batch)",
+    )
     j.add_argument("--cache", metavar="PATH", help="reply cache (default: RUN_DIR/judge_cache.sqlite)")
     j.add_argument("--json", action="store_true", help="print the statistics and the distribution as JSON")
     j.set_defaults(fn=cmd_judge)
 
     b = subparsers.add_parser(
-        "judge-bench", help="score a judge on ProcessBench-format data (accuracy on erroneous and correct, F1)",
-        description="Run a judge on ProcessBench-format JSONL (id, problem, steps, label; label -1 = no faulty "
-                    "step) and print JSON: accuracy on erroneous solutions (exact step), accuracy on correct "
-                    "ones (predicting -1), their harmonic mean F1, and the precision of flagged steps.")
+        "judge-bench",
+        help="score a judge on ProcessBench-format data (accuracy on erroneous and correct, F1)",
+        description="Run a judge on ProcessBench-format JSONL (id, problem, steps, label; label -1 = no "
+        "faulty step) and print JSON: accuracy on erroneous solutions (exact step), accuracy on correct "
+        "ones (predicting -1), their harmonic mean F1, and the precision of flagged steps.",
+    )
     b.add_argument("--data", required=True, metavar="FILE.jsonl", help="ProcessBench-format data")
-    b.add_argument("--judge", action="append", default=None, metavar="SPEC", help=SPEC_HELP + " Default: rules.")
-    b.add_argument("--out", required=True, metavar="DIR", help="where predictions.jsonl, metrics.json and the "
-                                                               "reply cache are written")
-    b.add_argument("--prompt-version", default="judge-v1", metavar="V", help="judge prompt template "
-                                                                             "(default: judge-v1)")
+    b.add_argument(
+        "--judge", action="append", default=None, metavar="SPEC", help=SPEC_HELP + " Default: rules."
+    )
+    b.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="where predictions.jsonl, metrics.json and the reply cache are written",
+    )
+    b.add_argument(
+        "--prompt-version", default="judge-v1", metavar="V", help="judge prompt template (default: judge-v1)"
+    )
     b.add_argument("--limit", type=int, metavar="N", help="only the first N rows")
     b.set_defaults(fn=cmd_judge_bench)
 
@@ -75,8 +120,8 @@ def _specs(values: list[str] | None) -> list | None:
 def cmd_judge(args) -> int:
     from pydantic import ValidationError
 
-    from qreason.pipeline.runner import run_stage_command
     from qreason.config.judge import load_judge_config
+    from qreason.pipeline.runner import run_stage_command
     from qreason.stages.judge import JudgeStage, distribution
 
     run_dir = Path(args.run_dir)
@@ -90,9 +135,14 @@ def cmd_judge(args) -> int:
         judges = _specs(args.judge)
         if judges is not None:
             data["judges"] = [spec.model_dump() for spec in judges]
-        for opt, field in (("which", "which"), ("base_variant", "base_variant"),
-                           ("prompt_version", "prompt_version"), ("llm_for_outcomes", "llm_for_outcomes"),
-                           ("retry_invalid", "retry_invalid"), ("cache", "cache_path")):
+        for opt, field in (
+            ("which", "which"),
+            ("base_variant", "base_variant"),
+            ("prompt_version", "prompt_version"),
+            ("llm_for_outcomes", "llm_for_outcomes"),
+            ("retry_invalid", "retry_invalid"),
+            ("cache", "cache_path"),
+        ):
             if getattr(args, opt) is not None:
                 data[field] = getattr(args, opt)
         if args.batch_write or args.batch_read:
@@ -111,18 +161,27 @@ def cmd_judge(args) -> int:
     if args.json:
         print(json.dumps({"stats": stats.model_dump(), "distribution": dist}, indent=2))
     else:
-        print(f"{stats.candidates} failures selected ({stats.flips} flips); {stats.rules_written} new rule verdicts")
+        print(
+            f"{stats.candidates} failures selected ({stats.flips} flips); {stats.rules_written} new rule "
+            "verdicts"
+        )
         for name, c in stats.judges.items():
-            print(f"judge {name}: {c['ok']} ok, {c['judge_error']} judge errors, {c['cached']} from cache, "
-                  f"{c['done']} already done, {c['pending']} pending")
+            print(
+                f"judge {name}: {c['ok']} ok, {c['judge_error']} judge errors, {c['cached']} from cache, "
+                f"{c['done']} already done, {c['pending']} pending"
+            )
         if stats.judges:
-            print(f"{stats.panel_written} panel verdicts; {stats.requests} HTTP requests; tokens {stats.usage}")
+            print(
+                f"{stats.panel_written} panel verdicts; {stats.requests} HTTP requests; tokens {stats.usage}"
+            )
         for path in stats.batch_files:
             print(f"batch file: {path}")
         for variant, d in dist.items():
             types = ", ".join(f"{k} {v}" for k, v in sorted(d["error_types"].items())) or "-"
-            print(f"{variant}: {d['failures']} failures, {d['flips']} flips; types: {types}; median first "
-                  f"faulty step {d['first_error_step']['median']}")
+            print(
+                f"{variant}: {d['failures']} failures, {d['flips']} flips; types: {types}; median first "
+                f"faulty step {d['first_error_step']['median']}"
+            )
         print(f"judgments: {store.judgments.path}")
     for error in stats.errors:
         print(f"qreason: error: {error}", file=sys.stderr)
@@ -130,8 +189,11 @@ def cmd_judge(args) -> int:
     if stats.errors:
         return UserError.exit_code
     if errors:
-        print(f"qreason: {errors} judge errors recorded; a re-run retries the endpoint failures among them "
-              "(--retry-invalid: also the invalid replies)", file=sys.stderr)
+        print(
+            f"qreason: {errors} judge errors recorded; a re-run retries the endpoint failures among them "
+            "(--retry-invalid: also the invalid replies)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -144,4 +206,3 @@ def cmd_judge_bench(args) -> int:
     metrics = run_bench(Path(args.data), judges, Path(args.out), args.prompt_version, args.limit)
     print(json.dumps(metrics, indent=2))
     return 0
-

@@ -169,4 +169,3 @@ def register(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the variant record as JSON")
     q.set_defaults(fn=run_command)
     return q
-

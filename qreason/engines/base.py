@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Protocol
 
 from qreason.errors import UserError
-from qreason.registry import BACKENDS
 from qreason.inputs.models import ResolvedModel
 from qreason.records import Problem, content_key
+from qreason.registry import BACKENDS
 
 if TYPE_CHECKING:
     from qreason.config.schema import BackendConfig, ModelConfig, SamplingConfig
@@ -60,8 +60,9 @@ class Backend(Protocol):
         """The model behind a run's base variant, as this backend sees it."""
         ...
 
-    def generate(self, requests: list[GenerationRequest],
-                 sampling: SamplingConfig) -> Iterator[tuple[GenerationRequest, Completion]]: ...
+    def generate(
+        self, requests: list[GenerationRequest], sampling: SamplingConfig
+    ) -> Iterator[tuple[GenerationRequest, Completion]]: ...
 
     def close(self) -> None: ...
 
@@ -69,8 +70,11 @@ class Backend(Protocol):
 def no_adapter(kind: str, model: ResolvedModel) -> None:
     """What a backend that cannot serve LoRA adapters says when asked to."""
     if model.adapter:
-        raise UserError("backend.kind", f"the {kind} backend cannot apply a LoRA adapter; evaluate a merged "
-                                        "checkpoint instead (recover.eval_mode: merged)")
+        raise UserError(
+            "backend.kind",
+            f"the {kind} backend cannot apply a LoRA adapter; evaluate a merged "
+            "checkpoint instead (recover.eval_mode: merged)",
+        )
 
 
 def sampling_identity(sampling: SamplingConfig) -> dict:
@@ -78,13 +82,34 @@ def sampling_identity(sampling: SamplingConfig) -> dict:
     return sampling.model_dump(exclude={"seeds"})
 
 
-def make_request(variant: str, model: ResolvedModel, problem: Problem, messages: list[dict[str, str]],
-                 sampling: SamplingConfig, seed: int) -> GenerationRequest:
-    key = content_key("generation", model.fingerprint, problem.task, problem.problem_id, problem.key,
-                      content_key("messages", messages), sampling_identity(sampling), seed)
-    return GenerationRequest(key=key, variant=variant, model_fingerprint=model.fingerprint, task=problem.task,
-                             problem_id=problem.problem_id, messages=messages, seed=seed,
-                             question=problem.question)
+def make_request(
+    variant: str,
+    model: ResolvedModel,
+    problem: Problem,
+    messages: list[dict[str, str]],
+    sampling: SamplingConfig,
+    seed: int,
+) -> GenerationRequest:
+    key = content_key(
+        "generation",
+        model.fingerprint,
+        problem.task,
+        problem.problem_id,
+        problem.key,
+        content_key("messages", messages),
+        sampling_identity(sampling),
+        seed,
+    )
+    return GenerationRequest(
+        key=key,
+        variant=variant,
+        model_fingerprint=model.fingerprint,
+        task=problem.task,
+        problem_id=problem.problem_id,
+        messages=messages,
+        seed=seed,
+        question=problem.question,
+    )
 
 
 def make_backend(cfg: BackendConfig, model: ResolvedModel) -> Backend:
@@ -94,5 +119,3 @@ def make_backend(cfg: BackendConfig, model: ResolvedModel) -> Backend:
 def resolve_base(cfg: BackendConfig, model: ModelConfig, base_dir: Path | None = None) -> ResolvedModel:
     """The model behind a run's base variant, as the configured backend sees it."""
     return BACKENDS.get(cfg.kind, "backend.kind").resolve_base(cfg, model, base_dir)
-
-

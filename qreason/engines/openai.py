@@ -4,7 +4,8 @@ Requests run concurrently (at most ``concurrency`` in flight) on an asyncio loop
 result is handed back as soon as it arrives. The ``openai`` client retries 408/409/429/5xx and connection
 errors with exponential backoff and honours Retry-After; malformed replies are retried here with backoff; a
 request that still fails is reported, not stored.
-Replies are read defensively (any shape: a recorded, retried error, never a crash); each HTTP request has a total
+Replies are read defensively (any shape: a recorded, retried error, never a crash); each HTTP request has a
+total
 deadline of ``timeout_s`` and a body size cap; a 400/401/403/404 stops the stage with one error instead of one
 per request. The API key is read from the environment variable named in the config and never logged or stored;
 URLs and error texts are redacted before they reach a record or a log.
@@ -20,12 +21,18 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from qreason.engines.base import Completion, GenerationRequest, no_adapter
+from qreason.engines.openai_http import (
+    REFUSED_STATUSES,
+    api_key,
+    make_async_client,
+    read_reply,
+    redact,
+    short_error,
+)
 from qreason.errors import UserError
 from qreason.inputs.models import ResolvedModel
 from qreason.records import content_key
-from qreason.engines.base import Completion, GenerationRequest, no_adapter
-from qreason.engines.openai_http import (REFUSED_STATUSES, api_key, make_async_client, read_reply,
-                                         redact, short_error)
 
 if TYPE_CHECKING:
     from qreason.config.schema import ModelConfig, OpenAIConfig, SamplingConfig
@@ -49,7 +56,7 @@ class OpenAIBackend:
         self.secrets = tuple(k for k in (api_key(cfg.api_key_env),) if k)
         self.name = f"openai-compatible:{redact(cfg.base_url, self.secrets)}"
         self.versions = {"openai": md.version("openai")}
-        self.refused: str | None = None   # set by the first 400/401/403/404: the run stops with this one error
+        self.refused: str | None = None  # set by the first 400/401/403/404: the run stops with this one error
 
     @staticmethod
     def resolve_base(cfg: OpenAIConfig, model: ModelConfig, base_dir: Path | None = None) -> ResolvedModel:
@@ -57,8 +64,9 @@ class OpenAIBackend:
         served = cfg.model or model.path
         return ResolvedModel(model.path, served, content_key("endpoint", cfg.base_url, served), "endpoint")
 
-    async def _one(self, client, sem: asyncio.Semaphore, req: GenerationRequest,
-                   sampling: SamplingConfig) -> Completion:
+    async def _one(
+        self, client, sem: asyncio.Semaphore, req: GenerationRequest, sampling: SamplingConfig
+    ) -> Completion:
         from openai import APIConnectionError, APIStatusError
 
         async with sem:
@@ -71,16 +79,24 @@ class OpenAIBackend:
                     await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
                 try:
                     resp = await client.chat.completions.create(
-                        model=self.model_name, messages=req.messages, temperature=sampling.temperature,
-                        top_p=sampling.top_p, max_tokens=sampling.max_tokens, seed=req.seed,
-                        extra_body=continuation_args(req.messages))
+                        model=self.model_name,
+                        messages=req.messages,
+                        temperature=sampling.temperature,
+                        top_p=sampling.top_p,
+                        max_tokens=sampling.max_tokens,
+                        seed=req.seed,
+                        extra_body=continuation_args(req.messages),
+                    )
                 except APIStatusError as exc:
                     if exc.status_code in REFUSED_STATUSES:
-                        self.refused = self.refused or ("the endpoint refused the request: "
-                                                        + short_error(exc, self.secrets))
+                        self.refused = self.refused or (
+                            "the endpoint refused the request: " + short_error(exc, self.secrets)
+                        )
                         return Completion(error=self.refused, seconds=time.monotonic() - t0)
                     return Completion(error=short_error(exc, self.secrets), seconds=time.monotonic() - t0)
-                except APIConnectionError as exc:  # after the client's own retries (timeouts, connection, 5xx)
+                except (
+                    APIConnectionError
+                ) as exc:  # after the client's own retries (timeouts, connection, 5xx)
                     return Completion(error=short_error(exc, self.secrets), seconds=time.monotonic() - t0)
                 except Exception as exc:  # noqa: BLE001 - a malformed reply: the client does not retry these
                     problem = f"unreadable response ({short_error(exc, self.secrets)})"
@@ -90,15 +106,19 @@ class OpenAIBackend:
                     problem = reply.problem
                     continue
                 refused = reply.refusal is not None  # the model declined: kept as its answer, marked as such
-                return Completion(text=reply.refusal if refused else reply.content or "",
-                                  finish_reason="refusal" if refused else reply.finish_reason,
-                                  prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
-                                  seconds=time.monotonic() - t0)
+                return Completion(
+                    text=reply.refusal if refused else reply.content or "",
+                    finish_reason="refusal" if refused else reply.finish_reason,
+                    prompt_tokens=reply.prompt_tokens,
+                    completion_tokens=reply.completion_tokens,
+                    seconds=time.monotonic() - t0,
+                )
             return Completion(error=redact(problem, self.secrets), seconds=time.monotonic() - t0)
 
     async def _all(self, requests, sampling, out: queue.Queue) -> None:
-        client = make_async_client(self.cfg.base_url, self.cfg.api_key_env, self.cfg.max_retries,
-                                   self.cfg.timeout_s)
+        client = make_async_client(
+            self.cfg.base_url, self.cfg.api_key_env, self.cfg.max_retries, self.cfg.timeout_s
+        )
         sem = asyncio.Semaphore(self.cfg.concurrency)
 
         async def task(req):
@@ -109,8 +129,9 @@ class OpenAIBackend:
         finally:
             await client.close()
 
-    def generate(self, requests: list[GenerationRequest],
-                 sampling: SamplingConfig) -> Iterator[tuple[GenerationRequest, Completion]]:
+    def generate(
+        self, requests: list[GenerationRequest], sampling: SamplingConfig
+    ) -> Iterator[tuple[GenerationRequest, Completion]]:
         out: queue.Queue = queue.Queue()
         failure: list[BaseException] = []
 

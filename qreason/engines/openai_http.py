@@ -1,4 +1,5 @@
-"""HTTP helpers shared by everything that talks to an OpenAI-compatible endpoint (the ``openai`` generation backend
+"""HTTP helpers shared by everything that talks to an OpenAI-compatible endpoint (the ``openai`` generation
+backend
 and the LLM judges): a client with a total deadline and a body cap, defensive reading of replies, short error
 texts, and redaction of secrets from anything that reaches a record or a log."""
 
@@ -13,14 +14,16 @@ from dataclasses import dataclass
 
 from qreason.records import clean_text
 
-MAX_BODY_BYTES = 16 << 20        # a reply body larger than this is an error, not something to hold in memory
-REFUSED_STATUSES = {400, 401, 403, 404}   # the endpoint refuses the request itself: asking again cannot help
+MAX_BODY_BYTES = 16 << 20  # a reply body larger than this is an error, not something to hold in memory
+REFUSED_STATUSES = {400, 401, 403, 404}  # the endpoint refuses the request itself: asking again cannot help
 
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@'\"]+@")
 _URL_QUERY = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s?#'\"]*)\?[^\s#'\"]*")
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{4,}")
-_KEY_PARAM = re.compile(r"(?i)\b((?:api[-_]?key|access[-_]?token|token|key|password|secret)[\"']?\s*[=:]\s*[\"']?)"
-                        r"[^\s&'\",}]{4,}")
+_KEY_PARAM = re.compile(
+    r"(?i)\b((?:api[-_]?key|access[-_]?token|token|key|password|secret)[\"']?\s*[=:]\s*[\"']?)"
+    r"[^\s&'\",}]{4,}"
+)
 
 
 def redact(text: str, secrets: tuple[str, ...] | list[str] = ()) -> str:
@@ -61,19 +64,28 @@ def api_key(env: str) -> str | None:
 def make_async_client(base_url: str, api_key_env: str, max_retries: int, timeout_s: float, event_hooks=None):
     from openai import AsyncOpenAI
 
-    return AsyncOpenAI(base_url=base_url, api_key=api_key(api_key_env) or "EMPTY", max_retries=max_retries,
-                       timeout=timeout_s, http_client=deadline_http_client(timeout_s, event_hooks))
+    return AsyncOpenAI(
+        base_url=base_url,
+        api_key=api_key(api_key_env) or "EMPTY",
+        max_retries=max_retries,
+        timeout=timeout_s,
+        http_client=deadline_http_client(timeout_s, event_hooks),
+    )
 
 
 def deadline_http_client(timeout_s: float, event_hooks=None, max_bytes: int = MAX_BODY_BYTES):
     """The openai client's HTTP client, with a total deadline per HTTP request (connect, headers and the whole
-    body: a server that drips its body cannot keep a request alive past ``timeout_s``; the client's own per-read
+    body: a server that drips its body cannot keep a request alive past ``timeout_s``; the client's own
+    per-read
     timeout does not see that) and a cap on the body size. Both surface as transport errors the openai client
     retries (a timeout, a read error) with its usual backoff."""
     import openai
 
-    hx = sys.modules[next(c for c in openai.DefaultAsyncHttpxClient.__mro__
-                          if c.__name__ == "AsyncClient").__module__.split(".")[0]]
+    hx = sys.modules[
+        next(
+            c for c in openai.DefaultAsyncHttpxClient.__mro__ if c.__name__ == "AsyncClient"
+        ).__module__.split(".")[0]
+    ]
 
     class BoundedStream(hx.AsyncByteStream):
         def __init__(self, inner, deadline: float, request):
@@ -90,8 +102,9 @@ def deadline_http_client(timeout_s: float, event_hooks=None, max_bytes: int = MA
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    raise hx.ReadTimeout(f"no complete reply within {timeout_s:g} s",
-                                         request=self.request) from None
+                    raise hx.ReadTimeout(
+                        f"no complete reply within {timeout_s:g} s", request=self.request
+                    ) from None
                 total += len(chunk)
                 if total > max_bytes:
                     raise hx.ReadError(f"reply body larger than {max_bytes >> 20} MiB", request=self.request)
@@ -156,9 +169,11 @@ def read_reply(resp) -> Reply:
     if not isinstance(resp, dict) and not hasattr(resp, "choices") and not hasattr(resp, "model_fields_set"):
         return Reply(problem=f"unreadable response (not a chat completion: {str(resp)[:80]!r})")
     usage = _get(resp, "usage")
-    out = Reply(prompt_tokens=_int(_get(usage, "prompt_tokens")),
-                completion_tokens=_int(_get(usage, "completion_tokens")),
-                total_tokens=_int(_get(usage, "total_tokens")))
+    out = Reply(
+        prompt_tokens=_int(_get(usage, "prompt_tokens")),
+        completion_tokens=_int(_get(usage, "completion_tokens")),
+        total_tokens=_int(_get(usage, "total_tokens")),
+    )
     choices = _get(resp, "choices")
     if not choices:
         out.problem = "reply had no choices"

@@ -1,6 +1,9 @@
-"""Generations made elsewhere, replayed from a JSONL file: another harness's outputs, lm-eval's ``--log_samples``
-file, an earlier run's ``generations.jsonl``. Each row is matched to a problem of the run (by id or by question
-text) and handed to the stage as if a model had just written it, so grading, judging, curation and the report work
+"""Generations made elsewhere, replayed from a JSONL file: another harness's outputs, lm-eval's
+``--log_samples``
+file, an earlier run's ``generations.jsonl``. Each row is matched to a problem of the run (by id or by
+question
+text) and handed to the stage as if a model had just written it, so grading, judging, curation and the report
+work
 on outputs qreason did not generate. A problem with no row is a failed generation (reported, not stored).
 
     backend: {kind: replay, path: samples.jsonl, text_field: resps.0.0, question_field: doc.question}
@@ -13,11 +16,11 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from qreason.engines.base import Completion, GenerationRequest, no_adapter
 from qreason.errors import UserError
 from qreason.inputs.models import ResolvedModel
 from qreason.records import content_key
 from qreason.store import iter_jsonl
-from qreason.engines.base import Completion, GenerationRequest, no_adapter
 
 if TYPE_CHECKING:
     from qreason.config.schema import ModelConfig, ReplayConfig, SamplingConfig
@@ -64,8 +67,10 @@ def read_rows(cfg: ReplayConfig, path: Path) -> dict[tuple[str, int | None], dic
             if not isinstance(seed, int):
                 raise UserError(where, f"{cfg.seed_field!r} must be an integer seed")
         if (key, seed) in rows:
-            raise UserError(where, f"a second row for {key_field} {key[:60]!r}" +
-                            (f" seed {seed}" if seed is not None else ""))
+            raise UserError(
+                where,
+                f"a second row for {key_field} {key[:60]!r}" + (f" seed {seed}" if seed is not None else ""),
+            )
         finish = field(row, cfg.finish_reason_field) if cfg.finish_reason_field else "stop"
         rows[(key, seed)] = {"text": text, "finish_reason": finish if isinstance(finish, str) else "stop"}
     return rows
@@ -84,7 +89,8 @@ class ReplayBackend:
 
     @staticmethod
     def resolve_base(cfg: ReplayConfig, model: ModelConfig, base_dir: Path | None = None) -> ResolvedModel:
-        """The 'model' is the file: its content hash is the fingerprint, so edited outputs are new generations."""
+        """The 'model' is the file: its content hash is the fingerprint, so edited outputs are new
+        generations."""
         path = _file_path(cfg, base_dir)
         if not path.is_file():
             raise UserError(f"backend.path {cfg.path}", "replay file not found")
@@ -93,14 +99,20 @@ class ReplayBackend:
         matching = cfg.model_dump(exclude={"path", "batch_size"})
         return ResolvedModel(model.path, str(path), content_key("replay", digest, matching), "replay")
 
-    def generate(self, requests: list[GenerationRequest],
-                 sampling: SamplingConfig) -> Iterator[tuple[GenerationRequest, Completion]]:
+    def generate(
+        self, requests: list[GenerationRequest], sampling: SamplingConfig
+    ) -> Iterator[tuple[GenerationRequest, Completion]]:
         for req in requests:
             key = normalize_question(req.question) if self.cfg.question_field else req.problem_id
             row = self.rows.get((key, req.seed if self.cfg.seed_field else None))
             if row is None:
-                yield req, Completion(error=f"{self.path.name} has no row for {req.task}/{req.problem_id}"
-                                            + (f" seed {req.seed}" if self.cfg.seed_field else ""))
+                yield (
+                    req,
+                    Completion(
+                        error=f"{self.path.name} has no row for {req.task}/{req.problem_id}"
+                        + (f" seed {req.seed}" if self.cfg.seed_field else "")
+                    ),
+                )
             else:
                 yield req, Completion(text=row["text"], finish_reason=row["finish_reason"])
 

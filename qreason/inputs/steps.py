@@ -21,7 +21,7 @@ def step_spans(text: str) -> list[tuple[int, int]]:
         starts = [0] + [m.start() for m in marks[1:]]
     else:
         sep = r"\n\s*\n" if re.search(r"\n\s*\n", text.strip()) else r"\n"
-        starts = [0] + [m.end() for m in re.finditer(sep, text) if text[m.end():].strip()]
+        starts = [0] + [m.end() for m in re.finditer(sep, text) if text[m.end() :].strip()]
     ends = starts[1:] + [len(text)]
     return [(s, e) for s, e in zip(starts, ends) if text[s:e].strip()]
 
@@ -34,6 +34,6 @@ def split_steps(text: str) -> list[str]:
         labelled = list(STEP_MARK.finditer(chunk))
         if labelled:
             m = labelled[0]
-            chunk = f"{chunk[:m.start()].strip()}\n{chunk[m.end():].strip()}".strip()
+            chunk = f"{chunk[: m.start()].strip()}\n{chunk[m.end() :].strip()}".strip()
         steps.append(chunk)
     return steps

@@ -1,7 +1,8 @@
 """Seeded arithmetic word problems with known answers: the demo task that needs no dataset.
 
 Each problem starts a person with a count of some item and applies ``steps`` operations (add, take away,
-multiply, share equally). Every intermediate value is a positive integer, so the answer and the reference steps
+multiply, share equally). Every intermediate value is a positive integer, so the answer and the reference
+steps
 are exact. The same (seed, index, steps) always gives the same problem.
 """
 
@@ -9,8 +10,18 @@ from __future__ import annotations
 
 import random
 
-NAMES = [("Ana", "she"), ("Ben", "he"), ("Chloe", "she"), ("Dev", "he"), ("Eli", "they"), ("Farah", "she"),
-         ("Gus", "he"), ("Hana", "she"), ("Ivo", "he"), ("Jun", "they")]
+NAMES = [
+    ("Ana", "she"),
+    ("Ben", "he"),
+    ("Chloe", "she"),
+    ("Dev", "he"),
+    ("Eli", "they"),
+    ("Farah", "she"),
+    ("Gus", "he"),
+    ("Hana", "she"),
+    ("Ivo", "he"),
+    ("Jun", "they"),
+]
 ITEMS = ["apples", "marbles", "stickers", "pencils", "coins", "stamps", "cookies", "shells", "cards", "beads"]
 FRIENDS = ["a neighbour", "a classmate", "a cousin", "a friend", "the teacher"]
 MULTIPLIER_WORDS = {2: "doubles", 3: "triples", 4: "quadruples"}
@@ -23,8 +34,9 @@ def _has(pronoun: str) -> str:
 OPERATIONS = ("add", "sub", "mul", "div")
 
 
-def make_problem(rng: random.Random, steps: int, ops: tuple[str, ...] = OPERATIONS,
-                 max_number: int | None = None) -> tuple[str, int, list[str]]:
+def make_problem(
+    rng: random.Random, steps: int, ops: tuple[str, ...] = OPERATIONS, max_number: int | None = None
+) -> tuple[str, int, list[str]]:
     """One problem with ``steps`` operations drawn from ``ops``: (question, answer, reference steps).
     ``max_number`` caps the starting count and every number added or taken away (the default draws the start
     from 5-40 and the operands from 2-30); small caps make the easy problems a very small model can solve."""
@@ -46,8 +58,10 @@ def make_problem(rng: random.Random, steps: int, ops: tuple[str, ...] = OPERATIO
             value += b
         elif op == "sub":
             b = rng.randint(2, min(value - 1, 25, max_number or 25))
-            sentences.append(f"{pron.capitalize()} {'give' if pron == 'they' else 'gives'} {b} {item} to "
-                             f"{rng.choice(FRIENDS)}.")
+            sentences.append(
+                f"{pron.capitalize()} {'give' if pron == 'they' else 'gives'} {b} {item} to "
+                f"{rng.choice(FRIENDS)}."
+            )
             reference.append(f"{value} - {b} = {value - b}")
             value -= b
         elif op == "mul":
@@ -57,18 +71,28 @@ def make_problem(rng: random.Random, steps: int, ops: tuple[str, ...] = OPERATIO
             value *= k
         else:
             k = rng.choice(divisors)
-            sentences.append(f"{pron.capitalize()} {'share' if pron == 'they' else 'shares'} the {item} equally "
-                             f"among {k} boxes and {'keep' if pron == 'they' else 'keeps'} one box.")
+            sentences.append(
+                f"{pron.capitalize()} {'share' if pron == 'they' else 'shares'} the {item} equally "
+                f"among {k} boxes and {'keep' if pron == 'they' else 'keeps'} one box."
+            )
             reference.append(f"{value} / {k} = {value // k}")
             value //= k
-    sentences.append(f"How many {item} does {name} have now?" if pron != "they"
-                     else f"How many {item} do they have now?")
+    sentences.append(
+        f"How many {item} does {name} have now?" if pron != "they" else f"How many {item} do they have now?"
+    )
     return " ".join(sentences), value, reference
 
 
-def generate(n: int = 50, min_steps: int = 1, max_steps: int = 4, seed: int = 0,
-             ops: list[str] | tuple[str, ...] = OPERATIONS, max_number: int | None = None) -> list[dict]:
-    """``n`` problems as plain rows (id, question, answer, steps, reference_steps), difficulties spread evenly.
+def generate(
+    n: int = 50,
+    min_steps: int = 1,
+    max_steps: int = 4,
+    seed: int = 0,
+    ops: list[str] | tuple[str, ...] = OPERATIONS,
+    max_number: int | None = None,
+) -> list[dict]:
+    """``n`` problems as plain rows (id, question, answer, steps, reference_steps), difficulties spread
+    evenly.
     ``ops``: the operations to draw from (add, sub, mul, div). ``max_number``: the largest starting count and
     operand (at least 3; default: starts 5-40, operands 2-30)."""
     if n < 1 or min_steps < 1 or max_steps < min_steps:
@@ -84,6 +108,13 @@ def generate(n: int = 50, min_steps: int = 1, max_steps: int = 4, seed: int = 0,
         steps = min_steps + i % span
         rng = random.Random(f"qreason-synthetic/{seed}/{i}/{steps}")
         question, answer, reference = make_problem(rng, steps, ops, max_number)
-        rows.append({"id": f"s{seed}-{i:05d}", "question": question, "answer": str(answer),
-                     "steps": steps, "reference_steps": reference})
+        rows.append(
+            {
+                "id": f"s{seed}-{i:05d}",
+                "question": question,
+                "answer": str(answer),
+                "steps": steps,
+                "reference_steps": reference,
+            }
+        )
     return rows

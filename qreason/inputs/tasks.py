@@ -12,12 +12,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from qreason.inputs import resources, synthetic
 from qreason.config.schema import TaskConfig
 from qreason.errors import UserError, decode_utf8
+from qreason.inputs import resources, synthetic
 from qreason.records import Problem, content_key
 from qreason.store import iter_jsonl
-
 
 
 class HubSource(BaseModel):
@@ -62,7 +61,8 @@ class TaskSpec(BaseModel):
     @field_validator("answer_pattern")
     @classmethod
     def _answer_group(cls, pattern: str | None) -> str | None:
-        """The pattern is applied to every row: check it compiles and names the answer before any row is read."""
+        """The pattern is applied to every row: check it compiles and names the answer before any row is
+        read."""
         if pattern is None:
             return None
         try:
@@ -89,7 +89,9 @@ def load_spec(name: str, base_dir: Path | None = None) -> TaskSpec:
     path = candidate if name.endswith((".yaml", ".yml")) else resources.find("tasks", f"{name}.yaml")
     if path is None or not path.is_file():
         known = task_names()
-        raise UserError(f"task {name!r}", f"no such task (known: {', '.join(known)}; or give a path to a task YAML)")
+        raise UserError(
+            f"task {name!r}", f"no such task (known: {', '.join(known)}; or give a path to a task YAML)"
+        )
     try:
         return TaskSpec.model_validate(_read_yaml(path))
     except ValidationError as exc:
@@ -125,8 +127,11 @@ def _hub_rows(spec: TaskSpec) -> list[dict]:
         ds = datasets.load_dataset(src.path, src.name, split=src.split)
     except Exception as exc:  # offline, missing dataset, auth: all end the same way for the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"task {spec.name}", f"could not load {src.path} from the Hugging Face hub ({first[:200]}); "
-                                             "set data: PATH.jsonl in the task config to read a local file") from None
+        raise UserError(
+            f"task {spec.name}",
+            f"could not load {src.path} from the Hugging Face hub ({first[:200]}); "
+            "set data: PATH.jsonl in the task config to read a local file",
+        ) from None
     return [dict(r) for r in ds]
 
 
@@ -134,9 +139,14 @@ def _check_scalar(value: Any, field: str, where: str, text_only: bool) -> None:
     """A question must be text; an answer or id may be text or a finite number (JSON allows NaN and Infinity,
     which would otherwise become the text "nan")."""
     if text_only and not isinstance(value, str):
-        raise UserError(where, f"field {field!r}: the question must be text, got {type(value).__name__} {value!r}")
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or (
-            isinstance(value, float) and not math.isfinite(value)):
+        raise UserError(
+            where, f"field {field!r}: the question must be text, got {type(value).__name__} {value!r}"
+        )
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (str, int, float))
+        or (isinstance(value, float) and not math.isfinite(value))
+    ):
         raise UserError(where, f"field {field!r} must be text or a finite number, got {value!r}")
 
 
@@ -144,8 +154,11 @@ def _problem(spec: TaskSpec, row: dict, index: int, where: str) -> Problem:
     f = spec.fields
     for field in (f.question, f.answer) + ((f.id,) if f.id else ()):
         if field not in row or row[field] is None or str(row[field]).strip() == "":
-            raise UserError(where, f"missing field {field!r} (task {spec.name} expects "
-                                   f"{', '.join(x for x in (f.id, f.question, f.answer) if x)})")
+            raise UserError(
+                where,
+                f"missing field {field!r} (task {spec.name} expects "
+                f"{', '.join(x for x in (f.id, f.question, f.answer) if x)})",
+            )
         _check_scalar(row[field], field, where, text_only=field == f.question)
     raw_answer = str(row[f.answer])
     answer = raw_answer
@@ -179,12 +192,20 @@ def _problem(spec: TaskSpec, row: dict, index: int, where: str) -> Problem:
             raise UserError(where, f"answer {answer!r} is not an integer (task {spec.name})") from None
     pid = str(row[f.id]) if f.id else str(index)
     question = str(row[f.question])
-    return Problem(key=content_key("problem", spec.name, pid, question, answer), task=spec.name, problem_id=pid,
-                   question=question, answer=answer, answer_type=spec.answer_type, meta=meta)
+    return Problem(
+        key=content_key("problem", spec.name, pid, question, answer),
+        task=spec.name,
+        problem_id=pid,
+        question=question,
+        answer=answer,
+        answer_type=spec.answer_type,
+        meta=meta,
+    )
 
 
-def load_problems(task: TaskConfig, base_dir: Path,
-                  places: dict[str, str] | None = None) -> tuple[TaskSpec, list[Problem]]:
+def load_problems(
+    task: TaskConfig, base_dir: Path, places: dict[str, str] | None = None
+) -> tuple[TaskSpec, list[Problem]]:
     """Validated problems for one task of a run config (first ``limit`` rows); relative paths (a task YAML, a
     data file) are resolved against ``base_dir``, the config file's directory. ``places``, if given, receives
     each problem's key -> where it was read (``file:line``), for errors found later in planning."""
@@ -192,8 +213,9 @@ def load_problems(task: TaskConfig, base_dir: Path,
     return spec, spec_problems(spec, task, base_dir, places)
 
 
-def spec_problems(spec: TaskSpec, task: TaskConfig, base_dir: Path,
-                  places: dict[str, str] | None = None) -> list[Problem]:
+def spec_problems(
+    spec: TaskSpec, task: TaskConfig, base_dir: Path, places: dict[str, str] | None = None
+) -> list[Problem]:
     """The problems of a loaded spec for one task config (its data file, synthetic params and limit)."""
     if task.data:
         path = (base_dir / Path(task.data).expanduser()).resolve()
@@ -221,7 +243,9 @@ def spec_problems(spec: TaskSpec, task: TaskConfig, base_dir: Path,
         here = f"{where}:{place.split()[1]}" if place.startswith("line") else f"{where} {place}"
         problem = _problem(spec, row, i, here)
         if problem.problem_id in seen:  # one pass with a dict: 20k rows take milliseconds, not seconds
-            raise UserError(here, f"duplicate problem id {problem.problem_id!r} (first on {seen[problem.problem_id]})")
+            raise UserError(
+                here, f"duplicate problem id {problem.problem_id!r} (first on {seen[problem.problem_id]})"
+            )
         seen[problem.problem_id] = place
         problems.append(problem)
         if places is not None:
@@ -236,7 +260,9 @@ def build_messages(spec: TaskSpec, problem: Problem, format_example: bool) -> li
     if tmpl.system:
         messages.append({"role": "system", "content": tmpl.system})
     if format_example and tmpl.example:
-        messages.append({"role": "user", "content": tmpl.user.replace("{question}", tmpl.example["question"])})
+        messages.append(
+            {"role": "user", "content": tmpl.user.replace("{question}", tmpl.example["question"])}
+        )
         messages.append({"role": "assistant", "content": tmpl.example["solution"]})
     messages.append({"role": "user", "content": tmpl.user.replace("{question}", problem.question)})
     return messages

@@ -1,6 +1,8 @@
-"""Planning a run: everything that can be wrong with the input (config, task data, models, recipes, calibration
+"""Planning a run: everything that can be wrong with the input (config, task data, models, recipes,
+calibration
 files, the executor) is checked here, before the run directory is touched, so bad input leaves no artifacts.
-``make_plan`` turns a config into a ``Plan`` (problems with their prompts, the resolved base model, the variant
+``make_plan`` turns a config into a ``Plan`` (problems with their prompts, the resolved base model, the
+variant
 names); ``describe_plan`` says what a run of it would do and what is cached (``qreason plan``).
 """
 
@@ -13,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qreason.config.schema import LoadedConfig, VariantConfig, load_config
-from qreason.errors import UserError
 from qreason.engines import GenerationRequest, make_request, resolve_base
+from qreason.errors import UserError
 from qreason.inputs.models import ResolvedModel, resolve_model
+from qreason.inputs.tasks import TaskSpec, build_messages, load_problems
 from qreason.records import Problem
 from qreason.store import RunIndex, RunStore, check_output_dir
-from qreason.inputs.tasks import TaskSpec, build_messages, load_problems
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +39,16 @@ class Plan:
     run_dir: Path
     base: ResolvedModel
     problems: list[Problem]
-    prompts: list[tuple[Problem, list[dict[str, str]]]]   # every problem with its chat messages
+    prompts: list[tuple[Problem, list[dict[str, str]]]]  # every problem with its chat messages
     variant_names: list[str] = field(default_factory=list)
 
     def requests_for(self, variant: str, model: ResolvedModel) -> list[GenerationRequest]:
         cfg = self.loaded.config
-        return [make_request(variant, model, p, messages, cfg.sampling, seed)
-                for p, messages in self.prompts for seed in cfg.sampling.seeds]
+        return [
+            make_request(variant, model, p, messages, cfg.sampling, seed)
+            for p, messages in self.prompts
+            for seed in cfg.sampling.seeds
+        ]
 
 
 def variant_name(spec: VariantConfig) -> str:
@@ -76,17 +81,26 @@ def _check_executor(loaded: LoadedConfig) -> None:
     if ex.kind != "ray":
         return
     if importlib.util.find_spec("ray") is None:
-        raise UserError(f"{loaded.path}: executor", "Ray is not installed in this environment "
-                                                   "(scripts/setup-env.sh installs it)")
+        raise UserError(
+            f"{loaded.path}: executor",
+            "Ray is not installed in this environment (scripts/setup-env.sh installs it)",
+        )
     local_cpus = ex.local_cpus or os.cpu_count() or 1
     if not (ex.address or os.environ.get("RAY_ADDRESS")) and ex.cpus_per_job and ex.cpus_per_job > local_cpus:
-        raise UserError(f"{loaded.path}: executor.cpus_per_job", f"a job needs {ex.cpus_per_job:g} CPUs but the "
-                                                                f"local Ray instance has {local_cpus}")
+        raise UserError(
+            f"{loaded.path}: executor.cpus_per_job",
+            f"a job needs {ex.cpus_per_job:g} CPUs but the local Ray instance has {local_cpus}",
+        )
 
 
-def _check_prompt_lengths(prompts: list[tuple[Problem, list[dict[str, str]]]], base: ResolvedModel,
-                          loaded: LoadedConfig, where: dict[str, str]) -> None:
-    """Every prompt must fit the engine's context: vLLM refuses a prompt of ``max_model_len`` tokens or more, and
+def _check_prompt_lengths(
+    prompts: list[tuple[Problem, list[dict[str, str]]]],
+    base: ResolvedModel,
+    loaded: LoadedConfig,
+    where: dict[str, str],
+) -> None:
+    """Every prompt must fit the engine's context: vLLM refuses a prompt of ``max_model_len`` tokens or more,
+    and
     finding that out mid-run wastes the run. Counted with the base model's tokenizer and chat template (what
     vLLM applies), before anything is written. ``where``: problem key -> the place it was read from."""
     b = loaded.config.backend
@@ -98,8 +112,10 @@ def _check_prompt_lengths(prompts: list[tuple[Problem, list[dict[str, str]]]], b
     except Exception as exc:  # a checkpoint without a loadable tokenizer fails the same way in vLLM later
         log.warning("prompt lengths not checked: the tokenizer of %s did not load (%s)", base.path, exc)
         return
-    texts = [tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-             for _, messages in prompts]
+    texts = [
+        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        for _, messages in prompts
+    ]
     # a token covers at least one byte of text (give or take a prefix token): only prompts with about as many
     # bytes as the limit need counting
     longish = [i for i, text in enumerate(texts) if len(text.encode("utf-8")) + 8 >= limit]
@@ -109,9 +125,11 @@ def _check_prompt_lengths(prompts: list[tuple[Problem, list[dict[str, str]]]], b
     for i, ids in zip(longish, counts):
         if len(ids) >= limit:
             problem = prompts[i][0]
-            raise UserError(where.get(problem.key, f"task {problem.task} problem {problem.problem_id}"),
-                            f"the prompt is {len(ids)} tokens, but backend.max_model_len {limit} must leave room "
-                            f"for at least one generated token; raise max_model_len or shorten the problem")
+            raise UserError(
+                where.get(problem.key, f"task {problem.task} problem {problem.problem_id}"),
+                f"the prompt is {len(ids)} tokens, but backend.max_model_len {limit} must leave room "
+                f"for at least one generated token; raise max_model_len or shorten the problem",
+            )
 
 
 def run_dir_of(loaded: LoadedConfig, output_dir: str | Path | None = None) -> Path:
@@ -140,8 +158,9 @@ def make_plan(config: str | Path | LoadedConfig, output_dir: str | Path | None =
     if cfg.models:
         raise UserError(str(loaded.path), "a config with models: is several runs; use make_plans()")
     places: dict[str, str] = {}
-    specs_and_problems: list[tuple[TaskSpec, list[Problem]]] = [load_problems(t, loaded.base_dir, places)
-                                                                for t in cfg.tasks]
+    specs_and_problems: list[tuple[TaskSpec, list[Problem]]] = [
+        load_problems(t, loaded.base_dir, places) for t in cfg.tasks
+    ]
     base = resolve_base(cfg.backend, cfg.model, loaded.base_dir)
     names = [cfg.model.name] + [_check_variant(base, v, loaded) for v in cfg.quantize]
     _check_executor(loaded)
@@ -171,13 +190,17 @@ def describe_plan(plan: Plan) -> str:
     cfg = plan.loaded.config
     store = RunStore(plan.run_dir)
     have = store.generations if (plan.run_dir / "generations.jsonl").exists() else None
-    lines = [f"plan for {cfg.name}: {len(plan.problems)} problems x {len(cfg.sampling.seeds)} seeds, "
-             f"run directory {plan.run_dir}"]
+    lines = [
+        f"plan for {cfg.name}: {len(plan.problems)} problems x {len(cfg.sampling.seeds)} seeds, "
+        f"run directory {plan.run_dir}"
+    ]
     ex = cfg.executor
     if ex.kind == "ray":
         where = ex.address or os.environ.get("RAY_ADDRESS") or "a local Ray instance started for the run"
-        lines.append(f"  executor  ray on {where}: quantize jobs as tasks, one engine actor per model, "
-                     f"{ex.max_retries} retries per lost worker")
+        lines.append(
+            f"  executor  ray on {where}: quantize jobs as tasks, one engine actor per model, "
+            f"{ex.max_retries} retries per lost worker"
+        )
     else:
         lines.append("  executor  local: the jobs below run in turn in this process")
     models = [(cfg.model.name, plan.base)]
@@ -204,10 +227,14 @@ def describe_plan(plan: Plan) -> str:
         cached = sum(r.key in have for r in plan.requests_for(name, model)) if have is not None else 0
         lines.append(f"  generate  {name:<22} {n - cached} to do, {cached} cached")
     if cfg.lm_eval.tasks:
-        lines.append(f"  lm-eval   {', '.join(cfg.lm_eval.tasks)} for each of {len(models)} variants "
-                     f"(limit {cfg.lm_eval.limit or 'none'}): results already stored are skipped")
+        lines.append(
+            f"  lm-eval   {', '.join(cfg.lm_eval.tasks)} for each of {len(models)} variants "
+            f"(limit {cfg.lm_eval.limit or 'none'}): results already stored are skipped"
+        )
     judges = ", ".join(j.name for j in cfg.judge.judges) or "rule checks only"
-    lines.append(f"  then      grade, judge ({judges}), analyze, "
-                 f"{'curate, ' if cfg.curate.enabled else ''}{'report' if cfg.report.enabled else ''}: "
-                 "finished work is skipped")
+    lines.append(
+        f"  then      grade, judge ({judges}), analyze, "
+        f"{'curate, ' if cfg.curate.enabled else ''}{'report' if cfg.report.enabled else ''}: "
+        "finished work is skipped"
+    )
     return "\n".join(lines)

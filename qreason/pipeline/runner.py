@@ -1,10 +1,14 @@
 """``qreason run``: a plan (``plan.py``), then the stages in order over one run context:
 
-    quantize -> generate -> grade -> judge -> analyze -> curate -> recover -> lm_eval -> (finish) -> report -> gates
+    quantize -> generate -> grade -> judge -> analyze -> curate -> recover -> lm_eval -> (finish) -> report
+    -> gates
 
-Every stage follows one contract (``qreason.stages.base``): ``enabled(cfg)``, then ``run(ctx)`` returns its typed
-section of the ``RunSummary`` (or None), which the loop stores under the stage's ``section``. The work lives in
-each stage's module; the per-stage CLI commands call the same ``stage.run(ctx)`` on ``RunContext.open(run_dir)``.
+Every stage follows one contract (``qreason.stages.base``): ``enabled(cfg)``, then ``run(ctx)`` returns its
+typed
+section of the ``RunSummary`` (or None), which the loop stores under the stage's ``section``. The work lives
+in
+each stage's module; the per-stage CLI commands call the same ``stage.run(ctx)`` on
+``RunContext.open(run_dir)``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Callable
 
 import yaml
 
+from qreason.config.schema import RunConfig
 from qreason.engines import Backend
 from qreason.pipeline.executor import make_executor
 from qreason.pipeline.plan import Plan, default_index, make_plan, make_plans
@@ -25,7 +30,6 @@ from qreason.pipeline.provenance import environment
 from qreason.records import content_key
 from qreason.report import ReportStage
 from qreason.stages.analyze import AnalyzeStage
-from qreason.config.schema import RunConfig
 from qreason.stages.base import Engines, RunContext, Stage
 from qreason.stages.curate import CurateStage
 from qreason.stages.gates import GatesStage
@@ -65,12 +69,24 @@ class FinishStage:
 
 def stages(t0: float, env: dict) -> list[Stage]:
     """The stages of ``qreason run``, in order. A new stage: its module, its typed section, one line here."""
-    return [QuantizeStage(), GenerateStage(), GradeStage(), JudgeStage(), AnalyzeStage(), CurateStage(),
-            RecoverStage(), LmEvalStage(), FinishStage(t0, env), ReportStage(), GatesStage()]
+    return [
+        QuantizeStage(),
+        GenerateStage(),
+        GradeStage(),
+        JudgeStage(),
+        AnalyzeStage(),
+        CurateStage(),
+        RecoverStage(),
+        LmEvalStage(),
+        FinishStage(t0, env),
+        ReportStage(),
+        GatesStage(),
+    ]
 
 
 def run_stage(stage: Stage, ctx: RunContext, force: bool = False) -> None:
-    """Run one stage if the config enables it (``force``: a per-stage command runs it anyway); its section goes
+    """Run one stage if the config enables it (``force``: a per-stage command runs it anyway); its section
+    goes
     into the summary, written at once."""
     if not (force or stage.enabled(ctx.cfg)):
         return
@@ -80,9 +96,15 @@ def run_stage(stage: Stage, ctx: RunContext, force: bool = False) -> None:
     ctx.store.write_json("summary.json", ctx.summary.dump())
 
 
-def run_stage_command(run_dir: str | Path, stage: Stage, update: Callable[[RunConfig], None] | None = None,
-                      engines: Engines | None = None, graded: bool = False) -> RunContext:
-    """A per-stage command: open the run's context (its stored config), apply the command's flags to the config
+def run_stage_command(
+    run_dir: str | Path,
+    stage: Stage,
+    update: Callable[[RunConfig], None] | None = None,
+    engines: Engines | None = None,
+    graded: bool = False,
+) -> RunContext:
+    """A per-stage command: open the run's context (its stored config), apply the command's flags to the
+    config
     (``update(cfg)``), run the stage under the run lock, store its section in the run's summary.json and close
     the engines."""
     ctx = RunContext.open(run_dir, engines=engines, graded=graded)
@@ -99,8 +121,13 @@ def run_stage_command(run_dir: str | Path, stage: Stage, update: Callable[[RunCo
 
 # ------------------------------------------------------------------------------------------------- the loop
 
-def run(config_path: str | Path, output_dir: str | Path | None = None, index: RunIndex | None = None,
-        backend: Backend | None = None) -> RunSummary:
+
+def run(
+    config_path: str | Path,
+    output_dir: str | Path | None = None,
+    index: RunIndex | None = None,
+    backend: Backend | None = None,
+) -> RunSummary:
     """Run every stage for a config; returns the summary (also written to summary.json).
 
     ``backend``: an already started engine for the base model, used instead of starting one (the caller keeps
@@ -109,17 +136,22 @@ def run(config_path: str | Path, output_dir: str | Path | None = None, index: Ru
     return run_plan(make_plan(config_path, output_dir), index, backend, t0)
 
 
-def run_all(config_path: str | Path, output_dir: str | Path | None = None,
-            index: RunIndex | None = None) -> list[RunSummary]:
-    """Every run of a config: one, or one per model of a ``models:`` axis (all validated first, run in turn)."""
+def run_all(
+    config_path: str | Path, output_dir: str | Path | None = None, index: RunIndex | None = None
+) -> list[RunSummary]:
+    """Every run of a config: one, or one per model of a ``models:`` axis (all validated first, run in
+    turn)."""
     return [run_plan(plan, index) for plan in make_plans(config_path, output_dir)]
 
 
-def run_plan(plan: Plan, index: RunIndex | None = None, backend: Backend | None = None,
-             t0: float | None = None) -> RunSummary:
+def run_plan(
+    plan: Plan, index: RunIndex | None = None, backend: Backend | None = None, t0: float | None = None
+) -> RunSummary:
     store = RunStore(plan.run_dir)
     with RunLock(store.dir):
-        return _run_locked(plan, store, index or default_index(), backend, time.monotonic() if t0 is None else t0)
+        return _run_locked(
+            plan, store, index or default_index(), backend, time.monotonic() if t0 is None else t0
+        )
 
 
 def _attach_log_file(run_dir: Path) -> logging.Handler:
@@ -129,7 +161,9 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend | None, t0: float) -> RunSummary:
+def _run_locked(
+    plan: Plan, store: RunStore, index: RunIndex, backend: Backend | None, t0: float
+) -> RunSummary:
     cfg = plan.loaded.config
     handler = _attach_log_file(store.dir)
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
@@ -138,13 +172,26 @@ def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend |
     env = environment()
     store.write_json("environment.json", env)
     # the config as written: ${VAR} references stay unexpanded, so no secret or local path leaks into the run
-    write_atomic(store.dir / "config.yaml", plan.loaded.text or yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    write_atomic(
+        store.dir / "config.yaml", plan.loaded.text or yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+    )
     index.start(run_id, store.dir, cfg.name, config_hash, env)
-    summary = RunSummary(run_id=run_id, name=cfg.name, run_dir=str(store.dir), config_hash=config_hash,
-                         model={"spec": plan.base.spec, "fingerprint": plan.base.fingerprint,
-                                "source": plan.base.source})
-    ctx = RunContext(cfg=cfg, store=store, summary=summary, base=plan.base, index=index,
-                     base_dir=plan.loaded.base_dir, prompts=plan.prompts)
+    summary = RunSummary(
+        run_id=run_id,
+        name=cfg.name,
+        run_dir=str(store.dir),
+        config_hash=config_hash,
+        model={"spec": plan.base.spec, "fingerprint": plan.base.fingerprint, "source": plan.base.source},
+    )
+    ctx = RunContext(
+        cfg=cfg,
+        store=store,
+        summary=summary,
+        base=plan.base,
+        index=index,
+        base_dir=plan.loaded.base_dir,
+        prompts=plan.prompts,
+    )
     status, failure = "failed", None
     try:
         store.problems.append(plan.problems)
@@ -154,7 +201,7 @@ def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend |
             run_stage(stage, ctx)
         store.write_json("summary.json", summary.dump())
         failed = summary.generations.failed or (summary.lm_eval is not None and summary.lm_eval.failed)
-        status = ("incomplete" if failed else "gated" if summary.gates.tripped else "ok")
+        status = "incomplete" if failed else "gated" if summary.gates.tripped else "ok"
         return summary
     except BaseException as exc:
         failure = exc
@@ -165,15 +212,25 @@ def _run_locked(plan: Plan, store: RunStore, index: RunIndex, backend: Backend |
         _finish_run(ctx.engines, index, run_id, status, summary, handler, failure)
 
 
-def _finish_run(executor, index: RunIndex, run_id: str, status: str, summary: RunSummary,
-                handler: logging.Handler, failure: BaseException | None) -> None:
-    """Close the engines, record the outcome in the index and detach the log, each step whatever the others do.
+def _finish_run(
+    executor,
+    index: RunIndex,
+    run_id: str,
+    status: str,
+    summary: RunSummary,
+    handler: logging.Handler,
+    failure: BaseException | None,
+) -> None:
+    """Close the engines, record the outcome in the index and detach the log, each step whatever the others
+    do.
     While an error is ending the run, a failing step (a locked index, an engine that will not close) is logged
     and that error propagates; after a successful run the first failing step's error is raised."""
     first: Exception | None = None
-    steps = [("close the engines", lambda: executor is not None and executor.close()),
-             ("record the run in the index", lambda: index.finish(run_id, status, summary.dump())),
-             ("detach the log file", lambda: (logging.getLogger().removeHandler(handler), handler.close()))]
+    steps = [
+        ("close the engines", lambda: executor is not None and executor.close()),
+        ("record the run in the index", lambda: index.finish(run_id, status, summary.dump())),
+        ("detach the log file", lambda: (logging.getLogger().removeHandler(handler), handler.close())),
+    ]
     for what, step in steps:
         try:
             step()

@@ -15,13 +15,12 @@ import jinja2
 import pandas as pd
 
 from qreason.config.schema import RunConfig
-from qreason.stages.base import RunContext
-from qreason.summary import changes
-from qreason.stages.analyze import Analysis, analysis_for, analyze, verdicts
 from qreason.flips import is_flip, latest_grades, solved_cells
-from qreason.store import RunIndex, RunStore, write_atomic
-from qreason.summary import LmEvalSummary, RunSummary
 from qreason.report import figures
+from qreason.stages.analyze import Analysis, analysis_for, analyze, verdicts
+from qreason.stages.base import RunContext
+from qreason.store import RunIndex, RunStore, write_atomic
+from qreason.summary import LmEvalSummary, RunSummary, changes
 
 TEMPLATE_DIR = Path(__file__).parent
 
@@ -32,7 +31,9 @@ def _records(df: pd.DataFrame) -> list[dict]:
 
 def drilldown(store: RunStore, base: str, limit: int, generation_keys: set[str] | None = None) -> list[dict]:
     """Failures of non-base variants that have a verdict: flips first, each beside the base's solution."""
-    generations = {g.key: g for g in store.generations.all() if generation_keys is None or g.key in generation_keys}
+    generations = {
+        g.key: g for g in store.generations.all() if generation_keys is None or g.key in generation_keys
+    }
     by_cell = {(g.variant, g.task, g.problem_id, g.seed): g for g in generations.values()}
     grades = latest_grades(store.grades.all())
     solved = solved_cells(grades.values(), base)
@@ -49,15 +50,26 @@ def drilldown(store: RunStore, base: str, limit: int, generation_keys: set[str] 
         ref_grade = grades.get(ref.key) if ref else None
         flip = is_flip(gen, base, solved)
         problem = problems.get((gen.task, gen.problem_id))
-        items.append({
-            "id": f"f-{key}", "variant": gen.variant, "task": gen.task, "problem_id": gen.problem_id,
-            "seed": gen.seed, "flip": flip, "question": problem.question if problem else "",
-            "reference": problem.answer if problem else "", "status": grades[key].status if key in grades else "?",
-            "extracted": grades[key].extracted if key in grades else None,
-            "steps": gen.steps, "first_error_step": verdict.first_error_step, "verdict": verdict,
-            "judgments": sorted(all_judgments[key], key=lambda j: (j.judge != "panel", j.judge)),
-            "base_steps": ref.steps if ref else [], "base_status": ref_grade.status if ref_grade else None,
-        })
+        items.append(
+            {
+                "id": f"f-{key}",
+                "variant": gen.variant,
+                "task": gen.task,
+                "problem_id": gen.problem_id,
+                "seed": gen.seed,
+                "flip": flip,
+                "question": problem.question if problem else "",
+                "reference": problem.answer if problem else "",
+                "status": grades[key].status if key in grades else "?",
+                "extracted": grades[key].extracted if key in grades else None,
+                "steps": gen.steps,
+                "first_error_step": verdict.first_error_step,
+                "verdict": verdict,
+                "judgments": sorted(all_judgments[key], key=lambda j: (j.judge != "panel", j.judge)),
+                "base_steps": ref.steps if ref else [],
+                "base_status": ref_grade.status if ref_grade else None,
+            }
+        )
     items.sort(key=lambda it: (not it["flip"], it["variant"], it["task"], it["problem_id"], it["seed"]))
     return items[:limit]
 
@@ -65,8 +77,11 @@ def drilldown(store: RunStore, base: str, limit: int, generation_keys: set[str] 
 def trend_points(index: RunIndex | None, name: str, current: RunSummary | None = None) -> pd.DataFrame:
     """Accuracy per variant/task of every finished run of this config, plus the current one."""
     rows = []
-    runs = [(r["run_id"], r["finished_at"] or r["started_at"] or "", RunSummary.read(r["summary"]))
-            for r in (index.list(name) if index is not None else []) if r["status"] == "ok" and r["summary"]]
+    runs = [
+        (r["run_id"], r["finished_at"] or r["started_at"] or "", RunSummary.read(r["summary"]))
+        for r in (index.list(name) if index is not None else [])
+        if r["status"] == "ok" and r["summary"]
+    ]
     if current and current.results and all(run_id != current.run_id for run_id, _, _ in runs):
         runs.append((current.run_id, current.finished_at or "", current))
     runs.sort(key=lambda r: r[1])
@@ -74,8 +89,15 @@ def trend_points(index: RunIndex | None, name: str, current: RunSummary | None =
     for run_id, when, summary in runs:
         changed = "; ".join(changes(previous, summary)) if previous is not None else ""
         for r in summary.results:
-            rows.append({"when": datetime.fromisoformat(when), "run_id": run_id, "series": f"{r.variant} / {r.task}",
-                         "accuracy": r.accuracy_mean, "changes": changed})
+            rows.append(
+                {
+                    "when": datetime.fromisoformat(when),
+                    "run_id": run_id,
+                    "series": f"{r.variant} / {r.task}",
+                    "accuracy": r.accuracy_mean,
+                    "changes": changed,
+                }
+            )
         previous = summary
     return pd.DataFrame(rows, columns=["when", "run_id", "series", "accuracy", "changes"])
 
@@ -86,8 +108,14 @@ def trend_table(points: pd.DataFrame) -> tuple[list[str], list[dict]]:
     series = sorted(points["series"].unique()) if not points.empty else []
     rows = []
     for run_id, group in points.groupby("run_id", sort=False):
-        rows.append({"run_id": run_id, "when": str(group["when"].iloc[0]), "changes": group["changes"].iloc[0],
-                     "accuracy": dict(zip(group["series"], group["accuracy"]))})
+        rows.append(
+            {
+                "run_id": run_id,
+                "when": str(group["when"].iloc[0]),
+                "changes": group["changes"].iloc[0],
+                "accuracy": dict(zip(group["series"], group["accuracy"])),
+            }
+        )
     return series, rows[::-1]
 
 
@@ -100,10 +128,18 @@ def lm_eval_rows(section: LmEvalSummary | None) -> list[dict]:
         for task, metrics in tasks.items():
             for metric, value in metrics.items():
                 is_primary = section.primary_metric.get(task) == metric
-                rows.append({"variant": variant, "task": task, "metric": metric, "value": value,
-                             "stderr": section.stderr.get(variant, {}).get(task, {}).get(metric),
-                             "primary": is_primary, "n": section.n_samples.get(task),
-                             "recovery": section.recovery.get(variant, {}).get(task) if is_primary else None})
+                rows.append(
+                    {
+                        "variant": variant,
+                        "task": task,
+                        "metric": metric,
+                        "value": value,
+                        "stderr": section.stderr.get(variant, {}).get(task, {}).get(metric),
+                        "primary": is_primary,
+                        "n": section.n_samples.get(task),
+                        "recovery": section.recovery.get(variant, {}).get(task) if is_primary else None,
+                    }
+                )
     rows.sort(key=lambda r: (r["task"], not r["primary"], r["metric"], r["variant"]))
     return rows
 
@@ -114,13 +150,21 @@ def lm_eval_figure(rows: list[dict]) -> str | None:
         return None
     primary["label"] = primary["task"] + " (" + primary["metric"] + ")"
     primary["stderr"] = primary["stderr"].fillna(0.0)
-    return figures.grouped_bars(primary, "label", "variant", "value", "lm-eval: primary metric by task", "value",
-                                err="stderr")
+    return figures.grouped_bars(
+        primary, "label", "variant", "value", "lm-eval: primary metric by task", "value", err="stderr"
+    )
 
 
-def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex | None = None,
-                 base: str = "base", max_failures: int = 200, analysis: Analysis | None = None,
-                 generation_keys: set[str] | None = None, summary: RunSummary | None = None) -> Path:
+def build_report(
+    store: RunStore,
+    out_path: Path | None = None,
+    index: RunIndex | None = None,
+    base: str = "base",
+    max_failures: int = 200,
+    analysis: Analysis | None = None,
+    generation_keys: set[str] | None = None,
+    summary: RunSummary | None = None,
+) -> Path:
     """The report of a run from its typed summary (default: the run's ``summary.json``) and its store; written
     to ``out_path`` (default ``RUN_DIR/report.html``)."""
     analysis = analysis or analyze(store, base, generation_keys=generation_keys)
@@ -136,15 +180,31 @@ def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex 
     trend = trend_points(index, summary.name or store.dir.name, summary)
     trend_series, trend_rows = trend_table(trend)
     figs = {
-        "accuracy": figures.grouped_bars(deg, "task", "variant", "accuracy", "Accuracy by task", "accuracy (%)",
-                                         percent=True, err="accuracy_std"),
-        "error_types": figures.grouped_bars(analysis.error_types, "error_type", "variant", "count",
-                                            "Error types of judged failures", "failures"),
-        "capabilities": figures.grouped_bars(analysis.capabilities, "capability", "variant", "count",
-                                             "Capabilities hurt", "failures"),
+        "accuracy": figures.grouped_bars(
+            deg,
+            "task",
+            "variant",
+            "accuracy",
+            "Accuracy by task",
+            "accuracy (%)",
+            percent=True,
+            err="accuracy_std",
+        ),
+        "error_types": figures.grouped_bars(
+            analysis.error_types,
+            "error_type",
+            "variant",
+            "count",
+            "Error types of judged failures",
+            "failures",
+        ),
+        "capabilities": figures.grouped_bars(
+            analysis.capabilities, "capability", "variant", "count", "Capabilities hurt", "failures"
+        ),
         "first_errors": figures.histogram(dict(first_error_rel), "First faulty step", "step index (0-based)"),
-        "lengths": figures.grouped_bars(analysis.lengths, "task", "variant", "mean_tokens",
-                                        "Mean output length", "tokens"),
+        "lengths": figures.grouped_bars(
+            analysis.lengths, "task", "variant", "mean_tokens", "Mean output length", "tokens"
+        ),
         "trend": figures.trend(trend),
     }
     lm_rows = lm_eval_rows(summary.lm_eval)
@@ -152,29 +212,43 @@ def build_report(store: RunStore, out_path: Path | None = None, index: RunIndex 
     recovery = summary.recover
     if recovery:
         arms = [a for v in recovery.variants for a in [v] + ([v.control] if v.control else [])]
-        figs["loss"] = figures.loss_curves({f"{a.eval_variant} {phase}": points for a in arms
-                                            for phase, points in a.loss.items()})
+        figs["loss"] = figures.loss_curves(
+            {f"{a.eval_variant} {phase}": points for a in arms for phase, points in a.loss.items()}
+        )
     env_versions = env.get("versions", {})
     context = {
         "title": f"qreason report: {summary.name or store.dir.name}",
-        "summary": summary.dump(), "environment": env, "versions": env_versions,
-        "degradation": _records(deg), "flips": _records(analysis.flips),
-        "error_types": _records(analysis.error_types), "sub_types": _records(analysis.sub_types),
-        "capabilities": _records(analysis.capabilities), "first_errors": _records(analysis.first_errors),
-        "lengths": _records(analysis.lengths), "difficulty": _records(analysis.difficulty),
+        "summary": summary.dump(),
+        "environment": env,
+        "versions": env_versions,
+        "degradation": _records(deg),
+        "flips": _records(analysis.flips),
+        "error_types": _records(analysis.error_types),
+        "sub_types": _records(analysis.sub_types),
+        "capabilities": _records(analysis.capabilities),
+        "first_errors": _records(analysis.first_errors),
+        "lengths": _records(analysis.lengths),
+        "difficulty": _records(analysis.difficulty),
         "formats": _records(analysis.formats),
         "variants": [v.model_dump() for v in store.variants.all()],
-        "figures": figs, "failures": drilldown(store, base, max_failures, generation_keys), "n_verdicts": len(chosen),
+        "figures": figs,
+        "failures": drilldown(store, base, max_failures, generation_keys),
+        "n_verdicts": len(chosen),
         "dataset_card": card_path.read_text(encoding="utf-8") if card_path.exists() else None,
-        "trend_series": trend_series, "trend": trend_rows, "lm_eval": lm_rows,
+        "trend_series": trend_series,
+        "trend": trend_rows,
+        "lm_eval": lm_rows,
         "lm_eval_section": summary.lm_eval.model_dump() if summary.lm_eval else {},
         "recovery": recovery.model_dump(mode="json") if recovery else None,
         "generated_at": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
-    env_j = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
-                               undefined=jinja2.StrictUndefined)
+    env_j = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True, undefined=jinja2.StrictUndefined
+    )
     env_j.filters["pct"] = lambda v, d=1: "–" if v is None else f"{100 * v:.{d}f}%"
-    env_j.filters["num"] = lambda v, d=2: "–" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
+    env_j.filters["num"] = lambda v, d=2: (
+        "–" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
+    )
     html = env_j.get_template("report.html.j2").render(**context)
     out = out_path or store.report_path
     write_atomic(Path(out), html)
@@ -197,5 +271,15 @@ class ReportStage:
         analysis = analysis_for(ctx)
         if analysis is None:
             return None
-        return str(build_report(ctx.store, self.out_path, ctx.index, ctx.base_name, ctx.cfg.report.max_failures,
-                                analysis, ctx.wanted, summary=ctx.summary))
+        return str(
+            build_report(
+                ctx.store,
+                self.out_path,
+                ctx.index,
+                ctx.base_name,
+                ctx.cfg.report.max_failures,
+                analysis,
+                ctx.wanted,
+                summary=ctx.summary,
+            )
+        )

@@ -18,10 +18,12 @@ COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA
 def _literal_text(draw):
     """Draw with mathtext off: variant and task names are user text, and a ``$`` in one (``w4$\\cmd{$``) would
     otherwise be parsed as TeX and fail the report. Scoped to our figures, not set for the whole process."""
+
     @functools.wraps(draw)
     def wrapper(*args, **kwargs):
         with matplotlib.rc_context({"text.parse_math": False}):
             return draw(*args, **kwargs)
+
     return wrapper
 
 
@@ -33,8 +35,16 @@ def _uri(fig) -> str:
 
 
 @_literal_text
-def grouped_bars(df: pd.DataFrame, index: str, columns: str, values: str, title: str, ylabel: str,
-                 percent: bool = False, err: str | None = None) -> str | None:
+def grouped_bars(
+    df: pd.DataFrame,
+    index: str,
+    columns: str,
+    values: str,
+    title: str,
+    ylabel: str,
+    percent: bool = False,
+    err: str | None = None,
+) -> str | None:
     """Bars of ``values`` grouped by ``index`` with one colour per ``columns`` value."""
     if df.empty or df[values].isna().all():
         return None
@@ -42,8 +52,13 @@ def grouped_bars(df: pd.DataFrame, index: str, columns: str, values: str, title:
     errs = df.pivot_table(index=index, columns=columns, values=err, aggfunc="sum").fillna(0) if err else None
     scale = 100 if percent else 1
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(table) * max(1, len(table.columns)) / 2 + 3), 3.4))
-    (table * scale).plot.bar(ax=ax, color=COLORS[: len(table.columns)], width=0.8,
-                             yerr=None if errs is None else errs * scale, capsize=3)
+    (table * scale).plot.bar(
+        ax=ax,
+        color=COLORS[: len(table.columns)],
+        width=0.8,
+        yerr=None if errs is None else errs * scale,
+        capsize=3,
+    )
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.set_xlabel("")
@@ -93,8 +108,14 @@ def loss_curves(curves: dict[str, list[list[float]]]) -> str | None:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     for (name, points), color in zip(sorted(curves.items()), COLORS * 4):
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name, color=color,
-                linestyle="--" if "ctl" in name else "-")
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker=".",
+            label=name,
+            color=color,
+            linestyle="--" if "ctl" in name else "-",
+        )
     ax.set_title("Training loss of the recovery adapters")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

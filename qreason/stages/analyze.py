@@ -7,7 +7,8 @@ Conventions:
 - accuracy counts every outcome but ``correct`` as a failure; mean ± std is across seeds (std with ddof=1);
 - recovery % = quantized accuracy / full-precision accuracy × 100 (as in Red Hat's quantized-model cards);
 - flips pair the same (task, problem, seed) in the base and a variant: "lost" = base right, variant wrong;
-  "gained" = the reverse. McNemar's exact test is the two-sided binomial test on lost vs gained; the confidence
+  "gained" = the reverse. McNemar's exact test is the two-sided binomial test on lost vs gained; the
+  confidence
   interval of the accuracy difference is a paired percentile bootstrap over problems (seeded, reproducible).
 """
 
@@ -32,20 +33,38 @@ BASE = "base"
 DIFFICULTY_COLUMNS = ("level", "subject", "n_reference_steps", "difficulty")
 
 
-def frames(store: RunStore, generation_keys: set[str] | None = None, base: str = BASE) -> dict[str, pd.DataFrame]:
+def frames(
+    store: RunStore, generation_keys: set[str] | None = None, base: str = BASE
+) -> dict[str, pd.DataFrame]:
     """The run's records as DataFrames: one row per grade (joined with its generation, problem and variant),
     and one row per judgment. ``generation_keys`` limits them to those generations (a config's own work, when
     the run directory also holds records of an earlier version of the config)."""
+
     def keep(key: str) -> bool:
         return generation_keys is None or key in generation_keys
 
-    problems = pd.DataFrame([{"task": p.task, "problem_id": p.problem_id, **{
-        k: p.meta.get(k) for k in DIFFICULTY_COLUMNS}} for p in store.problems.all()])
-    gens = pd.DataFrame([{"generation_key": g.key, "completion_tokens": g.completion_tokens,
-                          "finish_reason": g.finish_reason, "n_steps": len(g.steps)}
-                         for g in store.generations.all() if keep(g.key)])
+    problems = pd.DataFrame(
+        [
+            {"task": p.task, "problem_id": p.problem_id, **{k: p.meta.get(k) for k in DIFFICULTY_COLUMNS}}
+            for p in store.problems.all()
+        ]
+    )
+    gens = pd.DataFrame(
+        [
+            {
+                "generation_key": g.key,
+                "completion_tokens": g.completion_tokens,
+                "finish_reason": g.finish_reason,
+                "n_steps": len(g.steps),
+            }
+            for g in store.generations.all()
+            if keep(g.key)
+        ]
+    )
     grades = pd.DataFrame([g.model_dump() for g in store.grades.all() if keep(g.generation_key)])
-    variants = pd.DataFrame([{"variant": v.name, "method": v.method, "bits": v.bits} for v in store.variants.all()])
+    variants = pd.DataFrame(
+        [{"variant": v.name, "method": v.method, "bits": v.bits} for v in store.variants.all()]
+    )
     if grades.empty:
         return {"grades": grades, "judgments": pd.DataFrame()}
     df = grades.merge(gens, on="generation_key", how="left")
@@ -59,7 +78,9 @@ def frames(store: RunStore, generation_keys: set[str] | None = None, base: str =
     df["correct"] = (df["status"] == "correct").astype(int)
     if "lenient_status" not in df:
         df["lenient_status"] = None
-    df["lenient_status"] = df["lenient_status"].fillna(df["status"])  # grader revision 1 had no lenient verdict
+    df["lenient_status"] = df["lenient_status"].fillna(
+        df["status"]
+    )  # grader revision 1 had no lenient verdict
     records = [j for j in store.judgments.all() if keep(j.generation_key)]
     judgments = pd.DataFrame([j.model_dump() for j in records])
     if not judgments.empty:
@@ -71,8 +92,11 @@ def frames(store: RunStore, generation_keys: set[str] | None = None, base: str =
 
 def accuracy(df: pd.DataFrame) -> pd.DataFrame:
     per_seed = df.groupby(["variant", "method", "task", "seed"])["correct"].mean().reset_index()
-    out = per_seed.groupby(["variant", "method", "task"])["correct"].agg(
-        accuracy="mean", accuracy_std=lambda s: s.std(ddof=1) if len(s) > 1 else 0.0, seeds="count").reset_index()
+    out = (
+        per_seed.groupby(["variant", "method", "task"])["correct"]
+        .agg(accuracy="mean", accuracy_std=lambda s: s.std(ddof=1) if len(s) > 1 else 0.0, seeds="count")
+        .reset_index()
+    )
     n = df.groupby(["variant", "task"])["problem_id"].nunique().rename("n_problems").reset_index()
     return out.merge(n, on=["variant", "task"])
 
@@ -82,47 +106,83 @@ def degradation(acc: pd.DataFrame, base: str = BASE) -> pd.DataFrame:
     ref = acc[acc["variant"] == base][["task", "accuracy"]].rename(columns={"accuracy": "base_accuracy"})
     out = acc.merge(ref, on="task", how="left")
     out["abs_drop"] = out["base_accuracy"] - out["accuracy"]
-    out["rel_drop_pct"] = np.where(out["base_accuracy"] > 0, 100 * out["abs_drop"] / out["base_accuracy"], np.nan)
-    out["recovery_pct"] = np.where(out["base_accuracy"] > 0, 100 * out["accuracy"] / out["base_accuracy"], np.nan)
+    out["rel_drop_pct"] = np.where(
+        out["base_accuracy"] > 0, 100 * out["abs_drop"] / out["base_accuracy"], np.nan
+    )
+    out["recovery_pct"] = np.where(
+        out["base_accuracy"] > 0, 100 * out["accuracy"] / out["base_accuracy"], np.nan
+    )
     return out
 
 
-FLIP_COLUMNS = ["variant", "task", "pairs", "lost", "gained", "net", "acc_ref", "acc", "acc_diff", "ci_low",
-                "ci_high", "mcnemar_p"]
+FLIP_COLUMNS = [
+    "variant",
+    "task",
+    "pairs",
+    "lost",
+    "gained",
+    "net",
+    "acc_ref",
+    "acc",
+    "acc_diff",
+    "ci_low",
+    "ci_high",
+    "mcnemar_p",
+]
 
 
 def paired(ref: pd.DataFrame, other: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Compare ``other`` with ``ref`` item by item. Both have columns variant, task, problem_id, seed, correct;
-    rows pair on (task, problem_id, seed) and on the variant given by ``ref``'s ``pair_variant`` column (or the
+    """Compare ``other`` with ``ref`` item by item. Both have columns variant, task, problem_id, seed,
+    correct;
+    rows pair on (task, problem_id, seed) and on the variant given by ``ref``'s ``pair_variant`` column (or
+    the
     same variant when it has none). "lost" = right in ref, wrong in other; "gained" = the reverse."""
     keys = ["task", "problem_id", "seed"]
     rows = []
     ref = ref.rename(columns={"correct": "ref_correct"})
     for (variant, task), group in other.groupby(["variant", "task"]):
-        ref_variant = ref[ref["pair_variant"] == variant] if "pair_variant" in ref else ref[ref["variant"] == variant]
+        ref_variant = (
+            ref[ref["pair_variant"] == variant] if "pair_variant" in ref else ref[ref["variant"] == variant]
+        )
         pairs = group[keys + ["correct"]].merge(ref_variant[keys + ["ref_correct"]], on=keys)
         if pairs.empty:
             continue
         lost = int(((pairs["ref_correct"] == 1) & (pairs["correct"] == 0)).sum())
         gained = int(((pairs["ref_correct"] == 0) & (pairs["correct"] == 1)).sum())
         lo, hi = bootstrap_diff_ci(pairs["ref_correct"].to_numpy(), pairs["correct"].to_numpy(), n_boot, seed)
-        rows.append({"variant": variant, "task": task, "pairs": len(pairs), "lost": lost, "gained": gained,
-                     "net": gained - lost, "acc_ref": pairs["ref_correct"].mean(), "acc": pairs["correct"].mean(),
-                     "acc_diff": pairs["correct"].mean() - pairs["ref_correct"].mean(), "ci_low": lo,
-                     "ci_high": hi, "mcnemar_p": mcnemar_exact(lost, gained)})
+        rows.append(
+            {
+                "variant": variant,
+                "task": task,
+                "pairs": len(pairs),
+                "lost": lost,
+                "gained": gained,
+                "net": gained - lost,
+                "acc_ref": pairs["ref_correct"].mean(),
+                "acc": pairs["correct"].mean(),
+                "acc_diff": pairs["correct"].mean() - pairs["ref_correct"].mean(),
+                "ci_low": lo,
+                "ci_high": hi,
+                "mcnemar_p": mcnemar_exact(lost, gained),
+            }
+        )
     return pd.DataFrame(rows, columns=FLIP_COLUMNS)
 
 
 def flips(df: pd.DataFrame, base: str = BASE, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """Each variant against the base on the same problems and seeds."""
     others = df[df["variant"] != base]
-    ref = pd.concat([df[df["variant"] == base].assign(pair_variant=v) for v in others["variant"].unique()]) \
-        if not others.empty else df.iloc[:0].assign(pair_variant=None)
+    ref = (
+        pd.concat([df[df["variant"] == base].assign(pair_variant=v) for v in others["variant"].unique()])
+        if not others.empty
+        else df.iloc[:0].assign(pair_variant=None)
+    )
     return paired(ref, others, n_boot, seed)
 
 
 def compare_runs(a: RunStore, b: RunStore) -> pd.DataFrame:
-    """Run B against run A, per variant and task, paired on the same problems and seeds (``qreason compare``)."""
+    """Run B against run A, per variant and task, paired on the same problems and seeds (``qreason
+    compare``)."""
     df_a, df_b = frames(a)["grades"], frames(b)["grades"]
     if df_a.empty or df_b.empty:
         raise ValueError("both runs need graded generations")
@@ -130,7 +190,8 @@ def compare_runs(a: RunStore, b: RunStore) -> pd.DataFrame:
 
 
 def verdicts(store: RunStore) -> dict[str, Judgment]:
-    """The verdict that counts per judged generation (the judge stage's rule: panel, else an LLM judge, else the
+    """The verdict that counts per judged generation (the judge stage's rule: panel, else an LLM judge, else
+    the
     rule checks), judge errors left out."""
     from qreason.stages.judge import final_judgments
 
@@ -155,7 +216,15 @@ def error_distribution(verdicts: pd.DataFrame, column: str) -> pd.DataFrame:
 
 def first_error_positions(verdicts: pd.DataFrame) -> pd.DataFrame:
     """First faulty step per variant: absolute (0-based) and relative to the solution's number of steps."""
-    cols = ["variant", "judged", "located", "mean_step", "median_step", "mean_relative", "share_in_first_third"]
+    cols = [
+        "variant",
+        "judged",
+        "located",
+        "mean_step",
+        "median_step",
+        "mean_relative",
+        "share_in_first_third",
+    ]
     if verdicts.empty:
         return pd.DataFrame(columns=cols)
     v = verdicts.copy()
@@ -165,38 +234,74 @@ def first_error_positions(verdicts: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for variant, group in v.groupby("variant"):
         g = loc[loc["variant"] == variant]
-        rows.append({"variant": variant, "judged": len(group), "located": len(g),
-                     "mean_step": g["first_error_step"].mean(), "median_step": g["first_error_step"].median(),
-                     "mean_relative": g["relative"].mean(),
-                     "share_in_first_third": (g["relative"] <= 1 / 3).mean() if len(g) else np.nan})
+        rows.append(
+            {
+                "variant": variant,
+                "judged": len(group),
+                "located": len(g),
+                "mean_step": g["first_error_step"].mean(),
+                "median_step": g["first_error_step"].median(),
+                "mean_relative": g["relative"].mean(),
+                "share_in_first_third": (g["relative"] <= 1 / 3).mean() if len(g) else np.nan,
+            }
+        )
     return pd.DataFrame(rows, columns=cols)
 
 
 def lengths(df: pd.DataFrame) -> pd.DataFrame:
-    return df.groupby(["variant", "task"]).agg(
-        mean_tokens=("completion_tokens", "mean"), median_tokens=("completion_tokens", "median"),
-        mean_steps=("n_steps", "mean"), truncation_rate=("status", lambda s: (s == "truncated").mean()),
-        no_answer_rate=("status", lambda s: (s == "no_answer").mean())).reset_index()
+    return (
+        df.groupby(["variant", "task"])
+        .agg(
+            mean_tokens=("completion_tokens", "mean"),
+            median_tokens=("completion_tokens", "median"),
+            mean_steps=("n_steps", "mean"),
+            truncation_rate=("status", lambda s: (s == "truncated").mean()),
+            no_answer_rate=("status", lambda s: (s == "no_answer").mean()),
+        )
+        .reset_index()
+    )
 
 
-FORMAT_COLUMNS = ["variant", "task", "n", "accuracy", "lenient_accuracy", "wrong", "format_failures",
-                  "no_answer_other", "truncated", "grader_error", "wrong_rate", "format_failure_rate"]
+FORMAT_COLUMNS = [
+    "variant",
+    "task",
+    "n",
+    "accuracy",
+    "lenient_accuracy",
+    "wrong",
+    "format_failures",
+    "no_answer_other",
+    "truncated",
+    "grader_error",
+    "wrong_rate",
+    "format_failure_rate",
+]
 
 
 def format_failures(df: pd.DataFrame) -> pd.DataFrame:
-    """Per variant and task, failures split by kind: wrong answers (the maths) against format failures (a right
+    """Per variant and task, failures split by kind: wrong answers (the maths) against format failures (a
+    right
     answer that no marker states: strict no_answer, lenient correct) and the other no_answer grades."""
     rows = []
     for (variant, task), g in df.groupby(["variant", "task"]):
         fmt = int(((g["status"] == "no_answer") & (g["lenient_status"] == "correct")).sum())
         n = len(g)
-        rows.append({"variant": variant, "task": task, "n": n, "accuracy": g["correct"].mean(),
-                     "lenient_accuracy": (g["lenient_status"] == "correct").mean(),
-                     "wrong": int((g["status"] == "wrong").sum()), "format_failures": fmt,
-                     "no_answer_other": int((g["status"] == "no_answer").sum()) - fmt,
-                     "truncated": int((g["status"] == "truncated").sum()),
-                     "grader_error": int((g["status"] == "grader_error").sum()),
-                     "wrong_rate": (g["status"] == "wrong").mean(), "format_failure_rate": fmt / n})
+        rows.append(
+            {
+                "variant": variant,
+                "task": task,
+                "n": n,
+                "accuracy": g["correct"].mean(),
+                "lenient_accuracy": (g["lenient_status"] == "correct").mean(),
+                "wrong": int((g["status"] == "wrong").sum()),
+                "format_failures": fmt,
+                "no_answer_other": int((g["status"] == "no_answer").sum()) - fmt,
+                "truncated": int((g["status"] == "truncated").sum()),
+                "grader_error": int((g["status"] == "grader_error").sum()),
+                "wrong_rate": (g["status"] == "wrong").mean(),
+                "format_failure_rate": fmt / n,
+            }
+        )
     return pd.DataFrame(rows, columns=FORMAT_COLUMNS)
 
 
@@ -208,8 +313,12 @@ def by_difficulty(df: pd.DataFrame, base: str = BASE) -> pd.DataFrame:
         if column not in df or df[column].isna().all():
             continue
         sub = df[df[column].notna()]
-        acc = sub.groupby(["variant", "task", column])["correct"].agg(accuracy="mean", n="count").reset_index()
-        ref = acc[acc["variant"] == base][["task", column, "accuracy"]].rename(columns={"accuracy": "base_accuracy"})
+        acc = (
+            sub.groupby(["variant", "task", column])["correct"].agg(accuracy="mean", n="count").reset_index()
+        )
+        ref = acc[acc["variant"] == base][["task", column, "accuracy"]].rename(
+            columns={"accuracy": "base_accuracy"}
+        )
         acc = acc.merge(ref, on=["task", column], how="left")
         acc["abs_drop"] = acc["base_accuracy"] - acc["accuracy"]
         acc = acc.rename(columns={column: "bucket"})
@@ -217,8 +326,9 @@ def by_difficulty(df: pd.DataFrame, base: str = BASE) -> pd.DataFrame:
         acc["bucket"] = acc["bucket"].astype(str)
         rows.append(acc)
     if not rows:
-        return pd.DataFrame(columns=["variant", "task", "dimension", "bucket", "accuracy", "n", "base_accuracy",
-                                     "abs_drop"])
+        return pd.DataFrame(
+            columns=["variant", "task", "dimension", "bucket", "accuracy", "n", "base_accuracy", "abs_drop"]
+        )
     return pd.concat(rows, ignore_index=True)
 
 
@@ -233,9 +343,19 @@ class Analysis:
     lengths: pd.DataFrame
     difficulty: pd.DataFrame
     formats: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=FORMAT_COLUMNS))
-    tables: list[str] = field(default_factory=lambda: [
-        "degradation", "flips", "error_types", "sub_types", "capabilities", "first_errors", "lengths",
-        "difficulty", "formats"])
+    tables: list[str] = field(
+        default_factory=lambda: [
+            "degradation",
+            "flips",
+            "error_types",
+            "sub_types",
+            "capabilities",
+            "first_errors",
+            "lengths",
+            "difficulty",
+            "formats",
+        ]
+    )
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -245,25 +365,33 @@ class Analysis:
         write_atomic(directory / "analysis.json", json.dumps(payload, indent=1))
 
 
-def analyze(store: RunStore, base: str = BASE, save: bool = True,
-            generation_keys: set[str] | None = None) -> Analysis:
+def analyze(
+    store: RunStore, base: str = BASE, save: bool = True, generation_keys: set[str] | None = None
+) -> Analysis:
     data = frames(store, generation_keys, base)
     df, judgments = data["grades"], data["judgments"]
     if df.empty:
         raise ValueError(f"{store.dir}: no graded generations to analyse")
     chosen = final_verdicts(judgments)
     result = Analysis(
-        degradation=degradation(accuracy(df), base), flips=flips(df, base),
-        error_types=error_distribution(chosen, "error_type"), sub_types=error_distribution(chosen, "sub_type"),
-        capabilities=error_distribution(chosen, "capability"), first_errors=first_error_positions(chosen),
-        lengths=lengths(df), difficulty=by_difficulty(df, base), formats=format_failures(df))
+        degradation=degradation(accuracy(df), base),
+        flips=flips(df, base),
+        error_types=error_distribution(chosen, "error_type"),
+        sub_types=error_distribution(chosen, "sub_type"),
+        capabilities=error_distribution(chosen, "capability"),
+        first_errors=first_error_positions(chosen),
+        lengths=lengths(df),
+        difficulty=by_difficulty(df, base),
+        formats=format_failures(df),
+    )
     if save:
         result.save(store.analysis_dir)
     return result
 
 
 def analysis_for(ctx: RunContext) -> Analysis | None:
-    """The run's analysis of its wanted generations: the analyze stage's, or computed now (a per-stage command);
+    """The run's analysis of its wanted generations: the analyze stage's, or computed now (a per-stage
+    command);
     None when nothing is graded."""
     if ctx.analysis is None and ctx.summary.results:
         ctx.analysis = analyze(ctx.store, ctx.base_name, generation_keys=ctx.wanted)

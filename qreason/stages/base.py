@@ -1,10 +1,13 @@
 """The stage contract: what every stage of a run is, and the context the stages share.
 
-A stage is an object with a ``name`` (the ``RunSummary`` field its section fills), ``enabled(cfg)`` (whether the
+A stage is an object with a ``name`` (the ``RunSummary`` field its section fills), ``enabled(cfg)`` (whether
+the
 run config asks for it) and ``run(ctx)`` (reads the run store and what earlier stages left in the context,
 appends its own records, returns its typed summary section or None). ``qreason run`` is a loop over the stages
-(``qreason.pipeline.runner.STAGES``); a per-stage command (``qreason grade RUN_DIR``, ``qreason judge RUN_DIR``,
-...) opens the context of an existing run with ``RunContext.open`` (so it uses that run's stored config), applies
+(``qreason.pipeline.runner.STAGES``); a per-stage command (``qreason grade RUN_DIR``, ``qreason judge
+RUN_DIR``,
+...) opens the context of an existing run with ``RunContext.open`` (so it uses that run's stored config),
+applies
 its flags to ``ctx.cfg`` and calls the same ``stage.run(ctx)``.
 """
 
@@ -34,7 +37,7 @@ class Grader(Protocol):
     """A grader, registered in ``qreason.registry.GRADERS`` under ``grading.kind`` and built as
     ``cls(timeout_s, workers)`` (``qreason.stages.grade.grader.Grader`` is Math-Verify's)."""
 
-    grader: str   # the grader's id: part of every grade's key, so two graders never share grades
+    grader: str  # the grader's id: part of every grade's key, so two graders never share grades
 
     def grade(self, jobs: list) -> Iterator[Grade]:
         """One ``Grade`` per ``GradeJob`` (generation, problem, key), in completion order."""
@@ -42,15 +45,21 @@ class Grader(Protocol):
 
 
 class Engines(Protocol):
-    """What stages need of the executor (``qreason.pipeline.executor``): quantization jobs, generation jobs and a
+    """What stages need of the executor (``qreason.pipeline.executor``): quantization jobs, generation jobs
+    and a
     backend for one model, all released by ``close``."""
 
     kind: str
 
     def quantize(self, jobs: list[tuple]) -> list[ModelVariant]: ...
 
-    def generate(self, table: Table[Generation], jobs: list[tuple[ResolvedModel, list[GenerationRequest]]],
-                 sampling: SamplingConfig, names: dict[str, str]) -> Any: ...
+    def generate(
+        self,
+        table: Table[Generation],
+        jobs: list[tuple[ResolvedModel, list[GenerationRequest]]],
+        sampling: SamplingConfig,
+        names: dict[str, str],
+    ) -> Any: ...
 
     def backend_for(self, model: ResolvedModel) -> Backend: ...
 
@@ -60,7 +69,8 @@ class Engines(Protocol):
 @dataclass
 class RunContext:
     """What the stages of one run share. ``qreason run`` builds it from a plan; ``RunContext.open`` from a run
-    directory. ``wanted``: the keys of the generations this config asks for (a run directory can hold more, from
+    directory. ``wanted``: the keys of the generations this config asks for (a run directory can hold more,
+    from
     earlier configs); ``variants``: the base variant first, then the quantized ones."""
 
     cfg: RunConfig
@@ -69,17 +79,24 @@ class RunContext:
     base: ResolvedModel
     index: RunIndex | None = None
     engines: Engines | None = None
-    base_dir: Path | None = None          # where relative paths of the config point
+    base_dir: Path | None = None  # where relative paths of the config point
     prompts: list[tuple[Problem, list[dict[str, str]]]] = field(default_factory=list)
     variants: list[ModelVariant] = field(default_factory=list)
     wanted: set[str] = field(default_factory=set)
-    analysis: Any = None                  # the analyze stage's Analysis (qreason.stages.analyze.analysis_for)
+    analysis: Any = None  # the analyze stage's Analysis (qreason.stages.analyze.analysis_for)
     _grader: Grader | None = None
 
     @classmethod
-    def open(cls, run_dir: str | Path, *, engines: Engines | None = None, index: RunIndex | None = None,
-             graded: bool = False) -> RunContext:
-        """The context of a run directory written by ``qreason run``, with that run's stored config (``${VAR}``
+    def open(
+        cls,
+        run_dir: str | Path,
+        *,
+        engines: Engines | None = None,
+        index: RunIndex | None = None,
+        graded: bool = False,
+    ) -> RunContext:
+        """The context of a run directory written by ``qreason run``, with that run's stored config
+        (``${VAR}``
         references whose variable is unset now stay unexpanded: few per-stage commands need them).
         ``graded``: the command needs grades; a run stopped before grading is told so."""
         store = RunStore(Path(run_dir))
@@ -88,18 +105,34 @@ class RunContext:
             raise UserError(str(store.dir), "not a run directory (needs generations.jsonl and config.yaml)")
         cfg = parse_config(decode_utf8(config.read_bytes(), str(config)), str(config), keep_unset=True)
         if graded and not len(store.grades):
-            raise UserError(str(store.dir), f"no graded generations (the run stopped before grading); run "
-                                            f"`qreason grade {store.dir}` or re-run the config first")
+            raise UserError(
+                str(store.dir),
+                f"no graded generations (the run stopped before grading); run "
+                f"`qreason grade {store.dir}` or re-run the config first",
+            )
         variants = store.variants.all()
         base = next((v for v in variants if v.name == cfg.model.name), None)
-        model = (ResolvedModel(base.name, base.path, base.fingerprint, "variant") if base is not None
-                 else ResolvedModel(cfg.model.name, cfg.model.path, "", "config"))
-        summary = RunSummary.read(store.read_json("summary.json")) or RunSummary(name=cfg.name, run_dir=str(store.dir))
+        model = (
+            ResolvedModel(base.name, base.path, base.fingerprint, "variant")
+            if base is not None
+            else ResolvedModel(cfg.model.name, cfg.model.path, "", "config")
+        )
+        summary = RunSummary.read(store.read_json("summary.json")) or RunSummary(
+            name=cfg.name, run_dir=str(store.dir)
+        )
         ordered = ([base] if base is not None else []) + [v for v in variants if v is not base]
         if not summary.results and len(store.grades):  # a run stopped before its summary was written
             summary.results = [ResultRow(**row) for row in accuracy_table(store.grades.all())]
-        return cls(cfg=cfg, store=store, summary=summary, base=model, index=index, engines=engines,
-                   variants=ordered, wanted={g.key for g in store.generations.all()})
+        return cls(
+            cfg=cfg,
+            store=store,
+            summary=summary,
+            base=model,
+            index=index,
+            engines=engines,
+            variants=ordered,
+            wanted={g.key for g in store.generations.all()},
+        )
 
     @property
     def base_name(self) -> str:
@@ -110,7 +143,9 @@ class RunContext:
     def base_record(self) -> ModelVariant:
         found = next((v for v in self.variants if v.name == self.base_name), None)
         if found is None:
-            raise UserError(str(self.store.dir), f"no record of the base variant {self.base_name!r} in variants.jsonl")
+            raise UserError(
+                str(self.store.dir), f"no record of the base variant {self.base_name!r} in variants.jsonl"
+            )
         return found
 
     @property
@@ -123,8 +158,11 @@ class RunContext:
 
     def requests_for(self, variant: str, model: ResolvedModel) -> list[GenerationRequest]:
         """Every (problem, seed) request of the config for one model."""
-        return [make_request(variant, model, p, messages, self.cfg.sampling, seed)
-                for p, messages in self.prompts for seed in self.cfg.sampling.seeds]
+        return [
+            make_request(variant, model, p, messages, self.cfg.sampling, seed)
+            for p, messages in self.prompts
+            for seed in self.cfg.sampling.seeds
+        ]
 
     def need_engines(self) -> Engines:
         if self.engines is None:

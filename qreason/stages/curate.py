@@ -7,9 +7,11 @@ faulty step k is known, build:
   "rejected", and as "chosen" a continuation of that same prefix by the full-precision model that the grader
   verified correct. When no attempt yields a correct continuation, the item keeps its SFT example only.
 
-Items are balanced across (error type, capability), one per problem, capped (default 332, the paper's size) and
+Items are balanced across (error type, capability), one per problem, capped (default 332, the paper's size)
+and
 split train/test deterministically by seed. Exports: JSONL and Parquet in the formats TRL's SFT trainer
-(conversational ``prompt``/``completion``) and DPO trainer (conversational ``prompt``/``chosen``/``rejected``) read, plus a dataset card.
+(conversational ``prompt``/``completion``) and DPO trainer (conversational
+``prompt``/``chosen``/``rejected``) read, plus a dataset card.
 """
 
 from __future__ import annotations
@@ -24,17 +26,16 @@ from typing import Callable
 
 import pandas as pd
 
-from qreason.config.schema import RunConfig
-from qreason.stages.base import RunContext
-from qreason.stages.analyze import analysis_for, verdicts
-from qreason.config.schema import CurateConfig, SamplingConfig
+from qreason.config.schema import CurateConfig, RunConfig, SamplingConfig
+from qreason.engines import Backend, GenerationRequest
 from qreason.errors import UserError
 from qreason.flips import is_flip, latest_grades, solved_cells
-from qreason.engines import Backend, GenerationRequest
+from qreason.inputs.steps import step_spans
+from qreason.records import Generation, Judgment, SilverBulletItem, content_key
+from qreason.stages.analyze import analysis_for, verdicts
+from qreason.stages.base import RunContext
 from qreason.stages.generate import run_generation
 from qreason.stages.grade import Grader, grade_key, run_grading
-from qreason.records import Generation, Judgment, SilverBulletItem, content_key
-from qreason.inputs.steps import step_spans
 from qreason.store import OWNER_MARKER, RunStore, mark_owned, owned_as, publish, staging
 from qreason.summary import CurateSummary
 
@@ -43,9 +44,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FlipCandidate:
-    failed: Generation      # the quantized variant's failed generation
+    failed: Generation  # the quantized variant's failed generation
     verdict: Judgment
-    k: int                  # first faulty step
+    k: int  # first faulty step
     prefix: str
     rejected: str
 
@@ -79,12 +80,26 @@ def find_candidates(store: RunStore, base: str) -> list[FlipCandidate]:
 def continuation_request(c: FlipCandidate, base_fingerprint: str, attempt: int, sampling: SamplingConfig):
     messages = [*c.failed.messages, {"role": "assistant", "content": c.prefix}]
     key = content_key("continuation", base_fingerprint, c.failed.key, c.k, attempt, sampling.model_dump())
-    return GenerationRequest(key=key, variant=f"continuation:{c.failed.variant}", model_fingerprint=base_fingerprint,
-                             task=c.failed.task, problem_id=c.failed.problem_id, messages=messages, seed=attempt)
+    return GenerationRequest(
+        key=key,
+        variant=f"continuation:{c.failed.variant}",
+        model_fingerprint=base_fingerprint,
+        task=c.failed.task,
+        problem_id=c.failed.problem_id,
+        messages=messages,
+        seed=attempt,
+    )
 
 
-def find_chosen(store: RunStore, candidates: list[FlipCandidate], cfg: CurateConfig, sampling: SamplingConfig,
-                base_fingerprint: str, backend_factory: Callable[[], Backend], grader: Grader) -> dict[str, str]:
+def find_chosen(
+    store: RunStore,
+    candidates: list[FlipCandidate],
+    cfg: CurateConfig,
+    sampling: SamplingConfig,
+    base_fingerprint: str,
+    backend_factory: Callable[[], Backend],
+    grader: Grader,
+) -> dict[str, str]:
     """Generate full-precision continuations (greedy first, then sampled), grade prefix + continuation, and
     return the first verified-correct continuation per candidate (keyed by the failed generation's key).
     ``backend_factory`` is called only if there is model work; its caller owns (and closes) the backend."""
@@ -94,8 +109,12 @@ def find_chosen(store: RunStore, candidates: list[FlipCandidate], cfg: CurateCon
         todo = [c for c in candidates if c.failed.key not in chosen]
         if not todo:
             break
-        params = sampling.model_copy(update={"temperature": 0.0 if attempt == 0 else cfg.temperature,
-                                             "max_tokens": cfg.max_tokens or sampling.max_tokens})
+        params = sampling.model_copy(
+            update={
+                "temperature": 0.0 if attempt == 0 else cfg.temperature,
+                "max_tokens": cfg.max_tokens or sampling.max_tokens,
+            }
+        )
         requests = {c.failed.key: continuation_request(c, base_fingerprint, attempt, params) for c in todo}
         missing = [r for r in requests.values() if r.key not in store.continuations]
         if missing:
@@ -145,8 +164,15 @@ def assign_split(item: SilverBulletItem, seed: int, test_fraction: float) -> str
     return "test" if bucket < test_fraction else "train"
 
 
-def build_items(store: RunStore, candidates: list[FlipCandidate], chosen: dict[str, str], base: str,
-                cfg: CurateConfig, methods: dict[str, str], run_id: str | None) -> list[SilverBulletItem]:
+def build_items(
+    store: RunStore,
+    candidates: list[FlipCandidate],
+    chosen: dict[str, str],
+    base: str,
+    cfg: CurateConfig,
+    methods: dict[str, str],
+    run_id: str | None,
+) -> list[SilverBulletItem]:
     grades = {(g.variant, g.task, g.problem_id, g.seed): g.status for g in store.grades.all()}
     base_solutions: dict[tuple, list[Generation]] = defaultdict(list)
     for g in store.generations.all():
@@ -154,76 +180,112 @@ def build_items(store: RunStore, candidates: list[FlipCandidate], chosen: dict[s
             base_solutions[(g.task, g.problem_id)].append(g)
     items = []
     for c in candidates:
-        sols = sorted(base_solutions.get((c.failed.task, c.failed.problem_id), []),
-                      key=lambda g: (g.seed != c.failed.seed, g.seed))
+        sols = sorted(
+            base_solutions.get((c.failed.task, c.failed.problem_id), []),
+            key=lambda g: (g.seed != c.failed.seed, g.seed),
+        )
         if not sols:
             continue
         cont = chosen.get(c.failed.key)
         item = SilverBulletItem(
             key=content_key("silver-bullet", c.failed.key, c.verdict.key, cont),
-            task=c.failed.task, problem_id=c.failed.problem_id, variant=c.failed.variant,
-            method=methods.get(c.failed.variant, c.failed.variant), seed=c.failed.seed, messages=c.failed.messages,
-            sft_solution=sols[0].text, prefix=c.prefix if cont is not None else None,
+            task=c.failed.task,
+            problem_id=c.failed.problem_id,
+            variant=c.failed.variant,
+            method=methods.get(c.failed.variant, c.failed.variant),
+            seed=c.failed.seed,
+            messages=c.failed.messages,
+            sft_solution=sols[0].text,
+            prefix=c.prefix if cont is not None else None,
             chosen=c.prefix + cont if cont is not None else None,
             rejected=c.prefix + c.rejected if cont is not None else None,
-            first_error_step=c.k, error_type=c.verdict.error_type, sub_type=c.verdict.sub_type,
-            capability=c.verdict.capability, judge=c.verdict.judge,
-            provenance={"run_id": run_id, "failed_generation": c.failed.key, "sft_generation": sols[0].key,
-                        "judgment": c.verdict.key, "quantized_model": c.failed.model_fingerprint,
-                        "full_precision_model": sols[0].model_fingerprint})
+            first_error_step=c.k,
+            error_type=c.verdict.error_type,
+            sub_type=c.verdict.sub_type,
+            capability=c.verdict.capability,
+            judge=c.verdict.judge,
+            provenance={
+                "run_id": run_id,
+                "failed_generation": c.failed.key,
+                "sft_generation": sols[0].key,
+                "judgment": c.verdict.key,
+                "quantized_model": c.failed.model_fingerprint,
+                "full_precision_model": sols[0].model_fingerprint,
+            },
+        )
         items.append(item)
     picked = balance(items, cfg.max_items, cfg.seed)
     return [it.model_copy(update={"split": assign_split(it, cfg.seed, cfg.test_fraction)}) for it in picked]
 
 
 def sft_row(messages: list[dict], solution: str, **meta) -> dict:
-    """An SFT example in TRL's conversational prompt-completion format (the loss covers the completion only)."""
+    """An SFT example in TRL's conversational prompt-completion format (the loss covers the completion
+    only)."""
     return {"prompt": messages, "completion": [{"role": "assistant", "content": solution}], **meta}
 
 
 def dpo_row(messages: list[dict], chosen: str, rejected: str, **meta) -> dict:
     """A preference pair in TRL's conversational preference format."""
-    return {"prompt": messages, "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}], **meta}
+    return {
+        "prompt": messages,
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        **meta,
+    }
 
 
 def item_rows(it: SilverBulletItem) -> dict[str, dict | None]:
     """An item's rows in the exported dataset (with its provenance): SFT always, DPO when it has a pair."""
-    return {"sft": sft_row(it.messages, it.sft_solution, **_meta(it)),
-            "dpo": dpo_row(it.messages, it.chosen, it.rejected, prefix=it.prefix, **_meta(it))
-            if it.chosen is not None else None}
+    return {
+        "sft": sft_row(it.messages, it.sft_solution, **_meta(it)),
+        "dpo": dpo_row(it.messages, it.chosen, it.rejected, prefix=it.prefix, **_meta(it))
+        if it.chosen is not None
+        else None,
+    }
 
 
 def _meta(it: SilverBulletItem) -> dict:
-    return {"task": it.task, "problem_id": it.problem_id, "variant": it.variant, "method": it.method,
-            "error_type": it.error_type, "sub_type": it.sub_type, "capability": it.capability,
-            "first_error_step": it.first_error_step, "judge": it.judge}
+    return {
+        "task": it.task,
+        "problem_id": it.problem_id,
+        "variant": it.variant,
+        "method": it.method,
+        "error_type": it.error_type,
+        "sub_type": it.sub_type,
+        "capability": it.capability,
+        "first_error_step": it.first_error_step,
+        "judge": it.judge,
+    }
 
 
 def _table(counter: Counter, head: str) -> str:
-    rows = "\n".join(f"| {k or '(none)'} | {v} |" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0]))))
+    rows = "\n".join(
+        f"| {k or '(none)'} | {v} |" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0])))
+    )
     return f"| {head} | items |\n| --- | --- |\n{rows or '| (none) | 0 |'}"
 
 
 def dataset_card(items: list[SilverBulletItem], provenance: dict) -> str:
     dpo = [it for it in items if it.chosen is not None]
     splits = Counter(it.split for it in items)
-    front = ("---\nconfigs:\n"
-             "- config_name: sft\n  data_files:\n  - {split: train, path: sft/train.jsonl}\n"
-             "  - {split: test, path: sft/test.jsonl}\n"
-             "- config_name: dpo\n  data_files:\n  - {split: train, path: dpo/train.jsonl}\n"
-             "  - {split: test, path: dpo/test.jsonl}\n---\n")
+    front = (
+        "---\nconfigs:\n"
+        "- config_name: sft\n  data_files:\n  - {split: train, path: sft/train.jsonl}\n"
+        "  - {split: test, path: sft/test.jsonl}\n"
+        "- config_name: dpo\n  data_files:\n  - {split: train, path: dpo/train.jsonl}\n"
+        "  - {split: test, path: dpo/test.jsonl}\n---\n"
+    )
     return f"""{front}
 # Silver Bullet recovery dataset
 
-Built by qreason from the failures that quantization introduced: problems the full-precision model solved and a
-quantized variant did not, with the first faulty step located by a judge.
+Built by qreason from the failures that quantization introduced: problems the full-precision model solved
+and a quantized variant did not, with the first faulty step located by a judge.
 
-- **SFT** (`sft/`, conversational `prompt` / `completion`): the problem and a verified-correct full-precision solution. {len(items)} items
-  (train {splits.get('train', 0)}, test {splits.get('test', 0)}).
-- **DPO** (`dpo/`, conversational `prompt` / `chosen` / `rejected`): both answers start with the quantized model's
-  own steps before its first faulty step (`prefix`); "rejected" continues with its faulty steps, "chosen" with a
-  full-precision continuation that the grader verified correct. {len(dpo)} pairs.
+- **SFT** (`sft/`, conversational `prompt` / `completion`): the problem and a verified-correct full-precision
+  solution. {len(items)} items (train {splits.get("train", 0)}, test {splits.get("test", 0)}).
+- **DPO** (`dpo/`, conversational `prompt` / `chosen` / `rejected`): both answers start with the quantized
+  model's own steps before its first faulty step (`prefix`); "rejected" continues with its faulty steps,
+  "chosen" with a full-precision continuation that the grader verified correct. {len(dpo)} pairs.
 
 Load with `datasets.load_dataset("json", data_files=...)` or point TRL's SFTTrainer / DPOTrainer at the files.
 
@@ -243,7 +305,7 @@ Load with `datasets.load_dataset("json", data_files=...)` or point TRL's SFTTrai
 """
 
 
-_LEGACY_LAYOUT = {"sft", "dpo", "items.jsonl", "README.md"}   # what exports wrote before the marker existed
+_LEGACY_LAYOUT = {"sft", "dpo", "items.jsonl", "README.md"}  # what exports wrote before the marker existed
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -256,13 +318,18 @@ def check_out_dir(out_dir: Path) -> None:
         raise UserError(str(out_dir), "exists and is not a directory; choose another --out")
     names = {p.name for p in out_dir.iterdir()}
     if names and owned_as(out_dir) != "dataset" and not names <= _LEGACY_LAYOUT:
-        raise UserError(str(out_dir), f"not a dataset qreason wrote (no {OWNER_MARKER}) and not empty; "
-                                      "choose an empty or new directory for --out")
+        raise UserError(
+            str(out_dir),
+            f"not a dataset qreason wrote (no {OWNER_MARKER}) and not empty; "
+            "choose an empty or new directory for --out",
+        )
 
 
 def export(items: list[SilverBulletItem], out_dir: Path, provenance: dict) -> Path:
-    """Write the dataset into ``out_dir`` atomically: it is built in a temporary directory beside it, then renamed
-    into place; an earlier dataset there is first renamed aside and deleted only once the new one is in place."""
+    """Write the dataset into ``out_dir`` atomically: it is built in a temporary directory beside it, then
+    renamed
+    into place; an earlier dataset there is first renamed aside and deleted only once the new one is in
+    place."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     with staging(out_dir, suffix="") as tmp:
@@ -270,11 +337,14 @@ def export(items: list[SilverBulletItem], out_dir: Path, provenance: dict) -> Pa
             (tmp / kind).mkdir()
             for split in ("train", "test"):
                 rows = [r for it in items if it.split == split and (r := item_rows(it)[kind]) is not None]
-                (tmp / kind / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                                   for r in rows), encoding="utf-8")
+                (tmp / kind / f"{split}.jsonl").write_text(
+                    "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+                )
                 if rows:
                     pd.DataFrame(rows).to_parquet(tmp / kind / f"{split}.parquet", index=False)
-        (tmp / "items.jsonl").write_text("".join(it.model_dump_json() + "\n" for it in items), encoding="utf-8")
+        (tmp / "items.jsonl").write_text(
+            "".join(it.model_dump_json() + "\n" for it in items), encoding="utf-8"
+        )
         (tmp / "README.md").write_text(dataset_card(items, provenance), encoding="utf-8")
         mark_owned(tmp, "dataset", "silver bullet")
         publish(tmp, out_dir, replace=True)
@@ -289,9 +359,17 @@ class CurateResult:
     out_dir: Path | None
 
 
-def curate(store: RunStore, cfg: CurateConfig, sampling: SamplingConfig, base: str, base_fingerprint: str,
-           backend_factory: Callable[[], Backend], grader: Grader, run_id: str | None = None,
-           out_dir: Path | None = None) -> CurateResult:
+def curate(
+    store: RunStore,
+    cfg: CurateConfig,
+    sampling: SamplingConfig,
+    base: str,
+    base_fingerprint: str,
+    backend_factory: Callable[[], Backend],
+    grader: Grader,
+    run_id: str | None = None,
+    out_dir: Path | None = None,
+) -> CurateResult:
     check_out_dir(out_dir or store.dataset_dir)
     candidates = find_candidates(store, base)
     if not candidates:
@@ -300,10 +378,18 @@ def curate(store: RunStore, cfg: CurateConfig, sampling: SamplingConfig, base: s
     chosen = find_chosen(store, candidates, cfg, sampling, base_fingerprint, backend_factory, grader)
     methods = {v.name: v.method for v in store.variants.all()}
     items = build_items(store, candidates, chosen, base, cfg, methods, run_id)
-    provenance = {"run_id": run_id, "run_dir": str(store.dir), "base_variant": base,
-                  "base_model": base_fingerprint, "variants": sorted({it.variant for it in items}),
-                  "methods": sorted({it.method for it in items}), "judges": sorted({it.judge for it in items}),
-                  "seed": cfg.seed, "max_items": cfg.max_items, "candidates": len(candidates)}
+    provenance = {
+        "run_id": run_id,
+        "run_dir": str(store.dir),
+        "base_variant": base,
+        "base_model": base_fingerprint,
+        "variants": sorted({it.variant for it in items}),
+        "methods": sorted({it.method for it in items}),
+        "judges": sorted({it.judge for it in items}),
+        "seed": cfg.seed,
+        "max_items": cfg.max_items,
+        "candidates": len(candidates),
+    }
     path = export(items, out_dir or store.dataset_dir, provenance)
     return CurateResult(len(candidates), len(items), sum(it.chosen is not None for it in items), path)
 
@@ -327,8 +413,20 @@ class CurateStage:
 
         base = ctx.base_record
         model = ResolvedModel(base.name, base.path, base.fingerprint, "variant")
-        result = curate(ctx.store, ctx.cfg.curate, ctx.cfg.sampling, base.name, base.fingerprint,
-                        lambda: ctx.need_engines().backend_for(model), ctx.grader, ctx.summary.run_id,
-                        out_dir=self.out_dir)
-        return CurateSummary(candidates=result.candidates, items=result.items, dpo_pairs=result.dpo_pairs,
-                             dir=str(result.out_dir) if result.out_dir else None)
+        result = curate(
+            ctx.store,
+            ctx.cfg.curate,
+            ctx.cfg.sampling,
+            base.name,
+            base.fingerprint,
+            lambda: ctx.need_engines().backend_for(model),
+            ctx.grader,
+            ctx.summary.run_id,
+            out_dir=self.out_dir,
+        )
+        return CurateSummary(
+            candidates=result.candidates,
+            items=result.items,
+            dpo_pairs=result.dpo_pairs,
+            dir=str(result.out_dir) if result.out_dir else None,
+        )

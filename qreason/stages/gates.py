@@ -4,10 +4,9 @@ exit with code 3 after writing everything, so cron or CI can alert on it."""
 
 from __future__ import annotations
 
-from qreason.config.schema import RunConfig
-from qreason.stages.base import RunContext
-from qreason.config.schema import GatesConfig
+from qreason.config.schema import GatesConfig, RunConfig
 from qreason.records import Judgment
+from qreason.stages.base import RunContext
 from qreason.store import RunIndex
 from qreason.summary import GatesSummary, LmEvalSummary, RunSummary
 
@@ -16,13 +15,20 @@ GATE_EXIT_CODE = 3
 
 def previous_summary(index: RunIndex, name: str, run_id: str | None) -> RunSummary | None:
     """The summary of the last finished run of this config before ``run_id``."""
-    earlier = [r for r in index.list(name) if r["run_id"] != run_id and r["status"] in ("ok", "gated")
-               and r["summary"] and r["summary"].get("results")]
+    earlier = [
+        r
+        for r in index.list(name)
+        if r["run_id"] != run_id
+        and r["status"] in ("ok", "gated")
+        and r["summary"]
+        and r["summary"].get("results")
+    ]
     return RunSummary.read(earlier[-1]["summary"]) if earlier else None
 
 
 def judge_error_rate(judgments: list[Judgment]) -> tuple[float, int]:
-    """Share of LLM-judge records that are judge errors (rules and panel records excluded), and their count."""
+    """Share of LLM-judge records that are judge errors (rules and panel records excluded), and their
+    count."""
     llm = [j for j in judgments if j.judge not in ("rules", "panel")]
     return (sum(j.status == "judge_error" for j in llm) / len(llm) if llm else 0.0), len(llm)
 
@@ -35,49 +41,72 @@ def format_failure_gate(limit: float, summary: RunSummary) -> list[str]:
         n = r.n_grades or sum(r.outcomes.values())
         rate = r.format_failures / n if n else 0.0
         if rate > limit + 1e-12:
-            tripped.append(f"{r.variant}/{r.task}: {r.format_failures} of {n} answers ({100 * rate:.1f}%) are "
-                           f"format failures; the limit is {100 * limit:.1f}%")
+            tripped.append(
+                f"{r.variant}/{r.task}: {r.format_failures} of {n} answers ({100 * rate:.1f}%) are "
+                f"format failures; the limit is {100 * limit:.1f}%"
+            )
     return tripped
 
 
-def check_gates(gates: GatesConfig, summary: RunSummary, base: str, previous: RunSummary | None,
-                judgments: list[Judgment]) -> list[str]:
+def check_gates(
+    gates: GatesConfig, summary: RunSummary, base: str, previous: RunSummary | None, judgments: list[Judgment]
+) -> list[str]:
     """One readable line per tripped gate (empty: all passed)."""
     tripped = []
     rows = {(r.variant, r.task): r.accuracy_mean for r in summary.results}
     for (variant, task), acc in sorted(rows.items()):
         cell = f"{variant}/{task}"
         if gates.min_accuracy is not None and acc < gates.min_accuracy:
-            tripped.append(f"{cell}: accuracy {100 * acc:.1f}% is below the floor {100 * gates.min_accuracy:.1f}%")
+            tripped.append(
+                f"{cell}: accuracy {100 * acc:.1f}% is below the floor {100 * gates.min_accuracy:.1f}%"
+            )
         base_acc = rows.get((base, task))
-        if gates.max_drop is not None and variant != base and base_acc is not None \
-                and base_acc - acc > gates.max_drop + 1e-12:
-            tripped.append(f"{cell}: accuracy {100 * acc:.1f}% is {100 * (base_acc - acc):.1f} points below "
-                           f"{base} ({100 * base_acc:.1f}%); the limit is {100 * gates.max_drop:.1f}")
+        if (
+            gates.max_drop is not None
+            and variant != base
+            and base_acc is not None
+            and base_acc - acc > gates.max_drop + 1e-12
+        ):
+            tripped.append(
+                f"{cell}: accuracy {100 * acc:.1f}% is {100 * (base_acc - acc):.1f} points below "
+                f"{base} ({100 * base_acc:.1f}%); the limit is {100 * gates.max_drop:.1f}"
+            )
     if gates.max_drop_vs_previous is not None and previous is not None:
         before = {(r.variant, r.task): r.accuracy_mean for r in previous.results}
         for cell, acc in sorted(rows.items()):
             if cell in before and before[cell] - acc > gates.max_drop_vs_previous + 1e-12:
-                tripped.append(f"{cell[0]}/{cell[1]}: accuracy {100 * acc:.1f}% is {100 * (before[cell] - acc):.1f} "
-                               f"points below the previous run {previous.run_id} ({100 * before[cell]:.1f}%); "
-                               f"the limit is {100 * gates.max_drop_vs_previous:.1f}")
+                tripped.append(
+                    f"{cell[0]}/{cell[1]}: accuracy {100 * acc:.1f}% is {100 * (before[cell] - acc):.1f} "
+                    f"points below the previous run {previous.run_id} ({100 * before[cell]:.1f}%); "
+                    f"the limit is {100 * gates.max_drop_vs_previous:.1f}"
+                )
     if gates.max_format_failure_rate is not None:
         tripped += format_failure_gate(gates.max_format_failure_rate, summary)
     if gates.max_lm_eval_drop is not None:
         tripped += lm_eval_gate(gates.max_lm_eval_drop, summary.lm_eval, base)
     for v in summary.recover.variants if summary.recover else []:
         after, before = v.recovery_after, v.accuracy_before
-        if gates.min_recovery_after is not None and after is not None and after < gates.min_recovery_after - 1e-12:
-            tripped.append(f"{v.eval_variant}: recovery after training {100 * after:.1f}% is below "
-                           f"{100 * gates.min_recovery_after:.1f}%")
+        if (
+            gates.min_recovery_after is not None
+            and after is not None
+            and after < gates.min_recovery_after - 1e-12
+        ):
+            tripped.append(
+                f"{v.eval_variant}: recovery after training {100 * after:.1f}% is below "
+                f"{100 * gates.min_recovery_after:.1f}%"
+            )
         if gates.recover_no_worse and v.accuracy_after < before - 1e-12:
-            tripped.append(f"{v.eval_variant}: the adapter lowered accuracy on held-out problems "
-                           f"({100 * before:.1f}% -> {100 * v.accuracy_after:.1f}%)")
+            tripped.append(
+                f"{v.eval_variant}: the adapter lowered accuracy on held-out problems "
+                f"({100 * before:.1f}% -> {100 * v.accuracy_after:.1f}%)"
+            )
     if gates.max_judge_error_rate is not None:
         rate, n = judge_error_rate(judgments)
         if rate > gates.max_judge_error_rate:
-            tripped.append(f"judge error rate {100 * rate:.1f}% of {n} LLM judgments exceeds "
-                           f"{100 * gates.max_judge_error_rate:.1f}%")
+            tripped.append(
+                f"judge error rate {100 * rate:.1f}% of {n} LLM judgments exceeds "
+                f"{100 * gates.max_judge_error_rate:.1f}%"
+            )
     return tripped
 
 
@@ -95,8 +124,10 @@ def lm_eval_gate(limit: float, section: LmEvalSummary | None, base: str) -> list
         for variant in sorted(v for v in section.variants if v != base):
             value = section.variants[variant].get(task, {}).get(metric)
             if value is not None and sign * (base_value - value) > limit + 1e-12:
-                tripped.append(f"{variant}/lm-eval {task}: {metric} {value:.4g} is {abs(base_value - value):.4g} "
-                               f"worse than {base} ({base_value:.4g}); the limit is {limit:g}")
+                tripped.append(
+                    f"{variant}/lm-eval {task}: {metric} {value:.4g} is {abs(base_value - value):.4g} "
+                    f"worse than {base} ({base_value:.4g}); the limit is {limit:g}"
+                )
     return tripped
 
 

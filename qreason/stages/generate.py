@@ -2,7 +2,8 @@
 
 Backends (``qreason.engines``) are looked up by the config's ``kind``: the vLLM offline
 engine (``vllm``), an OpenAI-compatible endpoint (``openai``) and generations made elsewhere read from a file
-(``replay``). The stage itself is backend-agnostic: it skips requests whose key is stored, converts completions to
+(``replay``). The stage itself is backend-agnostic: it skips requests whose key is stored, converts
+completions to
 records, and appends them durably in small groups so a killed run loses at most the group in flight.
 """
 
@@ -16,12 +17,12 @@ from typing import TYPE_CHECKING, Iterable
 from tqdm.auto import tqdm
 
 from qreason.config.schema import RunConfig
-from qreason.stages.base import RunContext
-from qreason.records import Generation
-from qreason.summary import GenerationSummary
-from qreason.inputs.steps import split_steps
-from qreason.store import Table, now_iso
 from qreason.engines import Backend, Completion, GenerationRequest, sampling_identity
+from qreason.inputs.steps import split_steps
+from qreason.records import Generation
+from qreason.stages.base import RunContext
+from qreason.store import Table, now_iso
+from qreason.summary import GenerationSummary
 
 if TYPE_CHECKING:
     from qreason.config.schema import SamplingConfig
@@ -31,14 +32,29 @@ __all__ = ["GenerationStats", "run_generation", "to_record"]
 log = logging.getLogger(__name__)
 
 
-def to_record(req: GenerationRequest, done: Completion, backend: Backend, sampling: SamplingConfig) -> Generation:
+def to_record(
+    req: GenerationRequest, done: Completion, backend: Backend, sampling: SamplingConfig
+) -> Generation:
     return Generation(
-        key=req.key, variant=req.variant, model_fingerprint=req.model_fingerprint, task=req.task,
-        problem_id=req.problem_id, seed=req.seed, prompt_hash=req.prompt_hash, messages=req.messages,
-        text=done.text, steps=split_steps(done.text), prompt_tokens=done.prompt_tokens,
-        completion_tokens=done.completion_tokens, finish_reason=done.finish_reason, backend=backend.name,
-        versions=backend.versions, sampling={**sampling_identity(sampling), "seed": req.seed},
-        seconds=round(done.seconds, 4), created_at=now_iso())
+        key=req.key,
+        variant=req.variant,
+        model_fingerprint=req.model_fingerprint,
+        task=req.task,
+        problem_id=req.problem_id,
+        seed=req.seed,
+        prompt_hash=req.prompt_hash,
+        messages=req.messages,
+        text=done.text,
+        steps=split_steps(done.text),
+        prompt_tokens=done.prompt_tokens,
+        completion_tokens=done.completion_tokens,
+        finish_reason=done.finish_reason,
+        backend=backend.name,
+        versions=backend.versions,
+        sampling={**sampling_identity(sampling), "seed": req.seed},
+        seconds=round(done.seconds, 4),
+        created_at=now_iso(),
+    )
 
 
 @dataclass
@@ -48,9 +64,15 @@ class GenerationStats:
     seconds: float = 0.0
 
 
-def run_generation(table: Table[Generation], requests: Iterable[GenerationRequest], backend: Backend,
-                   sampling: SamplingConfig, flush_every: int = 16, flush_seconds: float = 5.0,
-                   desc: str = "generate") -> GenerationStats:
+def run_generation(
+    table: Table[Generation],
+    requests: Iterable[GenerationRequest],
+    backend: Backend,
+    sampling: SamplingConfig,
+    flush_every: int = 16,
+    flush_seconds: float = 5.0,
+    desc: str = "generate",
+) -> GenerationStats:
     """Generate every request whose key is not in ``table`` yet; store records durably as they complete."""
     todo = [r for r in requests if r.key not in table]
     stats = GenerationStats()
@@ -64,8 +86,13 @@ def run_generation(table: Table[Generation], requests: Iterable[GenerationReques
                 bar.update(1)
                 if done.error is not None:
                     stats.failed += 1
-                    log.warning("generation failed for %s/%s seed %s: %s", req.task, req.problem_id,
-                                req.seed, done.error)
+                    log.warning(
+                        "generation failed for %s/%s seed %s: %s",
+                        req.task,
+                        req.problem_id,
+                        req.seed,
+                        done.error,
+                    )
                     continue
                 pending.append(to_record(req, done, backend, sampling))
                 if len(pending) >= flush_every or time.monotonic() - last_flush >= flush_seconds:
@@ -101,7 +128,13 @@ class GenerateStage:
             log.info("%s: %d generations planned, %d to do", v.name, len(requests), len(todo))
             if todo:
                 jobs.append((model, todo))
-        stats = ctx.need_engines().generate(ctx.store.generations, jobs, ctx.cfg.sampling,
-                                            {v.fingerprint: v.name for v in ctx.variants})
-        return GenerationSummary(planned=planned, cached=planned - stats.produced - stats.failed,
-                                 produced=stats.produced, failed=stats.failed, seconds=round(stats.seconds, 2))
+        stats = ctx.need_engines().generate(
+            ctx.store.generations, jobs, ctx.cfg.sampling, {v.fingerprint: v.name for v in ctx.variants}
+        )
+        return GenerationSummary(
+            planned=planned,
+            cached=planned - stats.produced - stats.failed,
+            produced=stats.produced,
+            failed=stats.failed,
+            seconds=round(stats.seconds, 2),
+        )

@@ -1,9 +1,11 @@
 """The run store: a run directory with one append-only JSONL table per record type, plus a SQLite run index.
 
 Durability rules:
-- a table is appended in whole lines with one write, then fsynced; a write that fails (a full disk, a file size
+- a table is appended in whole lines with one write, then fsynced; a write that fails (a full disk, a file
+size
   limit) is undone: the table is cut back to its last complete line and the failure reported;
-- readers never change a table: a torn last line (a kill -9 in the middle of a write, or a write in progress in
+- readers never change a table: a torn last line (a kill -9 in the middle of a write, or a write in progress
+in
   another process) is ignored; the next writer, who holds the run lock, cuts it off before appending;
 - a corrupt line in the middle is reported with its file and line; ``qreason repair RUN_DIR`` (under the run
   lock) moves such lines into a ``.corrupt-*`` file beside the table and keeps every valid line;
@@ -13,13 +15,45 @@ Durability rules:
 
 from __future__ import annotations
 
-from qreason.store.files import (OWNER_MARKER, cache_dir, check_output_dir, file_sha256, is_run_dir, iter_jsonl,
-                                 mark_owned, mark_run_dir, now_iso, owned_as, publish, staging, write_atomic,
-                                 write_bytes_atomic)
+from qreason.store.files import (
+    OWNER_MARKER,
+    cache_dir,
+    check_output_dir,
+    file_sha256,
+    is_run_dir,
+    iter_jsonl,
+    mark_owned,
+    mark_run_dir,
+    now_iso,
+    owned_as,
+    publish,
+    staging,
+    write_atomic,
+    write_bytes_atomic,
+)
 from qreason.store.index import RunIndex, owner_gone, process_started
 from qreason.store.run_dir import RunLock, RunStore
 from qreason.store.table import Table
 
-__all__ = ["OWNER_MARKER", "RunIndex", "RunLock", "RunStore", "Table", "cache_dir", "check_output_dir",
-           "file_sha256", "is_run_dir", "iter_jsonl", "mark_owned", "mark_run_dir", "owned_as", "publish", "staging", "now_iso", "owner_gone", "process_started", "write_atomic",
-           "write_bytes_atomic"]
+__all__ = [
+    "OWNER_MARKER",
+    "RunIndex",
+    "RunLock",
+    "RunStore",
+    "Table",
+    "cache_dir",
+    "check_output_dir",
+    "file_sha256",
+    "is_run_dir",
+    "iter_jsonl",
+    "mark_owned",
+    "mark_run_dir",
+    "owned_as",
+    "publish",
+    "staging",
+    "now_iso",
+    "owner_gone",
+    "process_started",
+    "write_atomic",
+    "write_bytes_atomic",
+]

@@ -1,6 +1,9 @@
-"""Files and directories written whole, and what qreason owns: atomic writes of files (``write_atomic``) and of
-directories (``staging`` + ``publish``), file hashes, JSONL input reading, the one ownership marker that says a
-directory is qreason's (a run directory, an exported dataset) and the check that an output directory is ours to
+"""Files and directories written whole, and what qreason owns: atomic writes of files (``write_atomic``) and
+of
+directories (``staging`` + ``publish``), file hashes, JSONL input reading, the one ownership marker that says
+a
+directory is qreason's (a run directory, an exported dataset) and the check that an output directory is ours
+to
 write. qreason deletes or replaces only directories that carry the marker."""
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ def staging(dest: Path, suffix: str = ".partial") -> Iterator[Path]:
 
 def publish(tmp: Path, dest: Path, replace: bool = False) -> bool:
     """Rename the finished directory ``tmp`` to ``dest`` in one step. ``replace``: an existing ``dest`` (the
-    caller checked that it is qreason's) is renamed aside first, put back if the rename fails, and deleted only
+    caller checked that it is qreason's) is renamed aside first, put back if the rename fails, and deleted
+    only
     once the new one is in place. Without ``replace``, False when ``dest`` exists (another process finished
     it first: the caller uses that one)."""
     tmp.chmod(0o755)  # mkdtemp makes it private; what qreason publishes is an ordinary directory
@@ -106,8 +110,11 @@ def iter_jsonl(path: Path, not_object: str = "each line must be a JSON object") 
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise UserError(where, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
-                                       "save the file as UTF-8") from None
+                raise UserError(
+                    where,
+                    f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                    "save the file as UTF-8",
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -119,9 +126,8 @@ def iter_jsonl(path: Path, not_object: str = "each line must be a JSON object") 
             yield where, row
 
 
-
-OWNER_MARKER = ".qreason"   # {"kind": "run" | "dataset", "name": ..., "created_at": ...}
-_LEGACY_MARKERS = {"run": ".qreason-run", "dataset": ".qreason-dataset"}   # written by qreason before 0.2
+OWNER_MARKER = ".qreason"  # {"kind": "run" | "dataset", "name": ..., "created_at": ...}
+_LEGACY_MARKERS = {"run": ".qreason-run", "dataset": ".qreason-dataset"}  # written by qreason before 0.2
 _OWN_FILES = {".lock", OWNER_MARKER, *_LEGACY_MARKERS.values()}
 
 
@@ -139,7 +145,9 @@ def owned_as(directory: Path) -> str | None:
     try:
         return json.loads((directory / OWNER_MARKER).read_text(encoding="utf-8"))["kind"]
     except (OSError, ValueError, KeyError, TypeError):
-        return next((kind for kind, legacy in _LEGACY_MARKERS.items() if (directory / legacy).is_file()), None)
+        return next(
+            (kind for kind, legacy in _LEGACY_MARKERS.items() if (directory / legacy).is_file()), None
+        )
 
 
 def mark_run_dir(run_dir: Path, name: str) -> None:
@@ -151,12 +159,16 @@ def is_run_dir(path: Path) -> bool:
     """A directory qreason ran in: it carries the marker, or (runs from before markers existed) it holds the
     config and problem table every run writes first."""
     path = Path(path)
-    return owned_as(path) == "run" or ((path / "config.yaml").is_file() and (path / "problems.jsonl").is_file())
+    return owned_as(path) == "run" or (
+        (path / "config.yaml").is_file() and (path / "problems.jsonl").is_file()
+    )
 
 
 def check_output_dir(path: Path, children: Iterable[str] = ()) -> None:
-    """Refuse, before anything is written, an output directory that holds someone else's files: a run writes and
-    ``prune`` deletes there. Allowed: no directory, an empty one, a qreason run directory; ``children``: names of
+    """Refuse, before anything is written, an output directory that holds someone else's files: a run writes
+    and
+    ``prune`` deletes there. Allowed: no directory, an empty one, a qreason run directory; ``children``:
+    names of
     entries that are allowed (the sub-run directories of a ``models:`` axis, each checked on its own)."""
     path = Path(path)
     if not path.exists():
@@ -165,10 +177,13 @@ def check_output_dir(path: Path, children: Iterable[str] = ()) -> None:
         raise UserError(str(path), "the output directory is a file; choose another output_dir")
     if is_run_dir(path):
         return
-    foreign = sorted(p.name for p in path.iterdir() if p.name not in _OWN_FILES and p.name not in set(children))
+    foreign = sorted(
+        p.name for p in path.iterdir() if p.name not in _OWN_FILES and p.name not in set(children)
+    )
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise UserError(str(path), f"not a qreason run directory and not empty (holds {foreign[0]!r}{more}); "
-                                   "choose another output_dir, or empty it")
-
-
+        raise UserError(
+            str(path),
+            f"not a qreason run directory and not empty (holds {foreign[0]!r}{more}); "
+            "choose another output_dir, or empty it",
+        )

@@ -28,7 +28,8 @@ class RunIndex:
         environment TEXT
     )"""
 
-    # added after the first release: which process runs a row, so a row whose process is gone can be told apart
+    # added after the first release: which process runs a row, so a row whose process is gone can be told
+    # apart
     OWNER_COLUMNS = {"host": "TEXT", "pid": "INTEGER", "pid_started": "TEXT"}
 
     def __init__(self, path: Path):
@@ -54,17 +55,32 @@ class RunIndex:
         """Record a run as ``running``, owned by this process (host, pid and the pid's start time)."""
         with closing(self._connect()) as db, db:
             db.execute(
-                "INSERT INTO runs (run_id, run_dir, name, config_hash, started_at, status, environment, host, pid, "
+                "INSERT INTO runs (run_id, run_dir, name, config_hash, started_at, status, environment, "
+                "host, pid, "
                 "pid_started) VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?)",
-                (run_id, str(Path(run_dir).resolve()), name, config_hash, now_iso(), json.dumps(environment),
-                 socket.gethostname(), os.getpid(), process_started(os.getpid())),
+                (
+                    run_id,
+                    str(Path(run_dir).resolve()),
+                    name,
+                    config_hash,
+                    now_iso(),
+                    json.dumps(environment),
+                    socket.gethostname(),
+                    os.getpid(),
+                    process_started(os.getpid()),
+                ),
             )
 
     def finish(self, run_id: str, status: str, summary: dict | None) -> None:
         with closing(self._connect()) as db, db:
             db.execute(
                 "UPDATE runs SET finished_at = ?, status = ?, summary = ? WHERE run_id = ?",
-                (now_iso(), status, json.dumps(summary, default=str) if summary is not None else None, run_id),
+                (
+                    now_iso(),
+                    status,
+                    json.dumps(summary, default=str) if summary is not None else None,
+                    run_id,
+                ),
             )
 
     def forget(self, run_dir: str) -> None:

@@ -6,13 +6,14 @@ import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from qreason.store.files import cache_dir
 from qreason.store import RunIndex, RunStore, owned_as
+from qreason.store.files import cache_dir
 
 
 def prune(index: RunIndex, older_than_days: float, dry_run: bool = True) -> dict[str, list[str]]:
     """Run directories whose newest invocation finished more than ``older_than_days`` ago are deleted (with
-    their index rows) if they carry qreason's run marker (others are listed as ``skipped`` and left alone); then cached quantized checkpoints that no remaining run directory refers to, and
+    their index rows) if they carry qreason's run marker (others are listed as ``skipped`` and left alone);
+    then cached quantized checkpoints that no remaining run directory refers to, and
     leftover staging directories of killed quantizations.
     Returns what was (or, with ``dry_run``, would be) removed."""
     cutoff = datetime.now(timezone.utc) - timedelta(days=older_than_days)
@@ -25,15 +26,23 @@ def prune(index: RunIndex, older_than_days: float, dry_run: bool = True) -> dict
     skipped = [d for d in old_dirs if Path(d).exists() and owned_as(d) != "run"]
     old_dirs = [d for d in old_dirs if d not in skipped]
     kept_dirs = [d for d in newest if d not in old_dirs]
-    used = {str(Path(v.path).resolve()) for d in kept_dirs if Path(d).is_dir()
-            for v in RunStore(Path(d)).variants.all() if v.method != "none"}
+    used = {
+        str(Path(v.path).resolve())
+        for d in kept_dirs
+        if Path(d).is_dir()
+        for v in RunStore(Path(d)).variants.all()
+        if v.method != "none"
+    }
     quant_root = cache_dir() / "quantized"
     entries = [p for p in quant_root.iterdir() if p.is_dir()] if quant_root.is_dir() else []
     stale = sorted(str(p) for p in entries if not p.name.startswith(".") and str(p.resolve()) not in used)
     # staging directories of quantizations that were killed (SIGKILL leaves no chance to clean up); a running
     # quantization's own is younger than the cutoff
-    stale += sorted(str(p) for p in entries if p.name.endswith(".partial")
-                    and datetime.fromtimestamp(p.stat().st_mtime, timezone.utc) < cutoff)
+    stale += sorted(
+        str(p)
+        for p in entries
+        if p.name.endswith(".partial") and datetime.fromtimestamp(p.stat().st_mtime, timezone.utc) < cutoff
+    )
     if not dry_run:
         for d in old_dirs:
             shutil.rmtree(d, ignore_errors=True)

@@ -29,7 +29,9 @@ class RunStore:
         self.lm_eval: Table[LmEvalResult] = Table(self.dir / "lm_eval_results.jsonl", LmEvalResult)
         # the recover stage's re-evaluation of adapters, kept apart from the run's own tables so that judging,
         # curation and analysis never mistake recovered variants for the config's
-        self.recovery_generations: Table[Generation] = Table(self.recovery_dir / "generations.jsonl", Generation)
+        self.recovery_generations: Table[Generation] = Table(
+            self.recovery_dir / "generations.jsonl", Generation
+        )
         self.recovery_grades: Table[Grade] = Table(self.recovery_dir / "grades.jsonl", Grade)
         self.recovery_judgments: Table[Judgment] = Table(self.recovery_dir / "judgments.jsonl", Judgment)
 
@@ -64,7 +66,8 @@ class RunStore:
         return [t for t in vars(self).values() if isinstance(t, Table)]
 
     def repair(self) -> dict[str, int]:
-        """Repair every table (see ``Table.repair``); table file name -> lines moved aside. Hold the run lock."""
+        """Repair every table (see ``Table.repair``); table file name -> lines moved aside. Hold the run
+        lock."""
         return {t.path.name: t.repair() for t in self.tables() if t.path.exists()}
 
     def read_json(self, name: str):
@@ -88,8 +91,11 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise UserError(str(self.path.parent), f"another qreason run (pid {holder}) is using this run "
-                                                   "directory; wait for it to finish or choose another output_dir") from None
+            raise UserError(
+                str(self.path.parent),
+                f"another qreason run (pid {holder}) is using this run "
+                "directory; wait for it to finish or choose another output_dir",
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
@@ -100,4 +106,3 @@ class RunLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
-

@@ -51,14 +51,18 @@ class Table(Generic[R]):
             try:
                 rec = self._parse(line)
             except ValueError as exc:
-                raise UserError(f"{self.path}:{lineno}", f"corrupt {self.record_type.__name__} record ({exc}); "
-                                f"`qreason repair {self.path.parent}` moves corrupt lines aside") from None
+                raise UserError(
+                    f"{self.path}:{lineno}",
+                    f"corrupt {self.record_type.__name__} record ({exc}); "
+                    f"`qreason repair {self.path.parent}` moves corrupt lines aside",
+                ) from None
             rows.setdefault(rec.key, rec)
         self._rows = rows
         return rows
 
     def repair(self) -> int:
-        """Move corrupt lines (and a torn tail) into ``TABLE.corrupt-TIME`` beside the table and rewrite the table
+        """Move corrupt lines (and a torn tail) into ``TABLE.corrupt-TIME`` beside the table and rewrite the
+        table
         with the valid lines; returns how many lines were moved. The caller must hold the run lock."""
         lines, torn = self._read_lines()
         good, bad = [], []
@@ -112,14 +116,18 @@ class Table(Generic[R]):
             try:
                 view = memoryview(blob)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
             except OSError as exc:
                 restored = _restore(fd, end)
-                after = ("the table was restored to its last complete line" if restored else
-                         "restoring it failed too: run `qreason repair` once the disk has room")
-                raise UserError(str(self.path), f"could not append {len(new)} records "
-                                                f"({exc.strerror or exc}); {after}") from None
+                after = (
+                    "the table was restored to its last complete line"
+                    if restored
+                    else "restoring it failed too: run `qreason repair` once the disk has room"
+                )
+                raise UserError(
+                    str(self.path), f"could not append {len(new)} records ({exc.strerror or exc}); {after}"
+                ) from None
         finally:
             os.close(fd)
         for r in new:
@@ -147,4 +155,3 @@ def _restore(fd: int, size: int) -> bool:
         return True
     except OSError:
         return False
-

@@ -2,8 +2,10 @@
 
 Each side environment pins libraries that clash with the main one (llm-compressor, TRL/PEFT, lm-eval), so its
 worker runs as ``python -m MODULE JOB.json`` with that environment's interpreter (``SideEnv.python``: an
-explicit path, else ``$QREASON_<NAME>_PYTHON``, else ``.venv-<name>`` beside the package in a checkout or in the
-working directory of an installed qreason). ``run_worker`` writes the job, starts the worker in its own process
+explicit path, else ``$QREASON_<NAME>_PYTHON``, else ``.venv-<name>`` beside the package in a checkout or in
+the
+working directory of an installed qreason). ``run_worker`` writes the job, starts the worker in its own
+process
 group, streams its output into a log (progress lines go to ``echo``, every line to ``on_line``), measures its
 wall time, CPU time and peak memory, and stops the whole group when the caller is interrupted. A worker that
 fails raises ``WorkerFailed``: one line naming the log; not the user's input, so the CLI exits with 1.
@@ -57,8 +59,10 @@ class SideEnv:
         root = PACKAGE_ROOT if IS_CHECKOUT else Path.cwd()
         python = Path(chosen) if chosen else root / f".venv-{self.name}" / "bin" / "python"
         if not python.is_file():
-            raise UserError(f"{self.purpose} environment", f"{python} not found; create it with {self.setup} "
-                                                           f"(or set {self.variable})")
+            raise UserError(
+                f"{self.purpose} environment",
+                f"{python} not found; create it with {self.setup} (or set {self.variable})",
+            )
         return python
 
 
@@ -100,10 +104,21 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def run_worker(job: dict, job_dir: Path, log_path: Path, label: str, echo: Callable[[str], None], *,
-               python: Path, module: str, stage: str, env: dict[str, str] | None = None,
-               on_line: Callable[[str], None] | None = None, check: bool = True,
-               args: tuple[str, ...] = ()) -> WorkerRun:
+def run_worker(
+    job: dict,
+    job_dir: Path,
+    log_path: Path,
+    label: str,
+    echo: Callable[[str], None],
+    *,
+    python: Path,
+    module: str,
+    stage: str,
+    env: dict[str, str] | None = None,
+    on_line: Callable[[str], None] | None = None,
+    check: bool = True,
+    args: tuple[str, ...] = (),
+) -> WorkerRun:
     """Run one job to completion. ``stage`` and ``label`` name it in errors; ``check``: a failed worker raises
     ``WorkerFailed`` (a worker that reports failures line by line, as lm-eval's does, passes False and reads
     ``returncode``). ``env``: the worker's environment (default ``side_env_vars()``)."""
@@ -114,9 +129,17 @@ def run_worker(job: dict, job_dir: Path, log_path: Path, label: str, echo: Calla
     job_file.write_text(json.dumps({**job, "result_file": str(result_file)}, indent=2), encoding="utf-8")
     start = time.monotonic()
     error: str | None = None
-    proc = subprocess.Popen([str(python), "-m", module, *args, str(job_file)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env or side_env_vars(),
-                            text=True, encoding="utf-8", errors="replace", start_new_session=True)
+    proc = subprocess.Popen(
+        [str(python), "-m", module, *args, str(job_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env or side_env_vars(),
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        start_new_session=True,
+    )
     try:
         with open(log_path, "a", encoding="utf-8") as log:
             for line in proc.stdout:
@@ -124,9 +147,9 @@ def run_worker(job: dict, job_dir: Path, log_path: Path, label: str, echo: Calla
                 log.flush()
                 text = line.rstrip("\n")
                 if text.startswith(PROGRESS_PREFIX):
-                    echo(text[len(PROGRESS_PREFIX):])
+                    echo(text[len(PROGRESS_PREFIX) :])
                 elif text.startswith(ERROR_PREFIX):
-                    error = text[len(ERROR_PREFIX):]
+                    error = text[len(ERROR_PREFIX) :]
                 if on_line is not None:
                     on_line(text)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -150,5 +173,10 @@ def run_worker(job: dict, job_dir: Path, log_path: Path, label: str, echo: Calla
     result = json.loads(result_file.read_text(encoding="utf-8")) if result_file.is_file() else {}
     job_file.unlink(missing_ok=True)
     result_file.unlink(missing_ok=True)
-    return WorkerRun(result=result, returncode=proc.returncode, seconds=seconds,
-                     peak_memory_mb=usage.ru_maxrss / 1024, cpu_seconds=usage.ru_utime + usage.ru_stime)
+    return WorkerRun(
+        result=result,
+        returncode=proc.returncode,
+        seconds=seconds,
+        peak_memory_mb=usage.ru_maxrss / 1024,
+        cpu_seconds=usage.ru_utime + usage.ru_stime,
+    )

@@ -4,14 +4,16 @@
     python -m qreason.workers.lm_eval --check JOB.json   only check that every task name is known to lm-eval
 
 lm-eval 0.4.13 would downgrade libraries of the main environment, so qreason's lm-eval stage
-(``qreason.stages.lm_eval``) starts this module with the Python of ``.venv-bench``. The job names the model (lm-eval's
+(``qreason.stages.lm_eval``) starts this module with the Python of ``.venv-bench``. The job names the model
+(lm-eval's
 ``local-completions`` against a vLLM server the stage started for one variant), the tasks and lm-eval's
 arguments. This module imports only the standard library, ``qreason.workers.protocol`` and lm-eval (whose task
 files may import qreason's light modules: tasks, grade).
 
 Protocol, stdout: ``RESULT_PREFIX PATH`` when a task's result file is written (the stage stores it as a record
 at once, so a killed run keeps the tasks that finished); ``ERROR_PREFIX TASK: MESSAGE`` when a task fails (the
-others still run); every other line is library logging, for the log file. Exit code 0 when every task succeeded.
+others still run); every other line is library logging, for the log file. Exit code 0 when every task
+succeeded.
 """
 
 from __future__ import annotations
@@ -45,11 +47,23 @@ def _one_task(job: dict, task: dict, manager) -> dict:
     name = task["name"]
     start = time.monotonic()
     out = simple_evaluate(
-        model=job["model"], model_args=job["model_args"], tasks=[name], num_fewshot=job["num_fewshot"],
-        limit=job["limit"], use_cache=job.get("cache"), log_samples=True, task_manager=manager,
-        apply_chat_template=job["apply_chat_template"], fewshot_as_multiturn=job["fewshot_as_multiturn"],
-        bootstrap_iters=job["bootstrap_iters"], metadata=job.get("metadata") or None,
-        random_seed=0, numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
+        model=job["model"],
+        model_args=job["model_args"],
+        tasks=[name],
+        num_fewshot=job["num_fewshot"],
+        limit=job["limit"],
+        use_cache=job.get("cache"),
+        log_samples=True,
+        task_manager=manager,
+        apply_chat_template=job["apply_chat_template"],
+        fewshot_as_multiturn=job["fewshot_as_multiturn"],
+        bootstrap_iters=job["bootstrap_iters"],
+        metadata=job.get("metadata") or None,
+        random_seed=0,
+        numpy_random_seed=1234,
+        torch_random_seed=1234,
+        fewshot_random_seed=1234,
+    )
     if out is None or name not in out.get("results", {}):
         raise RuntimeError("lm-eval returned no results for the task")
     samples_path = Path(job["samples_dir"]) / f"{name}.jsonl"
@@ -62,12 +76,16 @@ def _one_task(job: dict, task: dict, manager) -> dict:
                 n_samples += 1
     counts = out.get("n-samples", {}).get(name) or {}
     return {
-        "key": task["key"], "task": name, "metrics": out["results"][name],
+        "key": task["key"],
+        "task": name,
+        "metrics": out["results"][name],
         "higher_is_better": out.get("higher_is_better", {}).get(name, {}),
-        "n_samples": counts.get("effective", n_samples), "n_docs": counts.get("original"),
+        "n_samples": counts.get("effective", n_samples),
+        "n_docs": counts.get("original"),
         "task_version": out.get("versions", {}).get(name),
         "task_config": out.get("configs", {}).get(name, {}),
-        "samples_file": str(samples_path), "seconds": round(time.monotonic() - start, 2),
+        "samples_file": str(samples_path),
+        "seconds": round(time.monotonic() - start, 2),
         "lm_eval_version": md.version("lm-eval"),
     }
 

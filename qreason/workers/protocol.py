@@ -1,13 +1,16 @@
 """What the main process and its workers in other environments agree on (standard library only).
 
 qreason starts a worker as ``python -m MODULE JOB.json`` in another virtual environment (quantization in
-``.venv-quant``, training in ``.venv-train``): the environments pin different versions of the libraries they share,
+``.venv-quant``, training in ``.venv-train``): the environments pin different versions of the libraries they
+share,
 so a worker imports only this module of qreason, plus its own libraries.
 
-Protocol, stdout: a line starting with ``PROGRESS_PREFIX`` is progress for the user; every other line belongs in the
+Protocol, stdout: a line starting with ``PROGRESS_PREFIX`` is progress for the user; every other line belongs
+in the
 log file. On success the worker writes ``job["result_file"]`` (JSON) and exits 0; on failure it prints one
 ``ERROR_PREFIX`` line naming the problem and exits 1 (130 when interrupted). A worker that produces several
-results (lm-eval: one per task) prints ``RESULT_PREFIX PATH`` for each file as it is written, and ``ERROR_PREFIX
+results (lm-eval: one per task) prints ``RESULT_PREFIX PATH`` for each file as it is written, and
+``ERROR_PREFIX
 ITEM: MESSAGE`` for each item that failed.
 """
 
@@ -28,37 +31,37 @@ RESULT_PREFIX = "@qreason-result "  # a worker that streams results: one line pe
 _START = time.monotonic()
 
 
-
 # ---------------------------------------------------------------------------------------------- the jobs
 # What the main process sends each worker (the job file, JSON). ``result_file`` is added by the launcher.
 
+
 class CalibrationFile(TypedDict):
-    file: str              # JSONL of chat samples
+    file: str  # JSONL of chat samples
     max_seq_len: int
 
 
 class QuantizeJob(TypedDict):
-    model: str                           # the base checkpoint directory
+    model: str  # the base checkpoint directory
     output_dir: str
-    modifiers: list[dict[str, Any]]      # llm-compressor modifiers of the resolved recipe
+    modifiers: list[dict[str, Any]]  # llm-compressor modifiers of the resolved recipe
     calibration: CalibrationFile | None
     seed: int
 
 
 class TrainRun(TypedDict):
-    name: str                            # "VARIANT ARM"
-    mode: str                            # sft | dpo | sft+dpo
-    sft: list[dict]                      # TRL conversational prompt-completion rows
-    dpo: list[dict]                      # TRL conversational preference rows
+    name: str  # "VARIANT ARM"
+    mode: str  # sft | dpo | sft+dpo
+    sft: list[dict]  # TRL conversational prompt-completion rows
+    dpo: list[dict]  # TRL conversational preference rows
     hyper: dict[str, Any]
-    merged_dir: str | None               # also write the adapter merged into a dense checkpoint here
-    adapter_dir: NotRequired[str]        # train a new adapter into this directory
-    load_adapter: NotRequired[str]       # or load this finished one (to merge it)
+    merged_dir: str | None  # also write the adapter merged into a dense checkpoint here
+    adapter_dir: NotRequired[str]  # train a new adapter into this directory
+    load_adapter: NotRequired[str]  # or load this finished one (to merge it)
 
 
 class TrainJob(TypedDict):
-    checkpoint: str                      # the quantized checkpoint
-    dense_dir: str                       # its dense copy of the grid weights (made once, reused)
+    checkpoint: str  # the quantized checkpoint
+    dense_dir: str  # its dense copy of the grid weights (made once, reused)
     device: str
     seed: int
     threads: int | None
@@ -66,9 +69,9 @@ class TrainJob(TypedDict):
 
 
 class LmEvalJob(TypedDict):
-    model: str                           # lm-eval model type (local-completions)
+    model: str  # lm-eval model type (local-completions)
     model_args: dict[str, Any]
-    tasks: list[dict[str, str]]          # name and the stage's result key
+    tasks: list[dict[str, str]]  # name and the stage's result key
     include_paths: list[str]
     limit: NotRequired[int | float | None]
     num_fewshot: NotRequired[int | None]
@@ -86,7 +89,8 @@ def progress(message: str) -> None:
 
 
 def versions(dists: tuple[str, ...]) -> dict[str, str]:
-    """The python version and the installed version of each distribution in ``dists`` (missing ones left out)."""
+    """The python version and the installed version of each distribution in ``dists`` (missing ones left
+    out)."""
     out = {"python": platform.python_version()}
     for dist in dists:
         try:
@@ -97,7 +101,8 @@ def versions(dists: tuple[str, ...]) -> dict[str, str]:
 
 
 def worker_main(run: Callable[[dict], dict], usage: str, argv: list[str] | None = None) -> int:
-    """Read the job file named on the command line, ``run`` it, write its result; the protocol's exit codes."""
+    """Read the job file named on the command line, ``run`` it, write its result; the protocol's exit
+    codes."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print(usage.strip())

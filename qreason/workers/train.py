@@ -3,13 +3,15 @@ main one.
 
     python -m qreason.workers.train JOB.json
 
-``qreason.stages.recover`` writes a job file, starts this module as a subprocess (through the same launcher as the
+``qreason.stages.recover`` writes a job file, starts this module as a subprocess (through the same launcher
+as the
 quantization worker) and reads its stdout. This module imports only the standard library, torch,
 transformers, PEFT and TRL: the environments pin different versions of the libraries they share.
 
 What one job does:
 1. the dense copy: a compressed-tensors checkpoint is decompressed, its scale/zero-point/shape tensors are
-   dropped and the weights (the quantization grid, exactly) are loaded into the plain model class built from the
+   dropped and the weights (the quantization grid, exactly) are loaded into the plain model class built from
+   the
    config without ``quantization_config``. PEFT cannot wrap packed layers, and the decompressed-but-still-
    quantized modules run the slow compressed path; the dense copy computes the same function and trains
    normally. Written once per quantized checkpoint (``dense_dir``), reused after.
@@ -33,8 +35,18 @@ from qreason.workers.protocol import progress, versions, worker_main
 
 VERSIONED = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "compressed-tensors")
 # Per-tensor companions of a compressed weight; the dense copy keeps only the weight itself.
-QUANT_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "weight_global_scale",
-                  "input_scale", "input_zero_point", "input_global_scale", "output_scale", "output_zero_point")
+QUANT_SUFFIXES = (
+    "weight_scale",
+    "weight_zero_point",
+    "weight_shape",
+    "weight_g_idx",
+    "weight_global_scale",
+    "input_scale",
+    "input_zero_point",
+    "input_global_scale",
+    "output_scale",
+    "output_zero_point",
+)
 
 
 def pick_device(wanted: str) -> str:
@@ -70,8 +82,10 @@ def build_dense(checkpoint: str, dest: str) -> float:
     tied = set(getattr(dense, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if missing or unexpected:
-        raise RuntimeError(f"the dense copy does not match the model class (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})")
+        raise RuntimeError(
+            f"the dense copy does not match the model class (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
     parent = os.path.dirname(os.path.abspath(dest))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".dense.")
@@ -108,24 +122,47 @@ def progress_callback(label: str):
 
 def common_args(h: dict, device: str, out: str, seed: int) -> dict:
     """TrainingArguments shared by SFT and DPO: seeded, deterministic, no checkpoints, every step logged."""
-    return {"output_dir": out, "num_train_epochs": h["epochs"], "per_device_train_batch_size": h["batch_size"],
-            "gradient_accumulation_steps": 1, "learning_rate": h["learning_rate"], "lr_scheduler_type": "constant",
-            "warmup_steps": 0, "weight_decay": 0.0, "logging_steps": 1, "save_strategy": "no", "report_to": [],
-            "seed": seed, "data_seed": seed, "bf16": device == "cuda",
-            "use_cpu": device == "cpu", "disable_tqdm": True, "max_length": h["max_length"],
-            "dataloader_num_workers": 0, "remove_unused_columns": True}
+    return {
+        "output_dir": out,
+        "num_train_epochs": h["epochs"],
+        "per_device_train_batch_size": h["batch_size"],
+        "gradient_accumulation_steps": 1,
+        "learning_rate": h["learning_rate"],
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "seed": seed,
+        "data_seed": seed,
+        "bf16": device == "cuda",
+        "use_cpu": device == "cpu",
+        "disable_tqdm": True,
+        "max_length": h["max_length"],
+        "dataloader_num_workers": 0,
+        "remove_unused_columns": True,
+    }
 
 
 def lora_config(h: dict):
     from peft import LoraConfig
 
-    return LoraConfig(r=h["rank"], lora_alpha=h["alpha"], lora_dropout=h["dropout"], bias="none",
-                      target_modules=h["target_modules"], task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=h["rank"],
+        lora_alpha=h["alpha"],
+        lora_dropout=h["dropout"],
+        bias="none",
+        target_modules=h["target_modules"],
+        task_type="CAUSAL_LM",
+    )
 
 
-def train_phase(kind: str, model, tokenizer, rows: list[dict], h: dict, device: str, seed: int, label: str,
-                work: str):
-    """One TRL phase (sft or dpo) on ``model`` (a plain model: a LoRA is added; a PEFT model: trained further).
+def train_phase(
+    kind: str, model, tokenizer, rows: list[dict], h: dict, device: str, seed: int, label: str, work: str
+):
+    """One TRL phase (sft or dpo) on ``model`` (a plain model: a LoRA is added; a PEFT model: trained
+    further).
     Returns (the trained PEFT model, [(step, loss)])."""
     from datasets import Dataset
     from peft import PeftModel
@@ -136,17 +173,28 @@ def train_phase(kind: str, model, tokenizer, rows: list[dict], h: dict, device: 
         from trl import SFTConfig, SFTTrainer
 
         data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
-        trainer = SFTTrainer(model=model, args=SFTConfig(**args, completion_only_loss=True), train_dataset=data,
-                             processing_class=tokenizer, peft_config=peft_config,
-                             callbacks=[progress_callback(f"{label} sft")])
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(**args, completion_only_loss=True),
+            train_dataset=data,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[progress_callback(f"{label} sft")],
+        )
     else:
         from trl import DPOConfig, DPOTrainer
 
-        data = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-                                  for r in rows])
-        trainer = DPOTrainer(model=model, args=DPOConfig(**args, beta=h["beta"]), train_dataset=data,
-                             processing_class=tokenizer, peft_config=peft_config,
-                             callbacks=[progress_callback(f"{label} dpo")])
+        data = Dataset.from_list(
+            [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+        )
+        trainer = DPOTrainer(
+            model=model,
+            args=DPOConfig(**args, beta=h["beta"]),
+            train_dataset=data,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[progress_callback(f"{label} dpo")],
+        )
     trainer.train()
     curve = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
     return trainer.model, curve
@@ -176,7 +224,9 @@ def train_run(run: dict, dense_dir: str, device: str, seed: int) -> dict:
             rows = run["sft"] if kind == "sft" else run["dpo"]
             if not rows:
                 raise ValueError(f"{label}: no {kind} rows to train on")
-            progress(f"{label}: {kind} on {len(rows)} examples, {h['epochs']} epochs, batch {h['batch_size']}")
+            progress(
+                f"{label}: {kind} on {len(rows)} examples, {h['epochs']} epochs, batch {h['batch_size']}"
+            )
             model, curves[kind] = train_phase(kind, model, tokenizer, rows, h, device, seed, label, work)
     seconds = time.monotonic() - t0
     if "ref" in getattr(model, "peft_config", {}):
@@ -185,12 +235,12 @@ def train_run(run: dict, dense_dir: str, device: str, seed: int) -> dict:
     tokenizer.save_pretrained(run["adapter_dir"])
     progress(f"{label}: adapter saved ({seconds:.1f} s of training)")
     merge(model, tokenizer, run, label)
-    return {"train_seconds": round(seconds, 2), "loss": curves,
-            "steps": sum(len(c) for c in curves.values())}
+    return {"train_seconds": round(seconds, 2), "loss": curves, "steps": sum(len(c) for c in curves.values())}
 
 
 def merge(model, tokenizer, run: dict, label: str) -> None:
-    """The dense checkpoint (grid weights + adapter merged, bfloat16) for engines that cannot serve the adapter."""
+    """The dense checkpoint (grid weights + adapter merged, bfloat16) for engines that cannot serve the
+    adapter."""
     import torch
 
     if not run.get("merged_dir"):
@@ -213,8 +263,13 @@ def run(job: dict) -> dict:
     if not os.path.isfile(os.path.join(job["dense_dir"], "config.json")):
         dense_seconds = round(build_dense(job["checkpoint"], job["dense_dir"]), 2)
     runs = {r["name"]: train_run(r, job["dense_dir"], device, seed) for r in job["runs"]}
-    return {"versions": versions(VERSIONED), "device": device, "threads": torch.get_num_threads(),
-            "dense_seconds": dense_seconds, "runs": runs}
+    return {
+        "versions": versions(VERSIONED),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "dense_seconds": dense_seconds,
+        "runs": runs,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

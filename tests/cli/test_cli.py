@@ -5,13 +5,13 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import write_config
 
 
 def qreason(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "qreason.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "qreason.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def test_help_lists_commands_and_options():
@@ -21,13 +21,28 @@ def test_help_lists_commands_and_options():
     assert "--output-dir" in qreason("run", "--help").stdout
 
 
-@pytest.mark.parametrize("config, where, message", [
-    ("name: x\ntasks:\n  - name: synthetic\nsampling: {max_tokens: 0}\n", "run.yaml:4", "sampling.max_tokens"),
-    ("name: x\ntasks:\n  - name: gsm8k\n    data: missing.jsonl\n", "missing.jsonl", "data file not found"),
-    ("name: x\ntasks:\n  - name: gsm8k\n    data: bad.jsonl\n", "bad.jsonl:2", "invalid JSON"),
-    ("name: x\ntasks:\n  - name: nosuchtask\n", "task 'nosuchtask'", "no such task"),
-    ("name: x\nmodel: {path: ./no/such/dir}\ntasks:\n  - name: synthetic\n", "model ./no/such/dir", "no such"),
-])
+@pytest.mark.parametrize(
+    "config, where, message",
+    [
+        (
+            "name: x\ntasks:\n  - name: synthetic\nsampling: {max_tokens: 0}\n",
+            "run.yaml:4",
+            "sampling.max_tokens",
+        ),
+        (
+            "name: x\ntasks:\n  - name: gsm8k\n    data: missing.jsonl\n",
+            "missing.jsonl",
+            "data file not found",
+        ),
+        ("name: x\ntasks:\n  - name: gsm8k\n    data: bad.jsonl\n", "bad.jsonl:2", "invalid JSON"),
+        ("name: x\ntasks:\n  - name: nosuchtask\n", "task 'nosuchtask'", "no such task"),
+        (
+            "name: x\nmodel: {path: ./no/such/dir}\ntasks:\n  - name: synthetic\n",
+            "model ./no/such/dir",
+            "no such",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, config, where, message):
     (tmp_path / "bad.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n{oops\n')
     cfg = write_config(tmp_path / "run.yaml", config)

@@ -16,15 +16,21 @@ def test_minimal_config_gets_sensible_defaults():
     assert cfg.sampling.seeds == [0] and cfg.sampling.max_tokens > 0
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("name: demo\ntasks:\n  - name: gsm8k\nsampling:\n  temperature: -1\n", "run.yaml:5: sampling.temperature"),
-    ("name: demo\ntasks:\n  - name: gsm8k\n    limt: 3\n", "run.yaml:4: tasks.0.limt: Extra inputs"),
-    ("name: demo\ntasks: []\n", "run.yaml:2: tasks"),
-    ("name: demo\ntasks:\n  - name: a\n   bad\n", "run.yaml:4: invalid YAML"),
-    ("- just a list\n", "run.yaml: a run config must be a YAML mapping"),
-    ("name: 'has space'\ntasks:\n  - name: a\n", "run.yaml:1: name"),
-    ("name: d\ntasks:\n  - name: a\nsampling:\n  seeds: [1, 1]\n", "run.yaml:5: sampling.seeds"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "name: demo\ntasks:\n  - name: gsm8k\nsampling:\n  temperature: -1\n",
+            "run.yaml:5: sampling.temperature",
+        ),
+        ("name: demo\ntasks:\n  - name: gsm8k\n    limt: 3\n", "run.yaml:4: tasks.0.limt: Extra inputs"),
+        ("name: demo\ntasks: []\n", "run.yaml:2: tasks"),
+        ("name: demo\ntasks:\n  - name: a\n   bad\n", "run.yaml:4: invalid YAML"),
+        ("- just a list\n", "run.yaml: a run config must be a YAML mapping"),
+        ("name: 'has space'\ntasks:\n  - name: a\n", "run.yaml:1: name"),
+        ("name: d\ntasks:\n  - name: a\nsampling:\n  seeds: [1, 1]\n", "run.yaml:5: sampling.seeds"),
+    ],
+)
 def test_errors_name_the_file_line_and_field(text, expected):
     message = error_of(text)
     assert message.startswith(expected), message

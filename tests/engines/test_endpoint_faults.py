@@ -15,26 +15,32 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler
 
 import pytest
-
 from fault_server import JsonServer
 from judge_helpers import make_run
+
 from qreason.config.schema import OpenAIConfig, SamplingConfig
 from qreason.engines import GenerationRequest
-from qreason.stages.generate import run_generation
 from qreason.engines.openai import OpenAIBackend
-from qreason.stages.judge import JudgeConfig, run_judging
 from qreason.inputs.models import ResolvedModel
 from qreason.records import Generation
+from qreason.stages.generate import run_generation
+from qreason.stages.judge import JudgeConfig, run_judging
 from qreason.store import Table
 
 SECRET = "sk-hostile-secret-0123456789"
-GOOD = {"rationale": "Step 1 adds wrongly.", "first_error_step": 0, "error_type": "Execution",
-        "sub_type": "computational_error", "capability": "numerical_computation"}
+GOOD = {
+    "rationale": "Step 1 adds wrongly.",
+    "first_error_step": 0,
+    "error_type": "Execution",
+    "sub_type": "computational_error",
+    "capability": "numerical_computation",
+}
 SOLUTION = "Step 1: 2 + 2 = 4.\nThe final answer is \\boxed{4}."
 
 
 class Hostile(JsonServer):
-    """Each request carries FAULT:<marker> in its messages; the marker's script says what the n-th request with it
+    """Each request carries FAULT:<marker> in its messages; the marker's script says what the n-th request
+    with it
     gets (the last action repeats)."""
 
     def __init__(self, scripts: dict[str, list[str]], content: str):
@@ -83,11 +89,23 @@ class Hostile(JsonServer):
         if action == "html":
             return self.send(h, 200, b"<html><body>gateway says hi</body></html>", "text/html")
         if action == "refusal":
-            return self.reply(h, self.completion(self.choice(
-                {"role": "assistant", "content": None, "refusal": "I cannot help with grading this."})))
+            return self.reply(
+                h,
+                self.completion(
+                    self.choice(
+                        {"role": "assistant", "content": None, "refusal": "I cannot help with grading this."}
+                    )
+                ),
+            )
         if action == "length":
-            return self.reply(h, self.completion(self.choice(
-                {"role": "assistant", "content": '{"rationale": "Step 1 adds'}, finish="length")))
+            return self.reply(
+                h,
+                self.completion(
+                    self.choice(
+                        {"role": "assistant", "content": '{"rationale": "Step 1 adds'}, finish="length"
+                    )
+                ),
+            )
         if action == "surrogate":
             text = self.content.replace("2 + 2", "2 \ud800 + 2")
             return self.reply(h, self.completion(self.choice({"role": "assistant", "content": text})))
@@ -110,7 +128,9 @@ class Hostile(JsonServer):
         self.send(h, status, json.dumps(payload).encode(), headers=headers)
 
     def drip(self, h) -> None:
-        payload = json.dumps(self.completion(self.choice({"role": "assistant", "content": self.content}))).encode()
+        payload = json.dumps(
+            self.completion(self.choice({"role": "assistant", "content": self.content}))
+        ).encode()
         try:
             h.send_response(200)
             h.send_header("Content-Type", "application/json")
@@ -126,22 +146,46 @@ class Hostile(JsonServer):
 
 # ---------------------------------------------------------------------------------------------- generation
 
+
 def backend(url: str, **kw) -> OpenAIBackend:
-    cfg = OpenAIConfig(base_url=url, model="m", api_key_env="QREASON_HOSTILE_KEY", concurrency=8,
-                        max_retries=kw.pop("max_retries", 2), timeout_s=kw.pop("timeout_s", 2.0), **kw)
+    cfg = OpenAIConfig(
+        base_url=url,
+        model="m",
+        api_key_env="QREASON_HOSTILE_KEY",
+        concurrency=8,
+        max_retries=kw.pop("max_retries", 2),
+        timeout_s=kw.pop("timeout_s", 2.0),
+        **kw,
+    )
     return OpenAIBackend(cfg, ResolvedModel("m", "m", "fp", "endpoint"))
 
 
 def requests_for(markers) -> list[GenerationRequest]:
-    return [GenerationRequest(key=f"k-{m}-{i}", variant="v", model_fingerprint="fp", task="t", problem_id=f"{m}{i}",
-                              messages=[{"role": "user", "content": f"FAULT:{m} what is 2 + 2?"}], seed=0)
-            for i, m in enumerate(markers)]
+    return [
+        GenerationRequest(
+            key=f"k-{m}-{i}",
+            variant="v",
+            model_fingerprint="fp",
+            task="t",
+            problem_id=f"{m}{i}",
+            messages=[{"role": "user", "content": f"FAULT:{m} what is 2 + 2?"}],
+            seed=0,
+        )
+        for i, m in enumerate(markers)
+    ]
 
 
 GEN_SCRIPTS = {
-    "ok": ["ok"], "empty_choices": ["empty_choices", "ok"], "no_choices": ["no_choices", "ok"],
-    "null_message": ["null_message", "ok"], "no_message": ["no_message", "ok"], "int_content": ["int_content"],
-    "list_body": ["list_body", "ok"], "html": ["html"], "refusal": ["refusal"], "surrogate": ["surrogate"],
+    "ok": ["ok"],
+    "empty_choices": ["empty_choices", "ok"],
+    "no_choices": ["no_choices", "ok"],
+    "null_message": ["null_message", "ok"],
+    "no_message": ["no_message", "ok"],
+    "int_content": ["int_content"],
+    "list_body": ["list_body", "ok"],
+    "html": ["html"],
+    "refusal": ["refusal"],
+    "surrogate": ["surrogate"],
 }
 
 
@@ -153,20 +197,32 @@ def test_generation_survives_replies_of_any_shape(tmp_path, monkeypatch, caplog)
     with Hostile(GEN_SCRIPTS, SOLUTION) as server:
         stats = run_generation(table, requests_for(markers), backend(server.base_url), SamplingConfig())
     by = {g.problem_id.rstrip("0123456789"): g for g in table.all()}
-    # the malformed ones were retried here and then succeeded; what never became readable is reported, not stored
-    assert set(by) == {"ok", "empty_choices", "no_choices", "null_message", "no_message", "list_body", "refusal",
-                       "surrogate"}
+    # the malformed ones were retried here and then succeeded; what never became readable is reported, not
+    # stored
+    assert set(by) == {
+        "ok",
+        "empty_choices",
+        "no_choices",
+        "null_message",
+        "no_message",
+        "list_body",
+        "refusal",
+        "surrogate",
+    }
     assert stats.failed == 2 and stats.produced == 8
     assert server.counts["int_content"] == 3 and server.counts["html"] == 3
     # a refusal is kept, as such
-    assert by["refusal"].text == "I cannot help with grading this." and by["refusal"].finish_reason == "refusal"
+    assert (
+        by["refusal"].text == "I cannot help with grading this." and by["refusal"].finish_reason == "refusal"
+    )
     # a lone surrogate was replaced, and the whole batch was stored
     assert "\ud800" not in by["surrogate"].text and "\ufffd" in by["surrogate"].text
     assert SECRET not in caplog.text
 
 
 def test_generation_stops_at_once_when_the_endpoint_refuses_the_request(tmp_path, monkeypatch, caplog):
-    """401/403/400 are not retried and not reported once per item: one clear error for the run, with the key and
+    """401/403/400 are not retried and not reported once per item: one clear error for the run, with the key
+    and
     the URL's secrets redacted."""
     from qreason.errors import UserError
 
@@ -177,7 +233,9 @@ def test_generation_stops_at_once_when_the_endpoint_refuses_the_request(tmp_path
         with Hostile({code: [code]}, SOLUTION) as server:
             url = server.base_url.replace("http://", f"http://user:{SECRET}@") + "?api-key=" + SECRET
             with pytest.raises(UserError) as err:
-                run_generation(table, requests_for([code] * 30), backend(url, max_retries=3), SamplingConfig())
+                run_generation(
+                    table, requests_for([code] * 30), backend(url, max_retries=3), SamplingConfig()
+                )
         msg = str(err.value)
         assert code in msg and "refused" in msg and len(msg.splitlines()) == 1
         assert SECRET not in msg
@@ -187,13 +245,21 @@ def test_generation_stops_at_once_when_the_endpoint_refuses_the_request(tmp_path
 
 
 def test_generation_deadline_huge_body_and_retry_after(tmp_path):
-    scripts = {"drip": ["drip"], "huge": ["huge"], "retry_date": ["retry_date", "ok"],
-               "retry_long": ["retry_long"]}
+    scripts = {
+        "drip": ["drip"],
+        "huge": ["huge"],
+        "retry_date": ["retry_date", "ok"],
+        "retry_long": ["retry_long"],
+    }
     table = Table(tmp_path / "generations.jsonl", Generation)
     with Hostile(scripts, SOLUTION) as server:
         t0 = time.monotonic()
-        stats = run_generation(table, requests_for(scripts), backend(server.base_url, max_retries=1, timeout_s=1.0),
-                               SamplingConfig())
+        stats = run_generation(
+            table,
+            requests_for(scripts),
+            backend(server.base_url, max_retries=1, timeout_s=1.0),
+            SamplingConfig(),
+        )
         elapsed = time.monotonic() - t0
     # the dripping body would take ~30 s per attempt; each attempt is cut at timeout_s
     assert elapsed < 20
@@ -213,21 +279,50 @@ def test_backend_name_has_no_secret(monkeypatch):
 # ---------------------------------------------------------------------------------------------- judge
 
 JUDGE_SCRIPTS = {
-    "ok": ["ok"], "empty_choices": ["empty_choices"], "no_choices": ["no_choices"], "null_message": ["null_message"],
-    "no_message": ["no_message"], "int_content": ["int_content"], "list_body": ["list_body"], "html": ["html"],
-    "refusal": ["refusal"], "length": ["length"], "surrogate": ["surrogate"], "retry_date": ["retry_date", "ok"],
-    "retry_long": ["retry_long"], "drip": ["drip"], "huge": ["huge"], "fixed": ["null_message", "ok"],
+    "ok": ["ok"],
+    "empty_choices": ["empty_choices"],
+    "no_choices": ["no_choices"],
+    "null_message": ["null_message"],
+    "no_message": ["no_message"],
+    "int_content": ["int_content"],
+    "list_body": ["list_body"],
+    "html": ["html"],
+    "refusal": ["refusal"],
+    "length": ["length"],
+    "surrogate": ["surrogate"],
+    "retry_date": ["retry_date", "ok"],
+    "retry_long": ["retry_long"],
+    "drip": ["drip"],
+    "huge": ["huge"],
+    "fixed": ["null_message", "ok"],
 }
 
 
 def judge_spec(url: str, **kw) -> dict:
-    return {"name": "hostile", "base_url": url, "model": "m", "api_key_env": "QREASON_HOSTILE_KEY",
-            "concurrency": 16, "timeout_s": 1.0, "max_retries": 1, "invalid_retries": 1, "backoff_s": 0.01, **kw}
+    return {
+        "name": "hostile",
+        "base_url": url,
+        "model": "m",
+        "api_key_env": "QREASON_HOSTILE_KEY",
+        "concurrency": 16,
+        "timeout_s": 1.0,
+        "max_retries": 1,
+        "invalid_retries": 1,
+        "backoff_s": 0.01,
+        **kw,
+    }
 
 
 def cases(markers):
-    return [(f"{m}", f"FAULT:{m} Ana has 2 apples and buys 2 more. How many?", "4",
-             {"q4": ("Step 1: 2 + 2 = 5.\nThe answer is \\boxed{5}.", "wrong")}) for m in markers]
+    return [
+        (
+            f"{m}",
+            f"FAULT:{m} Ana has 2 apples and buys 2 more. How many?",
+            "4",
+            {"q4": ("Step 1: 2 + 2 = 5.\nThe answer is \\boxed{5}.", "wrong")},
+        )
+        for m in markers
+    ]
 
 
 def test_judge_survives_every_hostile_reply(tmp_path, monkeypatch, caplog):
@@ -261,9 +356,11 @@ def test_judge_survives_every_hostile_reply(tmp_path, monkeypatch, caplog):
 @pytest.mark.parametrize("code", ["401", "403", "400"])
 def test_judge_refused_by_the_endpoint_gives_one_error_not_one_record_per_item(tmp_path, monkeypatch, code):
     monkeypatch.setenv("QREASON_HOSTILE_KEY", SECRET)
-    store = make_run(tmp_path / "run", cases([code] * 1 + [f"{code}"] * 0)
-                     + [(f"x{i}", f"FAULT:{code} q{i}", "4", {"q4": ("Step 1: 2 + 2 = 5.", "wrong")})
-                        for i in range(20)])
+    store = make_run(
+        tmp_path / "run",
+        cases([code] * 1 + [f"{code}"] * 0)
+        + [(f"x{i}", f"FAULT:{code} q{i}", "4", {"q4": ("Step 1: 2 + 2 = 5.", "wrong")}) for i in range(20)],
+    )
     with Hostile({code: [code]}, json.dumps(GOOD)) as server:
         url = server.base_url + f"?api-key={SECRET}"
         stats = run_judging(store, JudgeConfig.model_validate({"judges": [judge_spec(url, concurrency=2)]}))
@@ -280,14 +377,20 @@ def test_judge_cli_reports_a_refusing_endpoint_once(tmp_path, monkeypatch):
 
     from conftest import REPO
 
-    store = make_run(tmp_path / "run", cases(["401"] * 1)
-                     + [(f"x{i}", f"FAULT:401 q{i}", "4", {"q4": ("Step 1: 2 + 2 = 5.", "wrong")}) for i in range(5)])
+    store = make_run(
+        tmp_path / "run",
+        cases(["401"] * 1)
+        + [(f"x{i}", f"FAULT:401 q{i}", "4", {"q4": ("Step 1: 2 + 2 = 5.", "wrong")}) for i in range(5)],
+    )
     with Hostile({"401": ["401"]}, json.dumps(GOOD)) as server:
         spec = json.dumps(judge_spec(server.base_url))
-        result = subprocess.run([sys.executable, "-m", "qreason.cli", "judge", str(store.dir), "--judge", spec],
-                                capture_output=True, text=True, timeout=120,
-                                env={**__import__("os").environ, "PYTHONPATH": str(REPO),
-                                     "QREASON_HOSTILE_KEY": SECRET})
+        result = subprocess.run(
+            [sys.executable, "-m", "qreason.cli", "judge", str(store.dir), "--judge", spec],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**__import__("os").environ, "PYTHONPATH": str(REPO), "QREASON_HOSTILE_KEY": SECRET},
+        )
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("refused the request") == 1 and "401" in result.stderr
     assert SECRET not in result.stderr + result.stdout
@@ -313,8 +416,10 @@ def test_endpoint_error_echoing_the_key_is_redacted_in_records(tmp_path, monkeyp
 def test_a_panel_member_that_raises_is_recorded_and_the_panel_goes_on(tmp_path, monkeypatch):
     from qreason.stages.judge.client import JudgeClient
 
-    store = make_run(tmp_path / "run", [(f"p{i}", f"FAULT:ok q{i}", "4", {"q4": ("Step 1: 2 + 2 = 5.", "wrong")})
-                                        for i in range(2)])
+    store = make_run(
+        tmp_path / "run",
+        [(f"p{i}", f"FAULT:ok q{i}", "4", {"q4": ("Step 1: 2 + 2 = 5.", "wrong")}) for i in range(2)],
+    )
     real = JudgeClient.judge
 
     async def judge(self, req):
@@ -324,8 +429,9 @@ def test_a_panel_member_that_raises_is_recorded_and_the_panel_goes_on(tmp_path, 
 
     monkeypatch.setattr(JudgeClient, "judge", judge)
     with Hostile({"ok": ["ok"]}, json.dumps(GOOD)) as server:
-        cfg = JudgeConfig.model_validate({"judges": [judge_spec(server.base_url, name="good"),
-                                                     judge_spec(server.base_url, name="broken")]})
+        cfg = JudgeConfig.model_validate(
+            {"judges": [judge_spec(server.base_url, name="good"), judge_spec(server.base_url, name="broken")]}
+        )
         stats = run_judging(store, cfg)
     assert stats.judges["good"]["ok"] == 2 and stats.judges["broken"]["judge_error"] == 2
     broken = [j for j in store.judgments.all() if j.judge == "broken"]
@@ -349,13 +455,19 @@ def test_run_against_a_refusing_endpoint_is_one_line_exit_2_and_leaks_nothing(tm
 
     with Refuse({}, "") as server:
         cfg = tmp_path / "run.yaml"
-        cfg.write_text("name: ep\noutput_dir: out\nmodel: {path: smollm2}\ntasks: [{name: synthetic, limit: 12}]\n"
-                       "sampling: {max_tokens: 48}\n"
-                       f"backend: {{kind: openai, base_url: '{server.base_url}?key=${{QREASON_HOSTILE_KEY}}', "
-                       "model: smollm2, concurrency: 3, api_key_env: QREASON_HOSTILE_KEY}\n")
-        result = subprocess.run([sys.executable, "-m", "qreason.cli", "run", str(cfg)], capture_output=True,
-                                text=True, timeout=300,
-                                env={**os.environ, "PYTHONPATH": str(REPO), "QREASON_HOSTILE_KEY": SECRET})
+        cfg.write_text(
+            "name: ep\noutput_dir: out\nmodel: {path: smollm2}\ntasks: [{name: synthetic, limit: 12}]\n"
+            "sampling: {max_tokens: 48}\n"
+            f"backend: {{kind: openai, base_url: '{server.base_url}?key=${{QREASON_HOSTILE_KEY}}', "
+            "model: smollm2, concurrency: 3, api_key_env: QREASON_HOSTILE_KEY}\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "qreason.cli", "run", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": str(REPO), "QREASON_HOSTILE_KEY": SECRET},
+        )
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("qreason: error")]
     assert len(errors) == 1 and "401" in errors[0] and "refused" in errors[0]

@@ -3,15 +3,16 @@
 import json
 
 import pytest
-
-from qreason.pipeline.runner import run
-
 from conftest import write_config
 from fault_server import FaultServer
 
+from qreason.pipeline.runner import run
+
 
 def endpoint_config(tmp_path, base_url: str, n: int = 4, seeds: str = "[0]", timeout_s: float = 2) -> str:
-    return write_config(tmp_path / "run.yaml", f"""
+    return write_config(
+        tmp_path / "run.yaml",
+        f"""
 name: ep
 output_dir: out
 model: {{path: smollm2}}
@@ -19,7 +20,8 @@ tasks: [{{name: synthetic, limit: {n}}}]
 sampling: {{max_tokens: 48, seeds: {seeds}}}
 backend: {{kind: openai, base_url: "{base_url}", model: smollm2, concurrency: 3, max_retries: 3,
            timeout_s: {timeout_s}, api_key_env: QREASON_TEST_KEY}}
-""")
+""",
+    )
 
 
 @pytest.mark.server
@@ -28,8 +30,9 @@ def test_real_server_generates_grades_and_caches(openai_server, tmp_path):
     first = run(cfg)
     assert first.generations.produced == 8 and first.generations.failed == 0
     gens = [json.loads(line) for line in (tmp_path / "out" / "generations.jsonl").read_text().splitlines()]
-    assert all(g["text"] and g["completion_tokens"] > 0 and g["finish_reason"] in {"stop", "length"}
-               for g in gens)
+    assert all(
+        g["text"] and g["completion_tokens"] > 0 and g["finish_reason"] in {"stop", "length"} for g in gens
+    )
     assert {g["backend"] for g in gens} == {f"openai-compatible:{openai_server}"}
     assert sum(first.results[0].outcomes.values()) == 8
     second = run(cfg)
@@ -52,7 +55,11 @@ def test_retries_429_500_drops_and_timeouts_then_succeeds(tmp_path, monkeypatch)
 def test_permanent_failure_is_reported_not_stored_and_retried_next_time(tmp_path):
     with FaultServer([], default="500") as server:
         summary = run(endpoint_config(tmp_path, server.base_url, n=2))
-    assert summary.generations.model_dump() == {**summary.generations.model_dump(), "produced": 0, "failed": 2}
+    assert summary.generations.model_dump() == {
+        **summary.generations.model_dump(),
+        "produced": 0,
+        "failed": 2,
+    }
     assert not (tmp_path / "out" / "generations.jsonl").exists()
     with FaultServer([]) as server:
         again = run(endpoint_config(tmp_path, server.base_url, n=2))

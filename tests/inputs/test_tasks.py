@@ -3,14 +3,13 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
-from qreason.inputs import synthetic
 from qreason.config.schema import LoadedConfig, parse_config
 from qreason.errors import UserError
+from qreason.inputs import synthetic
 from qreason.inputs.steps import split_steps
 from qreason.inputs.tasks import build_messages, load_problems, load_spec
-
-from conftest import SHARED_DATA
 
 
 def loaded(tmp_path: Path, tasks_yaml: str) -> LoadedConfig:
@@ -54,14 +53,23 @@ def test_synthetic_task_records_difficulty(tmp_path):
 
 
 def test_local_gsm8k_style_file_extracts_answer_and_reference_steps(tmp_path):
-    data = write_jsonl(tmp_path / "g.jsonl", [
-        {"question": "Tom has 3 bags of 4 apples. How many apples?", "answer": "3 * 4 = <<3*4=12>>12\n#### 12"},
-        {"question": "A shop sells 1,000 pens and 234 more.", "answer": "1000 + 234 = 1234\n#### 1,234"}])
+    data = write_jsonl(
+        tmp_path / "g.jsonl",
+        [
+            {
+                "question": "Tom has 3 bags of 4 apples. How many apples?",
+                "answer": "3 * 4 = <<3*4=12>>12\n#### 12",
+            },
+            {"question": "A shop sells 1,000 pens and 234 more.", "answer": "1000 + 234 = 1234\n#### 1,234"},
+        ],
+    )
     cfg = loaded(tmp_path, f"  - name: gsm8k\n    data: {data}\n")
     spec, problems = load_problems(cfg.config.tasks[0], cfg.base_dir)
     assert [p.answer for p in problems] == ["12", "1234"]
     assert [p.problem_id for p in problems] == ["0", "1"]
-    assert problems[0].meta["reference_steps"] == ["3 * 4 = 12"] and problems[0].meta["n_reference_steps"] == 1
+    assert (
+        problems[0].meta["reference_steps"] == ["3 * 4 = 12"] and problems[0].meta["n_reference_steps"] == 1
+    )
 
 
 def test_bad_jsonl_line_names_file_and_line(tmp_path):
@@ -92,9 +100,14 @@ def test_hub_source_unreachable_suggests_local_data(tmp_path):
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared data not present")
-@pytest.mark.parametrize("task, file, answer_type", [("gsm8k", "gsm8k_test.jsonl", "number"),
-                                                    ("math500", "math500.jsonl", "latex"),
-                                                    ("aime24", "aime2024.jsonl", "integer")])
+@pytest.mark.parametrize(
+    "task, file, answer_type",
+    [
+        ("gsm8k", "gsm8k_test.jsonl", "number"),
+        ("math500", "math500.jsonl", "latex"),
+        ("aime24", "aime2024.jsonl", "integer"),
+    ],
+)
 def test_real_datasets_load_by_path(tmp_path, task, file, answer_type):
     cfg = loaded(tmp_path, f"  - name: {task}\n    data: {SHARED_DATA / file}\n    limit: 20\n")
     spec, problems = load_problems(cfg.config.tasks[0], cfg.base_dir)
@@ -111,17 +124,24 @@ def test_messages_ask_for_numbered_steps_and_boxed_answer_with_optional_example(
     spec, (problem,) = load_problems(cfg.config.tasks[0], cfg.base_dir)
     plain = build_messages(spec, problem, format_example=False)
     shown = build_messages(spec, problem, format_example=True)
-    assert [m["role"] for m in plain] == ["user"] and [m["role"] for m in shown] == ["user", "assistant", "user"]
+    assert [m["role"] for m in plain] == ["user"] and [m["role"] for m in shown] == [
+        "user",
+        "assistant",
+        "user",
+    ]
     assert problem.question in plain[-1]["content"] and "Step 1" in plain[-1]["content"]
     assert "\\boxed" in plain[-1]["content"] and "\\boxed{" in shown[1]["content"]
 
 
-@pytest.mark.parametrize("text, steps", [
-    ("Step 1: a\nStep 2: b\nThe answer is 3", ["a", "b\nThe answer is 3"]),
-    ("Intro.\n**Step 1:** a\n**Step 2.** b", ["Intro.\na", "b"]),
-    ("first paragraph\n\nsecond paragraph", ["first paragraph", "second paragraph"]),
-    ("line one\nline two", ["line one", "line two"]),
-    ("", []),
-])
+@pytest.mark.parametrize(
+    "text, steps",
+    [
+        ("Step 1: a\nStep 2: b\nThe answer is 3", ["a", "b\nThe answer is 3"]),
+        ("Intro.\n**Step 1:** a\n**Step 2.** b", ["Intro.\na", "b"]),
+        ("first paragraph\n\nsecond paragraph", ["first paragraph", "second paragraph"]),
+        ("line one\nline two", ["line one", "line two"]),
+        ("", []),
+    ],
+)
 def test_split_steps(text, steps):
     assert split_steps(text) == steps

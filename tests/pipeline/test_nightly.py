@@ -9,16 +9,15 @@ import sys
 import time
 
 import pytest
-
-from qreason.config.schema import GatesConfig
-from qreason.stages.gates import GATE_EXIT_CODE, check_gates
-from qreason.records import Judgment
-from qreason.pipeline.runner import run
-from qreason.store import RunLock
-from qreason.inputs.synthetic import generate as synthetic_rows
-
 from conftest import write_config
 from fault_server import FaultServer
+
+from qreason.config.schema import GatesConfig
+from qreason.inputs.synthetic import generate as synthetic_rows
+from qreason.pipeline.runner import run
+from qreason.records import Judgment
+from qreason.stages.gates import GATE_EXIT_CODE, check_gates
+from qreason.store import RunLock
 
 ANSWERS = {r["question"]: r["answer"] for r in synthetic_rows(n=6, seed=0)}
 
@@ -28,11 +27,14 @@ def solver(right: bool):
         question = body["messages"][-1]["content"].split("Problem: ", 1)[1]
         answer = int(ANSWERS[question]) + (0 if right else 1)
         return f"Step 1: I count carefully.\nThe final answer is \\boxed{{{answer}}}."
+
     return reply
 
 
 def config(tmp_path, base_url: str, model: str, gates: str = "") -> str:
-    return write_config(tmp_path / "nightly.yaml", f"""
+    return write_config(
+        tmp_path / "nightly.yaml",
+        f"""
 name: nightly
 output_dir: ${{RUN_ROOT}}/nightly
 model: {{path: endpoint-model}}
@@ -40,7 +42,8 @@ tasks: [{{name: synthetic, limit: 6}}]
 sampling: {{max_tokens: 64}}
 backend: {{kind: openai, base_url: "{base_url}", model: {model}, max_retries: 0}}
 curate: {{enabled: false}}
-{gates}""")
+{gates}""",
+    )
 
 
 def test_gate_trips_on_a_regression_against_the_previous_night(tmp_path, monkeypatch):
@@ -50,11 +53,17 @@ def test_gate_trips_on_a_regression_against_the_previous_night(tmp_path, monkeyp
         first = run(config(tmp_path, good.base_url, "m-good", gates))
     assert first.results[0].accuracy_mean == 1.0 and first.gates.passed
     stored = (tmp_path / "out" / "nightly" / "config.yaml").read_text()
-    assert "${RUN_ROOT}" in stored and str(tmp_path) not in stored  # references are kept, never expanded values
+    assert (
+        "${RUN_ROOT}" in stored and str(tmp_path) not in stored
+    )  # references are kept, never expanded values
     with FaultServer([], content=solver(False)) as bad:  # tonight's model is broken
         cfg = config(tmp_path, bad.base_url, "m-bad", gates)
-        result = subprocess.run([sys.executable, "-m", "qreason.cli", "run", str(cfg)], capture_output=True,
-                                text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-m", "qreason.cli", "run", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert result.returncode == GATE_EXIT_CODE, result.stderr
     assert "regression gates tripped" in result.stderr
     assert re.search(r"base/synthetic: accuracy 0\.0% is 100\.0 points below the previous run", result.stderr)
@@ -66,26 +75,65 @@ def test_gate_trips_on_a_regression_against_the_previous_night(tmp_path, monkeyp
 def test_gates_against_the_base_and_the_judge_error_rate():
     from qreason.summary import RunSummary
 
-    summary = RunSummary(results=[
-        {"variant": v, "task": "gsm8k", "n_problems": 100, "seeds": [0], "accuracy_per_seed": {0: acc},
-         "accuracy_mean": acc, "accuracy_std": 0.0, "outcomes": {}}
-        for v, acc in (("base", 0.60), ("gptq", 0.57), ("rtn", 0.40))])
-    judgments = [Judgment(key=str(i), generation_key=str(i), variant="rtn", task="gsm8k", problem_id=str(i), seed=0,
-                          judge="j1" if i < 4 else "rules", status="judge_error" if i == 0 else "ok",
-                          created_at="now") for i in range(6)]
-    tripped = check_gates(GatesConfig(max_drop=0.05, max_judge_error_rate=0.2), summary, "base", None, judgments)
-    assert tripped == ["rtn/gsm8k: accuracy 40.0% is 20.0 points below base (60.0%); the limit is 5.0",
-                       "judge error rate 25.0% of 4 LLM judgments exceeds 20.0%"]
-    assert check_gates(GatesConfig(max_drop=0.05), summary.model_copy(update={"results": summary.results[:2]}), "base", None,
-                       []) == []
+    summary = RunSummary(
+        results=[
+            {
+                "variant": v,
+                "task": "gsm8k",
+                "n_problems": 100,
+                "seeds": [0],
+                "accuracy_per_seed": {0: acc},
+                "accuracy_mean": acc,
+                "accuracy_std": 0.0,
+                "outcomes": {},
+            }
+            for v, acc in (("base", 0.60), ("gptq", 0.57), ("rtn", 0.40))
+        ]
+    )
+    judgments = [
+        Judgment(
+            key=str(i),
+            generation_key=str(i),
+            variant="rtn",
+            task="gsm8k",
+            problem_id=str(i),
+            seed=0,
+            judge="j1" if i < 4 else "rules",
+            status="judge_error" if i == 0 else "ok",
+            created_at="now",
+        )
+        for i in range(6)
+    ]
+    tripped = check_gates(
+        GatesConfig(max_drop=0.05, max_judge_error_rate=0.2), summary, "base", None, judgments
+    )
+    assert tripped == [
+        "rtn/gsm8k: accuracy 40.0% is 20.0 points below base (60.0%); the limit is 5.0",
+        "judge error rate 25.0% of 4 LLM judgments exceeds 20.0%",
+    ]
+    assert (
+        check_gates(
+            GatesConfig(max_drop=0.05),
+            summary.model_copy(update={"results": summary.results[:2]}),
+            "base",
+            None,
+            [],
+        )
+        == []
+    )
 
 
 def test_second_run_on_the_same_directory_refuses_cleanly(tmp_path, monkeypatch):
     monkeypatch.setenv("RUN_ROOT", str(tmp_path / "out"))
     cfg = config(tmp_path, "http://127.0.0.1:9/v1", "m")
     with RunLock(tmp_path / "out" / "nightly"):
-        result = subprocess.run([sys.executable, "-m", "qreason.cli", "run", str(cfg)], capture_output=True,
-                                text=True, timeout=300, env={**os.environ})
+        result = subprocess.run(
+            [sys.executable, "-m", "qreason.cli", "run", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ},
+        )
     assert result.returncode == 2
     assert "another qreason run" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "nightly" / "generations.jsonl").exists()
@@ -94,28 +142,53 @@ def test_second_run_on_the_same_directory_refuses_cleanly(tmp_path, monkeypatch)
 def test_unset_environment_reference_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.delenv("RUN_ROOT", raising=False)
     cfg = config(tmp_path, "http://127.0.0.1:9/v1", "m")
-    result = subprocess.run([sys.executable, "-m", "qreason.cli", "run", str(cfg)], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 2 and "nightly.yaml:3: environment variable RUN_ROOT is not set" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "qreason.cli", "run", str(cfg)], capture_output=True, text=True, timeout=300
+    )
+    assert (
+        result.returncode == 2 and "nightly.yaml:3: environment variable RUN_ROOT is not set" in result.stderr
+    )
 
 
 def test_plan_and_compare(tmp_path, monkeypatch):
     monkeypatch.setenv("RUN_ROOT", str(tmp_path / "a"))
     with FaultServer([], content=solver(True)) as server:
         cfg = config(tmp_path, server.base_url, "m")
-        before = subprocess.run([sys.executable, "-m", "qreason.cli", "plan", str(cfg)], capture_output=True,
-                                text=True, timeout=300)
-        assert before.returncode == 0 and "generate  base                   6 to do, 0 cached" in before.stdout
+        before = subprocess.run(
+            [sys.executable, "-m", "qreason.cli", "plan", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert (
+            before.returncode == 0 and "generate  base                   6 to do, 0 cached" in before.stdout
+        )
         assert "executor  local: the jobs below run in turn" in before.stdout
         run(cfg)
-        after = subprocess.run([sys.executable, "-m", "qreason.cli", "plan", str(cfg)], capture_output=True,
-                               text=True, timeout=300)
+        after = subprocess.run(
+            [sys.executable, "-m", "qreason.cli", "plan", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert "0 to do, 6 cached" in after.stdout
     monkeypatch.setenv("RUN_ROOT", str(tmp_path / "b"))
     with FaultServer([], content=solver(False)) as server:
         run(config(tmp_path, server.base_url, "m"))
-    out = subprocess.run([sys.executable, "-m", "qreason.cli", "compare", str(tmp_path / "a" / "nightly"),
-                          str(tmp_path / "b" / "nightly"), "--json"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qreason.cli",
+            "compare",
+            str(tmp_path / "a" / "nightly"),
+            str(tmp_path / "b" / "nightly"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     (row,) = json.loads(out.stdout)
     assert (row["variant"], row["pairs"], row["lost"], row["gained"]) == ("base", 6, 6, 0)
     assert row["mcnemar_p"] == pytest.approx(2 / 64)
@@ -123,8 +196,8 @@ def test_plan_and_compare(tmp_path, monkeypatch):
 
 def test_prune_forgets_old_runs_and_unused_checkpoints(tmp_path, monkeypatch):
     from qreason.records import ModelVariant
-    from qreason.store.retention import prune
     from qreason.store import RunIndex, RunStore, mark_run_dir
+    from qreason.store.retention import prune
 
     monkeypatch.setenv("QREASON_CACHE", str(tmp_path / "cache"))
     quant = tmp_path / "cache" / "quantized"
@@ -136,9 +209,20 @@ def test_prune_forgets_old_runs_and_unused_checkpoints(tmp_path, monkeypatch):
     old, new = tmp_path / "old", tmp_path / "new"
     for d in (old, new):
         mark_run_dir(d, "n")
-        RunStore(d).variants.append([ModelVariant(key=d.name, name="q", base_model="b", base_fingerprint="f",
-                                                  method="rtn", path=str(quant / "used"), fingerprint="x",
-                                                  created_at="now")])
+        RunStore(d).variants.append(
+            [
+                ModelVariant(
+                    key=d.name,
+                    name="q",
+                    base_model="b",
+                    base_fingerprint="f",
+                    method="rtn",
+                    path=str(quant / "used"),
+                    fingerprint="x",
+                    created_at="now",
+                )
+            ]
+        )
     index.start("r-old", old, "n", "h", {})
     index.finish("r-old", "ok", {})
     with index._connect() as db:
@@ -146,8 +230,11 @@ def test_prune_forgets_old_runs_and_unused_checkpoints(tmp_path, monkeypatch):
     index.start("r-new", new, "n", "h", {})
     index.finish("r-new", "ok", {})
     plan = prune(index, 30, dry_run=True)
-    assert plan == {"run_dirs": [str(old.resolve())],
-                    "checkpoints": [str(quant / "unused"), str(quant / ".killed.abc.partial")], "skipped": []}
+    assert plan == {
+        "run_dirs": [str(old.resolve())],
+        "checkpoints": [str(quant / "unused"), str(quant / ".killed.abc.partial")],
+        "skipped": [],
+    }
     assert old.exists() and (quant / "unused").exists()
     prune(index, 30, dry_run=False)
     assert not old.exists() and not (quant / "unused").exists() and (quant / "used").exists() and new.exists()
@@ -164,7 +251,9 @@ def test_a_models_axis_runs_each_model_against_its_own_history(tmp_path, monkeyp
         return solver(body["model"] == "m-good")(body)
 
     with FaultServer([], content=by_model) as server:
-        cfg = write_config(tmp_path / "matrix.yaml", f"""
+        cfg = write_config(
+            tmp_path / "matrix.yaml",
+            f"""
 name: nightly
 output_dir: ${{RUN_ROOT}}/nightly
 models: [{{name: good, path: m-good}}, {{name: bad, path: m-bad}}]
@@ -173,14 +262,23 @@ sampling: {{max_tokens: 64}}
 backend: {{kind: openai, base_url: "{server.base_url}", max_retries: 0}}
 curate: {{enabled: false}}
 gates: {{min_accuracy: 0.5}}
-""")
-        plan = subprocess.run([sys.executable, "-m", "qreason.cli", "plan", str(cfg)], capture_output=True,
-                              text=True, timeout=300)
+""",
+        )
+        plan = subprocess.run(
+            [sys.executable, "-m", "qreason.cli", "plan", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert plan.returncode == 0, plan.stderr
         assert "plan for nightly-good" in plan.stdout and "plan for nightly-bad" in plan.stdout
         assert str(tmp_path / "out" / "nightly" / "bad") in plan.stdout
-        result = subprocess.run([sys.executable, "-m", "qreason.cli", "run", str(cfg)], capture_output=True,
-                                text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-m", "qreason.cli", "run", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert result.returncode == GATE_EXIT_CODE, result.stderr
     assert "regression gates tripped (nightly-bad)" in result.stderr and "nightly-good" not in result.stderr
     assert "== nightly-good" in result.stdout and "== nightly-bad" in result.stdout
@@ -202,7 +300,8 @@ def test_models_axis_config_errors():
 
 
 def test_trend_and_compare_name_a_library_upgrade_between_nights(tmp_path, monkeypatch):
-    """Night 2 runs with a (pretended) newer vLLM: the report's trend has both nights, one row each, and names the
+    """Night 2 runs with a (pretended) newer vLLM: the report's trend has both nights, one row each, and
+    names the
     upgrade beside the accuracy change; `qreason compare` names it too."""
     import qreason.pipeline.runner as runner
     from qreason.pipeline.provenance import environment
@@ -218,26 +317,44 @@ def test_trend_and_compare_name_a_library_upgrade_between_nights(tmp_path, monke
     with FaultServer([], content=solver(False)) as server:
         second = run(config(tmp_path, server.base_url, "m"))
     html = (tmp_path / "out2" / "nightly" / "report.html").read_text()
-    trend = html[html.index('id="trend"'):html.index('id="dataset"')]
+    trend = html[html.index('id="trend"') : html.index('id="dataset"')]
     assert trend.count(first.run_id) == 1 and trend.count(second.run_id) == 1
     before = real["versions"][dist]
     assert f"{dist}: {before} -&gt; 99.0.0" in trend and "100.0%" in trend and "0.0%" in trend
-    out = subprocess.run([sys.executable, "-m", "qreason.cli", "compare", str(tmp_path / "out" / "nightly"),
-                          str(tmp_path / "out2" / "nightly")], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qreason.cli",
+            "compare",
+            str(tmp_path / "out" / "nightly"),
+            str(tmp_path / "out2" / "nightly"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert f"changed from A to B: {dist}: {before} -> 99.0.0" in out.stdout
 
 
 def test_changes_between_runs():
-    from qreason.summary import changes
-    from qreason.summary import RunSummary
+    from qreason.summary import RunSummary, changes
 
-    a = {"versions": {"vllm": "0.32.0", "torch": "2.13.0"}, "hardware": {"cpu": "X", "cpu_count": 2, "gpus": []},
-         "quantization": {"variants": [{"versions": {"llmcompressor": "0.14.0"}}]}}
-    b = {"versions": {"vllm": "0.32.0", "torch": "2.14.0", "ray": "2.60.0"},
-         "hardware": {"cpu": "X", "cpu_count": 2, "gpus": ["H100"]},
-         "quantization": {"variants": [{"versions": {"llmcompressor": "0.15.0"}}]}}
+    a = {
+        "versions": {"vllm": "0.32.0", "torch": "2.13.0"},
+        "hardware": {"cpu": "X", "cpu_count": 2, "gpus": []},
+        "quantization": {"variants": [{"versions": {"llmcompressor": "0.14.0"}}]},
+    }
+    b = {
+        "versions": {"vllm": "0.32.0", "torch": "2.14.0", "ray": "2.60.0"},
+        "hardware": {"cpu": "X", "cpu_count": 2, "gpus": ["H100"]},
+        "quantization": {"variants": [{"versions": {"llmcompressor": "0.15.0"}}]},
+    }
     a, b = RunSummary.read(a), RunSummary.read(b)
-    assert changes(a, b) == ["gpus: none -> H100", "llmcompressor (quantization): 0.14.0 -> 0.15.0",
-                             "torch: 2.13.0 -> 2.14.0"]
+    assert changes(a, b) == [
+        "gpus: none -> H100",
+        "llmcompressor (quantization): 0.14.0 -> 0.15.0",
+        "torch: 2.13.0 -> 2.14.0",
+    ]
     assert changes(a, a) == [] and changes(RunSummary(), b) == []

@@ -1,5 +1,7 @@
-"""What Ray workers receive (issue 11, item 14): nothing that looks like a credential in the job-wide environment,
-and the endpoint key named by ``api_key_env`` only where the OpenAI backend needs it, on a cluster started apart
+"""What Ray workers receive (issue 11, item 14): nothing that looks like a credential in the job-wide
+environment,
+and the endpoint key named by ``api_key_env`` only where the OpenAI backend needs it, on a cluster started
+apart
 from the driver (whose workers do not inherit the driver's environment)."""
 
 from __future__ import annotations
@@ -8,10 +10,10 @@ import os
 import subprocess
 import sys
 
-from qreason.pipeline.executor import shipped_env
-
 from conftest import write_config
 from fault_server import FaultServer
+
+from qreason.pipeline.executor import shipped_env
 
 KEY = "sk-qreason-test-7f3a"
 
@@ -45,8 +47,13 @@ def test_the_endpoint_key_reaches_engine_actors_on_a_separate_cluster(tmp_path, 
     from qreason.pipeline.runner import run
 
     cluster_env = {k: v for k, v in os.environ.items() if k != "MY_ENDPOINT_KEY"}
-    cluster = subprocess.Popen([sys.executable, "-c", CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               text=True, env={**cluster_env, "RAY_USAGE_STATS_ENABLED": "0"})
+    cluster = subprocess.Popen(
+        [sys.executable, "-c", CLUSTER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**cluster_env, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
     try:
         address = cluster.stdout.readline().strip()
         assert address, "the Ray cluster did not start"
@@ -54,16 +61,20 @@ def test_the_endpoint_key_reaches_engine_actors_on_a_separate_cluster(tmp_path, 
         monkeypatch.setenv("RAY_AUTH_MODE", "token")
         monkeypatch.setenv("MY_ENDPOINT_KEY", KEY)  # the driver has it; the cluster's workers do not
         with FaultServer([]) as server:
-            cfg = write_config(tmp_path / "c.yaml", f"""
+            cfg = write_config(
+                tmp_path / "c.yaml",
+                f"""
 name: keyed
 output_dir: {tmp_path / "out"}
 tasks: [{{name: synthetic, limit: 3}}]
 sampling: {{max_tokens: 32}}
-backend: {{kind: openai, base_url: "{server.base_url}", model: m, max_retries: 0, api_key_env: MY_ENDPOINT_KEY}}
+backend: {{kind: openai, base_url: "{server.base_url}", model: m, max_retries: 0,
+          api_key_env: MY_ENDPOINT_KEY}}
 executor: ray
 curate: {{enabled: false}}
 report: {{enabled: false}}
-""")
+""",
+            )
             summary = run(cfg)
             auth = {r["authorization"] for r in server.requests}
         assert summary.generations.produced == 3, summary.generations

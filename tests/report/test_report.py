@@ -3,17 +3,18 @@
 import shutil
 
 import pytest
+from run_builders import build_run
 
 from qreason.records import Generation
 from qreason.report import build_report
 from qreason.store import RunIndex
 
-from run_builders import build_run
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ATTACK = ('Step 1: <script>document.title="pwned"; window.__pwned = 1;</script> 2 + 2 = 5\n'
-          'Step 2: <img src=x onerror="window.__pwned = 2"> <b>bold?</b> {{ 7*7 }} </details></li>\n'
-          'The final answer is \\boxed{5}.')
+ATTACK = (
+    'Step 1: <script>document.title="pwned"; window.__pwned = 1;</script> 2 + 2 = 5\n'
+    'Step 2: <img src=x onerror="window.__pwned = 2"> <b>bold?</b> {{ 7*7 }} </details></li>\n'
+    "The final answer is \\boxed{5}."
+)
 
 
 def plant(store):
@@ -25,8 +26,13 @@ def plant(store):
     path = store.generations.path
     lines = path.read_text().splitlines()
     new = target.model_copy(update={"text": ATTACK, "steps": split_steps(ATTACK)})
-    path.write_text("\n".join(new.model_dump_json() if Generation.model_validate_json(l).key == target.key else l
-                              for l in lines) + "\n")
+    path.write_text(
+        "\n".join(
+            new.model_dump_json() if Generation.model_validate_json(row).key == target.key else row
+            for row in lines
+        )
+        + "\n"
+    )
     store.generations._rows = None  # re-read
 
 
@@ -40,8 +46,15 @@ def test_report_is_self_contained_and_escapes_model_text(tmp_path):
     assert 'onerror="window' not in html and "{{ 7*7 }}" in html
     assert "http://" not in html and "https://" not in html  # nothing to fetch
     assert html.count("data:image/png;base64,") >= 3
-    for section in ("Summary", "Flips and significance", "Error types", "First faulty step", "Degradation by difficulty",
-                    "Failures, step by step", "Environment"):
+    for section in (
+        "Summary",
+        "Flips and significance",
+        "Error types",
+        "First faulty step",
+        "Degradation by difficulty",
+        "Failures, step by step",
+        "Environment",
+    ):
         assert section in html
 
 
@@ -54,9 +67,18 @@ def test_report_renders_in_headless_chromium_without_errors_and_runs_nothing(tmp
     out = build_report(store)
     errors, messages = [], []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1280, "height": 1600})
         page.on("console", lambda m: messages.append(m) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(e))
@@ -67,7 +89,10 @@ def test_report_renders_in_headless_chromium_without_errors_and_runs_nothing(tmp
         assert page.evaluate("window.__pwned") is None
         assert page.title().startswith("qreason report")
         planted = page.locator("li", has_text='<script>document.title="pwned"')
-        assert planted.count() == 1 and "<b>bold?</b>" in page.locator("li", has_text="bold?").first.text_content()
+        assert (
+            planted.count() == 1
+            and "<b>bold?</b>" in page.locator("li", has_text="bold?").first.text_content()
+        )
         assert page.locator("img").count() >= 3 and page.locator("script").count() == 0
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         browser.close()

@@ -1,28 +1,43 @@
 """Format failures (strict no_answer, lenient correct) are counted apart from wrong answers everywhere a run's
 results are read: the summary rows, the analysis, the gates and the report."""
 
-from qreason.stages.analyze import analyze
+from run_builders import build_run
+
 from qreason.config.schema import GatesConfig
-from qreason.stages.gates import check_gates
 from qreason.records import Grade
 from qreason.report import build_report
+from qreason.stages.analyze import analyze
+from qreason.stages.gates import check_gates
 from qreason.store import RunIndex
 from qreason.summary import RunSummary, accuracy_table, format_table
 
-from run_builders import build_run
-
 
 def grade(i: int, variant: str, status: str, lenient: str | None, seed: int = 0) -> Grade:
-    return Grade(key=f"{variant}{i}-{seed}", generation_key=f"g{variant}{i}-{seed}", variant=variant, task="t",
-                 problem_id=str(i), seed=seed, status=status, extracted=None, reference="1", grader="t",
-                 lenient_status=lenient)
+    return Grade(
+        key=f"{variant}{i}-{seed}",
+        generation_key=f"g{variant}{i}-{seed}",
+        variant=variant,
+        task="t",
+        problem_id=str(i),
+        seed=seed,
+        status=status,
+        extracted=None,
+        reference="1",
+        grader="t",
+        lenient_status=lenient,
+    )
 
 
 def test_summary_rows_split_format_failures_from_wrong_answers():
-    grades = [grade(0, "base", "correct", "correct"), grade(1, "base", "wrong", "wrong"),
-              grade(0, "q", "no_answer", "correct"), grade(1, "q", "no_answer", "correct"),
-              grade(2, "q", "no_answer", "wrong"), grade(3, "q", "wrong", "wrong"),
-              grade(4, "q", "correct", None)]  # written by grader revision 1: its strict verdict stands in
+    grades = [
+        grade(0, "base", "correct", "correct"),
+        grade(1, "base", "wrong", "wrong"),
+        grade(0, "q", "no_answer", "correct"),
+        grade(1, "q", "no_answer", "correct"),
+        grade(2, "q", "no_answer", "wrong"),
+        grade(3, "q", "wrong", "wrong"),
+        grade(4, "q", "correct", None),
+    ]  # written by grader revision 1: its strict verdict stands in
     rows = {r["variant"]: r for r in accuracy_table(grades)}
     q = rows["q"]
     assert q["accuracy_mean"] == 1 / 5 and q["lenient_accuracy_mean"] == 3 / 5
@@ -34,7 +49,9 @@ def test_summary_rows_split_format_failures_from_wrong_answers():
 def test_format_failure_gate_trips_per_cell():
     grades = [grade(i, "q", "no_answer", "correct") for i in range(3)] + [grade(9, "q", "correct", "correct")]
     summary = RunSummary(results=accuracy_table(grades + [grade(0, "base", "correct", "correct")]))
-    assert summary.results[1].format_failures == 3 and RunSummary.read(summary.dump()).results[1].n_grades == 4
+    assert (
+        summary.results[1].format_failures == 3 and RunSummary.read(summary.dump()).results[1].n_grades == 4
+    )
     tripped = check_gates(GatesConfig(max_format_failure_rate=0.5), summary, "base", None, [])
     assert tripped == ["q/t: 3 of 4 answers (75.0%) are format failures; the limit is 50.0%"]
     assert check_gates(GatesConfig(max_format_failure_rate=0.75), summary, "base", None, []) == []
@@ -57,7 +74,10 @@ def test_analysis_and_report_show_format_failures_per_variant(tmp_path):
     make_format_failures(store, "rtn-w4a16", 3)
     formats = analyze(store).formats.set_index("variant")
     assert (formats.loc["rtn-w4a16", "wrong"], formats.loc["rtn-w4a16", "format_failures"]) == (1, 3)
-    assert formats.loc["rtn-w4a16", "lenient_accuracy"] == 7 / 8 and formats.loc["rtn-w4a16", "accuracy"] == 4 / 8
+    assert (
+        formats.loc["rtn-w4a16", "lenient_accuracy"] == 7 / 8
+        and formats.loc["rtn-w4a16", "accuracy"] == 4 / 8
+    )
     assert formats.loc["base", "format_failures"] == 0
     assert (store.dir / "analysis" / "formats.csv").exists()
     html = build_report(store, index=RunIndex(tmp_path / "index.sqlite")).read_text()

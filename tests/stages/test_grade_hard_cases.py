@@ -1,4 +1,5 @@
-"""Hand-written hard cases for answer extraction, each with the strict and the lenient verdict a person expects,
+"""Hand-written hard cases for answer extraction, each with the strict and the lenient verdict a person
+expects,
 and the ``qreason grade-file`` command end to end."""
 
 import json
@@ -12,11 +13,21 @@ from qreason.stages.grade import grade_answer
 CASES = [
     # a box, then "####" with LaTeX that has no $...$: the box is read, not the "6" of "6+9i"
     ("Multiplying out, $z = \\boxed{6+9i}$. #### 6+9i", "6+9i", "latex", "correct", "correct"),
-    ("In polar form: $\\boxed{\\left(3, \\frac{\\pi}{2}\\right)}$. #### \\left(3, \\frac{\\pi}{2}\\right)",
-     "\\left( 3, \\frac{\\pi}{2} \\right)", "latex", "correct", "correct"),
+    (
+        "In polar form: $\\boxed{\\left(3, \\frac{\\pi}{2}\\right)}$. #### \\left(3, \\frac{\\pi}{2}\\right)",
+        "\\left( 3, \\frac{\\pi}{2} \\right)",
+        "latex",
+        "correct",
+        "correct",
+    ),
     ("Collecting terms gives the polynomial.\n#### 15x-80", "15x-80", "latex", "correct", "correct"),
-    ("The diagonal has length 11 times root two.\nThe answer is 11\\sqrt{2}", "11\\sqrt2", "latex", "correct",
-     "correct"),
+    (
+        "The diagonal has length 11 times root two.\nThe answer is 11\\sqrt{2}",
+        "11\\sqrt2",
+        "latex",
+        "correct",
+        "correct",
+    ),
     # complex numbers in another order, intervals and tuples
     ("Hence $w = \\boxed{-2 - 3i}$.", "-3i-2", "latex", "correct", "correct"),
     ("So the solution set is $\\boxed{(-\\infty, 3]}$.", "(-\\infty,3]", "latex", "correct", "correct"),
@@ -35,8 +46,13 @@ CASES = [
     ("**Final answer:** **\\boxed{42}**", "42", "number", "correct", "correct"),
     ("**Answer:** 42 marbles", "42", "number", "correct", "correct"),
     # several boxes: the last answer counts; boxes joined by "and" are one answer
-    ("A first guess was \\boxed{3}, but 3 fails the check.\nRedoing it, the count is \\boxed{5}.", "5", "number",
-     "correct", "correct"),
+    (
+        "A first guess was \\boxed{3}, but 3 fails the check.\nRedoing it, the count is \\boxed{5}.",
+        "5",
+        "number",
+        "correct",
+        "correct",
+    ),
     ("Solving the system, $x = \\boxed{2}$ and $y = \\boxed{3}$.", "2, 3", "latex", "correct", "correct"),
     # thousands separators, negative numbers, a Unicode minus
     ("Adding the three prizes, the final answer is 1,234,567.", "1234567", "number", "correct", "correct"),
@@ -53,8 +69,13 @@ CASES = [
     ("\\boxed{???}\nOn reflection the count is right.\n#### 12", "12", "number", "correct", "correct"),
     ("$\\boxed{x = 5}$", "5", "number", "correct", "correct"),
     ("Therefore $\\theta = \\boxed{30^\\circ}$.", "30", "latex", "correct", "correct"),
-    ("\\[\\boxed{\\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}}\\]", "\\begin{pmatrix}1\\\\-2\\end{pmatrix}", "latex",
-     "correct", "correct"),
+    (
+        "\\[\\boxed{\\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}}\\]",
+        "\\begin{pmatrix}1\\\\-2\\end{pmatrix}",
+        "latex",
+        "correct",
+        "correct",
+    ),
     ("The meeting falls on \\boxed{\\text{Tuesday}}.", "\\text{Tuesday}", "latex", "correct", "correct"),
     ("The meeting falls on \\boxed{\\text{Monday}}.", "\\text{Tuesday}", "latex", "wrong", "wrong"),
     ("\\boxed{025}", "25", "integer", "correct", "correct"),
@@ -63,18 +84,44 @@ CASES = [
     ("We solve 2x = 14.\nTherefore, the value of \\(x\\) is \\(7\\).", "7", "latex", "correct", "correct"),
     ("Each side is 12, so the area is \\(144\\) square units.", "144", "number", "correct", "correct"),
     # no marker at all: strictly no answer; a reader still finds the result -> a format failure
-    ("She started with $40 and paid $25 for the bills.\nAfter paying the bills, Mia still has $15 left.", "15",
-     "number", "no_answer", "correct"),
-    ("Each of the 12 rows holds 20 plants.\nTherefore, the garden has a total of 240 flowers.", "240", "number",
-     "no_answer", "correct"),
+    (
+        "She started with $40 and paid $25 for the bills.\nAfter paying the bills, Mia still has $15 left.",
+        "15",
+        "number",
+        "no_answer",
+        "correct",
+    ),
+    (
+        "Each of the 12 rows holds 20 plants.\nTherefore, the garden has a total of 240 flowers.",
+        "240",
+        "number",
+        "no_answer",
+        "correct",
+    ),
     ("She pays $5 and gets $3 back, so she spent 2 dollars.", "2", "number", "no_answer", "correct"),
-    ("Each tray holds 6 muffins, so the baker fills 9 trays in 3 hours.", "9", "number", "no_answer", "wrong"),
+    (
+        "Each tray holds 6 muffins, so the baker fills 9 trays in 3 hours.",
+        "9",
+        "number",
+        "no_answer",
+        "wrong",
+    ),
     # a number quoted in the reasoning is never the answer
-    ("We have 5 apples and buy 3 more, giving 8 apples.\nSo she ends up with 8 apples in the basket.", "5",
-     "number", "no_answer", "wrong"),
+    (
+        "We have 5 apples and buy 3 more, giving 8 apples.\nSo she ends up with 8 apples in the basket.",
+        "5",
+        "number",
+        "no_answer",
+        "wrong",
+    ),
     ("Step 1: 5 + 5 = 10.\nThe final answer is \\boxed{10}.", "5", "number", "wrong", "wrong"),
-    ("To answer this, recall that 12 eggs fill a carton.\nSo two cartons hold 24 eggs in all.", "12", "number",
-     "no_answer", "wrong"),
+    (
+        "To answer this, recall that 12 eggs fill a carton.\nSo two cartons hold 24 eggs in all.",
+        "12",
+        "number",
+        "no_answer",
+        "wrong",
+    ),
     ("I am not able to work this out.", "3", "number", "no_answer", "no_answer"),
 ]
 
@@ -97,12 +144,15 @@ def test_the_extracted_answer_is_the_one_compared():
     assert (loose.extracted, loose.lenient_extracted) == (None, "45")
 
 
-@pytest.mark.parametrize("text", [
-    "\\boxed{" * 20000,                          # thousands of unclosed braces
-    "\\boxed{" * 5000 + "}" * 5000,              # deeply nested boxes
-    "The answer is " * 20000,                    # a phrase repeated without an answer
-    "$$ x " * 20000 + "\\(" * 20000,             # unclosed math delimiters
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\\boxed{" * 20000,  # thousands of unclosed braces
+        "\\boxed{" * 5000 + "}" * 5000,  # deeply nested boxes
+        "The answer is " * 20000,  # a phrase repeated without an answer
+        "$$ x " * 20000 + "\\(" * 20000,  # unclosed math delimiters
+    ],
+)
 def test_hostile_text_is_graded_quickly(text):
     import time
 
@@ -112,17 +162,35 @@ def test_hostile_text_is_graded_quickly(text):
 
 
 def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
+    )
 
 
 def test_grade_file_adds_both_verdicts_and_prints_counts(tmp_path, capsys):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    rows = [{"id": 1, "resp": "So \\boxed{12}.", "gold": "12", "keep": [1, 2]},
-            {"id": 2, "resp": "So \\boxed{13}.", "gold": 12},
-            {"id": 3, "resp": "So, in the end, Sam has 12 marbles left.", "gold": "12"}]
+    rows = [
+        {"id": 1, "resp": "So \\boxed{12}.", "gold": "12", "keep": [1, 2]},
+        {"id": 2, "resp": "So \\boxed{13}.", "gold": 12},
+        {"id": 3, "resp": "So, in the end, Sam has 12 marbles left.", "gold": "12"},
+    ]
     write_jsonl(src, rows)
-    code = main(["grade-file", str(src), "--response-field", "resp", "--reference-field", "gold",
-                 "--answer-type", "number", "--out", str(out), "--workers", "1"])
+    code = main(
+        [
+            "grade-file",
+            str(src),
+            "--response-field",
+            "resp",
+            "--reference-field",
+            "gold",
+            "--answer-type",
+            "number",
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+        ]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["rows"] == 3 and summary["format_failures"] == 1
@@ -131,21 +199,42 @@ def test_grade_file_adds_both_verdicts_and_prints_counts(tmp_path, capsys):
     graded = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [g["id"] for g in graded] == [1, 2, 3] and graded[0]["keep"] == [1, 2]  # input order, fields kept
     assert [(g["status"], g["lenient_status"], g["extracted"]) for g in graded] == [
-        ("correct", "correct", "12"), ("wrong", "wrong", "13"), ("no_answer", "correct", None)]
+        ("correct", "correct", "12"),
+        ("wrong", "wrong", "13"),
+        ("no_answer", "correct", None),
+    ]
 
 
-@pytest.mark.parametrize("bad_line, message", [
-    ("{not json", "invalid JSON"),
-    (json.dumps({"resp": "\\boxed{1}"}), "missing field 'gold'"),
-    (json.dumps({"resp": ["\\boxed{1}"], "gold": "1"}), "field 'resp' must be a string"),
-    (json.dumps({"resp": "\\boxed{1}", "gold": None}), "field 'gold' must be a non-empty string or number"),
-    (json.dumps([1, 2]), "must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ("{not json", "invalid JSON"),
+        (json.dumps({"resp": "\\boxed{1}"}), "missing field 'gold'"),
+        (json.dumps({"resp": ["\\boxed{1}"], "gold": "1"}), "field 'resp' must be a string"),
+        (
+            json.dumps({"resp": "\\boxed{1}", "gold": None}),
+            "field 'gold' must be a non-empty string or number",
+        ),
+        (json.dumps([1, 2]), "must be a JSON object"),
+    ],
+)
 def test_grade_file_bad_row_names_the_line_and_writes_nothing(tmp_path, capsys, bad_line, message):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, [{"resp": "\\boxed{1}", "gold": "1"}, "", bad_line])
-    code = main(["grade-file", str(src), "--response-field", "resp", "--reference-field", "gold",
-                 "--answer-type", "number", "--out", str(out)])
+    code = main(
+        [
+            "grade-file",
+            str(src),
+            "--response-field",
+            "resp",
+            "--reference-field",
+            "gold",
+            "--answer-type",
+            "number",
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert f"{src}:3" in err and message in err
@@ -156,7 +245,19 @@ def test_grade_file_refuses_to_overwrite_its_input(tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     write_jsonl(src, [{"resp": "\\boxed{1}", "gold": "1"}])
     before = src.read_text(encoding="utf-8")
-    code = main(["grade-file", str(src), "--response-field", "resp", "--reference-field", "gold",
-                 "--answer-type", "number", "--out", str(src)])
+    code = main(
+        [
+            "grade-file",
+            str(src),
+            "--response-field",
+            "resp",
+            "--reference-field",
+            "gold",
+            "--answer-type",
+            "number",
+            "--out",
+            str(src),
+        ]
+    )
     assert code == 2 and "overwrite the input" in capsys.readouterr().err
     assert src.read_text(encoding="utf-8") == before

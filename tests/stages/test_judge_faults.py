@@ -1,6 +1,7 @@
 """Fault injection: a fake OpenAI-compatible judge on 127.0.0.1 that answers 429 with Retry-After, 500, slowly
 (client timeout), by dropping the connection, with malformed JSON, off-schema JSON or a non-JSON body. The run
-must never crash; failures are retried a bounded number of times, then recorded as judge_error; nothing is lost."""
+must never crash; failures are retried a bounded number of times, then recorded as judge_error; nothing is
+lost."""
 
 from __future__ import annotations
 
@@ -14,16 +15,21 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-
 from fault_server import JsonServer
 from judge_helpers import make_run
+
 from qreason.stages.judge import JudgeConfig, JudgeInput, run_judging
 from qreason.stages.judge.client import JudgeClient, ReplyCache
 from qreason.stages.judge.prompts import load_taxonomy, load_template
 
 SECRET = "sk-test-do-not-log-1234567890"
-GOOD = {"rationale": "The sum in step 1 is wrong.", "first_error_step": 1, "error_type": "Execution",
-        "sub_type": "computational_error", "capability": "numerical_computation"}
+GOOD = {
+    "rationale": "The sum in step 1 is wrong.",
+    "first_error_step": 1,
+    "error_type": "Execution",
+    "sub_type": "computational_error",
+    "capability": "numerical_computation",
+}
 
 # marker -> what the server does on the 1st, 2nd, ... request carrying it (the last entry repeats)
 SCRIPTS = {
@@ -73,12 +79,24 @@ class FakeJudge(JsonServer):
         else:
             if action == "slow":
                 time.sleep(3)
-            content = {"malformed": '{"rationale": "unterminated',
-                       "offschema": json.dumps({**GOOD, "first_error_step": 9})}.get(action, json.dumps(GOOD))
-            payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                       "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                    "finish_reason": "stop"}],
-                       "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}}
+            content = {
+                "malformed": '{"rationale": "unterminated',
+                "offschema": json.dumps({**GOOD, "first_error_step": 9}),
+            }.get(action, json.dumps(GOOD))
+            payload = {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
+            }
         data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
         self.send(h, status, data, ctype, headers)
 
@@ -90,14 +108,36 @@ def fake():
 
 
 def spec(url: str, **kw) -> dict:
-    return {"name": "fake", "base_url": url, "model": "fake-judge", "api_key_env": "QREASON_TEST_JUDGE_KEY",
-            "concurrency": 8, "timeout_s": 2.0, "max_retries": 2, "invalid_retries": 2, "backoff_s": 0.05, **kw}
+    return {
+        "name": "fake",
+        "base_url": url,
+        "model": "fake-judge",
+        "api_key_env": "QREASON_TEST_JUDGE_KEY",
+        "concurrency": 8,
+        "timeout_s": 2.0,
+        "max_retries": 2,
+        "invalid_retries": 2,
+        "backoff_s": 0.05,
+        **kw,
+    }
 
 
 def fault_cases(markers):
-    return [(f"f{i}", f"FAULT:{m} Ana has 5 apples and buys 3 more. How many?", "8",
-             {"q4": ("Step 1: Ana has 5 apples.\nStep 2: She buys 3 more, so she has 9.\nThe answer is \\boxed{9}.",
-                     "wrong")}) for i, m in enumerate(markers)]
+    return [
+        (
+            f"f{i}",
+            f"FAULT:{m} Ana has 5 apples and buys 3 more. How many?",
+            "8",
+            {
+                "q4": (
+                    "Step 1: Ana has 5 apples.\nStep 2: She buys 3 more, so she has 9.\nThe answer is "
+                    "\\boxed{9}.",
+                    "wrong",
+                )
+            },
+        )
+        for i, m in enumerate(markers)
+    ]
 
 
 def test_faults_are_retried_then_recorded(fake, tmp_path, monkeypatch, caplog):
@@ -113,8 +153,20 @@ def test_faults_are_retried_then_recorded(fake, tmp_path, monkeypatch, caplog):
     assert elapsed < 30
 
     # bounded: transport failures 1 + max_retries requests; invalid replies 1 + invalid_retries attempts
-    assert server.counts == Counter({"ok": 1, "ratelimit": 2, "flaky": 3, "down": 3, "slow": 3, "drop": 2,
-                                     "malformed": 3, "offschema": 2, "offschema_always": 3, "garbage": 3})
+    assert server.counts == Counter(
+        {
+            "ok": 1,
+            "ratelimit": 2,
+            "flaky": 3,
+            "down": 3,
+            "slow": 3,
+            "drop": 2,
+            "malformed": 3,
+            "offschema": 2,
+            "offschema_always": 3,
+            "garbage": 3,
+        }
+    )
     assert stats.requests == sum(server.counts.values())
     # Retry-After: 1 was honoured
     t = server.times["ratelimit"]
@@ -122,9 +174,18 @@ def test_faults_are_retried_then_recorded(fake, tmp_path, monkeypatch, caplog):
 
     by_pid = {j.problem_id: j for j in store.judgments.all() if j.judge == "fake"}
     status = {m: by_pid[f"f{i}"].status for i, m in enumerate(markers)}
-    assert status == {"ok": "ok", "ratelimit": "ok", "flaky": "ok", "down": "judge_error", "slow": "judge_error",
-                      "drop": "ok", "malformed": "judge_error", "offschema": "ok", "offschema_always": "judge_error",
-                      "garbage": "judge_error"}
+    assert status == {
+        "ok": "ok",
+        "ratelimit": "ok",
+        "flaky": "ok",
+        "down": "judge_error",
+        "slow": "judge_error",
+        "drop": "ok",
+        "malformed": "judge_error",
+        "offschema": "ok",
+        "offschema_always": "judge_error",
+        "garbage": "judge_error",
+    }
     errors = {m: by_pid[f"f{i}"].error for i, m in enumerate(markers) if status[m] != "ok"}
     assert "InternalServerError 500" in errors["down"]
     assert "Timeout" in errors["slow"]
@@ -169,13 +230,19 @@ def test_judge_client_survives_every_fault_directly(fake, tmp_path):
     from qreason.config.judge import JudgeSpec
 
     cache = ReplyCache(tmp_path / "cache.sqlite")
-    client = JudgeClient(JudgeSpec.model_validate(spec(url, max_retries=1, invalid_retries=1)), load_template(),
-                         load_taxonomy(), cache)
+    client = JudgeClient(
+        JudgeSpec.model_validate(spec(url, max_retries=1, invalid_retries=1)),
+        load_template(),
+        load_taxonomy(),
+        cache,
+    )
 
     async def go():
         try:
-            reqs = [client.request(JudgeInput(problem=f"FAULT:{m} 1+1?", steps=["1 + 1 = 3", "So 3."]))
-                    for m in SCRIPTS]
+            reqs = [
+                client.request(JudgeInput(problem=f"FAULT:{m} 1+1?", steps=["1 + 1 = 3", "So 3."]))
+                for m in SCRIPTS
+            ]
             return await asyncio.gather(*(client.judge(r) for r in reqs))
         finally:
             await client.aclose()
@@ -190,7 +257,8 @@ def test_judge_client_survives_every_fault_directly(fake, tmp_path):
 
 
 def test_batch_read_records_errors_once(tmp_path):
-    """Batch output lines with an error or an invalid reply become judge_error records; re-reading adds nothing."""
+    """Batch output lines with an error or an invalid reply become judge_error records; re-reading adds
+    nothing."""
     store = make_run(tmp_path / "run", fault_cases(["ok", "ok2", "ok3"]))
     base = {"judges": [{"name": "j", "base_url": "http://127.0.0.1:9/v1", "model": "m"}]}
     stats = run_judging(store, JudgeConfig.model_validate({**base, "batch": {"mode": "write"}}))
@@ -201,12 +269,34 @@ def test_batch_read_records_errors_once(tmp_path):
     outputs = []
     for i, line in enumerate(lines):
         if i == 0:
-            resp = {"status_code": 200, "request_id": "r0", "body": {"choices": [
-                {"index": 0, "message": {"role": "assistant", "content": json.dumps(GOOD)}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}}}
+            resp = {
+                "status_code": 200,
+                "request_id": "r0",
+                "body": {
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": json.dumps(GOOD)},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11},
+                },
+            }
         elif i == 1:
-            resp = {"status_code": 200, "request_id": "r1", "body": {"choices": [
-                {"index": 0, "message": {"role": "assistant", "content": "{not json"}, "finish_reason": "stop"}]}}
+            resp = {
+                "status_code": 200,
+                "request_id": "r1",
+                "body": {
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "{not json"},
+                            "finish_reason": "stop",
+                        }
+                    ]
+                },
+            }
         else:
             resp = {"status_code": 500, "request_id": "r2", "body": {"error": {"message": "server exploded"}}}
         outputs.append({"id": f"b{i}", "custom_id": line["custom_id"], "response": resp, "error": None})
@@ -223,13 +313,19 @@ def test_batch_read_records_errors_once(tmp_path):
 
 
 def test_panel_with_a_failing_member_is_stable(fake, tmp_path):
-    """A panel of a good and an always-invalid judge: the good one decides; a re-run sends and adds nothing."""
+    """A panel of a good and an always-invalid judge: the good one decides; a re-run sends and adds
+    nothing."""
     server, url = fake
     store = make_run(tmp_path / "run", fault_cases(["ok", "ok"]))
-    cfg = JudgeConfig.model_validate({"judges": [spec(url, name="good"),
-                                                 spec(url, name="bad", model="bad-judge", invalid_retries=1)]})
+    cfg = JudgeConfig.model_validate(
+        {"judges": [spec(url, name="good"), spec(url, name="bad", model="bad-judge", invalid_retries=1)]}
+    )
     stats = run_judging(store, cfg)
-    assert stats.judges["good"]["ok"] == 2 and stats.judges["bad"]["judge_error"] == 2 and stats.panel_written == 2
+    assert (
+        stats.judges["good"]["ok"] == 2
+        and stats.judges["bad"]["judge_error"] == 2
+        and stats.panel_written == 2
+    )
     panels = [j for j in store.judgments.all() if j.judge == "panel"]
     assert all(p.status == "ok" and p.first_error_step == 1 and p.votes["n_valid"] == 1 for p in panels)
     assert all(p.votes["members"]["bad"]["status"] == "judge_error" for p in panels)

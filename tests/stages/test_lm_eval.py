@@ -1,8 +1,10 @@
-"""The lm-eval stage and the lm-eval export: config checks, content keys and resume, the exported tasks loading in
+"""The lm-eval stage and the lm-eval export: config checks, content keys and resume, the exported tasks
+loading in
 lm-eval, a real run of lm-eval against a real vLLM server, and the agreement of lm-eval's score with qreason's
 on the same generations.
 
-lm-eval lives in its own environment (.venv-bench, made by scripts/setup-bench-env.sh; `make test` creates it):
+lm-eval lives in its own environment (.venv-bench, made by scripts/setup-bench-env.sh; `make test` creates
+it):
 tests that need it run it as a subprocess and are skipped, with the reason, only where it is missing."""
 
 from __future__ import annotations
@@ -11,26 +13,34 @@ import json
 import subprocess
 
 import pytest
+from conftest import REPO, write_config
 
 from qreason.config.schema import LmEvalConfig, parse_config
 from qreason.engines.vllm_server import VLLMServer
 from qreason.errors import UserError
 
-from conftest import REPO, write_config
-
 BENCH_PYTHON = REPO / ".venv-bench" / "bin" / "python"
-needs_bench = pytest.mark.skipif(not BENCH_PYTHON.is_file(),
-                                 reason="lm-eval's environment .venv-bench is missing (scripts/setup-bench-env.sh)")
+needs_bench = pytest.mark.skipif(
+    not BENCH_PYTHON.is_file(),
+    reason="lm-eval's environment .venv-bench is missing (scripts/setup-bench-env.sh)",
+)
 
 
 def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     from qreason.stages.lm_eval.stage import lm_eval_env
 
-    return subprocess.run([str(BENCH_PYTHON), *args], capture_output=True, text=True, env=lm_eval_env(),
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [str(BENCH_PYTHON), *args],
+        capture_output=True,
+        text=True,
+        env=lm_eval_env(),
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ config
+
 
 def test_lm_eval_config_validation_names_the_line():
     ok = parse_config("name: x\ntasks: [{name: synthetic}]\nlm_eval: [qreason_synthetic_mc]\n", "c.yaml")
@@ -54,11 +64,15 @@ def test_gate_on_lm_eval_metric_drop():
     from qreason.stages.gates import check_gates
     from qreason.summary import LmEvalSummary, RunSummary
 
-    section = {"primary_metric": {"mc": "acc", "ppl": "word_perplexity"},
-               "higher_is_better": {"mc": True, "ppl": False},
-               "variants": {"base": {"mc": {"acc": 0.50}, "ppl": {"word_perplexity": 10.0}},
-                            "q": {"mc": {"acc": 0.42}, "ppl": {"word_perplexity": 10.03}},
-                            "r": {"mc": {"acc": 0.48}, "ppl": {"word_perplexity": 13.0}}}}
+    section = {
+        "primary_metric": {"mc": "acc", "ppl": "word_perplexity"},
+        "higher_is_better": {"mc": True, "ppl": False},
+        "variants": {
+            "base": {"mc": {"acc": 0.50}, "ppl": {"word_perplexity": 10.0}},
+            "q": {"mc": {"acc": 0.42}, "ppl": {"word_perplexity": 10.03}},
+            "r": {"mc": {"acc": 0.48}, "ppl": {"word_perplexity": 13.0}},
+        },
+    }
     summary = RunSummary(lm_eval=LmEvalSummary(**section))
     tripped = check_gates(GatesConfig(max_lm_eval_drop=0.05), summary, "base", None, [])
     assert len(tripped) == 2
@@ -70,8 +84,15 @@ def test_gate_on_lm_eval_metric_drop():
 def test_metric_names_and_recovery():
     from qreason.stages.lm_eval.stage import recovery_percent, split_metrics
 
-    metrics, stderr = split_metrics({"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1,
-                                     "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": "N/A"})
+    metrics, stderr = split_metrics(
+        {
+            "alias": "t",
+            "acc,none": 0.5,
+            "acc_stderr,none": 0.1,
+            "exact_match,strict-match": 0.25,
+            "exact_match_stderr,strict-match": "N/A",
+        }
+    )
     assert metrics == {"acc": 0.5, "exact_match:strict-match": 0.25}
     assert stderr == {"acc": 0.1, "exact_match:strict-match": None}
     assert recovery_percent(0.4, 0.5, True) == 80.0
@@ -81,9 +102,11 @@ def test_metric_names_and_recovery():
 
 # --------------------------------------------------------------------------------------- keys and resume
 
+
 @needs_bench
 def test_stored_results_are_not_evaluated_again(tmp_path, monkeypatch):
-    """Content keys: a (model, task) whose record is stored costs nothing; only the missing ones go to lm-eval,
+    """Content keys: a (model, task) whose record is stored costs nothing; only the missing ones go to
+    lm-eval,
     and changing an argument (the limit) makes new work."""
     import qreason.stages.lm_eval.stage as stage
     from qreason.config.schema import VLLMConfig
@@ -98,16 +121,34 @@ def test_stored_results_are_not_evaluated_again(tmp_path, monkeypatch):
 
     def fake_evaluate(target, todo, cfg, backend, python, paths, version, args, store):
         calls.append((target.name, [t for t, _ in todo]))
-        store.lm_eval.append([LmEvalResult(
-            key=key, variant=target.name, model_fingerprint=target.fingerprint, task=task, lm_eval_version=version,
-            args=args, metrics={"acc": 0.5 if target.name == "base" else 0.4}, higher_is_better={"acc": True},
-            n_samples=5, samples_file="x", seconds=1.0, created_at="now") for task, key in todo])
+        store.lm_eval.append(
+            [
+                LmEvalResult(
+                    key=key,
+                    variant=target.name,
+                    model_fingerprint=target.fingerprint,
+                    task=task,
+                    lm_eval_version=version,
+                    args=args,
+                    metrics={"acc": 0.5 if target.name == "base" else 0.4},
+                    higher_is_better={"acc": True},
+                    n_samples=5,
+                    samples_file="x",
+                    seconds=1.0,
+                    created_at="now",
+                )
+                for task, key in todo
+            ]
+        )
         return []
 
     monkeypatch.setattr(stage, "_evaluate", fake_evaluate)
     first = stage.run_lm_eval(store, cfg, backend, targets, "base")
     assert calls == [("base", ["t1", "t2"]), ("q", ["t1", "t2"])] and first.evaluated == 4
-    assert first.recovery == {"q": {"t1": 80.0, "t2": 80.0}} and first.primary_metric == {"t1": "acc", "t2": "acc"}
+    assert first.recovery == {"q": {"t1": 80.0, "t2": 80.0}} and first.primary_metric == {
+        "t1": "acc",
+        "t2": "acc",
+    }
     calls.clear()
     again = stage.run_lm_eval(store, cfg, backend, targets, "base")
     assert calls == [] and again.evaluated == 0 and again.cached == 4 and again.variants == first.variants
@@ -123,8 +164,10 @@ def test_stored_results_are_not_evaluated_again(tmp_path, monkeypatch):
 
 
 def test_recovered_adapters_are_evaluated_as_merged_checkpoints(tmp_path):
-    """After recovery, each variant's targeted adapter becomes an lm-eval target of its own, ``VARIANT+sb``: the
-    dense checkpoint with the adapter merged in (vLLM 0.32 cannot compute prompt logprobs with a LoRA), keyed by
+    """After recovery, each variant's targeted adapter becomes an lm-eval target of its own, ``VARIANT+sb``:
+    the
+    dense checkpoint with the adapter merged in (vLLM 0.32 cannot compute prompt logprobs with a LoRA), keyed
+    by
     the adapter, so its results never mix with the variant's. A recovery without a merged checkpoint (or whose
     checkpoint is gone) adds nothing."""
     import qreason.stages.lm_eval.stage as stage
@@ -135,12 +178,29 @@ def test_recovered_adapters_are_evaluated_as_merged_checkpoints(tmp_path):
     merged = tmp_path / "merged"
     merged.mkdir()
     (merged / "config.json").write_text("{}")
-    variants = [ModelVariant(key=f"k{n}", name=n, base_model="m", base_fingerprint="fb", method=m, path=f"/ck/{n}",
-                             fingerprint=f"fp-{n}", created_at="now")
-                for n, m in (("base", "none"), ("rtn", "rtn-w4a16"))]
-    arms = [VariantRecovery.model_construct(variant="rtn", eval_variant=name, adapter_key=key, merged_checkpoint=path)
-            for name, key, path in (("rtn+sb", "ak1", str(merged)), ("rtn+gone", "ak2", str(tmp_path / "gone")),
-                                    ("rtn+lora-only", "ak3", None))]
+    variants = [
+        ModelVariant(
+            key=f"k{n}",
+            name=n,
+            base_model="m",
+            base_fingerprint="fb",
+            method=m,
+            path=f"/ck/{n}",
+            fingerprint=f"fp-{n}",
+            created_at="now",
+        )
+        for n, m in (("base", "none"), ("rtn", "rtn-w4a16"))
+    ]
+    arms = [
+        VariantRecovery.model_construct(
+            variant="rtn", eval_variant=name, adapter_key=key, merged_checkpoint=path
+        )
+        for name, key, path in (
+            ("rtn+sb", "ak1", str(merged)),
+            ("rtn+gone", "ak2", str(tmp_path / "gone")),
+            ("rtn+lora-only", "ak3", None),
+        )
+    ]
     recovery = RecoverySummary(variants=arms)
     targets = stage.targets_for(variants, recovery)
     assert [t.name for t in targets] == ["base", "rtn", "rtn+sb"]
@@ -153,6 +213,7 @@ def test_recovered_adapters_are_evaluated_as_merged_checkpoints(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ export
+
 
 def test_export_refuses_unknown_task(tmp_path, capsys):
     from qreason.cli import main
@@ -169,12 +230,15 @@ def test_export_loads_in_lm_eval_task_manager(tmp_path):
     from qreason.config.schema import load_config
     from qreason.inputs.tasks import build_messages, load_problems
 
-    config = write_config(tmp_path / "run.yaml", """
+    config = write_config(
+        tmp_path / "run.yaml",
+        """
 name: e
 tasks:
   - {name: synthetic, limit: 7, format_example: true, params: {min_steps: 2, max_steps: 3, seed: 4}}
 sampling: {max_tokens: 77}
-""")
+""",
+    )
     out = tmp_path / "export"
     assert main(["export-lm-eval", "--out", str(out), "--config", str(config)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["qreason_synthetic.yaml", "utils.py"]
@@ -185,9 +249,9 @@ from lm_eval.tasks import TaskManager, get_task_dict
 manager = TaskManager(include_path=sys.argv[1])
 task = get_task_dict(["qreason_synthetic"], manager)["qreason_synthetic"]
 docs = list(task.test_docs())
+metrics = [m["metric"] for m in task.config.metric_list]
 print(json.dumps({"n": len(docs), "first": docs[0], "gen": task.config.generation_kwargs,
-                  "fewshot": task.config.num_fewshot, "metrics": [m["metric"] for m in task.config.metric_list],
-                  "text": task.doc_to_text(docs[0])}))
+                  "fewshot": task.config.num_fewshot, "metrics": metrics, "text": task.doc_to_text(docs[0])}))
 """)
     done = bench(str(probe), str(out))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -203,6 +267,7 @@ print(json.dumps({"n": len(docs), "first": docs[0], "gen": task.config.generatio
 
 # ------------------------------------------------------------------------------- real runs (vLLM, lm-eval)
 
+
 @pytest.fixture(scope="module")
 def lm_run(vllm_backend, tmp_path_factory):
     """One qreason run of the synthetic task with an lm_eval section (qreason's own multiple-choice task, a
@@ -212,7 +277,9 @@ def lm_run(vllm_backend, tmp_path_factory):
     from qreason.pipeline.runner import run
 
     tmp = tmp_path_factory.mktemp("lm")
-    cfg = write_config(tmp / "run.yaml", """
+    cfg = write_config(
+        tmp / "run.yaml",
+        """
 name: lm
 output_dir: out
 tasks:
@@ -221,7 +288,8 @@ sampling: {max_tokens: 64, seeds: [0]}
 backend: {batch_size: 16, max_model_len: 2048}
 curate: {enabled: false}
 lm_eval: {tasks: [qreason_synthetic_mc], limit: 6, batch_size: 8}
-""")
+""",
+    )
     summary = run(cfg, backend=vllm_backend)
     return cfg, tmp / "out", summary
 
@@ -238,7 +306,8 @@ def test_run_records_lm_eval_and_rerun_makes_no_model_calls(lm_run, monkeypatch)
     metrics = lm["variants"]["base"]["qreason_synthetic_mc"]
     assert set(metrics) == {"acc", "acc_norm"} and 0.0 <= metrics["acc"] <= 1.0
     assert lm["primary_metric"] == {"qreason_synthetic_mc": "acc_norm"} and lm["n_samples"] == {
-        "qreason_synthetic_mc": 6}
+        "qreason_synthetic_mc": 6
+    }
     (record,) = RunStore(run_dir).lm_eval.all()
     assert record.variant == "base" and record.lm_eval_version == "0.4.13" and record.args["limit"] == 6
     samples = (run_dir / record.samples_file).read_text().splitlines()
@@ -257,7 +326,8 @@ def test_run_records_lm_eval_and_rerun_makes_no_model_calls(lm_run, monkeypatch)
 
 @pytest.mark.vllm
 def test_lm_eval_scores_qreason_generations_exactly_like_qreason(lm_run, default_model, tmp_path):
-    """Agreement: lm-eval, running the exported qreason_synthetic task on this run's own generations (replayed by
+    """Agreement: lm-eval, running the exported qreason_synthetic task on this run's own generations
+    (replayed by
     an lm-eval model that serves only prompts qreason sent), gives every problem the score qreason gave it."""
     from qreason.cli import main
     from qreason.store import RunStore
@@ -266,14 +336,21 @@ def test_lm_eval_scores_qreason_generations_exactly_like_qreason(lm_run, default
     out = tmp_path / "export"
     assert main(["export-lm-eval", "--out", str(out), "--config", str(cfg)]) == 0
     result = tmp_path / "replay.json"
-    done = bench(str(REPO / "tests" / "lm_eval_replay.py"), str(run_dir / "generations.jsonl"), str(out),
-                 "qreason_synthetic", default_model.path, str(result))
+    done = bench(
+        str(REPO / "tests" / "lm_eval_replay.py"),
+        str(run_dir / "generations.jsonl"),
+        str(out),
+        "qreason_synthetic",
+        default_model.path,
+        str(result),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(result.read_text())
     grades = {g.problem_id: g for g in RunStore(run_dir).grades.all()}
     assert got["served"] == 16 and len(got["per_problem"]) == 16
-    assert got["per_problem"] == {pid: [float(g.status == "correct"), float(g.lenient_status == "correct")]
-                                  for pid, g in grades.items()}
+    assert got["per_problem"] == {
+        pid: [float(g.status == "correct"), float(g.lenient_status == "correct")] for pid, g in grades.items()
+    }
     (row,) = summary.results
     assert got["metrics"]["acc_strict,none"] == pytest.approx(row.accuracy_mean, abs=1e-12)
 
@@ -282,12 +359,15 @@ def test_lm_eval_scores_qreason_generations_exactly_like_qreason(lm_run, default
 def test_unknown_lm_eval_task_is_refused_before_the_run_directory_exists(tmp_path):
     from qreason.pipeline.runner import make_plan
 
-    cfg = write_config(tmp_path / "run.yaml", """
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        """
 name: u
 output_dir: out
 tasks: [{name: synthetic, limit: 2}]
 lm_eval: {tasks: [qreason_synthetic_mc, no_such_lm_eval_task]}
-""")
+""",
+    )
     with pytest.raises(UserError) as err:
         make_plan(cfg)
     assert str(err.value) == "lm_eval.tasks: no_such_lm_eval_task: lm-eval knows no task of this name"

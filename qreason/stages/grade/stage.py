@@ -22,8 +22,15 @@ class GradeStage:
     def run(self, ctx: RunContext) -> list[ResultRow]:
         generations = [g for g in ctx.store.generations.all() if g.key in ctx.wanted]
         g = ctx.cfg.grading
-        log.info("grading with %s, %g s per answer, %d worker%s", g.kind, g.timeout_s, g.workers,
-                 "s" if g.workers != 1 else "")
+        log.info(
+            "grading with %s, %g s per answer, %d worker%s",
+            g.kind,
+            g.timeout_s,
+            g.workers,
+            "s" if g.workers != 1 else "",
+        )
         ctx.summary.grades_written = run_grading(ctx.store, ctx.grader, generations)
         keys = {grade_key(g.key, ctx.grader.grader) for g in generations}
-        return [ResultRow(**row) for row in accuracy_table([g for g in ctx.store.grades.all() if g.key in keys])]
+        return [
+            ResultRow(**row) for row in accuracy_table([g for g in ctx.store.grades.all() if g.key in keys])
+        ]

@@ -1,6 +1,7 @@
 """LLM judge kinds, looked up by ``JudgeSpec.kind`` in ``qreason.registry.JUDGES``.
 
-A judge kind is a class constructed as ``cls(spec, template, taxonomy, cache, offline=...)`` with the interface of
+A judge kind is a class constructed as ``cls(spec, template, taxonomy, cache, offline=...)`` with the
+interface of
 ``Judge`` below (``client.JudgeClient`` is the one built in). The rule checks are not a kind: they always run,
 offline.
 """
@@ -21,10 +22,10 @@ class Judge(Protocol):
     """One LLM judge of the panel."""
 
     spec: JudgeSpec
-    cache: ReplyCache                 # replies by request key: a re-run asks nothing twice
-    requests: int                     # HTTP requests sent, retries included
-    refused: str | None               # why the endpoint refused outright (the run reports it and stops asking)
-    secrets: tuple[str, ...]          # values to redact from anything recorded
+    cache: ReplyCache  # replies by request key: a re-run asks nothing twice
+    requests: int  # HTTP requests sent, retries included
+    refused: str | None  # why the endpoint refused outright (the run reports it and stops asking)
+    secrets: tuple[str, ...]  # values to redact from anything recorded
 
     def request(self, item: JudgeInput) -> JudgeRequest:
         """The cacheable request (messages and its content key) for one failure."""
@@ -42,5 +43,6 @@ class Judge(Protocol):
 
 
 def make_judge(spec: JudgeSpec, *args, **kwargs) -> Judge:
-    """The judge for one spec (its kind's class, built with the stage's template, taxonomy and reply cache)."""
+    """The judge for one spec (its kind's class, built with the stage's template, taxonomy and reply
+    cache)."""
     return JUDGES.get(spec.kind, f"judge {spec.name}")(spec, *args, **kwargs)

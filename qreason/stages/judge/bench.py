@@ -15,16 +15,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qreason.errors import UserError
+from qreason.config.judge import JudgeSpec
 from qreason.config.schema import RULES_JUDGE
-from qreason.store import iter_jsonl, write_atomic
+from qreason.errors import UserError
 from qreason.stages.judge.base import make_judge
 from qreason.stages.judge.client import JudgeClient, ReplyCache, add_usage
-from qreason.config.judge import JudgeSpec
 from qreason.stages.judge.panel import vote
 from qreason.stages.judge.prompts import JudgeInput, Verdict, load_taxonomy, load_template
 from qreason.stages.judge.rules import rule_verdict
 from qreason.stages.judge.stage import _run_coroutine
+from qreason.store import iter_jsonl, write_atomic
 
 
 def load_processbench(path: Path, limit: int | None = None) -> list[dict]:
@@ -34,8 +34,10 @@ def load_processbench(path: Path, limit: int | None = None) -> list[dict]:
     for where, row in iter_jsonl(path):
         missing = [f for f in ("id", "problem", "steps", "label") if f not in row]
         if missing:
-            raise UserError(where, f"missing field(s) {', '.join(missing)} (ProcessBench rows need id, problem, "
-                                   "steps, label)")
+            raise UserError(
+                where,
+                f"missing field(s) {', '.join(missing)} (ProcessBench rows need id, problem, steps, label)",
+            )
         steps, label = row["steps"], row["label"]
         if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
             raise UserError(where, "steps must be a non-empty list of strings")
@@ -68,8 +70,12 @@ def processbench_metrics(labels: list[int], predictions: list[int | None]) -> di
         f1 = 2 * acc_err * acc_cor / (acc_err + acc_cor) if acc_err + acc_cor else 0.0
     flagged = [(lab, p) for lab, p in zip(labels, predictions) if p is not None and p >= 0]
     return {
-        "n": len(labels), "n_erroneous": len(err), "n_correct": len(cor),
-        "acc_erroneous": _r(acc_err), "acc_correct": _r(acc_cor), "f1": _r(f1),
+        "n": len(labels),
+        "n_erroneous": len(err),
+        "n_correct": len(cor),
+        "acc_erroneous": _r(acc_err),
+        "acc_correct": _r(acc_cor),
+        "f1": _r(f1),
         "flagged": len(flagged),
         "flag_precision": _r(sum(p == lab for lab, p in flagged) / len(flagged)) if flagged else None,
         "no_prediction": sum(p is None for p in predictions),
@@ -80,10 +86,12 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def run_bench(data: Path, judges: list[JudgeSpec], out: Path, prompt_version: str = "judge-v1",
-              limit: int | None = None) -> dict[str, Any]:
+def run_bench(
+    data: Path, judges: list[JudgeSpec], out: Path, prompt_version: str = "judge-v1", limit: int | None = None
+) -> dict[str, Any]:
     """Run the rule judge (no specs), one judge, or a panel (two or more) on ProcessBench data. Writes
-    OUT/predictions.jsonl and OUT/metrics.json (and OUT/judge_cache.sqlite for LLM judges); returns the metrics."""
+    OUT/predictions.jsonl and OUT/metrics.json (and OUT/judge_cache.sqlite for LLM judges); returns the
+    metrics."""
     t0 = time.monotonic()
     rows = load_processbench(Path(data), limit)
     out = Path(out)
@@ -109,14 +117,34 @@ def run_bench(data: Path, judges: list[JudgeSpec], out: Path, prompt_version: st
     preds = [v.first_error_step if v.ok else None for v in verdicts]
     lines = []
     for r, v, p in zip(rows, verdicts, preds):
-        lines.append(json.dumps({"id": r["id"], "label": r["label"], "prediction": p, "status": v.status,
-                                 "error_type": v.error_type, "sub_type": v.sub_type, "capability": v.capability,
-                                 "rationale": v.rationale, "error": v.error}, ensure_ascii=False))
+        lines.append(
+            json.dumps(
+                {
+                    "id": r["id"],
+                    "label": r["label"],
+                    "prediction": p,
+                    "status": v.status,
+                    "error_type": v.error_type,
+                    "sub_type": v.sub_type,
+                    "capability": v.capability,
+                    "rationale": v.rationale,
+                    "error": v.error,
+                },
+                ensure_ascii=False,
+            )
+        )
     write_atomic(out / "predictions.jsonl", "".join(line + "\n" for line in lines))
-    metrics = {"data": str(data), "judge": judge_name, "prompt_version": prompt_version if judges else None,
-               **processbench_metrics([r["label"] for r in rows], preds),
-               "judge_errors": sum(not v.ok for v in verdicts), "requests": requests, "usage": usage,
-               "seconds": round(time.monotonic() - t0, 2), "predictions": str(out / "predictions.jsonl")}
+    metrics = {
+        "data": str(data),
+        "judge": judge_name,
+        "prompt_version": prompt_version if judges else None,
+        **processbench_metrics([r["label"] for r in rows], preds),
+        "judge_errors": sum(not v.ok for v in verdicts),
+        "requests": requests,
+        "usage": usage,
+        "seconds": round(time.monotonic() - t0, 2),
+        "predictions": str(out / "predictions.jsonl"),
+    }
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 

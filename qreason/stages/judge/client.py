@@ -1,11 +1,15 @@
-"""An LLM judge behind any OpenAI-compatible endpoint: structured replies, validation, retries, a reply cache and
+"""An LLM judge behind any OpenAI-compatible endpoint: structured replies, validation, retries, a reply cache
+and
 the OpenAI batch file format.
 
-- The request asks for a JSON-schema structured reply (``response_format={"type": "json_schema", ...}``); the reply
+- The request asks for a JSON-schema structured reply (``response_format={"type": "json_schema", ...}``); the
+reply
   is checked with pydantic and against the taxonomy and the number of steps (``prompts.parse_reply``).
-- Transport failures (408/409/429/5xx, timeouts, dropped connections) are retried by the ``openai`` client with
+- Transport failures (408/409/429/5xx, timeouts, dropped connections) are retried by the ``openai`` client
+with
   exponential backoff, honouring Retry-After. A reply that is malformed or off-schema is retried here, at most
-  ``invalid_retries`` more times, with a doubling wait and at ``retry_temperature``. What still fails becomes a
+  ``invalid_retries`` more times, with a doubling wait and at ``retry_temperature``. What still fails becomes
+  a
   judge_error verdict (``details["error_kind"]``: "transport" or "invalid"): the run goes on.
 - Every valid reply is cached in SQLite under a key of (model, prompt version, full request body), so a re-run
   sends nothing for work already answered. Failures are not cached: a re-run retries them.
@@ -23,12 +27,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from qreason.engines.openai_http import REFUSED_STATUSES, deadline_http_client, read_reply, redact, short_error
+from qreason.config.judge import JudgeSpec
+from qreason.engines.openai_http import (
+    REFUSED_STATUSES,
+    deadline_http_client,
+    read_reply,
+    redact,
+    short_error,
+)
 from qreason.errors import UserError
 from qreason.records import content_key
+from qreason.stages.judge.prompts import (
+    InvalidReply,
+    JudgeInput,
+    PromptTemplate,
+    Taxonomy,
+    Verdict,
+    build_messages,
+    parse_reply,
+    reply_schema,
+    response_format,
+)
 from qreason.store import iter_jsonl, write_atomic
-from qreason.config.judge import JudgeSpec
-from qreason.stages.judge.prompts import InvalidReply, JudgeInput, PromptTemplate, Taxonomy, Verdict, build_messages, parse_reply, reply_schema, response_format
 
 BATCH_URL = "/v1/chat/completions"
 USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -71,8 +91,10 @@ class ReplyCache:
 
     def put(self, key: str, model: str, prompt_version: str, content: str, usage: dict[str, int]) -> None:
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?, ?)",
-                            (key, model, prompt_version, content, json.dumps(usage), time.time()))
+            self.db.execute(
+                "INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?, ?)",
+                (key, model, prompt_version, content, json.dumps(usage), time.time()),
+            )
 
     def __len__(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
@@ -83,22 +105,29 @@ class ReplyCache:
 
 @dataclass(frozen=True)
 class JudgeRequest:
-    key: str              # cache key: (model, prompt version, request body)
-    body: dict            # the chat completion request, as sent (and as written to batch files)
+    key: str  # cache key: (model, prompt version, request body)
+    body: dict  # the chat completion request, as sent (and as written to batch files)
     n_steps: int
 
 
 class JudgeClient:
-    """One judge spec: builds requests, answers them from the cache or the endpoint, and counts HTTP requests."""
+    """One judge spec: builds requests, answers them from the cache or the endpoint, and counts HTTP
+    requests."""
 
-    def __init__(self, spec: JudgeSpec, template: PromptTemplate, taxonomy: Taxonomy, cache: ReplyCache,
-                 offline: bool = False):
+    def __init__(
+        self,
+        spec: JudgeSpec,
+        template: PromptTemplate,
+        taxonomy: Taxonomy,
+        cache: ReplyCache,
+        offline: bool = False,
+    ):
         self.spec = spec
         self.template = template
         self.taxonomy = taxonomy
         self.cache = cache
-        self.offline = offline          # answer from the cache only (batch read mode)
-        self.requests = 0               # HTTP requests sent, retries included
+        self.offline = offline  # answer from the cache only (batch read mode)
+        self.requests = 0  # HTTP requests sent, retries included
         self.refused: str | None = None  # why the endpoint refused a request outright (then nothing is sent)
         self._client = None
         self._sem: asyncio.Semaphore | None = None
@@ -109,7 +138,9 @@ class JudgeClient:
         body: dict[str, Any] = {
             "model": self.spec.model,
             "messages": build_messages(inp, self.template, self.taxonomy),
-            "response_format": response_format(reply_schema(self.taxonomy, n, self.template, self.spec.schema_limits)),
+            "response_format": response_format(
+                reply_schema(self.taxonomy, n, self.template, self.spec.schema_limits)
+            ),
             "temperature": self.spec.temperature,
             "max_completion_tokens": self.spec.max_tokens or self.template.max_tokens,
         }
@@ -140,14 +171,16 @@ class JudgeClient:
         if self._client is None:
             import openai
 
-
             async def count(_request) -> None:
                 self.requests += 1
 
             self._client = openai.AsyncOpenAI(
-                base_url=self.spec.base_url, api_key=self.secrets[0] if self.secrets else "EMPTY",
-                max_retries=self.spec.max_retries, timeout=self.spec.timeout_s,
-                http_client=deadline_http_client(self.spec.timeout_s, {"request": [count]}))
+                base_url=self.spec.base_url,
+                api_key=self.secrets[0] if self.secrets else "EMPTY",
+                max_retries=self.spec.max_retries,
+                timeout=self.spec.timeout_s,
+                http_client=deadline_http_client(self.spec.timeout_s, {"request": [count]}),
+            )
             self._sem = asyncio.Semaphore(self.spec.concurrency)
         return self._client
 
@@ -157,17 +190,17 @@ class JudgeClient:
         return (key,) if key else ()
 
     async def judge(self, req: JudgeRequest) -> Verdict | None:
-        """The verdict for a request: cached, fetched, or judge_error. None offline on a cache miss, and once the
+        """The verdict for a request: cached, fetched, or judge_error. None offline on a cache miss, and once
+        the
         endpoint has refused a request outright (400/401/403/404: ``self.refused`` says why, once per run)."""
         verdict = self.cached(req)
         if verdict is not None or self.offline or self.refused:
             return verdict
         import openai
 
-
         client = self._openai()
         usage: dict[str, int] = {}
-        problem, kind = "no attempt made", "invalid"   # kind of the last problem: invalid reply or transport
+        problem, kind = "no attempt made", "invalid"  # kind of the last problem: invalid reply or transport
         details: dict[str, Any] = {}
         attempts = 1 + self.spec.invalid_retries
         async with self._sem:
@@ -176,16 +209,21 @@ class JudgeClient:
                     return None
                 if attempt:
                     await asyncio.sleep(self.spec.backoff_s * 2 ** (attempt - 1))
-                body = req.body if attempt == 0 else {
-                    **req.body, "temperature": max(self.spec.temperature, self.spec.retry_temperature)}
+                body = (
+                    req.body
+                    if attempt == 0
+                    else {**req.body, "temperature": max(self.spec.temperature, self.spec.retry_temperature)}
+                )
                 try:
                     resp = await client.chat.completions.create(**body)
                 except openai.APIStatusError as exc:
                     if exc.status_code in REFUSED_STATUSES:
                         self.refused = self.refused or (
                             f"judge {self.spec.name}: the endpoint refused the request "
-                            f"({short_error(exc, self.secrets)}); nothing was recorded for it, fix the judge spec "
-                            "and re-run")
+                            f"({short_error(exc, self.secrets)}); nothing was recorded for it, fix the judge "
+                            "spec "
+                            "and re-run"
+                        )
                         return None
                     return self._transport_error(short_error(exc, self.secrets), usage, attempt)
                 except openai.APIConnectionError as exc:
@@ -212,14 +250,21 @@ class JudgeClient:
                     continue
                 verdict.usage = {**usage, "attempts": attempt + 1}
                 return verdict
-        return Verdict(status="judge_error", error=redact(f"no valid reply after {attempts} attempts: {problem}",
-                                                          self.secrets),
-                       usage={**usage, "attempts": attempts}, details={"error_kind": kind, **details})
+        return Verdict(
+            status="judge_error",
+            error=redact(f"no valid reply after {attempts} attempts: {problem}", self.secrets),
+            usage={**usage, "attempts": attempts},
+            details={"error_kind": kind, **details},
+        )
 
     @staticmethod
     def _transport_error(error: str, usage: dict[str, int], attempt: int) -> Verdict:
-        return Verdict(status="judge_error", error=error, usage={**usage, "attempts": attempt + 1},
-                       details={"error_kind": "transport"})
+        return Verdict(
+            status="judge_error",
+            error=error,
+            usage={**usage, "attempts": attempt + 1},
+            details={"error_kind": "transport"},
+        )
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -228,6 +273,7 @@ class JudgeClient:
 
 
 # ---------------------------------------------------------------------------------------------- batch files
+
 
 def write_batch(path: Path, requests: Iterable[JudgeRequest]) -> int:
     """Write requests in the OpenAI batch input format (one line each: custom_id, method, url, body); the same
@@ -239,8 +285,11 @@ def write_batch(path: Path, requests: Iterable[JudgeRequest]) -> int:
         if r.key in seen:
             continue
         seen.add(r.key)
-        lines.append(json.dumps({"custom_id": r.key, "method": "POST", "url": BATCH_URL, "body": r.body},
-                                ensure_ascii=False))
+        lines.append(
+            json.dumps(
+                {"custom_id": r.key, "method": "POST", "url": BATCH_URL, "body": r.body}, ensure_ascii=False
+            )
+        )
     write_atomic(path, "".join(line + "\n" for line in lines))
     return len(lines)
 
@@ -266,21 +315,30 @@ def read_batch(path: Path, client: JudgeClient, requests: dict[str, JudgeRequest
             if not err and isinstance(body, dict):
                 err = body.get("error")
             msg = err.get("message") if isinstance(err, dict) else err
-            failures[req.key] = Verdict(status="judge_error",
-                                        error=redact(f"batch: status {status}: {str(msg or 'no response')[:200]}",
-                                                     client.secrets),
-                                        details={"error_kind": "transport", "batch": True})
+            failures[req.key] = Verdict(
+                status="judge_error",
+                error=redact(f"batch: status {status}: {str(msg or 'no response')[:200]}", client.secrets),
+                details={"error_kind": "transport", "batch": True},
+            )
             continue
         reply = read_reply(body)
         usage = reply_usage(reply)
         if reply.problem or reply.refusal is not None:
             what = reply.problem or f"the judge refused: {reply.refusal[:300]!r}"
-            failures[req.key] = Verdict(status="judge_error", error=f"batch: {what}", usage=usage,
-                                        details={"error_kind": "invalid", "batch": True})
+            failures[req.key] = Verdict(
+                status="judge_error",
+                error=f"batch: {what}",
+                usage=usage,
+                details={"error_kind": "invalid", "batch": True},
+            )
             continue
         try:
             client.accept(req, reply.content, usage)
         except InvalidReply as exc:
-            failures[req.key] = Verdict(status="judge_error", error=f"batch: {exc}", usage=usage,
-                                        details={"error_kind": "invalid", "batch": True})
+            failures[req.key] = Verdict(
+                status="judge_error",
+                error=f"batch: {exc}",
+                usage=usage,
+                details={"error_kind": "invalid", "batch": True},
+            )
     return failures

@@ -1,7 +1,8 @@
 """The panel: majority vote of several judges on the first faulty step and on the error type.
 
 Rules (documented for users in the module docstring of qreason.stages.judge):
-- Only valid verdicts vote; judge errors are listed but do not count. No valid verdict: the panel is a judge_error.
+- Only valid verdicts vote; judge errors are listed but do not count. No valid verdict: the panel is a
+judge_error.
 - Step: the step named by most judges. Tie: the earliest real step (0, 1, ...) among the tied ones; -1
   ("no faulty step") wins a tie only against nothing else, since the solution is known to have failed.
 - Error type: voted among the judges that named the winning step. Tie: the type of the judge listed first.
@@ -29,12 +30,23 @@ def vote(members: list[tuple[str, Verdict]]) -> Verdict:
     """The panel verdict of (judge name, verdict) pairs given in the judges' list order."""
     valid = [(name, v) for name, v in members if v.ok and v.first_error_step is not None]
     summary: dict[str, Any] = {
-        "members": {name: {"status": v.status, "step": v.first_error_step, "error_type": v.error_type,
-                           "sub_type": v.sub_type, "capability": v.capability} for name, v in members},
-        "n_judges": len(members), "n_valid": len(valid)}
+        "members": {
+            name: {
+                "status": v.status,
+                "step": v.first_error_step,
+                "error_type": v.error_type,
+                "sub_type": v.sub_type,
+                "capability": v.capability,
+            }
+            for name, v in members
+        },
+        "n_judges": len(members),
+        "n_valid": len(valid),
+    }
     if not valid:
-        return Verdict(status="judge_error", error="no judge of the panel gave a valid verdict",
-                       details=summary)
+        return Verdict(
+            status="judge_error", error="no judge of the panel gave a valid verdict", details=summary
+        )
     steps = [v.first_error_step for _, v in valid]
     step_counts = Counter(steps)
     top = max(step_counts.values())
@@ -42,8 +54,11 @@ def vote(members: list[tuple[str, Verdict]]) -> Verdict:
     real = [s for s in tied_steps if s >= 0]
     step = real[0] if real else -1
     agreeing = [(n, v) for n, v in valid if v.first_error_step == step]
-    summary.update(step_counts={str(s): c for s, c in sorted(step_counts.items())},
-                   step_agreement=round(len(agreeing) / len(valid), 4), tie_step=len(tied_steps) > 1)
+    summary.update(
+        step_counts={str(s): c for s, c in sorted(step_counts.items())},
+        step_agreement=round(len(agreeing) / len(valid), 4),
+        tie_step=len(tied_steps) > 1,
+    )
     if step == -1:
         summary.update(unanimous=len(agreeing) == len(members))
         return Verdict(first_error_step=-1, rationale=agreeing[0][1].rationale, details=summary)
@@ -59,8 +74,17 @@ def vote(members: list[tuple[str, Verdict]]) -> Verdict:
     sub, _ = _winner(subs, subs)
     caps = [v.capability for _, v in same_type]
     cap, _ = _winner(caps, caps)
-    summary.update(type_counts=dict(Counter(order)), type_agreement=round(len(same_type) / len(valid), 4),
-                   tie_type=tie_type,
-                   unanimous=len(same_type) == len(members))
-    return Verdict(first_error_step=step, error_type=etype, sub_type=sub, capability=cap,
-                   rationale=same_type[0][1].rationale, details=summary)
+    summary.update(
+        type_counts=dict(Counter(order)),
+        type_agreement=round(len(same_type) / len(valid), 4),
+        tie_type=tie_type,
+        unanimous=len(same_type) == len(members),
+    )
+    return Verdict(
+        first_error_step=step,
+        error_type=etype,
+        sub_type=sub,
+        capability=cap,
+        rationale=same_type[0][1].rationale,
+        details=summary,
+    )

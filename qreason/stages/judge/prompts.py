@@ -1,10 +1,16 @@
-"""The error taxonomy and the judge prompt templates (both data in judge_prompts/), rendering and reply checking.
+"""The error taxonomy and the judge prompt templates (both data in judge_prompts/), rendering and reply
+checking.
 
-Model text is untrusted. Every piece of it goes into the prompt between tags whose names end in a nonce, and any
-tag-like text inside it (``<step``, ``</problem``, ... or the nonce itself) is neutralised first, so a solution
-cannot close its own block or open a new one. The nonce is a hash of the whole input: it is the same for the same
-input (so replies can be cached) and cannot be predicted by the text it protects (the text would have to contain
-a hash of itself). Templates are filled in a single pass, so substituted text is never scanned for placeholders.
+Model text is untrusted. Every piece of it goes into the prompt between tags whose names end in a nonce, and
+any
+tag-like text inside it (``<step``, ``</problem``, ... or the nonce itself) is neutralised first, so a
+solution
+cannot close its own block or open a new one. The nonce is a hash of the whole input: it is the same for the
+same
+input (so replies can be cached) and cannot be predicted by the text it protects (the text would have to
+contain
+a hash of itself). Templates are filled in a single pass, so substituted text is never scanned for
+placeholders.
 """
 
 from __future__ import annotations
@@ -19,13 +25,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from qreason.inputs import resources
 from qreason.config.schema import DEFAULT_PROMPT_VERSION
 from qreason.errors import UserError
+from qreason.inputs import resources
 from qreason.records import content_key
 
-NONE = "none"          # what the reply schema uses for "no error" in the type fields
-OUTCOME = "Outcome"    # error_type of the outcomes the rule checks detect
+NONE = "none"  # what the reply schema uses for "no error" in the type fields
+OUTCOME = "Outcome"  # error_type of the outcomes the rule checks detect
 
 TAG_NAMES = ("problem", "reference-answer", "reference-solution", "step")
 # Anything that could open or close one of our blocks: "<step", "</ problem", "< reference-answer", ...
@@ -34,6 +40,7 @@ _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
 # --------------------------------------------------------------------------------------------------- taxonomy
+
 
 class SubType(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -85,7 +92,9 @@ class Taxonomy(BaseModel):
         for tname, etype in self.error_types.items():
             lines.append(f"- {tname}: {etype.description}")
             for sname, sub in etype.sub_types.items():
-                lines.append(f"  - {sname}: {sub.description} (usual capabilities: {', '.join(sub.capabilities)})")
+                lines.append(
+                    f"  - {sname}: {sub.description} (usual capabilities: {', '.join(sub.capabilities)})"
+                )
         return "\n".join(lines)
 
     def render_capabilities(self) -> str:
@@ -118,6 +127,7 @@ def load_taxonomy(path: Path | None = None) -> Taxonomy:
 
 # --------------------------------------------------------------------------------------------------- template
 
+
 class PromptTemplate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: str
@@ -133,8 +143,11 @@ class PromptTemplate(BaseModel):
 @lru_cache(maxsize=8)
 def load_template(version: str = DEFAULT_PROMPT_VERSION) -> PromptTemplate:
     """A judge prompt template by version (``judge-v1`` is judge_prompts/judge_v1.yaml) or by path."""
-    path = (Path(version) if version.endswith((".yaml", ".yml"))
-            else resources.find("judge_prompts", f"{version.replace('-', '_')}.yaml"))
+    path = (
+        Path(version)
+        if version.endswith((".yaml", ".yml"))
+        else resources.find("judge_prompts", f"{version.replace('-', '_')}.yaml")
+    )
     if path is None or not path.is_file():
         known = [p.stem.replace("_", "-") for p in resources.listing("judge_prompts", "judge_*.yaml")]
         raise UserError(f"prompt version {version!r}", f"no such judge prompt (known: {', '.join(known)})")
@@ -146,6 +159,7 @@ def load_template(version: str = DEFAULT_PROMPT_VERSION) -> PromptTemplate:
 
 def render(template: str, values: dict[str, str]) -> str:
     """Fill ``{{name}}`` placeholders in one pass (substituted text is not scanned again)."""
+
     def sub(m: re.Match) -> str:
         if m.group(1) not in values:
             raise KeyError(f"judge template uses an unknown placeholder {{{{{m.group(1)}}}}}")
@@ -170,7 +184,9 @@ class JudgeInput:
     reference_solution: str | None = None
 
     def nonce(self) -> str:
-        return content_key("nonce", self.problem, self.reference_answer, self.reference_solution, self.steps)[:16]
+        return content_key("nonce", self.problem, self.reference_answer, self.reference_solution, self.steps)[
+            :16
+        ]
 
 
 def build_messages(inp: JudgeInput, tpl: PromptTemplate, taxonomy: Taxonomy) -> list[dict[str, str]]:
@@ -179,26 +195,41 @@ def build_messages(inp: JudgeInput, tpl: PromptTemplate, taxonomy: Taxonomy) -> 
     def safe(text: str | None) -> str:
         return neutralise(str(text or "").strip(), nonce)
 
-    steps = "\n\n".join(render(tpl.step, {"nonce": nonce, "index": str(i), "text": safe(s)})
-                        for i, s in enumerate(inp.steps))
+    steps = "\n\n".join(
+        render(tpl.step, {"nonce": nonce, "index": str(i), "text": safe(s)}) for i, s in enumerate(inp.steps)
+    )
     ref_block = ""
     if inp.reference_solution and str(inp.reference_solution).strip():
-        ref_block = render(tpl.reference_solution_block,
-                           {"nonce": nonce, "reference_solution": safe(inp.reference_solution)})
-    system = render(tpl.system, {"nonce": nonce, "taxonomy": taxonomy.render_types(),
-                                 "capabilities": taxonomy.render_capabilities()})
-    user = render(tpl.user, {
-        "nonce": nonce, "problem": safe(inp.problem),
-        "reference_answer": safe(inp.reference_answer) if inp.reference_answer else tpl.no_reference_answer,
-        "reference_solution_block": ref_block, "n_steps": str(len(inp.steps)),
-        "last_step": str(max(len(inp.steps) - 1, 0)), "steps": steps})
+        ref_block = render(
+            tpl.reference_solution_block, {"nonce": nonce, "reference_solution": safe(inp.reference_solution)}
+        )
+    system = render(
+        tpl.system,
+        {"nonce": nonce, "taxonomy": taxonomy.render_types(), "capabilities": taxonomy.render_capabilities()},
+    )
+    user = render(
+        tpl.user,
+        {
+            "nonce": nonce,
+            "problem": safe(inp.problem),
+            "reference_answer": safe(inp.reference_answer)
+            if inp.reference_answer
+            else tpl.no_reference_answer,
+            "reference_solution_block": ref_block,
+            "n_steps": str(len(inp.steps)),
+            "last_step": str(max(len(inp.steps) - 1, 0)),
+            "steps": steps,
+        },
+    )
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 # --------------------------------------------------------------------------------------------------- replies
 
+
 def reply_schema(taxonomy: Taxonomy, n_steps: int, tpl: PromptTemplate, limits: bool = True) -> dict:
-    """The JSON schema of a reply. ``limits`` adds maxLength/minimum/maximum (not every endpoint accepts them)."""
+    """The JSON schema of a reply. ``limits`` adds maxLength/minimum/maximum (not every endpoint accepts
+    them)."""
     step: dict[str, Any] = {"type": "integer"}
     rationale: dict[str, Any] = {"type": "string"}
     if limits:
@@ -220,11 +251,15 @@ def reply_schema(taxonomy: Taxonomy, n_steps: int, tpl: PromptTemplate, limits: 
 
 
 def response_format(schema: dict) -> dict:
-    return {"type": "json_schema", "json_schema": {"name": "first_error_verdict", "strict": True, "schema": schema}}
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": "first_error_verdict", "strict": True, "schema": schema},
+    }
 
 
 class InvalidReply(ValueError):
-    """A judge reply that is not JSON, or not the schema, or not consistent with the taxonomy and the input."""
+    """A judge reply that is not JSON, or not the schema, or not consistent with the taxonomy and the
+    input."""
 
 
 class ReplyModel(BaseModel):
@@ -240,7 +275,7 @@ class ReplyModel(BaseModel):
 class Verdict:
     """One judge's verdict on one input (a parsed reply, or the reason there is none)."""
 
-    status: str = "ok"                      # ok | judge_error
+    status: str = "ok"  # ok | judge_error
     first_error_step: int | None = None
     error_type: str | None = None
     sub_type: str | None = None
@@ -279,7 +314,9 @@ def parse_reply(content: str | None, n_steps: int, taxonomy: Taxonomy) -> Verdic
         raise InvalidReply(f"off-schema: {'.'.join(map(str, err['loc'])) or 'reply'}: {err['msg']}") from None
     step = r.first_error_step
     if not -1 <= step < n_steps:
-        raise InvalidReply(f"off-schema: first_error_step {step} is not -1 or a step index (0..{n_steps - 1})")
+        raise InvalidReply(
+            f"off-schema: first_error_step {step} is not -1 or a step index (0..{n_steps - 1})"
+        )
     rationale = r.rationale.strip()[:1000]
     if step == -1:
         return Verdict(first_error_step=-1, rationale=rationale)
@@ -290,5 +327,10 @@ def parse_reply(content: str | None, n_steps: int, taxonomy: Taxonomy) -> Verdic
         raise InvalidReply(f"off-schema: sub_type {r.sub_type!r} is not a sub-type of {r.error_type}")
     if r.capability not in taxonomy.capabilities:
         raise InvalidReply(f"off-schema: capability {r.capability!r} with first_error_step {step}")
-    return Verdict(first_error_step=step, error_type=r.error_type, sub_type=r.sub_type, capability=r.capability,
-                   rationale=rationale)
+    return Verdict(
+        first_error_step=step,
+        error_type=r.error_type,
+        sub_type=r.sub_type,
+        capability=r.capability,
+        rationale=rationale,
+    )

@@ -4,18 +4,23 @@ Arithmetic. Each step is scanned for equations such as ``3 + 4 = 7``, ``$1,234 x
 ``5 apples * 3 = 15 apples`` or ``\\frac{18}{3} \\times 2 = 12``. The text is cut into tokens (numbers with
 thousands separators, currency and percent signs, operators, parentheses, ``=``, words); a few operator words
 (``times``, ``plus``, ``minus``, ``divided by``, ``x`` between numbers) become operators; a single word right
-after a number that is followed by an operator, ``=`` or the end of the expression is read as a unit and dropped,
-and so are rate units (``$194/meter``, ``3 pages per minute``). Any other word or punctuation ends the expression. Each side of each ``=`` is parsed by a small recursive-descent
+after a number that is followed by an operator, ``=`` or the end of the expression is read as a unit and
+dropped,
+and so are rate units (``$194/meter``, ``3 pages per minute``). Any other word or punctuation ends the
+expression. Each side of each ``=`` is parsed by a small recursive-descent
 parser over exact fractions (``+ - * / ^``, unary minus, parentheses, percent, ``sqrt``); the text is never
-evaluated as code. A step is flagged when the left side of an ``=`` holds an operator and its value differs from
+evaluated as code. A step is flagged when the left side of an ``=`` holds an operator and its value differs
+from
 the right side's.
 
 The check is built for precision: anything it cannot read with certainty is skipped, never flagged. It accepts
 rounding to the decimals written on the right, a whole-number right side that is the floor or ceiling of a
-fractional value, either reading of a percent sign (``0.2*100 = 20%``), ``≈`` within 1 %, and the "running total"
+fractional value, either reading of a percent sign (``0.2*100 = 20%``), ``≈`` within 1 %, and the "running
+total"
 notation ``3 * 4 = 12 + 2 = 14`` (the right side starts with the left side's value).
 
-Repetition collapse. The same step or line (at least 3 words) three or more times in a row, the same step or line
+Repetition collapse. The same step or line (at least 3 words) three or more times in a row, the same step or
+line
 of at least 6 words five or more times anywhere, or a tail of the solution that is one block of words repeated
 three or more times (at least 30 words in all); the collapse starts at the second copy.
 """
@@ -32,7 +37,8 @@ from qreason.stages.judge.prompts import OUTCOME, Verdict
 
 RULES_REVISION = 1
 
-# ------------------------------------------------------------------------------------------------ text clean-up
+# ------------------------------------------------------------------------------------------------ text
+# clean-up
 
 _LATEX_SIMPLE = [
     (re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?![A-Za-z])"), " "),
@@ -43,14 +49,30 @@ _LATEX_SIMPLE = [
     (re.compile(r"\\(?:times|cdot|ast)(?![A-Za-z])"), " * "),
     (re.compile(r"\\div(?![A-Za-z])"), " / "),
     (re.compile(r"\\approx(?![A-Za-z])"), " ≈ "),
-    (re.compile(r"\\[()\[\]]"), " ¶ "),   # math delimiters end an expression (safely)
+    (re.compile(r"\\[()\[\]]"), " ¶ "),  # math delimiters end an expression (safely)
 ]
 _LATEX_TEXT = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _LATEX_SQRT = re.compile(r"\\sqrt\s*\{([^{}]*)\}")
 _LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _LATEX_BOXED = re.compile(r"\\boxed\s*\{([^{}]*)\}")
-_UNICODE = str.maketrans({"×": "*", "·": "*", "∙": "*", "⋅": "*", "÷": "/", "−": "-", "–": "-", "＝": "=",
-                          "≃": "≈", "≅": "≈", "€": " ", "£": " ", "¥": " ", "$": " "})
+_UNICODE = str.maketrans(
+    {
+        "×": "*",
+        "·": "*",
+        "∙": "*",
+        "⋅": "*",
+        "÷": "/",
+        "−": "-",
+        "–": "-",
+        "＝": "=",
+        "≃": "≈",
+        "≅": "≈",
+        "€": " ",
+        "£": " ",
+        "¥": " ",
+        "$": " ",
+    }
+)
 
 
 def clean(text: str) -> str:
@@ -72,17 +94,19 @@ def clean(text: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ tokens
 
+
 @dataclass
 class Tok:
-    kind: str     # num, op, pct, lp, rp, eq, approx, word, func, brk
+    kind: str  # num, op, pct, lp, rp, eq, approx, word, func, brk
     text: str
     value: Fraction | None = None
-    glued: bool = False      # no space before this token
-    decimals: int = 0        # for numbers: digits after the point as written
-    latex: bool = False      # a word that is a LaTeX command (\\cdots, \\pi, ...)
+    glued: bool = False  # no space before this token
+    decimals: int = 0  # for numbers: digits after the point as written
+    latex: bool = False  # a word that is a LaTeX command (\\cdots, \\pi, ...)
 
 
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     (?P<space>[^\S\n]+)
   | (?P<brk><=|>=|!=|==|=>|->|<-)
   | (?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)
@@ -94,24 +118,98 @@ _TOKEN = re.compile(r"""
   | (?P<approx>≈)
   | (?P<word>[A-Za-z]+)
   | (?P<other>.)
-""", re.VERBOSE | re.DOTALL)
+""",
+    re.VERBOSE | re.DOTALL,
+)
 
 _OP_WORDS = {"times": "*", "plus": "+", "minus": "-"}
 _OP_PHRASES = {("divided", "by"): "/", ("multiplied", "by"): "*"}
 # A number right after one of these words is the object of an operation the text states in words
 # ("half of 10 + 4"), so the expression that starts there is cut off on the left.
-_IMPLIED = {"of", "half", "twice", "double", "doubled", "triple", "tripled", "thrice", "quarter", "third",
-            "per", "each", "by", "than", "from", "over", "every"}
+_IMPLIED = {
+    "of",
+    "half",
+    "twice",
+    "double",
+    "doubled",
+    "triple",
+    "tripled",
+    "thrice",
+    "quarter",
+    "third",
+    "per",
+    "each",
+    "by",
+    "than",
+    "from",
+    "over",
+    "every",
+}
 _FUNCS = {"sqrt"}
-# Words that are never units after a number: ordinal suffixes and function words ("from -2-5 = -7 to -2+5 = 3").
-_NOT_UNITS = {"st", "nd", "rd", "th", "to", "and", "or", "is", "are", "was", "were", "be", "so", "then", "the", "an",
-              "of", "in", "on", "at", "for", "with", "by", "from", "as", "if", "but", "that", "this", "which", "we",
-              "it", "its", "has", "have", "had", "gives", "give", "get", "gets", "got", "than", "into", "over", "per",
-              "each", "equals", "makes", "means", "becomes", "yields", "plus", "minus", "times", "less", "more"}
-MAX_DIGITS = 18    # longer numbers are not checked
-MAX_TOKENS = 200   # nor are longer expressions (bounds the time spent on degenerate text)
-MAX_BITS = 512     # nor are values whose numerator or denominator would grow past this many bits: a magnitude
-                   # bound alone lets a tiny fraction's denominator grow 64-fold per nested power
+# Words that are never units after a number: ordinal suffixes and function words ("from -2-5 = -7 to -2+5 =
+# 3").
+_NOT_UNITS = {
+    "st",
+    "nd",
+    "rd",
+    "th",
+    "to",
+    "and",
+    "or",
+    "is",
+    "are",
+    "was",
+    "were",
+    "be",
+    "so",
+    "then",
+    "the",
+    "an",
+    "of",
+    "in",
+    "on",
+    "at",
+    "for",
+    "with",
+    "by",
+    "from",
+    "as",
+    "if",
+    "but",
+    "that",
+    "this",
+    "which",
+    "we",
+    "it",
+    "its",
+    "has",
+    "have",
+    "had",
+    "gives",
+    "give",
+    "get",
+    "gets",
+    "got",
+    "than",
+    "into",
+    "over",
+    "per",
+    "each",
+    "equals",
+    "makes",
+    "means",
+    "becomes",
+    "yields",
+    "plus",
+    "minus",
+    "times",
+    "less",
+    "more",
+}
+MAX_DIGITS = 18  # longer numbers are not checked
+MAX_TOKENS = 200  # nor are longer expressions (bounds the time spent on degenerate text)
+MAX_BITS = 512  # nor are values whose numerator or denominator would grow past this many bits: a magnitude
+# bound alone lets a tiny fraction's denominator grow 64-fold per nested power
 
 
 def tokenize(text: str) -> list[Tok]:
@@ -158,8 +256,11 @@ def _unit_at(toks: list[Tok], i: int) -> bool:
     if t.kind != "word" or len(t.text) < 2 or t.latex or t.text.lower() in _NOT_UNITS:
         return False
     nxt = toks[i + 1] if i + 1 < len(toks) else None
-    return (nxt is None or nxt.kind in ("op", "eq", "approx", "rp", "brk")
-            or (nxt.kind == "word" and nxt.text.lower() == "per"))
+    return (
+        nxt is None
+        or nxt.kind in ("op", "eq", "approx", "rp", "brk")
+        or (nxt.kind == "word" and nxt.text.lower() == "per")
+    )
 
 
 def resolve_words(toks: list[Tok]) -> list[Tok]:
@@ -170,7 +271,13 @@ def resolve_words(toks: list[Tok]) -> list[Tok]:
         t = toks[i]
         nxt = toks[i + 1] if i + 1 < len(toks) else None
         prev = out[-1] if out else None
-        if t.kind == "op" and t.text == "/" and prev is not None and prev.kind == "num" and _unit_at(toks, i + 1):
+        if (
+            t.kind == "op"
+            and t.text == "/"
+            and prev is not None
+            and prev.kind == "num"
+            and _unit_at(toks, i + 1)
+        ):
             i += 2  # a rate unit: "$194/meter", "4 eggs/person/day"
             continue
         if t.kind != "word":
@@ -192,7 +299,8 @@ def resolve_words(toks: list[Tok]) -> list[Tok]:
         elif low in _FUNCS and nxt is not None and nxt.kind == "lp":
             out.append(Tok("func", low))
         elif prev is not None and prev.kind in ("num", "pct") and _unit_at(toks, i):
-            pass  # a unit: "5 apples + 3 apples = 8 apples", "3 pages per minute", "12 km/h" (then "/h" breaks)
+            # a unit: "5 apples + 3 apples = 8 apples", "3 pages per minute", "12 km/h" (then "/h" breaks)
+            pass
         else:
             out.append(t)
         i += 1
@@ -200,6 +308,7 @@ def resolve_words(toks: list[Tok]) -> list[Tok]:
 
 
 # ------------------------------------------------------------------------------------------------ parser
+
 
 class ParseFail(Exception):
     pass
@@ -322,7 +431,7 @@ def evaluate(toks: list[Tok]) -> list:
     if len(toks) > MAX_TOKENS:
         return []
     values = []
-    for percent in ((True, False) if any(t.kind == "pct" for t in toks) else (True,)):
+    for percent in (True, False) if any(t.kind == "pct" for t in toks) else (True,):
         try:
             values.append(_Parser(toks, percent).parse())
         except (ParseFail, ZeroDivisionError, OverflowError, ValueError, RecursionError):
@@ -331,6 +440,7 @@ def evaluate(toks: list[Tok]) -> list:
 
 
 # ------------------------------------------------------------------------------------------------ checking
+
 
 @dataclass
 class ArithmeticError_:
@@ -358,12 +468,12 @@ def _close(left, right, right_toks: list[Tok], rel_tol: float) -> bool:
     decimals = right_toks[0].decimals if single and right_toks[0].kind == "num" else None
     if decimals is not None:
         # rounded, truncated or rounded up to the decimals written: "10/3 = 3.33", "10/4 = 2", "10/4 = 3"
-        scaled, target = lf * 10 ** decimals, rf * 10 ** decimals
+        scaled, target = lf * 10**decimals, rf * 10**decimals
         if abs(scaled - round(scaled)) < 1e-6:
             scaled = float(round(scaled))
         if abs(target - math.floor(scaled)) < 1e-6 or abs(target - math.ceil(scaled)) < 1e-6:
             return True
-    rounding = 0.5 * 10.0 ** -decimals if decimals else 0.0
+    rounding = 0.5 * 10.0**-decimals if decimals else 0.0
     return rel_tol > 0 and abs(lf - rf) <= rel_tol * max(abs(lf), abs(rf)) + rounding
 
 
@@ -395,14 +505,19 @@ _SAFE_BREAKS = {",", ";", ":", ".", "?", "\n", "¶"}
 
 def _clean_left_edge(run: list[Tok], before: Tok | None) -> bool:
     """Whether a run starts where an expression can start: not glued to a variable, a subscript or a LaTeX
-    command ("f(3) + 3", "a_1 + 2", "\\cdots \\frac{100}{99}"), and not after a word that states an operation."""
+    command ("f(3) + 3", "a_1 + 2", "\\cdots \\frac{100}{99}"), and not after a word that states an
+    operation."""
     if run[0].kind not in ("num", "lp", "func"):
         return False
     if before is None:
         return True
     if before.kind == "word":
-        return (not run[0].glued and len(before.text) >= 2 and not before.latex
-                and before.text.lower() not in _IMPLIED)
+        return (
+            not run[0].glued
+            and len(before.text) >= 2
+            and not before.latex
+            and before.text.lower() not in _IMPLIED
+        )
     return before.text in _SAFE_BREAKS
 
 
@@ -412,7 +527,7 @@ def _clean_right_edge(after: Tok | None) -> bool:
     if after is None:
         return True
     if after.kind != "word":
-        return after.text not in ("\\", "!", "_", "'")   # "= 5\\pi", "= 3!", "= a_1", "= f'"
+        return after.text not in ("\\", "!", "_", "'")  # "= 5\\pi", "= 3!", "= a_1", "= f'"
     return not (after.glued or after.latex or len(after.text) == 1)
 
 
@@ -444,8 +559,13 @@ def check_arithmetic(step: str) -> ArithmeticError_ | None:
             if not lvals or not rvals:
                 continue
             # "≈" allows 1 %; rounded decimals inside the expressions allow 0.1 % ("360/7*10 = 51.42857*10")
-            tol = 0.01 if rel == "approx" else 1e-3 if any(t.kind == "num" and t.decimals for t in left + right[1:]) \
+            tol = (
+                0.01
+                if rel == "approx"
+                else 1e-3
+                if any(t.kind == "num" and t.decimals for t in left + right[1:])
                 else 0.0
+            )
             if any(_close(lv, rv, right, tol) for lv in lvals for rv in rvals):
                 continue
             if right[0].kind == "num" and len(right) > 1 and any(right[0].value == lv for lv in lvals):
@@ -455,6 +575,7 @@ def check_arithmetic(step: str) -> ArithmeticError_ | None:
 
 
 # ------------------------------------------------------------------------------------------------ repetition
+
 
 def _norm(s: str) -> str:
     return " ".join(s.lower().split())
@@ -482,7 +603,9 @@ def repetition_start(steps: list[str]) -> tuple[int, str] | None:
     """(step index where a repetition collapse starts, description), or None."""
     candidates: list[tuple[int, str]] = []
     norm_steps = [(_norm(s), i) for i, s in enumerate(steps) if _words(s) >= 3]
-    norm_lines = [(_norm(line), i) for i, s in enumerate(steps) for line in s.splitlines() if _words(line) >= 3]
+    norm_lines = [
+        (_norm(line), i) for i, s in enumerate(steps) for line in s.splitlines() if _words(line) >= 3
+    ]
     for items, what in ((norm_steps, "step"), (norm_lines, "line")):
         found = _consecutive(items, 3)
         if found:
@@ -514,18 +637,24 @@ def repetition_start(steps: list[str]) -> tuple[int, str] | None:
 
 # ------------------------------------------------------------------------------------------------ verdict
 
+
 def rule_verdict_call(args: tuple[list[str], str | None]) -> Verdict:
-    """``rule_verdict(*args)`` for a worker process (see ``qreason.stages.grade.bounded_calls``): a failure of the
+    """``rule_verdict(*args)`` for a worker process (see ``qreason.stages.grade.bounded_calls``): a failure
+    of the
     checks on hostile text becomes a rule-check error verdict, never an exception."""
     try:
         return rule_verdict(*args)
     except Exception as exc:  # noqa: BLE001 - untrusted model output must not stop the stage
-        return Verdict(status="judge_error", error=f"rule checks failed: {type(exc).__name__}: {str(exc)[:200]}")
+        return Verdict(
+            status="judge_error", error=f"rule checks failed: {type(exc).__name__}: {str(exc)[:200]}"
+        )
 
 
 def rule_verdict(steps: list[str], grade_status: str | None = None) -> Verdict:
-    """The rule checks' verdict on a solution. The earliest step finding wins (arithmetic over repetition at the
-    same step); with none, a no_answer or truncated grade gives that outcome; otherwise first_error_step is -1."""
+    """The rule checks' verdict on a solution. The earliest step finding wins (arithmetic over repetition at
+    the
+    same step); with none, a no_answer or truncated grade gives that outcome; otherwise first_error_step is
+    -1."""
     findings: list[dict] = []
     arith = None
     for i, s in enumerate(steps):
@@ -542,12 +671,28 @@ def rule_verdict(steps: list[str], grade_status: str | None = None) -> Verdict:
         findings.append({"kind": outcome, "step": None, "detail": f"grade status {grade_status}"})
     details = {"findings": findings, "revision": RULES_REVISION}
     if arith is not None and (rep is None or arith[0] <= rep[0]):
-        return Verdict(first_error_step=arith[0], error_type="Execution", sub_type="computational_error",
-                       capability="numerical_computation", rationale=arith[1], details=details)
+        return Verdict(
+            first_error_step=arith[0],
+            error_type="Execution",
+            sub_type="computational_error",
+            capability="numerical_computation",
+            rationale=arith[1],
+            details=details,
+        )
     if rep is not None:
-        return Verdict(first_error_step=rep[0], error_type=OUTCOME, sub_type="repetition_collapse",
-                       rationale=rep[1], details=details)
+        return Verdict(
+            first_error_step=rep[0],
+            error_type=OUTCOME,
+            sub_type="repetition_collapse",
+            rationale=rep[1],
+            details=details,
+        )
     if outcome:
-        return Verdict(first_error_step=-1, error_type=OUTCOME, sub_type=outcome,
-                       rationale=f"no faulty step found; the grade is {grade_status}", details=details)
+        return Verdict(
+            first_error_step=-1,
+            error_type=OUTCOME,
+            sub_type=outcome,
+            rationale=f"no faulty step found; the grade is {grade_status}",
+            details=details,
+        )
     return Verdict(first_error_step=-1, rationale="no rule fired", details=details)

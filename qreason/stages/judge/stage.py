@@ -1,14 +1,18 @@
 """The judge stage: read generations, grades and problems from the run store; append Judgment records.
 
-For every selected failure, the rule checks run first (judge "rules"); then each LLM judge of the config (judge =
-its name); then, with two or more judges, the panel's vote (judge "panel"). Records are appended per failure as
-soon as its verdicts are in, so an interrupted run loses only what was in flight, and the reply cache keeps even
+For every selected failure, the rule checks run first (judge "rules"); then each LLM judge of the config
+(judge =
+its name); then, with two or more judges, the panel's vote (judge "panel"). Records are appended per failure
+as
+soon as its verdicts are in, so an interrupted run loses only what was in flight, and the reply cache keeps
+even
 that. Keys:
 - rules:  content_key("judgment", generation, "rules", rules revision, grade status)
 - judge:  content_key("judgment", generation, judge name, request key) where the request key covers the judge
           model, the prompt version and the whole request; a valid verdict under this key is never redone
 - errors: "no valid reply after all attempts" is stored under a key derived from the judge key and, like a
-          verdict, not redone (unless ``retry_invalid``); a transport failure (endpoint down, timeouts, 5xx after
+          verdict, not redone (unless ``retry_invalid``); a transport failure (endpoint down, timeouts, 5xx
+          after
           the client's retries) gets a fresh key, so the next run tries again. The newest record of a
           (generation, judge) pair is its current one (``current_judgments``)
 - panel:  content_key("judgment", generation, "panel", the member records' keys)
@@ -29,20 +33,27 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from qreason.config.judge import PANEL_JUDGE, RULES_JUDGE, JudgeConfig
 from qreason.config.schema import RunConfig
-from qreason.stages.base import RunContext
 from qreason.engines.openai_http import redact
 from qreason.errors import UserError
 from qreason.flips import is_flip, latest_grades, solved_cells
 from qreason.records import Generation, Grade, Judgment, Problem, content_key
-from qreason.summary import JudgeSummary
-from qreason.store import RunStore, Table, now_iso
+from qreason.stages.base import RunContext
 from qreason.stages.judge.base import make_judge
-from qreason.stages.judge.client import JudgeClient, JudgeRequest, ReplyCache, add_usage, read_batch, write_batch
-from qreason.config.judge import PANEL_JUDGE, RULES_JUDGE, JudgeConfig
+from qreason.stages.judge.client import (
+    JudgeClient,
+    JudgeRequest,
+    ReplyCache,
+    add_usage,
+    read_batch,
+    write_batch,
+)
 from qreason.stages.judge.panel import vote
 from qreason.stages.judge.prompts import OUTCOME, JudgeInput, Verdict, load_taxonomy, load_template
 from qreason.stages.judge.rules import RULES_REVISION, rule_verdict_call
+from qreason.store import RunStore, Table, now_iso
+from qreason.summary import JudgeSummary
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +70,10 @@ class Failure:
 
 # ---------------------------------------------------------------------------------------------- selection
 
+
 def select_candidates(store: RunStore, cfg: JudgeConfig) -> list[Failure]:
-    """The failures to judge: graded with a status in cfg.statuses, flips marked; only flips if cfg.which says so."""
+    """The failures to judge: graded with a status in cfg.statuses, flips marked; only flips if cfg.which
+    says so."""
     grades = latest_grades(store.grades.all())
     solved = solved_cells(grades.values(), cfg.base_variant)
     problems = {(p.task, p.problem_id): p for p in store.problems.all()}
@@ -70,11 +83,14 @@ def select_candidates(store: RunStore, cfg: JudgeConfig) -> list[Failure]:
             continue
         gen = store.generations.get(grade.generation_key)
         if gen is None:
-            raise UserError(str(store.grades.path), f"grade {grade.key} refers to a generation that is not stored")
+            raise UserError(
+                str(store.grades.path), f"grade {grade.key} refers to a generation that is not stored"
+            )
         problem = problems.get((gen.task, gen.problem_id))
         if problem is None:
-            raise UserError(str(store.problems.path),
-                            f"no problem {gen.task}/{gen.problem_id} for generation {gen.key}")
+            raise UserError(
+                str(store.problems.path), f"no problem {gen.task}/{gen.problem_id} for generation {gen.key}"
+            )
         flip = is_flip(gen, cfg.base_variant, solved)
         if cfg.which == "flips" and not flip:
             continue
@@ -87,11 +103,16 @@ def judge_input(c: Failure) -> JudgeInput:
     ref = meta.get("reference_solution")
     if not ref and isinstance(meta.get("reference_steps"), list):
         ref = "\n".join(str(s) for s in meta["reference_steps"])
-    return JudgeInput(problem=c.problem.question, steps=list(c.generation.steps), reference_answer=c.problem.answer,
-                      reference_solution=str(ref) if ref else None)
+    return JudgeInput(
+        problem=c.problem.question,
+        steps=list(c.generation.steps),
+        reference_answer=c.problem.answer,
+        reference_solution=str(ref) if ref else None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- records
+
 
 def rules_key(c: Failure) -> str:
     return content_key("judgment", c.generation.key, RULES_JUDGE, RULES_REVISION, c.grade.status)
@@ -107,7 +128,8 @@ def invalid_key(key: str) -> str:
 
 
 def finished(store: RunStore, key: str, retry_invalid: bool) -> Judgment | None:
-    """The stored outcome of a judge request that needs no new attempt: its verdict, or its final invalid reply."""
+    """The stored outcome of a judge request that needs no new attempt: its verdict, or its final invalid
+    reply."""
     done = store.judgments.get(key)
     if done is None and not retry_invalid:
         done = store.judgments.get(invalid_key(key))
@@ -115,7 +137,8 @@ def finished(store: RunStore, key: str, retry_invalid: bool) -> Judgment | None:
 
 
 def error_key(key: str, v: Verdict) -> str:
-    """The key of a judge_error record. Invalid replies: final (``invalid_key``). Transport failures: a fresh key,
+    """The key of a judge_error record. Invalid replies: final (``invalid_key``). Transport failures: a fresh
+    key,
     so the next run tries again; from a batch output file: derived from the error, so re-reading the file adds
     nothing."""
     if v.details.get("error_kind") == "invalid":
@@ -125,23 +148,53 @@ def error_key(key: str, v: Verdict) -> str:
     return content_key(key, "judge_error", secrets.token_hex(8))
 
 
-def to_record(c: Failure, key: str, judge: str, v: Verdict, prompt_version: str | None,
-              votes: dict[str, Any] | None = None) -> Judgment:
+def to_record(
+    c: Failure,
+    key: str,
+    judge: str,
+    v: Verdict,
+    prompt_version: str | None,
+    votes: dict[str, Any] | None = None,
+) -> Judgment:
     g = c.generation
-    return Judgment(key=key, generation_key=g.key, variant=g.variant, task=g.task, problem_id=g.problem_id,
-                    seed=g.seed, judge=judge, prompt_version=prompt_version, status=v.status,
-                    first_error_step=v.first_error_step, error_type=v.error_type, sub_type=v.sub_type,
-                    capability=v.capability, rationale=v.rationale, flip=c.flip, votes=votes or {},
-                    usage={k: int(x) for k, x in v.usage.items()}, error=v.error, created_at=now_iso())
+    return Judgment(
+        key=key,
+        generation_key=g.key,
+        variant=g.variant,
+        task=g.task,
+        problem_id=g.problem_id,
+        seed=g.seed,
+        judge=judge,
+        prompt_version=prompt_version,
+        status=v.status,
+        first_error_step=v.first_error_step,
+        error_type=v.error_type,
+        sub_type=v.sub_type,
+        capability=v.capability,
+        rationale=v.rationale,
+        flip=c.flip,
+        votes=votes or {},
+        usage={k: int(x) for k, x in v.usage.items()},
+        error=v.error,
+        created_at=now_iso(),
+    )
 
 
 def to_verdict(j: Judgment) -> Verdict:
-    return Verdict(status=j.status, first_error_step=j.first_error_step, error_type=j.error_type,
-                   sub_type=j.sub_type, capability=j.capability, rationale=j.rationale, error=j.error,
-                   usage=dict(j.usage))
+    return Verdict(
+        status=j.status,
+        first_error_step=j.first_error_step,
+        error_type=j.error_type,
+        sub_type=j.sub_type,
+        capability=j.capability,
+        rationale=j.rationale,
+        error=j.error,
+        usage=dict(j.usage),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the stage
+
 
 def _resolve(store: RunStore, path: str | None, default: str) -> Path:
     p = Path(path).expanduser() if path else Path(default)
@@ -170,10 +223,12 @@ def _run_coroutine(coro):
     return box.get("value")
 
 
-RULES_FLUSH_EVERY = 32   # rule verdicts are appended in groups this small, so a killed run keeps what was done
+RULES_FLUSH_EVERY = 32  # rule verdicts are appended in groups this small, so a killed run keeps what was done
 
 
-def rule_check(table: Table[Judgment], candidates: list[Failure], timeout_s: float) -> tuple[dict[str, Judgment], int]:
+def rule_check(
+    table: Table[Judgment], candidates: list[Failure], timeout_s: float
+) -> tuple[dict[str, Judgment], int]:
     """The rule-check record of every candidate (generation key -> record) and how many were written to
     ``table`` (the run's judgments, or the recover stage's). Missing ones are computed in worker
     processes, each generation under a wall-clock limit (the checks read untrusted model output); one that
@@ -193,8 +248,9 @@ def rule_check(table: Table[Judgment], candidates: list[Failure], timeout_s: flo
     written = 0
     for c, ok, result in bounded_calls(rule_verdict_call, jobs, timeout_s, min(2, max(len(jobs), 1))):
         verdict = result if ok else Verdict(status="judge_error", error=f"rule checks {result}")
-        rec = to_record(c, rules_key(c), RULES_JUDGE, verdict, None,
-                        {"findings": verdict.details.get("findings", [])})
+        rec = to_record(
+            c, rules_key(c), RULES_JUDGE, verdict, None, {"findings": verdict.details.get("findings", [])}
+        )
         out[c.generation.key] = rec
         pending.append(rec)
         if len(pending) >= RULES_FLUSH_EVERY or not ok:
@@ -204,7 +260,8 @@ def rule_check(table: Table[Judgment], candidates: list[Failure], timeout_s: flo
 
 
 def run_judging(store: RunStore, cfg: JudgeConfig) -> JudgeSummary:
-    """Judge the selected failures of a run; appends to store.judgments. Safe to re-run: finished work is skipped,
+    """Judge the selected failures of a run; appends to store.judgments. Safe to re-run: finished work is
+    skipped,
     cached replies are reused, endpoint failures are retried (invalid replies too with cfg.retry_invalid)."""
     t0 = time.monotonic()
     stats = JudgeSummary()
@@ -217,23 +274,31 @@ def run_judging(store: RunStore, cfg: JudgeConfig) -> JudgeSummary:
         stats.seconds = round(time.monotonic() - t0, 3)
         return stats
 
-    todo = [c for c in candidates if c.generation.steps
-            and (cfg.llm_for_outcomes or rules[c.generation.key].error_type != OUTCOME)]
+    todo = [
+        c
+        for c in candidates
+        if c.generation.steps and (cfg.llm_for_outcomes or rules[c.generation.key].error_type != OUTCOME)
+    ]
     stats.llm_items = len(todo)
     template = load_template(cfg.prompt_version)
     taxonomy = load_taxonomy()
     cache = ReplyCache(_resolve(store, cfg.cache_path, "judge_cache.sqlite"))
     batch_dir = _resolve(store, cfg.batch.dir, "judge_batch")
-    clients = [make_judge(spec, template, taxonomy, cache, offline=cfg.batch.mode != "off") for spec in cfg.judges]
+    clients = [
+        make_judge(spec, template, taxonomy, cache, offline=cfg.batch.mode != "off") for spec in cfg.judges
+    ]
     for cl in clients:
         stats.judges[cl.spec.name] = {"ok": 0, "judge_error": 0, "cached": 0, "done": 0, "pending": 0}
     try:
         requests = {cl.spec.name: [cl.request(judge_input(c)) for c in todo] for cl in clients}
         if cfg.batch.mode == "write":
             for cl in clients:
-                pending = [r for c, r in zip(todo, requests[cl.spec.name])
-                           if finished(store, judge_key(c, cl.spec.name, r), cfg.retry_invalid) is None
-                           and cl.cache.get(r.key) is None]
+                pending = [
+                    r
+                    for c, r in zip(todo, requests[cl.spec.name])
+                    if finished(store, judge_key(c, cl.spec.name, r), cfg.retry_invalid) is None
+                    and cl.cache.get(r.key) is None
+                ]
                 path = batch_dir / f"{cl.spec.name.replace('/', '_')}.batch_input.jsonl"
                 n = write_batch(path, pending)
                 stats.judges[cl.spec.name]["pending"] = n
@@ -252,19 +317,29 @@ def run_judging(store: RunStore, cfg: JudgeConfig) -> JudgeSummary:
         _run_coroutine(_judge_all(store, todo, clients, requests, failures, stats, cfg.retry_invalid))
     finally:
         stats.requests = sum(cl.requests for cl in clients)
-        stats.errors = [cl.refused for cl in clients if getattr(cl, "refused", None)]  # the caller reports them
+        stats.errors = [
+            cl.refused for cl in clients if getattr(cl, "refused", None)
+        ]  # the caller reports them
         cache.close()
         stats.seconds = round(time.monotonic() - t0, 3)
     return stats
 
 
-async def _judge_all(store: RunStore, todo: list[Failure], clients: list[JudgeClient],
-                     requests: dict[str, list[JudgeRequest]], failures: dict[str, dict[str, Verdict]],
-                     stats: JudgeSummary, retry_invalid: bool) -> None:
+async def _judge_all(
+    store: RunStore,
+    todo: list[Failure],
+    clients: list[JudgeClient],
+    requests: dict[str, list[JudgeRequest]],
+    failures: dict[str, dict[str, Verdict]],
+    stats: JudgeSummary,
+    retry_invalid: bool,
+) -> None:
     version = clients[0].template.version
     bar = tqdm(total=len(todo), desc="judge", unit="sol", disable=not todo, dynamic_ncols=True)
 
-    async def member(c: Failure, cl: JudgeClient, req: JudgeRequest) -> tuple[str, Verdict | None, Judgment | None]:
+    async def member(
+        c: Failure, cl: JudgeClient, req: JudgeRequest
+    ) -> tuple[str, Verdict | None, Judgment | None]:
         name = cl.spec.name
         key = judge_key(c, name, req)
         done = finished(store, key, retry_invalid)
@@ -274,7 +349,6 @@ async def _judge_all(store: RunStore, todo: list[Failure], clients: list[JudgeCl
         try:
             verdict = failures[name].get(req.key) or await cl.judge(req)
         except Exception as exc:  # noqa: BLE001 - one member's bug must not stop the panel or the run
-
             error = redact(f"judge failed: {type(exc).__name__}: {str(exc)[:200]}", cl.secrets)
             log.warning("judge %s on %s: %s", name, c.generation.key, error)
             verdict = Verdict(status="judge_error", error=error, details={"error_kind": "transport"})
@@ -314,6 +388,7 @@ async def _judge_all(store: RunStore, todo: list[Failure], clients: list[JudgeCl
 
 # ---------------------------------------------------------------------------------------------- reading back
 
+
 def current_judgments(store: RunStore, prompt_version: str | None = None) -> dict[str, dict[str, Judgment]]:
     """generation key -> judge -> its current record: the newest valid one, else the newest judge_error."""
     out: dict[str, dict[str, Judgment]] = {}
@@ -333,7 +408,9 @@ def final_judgments(store: RunStore, prompt_version: str | None = None) -> dict[
     out = {}
     for gen_key, by_judge in current_judgments(store, prompt_version).items():
         panel = by_judge.get(PANEL_JUDGE)
-        llm = [j for name, j in by_judge.items() if name not in (PANEL_JUDGE, RULES_JUDGE) and j.status == "ok"]
+        llm = [
+            j for name, j in by_judge.items() if name not in (PANEL_JUDGE, RULES_JUDGE) and j.status == "ok"
+        ]
         if panel is not None and panel.status == "ok":
             out[gen_key] = panel
         elif llm:
@@ -352,16 +429,26 @@ def _positions(values: list[float], bins: list[tuple[str, float, float]] | None 
         hist = {str(int(k)): n for k, n in sorted(Counter(values).items())}
     else:
         hist = {label: sum(lo <= v < hi for v in values) for label, lo, hi in bins}
-    return {"n": len(values), "histogram": hist, "mean": round(statistics.fmean(values), 4),
-            "median": round(statistics.median(values), 4)}
+    return {
+        "n": len(values),
+        "histogram": hist,
+        "mean": round(statistics.fmean(values), 4),
+        "median": round(statistics.median(values), 4),
+    }
 
 
-RELATIVE_BINS = [("0.0-0.2", 0.0, 0.2), ("0.2-0.4", 0.2, 0.4), ("0.4-0.6", 0.4, 0.6), ("0.6-0.8", 0.6, 0.8),
-                 ("0.8-1.0", 0.8, 1.01)]
+RELATIVE_BINS = [
+    ("0.0-0.2", 0.0, 0.2),
+    ("0.2-0.4", 0.2, 0.4),
+    ("0.4-0.6", 0.4, 0.6),
+    ("0.6-0.8", 0.6, 0.8),
+    ("0.8-1.0", 0.8, 1.01),
+]
 
 
-def distribution(store: RunStore, source: str = "final", flips_only: bool = False,
-                 prompt_version: str | None = None) -> dict[str, dict[str, Any]]:
+def distribution(
+    store: RunStore, source: str = "final", flips_only: bool = False, prompt_version: str | None = None
+) -> dict[str, dict[str, Any]]:
     """Per variant: counts of error types, sub-types and capabilities, and where the first faulty step lies
     (absolute index, and index / number of steps). ``source``: "final" (panel, else judge, else rules), or one
     judge's name ("rules", "panel", a judge). Plain dicts, ready for JSON."""

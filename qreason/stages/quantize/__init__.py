@@ -5,8 +5,10 @@
     variant = quantize(resolve_model("default"), spec)
 
 Methods are recipes in ``recipes.yaml`` (``recipes.py`` resolves them), calibration samples come from
-``calibration.py``, the work itself runs in the separate llm-compressor environment (``qreason.workers.launch``
-starts ``qreason.workers.quantize`` there), and ``cache.py`` keys, places and describes the result. ``method="import"`` takes an
+``calibration.py``, the work itself runs in the separate llm-compressor environment
+(``qreason.workers.launch``
+starts ``qreason.workers.quantize`` there), and ``cache.py`` keys, places and describes the result.
+``method="import"`` takes an
 existing quantized checkpoint instead (``imports.py``).
 
 Everything that can be wrong with the input (method, overrides, group size, calibration data, the quantization
@@ -23,24 +25,31 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-
-from qreason.config.schema import RunConfig
-from qreason.stages.base import RunContext
 from qreason import __version__
+from qreason.config.schema import CalibrationSpec, QuantizeSpec, RunConfig
 from qreason.errors import UserError
-from qreason.config.schema import CalibrationSpec, QuantizeSpec
 from qreason.inputs.models import ResolvedModel, fingerprint_dir, resolve_model
 from qreason.records import ModelVariant, content_key
-from qreason.stages.quantize.cache import CALIBRATION_FILE, PROVENANCE, cache_root, checkpoint_size, publish, quant_key, read_provenance, staging, worker_log_path
+from qreason.stages.base import RunContext
+from qreason.stages.quantize.cache import (
+    CALIBRATION_FILE,
+    PROVENANCE,
+    cache_root,
+    checkpoint_size,
+    publish,
+    quant_key,
+    read_provenance,
+    staging,
+    worker_log_path,
+)
 from qreason.stages.quantize.calibration import CalibrationPlan, plan_calibration, write_samples
 from qreason.stages.quantize.imports import describe_quantization
 from qreason.stages.quantize.recipes import ResolvedRecipe, resolve
 from qreason.stages.quantize.recipes import list_methods as _list
 from qreason.stages.quantize.shapes import check_group_size, read_config
 from qreason.store import now_iso
-from qreason.workers.launch import QUANT, run_worker
+from qreason.workers.launch import QUANT, WorkerFailed, run_worker
 from qreason.workers.protocol import QuantizeJob
-from qreason.workers.launch import WorkerFailed
 
 __all__ = [
     "CalibrationSpec",
@@ -88,9 +97,7 @@ def _variant(provenance: dict, name: str, path: Path, reused: bool) -> ModelVari
     )
 
 
-def _import(
-    base: ResolvedModel, spec: QuantizeSpec, name: str | None, base_dir: Path | None
-) -> ModelVariant:
+def _import(base: ResolvedModel, spec: QuantizeSpec, name: str | None, base_dir: Path | None) -> ModelVariant:
 
     model = resolve_model(spec.path, spec.revision, base_dir)
     config = read_config(model.path)
@@ -210,8 +217,16 @@ def quantize(
             }
             detail = f"{len(samples)} {spec.calibration.source} calibration samples"
         echo(f"quantizing {base.spec} with {recipe.name} in {python.parent.parent.name} ({detail})")
-        run = run_worker(job, tmp, worker_log_path(dest), name, echo, python=python,
-                         module="qreason.workers.quantize", stage="quantize")
+        run = run_worker(
+            job,
+            tmp,
+            worker_log_path(dest),
+            name,
+            echo,
+            python=python,
+            module="qreason.workers.quantize",
+            stage="quantize",
+        )
         if calibration_record is not None:
             calibration_record["tokens"] = run.result.get("tokens")
         provenance = {
@@ -274,14 +289,34 @@ class QuantizeStage:
         from qreason.summary import QuantizationSummary, QuantizedVariant
 
         b = ctx.base
-        base = ModelVariant(key=content_key("variant", ctx.cfg.model.name, b.fingerprint), name=ctx.cfg.model.name,
-                            base_model=b.spec, base_fingerprint=b.fingerprint, method="none", path=b.path,
-                            fingerprint=b.fingerprint, reused=True, created_at=now_iso())
+        base = ModelVariant(
+            key=content_key("variant", ctx.cfg.model.name, b.fingerprint),
+            name=ctx.cfg.model.name,
+            base_model=b.spec,
+            base_fingerprint=b.fingerprint,
+            method="none",
+            path=b.path,
+            fingerprint=b.fingerprint,
+            reused=True,
+            created_at=now_iso(),
+        )
         ctx.variants = [base] + ctx.need_engines().quantize(
-            [(b, spec, variant_name(spec), None, ctx.base_dir) for spec in ctx.cfg.quantize])
+            [(b, spec, variant_name(spec), None, ctx.base_dir) for spec in ctx.cfg.quantize]
+        )
         ctx.store.variants.append(ctx.variants)
         made = ctx.variants[1:]
         return QuantizationSummary(
-            variants=[QuantizedVariant(name=v.name, method=v.method, reused=v.reused, seconds=v.quantize_seconds,
-                                       path=v.path, versions=v.versions) for v in made],
-            quantized=sum(not v.reused for v in made), reused=sum(v.reused for v in made))
+            variants=[
+                QuantizedVariant(
+                    name=v.name,
+                    method=v.method,
+                    reused=v.reused,
+                    seconds=v.quantize_seconds,
+                    path=v.path,
+                    versions=v.versions,
+                )
+                for v in made
+            ],
+            quantized=sum(not v.reused for v in made),
+            reused=sum(v.reused for v in made),
+        )

@@ -13,9 +13,9 @@ import json
 import shutil
 from pathlib import Path
 
+from qreason.records import content_key
 from qreason.store import cache_dir, staging  # noqa: F401  (staging: the quantize stage builds in it)
 from qreason.store import publish as store_publish
-from qreason.records import content_key
 
 PROVENANCE = "qreason-quant.json"
 CALIBRATION_FILE = "calibration.jsonl"

@@ -24,8 +24,8 @@ from qreason.errors import UserError
 from qreason.store import file_sha256
 
 if TYPE_CHECKING:
-    from qreason.inputs.models import ResolvedModel
     from qreason.config.schema import CalibrationSpec
+    from qreason.inputs.models import ResolvedModel
 
 GENERIC_TEXT = Path(__file__).with_name("calibration_text.txt")
 # Row layouts a JSONL calibration file may use, tried in order: (fields, how the row becomes a sample).
@@ -115,7 +115,9 @@ def plan_calibration(spec: "CalibrationSpec", base_dir: Path | None = None) -> C
         "seed": spec.seed,
     }
     if spec.source == "generic":
-        return CalibrationPlan(spec, None, None, {**common, "text_sha256": file_sha256(GENERIC_TEXT)}, base_dir)
+        return CalibrationPlan(
+            spec, None, None, {**common, "text_sha256": file_sha256(GENERIC_TEXT)}, base_dir
+        )
     if spec.source == "jsonl":
         if not spec.path:
             raise UserError(

@@ -9,18 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-
 from qreason.config.schema import RecoverConfig
 from qreason.errors import UserError
-from qreason.store import cache_dir, publish
 from qreason.records import ModelVariant, content_key
-from qreason.workers.launch import TRAIN
-from qreason.store import now_iso
-from qreason.workers.protocol import TrainJob, TrainRun
 from qreason.stages.recover.data import TrainSet
+from qreason.store import cache_dir, now_iso, publish
+from qreason.workers.launch import TRAIN
+from qreason.workers.protocol import TrainJob, TrainRun
 
-
-KEY_VERSION = 1             # bump when the worker changes what it trains for the same inputs
+KEY_VERSION = 1  # bump when the worker changes what it trains for the same inputs
 
 
 ADAPTER_META = "qreason-adapter.json"
@@ -35,15 +32,31 @@ def read_meta(adapter_dir: Path) -> dict | None:
 
 
 def hyperparameters(cfg: RecoverConfig) -> dict:
-    return {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "learning_rate": cfg.learning_rate,
-            "epochs": cfg.epochs, "batch_size": cfg.batch_size, "max_length": cfg.max_length, "beta": cfg.beta,
-            "target_modules": list(cfg.target_modules)}
+    return {
+        "rank": cfg.rank,
+        "alpha": cfg.alpha,
+        "dropout": cfg.dropout,
+        "learning_rate": cfg.learning_rate,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "max_length": cfg.max_length,
+        "beta": cfg.beta,
+        "target_modules": list(cfg.target_modules),
+    }
 
 
 def adapter_key(variant: ModelVariant, data: TrainSet, cfg: RecoverConfig, arm: str) -> str:
     rows = {"sft": data.sft if cfg.mode != "dpo" else [], "dpo": data.dpo if cfg.mode != "sft" else []}
-    return content_key("adapter", KEY_VERSION, variant.fingerprint, content_key("data", rows), cfg.mode,
-                       hyperparameters(cfg), cfg.seed, arm)
+    return content_key(
+        "adapter",
+        KEY_VERSION,
+        variant.fingerprint,
+        content_key("data", rows),
+        cfg.mode,
+        hyperparameters(cfg),
+        cfg.seed,
+        arm,
+    )
 
 
 def dense_dir(variant: ModelVariant) -> Path:
@@ -55,22 +68,33 @@ def merged_dir(key: str) -> Path:
 
 
 def check_adapter(adapter: Path, variant: ModelVariant) -> None:
-    """An adapter given by the user must belong to this variant: qreason's own metadata names the checkpoint it
+    """An adapter given by the user must belong to this variant: qreason's own metadata names the checkpoint
+    it
     was trained on; any adapter's LoRA shapes must fit the variant's layers."""
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(str(adapter), "not a PEFT adapter directory (no adapter_config.json)")
     meta = read_meta(adapter)
     if meta is not None and meta.get("variant_fingerprint") != variant.fingerprint:
-        raise UserError(str(adapter), f"this adapter was trained on {meta.get('variant')!r} "
-                                      f"({meta.get('variant_fingerprint')}), not on {variant.name!r} "
-                                      f"({variant.fingerprint})")
+        raise UserError(
+            str(adapter),
+            f"this adapter was trained on {meta.get('variant')!r} "
+            f"({meta.get('variant_fingerprint')}), not on {variant.name!r} "
+            f"({variant.fingerprint})",
+        )
     config = json.loads((Path(variant.path) / "config.json").read_text(encoding="utf-8"))
     hidden = config.get("hidden_size")
     for name, shape in _safetensors_shapes(adapter / "adapter_model.safetensors").items():
-        if ".lora_A." in name and any(p in name for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")) \
-                and hidden and shape[-1] != hidden:
-            raise UserError(str(adapter), f"{name} expects inputs of width {shape[-1]} but {variant.name} has "
-                                          f"hidden size {hidden}: an adapter of another base model")
+        if (
+            ".lora_A." in name
+            and any(p in name for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+            and hidden
+            and shape[-1] != hidden
+        ):
+            raise UserError(
+                str(adapter),
+                f"{name} expects inputs of width {shape[-1]} but {variant.name} has "
+                f"hidden size {hidden}: an adapter of another base model",
+            )
 
 
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
@@ -94,13 +118,20 @@ class ArmPlan:
     data: TrainSet
     key: str
     adapter_dir: Path
-    meta: dict | None          # provenance when the adapter is finished (reused)
-    external: bool = False     # an adapter the user gave (--adapter)
+    meta: dict | None  # provenance when the adapter is finished (reused)
+    external: bool = False  # an adapter the user gave (--adapter)
 
 
-def train_adapters(plans: list[ArmPlan], variant: ModelVariant, cfg: RecoverConfig, merge_arms: set[str],
-                   work_root: Path, echo: Callable[[str], None]) -> None:
-    """One worker run for everything this variant needs: the dense copy, each missing adapter (trained), and the
+def train_adapters(
+    plans: list[ArmPlan],
+    variant: ModelVariant,
+    cfg: RecoverConfig,
+    merge_arms: set[str],
+    work_root: Path,
+    echo: Callable[[str], None],
+) -> None:
+    """One worker run for everything this variant needs: the dense copy, each missing adapter (trained), and
+    the
     merged checkpoints of the arms in ``merge_arms``. Fills in ``plan.meta`` of trained adapters."""
     from qreason.workers.launch import run_worker
 
@@ -115,8 +146,14 @@ def train_adapters(plans: list[ArmPlan], variant: ModelVariant, cfg: RecoverConf
             root = work_root / f".{variant.name}.partial"
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
-        run: TrainRun = {"name": f"{variant.name} {p.arm}", "mode": cfg.mode, "sft": p.data.sft, "dpo": p.data.dpo,
-                         "hyper": hyperparameters(cfg), "merged_dir": None}
+        run: TrainRun = {
+            "name": f"{variant.name} {p.arm}",
+            "mode": cfg.mode,
+            "sft": p.data.sft,
+            "dpo": p.data.dpo,
+            "hyper": hyperparameters(cfg),
+            "merged_dir": None,
+        }
         if need_train:
             run["adapter_dir"] = str(root / f"{p.arm}.adapter")
         else:
@@ -127,21 +164,47 @@ def train_adapters(plans: list[ArmPlan], variant: ModelVariant, cfg: RecoverConf
         staged.append((p, run))
     if not runs:
         return
-    job: TrainJob = {"checkpoint": variant.path, "dense_dir": str(dense_dir(variant)), "device": cfg.device,
-           "seed": cfg.seed, "threads": cfg.threads, "runs": runs}
+    job: TrainJob = {
+        "checkpoint": variant.path,
+        "dense_dir": str(dense_dir(variant)),
+        "device": cfg.device,
+        "seed": cfg.seed,
+        "threads": cfg.threads,
+        "runs": runs,
+    }
     try:
-        result = run_worker(job, root, root.parent / f"{variant.name}.train.log", variant.name, echo,
-                            python=TRAIN.python(), module="qreason.workers.train", stage="recover")
+        result = run_worker(
+            job,
+            root,
+            root.parent / f"{variant.name}.train.log",
+            variant.name,
+            echo,
+            python=TRAIN.python(),
+            module="qreason.workers.train",
+            stage="recover",
+        )
         for p, run in staged:
             done = result.result["runs"][run["name"]]
             if "adapter_dir" in run:
-                meta = {"key": p.key, "variant": variant.name, "variant_fingerprint": variant.fingerprint,
-                        "checkpoint": variant.path, "arm": p.arm, "mode": cfg.mode,
-                        "hyperparameters": hyperparameters(cfg), "seed": cfg.seed,
-                        "train_items": p.data.rows_for(cfg.mode), "train_problems": [list(k) for k in p.data.problems],
-                        "train_seconds": done["train_seconds"], "loss": done["loss"], "steps": done["steps"],
-                        "device": result.result["device"], "threads": result.result["threads"],
-                        "versions": result.result["versions"], "created_at": now_iso()}
+                meta = {
+                    "key": p.key,
+                    "variant": variant.name,
+                    "variant_fingerprint": variant.fingerprint,
+                    "checkpoint": variant.path,
+                    "arm": p.arm,
+                    "mode": cfg.mode,
+                    "hyperparameters": hyperparameters(cfg),
+                    "seed": cfg.seed,
+                    "train_items": p.data.rows_for(cfg.mode),
+                    "train_problems": [list(k) for k in p.data.problems],
+                    "train_seconds": done["train_seconds"],
+                    "loss": done["loss"],
+                    "steps": done["steps"],
+                    "device": result.result["device"],
+                    "threads": result.result["threads"],
+                    "versions": result.result["versions"],
+                    "created_at": now_iso(),
+                }
                 tmp = Path(run["adapter_dir"])
                 (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
                 publish(tmp, p.adapter_dir, replace=True)

