@@ -29,7 +29,7 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# --- quantization (qreason/quantize)
+# --- quantization (qreason/stages/quantize)
 
 
 class CalibrationSpec(BaseModel):
@@ -63,7 +63,7 @@ class QuantizeSpec(BaseModel):
         return self
 
 
-# --- judging (qreason/judge)
+# --- judging (qreason/stages/judge)
 
 
 def _registered(registry: Registry, kind: str) -> str:

@@ -140,7 +140,7 @@ def test_the_wheel_has_its_data_and_runs_the_synthetic_task_outside_the_checkout
         "qreason/specs/judge_prompts/judge_v1.yaml",
         "qreason/specs/judge_prompts/taxonomy.yaml",
         "qreason/report/report.html.j2",
-        "qreason/quantize/recipes.yaml",
+        "qreason/stages/quantize/recipes.yaml",
     ):
         assert data in names, data
 

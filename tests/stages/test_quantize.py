@@ -873,7 +873,7 @@ def test_import_of_own_compressed_tensors_checkpoint_generates(tiny_model, tmp_p
 @needs_quant_env
 def test_worker_imports_nothing_of_the_main_environment():
     probe = (
-        "import sys, qreason.quantize.worker as w; "
+        "import sys, qreason.workers.quantize as w; "
         "print([m for m in sys.modules if m.split('.')[0] in ('vllm', 'openai', 'pandas') or "
         "m in ('qreason.config.schema', 'qreason.records', 'qreason.inputs.models', "
         "'qreason.stages.generate', 'qreason.inputs.tasks')])"
