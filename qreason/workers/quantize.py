@@ -8,7 +8,8 @@ its stdout. The job names the base checkpoint, the output directory, the llm-com
 library, torch, transformers, datasets and llm-compressor: nothing of qreason that needs vLLM, because the two
 environments pin different versions of the libraries both use.
 
-The protocol with the parent (progress lines, result file, one error line) is ``qreason.workers.protocol``; the
+The protocol with the parent (progress lines, result file, one error line) is ``qreason.workers.protocol``;
+the
 result holds versions, sample count and seconds.
 """
 

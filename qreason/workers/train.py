@@ -19,7 +19,8 @@ What one job does:
    completions only, DPO with the frozen quantized model as reference, or SFT then DPO), seeded; saved in PEFT
    format, and, when asked, merged into a dense checkpoint for engines that cannot serve the adapter.
 
-The protocol with the parent (progress lines, result file, one error line) is ``qreason.workers.protocol``; the
+The protocol with the parent (progress lines, result file, one error line) is ``qreason.workers.protocol``;
+the
 result holds versions, device, and per run: seconds and the loss curve.
 """
 
