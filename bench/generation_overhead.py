@@ -7,15 +7,11 @@ own task loader), the embedded default model, greedy decoding, the same max_toke
 (a) generation overhead: one vLLM engine (qreason's ``VLLMBackend``), a warm-up call, then alternately
     raw ``llm.chat`` on the prompts and qreason's ``run_generation`` into a fresh run store; medians and the
     overhead in percent (target: at most 5 %). Token counts and texts of both are compared so the reader sees
-    the
-    work was the same.
+    the work was the same.
 (b) end to end: ``python -m qreason.cli run`` (engine start, generation, Math-Verify grading) in a fresh
-output
-    directory against ``lm_eval --model hf`` with a task YAML rendering the same user prompt through the same
-    chat
-    template; wall times, accuracies and the speed ratio (target: qreason at least 4x faster). The prompts
-    lm-eval
-    actually sent are checked against qreason's.
+    output directory against ``lm_eval --model hf`` with a task YAML rendering the same user prompt through
+    the same chat template; wall times, accuracies and the speed ratio (target: qreason at least 4x faster).
+    The prompts lm-eval actually sent are checked against qreason's.
 
 Everything the benchmark writes (the run config, the lm-eval task, the runs, the results JSON) goes to
 bench/out/ (or --out DIR). --smoke: 2 prompts, 8 tokens, one repetition, so that a test runs every code path
@@ -27,9 +23,9 @@ lm-eval lives in its own environment (.venv-bench, made by scripts/setup-bench-e
                                                   [--out DIR] [--smoke]
 
 (b) runs first (its subprocesses start their own engines), then (a) in this process. Timings on a shared
-machine
-are noisy: the load average is recorded before and after each measurement, and process CPU time next to wall
-time; vLLM's CPU backend pins its threads to cores and suffers badly when other processes compete for them.
+machine are noisy: the load average is recorded before and after each measurement, and process CPU time next
+to wall time; vLLM's CPU backend pins its threads to cores and suffers badly when other processes compete for
+them.
 """
 
 from __future__ import annotations
@@ -195,8 +191,7 @@ def write_lm_eval_task(task_dir: Path, data: Path, max_tokens: int) -> Path:
 
 def build_requests(config_path: Path):
     """(config, model, requests) exactly as ``qreason run`` builds them for the base model: qreason's task
-    loader,
-    prompt builder and request keys, the model resolved from the config ('default')."""
+    loader, prompt builder and request keys, the model resolved from the config ('default')."""
     from qreason.config.schema import load_config
     from qreason.engines import make_request
     from qreason.inputs.models import resolve_model

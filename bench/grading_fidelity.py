@@ -1,20 +1,17 @@
 #!/usr/bin/env python
 """Does qreason's grader agree with people? Checked against answer-correctness labels that people gave real
-model
-solutions, and against solutions whose answers are known to be right.
+model solutions, and against solutions whose answers are known to be right.
 
 1. ProcessBench gsm8k (400 solutions by 8 models, each labelled ``final_answer_correct``), joined with the
-GSM8K
-   reference answers by question text. Printed: agreement, precision and recall of ``lenient_status ==
-   correct``
-   and of ``status == correct`` against the label, and every disagreement. Target: lenient agreement >= 0.98.
+   GSM8K reference answers by question text. Printed: agreement, precision and recall of ``lenient_status ==
+   correct`` and of ``status == correct`` against the label, and every disagreement. Target: lenient agreement
+   >= 0.98.
 2. MATH-style LaTeX answers, where no labelled set with references is at hand:
    - MATH-500: each reference solution (written by people, it boxes the right answer) graded against the
      dataset's answer: strict recall, which should be 1.0;
    - ProcessBench olympiadbench (no references): the share of solutions people marked correct from which the
      strict rules extract an answer at all (an upper bound on strict recall), and, per problem, whether the
-     other
-     solutions marked correct grade correct against the first one's extracted answer (answers written in
+     other solutions marked correct grade correct against the first one's extracted answer (answers written in
      different forms must compare equal).
 
 The data is read from ../shared/data (or --data-dir); see its README. Nothing is written unless --json is

@@ -9,8 +9,7 @@
 Each method runs fresh into a temporary directory (the cache is neither read nor written unless --keep DIR is
 given), so the numbers are the cost of one real quantization: wall time of the whole call (calibration
 sampling, worker start-up with its ~10 s llm-compressor import, the method, saving) and the worker's peak
-resident memory.
-Needs .venv-quant (scripts/setup-quant-env.sh).
+resident memory. Needs .venv-quant (scripts/setup-quant-env.sh).
 """
 
 from __future__ import annotations

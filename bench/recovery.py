@@ -7,10 +7,9 @@ variant and arm, with examples/s and generations/s.
 
 Without --fresh the numbers come from RUN_DIR/recovery/summary.json (what the last real run measured: a reused
 adapter keeps the training time of the run that trained it). With --fresh the stage runs again from scratch
-on a
-copy, its cache directory (dense copies, merged checkpoints) in a temporary directory too, so every step is
-paid: worker start-up, dense copy, training, merging, engine start-up, generation and grading.
-Needs .venv-train (scripts/setup-train-env.sh).
+on a copy, its cache directory (dense copies, merged checkpoints) in a temporary directory too, so every step
+is paid: worker start-up, dense copy, training, merging, engine start-up, generation and grading. Needs
+.venv-train (scripts/setup-train-env.sh).
 """
 
 from __future__ import annotations

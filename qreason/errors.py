@@ -14,8 +14,7 @@ class UserError(Exception):
 
 def decode_utf8(data: bytes, where: str) -> str:
     """The text of a file a user gave (config, task, data); bytes that are not UTF-8 are a UserError naming
-    the
-    file and the line, not a UnicodeDecodeError traceback."""
+    the file and the line, not a UnicodeDecodeError traceback."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -1,7 +1,6 @@
 """What counts as a flip, in one place: a (task, problem, seed) the base variant solved and another variant
-did
-not. Judging marks flips, curation builds its dataset from them, the report shows them first, and the analysis
-counts them (``analysis.flips`` pairs the same cells in DataFrames)."""
+did not. Judging marks flips, curation builds its dataset from them, the report shows them first, and the
+analysis counts them (``analysis.flips`` pairs the same cells in DataFrames)."""
 
 from __future__ import annotations
 

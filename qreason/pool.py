@@ -1,6 +1,5 @@
 """Bounded work in processes: calls on untrusted input (grading a model's answer, checking its arithmetic)
-run in
-spawned worker processes, each under a wall-clock limit, so no model output can hang a run."""
+run in spawned worker processes, each under a wall-clock limit, so no model output can hang a run."""
 
 from __future__ import annotations
 

@@ -24,10 +24,8 @@ def content_key(*parts: Any) -> str:
 
 def clean_text(value: Any) -> Any:
     """``value`` with every lone UTF-16 surrogate (``"\\ud800"`` in a JSON reply or task file) replaced by
-    U+FFFD,
-    in strings nested in lists and dicts too. Such text cannot be written as UTF-8, so it is cleaned on the
-    way
-    in; unchanged values are returned as they are (no copy)."""
+    U+FFFD, in strings nested in lists and dicts too. Such text cannot be written as UTF-8, so it is cleaned
+    on the way in; unchanged values are returned as they are (no copy)."""
     if isinstance(value, str):
         if value.isascii():
             return value
@@ -178,9 +176,8 @@ class SilverBulletItem(Record):
 
 class LmEvalResult(Record):
     """One lm-eval task's result for one model: a variant, or a variant with a recovery adapter. The key
-    covers
-    the model's fingerprint, the task (and the files of qreason-owned tasks), the lm-eval version and every
-    argument, so a re-run finds it and makes no model calls."""
+    covers the model's fingerprint, the task (and the files of qreason-owned tasks), the lm-eval version and
+    every argument, so a re-run finds it and makes no model calls."""
 
     variant: str
     model_fingerprint: str

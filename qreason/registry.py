@@ -1,6 +1,5 @@
 """The one registry: every pluggable kind (generation backend, grader, LLM judge) looked up by the ``kind``
-its
-config section names.
+its config section names.
 
 Built-in kinds are lazy ``"module:attr"`` entries, imported the first time they are asked for (a run that uses
 the OpenAI backend never imports vLLM); a new kind is one module plus one line in the table below, or a class

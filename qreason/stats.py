@@ -1,6 +1,5 @@
 """Paired statistics of 0/1 outcomes: McNemar's exact test on discordant pairs and a percentile bootstrap of
-the
-difference in means (seeded, so reports are reproducible)."""
+the difference in means (seeded, so reports are reproducible)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """The run summary (``RunSummary``, written as summary.json) and its main table: accuracy per variant and
-task,
-per seed and mean ± std across seeds, with outcome counts."""
+task, per seed and mean ± std across seeds, with outcome counts."""
 
 from __future__ import annotations
 
@@ -209,8 +208,7 @@ class HeadToHead(Section):
 class VariantRecovery(ArmResult):
     control: ArmResult | None = None
     # the targeted adapter merged into a dense checkpoint, for lm-eval (``lm_eval.adapters``): vLLM 0.32
-    # cannot
-    # compute prompt logprobs with a LoRA, so loglikelihood tasks need the merged model
+    # cannot compute prompt logprobs with a LoRA, so loglikelihood tasks need the merged model
     merged_checkpoint: str | None = None
     targeted_vs_control: HeadToHead | None = None
 
@@ -247,8 +245,7 @@ class LmEvalSummary(Section):
 
 class RunSummary(Section):
     """``summary.json``: what one run did and found. Each stage fills its own section; readers (the CLI,
-    gates,
-    the report's trend, ``compare``) use these fields, never string keys. Summaries of older runs (no
+    gates, the report's trend, ``compare``) use these fields, never string keys. Summaries of older runs (no
     ``schema_version``) validate too: every section is optional."""
 
     schema_version: int = SCHEMA_VERSION

@@ -1,14 +1,12 @@
 """Run inside lm-eval's environment (.venv-bench) by tests/stages/test_lm_eval.py: lm-eval scores a qreason
-run's own
-generations through the exported qreason_<task> task.
+run's own generations through the exported qreason_<task> task.
 
     python tests/lm_eval_replay.py GENERATIONS.jsonl EXPORT_DIR TASK TOKENIZER OUT.json
 
 ``ReplayLM`` is an lm-eval model that answers each generation request with the text qreason generated for the
 same chat messages. Its chat template renders the messages as JSON, so a request is found only when lm-eval
 built exactly the messages qreason sent; any other prompt (or other generation settings) fails the run.
-OUT.json
-gets lm-eval's aggregate metrics and, per problem, the score its task gave.
+OUT.json gets lm-eval's aggregate metrics and, per problem, the score its task gave.
 """
 
 from __future__ import annotations

@@ -105,8 +105,7 @@ def test_no_import_cycles_in_the_package():
 
 def test_config_is_a_leaf():
     """The config schemas import no stage: only errors, the registry (kinds are validated against it) and
-    other
-    schema modules."""
+    other schema modules."""
     allowed = {
         "qreason.errors",
         "qreason.registry",

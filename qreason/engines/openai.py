@@ -5,10 +5,9 @@ result is handed back as soon as it arrives. The ``openai`` client retries 408/4
 errors with exponential backoff and honours Retry-After; malformed replies are retried here with backoff; a
 request that still fails is reported, not stored.
 Replies are read defensively (any shape: a recorded, retried error, never a crash); each HTTP request has a
-total
-deadline of ``timeout_s`` and a body size cap; a 400/401/403/404 stops the stage with one error instead of one
-per request. The API key is read from the environment variable named in the config and never logged or stored;
-URLs and error texts are redacted before they reach a record or a log.
+total deadline of ``timeout_s`` and a body size cap; a 400/401/403/404 stops the stage with one error instead
+of one per request. The API key is read from the environment variable named in the config and never logged or
+stored; URLs and error texts are redacted before they reach a record or a log.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """HTTP helpers shared by everything that talks to an OpenAI-compatible endpoint (the ``openai`` generation
-backend
-and the LLM judges): a client with a total deadline and a body cap, defensive reading of replies, short error
-texts, and redaction of secrets from anything that reaches a record or a log."""
+backend and the LLM judges): a client with a total deadline and a body cap, defensive reading of replies,
+short error texts, and redaction of secrets from anything that reaches a record or a log."""
 
 from __future__ import annotations
 
@@ -76,9 +75,8 @@ def make_async_client(base_url: str, api_key_env: str, max_retries: int, timeout
 def deadline_http_client(timeout_s: float, event_hooks=None, max_bytes: int = MAX_BODY_BYTES):
     """The openai client's HTTP client, with a total deadline per HTTP request (connect, headers and the whole
     body: a server that drips its body cannot keep a request alive past ``timeout_s``; the client's own
-    per-read
-    timeout does not see that) and a cap on the body size. Both surface as transport errors the openai client
-    retries (a timeout, a read error) with its usual backoff."""
+    per-read timeout does not see that) and a cap on the body size. Both surface as transport errors the
+    openai client retries (a timeout, a read error) with its usual backoff."""
     import openai
 
     hx = sys.modules[

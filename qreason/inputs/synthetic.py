@@ -2,8 +2,7 @@
 
 Each problem starts a person with a count of some item and applies ``steps`` operations (add, take away,
 multiply, share equally). Every intermediate value is a positive integer, so the answer and the reference
-steps
-are exact. The same (seed, index, steps) always gives the same problem.
+steps are exact. The same (seed, index, steps) always gives the same problem.
 """
 
 from __future__ import annotations
@@ -92,9 +91,8 @@ def generate(
     max_number: int | None = None,
 ) -> list[dict]:
     """``n`` problems as plain rows (id, question, answer, steps, reference_steps), difficulties spread
-    evenly.
-    ``ops``: the operations to draw from (add, sub, mul, div). ``max_number``: the largest starting count and
-    operand (at least 3; default: starts 5-40, operands 2-30)."""
+    evenly. ``ops``: the operations to draw from (add, sub, mul, div). ``max_number``: the largest starting
+    count and operand (at least 3; default: starts 5-40, operands 2-30)."""
     if n < 1 or min_steps < 1 or max_steps < min_steps:
         raise ValueError("need n >= 1 and 1 <= min_steps <= max_steps")
     if max_number is not None and max_number < 3:

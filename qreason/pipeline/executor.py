@@ -2,17 +2,14 @@
 
 ``local`` (the default): in this process, one job after another, with at most one generation engine alive.
 ``ray``: on a Ray cluster. Each quantize job is a Ray task and each model's generation engine lives in a Ray
-actor,
-both reserving the GPUs they need, so the jobs of a matrix run side by side as the cluster allows. Either way
-the
-driver (this process) is the only writer of the run store: workers return records, the driver appends them as
-they arrive, so the store is never written from two machines and a retried job cannot duplicate records
-(``Table.append`` skips stored keys).
+actor, both reserving the GPUs they need, so the jobs of a matrix run side by side as the cluster allows.
+Either way the driver (this process) is the only writer of the run store: workers return records, the driver
+appends them as they arrive, so the store is never written from two machines and a retried job cannot
+duplicate records (``Table.append`` skips stored keys).
 
 A lost worker is handled by Ray: a crashed quantize task is retried, a crashed engine actor is restarted and
 its unfinished batches are sent again (``max_retries`` each). A batch that fails for good is counted as
-failed;
-the run ends ``incomplete`` and the next run does only the missing work.
+failed; the run ends ``incomplete`` and the next run does only the missing work.
 """
 
 from __future__ import annotations
@@ -44,8 +41,7 @@ GenerateJob = tuple[ResolvedModel, list[GenerationRequest]]
 class LocalExecutor:
     """Jobs in turn in this process. At most one generation engine is alive (each holds the model and its KV
     cache); it is reused while the same model is asked for. A backend passed in by the caller (``lent``)
-    serves
-    the model with fingerprint ``lent_fingerprint`` and is never closed here."""
+    serves the model with fingerprint ``lent_fingerprint`` and is never closed here."""
 
     kind = "local"
 
@@ -131,8 +127,7 @@ def _looks_secret(name: str, value: str) -> bool:
 
 def shipped_env() -> dict[str, str]:
     """The variables every Ray worker gets: qreason's, Hugging Face's, transformers' and vLLM's settings,
-    never
-    one that looks like a credential (Ray shows runtime environments in its dashboard and logs)."""
+    never one that looks like a credential (Ray shows runtime environments in its dashboard and logs)."""
     shipped, dropped = {}, []
     for k, v in os.environ.items():
         if k.startswith(_SHIPPED_PREFIXES):
@@ -147,9 +142,8 @@ def shipped_env() -> dict[str, str]:
 
 def engine_env(backend_cfg: BackendConfig) -> dict[str, str]:
     """What an engine actor needs beyond ``shipped_env``: the OpenAI backend's API key, named by
-    ``api_key_env``.
-    A worker on a cluster started elsewhere does not inherit the driver's environment, so it is sent to that
-    actor alone (its runtime environment), never to the whole job and never into a record."""
+    ``api_key_env``. A worker on a cluster started elsewhere does not inherit the driver's environment, so it
+    is sent to that actor alone (its runtime environment), never to the whole job and never into a record."""
     if backend_cfg.kind != "openai" or backend_cfg.api_key_env not in os.environ:
         return {}
     return {backend_cfg.api_key_env: os.environ[backend_cfg.api_key_env]}
@@ -188,8 +182,7 @@ def _quantize_task(*job):
 
 def _batches(requests: list[GenerationRequest], size: int) -> list[list[GenerationRequest]]:
     """Consecutive batches of ``size`` per model, new answers and continuations never mixed: the same batches
-    the
-    local executor's engine would run, so results match it."""
+    the local executor's engine would run, so results match it."""
     groups: dict[tuple[str, bool], list[GenerationRequest]] = defaultdict(list)
     for r in requests:
         groups[(r.model_fingerprint, r.messages[-1]["role"] == "assistant")].append(r)
@@ -198,8 +191,7 @@ def _batches(requests: list[GenerationRequest], size: int) -> list[list[Generati
 
 class RayBackend:
     """A ``Backend`` whose engines are Ray actors, one per model, created on first use. Batches of all models
-    are
-    sent at once and yielded in the order they finish, so engines of different models work in parallel."""
+    are sent at once and yielded in the order they finish, so engines of different models work in parallel."""
 
     def __init__(self, executor: RayExecutor):
         self.ex = executor

@@ -1,9 +1,7 @@
 """Planning a run: everything that can be wrong with the input (config, task data, models, recipes,
-calibration
-files, the executor) is checked here, before the run directory is touched, so bad input leaves no artifacts.
-``make_plan`` turns a config into a ``Plan`` (problems with their prompts, the resolved base model, the
-variant
-names); ``describe_plan`` says what a run of it would do and what is cached (``qreason plan``).
+calibration files, the executor) is checked here, before the run directory is touched, so bad input leaves no
+artifacts. ``make_plan`` turns a config into a ``Plan`` (problems with their prompts, the resolved base model,
+the variant names); ``describe_plan`` says what a run of it would do and what is cached (``qreason plan``).
 """
 
 from __future__ import annotations
@@ -100,9 +98,8 @@ def _check_prompt_lengths(
     where: dict[str, str],
 ) -> None:
     """Every prompt must fit the engine's context: vLLM refuses a prompt of ``max_model_len`` tokens or more,
-    and
-    finding that out mid-run wastes the run. Counted with the base model's tokenizer and chat template (what
-    vLLM applies), before anything is written. ``where``: problem key -> the place it was read from."""
+    and finding that out mid-run wastes the run. Counted with the base model's tokenizer and chat template
+    (what vLLM applies), before anything is written. ``where``: problem key -> the place it was read from."""
     b = loaded.config.backend
     limit = int(b.engine_args.get("max_model_len", b.max_model_len))
     try:

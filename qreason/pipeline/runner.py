@@ -4,10 +4,8 @@
     -> gates
 
 Every stage follows one contract (``qreason.stages.base``): ``enabled(cfg)``, then ``run(ctx)`` returns its
-typed
-section of the ``RunSummary`` (or None), which the loop stores under the stage's ``section``. The work lives
-in
-each stage's module; the per-stage CLI commands call the same ``stage.run(ctx)`` on
+typed section of the ``RunSummary`` (or None), which the loop stores under the stage's ``section``. The work
+lives in each stage's module; the per-stage CLI commands call the same ``stage.run(ctx)`` on
 ``RunContext.open(run_dir)``.
 """
 
@@ -86,8 +84,7 @@ def stages(t0: float, env: dict) -> list[Stage]:
 
 def run_stage(stage: Stage, ctx: RunContext, force: bool = False) -> None:
     """Run one stage if the config enables it (``force``: a per-stage command runs it anyway); its section
-    goes
-    into the summary, written at once."""
+    goes into the summary, written at once."""
     if not (force or stage.enabled(ctx.cfg)):
         return
     section = stage.run(ctx)
@@ -104,9 +101,8 @@ def run_stage_command(
     graded: bool = False,
 ) -> RunContext:
     """A per-stage command: open the run's context (its stored config), apply the command's flags to the
-    config
-    (``update(cfg)``), run the stage under the run lock, store its section in the run's summary.json and close
-    the engines."""
+    config (``update(cfg)``), run the stage under the run lock, store its section in the run's summary.json
+    and close the engines."""
     ctx = RunContext.open(run_dir, engines=engines, graded=graded)
     if update is not None:
         update(ctx.cfg)
@@ -222,9 +218,8 @@ def _finish_run(
     failure: BaseException | None,
 ) -> None:
     """Close the engines, record the outcome in the index and detach the log, each step whatever the others
-    do.
-    While an error is ending the run, a failing step (a locked index, an engine that will not close) is logged
-    and that error propagates; after a successful run the first failing step's error is raised."""
+    do. While an error is ending the run, a failing step (a locked index, an engine that will not close) is
+    logged and that error propagates; after a successful run the first failing step's error is raised."""
     first: Exception | None = None
     steps = [
         ("close the engines", lambda: executor is not None and executor.close()),

@@ -8,8 +8,8 @@ Conventions:
 - recovery % = quantized accuracy / full-precision accuracy × 100 (as in Red Hat's quantized-model cards);
 - flips pair the same (task, problem, seed) in the base and a variant: "lost" = base right, variant wrong;
   "gained" = the reverse. McNemar's exact test is the two-sided binomial test on lost vs gained; the
-  confidence
-  interval of the accuracy difference is a paired percentile bootstrap over problems (seeded, reproducible).
+  confidence interval of the accuracy difference is a paired percentile bootstrap over problems (seeded,
+  reproducible).
 """
 
 from __future__ import annotations
@@ -133,10 +133,9 @@ FLIP_COLUMNS = [
 
 def paired(ref: pd.DataFrame, other: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """Compare ``other`` with ``ref`` item by item. Both have columns variant, task, problem_id, seed,
-    correct;
-    rows pair on (task, problem_id, seed) and on the variant given by ``ref``'s ``pair_variant`` column (or
-    the
-    same variant when it has none). "lost" = right in ref, wrong in other; "gained" = the reverse."""
+    correct; rows pair on (task, problem_id, seed) and on the variant given by ``ref``'s ``pair_variant``
+    column (or the same variant when it has none). "lost" = right in ref, wrong in other; "gained" = the
+    reverse."""
     keys = ["task", "problem_id", "seed"]
     rows = []
     ref = ref.rename(columns={"correct": "ref_correct"})
@@ -191,8 +190,7 @@ def compare_runs(a: RunStore, b: RunStore) -> pd.DataFrame:
 
 def verdicts(store: RunStore) -> dict[str, Judgment]:
     """The verdict that counts per judged generation (the judge stage's rule: panel, else an LLM judge, else
-    the
-    rule checks), judge errors left out."""
+    the rule checks), judge errors left out."""
     from qreason.stages.judge import final_judgments
 
     return {k: j for k, j in final_judgments(store).items() if j.status == "ok"}
@@ -280,8 +278,7 @@ FORMAT_COLUMNS = [
 
 def format_failures(df: pd.DataFrame) -> pd.DataFrame:
     """Per variant and task, failures split by kind: wrong answers (the maths) against format failures (a
-    right
-    answer that no marker states: strict no_answer, lenient correct) and the other no_answer grades."""
+    right answer that no marker states: strict no_answer, lenient correct) and the other no_answer grades."""
     rows = []
     for (variant, task), g in df.groupby(["variant", "task"]):
         fmt = int(((g["status"] == "no_answer") & (g["lenient_status"] == "correct")).sum())
@@ -391,8 +388,7 @@ def analyze(
 
 def analysis_for(ctx: RunContext) -> Analysis | None:
     """The run's analysis of its wanted generations: the analyze stage's, or computed now (a per-stage
-    command);
-    None when nothing is graded."""
+    command); None when nothing is graded."""
     if ctx.analysis is None and ctx.summary.results:
         ctx.analysis = analyze(ctx.store, ctx.base_name, generation_keys=ctx.wanted)
     return ctx.analysis

@@ -1,14 +1,12 @@
 """The stage contract: what every stage of a run is, and the context the stages share.
 
 A stage is an object with a ``name`` (the ``RunSummary`` field its section fills), ``enabled(cfg)`` (whether
-the
-run config asks for it) and ``run(ctx)`` (reads the run store and what earlier stages left in the context,
+the run config asks for it) and ``run(ctx)`` (reads the run store and what earlier stages left in the context,
 appends its own records, returns its typed summary section or None). ``qreason run`` is a loop over the stages
 (``qreason.pipeline.runner.STAGES``); a per-stage command (``qreason grade RUN_DIR``, ``qreason judge
 RUN_DIR``,
 ...) opens the context of an existing run with ``RunContext.open`` (so it uses that run's stored config),
-applies
-its flags to ``ctx.cfg`` and calls the same ``stage.run(ctx)``.
+applies its flags to ``ctx.cfg`` and calls the same ``stage.run(ctx)``.
 """
 
 from __future__ import annotations
@@ -46,8 +44,7 @@ class Grader(Protocol):
 
 class Engines(Protocol):
     """What stages need of the executor (``qreason.pipeline.executor``): quantization jobs, generation jobs
-    and a
-    backend for one model, all released by ``close``."""
+    and a backend for one model, all released by ``close``."""
 
     kind: str
 
@@ -70,8 +67,7 @@ class Engines(Protocol):
 class RunContext:
     """What the stages of one run share. ``qreason run`` builds it from a plan; ``RunContext.open`` from a run
     directory. ``wanted``: the keys of the generations this config asks for (a run directory can hold more,
-    from
-    earlier configs); ``variants``: the base variant first, then the quantized ones."""
+    from earlier configs); ``variants``: the base variant first, then the quantized ones."""
 
     cfg: RunConfig
     store: RunStore
@@ -96,8 +92,7 @@ class RunContext:
         graded: bool = False,
     ) -> RunContext:
         """The context of a run directory written by ``qreason run``, with that run's stored config
-        (``${VAR}``
-        references whose variable is unset now stay unexpanded: few per-stage commands need them).
+        (``${VAR}`` references whose variable is unset now stay unexpanded: few per-stage commands need them).
         ``graded``: the command needs grades; a run stopped before grading is told so."""
         store = RunStore(Path(run_dir))
         config = store.dir / "config.yaml"

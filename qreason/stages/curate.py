@@ -8,10 +8,9 @@ faulty step k is known, build:
   verified correct. When no attempt yields a correct continuation, the item keeps its SFT example only.
 
 Items are balanced across (error type, capability), one per problem, capped (default 332, the paper's size)
-and
-split train/test deterministically by seed. Exports: JSONL and Parquet in the formats TRL's SFT trainer
-(conversational ``prompt``/``completion``) and DPO trainer (conversational
-``prompt``/``chosen``/``rejected``) read, plus a dataset card.
+and split train/test deterministically by seed. Exports: JSONL and Parquet in the formats TRL's SFT trainer
+(conversational ``prompt``/``completion``) and DPO trainer (conversational ``prompt``/``chosen``/``rejected``)
+read, plus a dataset card.
 """
 
 from __future__ import annotations
@@ -327,9 +326,8 @@ def check_out_dir(out_dir: Path) -> None:
 
 def export(items: list[SilverBulletItem], out_dir: Path, provenance: dict) -> Path:
     """Write the dataset into ``out_dir`` atomically: it is built in a temporary directory beside it, then
-    renamed
-    into place; an earlier dataset there is first renamed aside and deleted only once the new one is in
-    place."""
+    renamed into place; an earlier dataset there is first renamed aside and deleted only once the new one is
+    in place."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     with staging(out_dir, suffix="") as tmp:

@@ -3,8 +3,8 @@
 Backends (``qreason.engines``) are looked up by the config's ``kind``: the vLLM offline
 engine (``vllm``), an OpenAI-compatible endpoint (``openai``) and generations made elsewhere read from a file
 (``replay``). The stage itself is backend-agnostic: it skips requests whose key is stored, converts
-completions to
-records, and appends them durably in small groups so a killed run loses at most the group in flight.
+completions to records, and appends them durably in small groups so a killed run loses at most the group in
+flight.
 """
 
 from __future__ import annotations

@@ -2,11 +2,9 @@
 
 Durability rules:
 - a table is appended in whole lines with one write, then fsynced; a write that fails (a full disk, a file
-size
-  limit) is undone: the table is cut back to its last complete line and the failure reported;
+  size limit) is undone: the table is cut back to its last complete line and the failure reported;
 - readers never change a table: a torn last line (a kill -9 in the middle of a write, or a write in progress
-in
-  another process) is ignored; the next writer, who holds the run lock, cuts it off before appending;
+  in another process) is ignored; the next writer, who holds the run lock, cuts it off before appending;
 - a corrupt line in the middle is reported with its file and line; ``qreason repair RUN_DIR`` (under the run
   lock) moves such lines into a ``.corrupt-*`` file beside the table and keeps every valid line;
 - keys are unique: ``append`` skips records whose key is already stored, so a resumed run never duplicates;

@@ -1,10 +1,7 @@
 """Files and directories written whole, and what qreason owns: atomic writes of files (``write_atomic``) and
-of
-directories (``staging`` + ``publish``), file hashes, JSONL input reading, the one ownership marker that says
-a
-directory is qreason's (a run directory, an exported dataset) and the check that an output directory is ours
-to
-write. qreason deletes or replaces only directories that carry the marker."""
+of directories (``staging`` + ``publish``), file hashes, JSONL input reading, the one ownership marker that
+says a directory is qreason's (a run directory, an exported dataset) and the check that an output directory is
+ours to write. qreason deletes or replaces only directories that carry the marker."""
 
 from __future__ import annotations
 
@@ -51,9 +48,8 @@ def staging(dest: Path, suffix: str = ".partial") -> Iterator[Path]:
 def publish(tmp: Path, dest: Path, replace: bool = False) -> bool:
     """Rename the finished directory ``tmp`` to ``dest`` in one step. ``replace``: an existing ``dest`` (the
     caller checked that it is qreason's) is renamed aside first, put back if the rename fails, and deleted
-    only
-    once the new one is in place. Without ``replace``, False when ``dest`` exists (another process finished
-    it first: the caller uses that one)."""
+    only once the new one is in place. Without ``replace``, False when ``dest`` exists (another process
+    finished it first: the caller uses that one)."""
     tmp.chmod(0o755)  # mkdtemp makes it private; what qreason publishes is an ordinary directory
     old = None
     if replace and dest.exists():
@@ -166,10 +162,9 @@ def is_run_dir(path: Path) -> bool:
 
 def check_output_dir(path: Path, children: Iterable[str] = ()) -> None:
     """Refuse, before anything is written, an output directory that holds someone else's files: a run writes
-    and
-    ``prune`` deletes there. Allowed: no directory, an empty one, a qreason run directory; ``children``:
-    names of
-    entries that are allowed (the sub-run directories of a ``models:`` axis, each checked on its own)."""
+    and ``prune`` deletes there. Allowed: no directory, an empty one, a qreason run directory; ``children``:
+    names of entries that are allowed (the sub-run directories of a ``models:`` axis, each checked on its
+    own)."""
     path = Path(path)
     if not path.exists():
         return

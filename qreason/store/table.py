@@ -62,8 +62,7 @@ class Table(Generic[R]):
 
     def repair(self) -> int:
         """Move corrupt lines (and a torn tail) into ``TABLE.corrupt-TIME`` beside the table and rewrite the
-        table
-        with the valid lines; returns how many lines were moved. The caller must hold the run lock."""
+        table with the valid lines; returns how many lines were moved. The caller must hold the run lock."""
         lines, torn = self._read_lines()
         good, bad = [], []
         for line in lines:

@@ -3,12 +3,11 @@
 Each side environment pins libraries that clash with the main one (llm-compressor, TRL/PEFT, lm-eval), so its
 worker runs as ``python -m MODULE JOB.json`` with that environment's interpreter (``SideEnv.python``: an
 explicit path, else ``$QREASON_<NAME>_PYTHON``, else ``.venv-<name>`` beside the package in a checkout or in
-the
-working directory of an installed qreason). ``run_worker`` writes the job, starts the worker in its own
-process
-group, streams its output into a log (progress lines go to ``echo``, every line to ``on_line``), measures its
-wall time, CPU time and peak memory, and stops the whole group when the caller is interrupted. A worker that
-fails raises ``WorkerFailed``: one line naming the log; not the user's input, so the CLI exits with 1.
+the working directory of an installed qreason). ``run_worker`` writes the job, starts the worker in its own
+process group, streams its output into a log (progress lines go to ``echo``, every line to ``on_line``),
+measures its wall time, CPU time and peak memory, and stops the whole group when the caller is interrupted. A
+worker that fails raises ``WorkerFailed``: one line naming the log; not the user's input, so the CLI exits
+with 1.
 """
 
 from __future__ import annotations

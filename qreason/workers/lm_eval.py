@@ -5,10 +5,9 @@
 
 lm-eval 0.4.13 would downgrade libraries of the main environment, so qreason's lm-eval stage
 (``qreason.stages.lm_eval``) starts this module with the Python of ``.venv-bench``. The job names the model
-(lm-eval's
-``local-completions`` against a vLLM server the stage started for one variant), the tasks and lm-eval's
-arguments. This module imports only the standard library, ``qreason.workers.protocol`` and lm-eval (whose task
-files may import qreason's light modules: tasks, grade).
+(lm-eval's ``local-completions`` against a vLLM server the stage started for one variant), the tasks and
+lm-eval's arguments. This module imports only the standard library, ``qreason.workers.protocol`` and lm-eval
+(whose task files may import qreason's light modules: tasks, grade).
 
 Protocol, stdout: ``RESULT_PREFIX PATH`` when a task's result file is written (the stage stores it as a record
 at once, so a killed run keeps the tasks that finished); ``ERROR_PREFIX TASK: MESSAGE`` when a task fails (the

@@ -2,16 +2,13 @@
 
 qreason starts a worker as ``python -m MODULE JOB.json`` in another virtual environment (quantization in
 ``.venv-quant``, training in ``.venv-train``): the environments pin different versions of the libraries they
-share,
-so a worker imports only this module of qreason, plus its own libraries.
+share, so a worker imports only this module of qreason, plus its own libraries.
 
 Protocol, stdout: a line starting with ``PROGRESS_PREFIX`` is progress for the user; every other line belongs
-in the
-log file. On success the worker writes ``job["result_file"]`` (JSON) and exits 0; on failure it prints one
-``ERROR_PREFIX`` line naming the problem and exits 1 (130 when interrupted). A worker that produces several
-results (lm-eval: one per task) prints ``RESULT_PREFIX PATH`` for each file as it is written, and
-``ERROR_PREFIX
-ITEM: MESSAGE`` for each item that failed.
+in the log file. On success the worker writes ``job["result_file"]`` (JSON) and exits 0; on failure it prints
+one ``ERROR_PREFIX`` line naming the problem and exits 1 (130 when interrupted). A worker that produces
+several results (lm-eval: one per task) prints ``RESULT_PREFIX PATH`` for each file as it is written, and
+``ERROR_PREFIX ITEM: MESSAGE`` for each item that failed.
 """
 
 from __future__ import annotations

@@ -9,8 +9,7 @@ library, torch, transformers, datasets and llm-compressor: nothing of qreason th
 environments pin different versions of the libraries both use.
 
 The protocol with the parent (progress lines, result file, one error line) is ``qreason.workers.protocol``;
-the
-result holds versions, sample count and seconds.
+the result holds versions, sample count and seconds.
 """
 
 from __future__ import annotations

@@ -4,15 +4,13 @@ main one.
     python -m qreason.workers.train JOB.json
 
 ``qreason.stages.recover`` writes a job file, starts this module as a subprocess (through the same launcher
-as the
-quantization worker) and reads its stdout. This module imports only the standard library, torch,
+as the quantization worker) and reads its stdout. This module imports only the standard library, torch,
 transformers, PEFT and TRL: the environments pin different versions of the libraries they share.
 
 What one job does:
 1. the dense copy: a compressed-tensors checkpoint is decompressed, its scale/zero-point/shape tensors are
    dropped and the weights (the quantization grid, exactly) are loaded into the plain model class built from
-   the
-   config without ``quantization_config``. PEFT cannot wrap packed layers, and the decompressed-but-still-
+   the config without ``quantization_config``. PEFT cannot wrap packed layers, and the decompressed-but-still-
    quantized modules run the slow compressed path; the dense copy computes the same function and trains
    normally. Written once per quantized checkpoint (``dense_dir``), reused after.
 2. for each run (the targeted one and the control): a LoRA adapter trained with TRL on the dense copy (SFT on
@@ -20,8 +18,7 @@ What one job does:
    format, and, when asked, merged into a dense checkpoint for engines that cannot serve the adapter.
 
 The protocol with the parent (progress lines, result file, one error line) is ``qreason.workers.protocol``;
-the
-result holds versions, device, and per run: seconds and the loss curve.
+the result holds versions, device, and per run: seconds and the loss curve.
 """
 
 from __future__ import annotations
@@ -163,8 +160,7 @@ def train_phase(
     kind: str, model, tokenizer, rows: list[dict], h: dict, device: str, seed: int, label: str, work: str
 ):
     """One TRL phase (sft or dpo) on ``model`` (a plain model: a LoRA is added; a PEFT model: trained
-    further).
-    Returns (the trained PEFT model, [(step, loss)])."""
+    further). Returns (the trained PEFT model, [(step, loss)])."""
     from datasets import Dataset
     from peft import PeftModel
 

@@ -1,8 +1,6 @@
 """Careless and hostile input (issue 11, items 9-12, 15, 16): every case is a one-line error with exit code 2
-that
-names the place, written before anything is created, or the right result; never a traceback or a lost
-directory.
-Runs use the OpenAI-compatible backend against a local scripted endpoint, so no engine starts."""
+that names the place, written before anything is created, or the right result; never a traceback or a lost
+directory. Runs use the OpenAI-compatible backend against a local scripted endpoint, so no engine starts."""
 
 from __future__ import annotations
 

@@ -40,8 +40,7 @@ SOLUTION = "Step 1: 2 + 2 = 4.\nThe final answer is \\boxed{4}."
 
 class Hostile(JsonServer):
     """Each request carries FAULT:<marker> in its messages; the marker's script says what the n-th request
-    with it
-    gets (the last action repeats)."""
+    with it gets (the last action repeats)."""
 
     def __init__(self, scripts: dict[str, list[str]], content: str):
         super().__init__()
@@ -222,8 +221,7 @@ def test_generation_survives_replies_of_any_shape(tmp_path, monkeypatch, caplog)
 
 def test_generation_stops_at_once_when_the_endpoint_refuses_the_request(tmp_path, monkeypatch, caplog):
     """401/403/400 are not retried and not reported once per item: one clear error for the run, with the key
-    and
-    the URL's secrets redacted."""
+    and the URL's secrets redacted."""
     from qreason.errors import UserError
 
     monkeypatch.setenv("QREASON_HOSTILE_KEY", SECRET)

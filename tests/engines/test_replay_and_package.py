@@ -1,7 +1,6 @@
 """Extension points and packaging: the replay backend (generations made elsewhere, graded, judged and reported
 end to end) and the built wheel (task specs and judge prompts inside it; runs the synthetic task from a
-directory
-outside the checkout, in a fresh environment beside the existing vLLM)."""
+directory outside the checkout, in a fresh environment beside the existing vLLM)."""
 
 from __future__ import annotations
 
@@ -40,8 +39,8 @@ curate: {{enabled: false}}
 def test_replay_backend_grades_judges_and_reports_external_generations(tmp_path):
     rows = synthetic_rows(n=6, min_steps=1, max_steps=2, seed=3)
     # An lm-eval --log_samples style file: the question inside doc, the response in resps[0][0]; rows in
-    # another
-    # order than the task's; two right, one wrong with an arithmetic slip, the rest without any final answer.
+    # another order than the task's; two right, one wrong with an arithmetic slip, the rest without any final
+    # answer.
     samples = []
     for i, row in enumerate(reversed(rows)):
         answer = row["answer"] if i < 2 else int(row["answer"]) + 1 if i == 2 else None

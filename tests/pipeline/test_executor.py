@@ -1,6 +1,6 @@
 """The executors: the same matrix through a local Ray instance (CPU) and through the local executor gives the
-same
-records; a Ray engine worker killed with SIGKILL mid-run loses and duplicates nothing; the config forms."""
+same records; a Ray engine worker killed with SIGKILL mid-run loses and duplicates nothing; the config
+forms."""
 
 from __future__ import annotations
 
@@ -137,8 +137,7 @@ def test_ray_and_local_executors_give_the_same_results(default_model, tmp_path, 
 
     monkeypatch.setenv("QREASON_CACHE", str(tmp_path / "cache"))  # the RTN checkpoint is made by a Ray task
     # on a CPU-only cluster each engine actor takes a whole node (both CPUs here): the second model's engine
-    # can
-    # only start once the first is released
+    # can only start once the first is released
     ray_cfg = matrix_config(
         tmp_path / "ray.yaml", default_model.path, "{kind: ray, local_cpus: 2}", tmp_path / "ray"
     )
@@ -231,11 +230,9 @@ sys.stdin.read()  # up until the test closes stdin
 
 def test_a_running_ray_cluster_from_ray_address(tmp_path, monkeypatch):
     """A cluster started apart from qreason (by another process), found through $RAY_ADDRESS: the jobs run on
-    it
-    (engine actors with the OpenAI-compatible backend against a scripted endpoint), the records come back to
-    the
-    run store, and the cluster is still up afterwards (qreason only disconnects from a cluster it did not
-    start)."""
+    it (engine actors with the OpenAI-compatible backend against a scripted endpoint), the records come back
+    to the run store, and the cluster is still up afterwards (qreason only disconnects from a cluster it did
+    not start)."""
     from fault_server import FaultServer
 
     from qreason.pipeline.runner import run

@@ -301,8 +301,7 @@ def test_models_axis_config_errors():
 
 def test_trend_and_compare_name_a_library_upgrade_between_nights(tmp_path, monkeypatch):
     """Night 2 runs with a (pretended) newer vLLM: the report's trend has both nights, one row each, and
-    names the
-    upgrade beside the accuracy change; `qreason compare` names it too."""
+    names the upgrade beside the accuracy change; `qreason compare` names it too."""
     import qreason.pipeline.runner as runner
     from qreason.pipeline.provenance import environment
 

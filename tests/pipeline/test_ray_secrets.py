@@ -1,8 +1,6 @@
 """What Ray workers receive (issue 11, item 14): nothing that looks like a credential in the job-wide
-environment,
-and the endpoint key named by ``api_key_env`` only where the OpenAI backend needs it, on a cluster started
-apart
-from the driver (whose workers do not inherit the driver's environment)."""
+environment, and the endpoint key named by ``api_key_env`` only where the OpenAI backend needs it, on a
+cluster started apart from the driver (whose workers do not inherit the driver's environment)."""
 
 from __future__ import annotations
 

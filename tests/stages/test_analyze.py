@@ -33,8 +33,7 @@ def test_bootstrap_bounds_on_a_known_sample():
     # every pair flips from right to wrong: the difference is exactly -1 in every resample
     assert bootstrap_diff_ci(np.ones(20), np.zeros(20)) == (-1.0, -1.0)
     # 20 of 100 pairs lost, none gained: diff = -0.2, bootstrap sd = sqrt(.2*.8/100) = 0.04, so the 95 %
-    # interval
-    # is close to -0.2 ± 1.96 * 0.04
+    # interval is close to -0.2 ± 1.96 * 0.04
     base, variant = np.ones(100), np.r_[np.zeros(20), np.ones(80)]
     lo, hi = bootstrap_diff_ci(base, variant, n_boot=4000, seed=1)
     assert lo == pytest.approx(-0.2 - 1.96 * 0.04, abs=0.02) and hi == pytest.approx(

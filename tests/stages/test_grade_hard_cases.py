@@ -1,6 +1,5 @@
 """Hand-written hard cases for answer extraction, each with the strict and the lenient verdict a person
-expects,
-and the ``qreason grade-file`` command end to end."""
+expects, and the ``qreason grade-file`` command end to end."""
 
 import json
 

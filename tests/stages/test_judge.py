@@ -1,6 +1,6 @@
 """The judge stage: rule checks, prompt delimiting, reply validation, voting, ProcessBench scoring, the stage
-on a
-run store, the CLI, and (marked server/vllm) a real vLLM OpenAI-compatible server and ``vllm run-batch``."""
+on a run store, the CLI, and (marked server/vllm) a real vLLM OpenAI-compatible server and ``vllm
+run-batch``."""
 
 from __future__ import annotations
 

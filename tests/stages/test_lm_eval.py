@@ -1,7 +1,6 @@
 """The lm-eval stage and the lm-eval export: config checks, content keys and resume, the exported tasks
-loading in
-lm-eval, a real run of lm-eval against a real vLLM server, and the agreement of lm-eval's score with qreason's
-on the same generations.
+loading in lm-eval, a real run of lm-eval against a real vLLM server, and the agreement of lm-eval's score
+with qreason's on the same generations.
 
 lm-eval lives in its own environment (.venv-bench, made by scripts/setup-bench-env.sh; `make test` creates
 it):
@@ -106,8 +105,7 @@ def test_metric_names_and_recovery():
 @needs_bench
 def test_stored_results_are_not_evaluated_again(tmp_path, monkeypatch):
     """Content keys: a (model, task) whose record is stored costs nothing; only the missing ones go to
-    lm-eval,
-    and changing an argument (the limit) makes new work."""
+    lm-eval, and changing an argument (the limit) makes new work."""
     import qreason.stages.lm_eval.stage as stage
     from qreason.config.schema import VLLMConfig
     from qreason.records import LmEvalResult
@@ -165,11 +163,9 @@ def test_stored_results_are_not_evaluated_again(tmp_path, monkeypatch):
 
 def test_recovered_adapters_are_evaluated_as_merged_checkpoints(tmp_path):
     """After recovery, each variant's targeted adapter becomes an lm-eval target of its own, ``VARIANT+sb``:
-    the
-    dense checkpoint with the adapter merged in (vLLM 0.32 cannot compute prompt logprobs with a LoRA), keyed
-    by
-    the adapter, so its results never mix with the variant's. A recovery without a merged checkpoint (or whose
-    checkpoint is gone) adds nothing."""
+    the dense checkpoint with the adapter merged in (vLLM 0.32 cannot compute prompt logprobs with a LoRA),
+    keyed by the adapter, so its results never mix with the variant's. A recovery without a merged checkpoint
+    (or whose checkpoint is gone) adds nothing."""
     import qreason.stages.lm_eval.stage as stage
     from qreason.config.schema import VLLMConfig
     from qreason.records import ModelVariant
@@ -327,8 +323,8 @@ def test_run_records_lm_eval_and_rerun_makes_no_model_calls(lm_run, monkeypatch)
 @pytest.mark.vllm
 def test_lm_eval_scores_qreason_generations_exactly_like_qreason(lm_run, default_model, tmp_path):
     """Agreement: lm-eval, running the exported qreason_synthetic task on this run's own generations
-    (replayed by
-    an lm-eval model that serves only prompts qreason sent), gives every problem the score qreason gave it."""
+    (replayed by an lm-eval model that serves only prompts qreason sent), gives every problem the score
+    qreason gave it."""
     from qreason.cli import main
     from qreason.store import RunStore
 

@@ -241,8 +241,8 @@ def test_training_produces_an_adapter_that_changes_the_model(recovered):
     ctl = {g.problem_id: g.text for g in gens if g.variant == "rtn+ctl"}
     assert sb and sb.keys() == ctl.keys() and sb != ctl
     # for lm-eval (which needs prompt logprobs, which vLLM's LoRA path cannot give) the targeted adapter is
-    # merged
-    # into a dense checkpoint: its weights are the grid plus the adapter, so they differ from the dense copy
+    # merged into a dense checkpoint: its weights are the grid plus the adapter, so they differ from the dense
+    # copy
     merged = Path(v.merged_checkpoint)
     weights = load_file(str(merged / "model.safetensors"))
     assert weights[name].shape == dense[name].shape and not torch.equal(

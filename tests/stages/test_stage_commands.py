@@ -1,8 +1,6 @@
 """Per-stage commands (``qreason grade RUN_DIR``, ``qreason judge RUN_DIR``) work on the run they are given:
-they
-open its stored config, so on a sub-run of a ``models:`` axis the base variant is that run's model and the
-grading
-settings are the run's, not the defaults."""
+they open its stored config, so on a sub-run of a ``models:`` axis the base variant is that run's model and
+the grading settings are the run's, not the defaults."""
 
 from __future__ import annotations
 

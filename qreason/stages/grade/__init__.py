@@ -1,6 +1,6 @@
 """The grade stage: every generation's final answer against the reference, with Math-Verify (strict and
-lenient
-verdicts). ``extract`` finds answer candidates in a solution; ``grader`` interprets and compares them."""
+lenient verdicts). ``extract`` finds answer candidates in a solution; ``grader`` interprets and compares
+them."""
 
 from qreason.stages.grade.grader import (
     ANSWER_TYPES,

@@ -3,13 +3,10 @@ grader_error.
 
 - ``status`` (strict): the answer stated behind an explicit marker (``\\boxed{}``, "final answer is", "the
   answer is", "Answer:", ``####``), found by the rules in ``qreason.extract``; no marker that parses is
-  no_answer.
-  A number quoted in the middle of the reasoning is never taken for the answer.
+  no_answer. A number quoted in the middle of the reasoning is never taken for the answer.
 - ``lenient_status``: the same comparison on the answer a reader would take when no marker states one (the
-number
-  or formula of the final sentence). Equal to ``status`` whenever a marker was found. ``no_answer`` strictly
-  but
-  ``correct`` leniently is a *format failure*: right maths, unreadable format.
+  number or formula of the final sentence). Equal to ``status`` whenever a marker was found. ``no_answer``
+  strictly but ``correct`` leniently is a *format failure*: right maths, unreadable format.
 - truncated: the generation hit max_tokens (finish_reason "length"); its answer, if any, is not final.
 - grader_error: parsing or verification failed or ran past the time limit.
 
@@ -282,8 +279,7 @@ class Grader:
 
     def run(self, args: list[tuple]) -> Iterator[tuple[int, tuple]]:
         """``(index, result)`` for each argument tuple of ``fn`` (in completion order); an answer that
-        overruns
-        the limit gets a grader_error result."""
+        overruns the limit gets a grader_error result."""
         calls = [(_Index(i), a) for i, a in enumerate(args)]
         for job, ok, result in bounded_calls(
             self.fn, calls, self.timeout_s + self.grace_s, self.workers, _warm_up

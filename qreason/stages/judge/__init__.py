@@ -5,15 +5,14 @@ Stage API (used by the runner and by ``qreason judge``):
 
     cfg = JudgeConfig(judges=[JudgeSpec(name="a", base_url="http://127.0.0.1:8000/v1", model="m")])
     stats = run_judging(RunStore(run_dir), cfg)      # appends Judgment records; resumable; returns
-    JudgeSummary
-    distribution(store)                              # per variant: error types, capabilities, positions
+    JudgeSummary distribution(store)                              # per variant: error types, capabilities,
+    positions
 
 Judgments per failure: judge "rules" (arithmetic check, repetition collapse, no-answer/truncation outcome),
-one
-per LLM judge (named by its spec), and "panel" (two or more judges: majority vote, see ``panel``). The final
-verdict of a failure is the panel's, else the single judge's, else the rules' (``final_judgments``). The
-taxonomy
-and the prompts are data in judge_prompts/. ``run_bench`` scores any of these judges on ProcessBench data.
+one per LLM judge (named by its spec), and "panel" (two or more judges: majority vote, see ``panel``). The
+final verdict of a failure is the panel's, else the single judge's, else the rules' (``final_judgments``). The
+taxonomy and the prompts are data in judge_prompts/. ``run_bench`` scores any of these judges on ProcessBench
+data.
 """
 
 from qreason.config.judge import BatchConfig, JudgeConfig, JudgeSpec, load_judge_config, parse_judge_spec

@@ -1,9 +1,8 @@
 """LLM judge kinds, looked up by ``JudgeSpec.kind`` in ``qreason.registry.JUDGES``.
 
 A judge kind is a class constructed as ``cls(spec, template, taxonomy, cache, offline=...)`` with the
-interface of
-``Judge`` below (``client.JudgeClient`` is the one built in). The rule checks are not a kind: they always run,
-offline.
+interface of ``Judge`` below (``client.JudgeClient`` is the one built in). The rule checks are not a kind:
+they always run, offline.
 """
 
 from __future__ import annotations

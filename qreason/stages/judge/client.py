@@ -1,16 +1,12 @@
 """An LLM judge behind any OpenAI-compatible endpoint: structured replies, validation, retries, a reply cache
-and
-the OpenAI batch file format.
+and the OpenAI batch file format.
 
 - The request asks for a JSON-schema structured reply (``response_format={"type": "json_schema", ...}``); the
-reply
-  is checked with pydantic and against the taxonomy and the number of steps (``prompts.parse_reply``).
+  reply is checked with pydantic and against the taxonomy and the number of steps (``prompts.parse_reply``).
 - Transport failures (408/409/429/5xx, timeouts, dropped connections) are retried by the ``openai`` client
-with
-  exponential backoff, honouring Retry-After. A reply that is malformed or off-schema is retried here, at most
-  ``invalid_retries`` more times, with a doubling wait and at ``retry_temperature``. What still fails becomes
-  a
-  judge_error verdict (``details["error_kind"]``: "transport" or "invalid"): the run goes on.
+  with exponential backoff, honouring Retry-After. A reply that is malformed or off-schema is retried here, at
+  most ``invalid_retries`` more times, with a doubling wait and at ``retry_temperature``. What still fails
+  becomes a judge_error verdict (``details["error_kind"]``: "transport" or "invalid"): the run goes on.
 - Every valid reply is cached in SQLite under a key of (model, prompt version, full request body), so a re-run
   sends nothing for work already answered. Failures are not cached: a re-run retries them.
 - The API key is read from the environment variable the spec names and is never logged or stored.
@@ -191,8 +187,8 @@ class JudgeClient:
 
     async def judge(self, req: JudgeRequest) -> Verdict | None:
         """The verdict for a request: cached, fetched, or judge_error. None offline on a cache miss, and once
-        the
-        endpoint has refused a request outright (400/401/403/404: ``self.refused`` says why, once per run)."""
+        the endpoint has refused a request outright (400/401/403/404: ``self.refused`` says why, once per
+        run)."""
         verdict = self.cached(req)
         if verdict is not None or self.offline or self.refused:
             return verdict

@@ -2,7 +2,7 @@
 
 Rules (documented for users in the module docstring of qreason.stages.judge):
 - Only valid verdicts vote; judge errors are listed but do not count. No valid verdict: the panel is a
-judge_error.
+  judge_error.
 - Step: the step named by most judges. Tie: the earliest real step (0, 1, ...) among the tied ones; -1
   ("no faulty step") wins a tie only against nothing else, since the solution is known to have failed.
 - Error type: voted among the judges that named the winning step. Tie: the type of the judge listed first.

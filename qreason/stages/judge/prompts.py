@@ -2,15 +2,11 @@
 checking.
 
 Model text is untrusted. Every piece of it goes into the prompt between tags whose names end in a nonce, and
-any
-tag-like text inside it (``<step``, ``</problem``, ... or the nonce itself) is neutralised first, so a
-solution
-cannot close its own block or open a new one. The nonce is a hash of the whole input: it is the same for the
-same
-input (so replies can be cached) and cannot be predicted by the text it protects (the text would have to
-contain
-a hash of itself). Templates are filled in a single pass, so substituted text is never scanned for
-placeholders.
+any tag-like text inside it (``<step``, ``</problem``, ... or the nonce itself) is neutralised first, so a
+solution cannot close its own block or open a new one. The nonce is a hash of the whole input: it is the same
+for the same input (so replies can be cached) and cannot be predicted by the text it protects (the text would
+have to contain a hash of itself). Templates are filled in a single pass, so substituted text is never scanned
+for placeholders.
 """
 
 from __future__ import annotations

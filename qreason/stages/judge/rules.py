@@ -5,24 +5,19 @@ Arithmetic. Each step is scanned for equations such as ``3 + 4 = 7``, ``$1,234 x
 thousands separators, currency and percent signs, operators, parentheses, ``=``, words); a few operator words
 (``times``, ``plus``, ``minus``, ``divided by``, ``x`` between numbers) become operators; a single word right
 after a number that is followed by an operator, ``=`` or the end of the expression is read as a unit and
-dropped,
-and so are rate units (``$194/meter``, ``3 pages per minute``). Any other word or punctuation ends the
-expression. Each side of each ``=`` is parsed by a small recursive-descent
-parser over exact fractions (``+ - * / ^``, unary minus, parentheses, percent, ``sqrt``); the text is never
-evaluated as code. A step is flagged when the left side of an ``=`` holds an operator and its value differs
-from
-the right side's.
+dropped, and so are rate units (``$194/meter``, ``3 pages per minute``). Any other word or punctuation ends
+the expression. Each side of each ``=`` is parsed by a small recursive-descent parser over exact fractions
+(``+ - * / ^``, unary minus, parentheses, percent, ``sqrt``); the text is never evaluated as code. A step is
+flagged when the left side of an ``=`` holds an operator and its value differs from the right side's.
 
 The check is built for precision: anything it cannot read with certainty is skipped, never flagged. It accepts
 rounding to the decimals written on the right, a whole-number right side that is the floor or ceiling of a
 fractional value, either reading of a percent sign (``0.2*100 = 20%``), ``≈`` within 1 %, and the "running
-total"
-notation ``3 * 4 = 12 + 2 = 14`` (the right side starts with the left side's value).
+total" notation ``3 * 4 = 12 + 2 = 14`` (the right side starts with the left side's value).
 
 Repetition collapse. The same step or line (at least 3 words) three or more times in a row, the same step or
-line
-of at least 6 words five or more times anywhere, or a tail of the solution that is one block of words repeated
-three or more times (at least 30 words in all); the collapse starts at the second copy.
+line of at least 6 words five or more times anywhere, or a tail of the solution that is one block of words
+repeated three or more times (at least 30 words in all); the collapse starts at the second copy.
 """
 
 from __future__ import annotations
@@ -640,8 +635,7 @@ def repetition_start(steps: list[str]) -> tuple[int, str] | None:
 
 def rule_verdict_call(args: tuple[list[str], str | None]) -> Verdict:
     """``rule_verdict(*args)`` for a worker process (see ``qreason.stages.grade.bounded_calls``): a failure
-    of the
-    checks on hostile text becomes a rule-check error verdict, never an exception."""
+    of the checks on hostile text becomes a rule-check error verdict, never an exception."""
     try:
         return rule_verdict(*args)
     except Exception as exc:  # noqa: BLE001 - untrusted model output must not stop the stage
@@ -652,9 +646,8 @@ def rule_verdict_call(args: tuple[list[str], str | None]) -> Verdict:
 
 def rule_verdict(steps: list[str], grade_status: str | None = None) -> Verdict:
     """The rule checks' verdict on a solution. The earliest step finding wins (arithmetic over repetition at
-    the
-    same step); with none, a no_answer or truncated grade gives that outcome; otherwise first_error_step is
-    -1."""
+    the same step); with none, a no_answer or truncated grade gives that outcome; otherwise first_error_step
+    is -1."""
     findings: list[dict] = []
     arith = None
     for i, s in enumerate(steps):

@@ -1,19 +1,15 @@
 """The judge stage: read generations, grades and problems from the run store; append Judgment records.
 
 For every selected failure, the rule checks run first (judge "rules"); then each LLM judge of the config
-(judge =
-its name); then, with two or more judges, the panel's vote (judge "panel"). Records are appended per failure
-as
-soon as its verdicts are in, so an interrupted run loses only what was in flight, and the reply cache keeps
-even
-that. Keys:
+(judge = its name); then, with two or more judges, the panel's vote (judge "panel"). Records are appended per
+failure as soon as its verdicts are in, so an interrupted run loses only what was in flight, and the reply
+cache keeps even that. Keys:
 - rules:  content_key("judgment", generation, "rules", rules revision, grade status)
 - judge:  content_key("judgment", generation, judge name, request key) where the request key covers the judge
           model, the prompt version and the whole request; a valid verdict under this key is never redone
 - errors: "no valid reply after all attempts" is stored under a key derived from the judge key and, like a
           verdict, not redone (unless ``retry_invalid``); a transport failure (endpoint down, timeouts, 5xx
-          after
-          the client's retries) gets a fresh key, so the next run tries again. The newest record of a
+          after the client's retries) gets a fresh key, so the next run tries again. The newest record of a
           (generation, judge) pair is its current one (``current_judgments``)
 - panel:  content_key("judgment", generation, "panel", the member records' keys)
 """
@@ -138,9 +134,8 @@ def finished(store: RunStore, key: str, retry_invalid: bool) -> Judgment | None:
 
 def error_key(key: str, v: Verdict) -> str:
     """The key of a judge_error record. Invalid replies: final (``invalid_key``). Transport failures: a fresh
-    key,
-    so the next run tries again; from a batch output file: derived from the error, so re-reading the file adds
-    nothing."""
+    key, so the next run tries again; from a batch output file: derived from the error, so re-reading the file
+    adds nothing."""
     if v.details.get("error_kind") == "invalid":
         return invalid_key(key)
     if v.details.get("batch"):
@@ -261,8 +256,8 @@ def rule_check(
 
 def run_judging(store: RunStore, cfg: JudgeConfig) -> JudgeSummary:
     """Judge the selected failures of a run; appends to store.judgments. Safe to re-run: finished work is
-    skipped,
-    cached replies are reused, endpoint failures are retried (invalid replies too with cfg.retry_invalid)."""
+    skipped, cached replies are reused, endpoint failures are retried (invalid replies too with
+    cfg.retry_invalid)."""
     t0 = time.monotonic()
     stats = JudgeSummary()
     candidates = select_candidates(store, cfg)

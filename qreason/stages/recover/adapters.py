@@ -69,8 +69,7 @@ def merged_dir(key: str) -> Path:
 
 def check_adapter(adapter: Path, variant: ModelVariant) -> None:
     """An adapter given by the user must belong to this variant: qreason's own metadata names the checkpoint
-    it
-    was trained on; any adapter's LoRA shapes must fit the variant's layers."""
+    it was trained on; any adapter's LoRA shapes must fit the variant's layers."""
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(str(adapter), "not a PEFT adapter directory (no adapter_config.json)")
     meta = read_meta(adapter)
@@ -131,8 +130,7 @@ def train_adapters(
     echo: Callable[[str], None],
 ) -> None:
     """One worker run for everything this variant needs: the dense copy, each missing adapter (trained), and
-    the
-    merged checkpoints of the arms in ``merge_arms``. Fills in ``plan.meta`` of trained adapters."""
+    the merged checkpoints of the arms in ``merge_arms``. Fills in ``plan.meta`` of trained adapters."""
     from qreason.workers.launch import run_worker
 
     runs, staged = [], []

