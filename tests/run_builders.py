@@ -6,10 +6,38 @@ import os
 import shutil
 from pathlib import Path
 
+from qreason.inputs.steps import split_steps
 from qreason.records import Generation, Grade, Judgment, Problem
 from qreason.store import RunStore
 
 REAL_CACHE = os.environ.get("QREASON_CACHE")  # read at collection, before any test replaces it
+
+
+def generation(
+    key: str, variant: str, problem_id: str, text: str, task: str = "synthetic", seed: int = 0, **fields
+) -> Generation:
+    """A generation record with the fields no test looks at filled in (``fields`` override them)."""
+    values = dict(
+        key=key,
+        variant=variant,
+        model_fingerprint=variant,
+        task=task,
+        problem_id=problem_id,
+        seed=seed,
+        prompt_hash="h",
+        messages=[],
+        text=text,
+        steps=split_steps(text),
+        prompt_tokens=5,
+        completion_tokens=10,
+        finish_reason="stop",
+        backend="test",
+        versions={},
+        sampling={},
+        seconds=0.1,
+        created_at="now",
+    )
+    return Generation(**{**values, **fields})
 
 
 def build_run(tmp_path) -> RunStore:
@@ -36,26 +64,7 @@ def build_run(tmp_path) -> RunStore:
                 key = f"{variant}-{pid}-{seed}"
                 ok = (pid, seed) in right
                 gens.append(
-                    Generation(
-                        key=key,
-                        variant=variant,
-                        model_fingerprint="f",
-                        task="synthetic",
-                        problem_id=pid,
-                        seed=seed,
-                        prompt_hash="h",
-                        messages=[],
-                        text="a\nb\nc\nd",
-                        steps=["a", "b", "c", "d"],
-                        prompt_tokens=5,
-                        completion_tokens=10 if ok else 30,
-                        finish_reason="stop",
-                        backend="t",
-                        versions={},
-                        sampling={},
-                        seconds=0.1,
-                        created_at="now",
-                    )
+                    generation(key, variant, pid, "a\nb\nc\nd", seed=seed, completion_tokens=10 if ok else 30)
                 )
                 grades.append(
                     Grade(

@@ -108,7 +108,7 @@ def _cmd_runs(args) -> int:
 
 
 def _cmd_grade(args) -> int:
-    from qreason.pipeline.runner import run_stage_command
+    from qreason.stages.base import run_stage_command
     from qreason.stages.grade import GradeStage
 
     def update(cfg):
@@ -158,18 +158,16 @@ def _cmd_analyze(args) -> int:
 def _cmd_curate(args) -> int:
     from qreason.config.schema import unresolved
     from qreason.pipeline.executor import LocalExecutor
-    from qreason.pipeline.runner import run_stage_command
-    from qreason.stages.base import RunContext
+    from qreason.stages.base import run_stage_command
     from qreason.stages.curate import CurateStage, check_out_dir
 
     out = Path(args.out) if args.out else None
     if out:
         check_out_dir(out)  # before any work: the dataset replaces the directory
-    cfg = RunContext.open(args.run_dir).cfg
-    missing = unresolved(cfg.backend)
 
     class Engines(LocalExecutor):  # starts the base model's engine only if continuations are needed
         def backend_for(self, model):
+            missing = unresolved(self.cfg.backend)
             if missing:
                 raise UserError(
                     f"{Path(args.run_dir) / 'config.yaml'}: backend",
@@ -182,7 +180,7 @@ def _cmd_curate(args) -> int:
         flags = {k: v for k, v in (("max_items", args.max_items), ("seed", args.seed)) if v is not None}
         cfg.curate = cfg.curate.model_copy(update=flags)
 
-    ctx = run_stage_command(args.run_dir, CurateStage(out_dir=out), update, engines=Engines(cfg))
+    ctx = run_stage_command(args.run_dir, CurateStage(out_dir=out), update, engines=Engines)
     c = ctx.summary.curate
     if c is None or not c.dir:
         print("no judged flips with a located first faulty step: nothing to curate")
@@ -209,8 +207,7 @@ def _cmd_repair(args) -> int:
 
 def _cmd_recover(args) -> int:
     from qreason.pipeline.executor import LocalExecutor
-    from qreason.pipeline.runner import run_stage_command
-    from qreason.stages.base import RunContext
+    from qreason.stages.base import run_stage_command
     from qreason.stages.recover import RecoverStage
 
     def update(cfg):
@@ -224,8 +221,7 @@ def _cmd_recover(args) -> int:
         adapter=Path(args.adapter).resolve() if args.adapter else None,
         require_items=True,
     )
-    cfg = RunContext.open(args.run_dir).cfg
-    ctx = run_stage_command(args.run_dir, stage, update, engines=LocalExecutor(cfg))  # one engine at a time
+    ctx = run_stage_command(args.run_dir, stage, update, engines=LocalExecutor)  # one engine at a time
     print(format_recovery(ctx.summary.recover))
     return 0
 

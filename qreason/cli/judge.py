@@ -121,7 +121,7 @@ def cmd_judge(args) -> int:
     from pydantic import ValidationError
 
     from qreason.config.judge import load_judge_config
-    from qreason.pipeline.runner import run_stage_command
+    from qreason.stages.base import run_stage_command
     from qreason.stages.judge import JudgeStage, distribution
 
     run_dir = Path(args.run_dir)

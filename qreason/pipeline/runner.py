@@ -16,7 +16,6 @@ import secrets
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -28,7 +27,7 @@ from qreason.pipeline.provenance import environment
 from qreason.records import content_key
 from qreason.report import ReportStage
 from qreason.stages.analyze import AnalyzeStage
-from qreason.stages.base import Engines, RunContext, Stage
+from qreason.stages.base import RunContext, Stage, run_stage
 from qreason.stages.curate import CurateStage
 from qreason.stages.gates import GatesStage
 from qreason.stages.generate import GenerateStage
@@ -80,39 +79,6 @@ def stages(t0: float, env: dict) -> list[Stage]:
         ReportStage(),
         GatesStage(),
     ]
-
-
-def run_stage(stage: Stage, ctx: RunContext, force: bool = False) -> None:
-    """Run one stage if the config enables it (``force``: a per-stage command runs it anyway); its section
-    goes into the summary, written at once."""
-    if not (force or stage.enabled(ctx.cfg)):
-        return
-    section = stage.run(ctx)
-    if section is not None and stage.section is not None:
-        setattr(ctx.summary, stage.section, section)
-    ctx.store.write_json("summary.json", ctx.summary.dump())
-
-
-def run_stage_command(
-    run_dir: str | Path,
-    stage: Stage,
-    update: Callable[[RunConfig], None] | None = None,
-    engines: Engines | None = None,
-    graded: bool = False,
-) -> RunContext:
-    """A per-stage command: open the run's context (its stored config), apply the command's flags to the
-    config (``update(cfg)``), run the stage under the run lock, store its section in the run's summary.json
-    and close the engines."""
-    ctx = RunContext.open(run_dir, engines=engines, graded=graded)
-    if update is not None:
-        update(ctx.cfg)
-    try:
-        with RunLock(ctx.store.dir):  # a writer: only the lock holder appends (and cuts a torn tail)
-            run_stage(stage, ctx, force=True)
-    finally:
-        if engines is not None:
-            engines.close()
-    return ctx
 
 
 # ------------------------------------------------------------------------------------------------- the loop
@@ -194,8 +160,7 @@ def _run_locked(
         ctx.engines = make_executor(cfg, backend, plan.base.fingerprint)
         summary.executor = ctx.engines.kind
         for stage in stages(t0, env):
-            run_stage(stage, ctx)
-        store.write_json("summary.json", summary.dump())
+            run_stage(stage, ctx)  # writes summary.json after each stage
         failed = summary.generations.failed or (summary.lm_eval is not None and summary.lm_eval.failed)
         status = "incomplete" if failed else "gated" if summary.gates.tripped else "ok"
         return summary

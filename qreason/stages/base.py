@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Protocol
 
 from qreason.config.schema import RunConfig, SamplingConfig, parse_config
 from qreason.engines import Backend, GenerationRequest, make_request
@@ -22,7 +22,7 @@ from qreason.errors import UserError, decode_utf8
 from qreason.inputs.models import ResolvedModel
 from qreason.records import ModelVariant, Problem
 from qreason.registry import GRADERS
-from qreason.store import RunIndex, RunStore, Table
+from qreason.store import RunIndex, RunLock, RunStore, Table
 from qreason.summary import ResultRow, RunSummary, Section, accuracy_table
 
 if TYPE_CHECKING:
@@ -169,7 +169,42 @@ class Stage(Protocol):
     """One stage of a run (see the module docstring)."""
 
     name: ClassVar[str]
+    section: ClassVar[str | None]  # the RunSummary field its result fills (None: it fills none)
 
     def enabled(self, cfg: RunConfig) -> bool: ...
 
     def run(self, ctx: RunContext) -> Section | list | None: ...
+
+
+def run_stage(stage: Stage, ctx: RunContext, force: bool = False) -> None:
+    """Run one stage if the config enables it (``force``: a per-stage command runs it anyway); its section
+    goes into the summary, written at once."""
+    if not (force or stage.enabled(ctx.cfg)):
+        return
+    section = stage.run(ctx)
+    if section is not None and stage.section is not None:
+        setattr(ctx.summary, stage.section, section)
+    ctx.store.write_json("summary.json", ctx.summary.dump())
+
+
+def run_stage_command(
+    run_dir: str | Path,
+    stage: Stage,
+    update: Callable[[RunConfig], None] | None = None,
+    engines: Callable[[RunConfig], Engines] | None = None,
+    graded: bool = False,
+) -> RunContext:
+    """A per-stage command: open the run's context (its stored config), apply the command's flags to the
+    config (``update(cfg)``), give the stage engines made for that config (``engines(cfg)``), run it under the
+    run lock, store its section in the run's summary.json and close the engines."""
+    ctx = RunContext.open(run_dir, graded=graded)
+    if update is not None:
+        update(ctx.cfg)
+    ctx.engines = engines(ctx.cfg) if engines is not None else None
+    try:
+        with RunLock(ctx.store.dir):  # a writer: only the lock holder appends (and cuts a torn tail)
+            run_stage(stage, ctx, force=True)
+    finally:
+        if ctx.engines is not None:
+            ctx.engines.close()
+    return ctx

@@ -159,8 +159,7 @@ def run_worker(
     finally:
         proc.stdout.close()
     seconds = time.monotonic() - start
-    failed = proc.returncode != 0 or (check and not result_file.is_file())
-    if failed and check:
+    if check and (proc.returncode != 0 or not result_file.is_file()):
         if error:
             reason = error
         elif proc.returncode < 0:

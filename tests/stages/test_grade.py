@@ -4,7 +4,7 @@ import time
 import pytest
 
 from qreason.records import Generation, Problem
-from qreason.stages.grade import GradeJob, Grader, grade_key, grade_text
+from qreason.stages.grade import GradeJob, Grader, grade_key, grade_text, grader_id
 
 
 @pytest.mark.parametrize(
@@ -68,7 +68,7 @@ def make_job(i: int, text: str, reference: str = "5") -> GradeJob:
         seconds=0.0,
         created_at="now",
     )
-    return GradeJob(gen, problem, grade_key(gen.key))
+    return GradeJob(gen, problem, grade_key(gen.key, grader_id()))
 
 
 def test_grader_works_off_the_main_thread():

@@ -64,7 +64,7 @@ def build_run(run_dir: Path, tiny: Path, quantized) -> None:
     from qreason.inputs.models import fingerprint_dir
     from qreason.inputs.tasks import _problem, build_messages, load_spec
     from qreason.records import Grade, ModelVariant, SilverBulletItem, content_key
-    from qreason.stages.grade import grade_key
+    from qreason.stages.grade import grade_key, grader_id
     from qreason.store import RunStore
 
     spec = load_spec("synthetic")
@@ -105,7 +105,7 @@ def build_run(run_dir: Path, tiny: Path, quantized) -> None:
             gens.append(g)
             grades.append(
                 Grade(
-                    key=grade_key(g.key),
+                    key=grade_key(g.key, grader_id()),
                     generation_key=g.key,
                     variant=variant,
                     task=p.task,

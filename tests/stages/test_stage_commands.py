@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from run_builders import generation
+
 from qreason.config.schema import load_config
-from qreason.inputs.steps import split_steps
-from qreason.records import Generation, Problem, content_key
+from qreason.records import Problem, content_key
 from qreason.stages.base import RunContext
 from qreason.store import RunStore
 
@@ -52,28 +53,7 @@ def sub_run(tmp_path: Path) -> Path:
         for p in problems:
             answer = int(p.answer) + 1 if p.problem_id in wrong else int(p.answer)
             text = f"Step 1: {p.question[8:-1]} = {answer}.\nStep 2: The final answer is \\boxed{{{answer}}}"
-            gens.append(
-                Generation(
-                    key=content_key("gen", variant, p.problem_id),
-                    variant=variant,
-                    model_fingerprint=variant,
-                    task=p.task,
-                    problem_id=p.problem_id,
-                    seed=0,
-                    prompt_hash="h",
-                    messages=[],
-                    text=text,
-                    steps=split_steps(text),
-                    prompt_tokens=1,
-                    completion_tokens=1,
-                    finish_reason="stop",
-                    backend="test",
-                    versions={},
-                    sampling={},
-                    seconds=0.0,
-                    created_at="now",
-                )
-            )
+            gens.append(generation(content_key("gen", variant, p.problem_id), variant, p.problem_id, text))
     store.generations.append(gens)
     return run_dir
 

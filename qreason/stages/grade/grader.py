@@ -227,10 +227,10 @@ class GradeJob:
     key: str
 
 
-def grade_key(generation_key: str, grader: str | None = None) -> str:
-    """The key of a generation's grade by one grader (``grader``: its id, ``Grader.grader``; default: this
-    module's Math-Verify grader). Two graders never share keys, so each finds only its own grades."""
-    return content_key("grade", generation_key, grader or grader_id())
+def grade_key(generation_key: str, grader: str) -> str:
+    """The key of a generation's grade by one grader (``grader``: its id, ``Grader.grader``). Two graders
+    never share keys, so each finds only its own grades."""
+    return content_key("grade", generation_key, grader)
 
 
 @dataclass(frozen=True, eq=False)

@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from qreason.config.schema import RunConfig
 from qreason.engines.vllm_server import VLLMServer
@@ -41,7 +41,7 @@ from qreason.records import LmEvalResult, ModelVariant, content_key
 from qreason.stages.base import RunContext
 from qreason.store import RunStore, now_iso
 from qreason.summary import LmEvalSummary, RecoverySummary
-from qreason.workers.launch import BENCH, run_worker, side_env_vars
+from qreason.workers.launch import BENCH, WorkerRun, run_worker, side_env_vars
 from qreason.workers.protocol import ERROR_PREFIX, RESULT_PREFIX, LmEvalJob
 
 if TYPE_CHECKING:
@@ -139,6 +139,33 @@ def files_hash(paths: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def run_lm_eval_worker(
+    job: dict,
+    work: Path,
+    log_path: Path,
+    label: str,
+    python: Path,
+    on_line: Callable[[str], None],
+    check_only: bool = False,
+) -> WorkerRun:
+    """lm-eval's worker in its environment. It reports each task's result or failure as a line (``on_line``),
+    so a failed exit is not an exception here: the caller reads ``returncode``."""
+    return run_worker(
+        job,
+        work,
+        log_path,
+        label,
+        lambda _: None,
+        python=python,
+        module="qreason.workers.lm_eval",
+        stage="lm_eval",
+        env=lm_eval_env(),
+        on_line=on_line,
+        check=False,
+        args=("--check",) if check_only else (),
+    )
+
+
 def run_worker_check(python: Path, tasks: list[str], paths: list[str]) -> None:
     """Fail with one line when lm-eval knows none of a task name (before the run directory is touched)."""
     errors: list[str] = []
@@ -149,20 +176,8 @@ def run_worker_check(python: Path, tasks: list[str], paths: list[str]) -> None:
 
     with tempfile.TemporaryDirectory(prefix="qreason-lm-eval-") as work:
         log_path = Path(work) / "check.log"
-        run = run_worker(
-            {"tasks": [{"name": t} for t in tasks], "include_paths": paths},
-            Path(work),
-            log_path,
-            "task names",
-            lambda _: None,
-            python=python,
-            module="qreason.workers.lm_eval",
-            stage="lm_eval",
-            env=lm_eval_env(),
-            on_line=on_line,
-            check=False,
-            args=("--check",),
-        )
+        job = {"tasks": [{"name": t} for t in tasks], "include_paths": paths}
+        run = run_lm_eval_worker(job, Path(work), log_path, "task names", python, on_line, check_only=True)
         tail = (log_path.read_text(encoding="utf-8").strip().splitlines() or ["?"])[-1]
     if errors:
         raise UserError("lm_eval.tasks", "; ".join(errors))
@@ -356,19 +371,7 @@ def _evaluate(
                     {"variant": target.name, "task": task, "error": message, "log": str(log_path)}
                 )
 
-        proc = run_worker(
-            job,
-            work,
-            log_path,
-            target.name,
-            lambda _: None,
-            python=python,
-            module="qreason.workers.lm_eval",
-            stage="lm_eval",
-            env=lm_eval_env(),
-            on_line=on_line,
-            check=False,
-        )
+        proc = run_lm_eval_worker(job, work, log_path, target.name, python, on_line)
         done = {r.task for r in store.lm_eval.all() if r.key in set(keys.values())}
         for task, _ in todo:
             if task not in done and not any(f["task"] == task for f in failures):

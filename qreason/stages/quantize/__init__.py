@@ -38,7 +38,6 @@ from qreason.stages.quantize.cache import (
     publish,
     quant_key,
     read_provenance,
-    staging,
     worker_log_path,
 )
 from qreason.stages.quantize.calibration import CalibrationPlan, plan_calibration, write_samples
@@ -46,7 +45,8 @@ from qreason.stages.quantize.imports import describe_quantization
 from qreason.stages.quantize.recipes import ResolvedRecipe, resolve
 from qreason.stages.quantize.recipes import list_methods as _list
 from qreason.stages.quantize.shapes import check_group_size, read_config
-from qreason.store import now_iso
+from qreason.store import now_iso, staging
+from qreason.summary import QuantizationSummary, QuantizedVariant
 from qreason.workers.launch import QUANT, WorkerFailed, run_worker
 from qreason.workers.protocol import QuantizeJob
 
@@ -282,11 +282,7 @@ class QuantizeStage:
     def enabled(self, cfg: RunConfig) -> bool:
         return True
 
-    def run(self, ctx: RunContext):
-        from qreason.records import ModelVariant, content_key
-        from qreason.store import now_iso
-        from qreason.summary import QuantizationSummary, QuantizedVariant
-
+    def run(self, ctx: RunContext) -> QuantizationSummary:
         b = ctx.base
         base = ModelVariant(
             key=content_key("variant", ctx.cfg.model.name, b.fingerprint),

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from qreason.records import content_key
-from qreason.store import cache_dir, staging  # noqa: F401  (staging: the quantize stage builds in it)
+from qreason.store import cache_dir
 from qreason.store import publish as store_publish
 
 PROVENANCE = "qreason-quant.json"
