@@ -55,7 +55,7 @@ def scores_from_rows(rows: Any, n_steps: int) -> list[float]:
     if len(rows) != n_steps:
         raise InvalidScores(
             f"{len(rows)} step scores for {n_steps} steps (is the step separator the model's step tag? a "
-            "server needs STEP pooling with that token: --pooler-config "
+            "server must pool on that token, --pooler-config "
             '\'{"tok_pooling_type": "STEP", "step_tag_id": ID}\')'
         )
     return [_score(row, f"the score of step {i}") for i, row in enumerate(rows)]
