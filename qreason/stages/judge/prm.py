@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -122,8 +123,6 @@ class PRMJudge:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        import os
-
         key = os.environ.get(self.spec.api_key_env)
         return (key,) if key else ()
 
@@ -456,7 +455,7 @@ def run_calibration(
     write_atomic(scores_path, "".join(line + "\n" for line in lines))
     spec_path = out / f"{spec.name.replace('/', '_')}.yaml"
     calibrated = spec.model_copy(update={"threshold": threshold})
-    write_atomic(spec_path, yaml.safe_dump(calibrated.model_dump(exclude_none=True), sort_keys=False))
+    write_atomic(spec_path, yaml.safe_dump(calibrated.model_dump(exclude_defaults=True), sort_keys=False))
     result["spec"] = str(spec_path)
     write_atomic(out / "calibration.json", json.dumps(result, indent=2) + "\n")
     errors = sorted({v.error for v in verdicts if not v.ok and v.error})[:5]
