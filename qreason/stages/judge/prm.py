@@ -276,7 +276,9 @@ class PRMJudge:
             batch, self._pending = self._pending, []
             try:
                 scorer = await asyncio.to_thread(shared_scorer, self.spec.model, self.separator)
-                prompts = [scorer.encode(r.body["messages"]) for r, _ in batch]
+                prompts = await asyncio.to_thread(
+                    lambda: [scorer.encode(r.body["messages"]) for r, _ in batch]
+                )
                 self.requests += len(prompts)
                 scored = await asyncio.to_thread(scorer.score, prompts)
                 results: list[Any] = [
