@@ -64,5 +64,6 @@ JUDGES: Registry[type] = Registry(
     "judge kind",
     {
         "openai": "qreason.stages.judge.client:JudgeClient",
+        "prm": "qreason.stages.judge.prm:PRMJudge",
     },
 )

@@ -33,8 +33,9 @@ def test_a_kind_registered_by_a_decorator_is_found():
 
 def test_the_built_in_kinds():
     assert BACKENDS.kinds() == ["openai", "replay", "vllm"]
-    assert GRADERS.kinds() == ["math-verify"] and JUDGES.kinds() == ["openai"]
+    assert GRADERS.kinds() == ["math-verify"] and JUDGES.kinds() == ["openai", "prm"]
     assert BACKENDS.get("replay", "backend.kind").__name__ == "ReplayBackend"
+    assert JUDGES.get("prm", "judge.kind").__name__ == "PRMJudge"
 
 
 def test_config_refuses_a_kind_the_registry_does_not_have():

@@ -520,10 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_cmd_tasks)
 
     from qreason.cli.judge import register as register_judge
+    from qreason.cli.prm import register as register_prm
     from qreason.cli.quantize import register as register_quantize
 
     register_quantize(sub)
     register_judge(sub)
+    register_prm(sub)
 
     a = sub.add_parser("analyze", help="degradation tables of a run directory (saved under RUN_DIR/analysis)")
     a.add_argument("run_dir")

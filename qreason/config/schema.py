@@ -72,15 +72,27 @@ def _registered(registry: Registry, kind: str) -> str:
     return kind
 
 
+PRM_FIELDS = (
+    "threshold",
+    "step_separator",
+    "prm_engine",
+    "prm_system",
+)  # JudgeSpec fields of kind "prm" only
+
+
 class JudgeSpec(Strict):
-    """One LLM judge: a model behind an OpenAI-compatible endpoint."""
+    """One judge: an LLM behind an OpenAI-compatible endpoint (kind ``openai``), or a process reward model
+    (kind ``prm``: vLLM's pooling endpoint or its offline engine; docs/prm.md)."""
 
     _kind = field_validator("kind")(lambda v: _registered(JUDGES, v))
 
     kind: str = "openai"  # a kind in qreason.registry.JUDGES
     name: str  # label stored in Judgment.judge; unique within a panel
-    base_url: str  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
-    model: str
+    base_url: str | None = (
+        None  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1 (required, except
+    )
+    # for kind prm with prm_engine vllm)
+    model: str  # the served model name; kind prm with prm_engine vllm: a local checkpoint directory
     api_key_env: str = "OPENAI_API_KEY"  # the variable holding the key (unset: "EMPTY", for local servers)
     concurrency: int = Field(default=4, ge=1)
     timeout_s: float = Field(default=120.0, gt=0)
@@ -100,6 +112,14 @@ class JudgeSpec(Strict):
     seed: int | None = None
     schema_limits: bool = True  # put maxLength/minimum/maximum into the reply schema (turn off for endpoints
     # whose strict mode rejects them)
+    # kind prm only (unset: the defaults of qreason.stages.judge.prm)
+    threshold: float | None = Field(default=None, ge=0, le=1)  # the first step scored below it is the faulty
+    # one (default 0.5; ``qreason calibrate-prm`` fits it on labelled data)
+    step_separator: str | None = Field(default=None, min_length=1)  # written after every step: one token
+    # of the PRM's tokenizer, its step tag (default "<extra_0>", Qwen2.5-Math-PRM's)
+    prm_engine: Literal["server", "vllm"] | None = None  # server (default): base_url's /pooling endpoint;
+    # vllm: vLLM's offline engine in this process, model = a local checkpoint
+    prm_system: str | None = None  # the system message the PRM was trained with (default Qwen2.5-Math-PRM's)
 
     @field_validator("name")
     @classmethod
@@ -109,6 +129,18 @@ class JudgeSpec(Strict):
         if name in {RULES_JUDGE, PANEL_JUDGE}:
             raise ValueError(f"{name!r} is reserved")
         return name
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "JudgeSpec":
+        if self.kind != "prm":
+            wrong = [f for f in PRM_FIELDS if getattr(self, f) is not None]
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)}: only for kind prm (this judge is kind {self.kind})")
+        if self.base_url is None and not (self.kind == "prm" and self.prm_engine == "vllm"):
+            raise ValueError("base_url is required (the endpoint's URL, e.g. http://127.0.0.1:8000/v1)")
+        if self.base_url is not None and self.prm_engine == "vllm":
+            raise ValueError("base_url: not used with prm_engine vllm (the model runs in this process)")
+        return self
 
 
 class BatchConfig(Strict):

@@ -3,7 +3,8 @@
 ``replay``:
 generations read from a file), loaded when a config asks for it; ``base`` holds the protocol every backend
 implements, ``openai_http`` the HTTP helpers the OpenAI backend and the LLM judges share, ``vllm_server`` a
-vLLM OpenAI-compatible server process."""
+vLLM OpenAI-compatible server process, ``pooling`` the per-step scores of a process reward model (offline
+engine or a server's ``/pooling`` endpoint)."""
 
 from qreason.engines.base import (
     Backend,
