@@ -31,10 +31,12 @@ def _print_run(summary) -> int:
     """Print one run's results (a ``RunSummary``); returns its exit code (3: a gate tripped, 1: generations
     failed)."""
     from qreason.stages.gates import GATE_EXIT_CODE
-    from qreason.summary import format_table
+    from qreason.summary import format_noise, format_table
 
     gen, quant = summary.generations, summary.quantization
     print(format_table(summary.results))
+    if summary.noise is not None:
+        print("\n" + format_noise(summary.noise))
     print(
         f"\ngenerations: {gen.produced} produced, {gen.cached} cached, {gen.failed} failed; "
         f"checkpoints: {quant.quantized} quantized, {quant.reused} reused; "
@@ -50,6 +52,8 @@ def _print_run(summary) -> int:
         print(f"report: {summary.report}")
     for error in summary.judge.errors if summary.judge else []:
         print(f"qreason: judge stopped: {error}", file=sys.stderr)
+    for line in summary.gates.held:
+        print(f"qreason: gate held: {line}", file=sys.stderr)
     if summary.gates.tripped:
         print(f"qreason: regression gates tripped ({summary.name}):", file=sys.stderr)
         for line in summary.gates.tripped:

@@ -1,6 +1,6 @@
 """``qreason run``: a plan (``plan.py``), then the stages in order over one run context:
 
-    quantize -> generate -> grade -> judge -> analyze -> curate -> recover -> lm_eval -> (finish) -> report
+    quantize -> generate -> grade -> noise -> judge -> analyze -> curate -> recover -> lm_eval -> (finish) -> report
     -> gates
 
 Every stage follows one contract (``qreason.stages.base``): ``enabled(cfg)``, then ``run(ctx)`` returns its
@@ -34,6 +34,7 @@ from qreason.stages.generate import GenerateStage
 from qreason.stages.grade import GradeStage
 from qreason.stages.judge import JudgeStage
 from qreason.stages.lm_eval import LmEvalStage
+from qreason.stages.noise import NoiseStage
 from qreason.stages.quantize import QuantizeStage
 from qreason.stages.recover import RecoverStage
 from qreason.store import RunIndex, RunLock, RunStore, mark_run_dir, now_iso, write_atomic
@@ -70,6 +71,7 @@ def stages(t0: float, env: dict) -> list[Stage]:
         QuantizeStage(),
         GenerateStage(),
         GradeStage(),
+        NoiseStage(),
         JudgeStage(),
         AnalyzeStage(),
         CurateStage(),
