@@ -341,7 +341,7 @@ class RunSummary(Section):
 
 
 def format_noise(noise: NoiseSummary) -> str:
-    """The noise floor as text: base-vs-base flips per perturbation, then each variant's flips against them."""
+    """The noise floor as text: base-vs-base flips per perturbation, then each variant's flips beside them."""
     lines = [f"noise floor ({noise.base} re-run under perturbations; flips = lost + gained of paired cells):"]
     for p in noise.perturbations:
         what = ", ".join(f"{k} {v}" for k, v in p.settings.items()) or "identical settings"

@@ -1,7 +1,7 @@
 """``qreason run``: a plan (``plan.py``), then the stages in order over one run context:
 
-    quantize -> generate -> grade -> noise -> judge -> analyze -> curate -> recover -> lm_eval -> (finish) -> report
-    -> gates
+    quantize -> generate -> grade -> noise -> judge -> analyze -> curate -> recover -> lm_eval -> (finish)
+    -> report -> gates
 
 Every stage follows one contract (``qreason.stages.base``): ``enabled(cfg)``, then ``run(ctx)`` returns its
 typed section of the ``RunSummary`` (or None), which the loop stores under the stage's ``section``. The work

@@ -303,8 +303,8 @@ def stability_note(items: list[SilverBulletItem], provenance: dict) -> str:
         f"Stability: {stable} of {len(items)} items are stable flips (the base right in at least "
         f"{100 * provenance.get('stable_base_min', 0.9):.0f} % of its repetitions, the variant in at most "
         f"{100 * provenance.get('stable_variant_max', 0.1):.0f} % of its own; column `stable`). Curation "
-        f"({provenance.get('stability', 'prefer')}) found {provenance.get('stable_candidates', stable)} stable "
-        f"among {provenance.get('candidates', len(items))} judged flips."
+        f"({provenance.get('stability', 'prefer')}) found {provenance.get('stable_candidates', stable)} "
+        f"stable among {provenance.get('candidates', len(items))} judged flips."
     )
 
 

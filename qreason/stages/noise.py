@@ -1,4 +1,4 @@
-"""The noise floor: is a quantized variant's drop larger than what moves when nothing that should matter moves?
+"""The noise floor: is a quantized variant's drop larger than what moves when nothing that matters moves?
 
 The base model is re-run on the run's problems and seeds under perturbations that should not change its
 answers (another batch size, request order, prefix caching toggled, another tensor-parallel size: the
@@ -67,7 +67,7 @@ def settings(p: Perturbation) -> dict:
 def perturbed_requests(
     requests: list[GenerationRequest], base: str, p: Perturbation
 ) -> list[GenerationRequest]:
-    """The base's requests as variant BASE~NAME, keyed by the perturbation too, in the perturbation's order."""
+    """The base's requests as variant BASE~NAME, keyed by the perturbation too, in its order."""
     variant = noise_variant(base, p.name)
     ident = {"name": p.name, **settings(p)}
     out = [replace(r, key=content_key("noise", r.key, ident), variant=variant) for r in requests]

@@ -34,7 +34,7 @@ class RunStore:
         )
         self.recovery_grades: Table[Grade] = Table(self.recovery_dir / "grades.jsonl", Grade)
         self.recovery_judgments: Table[Judgment] = Table(self.recovery_dir / "judgments.jsonl", Judgment)
-        # the noise floor's perturbed base variants (BASE~NAME), apart from the run's tables for the same reason
+        # the noise floor's perturbed base variants (BASE~NAME), apart from the run's tables likewise
         self.noise_generations: Table[Generation] = Table(self.noise_dir / "generations.jsonl", Generation)
         self.noise_grades: Table[Grade] = Table(self.noise_dir / "grades.jsonl", Grade)
 
