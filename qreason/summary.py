@@ -296,6 +296,7 @@ class NoiseSummary(Section):
     variants: list[VariantVsNoise] = Field(default_factory=list)
     floor: dict[str, float] = Field(default_factory=dict)  # task -> largest |accuracy change| of the base
     repetitions: dict[str, int] = Field(default_factory=dict)  # variant -> repetitions per problem
+    stability: dict[str, float] = Field(default_factory=dict)  # the thresholds of a stable flip
     planned: int = 0
     produced: int = 0
     cached: int = 0

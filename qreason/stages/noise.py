@@ -180,7 +180,7 @@ def noise_summary(
     noisy = _by_cell(noise)
     base_cells = cells.get(base, {})
     tasks = sorted({c[0] for c in base_cells})
-    out = NoiseSummary(base=base, alpha=cfg.alpha)
+    out = NoiseSummary(base=base, alpha=cfg.alpha, stability=cfg.stability.model_dump())
     for p in cfg.perturbations:
         name = noise_variant(base, p.name)
         got = noisy.get(name, {})
@@ -273,6 +273,8 @@ class NoiseStage:
             if _own_engine(cfg, p):
                 ctx.need_engines().close()  # one engine at a time: the run's is started again when needed
                 own = make_backend(_perturbed_backend_cfg(cfg, p), model)
+                if getattr(own, "settings", None):
+                    ctx.engine_settings[noise_variant(base.name, p.name)] = own.settings
                 backend: Backend = own
             else:
                 backend = ChunkedBackend(
