@@ -1,5 +1,6 @@
-"""The noise floor: perturbed base variants kept apart, flips against the noise with an exact test, per-problem
-stability in curation, noise-aware gates, and the environment differences `qreason compare` prints first."""
+"""The noise floor: perturbed base variants kept apart, flips against the noise with an exact test,
+per-problem stability in curation, noise-aware gates, and the environment differences `qreason compare`
+prints first."""
 
 import json
 import os
