@@ -343,3 +343,57 @@ noise:
     html = (run_dir / "report.html").read_text()
     assert 'id="noise"' in html and "base~shuffled" in html
     assert os.path.exists(run_dir / "noise" / "grades.jsonl")
+
+
+# ------------------------------------------------------------------------------------- a real vLLM engine
+
+
+@pytest.mark.vllm
+def test_noise_floor_on_a_real_engine(vllm_backend, default_model, tmp_path):
+    """The shared engine (batch 32, prefix caching off) re-runs the base: with identical settings nothing
+    changes; with batch 4 the re-run is recorded as base~batch4 and nowhere else."""
+    from qreason.pipeline.runner import run
+
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        f"""
+name: noisy
+output_dir: out
+model: {{path: {default_model.path}}}
+quantize: [{{method: rtn-w4a16, overrides: {{group_size: 64}}}}]
+tasks:
+  - name: synthetic
+    limit: 8
+    format_example: true
+    params: {{min_steps: 1, max_steps: 1, ops: [add], max_number: 9}}
+sampling: {{max_tokens: 48, seeds: [0]}}
+backend: {{batch_size: 32, max_model_len: 2048, engine_args: {{enable_prefix_caching: false}}}}
+noise:
+  perturbations: [{{name: same}}, {{name: batch4, batch_size: 4}}]
+""",
+    )
+    first = run(cfg, backend=vllm_backend)
+    same, batch4 = first.noise.perturbations
+    assert (same.variant, same.cells, same.flips, same.text_changed) == ("base~same", 8, 0, 0)
+    assert (batch4.variant, batch4.cells, batch4.settings) == ("base~batch4", 8, {"batch_size": 4})
+    (vs,) = first.noise.variants
+    assert vs.variant == "rtn-w4a16" and vs.cells == 8 and 0 <= vs.p_value <= 1
+    assert vs.noise_cells == 16 and vs.noise_flips == batch4.flips
+    # the perturbed base is in noise/ only: not in the variant tables, judging, curation or variants.jsonl
+    run_dir = tmp_path / "out"
+    assert {r.variant for r in first.results} == {"base", "rtn-w4a16"}
+    for name in ("generations.jsonl", "grades.jsonl", "judgments.jsonl", "variants.jsonl"):
+        path = run_dir / name
+        text = path.read_text() if path.exists() else ""
+        assert "base~" not in text, name
+    items = run_dir / "silver_bullet" / "items.jsonl"
+    assert not items.exists() or "base~" not in items.read_text()
+    noisy = [json.loads(x) for x in (run_dir / "noise" / "generations.jsonl").read_text().splitlines()]
+    assert sorted({g["variant"] for g in noisy}) == ["base~batch4", "base~same"] and len(noisy) == 16
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["engines"]["base"]["enable_prefix_caching"] is False
+    assert env["engines"]["base"]["max_num_seqs"] >= 1 and env["engines"]["base"]["dtype"]
+    assert env["engines"]["rtn-w4a16"]["quantization"] == "compressed-tensors"
+    second = run(cfg)  # no engine given: one would start only if there were work
+    assert (second.generations.produced, second.noise.produced, second.noise.cached) == (0, 0, 16)
+    assert second.noise.perturbations == first.noise.perturbations
