@@ -168,7 +168,11 @@ def _run_locked(
         summary.executor = ctx.engines.kind
         for stage in stages(t0, env):
             run_stage(stage, ctx)  # writes summary.json after each stage
-        failed = summary.generations.failed or (summary.lm_eval is not None and summary.lm_eval.failed)
+        failed = (
+            summary.generations.failed
+            or (summary.noise is not None and summary.noise.failed)
+            or (summary.lm_eval is not None and summary.lm_eval.failed)
+        )
         status = "incomplete" if failed else "gated" if summary.gates.tripped else "ok"
         return summary
     except BaseException as exc:
