@@ -118,6 +118,22 @@ def environment() -> dict:
     }
 
 
+def scrub(obj: Any) -> Any:
+    """``obj`` with every string that looks like a path or URL replaced by ``"(path)"`` / ``"(url)"``: engine
+    arguments may hold expanded ``${VAR}`` values, and no path or endpoint of this machine goes into a run's
+    artifacts."""
+    if isinstance(obj, dict):
+        return {k: scrub(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [scrub(v) for v in obj]
+    if isinstance(obj, str):
+        if "://" in obj:
+            return "(url)"
+        if "/" in obj or "\\" in obj or obj.startswith("~"):
+            return "(path)"
+    return obj
+
+
 def run_settings(cfg) -> dict:
     """The generation settings of a run's config that shape outputs besides the model: the backend (batch
     size, engine arguments, parallelism), sampling, and the noise floor's perturbations."""
@@ -125,7 +141,7 @@ def run_settings(cfg) -> dict:
     out: dict[str, Any] = {"backend": backend, "sampling": cfg.sampling.model_dump()}
     if cfg.noise is not None and cfg.noise.enabled:
         out["noise"] = [p.model_dump(exclude_defaults=True) for p in cfg.noise.perturbations]
-    return out
+    return scrub(out)
 
 
 _NOT_COMPARED = {"python_executable"}  # where the interpreter lives says nothing about results

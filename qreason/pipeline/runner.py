@@ -23,7 +23,7 @@ from qreason.config.schema import RunConfig
 from qreason.engines import Backend
 from qreason.pipeline.executor import make_executor
 from qreason.pipeline.plan import Plan, default_index, make_plan, make_plans
-from qreason.pipeline.provenance import environment, run_settings
+from qreason.pipeline.provenance import environment, run_settings, scrub
 from qreason.records import content_key
 from qreason.report import ReportStage
 from qreason.stages.analyze import AnalyzeStage
@@ -61,7 +61,7 @@ class FinishStage:
         self.env.update(run_settings(ctx.cfg))
         engines = {**getattr(ctx.engines, "engine_settings", {}), **ctx.engine_settings}
         if engines:
-            self.env["engines"] = engines
+            self.env["engines"] = scrub(engines)
         ctx.store.write_json("environment.json", self.env)
         s = ctx.summary
         s.finished_at = now_iso()

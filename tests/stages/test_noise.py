@@ -397,3 +397,15 @@ noise:
     second = run(cfg)  # no engine given: one would start only if there were work
     assert (second.generations.produced, second.noise.produced, second.noise.cached) == (0, 0, 16)
     assert second.noise.perturbations == first.noise.perturbations
+
+
+def test_environment_settings_keep_no_path_or_endpoint():
+    from qreason.pipeline.provenance import run_settings
+
+    cfg = parse_config(
+        BASE_CFG + "backend: {engine_args: {download_dir: /home/me/models, max_num_seqs: 16}}\nnoise: true\n",
+        "c.yaml",
+    )
+    got = run_settings(cfg)
+    assert got["backend"]["engine_args"] == {"download_dir": "(path)", "max_num_seqs": 16}
+    assert got["noise"] == [{"name": "batch16", "batch_size": 16}] and got["sampling"]["seeds"] == [0]
