@@ -297,6 +297,7 @@ class NoiseSummary(Section):
     floor: dict[str, float] = Field(default_factory=dict)  # task -> largest |accuracy change| of the base
     repetitions: dict[str, int] = Field(default_factory=dict)  # variant -> repetitions per problem
     stability: dict[str, float] = Field(default_factory=dict)  # the thresholds of a stable flip
+    skipped: dict[str, str] = Field(default_factory=dict)  # perturbation -> why it did not run here
     planned: int = 0
     produced: int = 0
     cached: int = 0
@@ -350,6 +351,8 @@ def format_noise(noise: NoiseSummary) -> str:
             f"  {p.variant:<22} {p.task:<12} {p.flips:>3} flips of {p.cells} ({p.lost} lost, {p.gained} "
             f"gained; {p.text_changed} texts changed) [{what}]"
         )
+    for name, why in noise.skipped.items():
+        lines.append(f"  {noise.base}~{name}: skipped ({why})")
     for v in noise.variants:
         verdict = "exceeds the noise" if v.exceeds_noise else "not above the noise"
         stable = f"; {v.stable_flips} stable flips" if v.stable_flips is not None else ""

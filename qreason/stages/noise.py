@@ -84,6 +84,15 @@ def _own_engine(cfg: RunConfig, p: Perturbation) -> bool:
     )
 
 
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
 def _perturbed_backend_cfg(cfg: RunConfig, p: Perturbation):
     update: dict = {"batch_size": p.batch_size or cfg.backend.batch_size}
     if cfg.backend.kind == "vllm":
@@ -260,8 +269,17 @@ class NoiseStage:
         requests = ctx.requests_for(base.name, model)
         wanted: set[str] = set()
         planned = produced = failed = 0
+        n_gpus = _gpu_count() if any(p.tensor_parallel_size for p in noise.perturbations) else 0
+        skipped = {
+            p.name: f"tensor_parallel_size {p.tensor_parallel_size} needs as many GPUs; here: {n_gpus}"
+            for p in noise.perturbations
+            if p.tensor_parallel_size and p.tensor_parallel_size > max(1, n_gpus)
+        }
+        for name, why in skipped.items():
+            log.warning("noise perturbation %s skipped: %s", name, why)
         # perturbations the base engine can serve first; those needing an engine of their own after
-        for p in sorted(noise.perturbations, key=lambda p: _own_engine(cfg, p)):
+        runnable = [p for p in noise.perturbations if p.name not in skipped]
+        for p in sorted(runnable, key=lambda p: _own_engine(cfg, p)):
             todo = perturbed_requests(requests, base.name, p)
             planned += len(todo)
             wanted |= {r.key for r in todo}
@@ -301,8 +319,14 @@ class NoiseStage:
             if g.key in ctx.wanted or g.key in wanted
         }
         section = noise_summary(
-            main, noisy, texts, base.name, [v.name for v in ctx.variants if v.name != base.name], noise
+            main,
+            noisy,
+            texts,
+            base.name,
+            [v.name for v in ctx.variants if v.name != base.name],
+            noise.model_copy(update={"perturbations": runnable}),
         )
+        section.skipped = skipped
         section.planned, section.produced, section.failed = planned, produced, failed
         section.cached = planned - produced - failed
         section.seconds = round(time.monotonic() - t0, 2)
