@@ -172,6 +172,9 @@ class SilverBulletItem(Record):
     judge: str
     split: Literal["train", "test"] = "train"
     provenance: dict[str, Any] = Field(default_factory=dict)
+    # the flip's stability over repetitions (base_rate, base_reps, variant_rate, variant_reps, stable); None
+    # where the run has one repetition per problem (one seed, no noise floor)
+    stability: dict[str, Any] | None = None
 
 
 class LmEvalResult(Record):

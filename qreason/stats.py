@@ -18,6 +18,17 @@ def mcnemar_exact(lost: int, gained: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def exceeds_rate(hits: int, n: int, ref_hits: int, ref_n: int) -> float:
+    """One-sided Fisher exact p-value that the rate ``hits / n`` exceeds ``ref_hits / ref_n`` (for a
+    variant's discordant cells against the noise's: cells are treated as independent trials)."""
+    from scipy.stats import fisher_exact
+
+    if n == 0 or ref_n == 0:
+        return 1.0
+    table = [[hits, n - hits], [ref_hits, ref_n - ref_hits]]
+    return float(fisher_exact(table, alternative="greater").pvalue)
+
+
 def bootstrap_diff_ci(
     base: np.ndarray, variant: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:

@@ -135,12 +135,15 @@ class CurateSummary(Section):
     candidates: int = 0
     items: int = 0
     dpo_pairs: int = 0
+    stable_items: int | None = None  # items whose flip is stable over repetitions (None: not known)
+    stable_candidates: int | None = None
     dir: str | None = None
 
 
 class GatesSummary(Section):
     tripped: list[str] = Field(default_factory=list)
     passed: bool = True
+    held: list[str] = Field(default_factory=list)  # over a bare threshold, held back by the noise band
 
 
 class JudgeSummary(Section):
@@ -243,6 +246,65 @@ class LmEvalSummary(Section):
     dir: str = ""
 
 
+class PerturbationNoise(Section):
+    """The base re-run under one perturbation against the base itself, per task (cells: problem x seed)."""
+
+    name: str  # the perturbation
+    variant: str  # BASE~NAME
+    task: str
+    settings: dict[str, Any] = Field(default_factory=dict)  # what the perturbation changed
+    cells: int = 0  # paired (problem, seed) cells
+    lost: int = 0  # base right, perturbed base wrong
+    gained: int = 0  # the reverse
+    text_changed: int = 0  # cells whose generated text differs at all
+    accuracy: float = 0.0  # of the perturbed base
+    base_accuracy: float = 0.0
+
+    @property
+    def flips(self) -> int:
+        return self.lost + self.gained
+
+
+class VariantVsNoise(Section):
+    """A quantized variant's flips beside the noise's, per task: is its discordance with the base larger than
+    the base's with itself under perturbations? One-sided Fisher exact test on discordant / concordant cells
+    (variant cells against all perturbations' cells pooled; per perturbation in ``p_by_perturbation``)."""
+
+    variant: str
+    task: str
+    cells: int = 0
+    lost: int = 0
+    gained: int = 0
+    noise_cells: int = 0
+    noise_flips: int = 0  # discordant cells of all perturbations together
+    discordance: float = 0.0  # (lost + gained) / cells
+    noise_discordance: float = 0.0
+    p_value: float = 1.0
+    p_by_perturbation: dict[str, float] = Field(default_factory=dict)
+    exceeds_noise: bool = False  # p_value < alpha
+    stable_flips: int | None = None  # flips (problems) stable over repetitions; None: not known
+
+
+class NoiseSummary(Section):
+    """The noise floor (``qreason.stages.noise``): base-vs-base flips per perturbation and each quantized
+    variant's flips tested against them. The perturbed base variants live in ``RUN_DIR/noise/`` only: they
+    never appear in ``results``, judging or curation."""
+
+    base: str = ""
+    alpha: float = 0.05
+    perturbations: list[PerturbationNoise] = Field(default_factory=list)
+    variants: list[VariantVsNoise] = Field(default_factory=list)
+    floor: dict[str, float] = Field(default_factory=dict)  # task -> largest |accuracy change| of the base
+    repetitions: dict[str, int] = Field(default_factory=dict)  # variant -> repetitions per problem
+    stability: dict[str, float] = Field(default_factory=dict)  # the thresholds of a stable flip
+    skipped: dict[str, str] = Field(default_factory=dict)  # perturbation -> why it did not run here
+    planned: int = 0
+    produced: int = 0
+    cached: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+
 class RunSummary(Section):
     """``summary.json``: what one run did and found. Each stage fills its own section; readers (the CLI,
     gates, the report's trend, ``compare``) use these fields, never string keys. Summaries of older runs (no
@@ -259,6 +321,7 @@ class RunSummary(Section):
     generations: GenerationSummary | None = None
     grades_written: int = 0
     results: list[ResultRow] = Field(default_factory=list)
+    noise: NoiseSummary | None = None
     judge: JudgeSummary | None = None
     curate: CurateSummary | None = None
     lm_eval: LmEvalSummary | None = None
@@ -277,6 +340,28 @@ class RunSummary(Section):
 
     def dump(self) -> dict:
         return self.model_dump(mode="json", exclude_none=True)
+
+
+def format_noise(noise: NoiseSummary) -> str:
+    """The noise floor as text: base-vs-base flips per perturbation, then each variant's flips beside them."""
+    lines = [f"noise floor ({noise.base} re-run under perturbations; flips = lost + gained of paired cells):"]
+    for p in noise.perturbations:
+        what = ", ".join(f"{k} {v}" for k, v in p.settings.items()) or "identical settings"
+        lines.append(
+            f"  {p.variant:<22} {p.task:<12} {p.flips:>3} flips of {p.cells} ({p.lost} lost, {p.gained} "
+            f"gained; {p.text_changed} texts changed) [{what}]"
+        )
+    for name, why in noise.skipped.items():
+        lines.append(f"  {noise.base}~{name}: skipped ({why})")
+    for v in noise.variants:
+        verdict = "exceeds the noise" if v.exceeds_noise else "not above the noise"
+        stable = f"; {v.stable_flips} stable flips" if v.stable_flips is not None else ""
+        lines.append(
+            f"  {v.variant:<22} {v.task:<12} {v.lost + v.gained:>3} flips of {v.cells} "
+            f"({100 * v.discordance:.1f} % vs noise {100 * v.noise_discordance:.1f} %): p = {v.p_value:.3g}, "
+            f"{verdict}{stable}"
+        )
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------- what differs between runs

@@ -152,3 +152,25 @@ def test_recovery_smoke(tmp_path):
     # examples/s = 4 items x 2 epochs / 2 s; generations/s = 6 / 3 s; the control has no training time
     assert lines[1].split() == ["rtn-w4a16+sb", "4", "3", "2.00", "4.00", "3.00", "6", "2.00"]
     assert lines[2].split() == ["rtn-w4a16+ctl", "4", "3", "-", "-", "3.00", "6", "2.00"]
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not has_vllm(), reason="vLLM is not installed")
+@pytest.mark.skipif(
+    not QUANT_PYTHON.is_file(), reason=f"{QUANT_PYTHON} not found: run scripts/setup-quant-env.sh"
+)
+def test_noise_floor_smoke(tmp_path):
+    out = bench("noise_floor.py", "--smoke", "--out", str(tmp_path / "out"))
+    assert "qreason noise-floor benchmark" in out
+    assert has_line(r"^perturbation +cells +flips +lost +gained +texts changed +accuracy", out)
+    for name in ("same", "batch16", "batch1", "nocache"):
+        assert has_line(rf"^{name} +4 ", out), name
+    assert has_line(r"^rtn-w4a16 +\d+ +\d+ +\d+ ", out)
+    result = json.loads((tmp_path / "out" / "noise_floor.json").read_text(encoding="utf-8"))
+    assert [p["variant"] for p in result["noise"]["perturbations"]] == [
+        "base~same",
+        "base~batch16",
+        "base~batch1",
+        "base~nocache",
+    ]
+    assert result["engines"]["base~nocache"]["enable_prefix_caching"] is False

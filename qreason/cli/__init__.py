@@ -31,10 +31,12 @@ def _print_run(summary) -> int:
     """Print one run's results (a ``RunSummary``); returns its exit code (3: a gate tripped, 1: generations
     failed)."""
     from qreason.stages.gates import GATE_EXIT_CODE
-    from qreason.summary import format_table
+    from qreason.summary import format_noise, format_table
 
     gen, quant = summary.generations, summary.quantization
     print(format_table(summary.results))
+    if summary.noise is not None:
+        print("\n" + format_noise(summary.noise))
     print(
         f"\ngenerations: {gen.produced} produced, {gen.cached} cached, {gen.failed} failed; "
         f"checkpoints: {quant.quantized} quantized, {quant.reused} reused; "
@@ -50,6 +52,8 @@ def _print_run(summary) -> int:
         print(f"report: {summary.report}")
     for error in summary.judge.errors if summary.judge else []:
         print(f"qreason: judge stopped: {error}", file=sys.stderr)
+    for line in summary.gates.held:
+        print(f"qreason: gate held: {line}", file=sys.stderr)
     if summary.gates.tripped:
         print(f"qreason: regression gates tripped ({summary.name}):", file=sys.stderr)
         for line in summary.gates.tripped:
@@ -306,9 +310,10 @@ def _cmd_compare(args) -> int:
     import pandas as pd
 
     from qreason.pipeline.plan import default_index
+    from qreason.pipeline.provenance import environment_diff
     from qreason.stages.analyze import compare_runs
     from qreason.store import RunStore
-    from qreason.summary import RunSummary, changes
+    from qreason.summary import RunSummary, changes, format_noise
 
     def locate(ref: str) -> RunStore:
         if Path(ref).is_dir():
@@ -326,6 +331,13 @@ def _cmd_compare(args) -> int:
     if args.json:
         print(table.to_json(orient="records", indent=1))
         return 0
+    # what else differs comes first: a changed CPU, batch size or kernel explains a change in the numbers
+    env = environment_diff(a.read_json("environment.json") or {}, b.read_json("environment.json") or {})
+    if env:
+        print("the environments differ (A -> B), so the numbers below may move for that reason too:")
+        print("\n".join(f"  {line}" for line in env))
+    else:
+        print("the environments match (hardware, CPU flags, versions, engine and batch settings)")
     if table.empty:
         print("the two runs share no (variant, task, problem, seed)")
     else:
@@ -335,9 +347,16 @@ def _cmd_compare(args) -> int:
         with pd.option_context("display.width", 160, "display.max_columns", 20):
             print(f"B = {b.dir} against A = {a.dir} (accuracies in %; lost = right in A, wrong in B)")
             print(show.rename(columns={"acc_ref": "acc_A", "acc": "acc_B"}).to_string(index=False))
-    changed = changes(
-        RunSummary.read(a.read_json("summary.json") or {}), RunSummary.read(b.read_json("summary.json") or {})
+    sa, sb = (
+        RunSummary.read(a.read_json("summary.json") or {}),
+        RunSummary.read(b.read_json("summary.json") or {}),
     )
+    for label, s in (("A", sa), ("B", sb)):
+        if s.noise is not None:
+            print(f"\n{label}: " + format_noise(s.noise))
+    if sa.noise is None and sb.noise is None:
+        print("\nneither run measured its noise floor (noise:): a change may be noise, not the model")
+    changed = changes(sa, sb)
     print("changed from A to B: " + ("; ".join(changed) if changed else "no library version or hardware"))
     return 0
 

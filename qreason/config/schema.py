@@ -281,6 +281,11 @@ class CurateConfig(Strict):
     attempts: int = Field(default=4, ge=1)  # full-precision continuations tried per DPO pair
     temperature: float = Field(default=0.7, ge=0.0)  # for attempts after the first (which is greedy)
     max_tokens: int | None = Field(default=None, gt=0)  # default: sampling.max_tokens
+    # where per-problem stability is known (several seeds, or noise perturbations): "prefer" keeps only
+    # stable flips when there are at least min_stable_items of them (else stable ones first), "only" keeps
+    # only stable flips, "off" ignores stability
+    stability: Literal["prefer", "only", "off"] = "prefer"
+    min_stable_items: int = Field(default=10, ge=1)
 
 
 class RecoverConfig(Strict):
@@ -322,6 +327,73 @@ class VariantConfig(QuantizeSpec):
     name: str | None = None  # label in every record (default: the method name)
 
 
+NOISE_SEP = "~"  # BASE~PERTURBATION: a perturbed base variant of the noise floor; no configured name has it
+
+
+def noise_variant(base: str, perturbation: str) -> str:
+    """The variant name of the base model re-run under one perturbation (``base~batch16``)."""
+    return f"{base}{NOISE_SEP}{perturbation}"
+
+
+def is_noise_variant(name: str) -> bool:
+    return NOISE_SEP in name
+
+
+class Perturbation(Strict):
+    """One re-run of the base model under settings that should not change its answers. Unset fields keep the
+    run's own settings; a perturbation that sets none measures how reproducible the engine is by itself."""
+
+    name: str  # the variant is BASE~NAME
+    batch_size: int | None = Field(default=None, ge=1)  # prompts per engine call (vLLM batches them together)
+    order: Literal["same", "reverse", "shuffle"] = "same"  # request order (shuffle: seeded by the name)
+    engine_args: dict[str, Any] = Field(default_factory=dict)  # e.g. {enable_prefix_caching: false,
+    # max_num_seqs: 16}: a second engine is started for it
+    tensor_parallel_size: int | None = Field(default=None, ge=1)  # on GPU machines with the GPUs for it
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ValueError("must be a slug (letters, digits, '.', '_', '-')")
+        return name
+
+    def changes_engine(self) -> bool:
+        """Whether this perturbation needs an engine of its own (not the run's base engine)."""
+        return bool(self.engine_args) or self.tensor_parallel_size is not None
+
+
+class StabilityConfig(Strict):
+    """Per-problem stability over repetitions (seeds x the base's perturbations): a flip is stable when the
+    base is right in at least ``base_min`` of its repetitions and the variant right in at most
+    ``variant_max`` of its own. Known only where the base has two repetitions or more."""
+
+    base_min: float = Field(default=0.9, ge=0, le=1)
+    variant_max: float = Field(default=0.1, ge=0, le=1)
+
+
+class NoiseConfig(Strict):
+    """The noise floor (qreason/stages/noise.py): the base model re-run on the same problems and seeds under
+    perturbations that should not change its answers, stored apart from the run's tables as variants
+    BASE~NAME. Its flips are what a quantized variant's flips are tested against."""
+
+    enabled: bool = True
+    perturbations: list[Perturbation] = Field(
+        default_factory=lambda: [Perturbation(name="batch16", batch_size=16)], min_length=1
+    )
+    alpha: float = Field(default=0.05, gt=0, lt=1)  # significance of "the variant's discordance exceeds
+    # the noise's" (one-sided Fisher exact test)
+    stability: StabilityConfig = Field(default_factory=StabilityConfig)
+
+    @field_validator("perturbations")
+    @classmethod
+    def _unique(cls, items: list[Perturbation]) -> list[Perturbation]:
+        names = [p.name for p in items]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"perturbation names must be unique (repeated: {', '.join(dup)})")
+        return items
+
+
 class ReportConfig(Strict):
     enabled: bool = True
     max_failures: int = Field(default=200, ge=0)  # failures shown step by step in the report
@@ -347,6 +419,12 @@ class GatesConfig(Strict):
     min_recovery_after: float | None = Field(default=None, ge=0)
     # recover stage: an adapter that lowers accuracy on the problems it never trained on trips the gate
     recover_no_worse: bool = False
+    # noise: max_drop trips only where the drop also exceeds the noise floor (the largest accuracy change of
+    # the base under a perturbation) and the variant's discordance exceeds the noise's (noise.alpha)
+    drop_over_noise: bool = False
+    # trend: max_drop_vs_previous trips only beyond the base's spread (max - min accuracy) over the last N
+    # finished runs of this config and this one (None: a bare threshold)
+    trend_band_runs: int | None = Field(default=None, ge=2)
 
 
 class LmEvalConfig(Strict):
@@ -450,6 +528,7 @@ class RunConfig(Strict):
     report: ReportConfig = Field(default_factory=ReportConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
+    noise: NoiseConfig | None = None
 
     @model_validator(mode="after")
     def _variant_names(self) -> "RunConfig":
@@ -463,6 +542,12 @@ class RunConfig(Strict):
         names = [self.model.name] + [
             v.name or (v.path if v.method == "import" else v.method) for v in self.quantize
         ]
+        reserved = sorted(n for n in names if is_noise_variant(n))
+        if reserved:
+            raise ValueError(
+                f"variant names may not contain {NOISE_SEP!r} (reserved for the noise floor's perturbed base "
+                f"variants): {', '.join(reserved)}"
+            )
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"variant names must be unique (repeated: {', '.join(dup)}); set name: on each")
@@ -480,6 +565,25 @@ class RunConfig(Strict):
             raise ValueError(
                 "lm_eval needs backend.kind vllm (qreason serves each variant to lm-eval itself)"
             )
+        if self.gates.drop_over_noise and not (self.noise is not None and self.noise.enabled):
+            raise ValueError("gates.drop_over_noise needs the noise floor: add a noise: section")
+        if self.noise is not None and self.noise.enabled:
+            if self.backend.kind == "replay":
+                raise ValueError("noise needs a backend that generates (vllm or openai), not replay")
+            if self.backend.kind != "vllm" and any(p.changes_engine() for p in self.noise.perturbations):
+                raise ValueError(
+                    "noise perturbations with engine_args or tensor_parallel_size need backend vllm"
+                )
+            if self.executor.kind == "ray" and any(
+                (p.batch_size or 0) > self.backend.batch_size for p in self.noise.perturbations
+            ):
+                raise ValueError(
+                    "with executor ray a perturbation's batch_size may not exceed backend.batch_size"
+                )
+            if self.executor.kind == "ray" and any(p.changes_engine() for p in self.noise.perturbations):
+                raise ValueError(
+                    "noise perturbations with engine_args or tensor_parallel_size need executor local"
+                )
         if self.judge.base_variant != self.model.name:
             self.judge = self.judge.model_copy(update={"base_variant": self.model.name})
         return self
@@ -493,6 +597,11 @@ class RunConfig(Strict):
     @classmethod
     def _lm_eval_shorthand(cls, value: Any) -> Any:
         return {"tasks": value} if isinstance(value, list) else value
+
+    @field_validator("noise", mode="before")
+    @classmethod
+    def _noise_shorthand(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
 
     @field_validator("executor", mode="before")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import importlib.metadata as md
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -58,6 +59,66 @@ def engine_kwargs(cfg: VLLMConfig, model_path: str, on_cpu: bool) -> dict:
     return kwargs
 
 
+class _Reported(logging.Handler):
+    """Collects what vLLM logs about its choices ("Using CPU_ATTN backend.", "Using ... for
+    CompressedTensorsWNA16") while an engine starts. vLLM says each once per process, so they are kept for
+    the process."""
+
+    seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage().strip()
+        except Exception:
+            return
+        if msg.startswith("Using ") and len(msg) < 200 and msg not in self.seen:
+            self.seen.append(msg)
+
+
+def _start_engine(kwargs: dict):
+    """``vllm.LLM(**kwargs)`` with vLLM's INFO lines about its choices collected (its own handler still
+    prints only what VLLM_LOGGING_LEVEL lets through)."""
+    from vllm import LLM
+
+    logger = logging.getLogger("vllm")
+    handler, level = _Reported(logging.INFO), logger.level
+    logger.addHandler(handler)
+    if logger.level > logging.INFO or logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    try:
+        return LLM(**kwargs)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def engine_report(llm, kwargs: dict) -> dict:
+    """The settings vLLM resolved for an engine (batching, prefix caching, dtype, parallelism) and the kernel
+    and backend choices it reported: what can make two runs' greedy outputs differ."""
+    vc = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
+
+    def get(section: str, name: str):
+        value = getattr(getattr(vc, section, None), name, None)
+        return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+    out = {
+        "dtype": get("model_config", "dtype"),
+        "quantization": get("model_config", "quantization"),
+        "enforce_eager": get("model_config", "enforce_eager"),
+        "max_model_len": get("model_config", "max_model_len"),
+        "max_num_seqs": get("scheduler_config", "max_num_seqs"),
+        "max_num_batched_tokens": get("scheduler_config", "max_num_batched_tokens"),
+        "enable_chunked_prefill": get("scheduler_config", "enable_chunked_prefill"),
+        "enable_prefix_caching": get("cache_config", "enable_prefix_caching"),
+        "kv_cache_dtype": get("cache_config", "cache_dtype"),
+        "tensor_parallel_size": get("parallel_config", "tensor_parallel_size"),
+        "data_parallel_size": get("parallel_config", "data_parallel_size"),
+        "engine_args": {k: v for k, v in kwargs.items() if k not in ("model", "tokenizer")},
+        "reported": list(_Reported.seen),
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def prepare_cpu_environment() -> None:
     """Engine-in-process on CPU: one process instead of three (start-up ~20 s instead of ~50 s on 2 cores)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -98,8 +159,6 @@ class VLLMBackend:
             )
         if on_cpu:
             prepare_cpu_environment()
-        from vllm import LLM
-
         self.cfg = cfg
         self.name = f"{build}=={md.version(build)}"
         self.versions = {
@@ -124,7 +183,8 @@ class VLLMBackend:
                 **self.kwargs,
             }
             self.lora_request = LoRARequest(Path(model.adapter).name, 1, model.adapter)
-        self.llm = LLM(**self.kwargs)
+        self.llm = _start_engine(self.kwargs)
+        self.settings = {"batch_size": cfg.batch_size, **engine_report(self.llm, self.kwargs)}
 
     def generate(
         self, requests: list[GenerationRequest], sampling: SamplingConfig

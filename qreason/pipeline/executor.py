@@ -50,6 +50,7 @@ class LocalExecutor:
         self.lent, self.lent_fingerprint = lent, lent_fingerprint
         self.current: Backend | None = None
         self.fingerprint: str | None = None
+        self.engine_settings: dict[str, dict] = {}  # model -> what its engine resolved (environment.json)
 
     def quantize(self, jobs: list[tuple]) -> list[ModelVariant]:
         from qreason.stages.quantize import quantize
@@ -58,12 +59,16 @@ class LocalExecutor:
 
     def backend_for(self, model: ResolvedModel) -> Backend:
         if self.lent is not None and model.fingerprint == self.lent_fingerprint:
-            return self.lent
-        if self.current is None or self.fingerprint != model.fingerprint:
-            self.close()
-            log.info("starting the generation engine for %s", model.path)
-            self.current, self.fingerprint = make_backend(self.cfg.backend, model), model.fingerprint
-        return self.current
+            backend = self.lent
+        else:
+            if self.current is None or self.fingerprint != model.fingerprint:
+                self.close()
+                log.info("starting the generation engine for %s", model.path)
+                self.current, self.fingerprint = make_backend(self.cfg.backend, model), model.fingerprint
+            backend = self.current
+        if getattr(backend, "settings", None):
+            self.engine_settings[model.spec] = backend.settings
+        return backend
 
     def generate(
         self,

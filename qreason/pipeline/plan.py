@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qreason.config.schema import LoadedConfig, VariantConfig, load_config
+from qreason.config.schema import LoadedConfig, VariantConfig, load_config, noise_variant
 from qreason.engines import GenerationRequest, make_request, resolve_base
 from qreason.errors import UserError
 from qreason.inputs.models import ResolvedModel, resolve_model
@@ -223,6 +223,10 @@ def describe_plan(plan: Plan) -> str:
             continue
         cached = sum(r.key in have for r in plan.requests_for(name, model)) if have is not None else 0
         lines.append(f"  generate  {name:<22} {n - cached} to do, {cached} cached")
+    if cfg.noise is not None and cfg.noise.enabled:
+        n = len(plan.prompts) * len(cfg.sampling.seeds)
+        names = ", ".join(noise_variant(cfg.model.name, p.name) for p in cfg.noise.perturbations)
+        lines.append(f"  noise     {n} generations for each of {names} (kept in noise/; cached ones skipped)")
     if cfg.lm_eval.tasks:
         lines.append(
             f"  lm-eval   {', '.join(cfg.lm_eval.tasks)} for each of {len(models)} variants "

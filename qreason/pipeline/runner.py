@@ -1,7 +1,7 @@
 """``qreason run``: a plan (``plan.py``), then the stages in order over one run context:
 
-    quantize -> generate -> grade -> judge -> analyze -> curate -> recover -> lm_eval -> (finish) -> report
-    -> gates
+    quantize -> generate -> grade -> noise -> judge -> analyze -> curate -> recover -> lm_eval -> (finish)
+    -> report -> gates
 
 Every stage follows one contract (``qreason.stages.base``): ``enabled(cfg)``, then ``run(ctx)`` returns its
 typed section of the ``RunSummary`` (or None), which the loop stores under the stage's ``section``. The work
@@ -23,7 +23,7 @@ from qreason.config.schema import RunConfig
 from qreason.engines import Backend
 from qreason.pipeline.executor import make_executor
 from qreason.pipeline.plan import Plan, default_index, make_plan, make_plans
-from qreason.pipeline.provenance import environment
+from qreason.pipeline.provenance import environment, run_settings, scrub
 from qreason.records import content_key
 from qreason.report import ReportStage
 from qreason.stages.analyze import AnalyzeStage
@@ -34,6 +34,7 @@ from qreason.stages.generate import GenerateStage
 from qreason.stages.grade import GradeStage
 from qreason.stages.judge import JudgeStage
 from qreason.stages.lm_eval import LmEvalStage
+from qreason.stages.noise import NoiseStage
 from qreason.stages.quantize import QuantizeStage
 from qreason.stages.recover import RecoverStage
 from qreason.store import RunIndex, RunLock, RunStore, mark_run_dir, now_iso, write_atomic
@@ -57,6 +58,11 @@ class FinishStage:
     def run(self, ctx: RunContext) -> None:
         if ctx.engines is not None:
             ctx.engines.close()
+        self.env.update(run_settings(ctx.cfg))
+        engines = {**getattr(ctx.engines, "engine_settings", {}), **ctx.engine_settings}
+        if engines:
+            self.env["engines"] = scrub(engines)
+        ctx.store.write_json("environment.json", self.env)
         s = ctx.summary
         s.finished_at = now_iso()
         s.wall_seconds = round(time.monotonic() - self.t0, 2)
@@ -70,6 +76,7 @@ def stages(t0: float, env: dict) -> list[Stage]:
         QuantizeStage(),
         GenerateStage(),
         GradeStage(),
+        NoiseStage(),
         JudgeStage(),
         AnalyzeStage(),
         CurateStage(),
@@ -161,7 +168,11 @@ def _run_locked(
         summary.executor = ctx.engines.kind
         for stage in stages(t0, env):
             run_stage(stage, ctx)  # writes summary.json after each stage
-        failed = summary.generations.failed or (summary.lm_eval is not None and summary.lm_eval.failed)
+        failed = (
+            summary.generations.failed
+            or (summary.noise is not None and summary.noise.failed)
+            or (summary.lm_eval is not None and summary.lm_eval.failed)
+        )
         status = "incomplete" if failed else "gated" if summary.gates.tripped else "ok"
         return summary
     except BaseException as exc:

@@ -155,6 +155,36 @@ def lm_eval_figure(rows: list[dict]) -> str | None:
     )
 
 
+def noise_context(store: RunStore, summary: RunSummary, base: str, limit: int = 200) -> dict:
+    """The noise-floor section (``noise.html.j2``): the summary's noise section and the flipped problems with
+    their stability, stable flips first."""
+    from qreason.config.schema import StabilityConfig
+    from qreason.stages.noise import store_stability
+
+    if summary.noise is None:
+        return {"noise": None, "noise_flips": [], "noise_stability": {}}
+    stab_cfg = StabilityConfig(**summary.noise.stability)
+    stability = store_stability(store, base, stab_cfg)
+    grades = latest_grades(store.grades.all()).values()
+    solved = solved_cells(grades, base)
+    flipped = {
+        (g.variant, g.task, g.problem_id)
+        for g in grades
+        if g.variant != base and g.status != "correct" and (g.task, g.problem_id, g.seed) in solved
+    }
+    rows = [
+        {"variant": v, "task": t, "problem_id": pid, **stability[(v, t, pid)].as_dict()}
+        for v, t, pid in sorted(flipped)
+        if (v, t, pid) in stability
+    ]
+    rows.sort(key=lambda r: (not r["stable"], r["variant"], r["task"], r["problem_id"]))
+    return {
+        "noise": summary.noise.model_dump(mode="json"),
+        "noise_flips": rows[:limit],
+        "noise_stability": stab_cfg.model_dump(),
+    }
+
+
 def build_report(
     store: RunStore,
     out_path: Path | None = None,
@@ -240,6 +270,7 @@ def build_report(
         "lm_eval": lm_rows,
         "lm_eval_section": summary.lm_eval.model_dump() if summary.lm_eval else {},
         "recovery": recovery.model_dump(mode="json") if recovery else None,
+        **noise_context(store, summary, base),
         "generated_at": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     env_j = jinja2.Environment(

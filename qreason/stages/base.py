@@ -80,6 +80,7 @@ class RunContext:
     variants: list[ModelVariant] = field(default_factory=list)
     wanted: set[str] = field(default_factory=set)
     analysis: Any = None  # the analyze stage's Analysis (qreason.stages.analyze.analysis_for)
+    engine_settings: dict[str, dict] = field(default_factory=dict)  # engines a stage started itself
     _grader: Grader | None = None
 
     @classmethod

@@ -25,7 +25,7 @@ from typing import Callable
 
 import pandas as pd
 
-from qreason.config.schema import CurateConfig, RunConfig, SamplingConfig
+from qreason.config.schema import CurateConfig, RunConfig, SamplingConfig, StabilityConfig
 from qreason.engines import Backend, GenerationRequest
 from qreason.errors import UserError
 from qreason.flips import is_flip, latest_grades, solved_cells
@@ -35,6 +35,7 @@ from qreason.stages.analyze import analysis_for, verdicts
 from qreason.stages.base import RunContext
 from qreason.stages.generate import run_generation
 from qreason.stages.grade import Grader, grade_key, run_grading
+from qreason.stages.noise import store_stability
 from qreason.store import OWNER_MARKER, RunStore, mark_owned, owned_as, publish, staging
 from qreason.summary import CurateSummary
 
@@ -143,8 +144,14 @@ def balance(items: list[SilverBulletItem], max_items: int, seed: int) -> list[Si
     groups: dict[tuple, list[SilverBulletItem]] = defaultdict(list)
     for it in items:
         groups[(it.error_type or "", it.capability or "")].append(it)
-    for g in groups.values():
-        g.sort(key=lambda it: (it.chosen is None, _order(seed, it.task, it.problem_id, it.variant, it.seed)))
+    for g in groups.values():  # stable flips first (where known), then those with a DPO pair
+        g.sort(
+            key=lambda it: (
+                not (it.stability or {}).get("stable", False),
+                it.chosen is None,
+                _order(seed, it.task, it.problem_id, it.variant, it.seed),
+            )
+        )
     picked, used = [], set()
     queues = [groups[k] for k in sorted(groups)]
     while len(picked) < max_items and any(queues):
@@ -163,6 +170,20 @@ def assign_split(item: SilverBulletItem, seed: int, test_fraction: float) -> str
     return "test" if bucket < test_fraction else "train"
 
 
+def prefer_stable(items: list[SilverBulletItem], cfg: CurateConfig) -> list[SilverBulletItem]:
+    """The items curation balances: where stability is known, ``only`` keeps the stable flips; ``prefer``
+    keeps only them when there are at least ``min_stable_items``, else all items with the stable ones first
+    (``balance`` keeps this order within a group); ``off`` keeps all."""
+    known = [it for it in items if it.stability is not None and it.stability.get("stable") is not None]
+    if cfg.stability == "off" or not known:
+        return items
+    stable = [it for it in items if it.stability and it.stability.get("stable")]
+    if cfg.stability == "only" or len(stable) >= min(cfg.min_stable_items, cfg.max_items):
+        return stable
+    ids = {id(it) for it in stable}
+    return stable + [it for it in items if id(it) not in ids]
+
+
 def build_items(
     store: RunStore,
     candidates: list[FlipCandidate],
@@ -171,7 +192,9 @@ def build_items(
     cfg: CurateConfig,
     methods: dict[str, str],
     run_id: str | None,
+    stability_cfg: StabilityConfig | None = None,
 ) -> list[SilverBulletItem]:
+    stability = store_stability(store, base, stability_cfg or StabilityConfig())
     grades = {(g.variant, g.task, g.problem_id, g.seed): g.status for g in store.grades.all()}
     base_solutions: dict[tuple, list[Generation]] = defaultdict(list)
     for g in store.generations.all():
@@ -186,6 +209,7 @@ def build_items(
         if not sols:
             continue
         cont = chosen.get(c.failed.key)
+        stab = stability.get((c.failed.variant, c.failed.task, c.failed.problem_id))
         item = SilverBulletItem(
             key=content_key("silver-bullet", c.failed.key, c.verdict.key, cont),
             task=c.failed.task,
@@ -211,9 +235,10 @@ def build_items(
                 "quantized_model": c.failed.model_fingerprint,
                 "full_precision_model": sols[0].model_fingerprint,
             },
+            stability=stab.as_dict() if stab is not None and stab.stable is not None else None,
         )
         items.append(item)
-    picked = balance(items, cfg.max_items, cfg.seed)
+    picked = balance(prefer_stable(items, cfg), cfg.max_items, cfg.seed)
     return [it.model_copy(update={"split": assign_split(it, cfg.seed, cfg.test_fraction)}) for it in picked]
 
 
@@ -254,6 +279,7 @@ def _meta(it: SilverBulletItem) -> dict:
         "capability": it.capability,
         "first_error_step": it.first_error_step,
         "judge": it.judge,
+        "stable": (it.stability or {}).get("stable"),
     }
 
 
@@ -262,6 +288,24 @@ def _table(counter: Counter, head: str) -> str:
         f"| {k or '(none)'} | {v} |" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0])))
     )
     return f"| {head} | items |\n| --- | --- |\n{rows or '| (none) | 0 |'}"
+
+
+def stability_note(items: list[SilverBulletItem], provenance: dict) -> str:
+    """The dataset card's sentence on stability: how many items are flips stable over repetitions."""
+    known = [it for it in items if it.stability is not None]
+    if not known:
+        return (
+            "Stability: unknown (one repetition per problem: one seed and no noise floor), so some items may "
+            "be flips that noise (batch composition, kernels, hardware) caused rather than quantization."
+        )
+    stable = sum(bool(it.stability.get("stable")) for it in known)
+    return (
+        f"Stability: {stable} of {len(items)} items are stable flips (the base right in at least "
+        f"{100 * provenance.get('stable_base_min', 0.9):.0f} % of its repetitions, the variant in at most "
+        f"{100 * provenance.get('stable_variant_max', 0.1):.0f} % of its own; column `stable`). Curation "
+        f"({provenance.get('stability', 'prefer')}) found {provenance.get('stable_candidates', stable)} "
+        f"stable among {provenance.get('candidates', len(items))} judged flips."
+    )
 
 
 def dataset_card(items: list[SilverBulletItem], provenance: dict) -> str:
@@ -285,6 +329,8 @@ and a quantized variant did not, with the first faulty step located by a judge.
 - **DPO** (`dpo/`, conversational `prompt` / `chosen` / `rejected`): both answers start with the quantized
   model's own steps before its first faulty step (`prefix`); "rejected" continues with its faulty steps,
   "chosen" with a full-precision continuation that the grader verified correct. {len(dpo)} pairs.
+
+{stability_note(items, provenance)}
 
 Load with `datasets.load_dataset("json", data_files=...)` or point TRL's SFTTrainer / DPOTrainer at the files.
 
@@ -355,6 +401,8 @@ class CurateResult:
     items: int
     dpo_pairs: int
     out_dir: Path | None
+    stable_items: int | None = None
+    stable_candidates: int | None = None
 
 
 def curate(
@@ -367,6 +415,7 @@ def curate(
     grader: Grader,
     run_id: str | None = None,
     out_dir: Path | None = None,
+    stability: StabilityConfig | None = None,
 ) -> CurateResult:
     check_out_dir(out_dir or store.dataset_dir)
     candidates = find_candidates(store, base)
@@ -375,7 +424,15 @@ def curate(
         return CurateResult(0, 0, 0, None)
     chosen = find_chosen(store, candidates, cfg, sampling, base_fingerprint, backend_factory, grader)
     methods = {v.name: v.method for v in store.variants.all()}
-    items = build_items(store, candidates, chosen, base, cfg, methods, run_id)
+    items = build_items(store, candidates, chosen, base, cfg, methods, run_id, stability)
+    stab = stability or StabilityConfig()
+    known = store_stability(store, base, stab)
+    stable_candidates = sum(
+        bool(s.stable)
+        for s in (known.get((c.failed.variant, c.failed.task, c.failed.problem_id)) for c in candidates)
+        if s is not None
+    )
+    any_known = any(s.stable is not None for s in known.values())
     provenance = {
         "run_id": run_id,
         "run_dir": str(store.dir),
@@ -387,9 +444,21 @@ def curate(
         "seed": cfg.seed,
         "max_items": cfg.max_items,
         "candidates": len(candidates),
+        "stability": cfg.stability,
+        "stable_base_min": stab.base_min,
+        "stable_variant_max": stab.variant_max,
+        "stable_candidates": stable_candidates if any_known else None,
+        "stable_items": sum(bool((it.stability or {}).get("stable")) for it in items) if any_known else None,
     }
     path = export(items, out_dir or store.dataset_dir, provenance)
-    return CurateResult(len(candidates), len(items), sum(it.chosen is not None for it in items), path)
+    return CurateResult(
+        len(candidates),
+        len(items),
+        sum(it.chosen is not None for it in items),
+        path,
+        provenance["stable_items"],
+        provenance["stable_candidates"],
+    )
 
 
 class CurateStage:
@@ -421,10 +490,13 @@ class CurateStage:
             ctx.grader,
             ctx.summary.run_id,
             out_dir=self.out_dir,
+            stability=ctx.cfg.noise.stability if ctx.cfg.noise else None,
         )
         return CurateSummary(
             candidates=result.candidates,
             items=result.items,
             dpo_pairs=result.dpo_pairs,
+            stable_items=result.stable_items,
+            stable_candidates=result.stable_candidates,
             dir=str(result.out_dir) if result.out_dir else None,
         )

@@ -26,6 +26,47 @@ def previous_summary(index: RunIndex, name: str, run_id: str | None) -> RunSumma
     return RunSummary.read(earlier[-1]["summary"]) if earlier else None
 
 
+def history(index: RunIndex, name: str, run_id: str | None, n: int) -> list[RunSummary]:
+    """The summaries of the last ``n`` finished runs of this config before ``run_id``, oldest first."""
+    earlier = [
+        r
+        for r in index.list(name)
+        if r["run_id"] != run_id
+        and r["status"] in ("ok", "gated")
+        and r["summary"]
+        and r["summary"].get("results")
+    ]
+    return [RunSummary.read(r["summary"]) for r in earlier[-n:]]
+
+
+def base_band(runs: list[RunSummary], base: str) -> dict[str, tuple[float, int]]:
+    """Task -> (the base's spread: max - min accuracy over ``runs``, how many runs had it); tasks seen in
+    fewer than two runs have no band."""
+    accs: dict[str, list[float]] = {}
+    for s in runs:
+        for r in s.results:
+            if r.variant == base:
+                accs.setdefault(r.task, []).append(r.accuracy_mean)
+    return {t: (max(a) - min(a), len(a)) for t, a in accs.items() if len(a) >= 2}
+
+
+def _noise_holds(summary: RunSummary, variant: str, task: str, drop: float) -> str | None:
+    """Why a drop over ``max_drop`` is within the noise (None: it is not)."""
+    noise = summary.noise
+    if noise is None:
+        return None
+    floor = noise.floor.get(task)
+    if floor is not None and drop <= floor + 1e-12:
+        return f"within the noise floor ({100 * floor:.1f} points: the base's largest change when perturbed)"
+    vs = next((v for v in noise.variants if v.variant == variant and v.task == task), None)
+    if vs is not None and not vs.exceeds_noise:
+        return (
+            f"its discordance with {noise.base} ({vs.lost + vs.gained} of {vs.cells}) does not exceed the "
+            f"noise's ({vs.noise_flips} of {vs.noise_cells}; p = {vs.p_value:.3g}, alpha {noise.alpha:g})"
+        )
+    return None
+
+
 def judge_error_rate(judgments: list[Judgment]) -> tuple[float, int]:
     """Share of LLM-judge records that are judge errors (rules and panel records excluded), and their
     count."""
@@ -49,10 +90,20 @@ def format_failure_gate(limit: float, summary: RunSummary) -> list[str]:
 
 
 def check_gates(
-    gates: GatesConfig, summary: RunSummary, base: str, previous: RunSummary | None, judgments: list[Judgment]
+    gates: GatesConfig,
+    summary: RunSummary,
+    base: str,
+    previous: RunSummary | None,
+    judgments: list[Judgment],
+    held: list[str] | None = None,
+    band_runs: list[RunSummary] | None = None,
 ) -> list[str]:
-    """One readable line per tripped gate (empty: all passed)."""
+    """One readable line per tripped gate (empty: all passed). A drop over a bare threshold that the noise
+    floor (``drop_over_noise``) or the base's spread over earlier runs (``trend_band_runs``: ``band_runs``,
+    this run's summary added) explains is not tripped: it goes to ``held`` with the reason."""
     tripped = []
+    held = held if held is not None else []
+    band = base_band([*(band_runs or []), summary], base) if gates.trend_band_runs else {}
     rows = {(r.variant, r.task): r.accuracy_mean for r in summary.results}
     for (variant, task), acc in sorted(rows.items()):
         cell = f"{variant}/{task}"
@@ -67,19 +118,32 @@ def check_gates(
             and base_acc is not None
             and base_acc - acc > gates.max_drop + 1e-12
         ):
-            tripped.append(
+            line = (
                 f"{cell}: accuracy {100 * acc:.1f}% is {100 * (base_acc - acc):.1f} points below "
                 f"{base} ({100 * base_acc:.1f}%); the limit is {100 * gates.max_drop:.1f}"
             )
+            why = _noise_holds(summary, variant, task, base_acc - acc) if gates.drop_over_noise else None
+            if why is None:
+                tripped.append(line)
+            else:
+                held.append(f"{line}, but {why}: not tripped (gates.drop_over_noise)")
     if gates.max_drop_vs_previous is not None and previous is not None:
         before = {(r.variant, r.task): r.accuracy_mean for r in previous.results}
         for cell, acc in sorted(rows.items()):
             if cell in before and before[cell] - acc > gates.max_drop_vs_previous + 1e-12:
-                tripped.append(
+                line = (
                     f"{cell[0]}/{cell[1]}: accuracy {100 * acc:.1f}% is {100 * (before[cell] - acc):.1f} "
                     f"points below the previous run {previous.run_id} ({100 * before[cell]:.1f}%); "
                     f"the limit is {100 * gates.max_drop_vs_previous:.1f}"
                 )
+                spread, n = band.get(cell[1], (0.0, 0))
+                if before[cell] - acc > spread + 1e-12:
+                    tripped.append(line + (f" and the base's band {100 * spread:.1f}" if n else ""))
+                else:
+                    held.append(
+                        f"{line}, but within the band of the base's spread over the last {n} runs "
+                        f"({100 * spread:.1f} points): not tripped (gates.trend_band_runs)"
+                    )
     if gates.max_format_failure_rate is not None:
         tripped += format_failure_gate(gates.max_format_failure_rate, summary)
     if gates.max_lm_eval_drop is not None:
@@ -141,7 +205,14 @@ class GatesStage:
         return True
 
     def run(self, ctx: RunContext) -> GatesSummary:
+        gates = ctx.cfg.gates
         previous = previous_summary(ctx.index, ctx.cfg.name, ctx.summary.run_id) if ctx.index else None
+        runs = (
+            history(ctx.index, ctx.cfg.name, ctx.summary.run_id, gates.trend_band_runs - 1)
+            if ctx.index and gates.trend_band_runs
+            else []
+        )
         judgments = [j for j in ctx.store.judgments.all() if j.generation_key in ctx.wanted]
-        tripped = check_gates(ctx.cfg.gates, ctx.summary, ctx.base_name, previous, judgments)
-        return GatesSummary(tripped=tripped, passed=not tripped)
+        held: list[str] = []
+        tripped = check_gates(gates, ctx.summary, ctx.base_name, previous, judgments, held, runs)
+        return GatesSummary(tripped=tripped, passed=not tripped, held=held)

@@ -34,11 +34,18 @@ class RunStore:
         )
         self.recovery_grades: Table[Grade] = Table(self.recovery_dir / "grades.jsonl", Grade)
         self.recovery_judgments: Table[Judgment] = Table(self.recovery_dir / "judgments.jsonl", Judgment)
+        # the noise floor's perturbed base variants (BASE~NAME), apart from the run's tables likewise
+        self.noise_generations: Table[Generation] = Table(self.noise_dir / "generations.jsonl", Generation)
+        self.noise_grades: Table[Grade] = Table(self.noise_dir / "grades.jsonl", Grade)
 
     # the run directory's other places (every path of a run directory is named here)
     @property
     def recovery_dir(self) -> Path:
         return self.dir / "recovery"
+
+    @property
+    def noise_dir(self) -> Path:
+        return self.dir / "noise"
 
     @property
     def dataset_dir(self) -> Path:
