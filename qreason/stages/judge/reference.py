@@ -6,21 +6,27 @@ Method (each rule is tried in order; the first that fires decides):
 1. Gate. When the final answer is known to be right (``answer_correct``) and the rule checks find no
    arithmetic slip, there is no faulty step (-1).
 2. Slip. The rule checks' arithmetic slip (``rules.check_arithmetic``): Execution / computational_error.
-3. Off-reference value. The first step that writes a number that is none of: a number of the problem (digits,
-   number words, percentages and their fractions), a small constant (0-12, 100, 1000, unit factors), a number
-   written in an earlier step, a value of the reference solution (every number of its text, so the results of
-   GSM8K's ``<<a*b=c>>`` annotations and of the synthetic task's ``a + b = c`` steps), or the reference answer.
-   A number is read as written (``1,200``, ``3.5``, ``20%`` is 20 and 0.2, ``\\frac{3}{4}``). Type, by a fixed
+3. Off-reference value. The first step that writes a number that is none of: a number of the problem
+   (digits, number words, percentages, their hundredfold, hundredth and reciprocal), a small constant
+   (``SMALL_CONSTANTS``), a number written in an earlier step, a value of the reference solution (every number
+   of its text: GSM8K's ``<<a*b=c>>`` results, the synthetic task's ``a + b = c`` steps), or the reference
+   answer; a decimal matches a known value rounded to one or two places (66.67 is 200/3). Numbers are read as
+   written, as magnitudes (``1,200``, ``3.5``, ``20%`` is 20 and 0.2, ``\\frac{3}{4}``). Type, by a fixed
    rule: when the value is the result of an equation in that step (``... = 42``) the plan computed a quantity
    the problem does not need, Method / procedural_error; when it is stated without being computed, a quantity
    was misread or made up, Conceptual / contextual_oversight.
 4. Wrong final value. The step where the final (wrong) answer's value is first written: Method /
-   procedural_error. Without a reference solution only rules 1, 2 and 4 apply.
+   procedural_error.
 
-Why an off-reference value is a plan error: on ProcessBench gsm8k (even ids, our development half), the
-steps this rule flags that carry an equation were mostly wrong operations on right numbers (a total where a
-difference was asked, a step of the plan done twice), while the flagged numbers with no equation were copied
-wrongly from the problem. The split by "computed or not" is the rule we can apply without a model.
+Without a worked solution the stack does not run this layer: rules 1, 2 and 4 alone (the answer key and the
+rule checks) located fewer first errors on ProcessBench olympiadbench's development half than a fixed guess
+of step 2 (F1 0.24 against 0.29), so they would add nothing to the rule checks and the prior.
+
+How the type of an off-reference value was decided: rule 2 ran first, so an equation in the flagged step is
+arithmetically right; a right computation of a value the reference never needs is a wrong plan (Method). A
+number written without being computed was not derived at all: it was misread from the problem or made up
+(Conceptual). This is a rule, not a measurement: ProcessBench labels steps, not error types, so it could not
+be checked against labels; an LLM layer, when configured, decides the type of the failures it locates.
 
 Bounds: every step passes ``screen`` first (length, brace nesting, stacked powers); a step over a bound makes
 the whole verdict a judge_error, as the rule checks' time limit does. Numbers are parsed by the rule checks'
@@ -34,15 +40,10 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from qreason.stages.judge.prompts import Verdict
-from qreason.stages.judge.rules import check_arithmetic, clean, resolve_words, tokenize
+from qreason.stages.judge.rules import Unchecked, check_arithmetic, clean, resolve_words, screen, tokenize
 
 REFERENCE_REVISION = 1
 REFERENCE_JUDGE = "reference"
-
-MAX_STEP_CHARS = 20_000  # a longer step is not checked (a 1 MB step is a judge_error, not minutes of work)
-MAX_STEPS = 2_000
-MAX_NESTING = 64  # braces or parentheses nested deeper than this
-MAX_POWER_CHAIN = 3  # a^b^c^d (three carets in one chain of powers) is a power tower
 
 # Numbers a solution may write without a source: small counts, 100 (percent) and simple fractions. Unit
 # factors (7, 12, 24, 60, 365, ...) are not among them: when a problem needs one, the reference solution
@@ -102,32 +103,6 @@ NUMBER_WORDS = {
     "daily": 1,
 }
 _WORD = re.compile(r"[A-Za-z]+")
-_NESTING = re.compile(r"[{}()\[\]]")
-_TOWER = re.compile(r"(?:\^\s*[{(]*\s*-?[\w.]+\s*){%d,}" % MAX_POWER_CHAIN)
-
-
-class Unchecked(Exception):
-    """A step beyond the bounds of the model-free checks."""
-
-
-def screen(steps: list[str]) -> None:
-    """Raise ``Unchecked`` for text the checks refuse: too many or too long steps, deep nesting, power
-    towers."""
-    if len(steps) > MAX_STEPS:
-        raise Unchecked(f"{len(steps)} steps (more than {MAX_STEPS})")
-    for i, s in enumerate(steps):
-        if len(s) > MAX_STEP_CHARS:
-            raise Unchecked(f"step {i} has {len(s)} characters (more than {MAX_STEP_CHARS})")
-        depth = top = 0
-        for m in _NESTING.finditer(s):
-            depth += 1 if m.group() in "{([" else -1
-            top = max(top, depth)
-        if top > MAX_NESTING:
-            raise Unchecked(f"step {i} nests brackets {top} deep (more than {MAX_NESTING})")
-        if _TOWER.search(s):
-            raise Unchecked(f"step {i} holds a power tower")
-
-
 # ------------------------------------------------------------------------------------------------ numbers
 
 
@@ -294,7 +269,7 @@ def locate(steps: list[str], ref: Reference, answer_correct: bool | None) -> Ver
                         "Method",
                         "procedural_error",
                         "reasoning_planning",
-                        f"computes {_fmt(new)}, a quantity neither the problem nor the reference solution has",
+                        f"computes {_fmt(new)}, a value neither the problem nor the reference solution has",
                         "off_reference_result",
                     )
                 return _verdict(
@@ -306,7 +281,7 @@ def locate(steps: list[str], ref: Reference, answer_correct: bool | None) -> Ver
                     "off_reference_value",
                 )
             known.update(w.values)
-    if answer_correct is False:
+    if answer_correct is False and ref.solution:
         wrong = final_value(steps)
         if wrong is not None:
             for i, s in enumerate(steps):
@@ -336,3 +311,29 @@ def reference_verdict(steps: list[str], ref: Reference, answer_correct: bool | N
         return Verdict(
             status="judge_error", error=f"reference locator failed: {type(exc).__name__}: {str(exc)[:200]}"
         )
+
+
+# ------------------------------------------------------------------------------------------------ abandoned
+
+MAX_ABANDONED_CHARS = 200_000  # solutions longer than this are not searched for an abandoned answer
+
+
+def abandoned_answer(steps: list[str], answer: str | None) -> dict | None:
+    """Where a wrong solution first states the correct value as a result (after '=', or boxed) in a step
+    before its last one, while its final value differs: ``{"step": i, "value": "18"}``; None otherwise, or
+    when the answer is not a single number, or the text is past the bounds."""
+    right = answer_value(answer)
+    if right is None or sum(len(s) for s in steps) > MAX_ABANDONED_CHARS or len(steps) < 2:
+        return None
+    try:
+        screen(steps)
+    except Unchecked:
+        return None
+    final = final_value(steps)
+    if final is None or final == right:
+        return None
+    for i, s in enumerate(steps[:-1]):
+        boxed = [answer_value(b) for b in re.findall(r"\\boxed\s*\{([^{}]{0,80})\}", s)]
+        if right in read_numbers(s).results or right in boxed:
+            return {"step": i, "value": _fmt(right)}
+    return None
