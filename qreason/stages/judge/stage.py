@@ -358,6 +358,21 @@ def offline_check(
     return out, written + table.append(pending)
 
 
+def abandoned(c: Failure) -> dict | None:
+    """The abandoned-answer outcome of a wrong solution (``reference.abandoned_answer``) with the tokens up to
+    the end of the step that states the correct value and in all, estimated in proportion to characters."""
+    steps = list(c.generation.steps)
+    found = abandoned_answer(steps, c.problem.answer)
+    if found is None:
+        return None
+    chars = sum(len(s) for s in steps) or 1
+    through = sum(len(s) for s in steps[: found["step"] + 1])
+    tokens = c.generation.completion_tokens
+    if tokens:
+        found.update(tokens=tokens, tokens_to_correct=round(tokens * through / chars))
+    return found
+
+
 def stack_records(
     store: RunStore, candidates: list[Failure], cfg: JudgeConfig, offline: dict[str, dict[str, Judgment]]
 ) -> int:
@@ -585,6 +600,16 @@ def final_judgments(store: RunStore, prompt_version: str | None = None) -> dict[
     return out
 
 
+def is_located(j: Judgment) -> bool:
+    """Whether a verdict locates a first faulty step: a step index, not guessed by the prior layer."""
+    return (
+        j.status == "ok"
+        and j.first_error_step is not None
+        and j.first_error_step >= 0
+        and j.votes.get("decided_by") != PRIOR
+    )
+
+
 def _positions(values: list[float], bins: list[tuple[str, float, float]] | None = None) -> dict[str, Any]:
     if not values:
         return {"n": 0, "histogram": {}, "mean": None, "median": None}
@@ -612,9 +637,11 @@ RELATIVE_BINS = [
 def distribution(
     store: RunStore, source: str = "final", flips_only: bool = False, prompt_version: str | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Per variant: counts of error types, sub-types and capabilities, and where the first faulty step lies
-    (absolute index, and index / number of steps). ``source``: "final" (panel, else judge, else rules), or one
-    judge's name ("rules", "panel", a judge). Plain dicts, ready for JSON."""
+    """Per variant: counts of error types, sub-types and capabilities, where the first faulty step lies
+    (absolute index, and index / number of steps), the deciding layers (``sources``), the share of failures
+    with a located step (``coverage``; the prior's guesses do not count) and the abandoned answers among the
+    wrong ones. ``source``: "final" (the combined verdict), or one judge's name ("rules", "reference",
+    "panel", a judge). Plain dicts, ready for JSON."""
     if source == "final":
         chosen = final_judgments(store, prompt_version)
     else:
@@ -627,7 +654,7 @@ def distribution(
         per_variant.setdefault(j.variant, []).append(j)
     for variant, items in sorted(per_variant.items()):
         ok = [j for j in items if j.status == "ok"]
-        located = [j for j in ok if j.first_error_step is not None and j.first_error_step >= 0]
+        located = [j for j in ok if is_located(j)]
         absolute, relative = [], []
         for j in located:
             absolute.append(float(j.first_error_step))
@@ -638,7 +665,10 @@ def distribution(
             "failures": len(items),
             "flips": sum(j.flip for j in items),
             "judge_errors": len(items) - len(ok),
-            "sources": dict(Counter(j.judge for j in items)),
+            "sources": dict(Counter(j.votes.get("decided_by") or j.judge for j in items)),
+            "coverage": round(len(located) / len(items), 4) if items else None,
+            "abandoned_answers": sum(bool(j.votes.get("abandoned_answer")) for j in items),
+            "wrong_answers": sum(bool(j.votes.get("answer_wrong")) for j in items),
             "error_types": dict(Counter(j.error_type for j in ok if j.error_type)),
             "sub_types": dict(Counter(j.sub_type for j in ok if j.sub_type)),
             "capabilities": dict(Counter(j.capability for j in ok if j.capability)),
