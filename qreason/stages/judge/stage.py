@@ -340,8 +340,9 @@ def offline_check(
     workers = min(2, max(len(jobs), 1))
     for (c, want), ok, result in bounded_calls(offline_call, jobs, timeout_s, workers):
         if not ok:
+            what = {RULES: "rule checks", REFERENCE: "reference locator"}
             result = {
-                layer: Verdict(status="judge_error", error=f"model-free checks {result}")
+                layer: Verdict(status="judge_error", error=f"{what[layer]} {result}")
                 for layer in want
                 if layer not in out[c.generation.key]
             }
