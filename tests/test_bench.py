@@ -152,3 +152,17 @@ def test_recovery_smoke(tmp_path):
     # examples/s = 4 items x 2 epochs / 2 s; generations/s = 6 / 3 s; the control has no training time
     assert lines[1].split() == ["rtn-w4a16+sb", "4", "3", "2.00", "4.00", "3.00", "6", "2.00"]
     assert lines[2].split() == ["rtn-w4a16+ctl", "4", "3", "-", "-", "3.00", "6", "2.00"]
+
+
+@needs_data("gsm8k_test.jsonl", "processbench_gsm8k.jsonl", "processbench_olympiadbench.jsonl")
+def test_judge_offline_smoke(tmp_path):
+    out = bench(
+        "judge_offline.py", "--smoke", "--data-dir", str(SHARED_DATA), "--json", str(tmp_path / "r.json")
+    )
+    assert "qreason judge stack, model-free layers" in out
+    assert has_line(r"^failures 20 \(20 with a worked reference\)", out)
+    assert has_line(r"^cpu s [0-9.]+  wall s [0-9.]+  per 1000: ", out)
+    report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert report["failures"] == 20 and sum(report["decided_by"].values()) == 20
+    for name in ("power tower", "1 MB step", "10,000 nested braces"):  # each refused by both layers
+        assert report["hostile"][name]["layers"] == {"rules": "judge_error", "reference": "judge_error"}
