@@ -647,7 +647,7 @@ class Unchecked(Exception):
 
 def screen(steps: list[str]) -> None:
     """Raise ``Unchecked`` for text the checks refuse: a step too long, brackets nested too deep, a power
-    tower. (Many steps are not refused: a collapsed solution can have thousands; the time limit bounds them.)"""
+    tower. Many steps are not refused: a collapsed solution can have thousands; the time limit bounds them."""
     for i, s in enumerate(steps):
         if len(s) > MAX_STEP_CHARS:
             raise Unchecked(f"step {i} has {len(s)} characters (more than {MAX_STEP_CHARS})")

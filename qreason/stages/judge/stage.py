@@ -387,9 +387,9 @@ def stack_records(
     for c in candidates:
         gk = c.generation.key
         by = {**current.get(gk, {}), **offline.get(gk, {})}
-        members: list[tuple[str, Judgment]] = [(RULES, by[RULES])] if RULES in by else []
-        if REFERENCE in by:
-            members.append((REFERENCE, by[REFERENCE]))
+        members: list[tuple[str, Judgment]] = [
+            (layer, by[layer]) for layer in (RULES, REFERENCE) if layer in cfg.layers and layer in by
+        ]
         members += [(PRM, by[n]) for n in prm if n in by]
         if len(llm) >= 2 and PANEL_JUDGE in by:
             members.append((LLM, by[PANEL_JUDGE]))
@@ -408,9 +408,8 @@ def stack_records(
             prior,
         )
         votes = dict(verdict.details)
-        votes["abandoned_answer"] = (
-            abandoned_answer(list(c.generation.steps), c.problem.answer) if wrong else None
-        )
+        votes["answer_wrong"] = wrong
+        votes["abandoned_answer"] = abandoned(c) if wrong else None
         version = next((j.prompt_version for _, j in members if j.prompt_version), None)
         records.append(to_record(c, key, STACK_JUDGE, verdict, version, votes))
     return store.judgments.append(records)
