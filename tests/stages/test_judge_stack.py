@@ -404,3 +404,42 @@ def test_judge_bench_cli_prints_one_json_object(tmp_path, capsys):
     assert judge_main(args + ["--out", str(tmp_path / "o")]) == 0
     preds = [json.loads(x) for x in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
     assert [p["decided_by"] for p in preds] == ["reference", "reference", "reference", "rules"]
+
+
+# --------------------------------------------------------------------------------------- real vLLM server
+
+
+@pytest.mark.server
+@pytest.mark.vllm
+def test_processbench_prompt_version_against_the_server(openai_server, tmp_path):
+    """The processbench prompt version, through a real OpenAI-compatible server: the bench sends one request
+    per row, blind (no reference answer in the messages even when references are given), parses the replies
+    and scores the judge as the llm layer of the stack."""
+    from qreason.config.judge import JudgeSpec
+    from qreason.stages.judge.prompts import JudgeInput, build_messages, load_taxonomy, load_template
+
+    data, refs = _bench_files(tmp_path)
+    spec = JudgeSpec(name="smol", base_url=openai_server, model="smollm2", max_tokens=200, timeout_s=300)
+    m = run_bench(
+        data,
+        [spec],
+        tmp_path / "out",
+        "processbench",
+        limit=2,
+        references=refs,
+        task="gsm8k",
+        protocol="blind",
+    )
+    assert m["prompt_version"] == "processbench" and m["protocol"] == "blind"
+    assert m["requests"] >= 2 and m["usage"]["prompt_tokens"] > 0
+    assert m["layers"]["smol"]["layer"] == "llm" and m["layers"]["smol"]["n"] == 2
+    preds = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    for p in preds:
+        step = p["layers"]["smol"]
+        assert step is None or -1 <= step < 3  # a parsed, validated verdict, or a judge_error
+    msgs = build_messages(
+        JudgeInput(problem="p", steps=["a"], reference_answer="4242", reference_solution="4242"),
+        load_template("processbench"),
+        load_taxonomy(),
+    )
+    assert "4242" not in json.dumps(msgs)
