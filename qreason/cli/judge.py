@@ -203,13 +203,17 @@ def cmd_judge(args) -> int:
             print(
                 f"{stats.panel_written} panel verdicts; {stats.requests} HTTP requests; tokens {stats.usage}"
             )
+        print(f"{stats.stack_written} new combined verdicts (judge 'stack')")
         for path in stats.batch_files:
             print(f"batch file: {path}")
         for variant, d in dist.items():
             types = ", ".join(f"{k} {v}" for k, v in sorted(d["error_types"].items())) or "-"
+            layers = ", ".join(f"{k} {v}" for k, v in sorted(d["sources"].items()))
             print(
                 f"{variant}: {d['failures']} failures, {d['flips']} flips; types: {types}; median first "
-                f"faulty step {d['first_error_step']['median']}"
+                f"faulty step {d['first_error_step']['median']}; located {d['coverage']:.0%} "
+                f"(decided by {layers}); abandoned answers {d['abandoned_answers']} of "
+                f"{d['wrong_answers']} wrong"
             )
         print(f"judgments: {store.judgments.path}")
     for error in stats.errors:

@@ -122,7 +122,8 @@ class BatchConfig(Strict):
 
 
 class JudgeConfig(Strict):
-    """The judge stage. No judges: the rule checks are the only (offline) judge."""
+    """The judge stage: the layers of the judge stack (qreason.stages.judge.stack, docs/judging.md). No judge
+    specs: the model-free layers only (rule checks, reference locator, prior)."""
 
     judges: list[JudgeSpec] = Field(default_factory=list)
     which: Literal["failures", "flips"] = "failures"
