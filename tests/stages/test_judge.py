@@ -196,7 +196,7 @@ def test_taxonomy_is_complete():
         "symbolic_manipulation",
         "logical_deduction",
     } <= set(TAX.capabilities)
-    assert set(TAX.outcomes) == {"no_answer", "truncation", "repetition_collapse"}
+    assert set(TAX.outcomes) == {"no_answer", "truncation", "repetition_collapse", "abandoned_answer"}
 
 
 def _blocks(user: str, nonce: str) -> list[tuple[str, str]]:

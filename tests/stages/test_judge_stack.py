@@ -443,3 +443,14 @@ def test_processbench_prompt_version_against_the_server(openai_server, tmp_path)
         load_taxonomy(),
     )
     assert "4242" not in json.dumps(msgs)
+
+
+def test_wrong_final_value_that_the_problem_gives_is_located_where_it_is_a_result():
+    """A wrong final value equal to a number of the problem is not located where the problem is restated."""
+    ref = Reference("Jun has 6 coins. Then they get 5 more coins. How many now?", "11", "6 + 5 = 11")
+    steps = ["Jun has 6 coins.", "5 more coins are added.", "The final answer is \\boxed{6}."]
+    assert locate(steps, ref, answer_correct=False).first_error_step == 2
+    steps = ["The total is 5 + 6 = 11.", "Then 11 - 5 = 6 coins.", "The final answer is \\boxed{6}."]
+    v = locate(steps, ref, answer_correct=False)
+    assert (v.first_error_step, v.details["rule"]) == (1, "wrong_final_value")
+    assert abandoned_answer(steps, "11") == {"step": 0, "value": "11"}

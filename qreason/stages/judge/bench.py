@@ -139,7 +139,7 @@ def wrong_answer_exact(rows: list[dict], preds: list[int | None], wrong: list[bo
 def _gate(row: dict, problem, answer_type: str) -> tuple[bool | None, str]:
     """(final answer right?, where that came from) for the gated protocol."""
     if problem is not None:
-        from qreason.stages.grade.grader import grade_answer
+        from qreason.stages.grade import grade_answer
 
         for text in (row["steps"][-1], "\n\n".join(row["steps"])):
             try:

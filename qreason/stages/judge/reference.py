@@ -15,8 +15,8 @@ Method (each rule is tried in order; the first that fires decides):
    rule: when the value is the result of an equation in that step (``... = 42``) the plan computed a quantity
    the problem does not need, Method / procedural_error; when it is stated without being computed, a quantity
    was misread or made up, Conceptual / contextual_oversight.
-4. Wrong final value. The step where the final (wrong) answer's value is first written: Method /
-   procedural_error.
+4. Wrong final value. The step where the final (wrong) answer's value is first written (where the value is a
+   number of the problem, only as a result: after "=" or boxed, not restated): Method / procedural_error.
 
 Without a worked solution the stack does not run this layer: rules 1, 2 and 4 alone (the answer key and the
 rule checks) located fewer first errors on ProcessBench olympiadbench's development half than a fixed guess
@@ -42,7 +42,7 @@ from fractions import Fraction
 from qreason.stages.judge.prompts import Verdict
 from qreason.stages.judge.rules import Unchecked, check_arithmetic, clean, resolve_words, screen, tokenize
 
-REFERENCE_REVISION = 1
+REFERENCE_REVISION = 2  # 2: a given number restated is not where a wrong final value is written
 REFERENCE_JUDGE = "reference"
 
 # Numbers a solution may write without a source: small counts, 100 (percent) and simple fractions. Unit
@@ -169,6 +169,10 @@ def answer_value(text: str | None) -> Fraction | None:
     return None
 
 
+def _boxed(step: str, value: Fraction) -> bool:
+    return any(answer_value(b) == value for b in re.findall(r"\\boxed\s*\{([^{}]{0,80})\}", step))
+
+
 def final_value(steps: list[str]) -> Fraction | None:
     """The value the solution ends on: the last number of its last step that writes one (a boxed answer
     first)."""
@@ -284,16 +288,26 @@ def locate(steps: list[str], ref: Reference, answer_correct: bool | None) -> Ver
     if answer_correct is False and ref.solution:
         wrong = final_value(steps)
         if wrong is not None:
-            for i, s in enumerate(steps):
-                if wrong in read_numbers(s).values:
-                    return _verdict(
-                        i,
-                        "Method",
-                        "procedural_error",
-                        "reasoning_planning",
-                        f"first writes the wrong final value {_fmt(wrong)}",
-                        "wrong_final_value",
-                    )
+            # a value the problem gives is only "written" where the solution states it as a result (after
+            # "=", or boxed), not where it restates the problem ("Jun has 6 coins.")
+            given = problem_numbers(ref.problem)
+            written = [read_numbers(s) for s in steps]
+            hits = [
+                i
+                for i, w in enumerate(written)
+                if wrong in w.values and (wrong not in given or wrong in w.results or _boxed(steps[i], wrong))
+            ]
+            hits = hits or [i for i, w in enumerate(written) if wrong in w.values]
+            if hits:
+                i = hits[0]
+                return _verdict(
+                    i,
+                    "Method",
+                    "procedural_error",
+                    "reasoning_planning",
+                    f"first writes the wrong final value {_fmt(wrong)}",
+                    "wrong_final_value",
+                )
     return Verdict(
         first_error_step=-1,
         rationale="no rule of the reference locator fired",
