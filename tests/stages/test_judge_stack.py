@@ -454,3 +454,13 @@ def test_wrong_final_value_that_the_problem_gives_is_located_where_it_is_a_resul
     v = locate(steps, ref, answer_correct=False)
     assert (v.first_error_step, v.details["rule"]) == (1, "wrong_final_value")
     assert abandoned_answer(steps, "11") == {"step": 0, "value": "11"}
+
+
+def test_latex_references_are_not_used():
+    """MATH-style (LaTeX) worked solutions do not feed the reference layer: the stack falls back to the rule
+    checks and the prior there."""
+    from qreason.stages.judge.reference import arithmetic_reference
+
+    assert arithmetic_reference("Mia has 3 * 12 = 36 pencils.\nShe pays $5.")
+    assert not arithmetic_reference("We have $x^2 = \\frac{1}{4}$, so $x = \\pm \\frac12$.")
+    assert not arithmetic_reference("  ") and not arithmetic_reference(None)

@@ -33,7 +33,12 @@ from qreason.stages.judge.base import make_judge
 from qreason.stages.judge.client import ReplyCache, add_usage
 from qreason.stages.judge.panel import vote
 from qreason.stages.judge.prompts import JudgeInput, Verdict, load_taxonomy, load_template
-from qreason.stages.judge.reference import REFERENCE_JUDGE, Reference, reference_verdict
+from qreason.stages.judge.reference import (
+    REFERENCE_JUDGE,
+    Reference,
+    arithmetic_reference,
+    reference_verdict,
+)
 from qreason.stages.judge.rules import rule_verdict_call
 from qreason.stages.judge.stack import (
     DEFAULT_PRIOR_STEP,
@@ -164,7 +169,7 @@ def _offline(
     solution = problem.meta.get("reference_solution") if problem is not None else None
     if problem is not None and not solution and isinstance(problem.meta.get("reference_steps"), list):
         solution = "\n".join(map(str, problem.meta["reference_steps"]))
-    if REFERENCE in layers and protocol == "gated" and solution:
+    if REFERENCE in layers and protocol == "gated" and arithmetic_reference(solution):
         ref = Reference(row["problem"], problem.answer, solution)
         out.append(
             LayerVerdict(REFERENCE, REFERENCE_JUDGE, reference_verdict(list(row["steps"]), ref, correct))

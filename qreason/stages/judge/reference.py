@@ -18,6 +18,12 @@ Method (each rule is tried in order; the first that fires decides):
 4. Wrong final value. The step where the final (wrong) answer's value is first written (where the value is a
    number of the problem, only as a result: after "=" or boxed, not restated): Method / procedural_error.
 
+Only arithmetic references: a reference solution written with LaTeX commands (a backslash, as MATH and
+olympiad solutions are) is not used (``arithmetic_reference``). The method does not transfer to them: the
+first wrong step of such a solution is usually a conceptual move with few or no new numbers, and on MATH-500
+references a prototype of this method scored like a positional guess, the same with an empty reference. There
+the stack falls back to the rule checks and the prior; such problems need a model layer.
+
 Without a worked solution the stack does not run this layer: rules 1, 2 and 4 alone (the answer key and the
 rule checks) located fewer first errors on ProcessBench olympiadbench's development half than a fixed guess
 of step 2 (F1 0.24 against 0.29), so they would add nothing to the rule checks and the prior.
@@ -189,6 +195,12 @@ def final_value(steps: list[str]) -> Fraction | None:
 
 
 # ------------------------------------------------------------------------------------------------ verdict
+
+
+def arithmetic_reference(solution: str | None) -> bool:
+    """Whether a worked reference solution is one this layer uses: present and written without LaTeX (GSM8K's
+    annotated solutions and the synthetic task's steps are; MATH-style solutions are not)."""
+    return bool(solution and solution.strip()) and "\\" not in solution
 
 
 @dataclass

@@ -47,7 +47,13 @@ from qreason.stages.judge.client import (
 )
 from qreason.stages.judge.panel import vote
 from qreason.stages.judge.prompts import OUTCOME, JudgeInput, Verdict, load_taxonomy, load_template
-from qreason.stages.judge.reference import REFERENCE_REVISION, Reference, abandoned_answer, reference_verdict
+from qreason.stages.judge.reference import (
+    REFERENCE_REVISION,
+    Reference,
+    abandoned_answer,
+    arithmetic_reference,
+    reference_verdict,
+)
 from qreason.stages.judge.rules import RULES_REVISION, Unchecked, rule_verdict_call, screen
 from qreason.stages.judge.stack import (
     LLM,
@@ -315,7 +321,7 @@ def offline_check(
         want = {}
         if RULES in layers:
             want[RULES] = rules_key(c)
-        if REFERENCE in layers and reference_solution(c.problem):
+        if REFERENCE in layers and arithmetic_reference(reference_solution(c.problem)):
             want[REFERENCE] = reference_key(c)
         mine = out.setdefault(c.generation.key, {})
         missing = []
