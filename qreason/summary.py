@@ -151,12 +151,13 @@ class JudgeSummary(Section):
 
     candidates: int = 0  # failures selected for judging
     flips: int = 0  # of which flips
-    rules_written: int = 0
+    rules_written: int = 0  # records of the model-free layers (rule checks, reference locator) written
     llm_items: int = 0  # failures sent to the LLM judges (outcomes and empty solutions are not)
     judges: dict[str, dict[str, int]] = Field(
         default_factory=dict
     )  # name -> ok, judge_error, cached, done, pending
     panel_written: int = 0
+    stack_written: int = 0  # combined verdicts (judge "stack") written
     requests: int = 0  # HTTP requests sent (retries included)
     usage: dict[str, int] = Field(default_factory=dict)
     batch_files: list[str] = Field(default_factory=list)

@@ -174,3 +174,17 @@ def test_noise_floor_smoke(tmp_path):
         "base~nocache",
     ]
     assert result["engines"]["base~nocache"]["enable_prefix_caching"] is False
+
+
+@needs_data("gsm8k_test.jsonl", "processbench_gsm8k.jsonl", "processbench_olympiadbench.jsonl")
+def test_judge_offline_smoke(tmp_path):
+    out = bench(
+        "judge_offline.py", "--smoke", "--data-dir", str(SHARED_DATA), "--json", str(tmp_path / "r.json")
+    )
+    assert "qreason judge stack, model-free layers" in out
+    assert has_line(r"^failures 20 \(20 with a worked reference\)", out)
+    assert has_line(r"^cpu s [0-9.]+  wall s [0-9.]+  per 1000: ", out)
+    report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert report["failures"] == 20 and sum(report["decided_by"].values()) == 20
+    for name in ("power tower", "1 MB step", "10,000 nested braces"):  # each refused by both layers
+        assert report["hostile"][name]["layers"] == {"rules": "judge_error", "reference": "judge_error"}

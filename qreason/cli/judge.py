@@ -86,20 +86,49 @@ def register(subparsers) -> None:
 
     b = subparsers.add_parser(
         "judge-bench",
-        help="score a judge on ProcessBench-format data (accuracy on erroneous and correct, F1)",
-        description="Run a judge on ProcessBench-format JSONL (id, problem, steps, label; label -1 = no "
-        "faulty step) and print JSON: accuracy on erroneous solutions (exact step), accuracy on correct "
-        "ones (predicting -1), their harmonic mean F1, and the precision of flagged steps.",
+        help="score the judge stack and each layer on ProcessBench-format data (F1 and its parts)",
+        description="Run the judge stack on ProcessBench-format JSONL (id, problem, steps, label; label -1 = "
+        "no faulty step) and print one JSON object: for the stack, f1, acc_erroneous (exact step on "
+        "erroneous solutions), acc_correct (-1 on correct ones), wrong_answer_exact (exact step on "
+        "solutions whose final answer is wrong); the same per layer under 'layers'; fixed positional "
+        "guesses under 'baselines'. See docs/judging.md.",
     )
     b.add_argument("--data", required=True, metavar="FILE.jsonl", help="ProcessBench-format data")
     b.add_argument(
-        "--judge", action="append", default=None, metavar="SPEC", help=SPEC_HELP + " Default: rules."
+        "--judge",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="'offline' (every model-free layer: rule checks, reference locator, prior), "
+        + SPEC_HELP
+        + " A spec of kind prm is a layer of its own. Default: rules.",
+    )
+    b.add_argument(
+        "--references",
+        metavar="FILE.jsonl",
+        help="the task's problems with reference answers and worked solutions (matched to rows by "
+        "normalised problem text; unmatched rows are judged without the reference layer)",
+    )
+    b.add_argument("--task", metavar="NAME", help="the task spec that reads --references (e.g. gsm8k)")
+    b.add_argument(
+        "--protocol",
+        choices=["gated", "blind"],
+        default="gated",
+        help="gated (default): the layers know whether the final answer is right, as in a qreason run; "
+        "blind: ProcessBench's protocol (no answer key), comparable with published critics",
+    )
+    b.add_argument(
+        "--prior-step",
+        type=int,
+        default=None,
+        metavar="K",
+        help="the prior layer's guess for wrong answers no layer located (default: 2)",
     )
     b.add_argument(
         "--out",
-        required=True,
         metavar="DIR",
-        help="where predictions.jsonl, metrics.json and the reply cache are written",
+        help="where predictions.jsonl, metrics.json and the reply cache are written (needed with model "
+        "judges)",
     )
     b.add_argument(
         "--prompt-version", default="judge-v1", metavar="V", help="judge prompt template (default: judge-v1)"
@@ -174,13 +203,17 @@ def cmd_judge(args) -> int:
             print(
                 f"{stats.panel_written} panel verdicts; {stats.requests} HTTP requests; tokens {stats.usage}"
             )
+        print(f"{stats.stack_written} new combined verdicts (judge 'stack')")
         for path in stats.batch_files:
             print(f"batch file: {path}")
         for variant, d in dist.items():
             types = ", ".join(f"{k} {v}" for k, v in sorted(d["error_types"].items())) or "-"
+            layers = ", ".join(f"{k} {v}" for k, v in sorted(d["sources"].items()))
             print(
                 f"{variant}: {d['failures']} failures, {d['flips']} flips; types: {types}; median first "
-                f"faulty step {d['first_error_step']['median']}"
+                f"faulty step {d['first_error_step']['median']}; located {d['coverage']:.0%} "
+                f"(decided by {layers}); abandoned answers {d['abandoned_answers']} of "
+                f"{d['wrong_answers']} wrong"
             )
         print(f"judgments: {store.judgments.path}")
     for error in stats.errors:
@@ -199,10 +232,26 @@ def cmd_judge(args) -> int:
 
 def cmd_judge_bench(args) -> int:
     from qreason.stages.judge.bench import run_bench
+    from qreason.stages.judge.stack import DEFAULT_PRIOR_STEP
 
-    judges = _specs(args.judge) or []
+    values = args.judge or []
+    offline = "offline" in [v.strip() for v in values]
+    judges = _specs([v for v in values if v.strip() != "offline"]) or []
     if args.limit is not None and args.limit <= 0:
         raise UserError("--limit", "must be a positive number")
-    metrics = run_bench(Path(args.data), judges, Path(args.out), args.prompt_version, args.limit)
+    if args.prior_step is not None and args.prior_step < 0:
+        raise UserError("--prior-step", "must be 0 or more")
+    metrics = run_bench(
+        Path(args.data),
+        judges,
+        Path(args.out) if args.out else None,
+        args.prompt_version,
+        args.limit,
+        offline=offline,
+        references=Path(args.references) if args.references else None,
+        task=args.task,
+        protocol=args.protocol,
+        prior_step=DEFAULT_PRIOR_STEP if args.prior_step is None else args.prior_step,
+    )
     print(json.dumps(metrics, indent=2))
     return 0

@@ -126,7 +126,7 @@ class JudgeSpec(Strict):
     def _name(cls, name: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]*", name):
             raise ValueError("must be a slug (letters, digits, '.', '_', ':', '/', '-')")
-        if name in {RULES_JUDGE, PANEL_JUDGE}:
+        if name in {RULES_JUDGE, PANEL_JUDGE, "reference", "stack", "prior"}:
             raise ValueError(f"{name!r} is reserved")
         return name
 
@@ -154,7 +154,8 @@ class BatchConfig(Strict):
 
 
 class JudgeConfig(Strict):
-    """The judge stage. No judges: the rule checks are the only (offline) judge."""
+    """The judge stage: the layers of the judge stack (qreason.stages.judge.stack, docs/judging.md). No judge
+    specs: the model-free layers only (rule checks, reference locator, prior)."""
 
     judges: list[JudgeSpec] = Field(default_factory=list)
     which: Literal["failures", "flips"] = "failures"
@@ -167,8 +168,17 @@ class JudgeConfig(Strict):
     retry_invalid: bool = False  # ask again where a judge gave no valid reply in an earlier run (transport
     # failures are always retried)
     cache_path: str | None = None  # default: RUN_DIR/judge_cache.sqlite
-    rules_timeout_s: float = Field(default=10.0, gt=0)  # wall-clock limit of the rule checks per generation
+    rules_timeout_s: float = Field(default=10.0, gt=0)  # wall-clock limit of the model-free layers per
+    # generation (rule checks and reference locator together)
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    # The layers to run (qreason.stages.judge.stack): rules, reference (worked reference solutions), prm
+    # (judge specs of kind "prm"), llm (the other judge specs; a panel when two or more), prior (a fixed guess
+    # for failures no layer located; counted apart). The combined verdict (judge "stack") names the deciding
+    # layer.
+    layers: list[Literal["rules", "reference", "prm", "llm", "prior"]] = Field(
+        default_factory=lambda: ["rules", "reference", "prm", "llm", "prior"], min_length=1
+    )
+    prior_step: int = Field(default=2, ge=0)  # the prior layer's guess (0-based; clipped to the last step)
 
     @model_validator(mode="after")
     def _unique(self) -> "JudgeConfig":
@@ -176,6 +186,12 @@ class JudgeConfig(Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"judge names must be unique (repeated: {', '.join(dup)})")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError("layers: each layer at most once")
+        for j in self.judges:
+            layer = "prm" if j.kind == "prm" else "llm"
+            if layer not in self.layers:
+                raise ValueError(f"judge {j.name} belongs to layer {layer!r}, which layers does not list")
         return self
 
 

@@ -19,6 +19,7 @@ from qreason.flips import is_flip, latest_grades, solved_cells
 from qreason.report import figures
 from qreason.stages.analyze import Analysis, analysis_for, analyze, verdicts
 from qreason.stages.base import RunContext
+from qreason.stages.judge.stage import is_located
 from qreason.store import RunIndex, RunStore, write_atomic
 from qreason.summary import LmEvalSummary, RunSummary, changes
 
@@ -65,7 +66,11 @@ def drilldown(store: RunStore, base: str, limit: int, generation_keys: set[str] 
                 "steps": gen.steps,
                 "first_error_step": verdict.first_error_step,
                 "verdict": verdict,
-                "judgments": sorted(all_judgments[key], key=lambda j: (j.judge != "panel", j.judge)),
+                "judgments": sorted(
+                    all_judgments[key], key=lambda j: (j.judge != "stack", j.judge != "panel", j.judge)
+                ),
+                "decided_by": (verdict.votes or {}).get("decided_by") or verdict.judge,
+                "abandoned": (verdict.votes or {}).get("abandoned_answer"),
                 "base_steps": ref.steps if ref else [],
                 "base_status": ref_grade.status if ref_grade else None,
             }
@@ -205,7 +210,7 @@ def build_report(
     first_error_rel = defaultdict(list)
     chosen = {k: j for k, j in verdicts(store).items() if generation_keys is None or k in generation_keys}
     for j in chosen.values():
-        if j.first_error_step is not None and j.first_error_step >= 0:
+        if is_located(j):
             first_error_rel[j.variant].append(j.first_error_step)
     trend = trend_points(index, summary.name or store.dir.name, summary)
     trend_series, trend_rows = trend_table(trend)
@@ -260,6 +265,8 @@ def build_report(
         "lengths": _records(analysis.lengths),
         "difficulty": _records(analysis.difficulty),
         "formats": _records(analysis.formats),
+        "judge_layers": _records(analysis.judge_layers),
+        "abandoned": _records(analysis.abandoned),
         "variants": [v.model_dump() for v in store.variants.all()],
         "figures": figs,
         "failures": drilldown(store, base, max_failures, generation_keys),

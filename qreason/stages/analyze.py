@@ -86,6 +86,13 @@ def frames(
     if not judgments.empty:
         chosen = {j.key for j in verdicts(store).values()}
         judgments["verdict"] = judgments["key"].isin(chosen)
+        votes = [j.votes or {} for j in records]
+        judgments["decided_by"] = [v.get("decided_by") or j.judge for v, j in zip(votes, records)]
+        judgments["answer_wrong"] = [v.get("answer_wrong") for v in votes]
+        ab = [v.get("abandoned_answer") or {} for v in votes]
+        judgments["abandoned_step"] = [a.get("step") for a in ab]
+        judgments["tokens_to_correct"] = [a.get("tokens_to_correct") for a in ab]
+        judgments["tokens_total"] = [a.get("tokens") for a in ab]
         judgments = judgments.merge(gens[["generation_key", "n_steps"]], on="generation_key", how="left")
     return {"grades": df, "judgments": judgments}
 
@@ -226,7 +233,9 @@ def first_error_positions(verdicts: pd.DataFrame) -> pd.DataFrame:
     if verdicts.empty:
         return pd.DataFrame(columns=cols)
     v = verdicts.copy()
-    v["located"] = v["first_error_step"].fillna(-1) >= 0
+    # a step guessed by the prior layer is not located (qreason.stages.judge.stack)
+    guessed = v["decided_by"] == "prior" if "decided_by" in v else False
+    v["located"] = (v["first_error_step"].fillna(-1) >= 0) & ~guessed
     loc = v[v["located"]].copy()
     loc["relative"] = (loc["first_error_step"] + 1) / loc["n_steps"].clip(lower=1)
     rows = []
@@ -244,6 +253,71 @@ def first_error_positions(verdicts: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows, columns=cols)
+
+
+JUDGE_LAYER_COLUMNS = ["variant", "decided_by", "failures", "located", "share"]
+
+
+def judge_layers(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """Judge coverage per variant: for each deciding layer of the combined verdict (rules, reference, prm,
+    llm, prior), the failures it decided, how many of them have a located step (the prior's guesses never
+    count), and its share of the variant's failures."""
+    if verdicts.empty:
+        return pd.DataFrame(columns=JUDGE_LAYER_COLUMNS)
+    v = verdicts.copy()
+    if "decided_by" not in v:
+        v["decided_by"] = v["judge"]
+    v["decided_by"] = v["decided_by"].fillna("none")
+    v["located"] = (v["first_error_step"].fillna(-1) >= 0) & (v["decided_by"] != "prior")
+    rows = []
+    for (variant, layer), g in v.groupby(["variant", "decided_by"]):
+        rows.append(
+            {
+                "variant": variant,
+                "decided_by": layer,
+                "failures": len(g),
+                "located": int(g["located"].sum()),
+                "share": len(g) / (v["variant"] == variant).sum(),
+            }
+        )
+    return pd.DataFrame(rows, columns=JUDGE_LAYER_COLUMNS)
+
+
+ABANDONED_COLUMNS = [
+    "variant",
+    "wrong_answers",
+    "abandoned",
+    "rate",
+    "mean_tokens_to_correct",
+    "mean_tokens",
+    "share_after_correct",
+]
+
+
+def abandoned_answers(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """Per variant: failures with a wrong final answer, how many stated the correct value as a result in an
+    earlier step (an abandoned answer, judge stack), the rate, and for those the mean tokens up to the end of
+    the step with the first correct value against the mean tokens of the whole solution (a
+    proportional-to-characters estimate) and the share of tokens spent after it."""
+    if verdicts.empty or "answer_wrong" not in verdicts:
+        return pd.DataFrame(columns=ABANDONED_COLUMNS)
+    v = verdicts[verdicts["answer_wrong"].fillna(False).astype(bool)]
+    rows = []
+    for variant, g in v.groupby("variant"):
+        ab = g[g["abandoned_step"].notna()]
+        to, total = ab["tokens_to_correct"].dropna(), ab["tokens_total"].dropna()
+        rows.append(
+            {
+                "variant": variant,
+                "wrong_answers": len(g),
+                "abandoned": len(ab),
+                "rate": len(ab) / len(g) if len(g) else np.nan,
+                "mean_tokens_to_correct": to.mean() if len(to) else np.nan,
+                "mean_tokens": total.mean() if len(total) else np.nan,
+                "share_after_correct": 1 - to.sum() / total.sum() if len(total) and total.sum() else np.nan,
+            }
+        )
+    return pd.DataFrame(rows, columns=ABANDONED_COLUMNS)
 
 
 def lengths(df: pd.DataFrame) -> pd.DataFrame:
@@ -340,6 +414,8 @@ class Analysis:
     lengths: pd.DataFrame
     difficulty: pd.DataFrame
     formats: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=FORMAT_COLUMNS))
+    judge_layers: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=JUDGE_LAYER_COLUMNS))
+    abandoned: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=ABANDONED_COLUMNS))
     tables: list[str] = field(
         default_factory=lambda: [
             "degradation",
@@ -351,6 +427,8 @@ class Analysis:
             "lengths",
             "difficulty",
             "formats",
+            "judge_layers",
+            "abandoned",
         ]
     )
 
@@ -380,6 +458,8 @@ def analyze(
         lengths=lengths(df),
         difficulty=by_difficulty(df, base),
         formats=format_failures(df),
+        judge_layers=judge_layers(chosen),
+        abandoned=abandoned_answers(chosen),
     )
     if save:
         result.save(store.analysis_dir)

@@ -1,7 +1,7 @@
 """The "Silver Bullet" recovery dataset: a compact set of examples aimed at what quantization broke.
 
 From every flip (the base model solved a problem with a seed, a quantized variant did not) whose judged first
-faulty step k is known, build:
+faulty step k is known (the judge stack's combined verdict; a guess of its prior layer does not count), build:
 - an SFT example: the problem and a verified-correct step-by-step solution by the full-precision model;
 - a DPO pair sharing a prefix: the quantized model's own steps before k as the prefix, its step k onward as
   "rejected", and as "chosen" a continuation of that same prefix by the full-precision model that the grader
@@ -70,6 +70,8 @@ def find_candidates(store: RunStore, base: str) -> list[FlipCandidate]:
             continue
         if verdict.first_error_step is None or verdict.first_error_step < 0:
             continue
+        if (verdict.votes or {}).get("decided_by") == "prior":
+            continue  # a guess of the judge stack's prior layer, not a located step
         parts = split_at_step(gen.text, verdict.first_error_step)
         if parts is None:
             continue

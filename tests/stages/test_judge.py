@@ -196,7 +196,7 @@ def test_taxonomy_is_complete():
         "symbolic_manipulation",
         "logical_deduction",
     } <= set(TAX.capabilities)
-    assert set(TAX.outcomes) == {"no_answer", "truncation", "repetition_collapse"}
+    assert set(TAX.outcomes) == {"no_answer", "truncation", "repetition_collapse", "abandoned_answer"}
 
 
 def _blocks(user: str, nonce: str) -> list[tuple[str, str]]:
@@ -400,21 +400,24 @@ def test_bench_with_rules(tmp_path):
 
 def test_stage_with_rules_only(tmp_path):
     store = make_run(tmp_path / "run")
-    stats = run_judging(store, JudgeConfig())
+    cfg = JudgeConfig(layers=["rules"])
+    stats = run_judging(store, cfg)
     # failures: p0/q4, p1/base, p1/q4, p2/q4, p3/q4; flips: those where base was right
     assert (stats.candidates, stats.flips, stats.rules_written, stats.requests) == (5, 3, 5, 0)
-    recs = {(j.problem_id, j.variant): j for j in store.judgments.all()}
-    assert all(j.judge == "rules" for j in recs.values())
+    assert stats.stack_written == 5  # one combined verdict per failure
+    recs = {(j.problem_id, j.variant): j for j in store.judgments.all() if j.judge == "rules"}
+    assert len(recs) == 5
     assert recs[("p0", "q4")].flip and not recs[("p1", "q4")].flip and not recs[("p1", "base")].flip
     assert (recs[("p0", "q4")].first_error_step, recs[("p0", "q4")].error_type) == (1, "Execution")
     assert recs[("p2", "q4")].sub_type == "no_answer"
     assert recs[("p3", "q4")].sub_type == "repetition_collapse"
     # resumable, no duplicates
-    assert run_judging(store, JudgeConfig()).rules_written == 0
-    assert len(store.judgments.path.read_text().splitlines()) == 5
+    again = run_judging(store, cfg)
+    assert (again.rules_written, again.stack_written) == (0, 0)
+    assert len(store.judgments.path.read_text().splitlines()) == 10
     # flips only
     only = make_run(tmp_path / "flips")
-    assert run_judging(only, JudgeConfig(which="flips")).candidates == 3
+    assert run_judging(only, JudgeConfig(which="flips", layers=["rules"])).candidates == 3
     dist = distribution(store)
     assert dist["q4"]["failures"] == 4 and dist["q4"]["flips"] == 3 and dist["base"]["failures"] == 1
     assert dist["q4"]["error_types"] == {"Execution": 1, "Outcome": 2}

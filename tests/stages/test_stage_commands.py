@@ -86,7 +86,8 @@ def test_grade_and_judge_of_a_models_axis_sub_run_use_that_runs_config(tmp_path)
     stats = json.loads(judged.stdout)["stats"]
     # the one failure is a flip: the run's base variant (large) solved that problem
     assert (stats["candidates"], stats["flips"]) == (1, 1)
-    (judgment,) = RunStore(run_dir).judgments.all()
+    # one combined verdict (judge "stack") beside its layers' records
+    (judgment,) = [j for j in RunStore(run_dir).judgments.all() if j.judge == "stack"]
     assert judgment.variant == "large-w4" and judgment.flip
     # each command stored its section in the run's summary
     summary = json.loads((run_dir / "summary.json").read_text())

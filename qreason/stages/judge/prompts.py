@@ -31,7 +31,7 @@ OUTCOME = "Outcome"  # error_type of the outcomes the rule checks detect
 
 TAG_NAMES = ("problem", "reference-answer", "reference-solution", "step")
 # Anything that could open or close one of our blocks: "<step", "</ problem", "< reference-answer", ...
-_TAGLIKE = re.compile(r"<(\s*/?\s*)(problem|reference|step)", re.IGNORECASE)
+_TAGLIKE = re.compile(r"<(\s*/?\s*)(problem|reference|step|paragraph)", re.IGNORECASE)
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
@@ -145,7 +145,11 @@ def load_template(version: str = DEFAULT_PROMPT_VERSION) -> PromptTemplate:
         else resources.find("judge_prompts", f"{version.replace('-', '_')}.yaml")
     )
     if path is None or not path.is_file():
-        known = [p.stem.replace("_", "-") for p in resources.listing("judge_prompts", "judge_*.yaml")]
+        known = [
+            p.stem.replace("_", "-")
+            for p in resources.listing("judge_prompts", "*.yaml")
+            if p.stem != "taxonomy"
+        ]
         raise UserError(f"prompt version {version!r}", f"no such judge prompt (known: {', '.join(known)})")
     tpl = _validate(PromptTemplate, _load_yaml(path), path)
     if not version.endswith((".yaml", ".yml")) and tpl.version != version:

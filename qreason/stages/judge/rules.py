@@ -30,7 +30,7 @@ from typing import Iterator
 
 from qreason.stages.judge.prompts import OUTCOME, Verdict
 
-RULES_REVISION = 1
+RULES_REVISION = 2  # 2: hostile text (see ``screen``) is a judge_error
 
 # ------------------------------------------------------------------------------------------------ text
 # clean-up
@@ -630,6 +630,37 @@ def repetition_start(steps: list[str]) -> tuple[int, str] | None:
     return min(candidates, default=None)
 
 
+# ------------------------------------------------------------------------------------------------ bounds
+
+MAX_STEP_CHARS = 100_000  # a longer step is not checked (a 1 MB step is a judge_error, not seconds of work)
+MAX_NESTING = 64  # braces or parentheses nested deeper than this
+MAX_POWER_CHAIN = 3  # a^b^c^d (three carets in one chain of powers) is a power tower
+
+_NESTING = re.compile(r"[{}()\[\]]")
+# a chain of powers: "^" then an operand (a number or one letter, maybe opening braces) then the next "^"
+_TOWER = re.compile(r"(?:\^\s*[{(]*\s*-?(?:\d+(?:\.\d+)?|[A-Za-z])\s*(?=\^)){%d,}" % MAX_POWER_CHAIN)
+
+
+class Unchecked(Exception):
+    """A step beyond the bounds of the model-free checks."""
+
+
+def screen(steps: list[str]) -> None:
+    """Raise ``Unchecked`` for text the checks refuse: a step too long, brackets nested too deep, a power
+    tower. Many steps are not refused: a collapsed solution can have thousands; the time limit bounds them."""
+    for i, s in enumerate(steps):
+        if len(s) > MAX_STEP_CHARS:
+            raise Unchecked(f"step {i} has {len(s)} characters (more than {MAX_STEP_CHARS})")
+        depth = top = 0
+        for m in _NESTING.finditer(s):
+            depth += 1 if m.group() in "{([" else -1
+            top = max(top, depth)
+        if top > MAX_NESTING:
+            raise Unchecked(f"step {i} nests brackets {top} deep (more than {MAX_NESTING})")
+        if _TOWER.search(s):
+            raise Unchecked(f"step {i} holds a power tower")
+
+
 # ------------------------------------------------------------------------------------------------ verdict
 
 
@@ -637,7 +668,10 @@ def rule_verdict_call(args: tuple[list[str], str | None]) -> Verdict:
     """``rule_verdict(*args)`` for a worker process (see ``qreason.stages.grade.bounded_calls``): a failure
     of the checks on hostile text becomes a rule-check error verdict, never an exception."""
     try:
+        screen(args[0])
         return rule_verdict(*args)
+    except Unchecked as exc:
+        return Verdict(status="judge_error", error=f"rule checks: {exc}")
     except Exception as exc:  # noqa: BLE001 - untrusted model output must not stop the stage
         return Verdict(
             status="judge_error", error=f"rule checks failed: {type(exc).__name__}: {str(exc)[:200]}"

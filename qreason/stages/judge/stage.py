@@ -47,7 +47,24 @@ from qreason.stages.judge.client import (
 )
 from qreason.stages.judge.panel import vote
 from qreason.stages.judge.prompts import OUTCOME, JudgeInput, Verdict, load_taxonomy, load_template
-from qreason.stages.judge.rules import RULES_REVISION, rule_verdict_call
+from qreason.stages.judge.reference import (
+    REFERENCE_REVISION,
+    Reference,
+    abandoned_answer,
+    arithmetic_reference,
+    reference_verdict,
+)
+from qreason.stages.judge.rules import RULES_REVISION, Unchecked, rule_verdict_call, screen
+from qreason.stages.judge.stack import (
+    LLM,
+    PRIOR,
+    PRM,
+    REFERENCE,
+    RULES,
+    STACK_JUDGE,
+    LayerVerdict,
+    combine,
+)
 from qreason.store import RunStore, Table, now_iso
 from qreason.summary import JudgeSummary
 
@@ -94,16 +111,22 @@ def select_candidates(store: RunStore, cfg: JudgeConfig) -> list[Failure]:
     return out
 
 
-def judge_input(c: Failure) -> JudgeInput:
-    meta = c.problem.meta or {}
+def reference_solution(problem: Problem) -> str | None:
+    """The problem's worked reference solution (task field ``reference_solution``, or the reference steps,
+    e.g. the synthetic task's ``a + b = c`` values), or None."""
+    meta = problem.meta or {}
     ref = meta.get("reference_solution")
     if not ref and isinstance(meta.get("reference_steps"), list):
         ref = "\n".join(str(s) for s in meta["reference_steps"])
+    return str(ref) if ref else None
+
+
+def judge_input(c: Failure) -> JudgeInput:
     return JudgeInput(
         problem=c.problem.question,
         steps=list(c.generation.steps),
         reference_answer=c.problem.answer,
-        reference_solution=str(ref) if ref else None,
+        reference_solution=reference_solution(c.problem),
     )
 
 
@@ -112,6 +135,18 @@ def judge_input(c: Failure) -> JudgeInput:
 
 def rules_key(c: Failure) -> str:
     return content_key("judgment", c.generation.key, RULES_JUDGE, RULES_REVISION, c.grade.status)
+
+
+def reference_key(c: Failure) -> str:
+    return content_key(
+        "judgment",
+        c.generation.key,
+        REFERENCE,
+        REFERENCE_REVISION,
+        c.grade.status,
+        c.problem.answer,
+        reference_solution(c.problem),
+    )
 
 
 def judge_key(c: Failure, name: str, req: JudgeRequest) -> str:
@@ -254,6 +289,138 @@ def rule_check(
     return out, written + table.append(pending)
 
 
+def offline_call(args: tuple) -> dict[str, Verdict]:
+    """The model-free layers on one solution, for a worker process: {"rules": ..., "reference": ...} (the
+    layers asked for). Hostile text (``rules.screen``) is a judge_error of each layer, never an exception."""
+    steps, status, problem, answer, solution, layers = args
+    out: dict[str, Verdict] = {}
+    if RULES in layers:
+        out[RULES] = rule_verdict_call((steps, status))
+    if REFERENCE in layers:
+        try:
+            screen(steps)
+            ref = Reference(problem, answer, solution)
+            out[REFERENCE] = reference_verdict(steps, ref, False if status == "wrong" else None)
+        except Unchecked as exc:
+            out[REFERENCE] = Verdict(status="judge_error", error=f"reference locator: {exc}")
+    return out
+
+
+def offline_check(
+    table: Table[Judgment], candidates: list[Failure], timeout_s: float, layers: list[str]
+) -> tuple[dict[str, dict[str, Judgment]], int]:
+    """The records of the model-free layers (rules; reference, for problems with a worked reference) of every
+    candidate: generation key -> layer -> record, and how many were written. Missing ones are computed in
+    worker processes under a wall-clock limit per generation (an overrun is a judge_error record of each
+    missing layer, final like a verdict); records are appended as they come in."""
+    from qreason.pool import bounded_calls
+
+    out: dict[str, dict[str, Judgment]] = {}
+    jobs = []
+    for c in candidates:
+        want = {}
+        if RULES in layers:
+            want[RULES] = rules_key(c)
+        if REFERENCE in layers and arithmetic_reference(reference_solution(c.problem)):
+            want[REFERENCE] = reference_key(c)
+        mine = out.setdefault(c.generation.key, {})
+        missing = []
+        for layer, key in want.items():
+            rec = table.get(key)
+            if rec is None:
+                missing.append(layer)
+            else:
+                mine[layer] = rec
+        if missing:
+            args = (
+                list(c.generation.steps),
+                c.grade.status,
+                c.problem.question,
+                c.problem.answer,
+                reference_solution(c.problem),
+                missing,
+            )
+            jobs.append(((c, want), args))
+    pending: list[Judgment] = []
+    written = 0
+    workers = min(2, max(len(jobs), 1))
+    for (c, want), ok, result in bounded_calls(offline_call, jobs, timeout_s, workers):
+        if not ok:
+            what = {RULES: "rule checks", REFERENCE: "reference locator"}
+            result = {
+                layer: Verdict(status="judge_error", error=f"{what[layer]} {result}")
+                for layer in want
+                if layer not in out[c.generation.key]
+            }
+        for layer, verdict in result.items():
+            votes = {"findings": verdict.details.get("findings", [])} if layer == RULES else {}
+            if layer == REFERENCE and verdict.details.get("rule"):
+                votes = {"rule": verdict.details["rule"]}
+            rec = to_record(c, want[layer], layer, verdict, None, votes)
+            out[c.generation.key][layer] = rec
+            pending.append(rec)
+        if len(pending) >= RULES_FLUSH_EVERY or not ok:
+            written += table.append(pending)
+            pending = []
+    return out, written + table.append(pending)
+
+
+def abandoned(c: Failure) -> dict | None:
+    """The abandoned-answer outcome of a wrong solution (``reference.abandoned_answer``) with the tokens up to
+    the end of the step that states the correct value and in all, estimated in proportion to characters."""
+    steps = list(c.generation.steps)
+    found = abandoned_answer(steps, c.problem.answer)
+    if found is None:
+        return None
+    chars = sum(len(s) for s in steps) or 1
+    through = sum(len(s) for s in steps[: found["step"] + 1])
+    tokens = c.generation.completion_tokens
+    if tokens:
+        found.update(tokens=tokens, tokens_to_correct=round(tokens * through / chars))
+    return found
+
+
+def stack_records(
+    store: RunStore, candidates: list[Failure], cfg: JudgeConfig, offline: dict[str, dict[str, Judgment]]
+) -> int:
+    """Write the combined verdict (judge "stack") of every candidate whose layer records changed since its
+    last one; returns how many were written."""
+    current = current_judgments(store, cfg.prompt_version)
+    prm = [j.name for j in cfg.judges if j.kind == "prm" and PRM in cfg.layers]
+    llm = [j.name for j in cfg.judges if j.kind != "prm" and LLM in cfg.layers]
+    prior = cfg.prior_step if PRIOR in cfg.layers else None
+    records = []
+    for c in candidates:
+        gk = c.generation.key
+        by = {**current.get(gk, {}), **offline.get(gk, {})}
+        members: list[tuple[str, Judgment]] = [
+            (layer, by[layer]) for layer in (RULES, REFERENCE) if layer in cfg.layers and layer in by
+        ]
+        members += [(PRM, by[n]) for n in prm if n in by]
+        if len(llm) >= 2 and PANEL_JUDGE in by:
+            members.append((LLM, by[PANEL_JUDGE]))
+        elif len(llm) == 1 and llm[0] in by:
+            members.append((LLM, by[llm[0]]))
+        if not members:
+            continue
+        wrong = c.grade.status == "wrong"
+        key = content_key("judgment", gk, STACK_JUDGE, [j.key for _, j in members], prior, wrong, 1)
+        if key in store.judgments:
+            continue
+        verdict, layer, _ = combine(
+            [LayerVerdict(lay, j.judge, to_verdict(j)) for lay, j in members],
+            wrong,
+            len(c.generation.steps),
+            prior,
+        )
+        votes = dict(verdict.details)
+        votes["answer_wrong"] = wrong
+        votes["abandoned_answer"] = abandoned(c) if wrong else None
+        version = next((j.prompt_version for _, j in members if j.prompt_version), None)
+        records.append(to_record(c, key, STACK_JUDGE, verdict, version, votes))
+    return store.judgments.append(records)
+
+
 def run_judging(store: RunStore, cfg: JudgeConfig) -> JudgeSummary:
     """Judge the selected failures of a run; appends to store.judgments. Safe to re-run: finished work is
     skipped, cached replies are reused, endpoint failures are retried (invalid replies too with
@@ -264,16 +431,32 @@ def run_judging(store: RunStore, cfg: JudgeConfig) -> JudgeSummary:
     stats.candidates = len(candidates)
     stats.flips = sum(c.flip for c in candidates)
 
-    rules, stats.rules_written = rule_check(store.judgments, candidates, cfg.rules_timeout_s)
-    if not cfg.judges:
+    offline, stats.rules_written = offline_check(store.judgments, candidates, cfg.rules_timeout_s, cfg.layers)
+    try:
+        _run_model_layers(store, cfg, candidates, offline, stats)
+    finally:
+        stats.stack_written = stack_records(store, candidates, cfg, offline)
         stats.seconds = round(time.monotonic() - t0, 3)
-        return stats
+    return stats
 
-    todo = [
-        c
-        for c in candidates
-        if c.generation.steps and (cfg.llm_for_outcomes or rules[c.generation.key].error_type != OUTCOME)
-    ]
+
+def _run_model_layers(
+    store: RunStore,
+    cfg: JudgeConfig,
+    candidates: list[Failure],
+    offline: dict[str, dict[str, Judgment]],
+    stats: JudgeSummary,
+) -> None:
+    """The prm and llm layers (the judge specs of the config whose layer is listed)."""
+    t0 = time.monotonic()
+    if not cfg.judges:
+        return
+
+    def outcome(c: Failure) -> bool:
+        rec = offline.get(c.generation.key, {}).get(RULES)
+        return rec is not None and rec.error_type == OUTCOME
+
+    todo = [c for c in candidates if c.generation.steps and (cfg.llm_for_outcomes or not outcome(c))]
     stats.llm_items = len(todo)
     template = load_template(cfg.prompt_version)
     taxonomy = load_taxonomy()
@@ -298,8 +481,7 @@ def run_judging(store: RunStore, cfg: JudgeConfig) -> JudgeSummary:
                 n = write_batch(path, pending)
                 stats.judges[cl.spec.name]["pending"] = n
                 stats.batch_files.append(str(path))
-            stats.seconds = round(time.monotonic() - t0, 3)
-            return stats
+            return
         failures: dict[str, dict[str, Verdict]] = {cl.spec.name: {} for cl in clients}
         if cfg.batch.mode == "read":
             for cl in clients:
@@ -316,8 +498,7 @@ def run_judging(store: RunStore, cfg: JudgeConfig) -> JudgeSummary:
             cl.refused for cl in clients if getattr(cl, "refused", None)
         ]  # the caller reports them
         cache.close()
-        stats.seconds = round(time.monotonic() - t0, 3)
-    return stats
+        log.debug("model layers took %.1f s", time.monotonic() - t0)
 
 
 async def _judge_all(
@@ -364,10 +545,12 @@ async def _judge_all(
     async def one(i: int, c: Failure) -> None:
         results = await asyncio.gather(*(member(c, cl, requests[cl.spec.name][i]) for cl in clients))
         records = [rec for _, _, rec in results if rec is not None]
-        if len(clients) >= 2 and all(v is not None for _, v, _ in results):
-            key = content_key("judgment", c.generation.key, PANEL_JUDGE, [k for k, _, _ in results])
+        # the panel votes over the LLM judges only; a process reward model is a layer of its own
+        panel_members = [(cl, r) for cl, r in zip(clients, results) if cl.spec.kind != "prm"]
+        if len(panel_members) >= 2 and all(v is not None for _, (_, v, _) in panel_members):
+            key = content_key("judgment", c.generation.key, PANEL_JUDGE, [r[0] for _, r in panel_members])
             if key not in store.judgments:
-                panel = vote([(cl.spec.name, v) for cl, (_, v, _) in zip(clients, results)])
+                panel = vote([(cl.spec.name, v) for cl, (_, v, _) in panel_members])
                 records.append(to_record(c, key, PANEL_JUDGE, panel, version, panel.details))
                 stats.panel_written += 1
         store.judgments.append(records)
@@ -388,7 +571,7 @@ def current_judgments(store: RunStore, prompt_version: str | None = None) -> dic
     """generation key -> judge -> its current record: the newest valid one, else the newest judge_error."""
     out: dict[str, dict[str, Judgment]] = {}
     for j in store.judgments.all():
-        if prompt_version and j.judge != RULES_JUDGE and j.prompt_version != prompt_version:
+        if prompt_version and j.prompt_version is not None and j.prompt_version != prompt_version:
             continue
         mine = out.setdefault(j.generation_key, {})
         old = mine.get(j.judge)
@@ -398,13 +581,19 @@ def current_judgments(store: RunStore, prompt_version: str | None = None) -> dic
 
 
 def final_judgments(store: RunStore, prompt_version: str | None = None) -> dict[str, Judgment]:
-    """The verdict that counts for each judged generation: the panel's when valid, else a single LLM judge's
-    when valid (the newest), else the rule checks'."""
+    """The verdict that counts for each judged generation: the combined verdict of the judge stack (judge
+    "stack", ``stack.combine``); for runs judged before the stack existed, the panel's when valid, else a
+    single LLM judge's when valid (the newest), else the rule checks'."""
     out = {}
     for gen_key, by_judge in current_judgments(store, prompt_version).items():
+        if STACK_JUDGE in by_judge:
+            out[gen_key] = by_judge[STACK_JUDGE]
+            continue
         panel = by_judge.get(PANEL_JUDGE)
         llm = [
-            j for name, j in by_judge.items() if name not in (PANEL_JUDGE, RULES_JUDGE) and j.status == "ok"
+            j
+            for name, j in by_judge.items()
+            if name not in (PANEL_JUDGE, RULES_JUDGE, REFERENCE) and j.status == "ok"
         ]
         if panel is not None and panel.status == "ok":
             out[gen_key] = panel
@@ -415,6 +604,16 @@ def final_judgments(store: RunStore, prompt_version: str | None = None) -> dict[
         else:
             out[gen_key] = next(iter(by_judge.values()))
     return out
+
+
+def is_located(j: Judgment) -> bool:
+    """Whether a verdict locates a first faulty step: a step index, not guessed by the prior layer."""
+    return (
+        j.status == "ok"
+        and j.first_error_step is not None
+        and j.first_error_step >= 0
+        and j.votes.get("decided_by") != PRIOR
+    )
 
 
 def _positions(values: list[float], bins: list[tuple[str, float, float]] | None = None) -> dict[str, Any]:
@@ -444,9 +643,11 @@ RELATIVE_BINS = [
 def distribution(
     store: RunStore, source: str = "final", flips_only: bool = False, prompt_version: str | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Per variant: counts of error types, sub-types and capabilities, and where the first faulty step lies
-    (absolute index, and index / number of steps). ``source``: "final" (panel, else judge, else rules), or one
-    judge's name ("rules", "panel", a judge). Plain dicts, ready for JSON."""
+    """Per variant: counts of error types, sub-types and capabilities, where the first faulty step lies
+    (absolute index, and index / number of steps), the deciding layers (``sources``), the share of failures
+    with a located step (``coverage``; the prior's guesses do not count) and the abandoned answers among the
+    wrong ones. ``source``: "final" (the combined verdict), or one judge's name ("rules", "reference",
+    "panel", a judge). Plain dicts, ready for JSON."""
     if source == "final":
         chosen = final_judgments(store, prompt_version)
     else:
@@ -459,7 +660,7 @@ def distribution(
         per_variant.setdefault(j.variant, []).append(j)
     for variant, items in sorted(per_variant.items()):
         ok = [j for j in items if j.status == "ok"]
-        located = [j for j in ok if j.first_error_step is not None and j.first_error_step >= 0]
+        located = [j for j in ok if is_located(j)]
         absolute, relative = [], []
         for j in located:
             absolute.append(float(j.first_error_step))
@@ -470,7 +671,10 @@ def distribution(
             "failures": len(items),
             "flips": sum(j.flip for j in items),
             "judge_errors": len(items) - len(ok),
-            "sources": dict(Counter(j.judge for j in items)),
+            "sources": dict(Counter(j.votes.get("decided_by") or j.judge for j in items)),
+            "coverage": round(len(located) / len(items), 4) if items else None,
+            "abandoned_answers": sum(bool(j.votes.get("abandoned_answer")) for j in items),
+            "wrong_answers": sum(bool(j.votes.get("answer_wrong")) for j in items),
             "error_types": dict(Counter(j.error_type for j in ok if j.error_type)),
             "sub_types": dict(Counter(j.sub_type for j in ok if j.sub_type)),
             "capabilities": dict(Counter(j.capability for j in ok if j.capability)),
