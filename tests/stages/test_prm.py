@@ -32,6 +32,7 @@ from qreason.stages.judge.prm import (
     run_calibration,
     threshold_metrics,
 )
+from qreason.stages.judge.stage import final_judgments
 
 SEP = DEFAULT_SEPARATOR
 SECRET = "sk-prm-test-secret-0123456789"
@@ -312,6 +313,7 @@ def test_the_judge_stage_runs_a_prm_and_a_rerun_asks_nothing(fake, tmp_path):
     assert sent == stats.judges["prm"]["ok"] > 0 and stats.judges["prm"]["judge_error"] == 0
     prm = [j for j in store.judgments.all() if j.judge == "prm"]
     assert len(prm) == sent and all(j.status == "ok" and j.first_error_step == -1 for j in prm)
+    assert all(len(j.votes["scores"]) == len(g.steps) for j, g in zip(prm, _gens(store, prm)))
     again = run_judging(store, cfg)
     assert len(fake.requests) == sent and again.judges["prm"]["done"] == sent
     assert len([j for j in store.judgments.all() if j.judge == "prm"]) == sent
@@ -321,6 +323,15 @@ def test_the_judge_stage_runs_a_prm_and_a_rerun_asks_nothing(fake, tmp_path):
     assert len(fake.requests) == sent and third.judges["prm"]["cached"] == sent
     newest = [j for j in store.judgments.all() if j.judge == "prm"][-sent:]
     assert all(j.first_error_step == 0 for j in newest)
+    assert all(j.votes["threshold"] == 0.95 for j in newest)
+    # the combined verdict follows the prm layer where it located a step
+    final = final_judgments(store)
+    assert {final[j.generation_key].votes["decided_by"] for j in newest} == {"prm"}
+    assert {final[j.generation_key].first_error_step for j in newest} == {0}
+
+
+def _gens(store, judgments):
+    return [store.generations.get(j.generation_key) for j in judgments]
 
 
 # ---------------------------------------------------------------------------------------------- calibration

@@ -540,7 +540,10 @@ async def _judge_all(
             stats.judges[name]["judge_error"] += 1
             add_usage(stats.usage, verdict.usage)
             key = error_key(key, verdict)
-        return key, verdict, to_record(c, key, name, verdict, version, {"model": cl.spec.model})
+        votes: dict[str, Any] = {"model": cl.spec.model}
+        if cl.spec.kind == "prm":  # keep the per-step scores: a later threshold needs no new request
+            votes.update({k: verdict.details[k] for k in ("scores", "threshold") if k in verdict.details})
+        return key, verdict, to_record(c, key, name, verdict, version, votes)
 
     async def one(i: int, c: Failure) -> None:
         results = await asyncio.gather(*(member(c, cl, requests[cl.spec.name][i]) for cl in clients))
