@@ -13,9 +13,11 @@ What one job does:
    the config without ``quantization_config``. PEFT cannot wrap packed layers, and the decompressed-but-still-
    quantized modules run the slow compressed path; the dense copy computes the same function and trains
    normally. Written once per quantized checkpoint (``dense_dir``), reused after.
-2. for each run (the targeted one and the control): a LoRA adapter trained with TRL on the dense copy (SFT on
-   completions only, DPO with the frozen quantized model as reference, or SFT then DPO), seeded; saved in PEFT
-   format, and, when asked, merged into a dense checkpoint for engines that cannot serve the adapter.
+2. for each run (the targeted one and the control): a LoRA adapter trained on the dense copy with TRL (SFT on
+   completions only, DPO with the frozen quantized model as reference, or SFT then DPO) or distilled from the
+   full-precision model (``kd``: ``qreason.workers.kd``), seeded; saved in PEFT format, and, when asked,
+   merged into a dense checkpoint for engines that cannot serve the adapter. A run with its own ``model_dir``
+   (the full-precision arm) trains on that checkpoint instead of the dense copy.
 
 The protocol with the parent (progress lines, result file, one error line) is ``qreason.workers.protocol``;
 the result holds versions, device, and per run: seconds and the loss curve.
@@ -197,12 +199,14 @@ def train_phase(
     return trainer.model, curve
 
 
-def train_run(run: dict, dense_dir: str, device: str, seed: int) -> dict:
-    """Train one adapter as ``run`` says; save it (and the merged checkpoint when asked)."""
+def train_run(run: dict, job: dict, device: str, seed: int) -> dict:
+    """Train one adapter as ``run`` says; save it (and the merged checkpoint when asked). The model is the
+    job's dense copy, or the run's own ``model_dir`` (the full-precision arm: the base checkpoint)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     set_seed(seed)
+    dense_dir = run.get("model_dir") or job["dense_dir"]
     h = run["hyper"]
     label = run["name"]
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
@@ -213,9 +217,14 @@ def train_run(run: dict, dense_dir: str, device: str, seed: int) -> dict:
 
         model = PeftModel.from_pretrained(model, run["load_adapter"])
         return merge(model, tokenizer, run, label) or {}
-    phases = {"sft": ["sft"], "dpo": ["dpo"], "sft+dpo": ["sft", "dpo"]}[run["mode"]]
     t0 = time.monotonic()
     curves: dict[str, list] = {}
+    extra: dict = {}
+    if run["mode"] == "kd":
+        from qreason.workers.kd import train_kd
+
+        model, curves["kd"], extra = train_kd(model, tokenizer, run, job, device, seed, label)
+    phases = {"sft": ["sft"], "dpo": ["dpo"], "sft+dpo": ["sft", "dpo"], "kd": []}[run["mode"]]
     with tempfile.TemporaryDirectory(prefix="qreason-train-") as work:
         for kind in phases:
             rows = run["sft"] if kind == "sft" else run["dpo"]
@@ -232,7 +241,8 @@ def train_run(run: dict, dense_dir: str, device: str, seed: int) -> dict:
     tokenizer.save_pretrained(run["adapter_dir"])
     progress(f"{label}: adapter saved ({seconds:.1f} s of training)")
     merge(model, tokenizer, run, label)
-    return {"train_seconds": round(seconds, 2), "loss": curves, "steps": sum(len(c) for c in curves.values())}
+    steps = sum(len(c) for c in curves.values())
+    return {"train_seconds": round(seconds, 2), "loss": curves, "steps": steps, **extra}
 
 
 def merge(model, tokenizer, run: dict, label: str) -> None:
@@ -259,7 +269,7 @@ def run(job: dict) -> dict:
     dense_seconds = None
     if not os.path.isfile(os.path.join(job["dense_dir"], "config.json")):
         dense_seconds = round(build_dense(job["checkpoint"], job["dense_dir"]), 2)
-    runs = {r["name"]: train_run(r, job["dense_dir"], device, seed) for r in job["runs"]}
+    runs = {r["name"]: train_run(r, job, device, seed) for r in job["runs"]}
     return {
         "versions": versions(VERSIONED),
         "device": device,
