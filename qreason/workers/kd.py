@@ -42,10 +42,13 @@ def encode(tokenizer, prompt: list[dict], answer: str, prefix: str, max_length: 
     text = tokenizer.apply_chat_template(
         [*prompt, {"role": "assistant", "content": answer}], tokenize=False, add_generation_prompt=False
     )
-    at = text.rfind(answer)
+    at, lead = text.rfind(answer), 0
+    if at < 0:  # a template that trims the message
+        lead = len(answer) - len(answer.lstrip())
+        at = text.rfind(answer.strip())
     if at < 0:
         raise ValueError("the chat template changed the answer's text")
-    start = at + len(prefix)
+    start = at + max(len(prefix) - lead, 0)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"][:max_length]
     offsets = enc["offset_mapping"][: len(ids)]
