@@ -28,7 +28,7 @@ H = {"kd_top_k": 8, "kd_chunk": 4, "max_length": 256}
 def test_the_loss_covers_the_continuation_only(tiny):
     from transformers import AutoTokenizer
 
-    from qreason.workers.kd import encode
+    from qreason.workers.train import encode
 
     tok = AutoTokenizer.from_pretrained(tiny)
     whole = encode(tok, PROMPT, ANSWER, "", 256)
@@ -45,7 +45,7 @@ def test_the_loss_covers_the_continuation_only(tiny):
 def test_teacher_outputs_are_cached_and_kl_is_zero_for_the_teacher(tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qreason.workers.kd import encode, kd_loss, teacher_topk
+    from qreason.workers.train import encode, kd_loss, teacher_topk
 
     tok = AutoTokenizer.from_pretrained(tiny)
     examples = [encode(tok, PROMPT, ANSWER, PREFIX, 256), encode(tok, PROMPT, ANSWER, "", 256)]
