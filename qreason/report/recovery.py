@@ -26,7 +26,7 @@ def recovery_section(recovery: RecoverySummary | None) -> dict | None:
                 "variant": v.variant,
                 "verdict": v.verdict,
                 "conclusive": v.conclusive,
-                "train_items": v.train_items,
+                "train_items": len(v.train_problem_ids),
                 "min_train_items": v.min_train_items,
                 "head_to_head": v.targeted_vs_control.model_dump() if v.targeted_vs_control else None,
                 "fp_arm_skipped": v.fp_arm_skipped,

@@ -93,8 +93,9 @@ def verdict(v, min_items: int) -> tuple[bool, str]:
     def pts(x):
         return f"{100 * x:+.1f}"
 
-    if v.train_items < min_items:
-        return False, f"{TOO_FEW} ({v.train_items} train items, fewer than {min_items})"
+    items = len(v.train_problem_ids)  # items, not rows (kd and sft+dpo train on two rows per item)
+    if items < min_items:
+        return False, f"{TOO_FEW} ({items} train items, fewer than {min_items})"
     gap = (
         f"gap closed {100 * v.gap_closed:.0f}%"
         + (

@@ -28,7 +28,7 @@ For each quantized variant with Silver Bullet items (``curate``'s dataset, ``RUN
    the verdict rests on these. With fewer train items than ``min_train_items`` nothing is concluded. Written
    to ``RUN_DIR/recovery/summary.json``.
 
-``mode: kd`` distills the base model into the adapter (``qreason.workers.kd``): forward KL on the base's
+``mode: kd`` distills the base model into the adapter (``qreason.workers.train``): forward KL on the base's
 top-k tokens over its verified solutions and at the failure frontier (the quantized model's own steps up to
 its first faulty one, then the base's verified continuation, the loss on the continuation only).
 
