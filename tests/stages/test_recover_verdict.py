@@ -104,3 +104,22 @@ def test_min_gap_closed_gate():
     tripped = check_gates(GatesConfig(min_gap_closed=0.5), summary, "base", None, [])
     assert tripped == ["rtn+sb: the adapter closed 25.0% of the gap to the base, below 50.0%"]
     assert check_gates(GatesConfig(min_gap_closed=0.2), summary, "base", None, []) == []
+
+
+def test_the_report_shows_the_fp_arm_and_withholds_the_verdict_below_the_minimum(tmp_path):
+    from run_builders import build_run
+
+    from qreason.report import build_report
+
+    store = build_run(tmp_path)
+    base, before, after, fp_after = _arrays(240, 80, 200, 260)
+    few = _variant(base, before, after, fp_after, train_items=6)
+    html = build_report(store, summary=RunSummary(recover=RecoverySummary(variants=[few]))).read_text()
+    section = html[html.index('id="recovery"') : html.index('id="failures"')]
+    assert "rtn+fp" in section and "full precision: the base on the same items" in section
+    assert TOO_FEW in section and "beat" not in section and "no significant" not in section
+    enough = _variant(base, before, after, fp_after, train_items=40)
+    html = build_report(store, summary=RunSummary(recover=RecoverySummary(variants=[enough]))).read_text()
+    section = html[html.index('id="recovery"') : html.index('id="failures"')]
+    assert "gap closed 75%" in section and "repaired more than the same data taught full precision" in section
+    assert TOO_FEW not in section
