@@ -204,6 +204,8 @@ def main(argv=None) -> int:
     n_problems = len({(p.task, p.problem_id) for p in study.store.problems.all()})
     n_eval = n_problems - 2 * len(items)  # targeted and control train problems are held out of evaluation
     log(f"{len(items)} train items of {study.variant.name}; about {n_eval} held-out problems")
+    if not items:
+        sys.exit(f"no Silver Bullet train items in {run_dir}: raise tasks[0].limit in {args.config}")
     short = []
     if len(items) < args.min_train:
         short.append(f"{len(items)} train items < {args.min_train}")
