@@ -29,7 +29,7 @@ def rows(summary: dict, epochs: int) -> list[dict]:
     re-evaluation time and generations/s (of the generations this invocation produced)."""
     out = []
     for v in summary.get("variants", []):
-        for arm in [v] + ([v["control"]] if v.get("control") else []):
+        for arm in [v] + [a for a in (v.get("control"), v.get("fp_arm")) if a]:
             train_s, eval_s, produced = arm["train_seconds"], arm["eval_seconds"], arm["generations_produced"]
             out.append(
                 {
@@ -77,7 +77,7 @@ def determinism(fresh: dict, run_dir: Path) -> None:
         for a in [v] + ([v["control"]] if v.get("control") else [])
     }
     for v in fresh["variants"]:
-        for arm in [v] + ([v["control"]] if v.get("control") else []):
+        for arm in [v] + [a for a in (v.get("control"), v.get("fp_arm")) if a]:
             prev = before.get(arm["eval_variant"])
             if prev is None:
                 continue

@@ -41,3 +41,34 @@ def bootstrap_diff_ci(
     diffs = variant[idx].mean(axis=1) - base[idx].mean(axis=1)
     lo, hi = np.quantile(diffs, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
+
+
+def paired_bootstrap_ci(
+    statistic, arrays: tuple[np.ndarray, ...], n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float | None, float | None]:
+    """Percentile bootstrap interval (scipy) of ``statistic(*arrays, axis)`` over paired items. Resamples
+    where the statistic is undefined (NaN: a ratio with a zero denominator) are left out; None when most
+    are."""
+    import warnings
+
+    from scipy.stats import bootstrap
+
+    if not len(arrays[0]):
+        return (None, None)
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore")
+        res = bootstrap(
+            tuple(np.asarray(a, float) for a in arrays),
+            statistic,
+            paired=True,
+            vectorized=True,
+            n_resamples=n_boot,
+            method="percentile",
+            random_state=np.random.default_rng(seed),
+        )
+    dist = np.asarray(res.bootstrap_distribution, float)
+    dist = dist[np.isfinite(dist)]
+    if len(dist) < n_boot / 2:
+        return (None, None)
+    lo, hi = np.quantile(dist, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)

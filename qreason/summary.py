@@ -166,11 +166,13 @@ class JudgeSummary(Section):
 
 
 class ArmResult(Section):
-    """One adapter (targeted or control) of one quantized variant, evaluated on the held-out problems."""
+    """One adapter of one quantized variant, evaluated on the held-out problems: targeted (the Silver Bullet
+    items), control (untargeted examples, same budget) or fp (the full-precision model trained on the targeted
+    arm's data: "before" and "after" are then the base's own accuracy without and with that adapter)."""
 
     variant: str  # the quantized variant
-    eval_variant: str  # the name its re-evaluation generations carry (VARIANT+sb / +ctl)
-    arm: Literal["targeted", "control"]
+    eval_variant: str  # the name its re-evaluation generations carry (VARIANT+sb / +ctl / +fp)
+    arm: Literal["targeted", "control", "fp"]
     mode: str
     train_items: int
     train_problem_ids: list[str]
@@ -196,6 +198,7 @@ class ArmResult(Section):
     loss: dict[str, list[list[float]]] = Field(default_factory=dict)  # phase -> [[step, loss], ...]
     failures_after: dict[str, int] = Field(default_factory=dict)  # rule-check verdicts of what still fails
     versions: dict[str, str] = Field(default_factory=dict)
+    teacher: dict[str, int] = Field(default_factory=dict)  # kd: teacher outputs computed / read from cache
 
 
 class HeadToHead(Section):
@@ -211,6 +214,19 @@ class HeadToHead(Section):
 
 class VariantRecovery(ArmResult):
     control: ArmResult | None = None
+    fp_arm: ArmResult | None = None  # the full-precision model trained on the same data (recover.fp_arm)
+    fp_arm_skipped: str | None = None  # why there is no full-precision arm
+    # (after - before) / (base - before): the share of the quantization gap the adapter closed (None when the
+    # variant matched the base before training), with a paired bootstrap 95 % interval over problems
+    gap_closed: float | None = None
+    gap_closed_ci: list[float | None] = Field(default_factory=list)
+    # the variant's gain minus the base's gain from the same data (accuracy points as a fraction): repair of
+    # quantization damage beyond what the data teaches any model; paired bootstrap 95 % interval
+    repair_beyond_fp: float | None = None
+    repair_beyond_fp_ci: list[float | None] = Field(default_factory=list)
+    min_train_items: int = 0  # below this many train items nothing is concluded
+    conclusive: bool = True
+    verdict: str = ""  # one line: what the comparison shows (or "too few items to conclude")
     # the targeted adapter merged into a dense checkpoint, for lm-eval (``lm_eval.adapters``): vLLM 0.32
     # cannot compute prompt logprobs with a LoRA, so loglikelihood tasks need the merged model
     merged_checkpoint: str | None = None

@@ -218,6 +218,8 @@ def _cmd_recover(args) -> int:
         flags = {k: v for k, v in (("mode", args.mode), ("eval_mode", args.eval_mode)) if v}
         if args.no_control:
             flags["control"] = False
+        if args.no_fp_arm:
+            flags["fp_arm"] = False
         cfg.recover = cfg.recover.model_copy(update=flags)
 
     stage = RecoverStage(
@@ -254,7 +256,7 @@ def format_recovery(result) -> str:
         ]
     ]
     for v in result.variants:
-        for arm in [v] + ([v.control] if v.control else []):
+        for arm in [v] + [a for a in (v.control, v.fp_arm) if a is not None]:
             rows.append(
                 [
                     arm.eval_variant,
@@ -282,6 +284,10 @@ def format_recovery(result) -> str:
                 f"{v.variant}: targeted - control = {100 * h.diff:+.1f} points, 95% CI {ci_text}, "
                 f"McNemar p {h.mcnemar_p:.3g}: {h.verdict}"
             )
+        if v.verdict:
+            lines.append(f"{v.variant}: {v.verdict}")
+        if v.fp_arm_skipped:
+            lines.append(f"{v.variant}: no full-precision arm ({v.fp_arm_skipped})")
     for name, why in result.skipped.items():
         lines.append(f"{name}: skipped ({why})")
     lines.append(f"recovery: {result.produced} generations produced; {result.summary_path}")
@@ -593,8 +599,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rc.add_argument("run_dir")
     rc.add_argument("--variant", action="append", help="only this quantized variant (repeatable)")
-    rc.add_argument("--mode", choices=["sft", "dpo", "sft+dpo"], help="training mode (default: the config's)")
+    rc.add_argument(
+        "--mode", choices=["sft", "dpo", "sft+dpo", "kd"], help="training mode (default: the config's)"
+    )
     rc.add_argument("--no-control", action="store_true", help="skip the control adapter")
+    rc.add_argument(
+        "--no-fp-arm", action="store_true", help="skip the full-precision arm (the base trained on the data)"
+    )
     rc.add_argument(
         "--eval-mode",
         choices=["auto", "lora", "merged"],

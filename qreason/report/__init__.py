@@ -17,6 +17,7 @@ import pandas as pd
 from qreason.config.schema import RunConfig
 from qreason.flips import is_flip, latest_grades, solved_cells
 from qreason.report import figures
+from qreason.report.recovery import recovery_section
 from qreason.stages.analyze import Analysis, analysis_for, analyze, verdicts
 from qreason.stages.base import RunContext
 from qreason.stages.judge.stage import is_located
@@ -246,7 +247,7 @@ def build_report(
     figs["lm_eval"] = lm_eval_figure(lm_rows)
     recovery = summary.recover
     if recovery:
-        arms = [a for v in recovery.variants for a in [v] + ([v.control] if v.control else [])]
+        arms = [a for v in recovery.variants for a in [v, v.control, v.fp_arm] if a is not None]
         figs["loss"] = figures.loss_curves(
             {f"{a.eval_variant} {phase}": points for a in arms for phase, points in a.loss.items()}
         )
@@ -276,7 +277,7 @@ def build_report(
         "trend": trend_rows,
         "lm_eval": lm_rows,
         "lm_eval_section": summary.lm_eval.model_dump() if summary.lm_eval else {},
-        "recovery": recovery.model_dump(mode="json") if recovery else None,
+        "recovery": recovery_section(recovery),
         **noise_context(store, summary, base),
         "generated_at": datetime.now().astimezone().isoformat(timespec="seconds"),
     }

@@ -164,6 +164,15 @@ def check_gates(
                 f"{v.eval_variant}: the adapter lowered accuracy on held-out problems "
                 f"({100 * before:.1f}% -> {100 * v.accuracy_after:.1f}%)"
             )
+        if (
+            gates.min_gap_closed is not None
+            and v.gap_closed is not None
+            and v.gap_closed < gates.min_gap_closed - 1e-12
+        ):
+            tripped.append(
+                f"{v.eval_variant}: the adapter closed {100 * v.gap_closed:.1f}% of the gap to the base, "
+                f"below {100 * gates.min_gap_closed:.1f}%"
+            )
     if gates.max_judge_error_rate is not None:
         rate, n = judge_error_rate(judgments)
         if rate > gates.max_judge_error_rate:

@@ -47,13 +47,14 @@ class QuantizeJob(TypedDict):
 
 class TrainRun(TypedDict):
     name: str  # "VARIANT ARM"
-    mode: str  # sft | dpo | sft+dpo
+    mode: str  # sft | dpo | sft+dpo | kd
     sft: list[dict]  # TRL conversational prompt-completion rows
-    dpo: list[dict]  # TRL conversational preference rows
+    dpo: list[dict]  # TRL conversational preference rows (kd: ``prefix`` + ``chosen``, the failure frontier)
     hyper: dict[str, Any]
     merged_dir: str | None  # also write the adapter merged into a dense checkpoint here
     adapter_dir: NotRequired[str]  # train a new adapter into this directory
     load_adapter: NotRequired[str]  # or load this finished one (to merge it)
+    model_dir: NotRequired[str]  # train on this checkpoint instead of the dense copy (full-precision arm)
 
 
 class TrainJob(TypedDict):
@@ -63,6 +64,9 @@ class TrainJob(TypedDict):
     seed: int
     threads: int | None
     runs: list[TrainRun]
+    teacher: NotRequired[str]  # kd: the full-precision checkpoint
+    teacher_key: NotRequired[str]  # its fingerprint (part of the cache key)
+    teacher_cache: NotRequired[str]  # the directory of cached teacher top-k files
 
 
 class LmEvalJob(TypedDict):

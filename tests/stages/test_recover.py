@@ -292,6 +292,20 @@ def test_evaluation_never_includes_a_training_problem(recovered):
     # before: the variant's recorded grades on the held-out problems (odd ids were wrong)
     held = sorted(v.eval_problem_ids)
     assert v.accuracy_before == pytest.approx(sum(int(p[-1]) % 2 == 0 for p in held) / len(held))
+    # the full-precision arm: the base trained on the same items, evaluated on the same problems
+    fp = v.fp_arm
+    assert fp.eval_variant == "rtn+fp" and fp.train_problem_ids == v.train_problem_ids
+    assert fp.eval_problem_ids == v.eval_problem_ids and fp.accuracy_before == v.base_accuracy == 1.0
+    assert {g.problem_id for g in store.recovery_generations.all() if g.variant == "rtn+fp"} == set(held)
+    for field in ("fp_arm", "gap_closed", "gap_closed_ci", "repair_beyond_fp", "repair_beyond_fp_ci"):
+        assert field in row
+    assert set(row["fp_arm"]) == set(row["control"])
+    assert row["repair_beyond_fp"] == pytest.approx(
+        (v.accuracy_after - v.accuracy_before) - (fp.accuracy_after - fp.accuracy_before)
+    )
+    # 4 train items: fewer than the minimum, so nothing is concluded
+    assert not v.conclusive and v.verdict.startswith("too few items to conclude")
+    assert v.targeted_vs_control.verdict == "too few items to conclude"
 
 
 @pytest.mark.quant
@@ -302,6 +316,7 @@ def test_rerun_reuses_the_adapter_and_generates_nothing(recovered):
     assert first.produced > 0
     assert second.produced == 0
     assert second.variants[0].adapter_reused and second.variants[0].control.adapter_reused
+    assert second.variants[0].fp_arm.adapter_reused
     assert second.variants[0].adapter == first.variants[0].adapter
     assert second.variants[0].accuracy_after == first.variants[0].accuracy_after
     assert second.variants[0].merged_checkpoint == first.variants[0].merged_checkpoint
@@ -379,3 +394,66 @@ def test_synthetic_max_number_caps_every_number_and_keeps_the_default():
     assert [r["answer"] for r in default] == ["22", "21", "6"]
     with pytest.raises(ValueError):
         synthetic.generate(n=3, max_number=2)
+
+
+@pytest.mark.quant
+@pytest.mark.vllm
+def test_kd_trains_evaluates_and_reuses_its_teacher_outputs(recovered, tmp_path, capsys):
+    """``qreason recover RUN --mode kd`` on a copy of the run: the adapter is distilled from the base (the
+    loss covers the base's solutions and the frontier continuations), changes the quantized model's
+    answers, and a re-run generates nothing; training again with another learning rate reads every teacher
+    output from the cache."""
+    from qreason.config.schema import parse_config
+    from qreason.engines import make_backend
+    from qreason.inputs.models import ResolvedModel
+    from qreason.stages.generate import run_generation
+    from qreason.stages.recover.adapters import ArmPlan, adapter_key, read_meta, train_adapters
+    from qreason.stages.recover.data import TARGETED, EvalSet, eval_requests, read_items, targeted_set
+    from qreason.store import RunStore
+
+    store, *_ = recovered
+    run = tmp_path / "run"
+    shutil.copytree(store.dir, run, ignore=shutil.ignore_patterns("recovery", ".lock"))
+    code = main(["recover", str(run), "--mode", "kd", "--no-control", "--no-fp-arm"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    summary = json.loads((run / "recovery" / "summary.json").read_text())
+    v = summary["variants"][0]
+    rows = len(TRAIN) * 2  # each train item: the base's solution and its frontier (prefix + continuation)
+    assert v["mode"] == "kd" and v["train_items"] == rows
+    assert v["teacher"] == {"teacher_computed": rows, "teacher_cached": 0}
+    assert v["loss"]["kd"] and v["loss"]["kd"][0][1] > 0  # the student starts away from its teacher
+    assert "too few items to conclude" in out.out and "no significant difference" not in out.out
+    # the adapter changes the quantized model's answers (same prompts, seeds and greedy sampling)
+    kd_store = RunStore(run)
+    variant = next(x for x in kd_store.variants.all() if x.name == "rtn")
+    with_adapter = {(g.problem_id, g.seed): g.text for g in kd_store.recovery_generations.all()}
+    cfg = parse_config((run / "config.yaml").read_text(), "test")
+    plain = ResolvedModel("rtn-plain", variant.path, variant.fingerprint, "variant")
+    own = {(g.task, g.problem_id, g.seed): g for g in kd_store.generations.all() if g.variant == "rtn"}
+    problems = {(p.task, p.problem_id): p for p in kd_store.problems.all()}
+    items = sorted(k for k in own if k[1] in v["eval_problem_ids"])
+    reqs = eval_requests("rtn-plain", plain, items, EvalSet(base={}, own=own), problems, cfg)
+    table = RunStore(tmp_path / "plain").generations
+    backend = make_backend(cfg.backend, plain)
+    try:
+        run_generation(table, reqs, backend, cfg.sampling)
+    finally:
+        backend.close()
+    without = {(g.problem_id, g.seed): g.text for g in table.all()}
+    assert without.keys() == with_adapter.keys() and without != with_adapter
+    # a re-run reuses the adapter and generates nothing
+    before = len(kd_store.recovery_generations)
+    code = main(["recover", str(run), "--mode", "kd", "--no-control", "--no-fp-arm"])
+    capsys.readouterr()
+    again = json.loads((run / "recovery" / "summary.json").read_text())["variants"][0]
+    assert code == 0 and again["adapter_reused"] and again["generations_produced"] == 0
+    assert len(RunStore(run).recovery_generations) == before
+    # another learning rate trains a new adapter on the same rows: every teacher output comes from the cache
+    cfg.recover = cfg.recover.model_copy(update={"mode": "kd", "learning_rate": 0.01})
+    base = next(x for x in kd_store.variants.all() if x.name == "base")
+    data = targeted_set([it for it in read_items(kd_store) if it.split == "train"])
+    key = adapter_key(variant, data, cfg.recover, TARGETED, base.fingerprint)
+    plan = ArmPlan(TARGETED, data, key, tmp_path / "lr-0.01", None)
+    train_adapters([plan], variant, cfg.recover, set(), tmp_path / "work", lambda m: None, teacher=base)
+    assert read_meta(plan.adapter_dir)["teacher"] == {"teacher_computed": 0, "teacher_cached": rows}

@@ -42,11 +42,16 @@ def hyperparameters(cfg: RecoverConfig) -> dict:
         "max_length": cfg.max_length,
         "beta": cfg.beta,
         "target_modules": list(cfg.target_modules),
+        **({"kd_top_k": cfg.kd_top_k, "kd_chunk": cfg.kd_chunk} if cfg.mode == "kd" else {}),
     }
 
 
-def adapter_key(variant: ModelVariant, data: TrainSet, cfg: RecoverConfig, arm: str) -> str:
+def adapter_key(
+    variant: ModelVariant, data: TrainSet, cfg: RecoverConfig, arm: str, teacher: str | None = None
+) -> str:
+    """``variant``: the model the adapter trains on; ``teacher``: kd's teacher fingerprint."""
     rows = {"sft": data.sft if cfg.mode != "dpo" else [], "dpo": data.dpo if cfg.mode != "sft" else []}
+    parts = [teacher] if cfg.mode == "kd" else []
     return content_key(
         "adapter",
         KEY_VERSION,
@@ -56,6 +61,7 @@ def adapter_key(variant: ModelVariant, data: TrainSet, cfg: RecoverConfig, arm: 
         hyperparameters(cfg),
         cfg.seed,
         arm,
+        *parts,
     )
 
 
@@ -65,6 +71,11 @@ def dense_dir(variant: ModelVariant) -> Path:
 
 def merged_dir(key: str) -> Path:
     return cache_dir() / "recover" / "merged" / key
+
+
+def teacher_cache_dir() -> Path:
+    """kd: the teacher's top-k per example, one file per content key (shared by runs and arms)."""
+    return cache_dir() / "recover" / "teacher"
 
 
 def check_adapter(adapter: Path, variant: ModelVariant) -> None:
@@ -119,6 +130,8 @@ class ArmPlan:
     adapter_dir: Path
     meta: dict | None  # provenance when the adapter is finished (reused)
     external: bool = False  # an adapter the user gave (--adapter)
+    mode: str | None = None  # its objective when not the config's (the full-precision arm under kd)
+    model: ModelVariant | None = None  # the model it trains on when not the variant (the full-precision arm)
 
 
 def train_adapters(
@@ -128,9 +141,11 @@ def train_adapters(
     merge_arms: set[str],
     work_root: Path,
     echo: Callable[[str], None],
+    teacher: ModelVariant | None = None,
 ) -> None:
     """One worker run for everything this variant needs: the dense copy, each missing adapter (trained), and
-    the merged checkpoints of the arms in ``merge_arms``. Fills in ``plan.meta`` of trained adapters."""
+    the merged checkpoints of the arms in ``merge_arms``. Fills in ``plan.meta`` of trained adapters.
+    ``teacher``: the full-precision model kd distills from."""
     from qreason.workers.launch import run_worker
 
     runs, staged = [], []
@@ -146,12 +161,14 @@ def train_adapters(
             root.mkdir(parents=True)
         run: TrainRun = {
             "name": f"{variant.name} {p.arm}",
-            "mode": cfg.mode,
+            "mode": p.mode or cfg.mode,
             "sft": p.data.sft,
             "dpo": p.data.dpo,
             "hyper": hyperparameters(cfg),
             "merged_dir": None,
         }
+        if p.model is not None:
+            run["model_dir"] = p.model.path
         if need_train:
             run["adapter_dir"] = str(root / f"{p.arm}.adapter")
         else:
@@ -170,6 +187,10 @@ def train_adapters(
         "threads": cfg.threads,
         "runs": runs,
     }
+    if teacher is not None and any(r["mode"] == "kd" for r in runs):
+        job.update(
+            teacher=teacher.path, teacher_key=teacher.fingerprint, teacher_cache=str(teacher_cache_dir())
+        )
     try:
         result = run_worker(
             job,
@@ -188,12 +209,12 @@ def train_adapters(
                     "key": p.key,
                     "variant": variant.name,
                     "variant_fingerprint": variant.fingerprint,
-                    "checkpoint": variant.path,
+                    "checkpoint": (p.model or variant).path,
                     "arm": p.arm,
-                    "mode": cfg.mode,
+                    "mode": p.mode or cfg.mode,
                     "hyperparameters": hyperparameters(cfg),
                     "seed": cfg.seed,
-                    "train_items": p.data.rows_for(cfg.mode),
+                    "train_items": p.data.rows_for(p.mode or cfg.mode),
                     "train_problems": [list(k) for k in p.data.problems],
                     "train_seconds": done["train_seconds"],
                     "loss": done["loss"],
@@ -201,6 +222,7 @@ def train_adapters(
                     "device": result.result["device"],
                     "threads": result.result["threads"],
                     "versions": result.result["versions"],
+                    "teacher": {k: done[k] for k in ("teacher_computed", "teacher_cached") if k in done},
                     "created_at": now_iso(),
                 }
                 tmp = Path(run["adapter_dir"])

@@ -1,5 +1,6 @@
-"""What the adapters train and are evaluated on: the Silver Bullet items of a variant (targeted), an
-untargeted control set of the same size, and the held-out items both are evaluated on."""
+"""What the adapters train and are evaluated on: the Silver Bullet items of a variant (targeted: the very rows
+``curate`` exports, so training the exported train split elsewhere reproduces the adapter), an untargeted
+control set of the same size, and the held-out items every arm is evaluated on."""
 
 from __future__ import annotations
 
@@ -9,13 +10,19 @@ from qreason.config.schema import RunConfig
 from qreason.engines import GenerationRequest, make_request
 from qreason.inputs.models import ResolvedModel
 from qreason.records import SilverBulletItem, content_key
-from qreason.stages.curate import dpo_row, sft_row
+from qreason.stages.curate import dpo_row, item_rows, sft_row
 from qreason.store import RunStore
 
-TARGETED, CONTROL = "targeted", "control"
+TARGETED, CONTROL, FP = "targeted", "control", "fp"
 
 
-SUFFIX = {TARGETED: "+sb", CONTROL: "+ctl"}
+SUFFIX = {TARGETED: "+sb", CONTROL: "+ctl", FP: "+fp"}
+
+
+def fp_mode(mode: str) -> str:
+    """The full-precision arm's objective: the run's, except that distilling the base into itself changes
+    nothing, so kd's full-precision arm fits the same answers (sft)."""
+    return "sft" if mode == "kd" else mode
 
 
 def read_items(store: RunStore) -> list[SilverBulletItem]:
@@ -32,8 +39,8 @@ def read_items(store: RunStore) -> list[SilverBulletItem]:
 @dataclass
 class TrainSet:
     problems: list[tuple[str, str]]  # (task, problem_id)
-    sft: list[dict]
-    dpo: list[dict]
+    sft: list[dict]  # curate's SFT rows (prompt, completion)
+    dpo: list[dict]  # curate's DPO rows (prompt, chosen, rejected, prefix); kd: prefix + chosen, the frontier
 
     def rows_for(self, mode: str) -> int:
         return (
@@ -46,10 +53,12 @@ class TrainSet:
 
 
 def targeted_set(items: list[SilverBulletItem]) -> TrainSet:
+    """The train split's rows exactly as ``curate`` exports them (sft/train.jsonl, dpo/train.jsonl)."""
+    rows = [item_rows(it) for it in items]
     return TrainSet(
         problems=[(it.task, it.problem_id) for it in items],
-        sft=[sft_row(it.messages, it.sft_solution) for it in items],
-        dpo=[dpo_row(it.messages, it.chosen, it.rejected) for it in items if it.chosen is not None],
+        sft=[r["sft"] for r in rows],
+        dpo=[r["dpo"] for r in rows if r["dpo"] is not None],
     )
 
 
@@ -68,14 +77,17 @@ def control_set(
 ) -> TrainSet:
     """The same number of examples, on problems the analysis did not choose: seeded random problems the base
     solved that hold no Silver Bullet item of any variant or split. SFT: the base's solution; DPO: the base's
-    solution against the variant's own (different) solution of the same problem and seed."""
+    solution against the variant's own (different) solution of the same problem and seed. kd: as many of the
+    base's solutions as the targeted set has rows (a control has no located step, so no frontier)."""
     chosen_problems = {(it.task, it.problem_id) for it in all_items}
     pool = sorted(
         (k for k in correct_base if k[:2] not in chosen_problems), key=lambda k: _order(seed, variant, *k)
     )
     picked, sft, dpo, used = [], [], [], set()
     want_sft = len(target.sft) if mode != "dpo" else 0  # only the rows the mode trains on
-    want_dpo = len(target.dpo) if mode != "sft" else 0
+    want_dpo = len(target.dpo) if mode not in ("sft", "kd") else 0
+    if mode == "kd":
+        want_sft = len(target.sft) + len(target.dpo)
     for key in pool:
         if key[:2] in used or (len(sft) >= want_sft and len(dpo) >= want_dpo):
             continue

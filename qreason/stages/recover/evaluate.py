@@ -15,7 +15,7 @@ from qreason.errors import UserError
 from qreason.inputs.models import ResolvedModel
 from qreason.records import Generation, ModelVariant
 from qreason.stages.grade import grade_key
-from qreason.stats import bootstrap_diff_ci, mcnemar_exact
+from qreason.stats import bootstrap_diff_ci, mcnemar_exact, paired_bootstrap_ci
 from qreason.store import Table
 from qreason.summary import HeadToHead
 
@@ -57,6 +57,71 @@ def compare(base: np.ndarray, before: np.ndarray, after: np.ndarray) -> dict:
         "mcnemar_p": mcnemar_exact(broken, repaired),
         "diff_ci": [_clean(lo), _clean(hi)],
     }
+
+
+def _gap(base, before, after, axis=-1):
+    gap = base.mean(axis) - before.mean(axis)
+    return np.where(gap != 0, (after.mean(axis) - before.mean(axis)) / np.where(gap != 0, gap, 1), np.nan)
+
+
+def _beyond(base, before, after, fp_after, axis=-1):
+    return (after.mean(axis) - before.mean(axis)) - (fp_after.mean(axis) - base.mean(axis))
+
+
+def against_fp(base: np.ndarray, before: np.ndarray, after: np.ndarray, fp_after: np.ndarray | None) -> dict:
+    """Gap closed = (after - before) / (base - before), and repair beyond task learning = the variant's gain
+    minus the base's gain from the same data (``fp_after``: the base with the full-precision arm's adapter),
+    each with a paired bootstrap 95 % interval over problems."""
+    out: dict = {}
+    if len(base) and base.mean() != before.mean():
+        out["gap_closed"] = float(_gap(base, before, after))
+        out["gap_closed_ci"] = [_clean(x) for x in paired_bootstrap_ci(_gap, (base, before, after))]
+    if fp_after is not None and len(base):
+        out["repair_beyond_fp"] = float(_beyond(base, before, after, fp_after))
+        ci = paired_bootstrap_ci(_beyond, (base, before, after, fp_after))
+        out["repair_beyond_fp_ci"] = [_clean(x) for x in ci]
+    return out
+
+
+TOO_FEW = "too few items to conclude"
+
+
+def verdict(v, min_items: int) -> tuple[bool, str]:
+    """(conclusive, one line) for a variant's recovery: below ``min_items`` train items nothing is concluded;
+    with a full-precision arm the line rests on repair beyond task learning, else on the change itself."""
+
+    def pts(x):
+        return f"{100 * x:+.1f}"
+
+    items = len(v.train_problem_ids)  # items, not rows (kd and sft+dpo train on two rows per item)
+    if items < min_items:
+        return False, f"{TOO_FEW} ({items} train items, fewer than {min_items})"
+    gap = (
+        f"gap closed {100 * v.gap_closed:.0f}%"
+        + (
+            f" [{100 * v.gap_closed_ci[0]:.0f}%, {100 * v.gap_closed_ci[1]:.0f}%]"
+            if v.gap_closed_ci and v.gap_closed_ci[0] is not None
+            else ""
+        )
+        if v.gap_closed is not None
+        else "no gap to the base on these problems"
+    )
+    ci = v.repair_beyond_fp_ci
+    if v.repair_beyond_fp is not None and ci and ci[0] is not None:
+        what = f"repair beyond task learning {pts(v.repair_beyond_fp)} points [{pts(ci[0])}, {pts(ci[1])}]"
+        if ci[0] > 0:
+            return True, f"{gap}; {what}: the adapter repaired more than the same data taught full precision"
+        if ci[1] < 0:
+            return True, f"{gap}; {what}: the same data helped full precision more (task learning)"
+        return True, f"{gap}; {what}: no significant repair beyond task learning"
+    lo, hi = v.diff_ci if v.diff_ci else (None, None)
+    if lo is not None and lo > 0:
+        change = "accuracy rose"
+    elif hi is not None and hi < 0:
+        change = "accuracy fell"
+    else:
+        change = "no significant change"
+    return True, f"{gap}; {change} (no full-precision arm: task learning is not separated from repair)"
 
 
 def head_to_head(control: np.ndarray, targeted: np.ndarray) -> HeadToHead:

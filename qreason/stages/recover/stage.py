@@ -21,7 +21,16 @@ For each quantized variant with Silver Bullet items (``curate``'s dataset, ``RUN
    graded by the same grader, failures judged by the rule checks. Re-running does no new work.
 4. **compare**: accuracy and recovery (variant / base) before and after on the same problems and seeds, flips
    repaired and newly broken with McNemar's exact test and a paired bootstrap interval, and targeted against
-   control the same way. Written to ``RUN_DIR/recovery/summary.json``.
+   control the same way.
+5. the **full-precision arm** (``fp_arm``): the base model trained on the targeted data with the same budget
+   and evaluated on the same problems (``VARIANT+fp``). Gap closed = (after - before) / (base - before) and
+   repair beyond task learning = the variant's gain minus the base's gain, each with a bootstrap interval;
+   the verdict rests on these. With fewer train items than ``min_train_items`` nothing is concluded. Written
+   to ``RUN_DIR/recovery/summary.json``.
+
+``mode: kd`` distills the base model into the adapter (``qreason.workers.train``): forward KL on the base's
+top-k tokens over its verified solutions and at the failure frontier (the quantized model's own steps up to
+its first faulty one, then the base's verified continuation, the loss on the continuation only).
 
 The entry point is ``recover(store, cfg, ...)``; it returns a ``RecoverySummary``.
 """
@@ -55,16 +64,20 @@ from qreason.stages.recover.adapters import (
 )
 from qreason.stages.recover.data import (
     CONTROL,
+    FP,
     SUFFIX,
     TARGETED,
     EvalSet,
     TrainSet,
     control_set,
     eval_requests,
+    fp_mode,
     read_items,
     targeted_set,
 )
 from qreason.stages.recover.evaluate import (
+    TOO_FEW,
+    against_fp,
     compare,
     correct_array,
     head_to_head,
@@ -72,6 +85,7 @@ from qreason.stages.recover.evaluate import (
     lora_backend,
     problem_label,
     resolve_eval_mode,
+    verdict,
 )
 from qreason.store import RunStore, write_atomic
 from qreason.summary import ArmResult, RecoverySummary, VariantRecovery
@@ -97,6 +111,7 @@ class RecoveryInputs:
     owned: list[Backend]  # engines this stage started (closed before training)
     grader: Grader
     echo: Callable[[str], None]
+    base_variant: ModelVariant | None = None  # the full-precision model (kd's teacher, the fp arm)
 
 
 def recover(
@@ -139,6 +154,9 @@ def recover(
         summary.skipped = {name: msg for name in targets}
         return summary
     eval_mode = resolve_eval_mode(cfg, run_cfg)
+    base_variant = variants.get(base_name)
+    if cfg.mode == "kd" and adapter is None and not (base_variant and Path(base_variant.path).is_dir()):
+        raise UserError("recover.mode", "kd distills the base model: it needs the base's local checkpoint")
     if adapter is not None:
         check_adapter(adapter, variants[targets[0]])
     if adapter is None and any(not (it.variant not in targets or it.split != "train") for it in all_items):
@@ -177,6 +195,7 @@ def recover(
         owned,
         grader,
         echo,
+        base_variant,
     )
     try:
         for name in targets:
@@ -189,8 +208,8 @@ def recover(
                 raise UserError(variant.path, f"the checkpoint of variant {name!r} is missing")
             result = _recover_variant(inputs, variant, items, by_variant[name])
             summary.variants.append(result)
-            summary.produced += result.generations_produced + (
-                result.control.generations_produced if result.control else 0
+            summary.produced += result.generations_produced + sum(
+                a.generations_produced for a in (result.control, result.fp_arm) if a is not None
             )
     finally:
         for b in owned:
@@ -225,6 +244,17 @@ def _recover_variant(
                 control_set(variant.name, target, inp.all_items, inp.correct_base, own, cfg.seed, cfg.mode),
             )
         )
+    fp_skipped = None
+    if cfg.fp_arm and adapter is None:
+        fp_model = inp.base_variant
+        if fp_model is None or not Path(fp_model.path).is_dir():
+            fp_skipped = "the base model has no local checkpoint to train"
+        else:
+            arms.append((FP, target))
+    elif adapter is not None:
+        fp_skipped = "an adapter given by the user has no training data to give the base"
+    else:
+        fp_skipped = "recover.fp_arm is off"
     plans = []
     for arm, data in arms:
         if arm == TARGETED and adapter is not None:
@@ -246,10 +276,25 @@ def _recover_variant(
                 f"{store.dir / 'silver_bullet'}",
                 f"no {cfg.mode} examples for {variant.name} ({arm}); DPO needs items with a chosen answer",
             )
-        key = adapter_key(variant, data, cfg, arm)
+        teacher = inp.base_variant.fingerprint if inp.base_variant else None
+        if arm == FP:
+            fp_cfg = cfg.model_copy(update={"mode": fp_mode(cfg.mode)})
+            key = adapter_key(inp.base_variant, data, fp_cfg, arm)
+        else:
+            key = adapter_key(variant, data, cfg, arm, teacher)
         adir = adapters_root / f"{variant.name}-{arm}-{key[:12]}"
         meta = read_meta(adir)
-        plans.append(ArmPlan(arm, data, key, adir, meta if meta and meta.get("key") == key else None))
+        plans.append(
+            ArmPlan(
+                arm,
+                data,
+                key,
+                adir,
+                meta if meta and meta.get("key") == key else None,
+                mode=fp_mode(cfg.mode) if arm == FP else None,
+                model=inp.base_variant if arm == FP else None,
+            )
+        )
     reused = {p.arm: p.meta is not None for p in plans}
     exclude = {k for p in plans for k in p.data.problems}
     ev = EvalSet(base=base, own=own)
@@ -263,10 +308,11 @@ def _recover_variant(
     models = {}
     multi = len({k[0] for k in problems}) > 1
     for p in plans:
-        fingerprint = content_key("recovered", variant.fingerprint, p.key, eval_mode)
+        trained = p.model or variant
+        fingerprint = content_key("recovered", trained.fingerprint, p.key, eval_mode)
         models[p.arm] = ResolvedModel(
             variant.name + SUFFIX[p.arm],
-            str(merged_dir(p.key)) if eval_mode == "merged" else variant.path,
+            str(merged_dir(p.key)) if eval_mode == "merged" else trained.path,
             fingerprint,
             "recovered",
         )
@@ -292,6 +338,7 @@ def _recover_variant(
             merge_arms,
             adapters_root,
             inp.echo,
+            teacher=inp.base_variant,
         )
     arms_out = {}
     for p in plans:
@@ -303,7 +350,7 @@ def _recover_variant(
             else:
                 while owned:
                     owned.pop().close()
-                backend = lora_backend(run_cfg, variant, p.adapter_dir)
+                backend = lora_backend(run_cfg, p.model or variant, p.adapter_dir)
                 owned.append(backend)
             stats = run_generation(
                 gens_t, requests[p.arm], backend, run_cfg.sampling, desc=f"recover {models[p.arm].spec}"
@@ -325,17 +372,18 @@ def _recover_variant(
         eval_seconds = time.monotonic() - t0
         after_gens = {k: gens_t.get(r.key) for k, r in zip(eval_items, requests[p.arm])}
         base_arr = correct_array(status, base, eval_items)
-        before = correct_array(status, own, eval_items)
+        before = correct_array(status, base if p.arm == FP else own, eval_items)
         after = correct_array(grade_status, after_gens, eval_items)
         meta = p.meta or {}
+        mode = meta.get("mode", p.mode or cfg.mode)
         arms_out[p.arm] = (
             after,
             dict(
                 variant=variant.name,
                 eval_variant=models[p.arm].spec,
                 arm=p.arm,
-                mode=meta.get("mode", cfg.mode),
-                train_items=meta.get("train_items", p.data.rows_for(cfg.mode)),
+                mode=mode,
+                train_items=meta.get("train_items", p.data.rows_for(mode)),
                 train_problem_ids=sorted(problem_label(k, multi) for k in p.data.problems),
                 eval_problem_ids=sorted({problem_label(k[:2], multi) for k in eval_items}),
                 seeds=sorted({k[2] for k in eval_items}),
@@ -350,6 +398,7 @@ def _recover_variant(
                 loss={k: [list(x) for x in v] for k, v in meta.get("loss", {}).items()},
                 failures_after=dict(failures),
                 versions=meta.get("versions", {}),
+                teacher=meta.get("teacher", {}),
             ),
         )
         inp.echo(
@@ -365,6 +414,20 @@ def _recover_variant(
         after_c, cfields = arms_out[CONTROL]
         out.control = ArmResult(**cfields)
         out.targeted_vs_control = head_to_head(after_c, after_t)
+    after_fp = None
+    if FP in arms_out:
+        after_fp, ffields = arms_out[FP]
+        out.fp_arm = ArmResult(**ffields)
+    out.fp_arm_skipped = fp_skipped
+    base_arr = correct_array(status, base, eval_items)
+    before = correct_array(status, own, eval_items)
+    for field, value in against_fp(base_arr, before, after_t, after_fp).items():
+        setattr(out, field, value)
+    out.min_train_items = cfg.min_train_items
+    out.conclusive, out.verdict = verdict(out, cfg.min_train_items)
+    if not out.conclusive and out.targeted_vs_control is not None:
+        out.targeted_vs_control.verdict = TOO_FEW
+    inp.echo(f"{variant.name}: {out.verdict}")
     return out
 
 
