@@ -206,6 +206,13 @@ def test_recovered_adapters_are_evaluated_as_merged_checkpoints(tmp_path):
     cmd = VLLMServer(VLLMConfig(), rec.path, rec.name, tmp_path / "log").command()
     assert "--enable-lora" not in cmd and cmd[cmd.index("--model") + 1] == str(merged)
     assert stage.targets_for(variants, None) == targets[:2]
+    # lm_eval.variants: only the named variants (the stage adds the base); an adapter only with its variant
+    assert [t.name for t in stage.targets_for(variants, recovery, {"base"})] == ["base"]
+    assert [t.name for t in stage.targets_for(variants, recovery, {"base", "rtn"})] == [
+        "base",
+        "rtn",
+        "rtn+sb",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ export
