@@ -224,8 +224,10 @@ def describe_plan(plan: Plan) -> str:
         cached = sum(r.key in have for r in plan.requests_for(name, model)) if have is not None else 0
         lines.append(f"  generate  {name:<22} {n - cached} to do, {cached} cached")
     if cfg.lm_eval.tasks:
+        picked = cfg.lm_eval.variants
+        names = [n for n, _ in models if picked is None or n == cfg.model.name or n in picked]
         lines.append(
-            f"  lm-eval   {', '.join(cfg.lm_eval.tasks)} for each of {len(models)} variants "
+            f"  lm-eval   {', '.join(cfg.lm_eval.tasks)} on {', '.join(names)} "
             f"(limit {cfg.lm_eval.limit or 'none'}): results already stored are skipped"
         )
     judges = ", ".join(j.name for j in cfg.judge.judges) or "rule checks only"
