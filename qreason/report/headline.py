@@ -71,8 +71,9 @@ def accuracy_fact(row: dict, base: str) -> Fact:
     diff, p = row.get("acc_diff"), row.get("mcnemar_p")
     ci = f"95 % CI [{pts(row.get('ci_low'))}, {pts(row.get('ci_high'))}]"
     text = (
-        f"{pts(diff)} points vs {base} on {row.get('pairs', 0)} paired problems ({ci}, McNemar {p_text(p)}): "
-        f"{in_words(p)}; {row.get('lost', 0)} lost, {row.get('gained', 0)} gained."
+        f"{pct(row.get('acc_ref'))} for {base} → {pct(row.get('acc'))}: {pts(diff)} points ({ci}, McNemar "
+        f"{p_text(p)}): {in_words(p)}. {row.get('lost', 0)} lost, {row.get('gained', 0)} gained of "
+        f"{row.get('pairs', 0)} paired problems."
     )
     return Fact(f"accuracy · {row.get('task', '')}", text, tone(diff, p))
 

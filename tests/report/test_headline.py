@@ -9,7 +9,7 @@ from qreason.report import build_report, figures
 from qreason.report.headline import gate_rows, headlines, recovery_verdicts, render_card
 from qreason.summary import ArmResult, GatesSummary, HeadToHead, RecoverySummary, RunSummary, VariantRecovery
 
-FLIP = {"variant": "rtn", "task": "t", "pairs": 80, "lost": 12, "gained": 2}
+FLIP = {"variant": "rtn", "task": "t", "pairs": 80, "lost": 12, "gained": 2, "acc_ref": 0.262, "acc": 0.175}
 
 
 def flips(**row) -> pd.DataFrame:
@@ -52,7 +52,11 @@ def test_colour_only_for_a_significant_change():
         flips(acc_diff=-0.088, ci_low=-0.2, ci_high=0.03, mcnemar_p=0.26), empty, RunSummary(), "b", {}
     )
     fact = quiet[0].facts[0]
-    assert fact.tone == "neutral" and "not significant" in fact.text and "-8.8 points" in fact.text
+    assert (
+        fact.tone == "neutral"
+        and "not significant" in fact.text
+        and "26.2 % for b → 17.5 %: -8.8 points" in fact.text
+    )
     loud = headlines(
         flips(acc_diff=-0.15, ci_low=-0.25, ci_high=-0.05, mcnemar_p=0.004), empty, RunSummary(), "b", {}
     )
