@@ -45,8 +45,8 @@ def _invocations(line: str) -> list[list[str]]:
             words = shlex.split(segment, comments=True)
         except ValueError:
             continue
-        while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
-            words = words[1:]  # VAR=value before the command
+        while words and (words[0] in ("$", "time", "env") or re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0])):
+            words = words[1:]  # a prompt, `time`, VAR=value before the command
         if not words:
             continue
         if words[0] == "qreason" or words[0].endswith("/bin/qreason"):
@@ -111,6 +111,7 @@ def test_the_command_check_catches_mistakes():
         ["run", "c.yaml", ">>", "log", "2>&1"]
     ]
     assert _invocations("pip install qreason") == []
+    assert _invocations("$ qreason runs --json | head") == [["runs", "--json"]]
 
 
 # ------------------------------------------------------------------------------------- config keys
