@@ -131,7 +131,8 @@ def loss_curves(curves: dict[str, list[list[float]]]) -> str | None:
             linestyle="--" if "ctl" in name else "-",
         )
     ax.set_title("Training loss of the recovery adapters")
-    ax.set_xlabel("step")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # optimizer steps are whole numbers
+    ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.legend(fontsize=8, frameon=False)
     ax.grid(alpha=0.3)
