@@ -106,9 +106,15 @@ def arm_sentence(arm: ArmResult) -> str:
     )
 
 
+def evaluated(eval_mode: str) -> str:
+    if eval_mode == "merged":
+        return "evaluated merged: adapter merged into a dense checkpoint"
+    return "evaluated as a LoRA on the quantized checkpoint"
+
+
 def recovery_fact(rec: VariantRecovery) -> Fact:
-    served = "merged into a dense checkpoint" if rec.eval_mode == "merged" else "served as a LoRA"
-    text = f"the adapter ({rec.mode}, {rec.train_items} examples, {served}) {arm_sentence(rec)}."
+    how = f"{rec.mode}, {rec.train_items} examples; {evaluated(rec.eval_mode)}"
+    text = f"the adapter ({how}) {arm_sentence(rec)}."
     if rec.control is not None:
         text += f" Control adapter: {pct(rec.control.accuracy_after)}."
     if rec.targeted_vs_control is not None:
@@ -233,11 +239,10 @@ def recovery_verdicts(recovery) -> list[dict]:
     what the control did, and which won."""
     out = []
     for v in recovery.variants if recovery else []:
-        served = "merged into a dense checkpoint" if v.eval_mode == "merged" else "served as a LoRA"
         lines = [
             Fact(
                 "targeted",
-                f"Training on its {v.train_items} Silver Bullet items ({v.mode}, evaluated {served}) "
+                f"Training on its {v.train_items} Silver Bullet items ({v.mode}; {evaluated(v.eval_mode)}) "
                 f"{arm_sentence(v)}.",
                 tone(v.accuracy_after - v.accuracy_before, v.mcnemar_p),
             )

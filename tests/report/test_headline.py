@@ -105,7 +105,7 @@ def test_headline_names_the_error_shift_the_recovery_and_the_tripped_gates():
     )
     (verdict,) = recovery_verdicts(summary.recover)
     assert [f.label for f in verdict["facts"]] == ["targeted", "control", "which helped"]
-    assert "evaluated merged into a dense checkpoint" in verdict["facts"][0].text
+    assert "evaluated merged: adapter merged into a dense checkpoint" in verdict["facts"][0].text
 
 
 def test_gate_section_lists_configured_gates_and_what_tripped():
