@@ -268,6 +268,7 @@ def build_report(
     for f in flip_rows:
         f["tone"], f["words"] = tone(f["acc_diff"], f["mcnemar_p"]), in_words(f["mcnemar_p"])
     failures = drilldown(store, base, max_failures, generation_keys)
+    gates_table = gate_rows(gates, summary)
     context = {
         "title": f"qreason report: {summary.name or store.dir.name}",
         "summary": summary.dump(),
@@ -279,8 +280,9 @@ def build_report(
             summary,
             base,
             {v["name"]: v["method"] for v in variant_records},
+            gates_configured=bool(gates_table),
         ),
-        "gate_rows": gate_rows(gates, summary),
+        "gate_rows": gates_table,
         "gates_tripped": summary.gates.tripped if summary.gates else [],
         "degradation": degradation,
         "flips": flip_rows,

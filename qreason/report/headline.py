@@ -133,6 +133,7 @@ def headlines(
     summary: RunSummary,
     base: str,
     methods: dict[str, str],
+    gates_configured: bool = True,
 ) -> list[Headline]:
     """One block per quantized variant, in the order of the flips table."""
     tripped = summary.gates.tripped if summary.gates else []
@@ -146,9 +147,10 @@ def headlines(
         if variant in recovered:
             h.facts.append(recovery_fact(recovered[variant]))
         lines = gate_lines_for(variant, tripped)
-        h.facts.append(
-            Fact("gates", "; ".join(lines), "bad") if lines else Fact("gates", "none tripped.", "neutral")
-        )
+        if lines:
+            h.facts.append(Fact("gates", "; ".join(lines), "bad"))
+        else:
+            h.facts.append(Fact("gates", "none tripped." if gates_configured else "none configured."))
         out.append(h)
     return out
 
