@@ -216,6 +216,55 @@ def test_recovered_adapters_are_evaluated_as_merged_checkpoints(tmp_path):
     ]
 
 
+def test_lm_eval_variants_picks_the_models_the_stage_evaluates(monkeypatch):
+    from types import SimpleNamespace
+
+    import qreason.stages.lm_eval.stage as stage
+    from qreason.config.schema import RunConfig
+    from qreason.records import ModelVariant
+
+    seen = {}
+    monkeypatch.setattr(
+        stage, "run_lm_eval", lambda store, cfg, backend, targets, *rest: seen.setdefault("t", targets)
+    )
+    variants = [
+        ModelVariant(
+            key=n,
+            name=n,
+            base_model="m",
+            base_fingerprint="fb",
+            method="x",
+            path=f"/{n}",
+            fingerprint=n,
+            created_at="now",
+        )
+        for n in ("base", "rtn", "gptq")
+    ]
+    for picked, names in ((None, ["base", "rtn", "gptq"]), (["gptq"], ["base", "gptq"])):
+        cfg = RunConfig.model_validate(
+            {
+                "name": "x",
+                "tasks": [{"name": "synthetic"}],
+                "quantize": [
+                    {"method": "rtn-w4a16", "name": "rtn"},
+                    {"method": "gptq-w4a16", "name": "gptq"},
+                ],
+                "lm_eval": {"tasks": ["t"], "variants": picked},
+            }
+        )
+        ctx = SimpleNamespace(
+            engines=None,
+            cfg=cfg,
+            summary=SimpleNamespace(recover=None),
+            store=None,
+            variants=variants,
+            base_name="base",
+            base_dir=None,
+        )
+        stage.LmEvalStage().run(ctx)
+        assert [t.name for t in seen.pop("t")] == names
+
+
 # ------------------------------------------------------------------------------------------------ export
 
 
