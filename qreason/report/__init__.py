@@ -117,6 +117,8 @@ def trend_points(index: RunIndex | None, name: str, current: RunSummary | None =
     runs.sort(key=lambda r: r[1])
     previous = None
     for run_id, when, summary in runs:
+        if not when:
+            continue  # a run that recorded no time has no place on a time axis
         changed = "; ".join(changes(previous, summary)) if previous is not None else ""
         for r in summary.results:
             rows.append(
