@@ -169,3 +169,8 @@ def test_the_key_check_catches_mistakes():
         "quantize.calibration.n"
     ]
     assert _unknown_keys({"backend": {"kind": "openai", "base_url": "u"}}, [RunConfig], "") == []
+
+
+def test_the_readme_is_a_front_page():
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines: move reference material to docs/"
