@@ -30,7 +30,9 @@ def _command_lines(text: str) -> list[str]:
     """Lines of shell code blocks (continuations joined) and inline code spans of prose."""
     out = []
     for body in _blocks(text, SHELLISH):
-        out += body.replace("\\\n", " ").splitlines()
+        lines = body.replace("\\\n", " ").splitlines()
+        prompted = [line for line in lines if line.startswith("$ ")]
+        out += prompted or lines  # a console transcript: only its "$ " lines are commands, the rest output
     prose = FENCE.sub("", text)
     out += INLINE.findall(prose)
     return out
@@ -112,6 +114,8 @@ def test_the_command_check_catches_mistakes():
     ]
     assert _invocations("pip install qreason") == []
     assert _invocations("$ qreason runs --json | head") == [["runs", "--json"]]
+    transcript = "```console\n$ qreason --version\nqreason 0.1.0\n```\n"
+    assert [_invocations(line) for line in _command_lines(transcript)] == [[["--version"]]]
 
 
 # ------------------------------------------------------------------------------------- config keys
