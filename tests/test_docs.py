@@ -79,8 +79,8 @@ def _check_command(args: list[str]) -> str | None:
         if words[0].split("=")[0] not in _options(parser):
             return f"no global option {words[0]}"
         words = words[1:]
-    if not words or words[0] in ("...", "…"):
-        return None  # `qreason --help`, `qreason --version`, `qreason -v ...`
+    if not words or words[0] in ("...", "…") or words[0].isupper() or words[0].startswith("<"):
+        return None  # `qreason --help`, `qreason -v ...`, `qreason COMMAND --help`, `qreason <command>`
     name, rest = words[0], words[1:]
     if name not in sub.choices:
         return f"no command {name!r}"
