@@ -146,3 +146,25 @@ def test_report_opens_with_the_headline(tmp_path):
     assert 'id="headline"' in head and 'id="gates"' in head
     assert "not significant" in head and 'class="bad"' not in head  # p = 0.25 on 8 pairs: no red
     assert "step index (0-based)" not in html
+
+
+def test_gate_rows_match_the_lines_the_gate_check_writes(tmp_path):
+    from qreason.stages.gates import check_gates
+    from qreason.summary import ResultRow, accuracy_table
+
+    store = build_run(tmp_path)
+    summary = RunSummary(results=[ResultRow(**r) for r in accuracy_table(store.grades.all())])
+    previous = RunSummary(
+        run_id="r0", results=[r.model_copy(update={"accuracy_mean": 1.0}) for r in summary.results]
+    )
+    gates = GatesConfig(
+        max_drop=0.2, max_drop_vs_previous=0.05, min_accuracy=0.6, max_format_failure_rate=0.5
+    )
+    tripped = check_gates(gates, summary, "base", previous, store.judgments.all())
+    summary.gates = GatesSummary(tripped=tripped, passed=False)
+    by = {r["gate"]: r["tripped"] for r in gate_rows(gates, summary)}
+    # every tripped line lands on exactly the gate that wrote it
+    assert len(by["max_drop"]) == 1 and "previous run" not in by["max_drop"][0]
+    assert len(by["max_drop_vs_previous"]) == 2  # both cells fell below the previous run
+    assert len(by["min_accuracy"]) == 1 and by["max_format_failure_rate"] == []
+    assert sum(len(v) for v in by.values()) == len(tripped)
