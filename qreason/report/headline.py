@@ -73,7 +73,7 @@ def accuracy_fact(row: dict, base: str) -> Fact:
     text = (
         f"{pct(row.get('acc_ref'))} for {base} → {pct(row.get('acc'))}: {pts(diff)} points ({ci}, McNemar "
         f"{p_text(p)}): {in_words(p)}. {row.get('lost', 0)} lost, {row.get('gained', 0)} gained of "
-        f"{row.get('pairs', 0)} paired problems."
+        f"{row.get('pairs', 0)} paired answers (same problem and seed)."
     )
     return Fact(f"accuracy · {row.get('task', '')}", text, tone(diff, p))
 
@@ -91,7 +91,11 @@ def error_shift_fact(error_types: pd.DataFrame, variant: str, base: str) -> Fact
     top = delta.index[0]
     n, n_base = int(counts.at[top, variant]), int(counts.at[top, base]) if base in counts else 0
     if delta.iloc[0] <= 0:
-        return Fact("error types", f"no error type grew against {base} (most common: {top}, {n}).")
+        common = counts[variant].idxmax()
+        return Fact(
+            "error types",
+            f"no error type grew against {base} (most common: {common}, {int(counts.at[common, variant])}).",
+        )
     return Fact("error types", f"{top} grew most: {n} judged failures against {n_base} for {base}.")
 
 

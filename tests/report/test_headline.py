@@ -168,3 +168,18 @@ def test_gate_rows_match_the_lines_the_gate_check_writes(tmp_path):
     assert len(by["max_drop_vs_previous"]) == 2  # both cells fell below the previous run
     assert len(by["min_accuracy"]) == 1 and by["max_format_failure_rate"] == []
     assert sum(len(v) for v in by.values()) == len(tripped)
+
+
+def test_no_growth_names_the_most_common_type():
+    errors = pd.DataFrame(
+        [
+            {"variant": "b", "error_type": "Method", "count": 9},
+            {"variant": "rtn", "error_type": "Method", "count": 5},
+            {"variant": "b", "error_type": "Execution", "count": 3},
+            {"variant": "rtn", "error_type": "Execution", "count": 1},
+        ]
+    )
+    (h,) = headlines(
+        flips(acc_diff=0.0, ci_low=-0.1, ci_high=0.1, mcnemar_p=1.0), errors, RunSummary(), "b", {}
+    )
+    assert h.facts[1].text == "no error type grew against b (most common: Method, 5)."
