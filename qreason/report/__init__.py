@@ -179,7 +179,8 @@ def lm_eval_rows(section: LmEvalSummary | None, base: str = "base") -> list[dict
         ref = base_of.get((r["task"], r["metric"]))
         r["tone"] = "neutral"
         if ref is not None and r is not ref and r["stderr"] and ref["stderr"]:
-            # two independent estimates: |difference| beyond 1.96 combined standard errors (about p < 0.05)
+            # |difference| beyond 1.96 combined standard errors (about p < 0.05), the two treated as
+            # independent: on the same documents that is the cautious side
             z = (r["value"] - ref["value"]) / ((r["stderr"] ** 2 + ref["stderr"] ** 2) ** 0.5)
             higher = (section.higher_is_better or {}).get(r["task"], True)
             if abs(z) > 1.96:

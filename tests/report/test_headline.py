@@ -183,3 +183,17 @@ def test_no_growth_names_the_most_common_type():
         flips(acc_diff=0.0, ci_low=-0.1, ci_high=0.1, mcnemar_p=1.0), errors, RunSummary(), "b", {}
     )
     assert h.facts[1].text == "no error type grew against b (most common: Method, 5)."
+
+
+def test_lm_eval_colour_needs_a_difference_beyond_its_standard_errors():
+    from qreason.report import lm_eval_rows
+    from qreason.summary import LmEvalSummary
+
+    section = LmEvalSummary(
+        tasks=["t"],
+        variants={"base": {"t": {"acc": 0.64}}, "rtn": {"t": {"acc": 0.60}}, "bad": {"t": {"acc": 0.20}}},
+        stderr={"base": {"t": {"acc": 0.07}}, "rtn": {"t": {"acc": 0.07}}, "bad": {"t": {"acc": 0.05}}},
+        primary_metric={"t": "acc"},
+    )
+    tone = {r["variant"]: r["tone"] for r in lm_eval_rows(section, "base")}
+    assert tone == {"base": "neutral", "rtn": "neutral", "bad": "bad"}
