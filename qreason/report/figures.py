@@ -45,11 +45,17 @@ def grouped_bars(
     percent: bool = False,
     err: str | None = None,
 ) -> str | None:
-    """Bars of ``values`` grouped by ``index`` with one colour per ``columns`` value."""
+    """Bars of ``values`` grouped by ``index`` with one colour per ``columns`` value; error bars from ``err``
+    only where it is non-zero somewhere (a standard deviation over one seed is no spread). None for one
+    bar."""
     if df.empty or df[values].isna().all():
         return None
     table = df.pivot_table(index=index, columns=columns, values=values, aggfunc="sum").fillna(0)
+    if table.size < 2:
+        return None  # one bar: the table beside it says the same
     errs = df.pivot_table(index=index, columns=columns, values=err, aggfunc="sum").fillna(0) if err else None
+    if errs is not None and not (errs.to_numpy() > 0).any():
+        errs = None  # no spread (one seed): no error bars
     scale = 100 if percent else 1
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(table) * max(1, len(table.columns)) / 2 + 3), 3.4))
     (table * scale).plot.bar(
@@ -69,15 +75,23 @@ def grouped_bars(
 
 
 @_literal_text
-def histogram(values_by_group: dict[str, list[float]], title: str, xlabel: str, bins: int = 10) -> str | None:
-    groups = {k: values_by_group[k] for k in sorted(values_by_group) if values_by_group[k]}
-    if not groups:
+def step_histogram(steps_by_group: dict[str, list[int]], title: str) -> str | None:
+    """Counts of 1-based step numbers per group, side by side on an integer axis. None when every value is
+    the same step (one bucket says nothing a table does not)."""
+    groups = {k: [int(s) for s in steps_by_group[k]] for k in sorted(steps_by_group) if steps_by_group[k]}
+    values = sorted({s for vals in groups.values() for s in vals})
+    if len(values) < 2:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    for (name, vals), color in zip(groups.items(), COLORS):
-        ax.hist(vals, bins=bins, alpha=0.55, label=name, color=color)
+    steps = list(range(values[0], values[-1] + 1))
+    width = 0.8 / len(groups)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(steps) + 3), 3.2))
+    for i, ((name, vals), color) in enumerate(zip(groups.items(), COLORS * 4)):
+        counts = [vals.count(s) for s in steps]
+        ax.bar([s - 0.4 + width * (i + 0.5) for s in steps], counts, width=width, label=name, color=color)
+    ax.set_xticks(steps)
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_title(title)
-    ax.set_xlabel(xlabel)
+    ax.set_xlabel("step (1 = the first step)")
     ax.set_ylabel("failures")
     ax.legend(fontsize=8, frameon=False)
     ax.grid(axis="y", alpha=0.3)
@@ -117,7 +131,8 @@ def loss_curves(curves: dict[str, list[list[float]]]) -> str | None:
             linestyle="--" if "ctl" in name else "-",
         )
     ax.set_title("Training loss of the recovery adapters")
-    ax.set_xlabel("step")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # optimizer steps are whole numbers
+    ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.legend(fontsize=8, frameon=False)
     ax.grid(alpha=0.3)

@@ -220,7 +220,8 @@ def error_distribution(verdicts: pd.DataFrame, column: str) -> pd.DataFrame:
 
 
 def first_error_positions(verdicts: pd.DataFrame) -> pd.DataFrame:
-    """First faulty step per variant: absolute (0-based) and relative to the solution's number of steps."""
+    """First faulty step per variant: absolute (1-based, as a reader counts steps; the records are 0-based)
+    and relative to the solution's number of steps."""
     cols = [
         "variant",
         "judged",
@@ -246,8 +247,8 @@ def first_error_positions(verdicts: pd.DataFrame) -> pd.DataFrame:
                 "variant": variant,
                 "judged": len(group),
                 "located": len(g),
-                "mean_step": g["first_error_step"].mean(),
-                "median_step": g["first_error_step"].median(),
+                "mean_step": (g["first_error_step"] + 1).mean(),
+                "median_step": (g["first_error_step"] + 1).median(),
                 "mean_relative": g["relative"].mean(),
                 "share_in_first_third": (g["relative"] <= 1 / 3).mean() if len(g) else np.nan,
             }

@@ -115,7 +115,7 @@ quantize:
   - {{method: rtn-w4a16, overrides: {{group_size: 64}}}}
 tasks:
   - {{name: synthetic, limit: {limit}, params: {{ops: [add, sub], min_steps: 1, max_steps: 2}}}}
-sampling: {{max_tokens: 40, seeds: [0, 1]}}
+sampling: {{max_tokens: 40, seeds: [0]}}
 backend: {{max_model_len: 1024, batch_size: 4}}
 executor: {executor}
 curate: {{enabled: false}}
@@ -145,14 +145,14 @@ def test_ray_and_local_executors_give_the_same_results(default_model, tmp_path, 
     assert on_ray.executor == "ray" and on_ray.quantization.quantized == 1
     assert on_ray.generations.model_dump() == {
         **on_ray.generations.model_dump(),
-        "planned": 24,
-        "produced": 24,
+        "planned": 12,
+        "produced": 12,
         "failed": 0,
     }
     local = run(matrix_config(tmp_path / "local.yaml", default_model.path, "local", tmp_path / "local"))
     assert local.executor == "local" and local.quantization.reused == 1
     assert by_cell(tmp_path / "ray") == by_cell(tmp_path / "local")
-    assert len(by_cell(tmp_path / "ray")) == 24
+    assert len(by_cell(tmp_path / "ray")) == 12  # greedy: one seed (a second repeats the same texts)
     assert on_ray.results == local.results
     backends = {json.loads(line)["backend"] for line in (tmp_path / "ray" / "generations.jsonl").open()}
     assert backends == {

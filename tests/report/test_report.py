@@ -6,7 +6,7 @@ import pytest
 from run_builders import build_run
 
 from qreason.records import Generation
-from qreason.report import build_report
+from qreason.report import FILTER_SCRIPT, build_report, script_hash
 from qreason.store import RunIndex
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -42,11 +42,14 @@ def test_report_is_self_contained_and_escapes_model_text(tmp_path):
     index = RunIndex(tmp_path / "index.sqlite")
     out = build_report(store, index=index)
     html = out.read_text()
-    assert "<script>" not in html and "&lt;script&gt;" in html
+    # the only script is the failure filter, allowed by its hash; the planted one is text
+    assert html.count("<script") == 1 and "&lt;script&gt;" in html
+    assert script_hash(FILTER_SCRIPT).strip("'") in html and f"<script>{FILTER_SCRIPT}</script>" in html
     assert 'onerror="window' not in html and "{{ 7*7 }}" in html
     assert "http://" not in html and "https://" not in html  # nothing to fetch
     assert html.count("data:image/png;base64,") >= 3
     for section in (
+        "Gates",
         "Summary",
         "Flips and significance",
         "Error types",
@@ -93,7 +96,18 @@ def test_report_renders_in_headless_chromium_without_errors_and_runs_nothing(tmp
             planted.count() == 1
             and "<b>bold?</b>" in page.locator("li", has_text="bold?").first.text_content()
         )
-        assert page.locator("img").count() >= 3 and page.locator("script").count() == 0
+        assert page.locator("img").count() >= 3 and page.locator("script").count() == 1
+        # the failure filter runs (the CSP allows its hash) and hides what does not match
+        shown = page.locator("details.failure:visible")
+        total = shown.count()
+        assert total > 0 and page.locator("#failure-count").text_content() == str(total)
+        page.select_option("select[name=flip]", "yes")
+        flips = page.locator("details.failure:visible").count()
+        assert 0 < flips < total and page.locator("#failure-count").text_content() == str(flips)
+        assert page.locator("details.failure:visible[data-flip=no]").count() == 0
+        page.select_option("select[name=flip]", "")
+        page.select_option("select[name=variant]", "rtn-w4a16")
+        assert page.locator("details.failure:visible").count() == total  # only rtn-w4a16 has failures here
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         browser.close()
     assert not errors and not messages, [str(e) for e in errors] + [m.text for m in messages]

@@ -58,7 +58,7 @@ def test_analysis_tables_on_a_hand_built_run(tmp_path):
     et = a.error_types.set_index("variant")
     assert et.loc["rtn-w4a16", "count"] == 4 and et.loc["rtn-w4a16", "share"] == 1.0
     fe = a.first_errors.set_index("variant")
-    assert fe.loc["rtn-w4a16", "mean_step"] == 1 and fe.loc["rtn-w4a16", "mean_relative"] == pytest.approx(
+    assert fe.loc["rtn-w4a16", "mean_step"] == 2 and fe.loc["rtn-w4a16", "mean_relative"] == pytest.approx(
         0.5
     )
     ln = a.lengths.set_index("variant")

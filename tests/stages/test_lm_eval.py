@@ -51,6 +51,7 @@ def test_lm_eval_config_validation_names_the_line():
         "lm_eval: {tasks: [a], bogus: 1}": "lm_eval.bogus",
         "lm_eval: {tasks: ['a b']}": "lm-eval task names",
         "backend: {kind: openai, base_url: 'http://x/v1'}\nlm_eval: [a]": "lm_eval needs backend.kind vllm",
+        "lm_eval: {tasks: [a], variants: [gptq]}": "lm_eval.variants names no quantized variant",
     }
     for text, message in bad.items():
         with pytest.raises(UserError) as err:
@@ -206,6 +207,62 @@ def test_recovered_adapters_are_evaluated_as_merged_checkpoints(tmp_path):
     cmd = VLLMServer(VLLMConfig(), rec.path, rec.name, tmp_path / "log").command()
     assert "--enable-lora" not in cmd and cmd[cmd.index("--model") + 1] == str(merged)
     assert stage.targets_for(variants, None) == targets[:2]
+    # lm_eval.variants: only the named variants (the stage adds the base); an adapter only with its variant
+    assert [t.name for t in stage.targets_for(variants, recovery, {"base"})] == ["base"]
+    assert [t.name for t in stage.targets_for(variants, recovery, {"base", "rtn"})] == [
+        "base",
+        "rtn",
+        "rtn+sb",
+    ]
+
+
+def test_lm_eval_variants_picks_the_models_the_stage_evaluates(monkeypatch):
+    from types import SimpleNamespace
+
+    import qreason.stages.lm_eval.stage as stage
+    from qreason.config.schema import RunConfig
+    from qreason.records import ModelVariant
+
+    seen = {}
+    monkeypatch.setattr(
+        stage, "run_lm_eval", lambda store, cfg, backend, targets, *rest: seen.setdefault("t", targets)
+    )
+    variants = [
+        ModelVariant(
+            key=n,
+            name=n,
+            base_model="m",
+            base_fingerprint="fb",
+            method="x",
+            path=f"/{n}",
+            fingerprint=n,
+            created_at="now",
+        )
+        for n in ("base", "rtn", "gptq")
+    ]
+    for picked, names in ((None, ["base", "rtn", "gptq"]), (["gptq"], ["base", "gptq"])):
+        cfg = RunConfig.model_validate(
+            {
+                "name": "x",
+                "tasks": [{"name": "synthetic"}],
+                "quantize": [
+                    {"method": "rtn-w4a16", "name": "rtn"},
+                    {"method": "gptq-w4a16", "name": "gptq"},
+                ],
+                "lm_eval": {"tasks": ["t"], "variants": picked},
+            }
+        )
+        ctx = SimpleNamespace(
+            engines=None,
+            cfg=cfg,
+            summary=SimpleNamespace(recover=None),
+            store=None,
+            variants=variants,
+            base_name="base",
+            base_dir=None,
+        )
+        stage.LmEvalStage().run(ctx)
+        assert [t.name for t in seen.pop("t")] == names
 
 
 # ------------------------------------------------------------------------------------------------ export

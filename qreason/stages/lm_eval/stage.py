@@ -75,11 +75,16 @@ class LmEvalTarget:
     adapter_fingerprint: str | None = None
 
 
-def targets_for(variants: list[ModelVariant], recovery: RecoverySummary | None = None) -> list[LmEvalTarget]:
-    """The base, every quantized variant, and each variant's targeted recovery adapter (the recover stage's
-    section of the summary), evaluated as ``VARIANT+sb`` on the checkpoint with the adapter merged in
-    (``merged_checkpoint``): vLLM 0.32 cannot compute prompt logprobs with a LoRA, which loglikelihood tasks
-    need. A recovery without a merged checkpoint adds nothing."""
+def targets_for(
+    variants: list[ModelVariant], recovery: RecoverySummary | None = None, only: set[str] | None = None
+) -> list[LmEvalTarget]:
+    """The base, every quantized variant (or only the variants named in ``only``), and each variant's
+    targeted recovery adapter (the recover stage's section of the summary), evaluated as ``VARIANT+sb`` on
+    the checkpoint with the adapter merged in (``merged_checkpoint``): vLLM 0.32 cannot compute prompt
+    logprobs with a LoRA, which loglikelihood tasks need. A recovery without a merged checkpoint adds
+    nothing."""
+    if only is not None:
+        variants = [v for v in variants if v.name in only]
     targets = [LmEvalTarget(v.name, v.path, v.fingerprint) for v in variants]
     known = {v.name for v in variants}
     for rec in recovery.variants if recovery else []:
@@ -490,11 +495,13 @@ class LmEvalStage:
         if ctx.engines is not None:
             ctx.engines.close()
         recovery = ctx.summary.recover if ctx.cfg.lm_eval.adapters else None
+        picked = ctx.cfg.lm_eval.variants
+        only = None if picked is None else {ctx.base_name, *picked}
         return run_lm_eval(
             ctx.store,
             ctx.cfg.lm_eval,
             ctx.cfg.backend,
-            targets_for(ctx.variants, recovery),
+            targets_for(ctx.variants, recovery, only),
             ctx.base_name,
             ctx.cfg.tasks,
             ctx.cfg.sampling,
