@@ -129,6 +129,41 @@ def _check_prompt_lengths(
             )
 
 
+def _check_task_identity(
+    loaded: LoadedConfig, specs_and_problems: list[tuple[TaskSpec, list[Problem]]], output_dir
+) -> None:
+    """A problem is known by ``(task, problem_id)`` in every later stage, so two task entries must not yield
+    the same task name (one spec given twice, by name and by path), and a run directory must not hold a
+    problem of that name with another question or answer (the task's data file or params changed since):
+    either would grade one problem's solutions against another's reference."""
+    seen: dict[str, str] = {}
+    for task_cfg, (spec, _) in zip(loaded.config.tasks, specs_and_problems):
+        if spec.name in seen:
+            raise UserError(
+                f"{loaded.path}: tasks",
+                f"entries {seen[spec.name]!r} and {task_cfg.name!r} are both task {spec.name!r}; "
+                "give each task entry its own spec name",
+            )
+        seen[spec.name] = task_cfg.name
+    stored_path = run_dir_of(loaded, output_dir) / "problems.jsonl"
+    if not stored_path.is_file():
+        return
+    stored = {(p.task, p.problem_id): p for p in RunStore(stored_path.parent).problems.all()}
+    for _, task_problems in specs_and_problems:
+        for p in task_problems:
+            old = stored.get((p.task, p.problem_id))
+            if old is not None and (old.question, old.answer, old.answer_type) != (
+                p.question,
+                p.answer,
+                p.answer_type,
+            ):
+                raise UserError(
+                    str(stored_path),
+                    f"this run directory holds problem {p.task}/{p.problem_id} with another question or "
+                    "answer (the task's data or params changed); use a new output_dir",
+                )
+
+
 def run_dir_of(loaded: LoadedConfig, output_dir: str | Path | None = None) -> Path:
     if output_dir is not None:
         return Path(output_dir).resolve()
@@ -167,6 +202,7 @@ def make_plan(config: str | Path | LoadedConfig, output_dir: str | Path | None =
         check_config(cfg.lm_eval, cfg.tasks, loaded.base_dir)
     if len(set(names)) != len(names):
         raise UserError(str(loaded.path), f"variant names must be unique (got {', '.join(names)}); set name:")
+    _check_task_identity(loaded, specs_and_problems, output_dir)
     problems, prompts = [], []
     for task_cfg, (spec, task_problems) in zip(cfg.tasks, specs_and_problems):
         problems.extend(task_problems)
