@@ -428,13 +428,6 @@ class RunConfig(Strict):
             raise ValueError(f"models need unique names (got {', '.join(model_names)}); set name: on each")
         if any(not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", n) for n in model_names):
             raise ValueError("model names in models: must be slugs (they name run directories)")
-        tasks = [t.name for t in self.tasks]
-        dup_tasks = sorted({t for t in tasks if tasks.count(t) > 1})
-        if dup_tasks:
-            raise ValueError(
-                f"task entries must be unique (repeated: {', '.join(dup_tasks)}); to run one task with other "
-                "data or params, copy its YAML under another name and give that path"
-            )
         names = [self.model.name] + [
             v.name or (v.path if v.method == "import" else v.method) for v in self.quantize
         ]
@@ -458,6 +451,18 @@ class RunConfig(Strict):
         if self.judge.base_variant != self.model.name:
             self.judge = self.judge.model_copy(update={"base_variant": self.model.name})
         return self
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, tasks: list[TaskConfig]) -> list[TaskConfig]:
+        names = [t.name for t in tasks]
+        dup = sorted({t for t in names if names.count(t) > 1})
+        if dup:
+            raise ValueError(
+                f"task entries must be unique (repeated: {', '.join(dup)}); to run one task with other "
+                "data or params, copy its YAML under another name and give that path"
+            )
+        return tasks
 
     @field_validator("backend", mode="before")
     @classmethod
