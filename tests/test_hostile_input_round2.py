@@ -162,3 +162,164 @@ def test_item2_lm_eval_loads_the_hostile_export_without_running_user_text(tmp_pa
     assert got["text"].startswith("!function evil.run\n") and got["system"] == "{{ 7 * 7 }} system"
     assert got["shots"] == ["!function evil.run\n!function evil.run"]
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- 3. children die with qreason
+
+FAKE_SERVER = """
+import http.server, json, sys
+name, port = sys.argv[sys.argv.index("--served-model-name") + 1], int(sys.argv[sys.argv.index("--port") + 1])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"data": [{"id": name}]}).encode() if self.path == "/v1/models" else b"ok"
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+PARENT = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+kind, tmp = sys.argv[2], Path(sys.argv[3])
+if kind == "server":
+    from qreason.config.schema import VLLMConfig
+    from qreason.engines.vllm_server import VLLMServer
+    class Fake(VLLMServer):
+        def command(self):
+            return [sys.executable, str(tmp / "fake_server.py"), "--served-model-name", self.served_name,
+                    "--port", str(self.port)]
+    server = Fake(VLLMConfig(), "m", "base", tmp / "server.log", record_path=tmp / "servers" / "base.json")
+    server.__enter__()
+    print(server.proc.pid, flush=True)
+else:
+    from qreason.workers.launch import run_worker, side_env_vars
+    env = side_env_vars()
+    env["PYTHONPATH"] = str(tmp) + ":" + env["PYTHONPATH"]
+    run_worker({}, tmp / "job", tmp / "w.log", "w", print, python=Path(sys.executable), module="sleeper",
+               stage="test", env=env, on_line=lambda line: print(line, flush=True))
+time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    """Running (not a zombie waiting for its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_until(predicate, limit_s: float = 120.0) -> bool:
+    """Poll until ``predicate()`` holds; ``limit_s`` only ends a broken run, it measures nothing."""
+    import time
+
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.mark.parametrize("kind", ["worker", "server"])
+def test_item3_children_die_when_qreason_is_killed(tmp_path, kind):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    (tmp_path / "fake_server.py").write_text(FAKE_SERVER)
+    (tmp_path / "sleeper.py").write_text("import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(600)\n")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(REPO), kind, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        child = int(parent.stdout.readline())
+        assert alive(child)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        assert wait_until(lambda: not alive(child)), f"the {kind} outlived its killed parent"
+    finally:
+        parent.kill()
+        if "child" in locals() and alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_item3_a_rerun_stops_the_server_a_killed_run_left_and_nothing_else(tmp_path):
+    """A server recorded in the run directory that survived (it ignored the death signal) is stopped by the
+    next lm-eval stage; a record whose pid now belongs to another program leaves that program alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from qreason.engines.vllm_server import _argv_hash, stop_leftover_servers
+
+    (tmp_path / "fake_server.py").write_text(FAKE_SERVER)
+    servers = tmp_path / "servers"
+    servers.mkdir()
+    argv = [sys.executable, str(tmp_path / "fake_server.py"), "--served-model-name", "x", "--port", "0"]
+    leftover = subprocess.Popen(argv, start_new_session=True)
+    stranger = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True
+    )
+    try:
+        for name, proc in (("base", leftover), ("rtn", stranger)):
+            record = {"pid": proc.pid, "port": 1, "argv": _argv_hash(argv)}
+            (servers / f"{name}.json").write_text(json.dumps(record))
+        assert stop_leftover_servers(servers) == ["base"]
+        assert leftover.wait(timeout=60) is not None
+        assert stranger.poll() is None and not list(servers.iterdir())
+    finally:
+        for proc in (leftover, stranger):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def test_item3_a_port_answered_by_another_process_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from qreason.config.schema import VLLMConfig
+    from qreason.engines.vllm_server import VLLMServer, free_port
+
+    (tmp_path / "fake_server.py").write_text(FAKE_SERVER)
+    port = free_port()
+    other = subprocess.Popen(
+        [
+            sys.executable,
+            str(tmp_path / "fake_server.py"),
+            "--served-model-name",
+            "other",
+            "--port",
+            str(port),
+        ]
+    )
+
+    class Fake(VLLMServer):
+        def command(self):  # a server that fails to bind the taken port but stays up
+            return [sys.executable, "-c", "import time; time.sleep(600)"]
+
+    try:
+        assert wait_until(lambda: _answers(port))
+        with pytest.raises(UserError) as err:
+            Fake(VLLMConfig(), "m", "base", tmp_path / "s.log", port=port).__enter__()
+        assert f"port {port} is answered by another process" in str(err.value)
+    finally:
+        other.kill()
+        other.wait()
+
+
+def _answers(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+            return True
+    except OSError:
+        return False

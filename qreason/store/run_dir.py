@@ -54,6 +54,11 @@ class RunStore:
         return self.dir / "lm_eval"
 
     @property
+    def servers_dir(self) -> Path:
+        """Records of the model servers a run started (pid, port), so a re-run can stop a leftover one."""
+        return self.lm_eval_dir / "servers"
+
+    @property
     def report_path(self) -> Path:
         return self.dir / "report.html"
 

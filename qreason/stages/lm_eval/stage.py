@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from qreason.config.schema import RunConfig
-from qreason.engines.vllm_server import VLLMServer
+from qreason.engines.vllm_server import VLLMServer, stop_leftover_servers
 from qreason.errors import UserError
 from qreason.inputs.resources import SPECS_DIR
 from qreason.records import LmEvalResult, ModelVariant, content_key
@@ -326,6 +326,7 @@ def _evaluate(
         target.name,
         lm_dir / "logs" / f"{target.name}.server.log",
         where=f"lm_eval {target.name}",
+        record_path=store.servers_dir / f"{target.name}.json",
     ) as server:
         model_args = {
             "model": server.served_name,
@@ -442,6 +443,8 @@ def run_lm_eval(
     ``run_tasks`` / ``sampling``: the run's qreason tasks and sampling, exported as ``qreason_<task>`` when
     the section names them."""
     start = time.monotonic()
+    for name in stop_leftover_servers(store.servers_dir):
+        log.warning("lm-eval: stopped the %s server a killed earlier run left running", name)
     python = BENCH.python(cfg.python)
     version = lm_eval_version(python)
     lm_dir = store.lm_eval_dir
