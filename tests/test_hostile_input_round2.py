@@ -323,3 +323,40 @@ def _answers(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+# ------------------------------------------------------- 11. a target that cannot be served is recorded
+
+
+@pytest.mark.skipif(
+    not (Path(__file__).parent.parent / ".venv-bench/bin/python").is_file(), reason="no lm-eval"
+)
+def test_item11_a_target_whose_server_does_not_start_is_recorded_and_the_others_run(tmp_path, monkeypatch):
+    import sys
+
+    import qreason.stages.lm_eval.stage as stage
+    from qreason.config.schema import LmEvalConfig, VLLMConfig
+    from qreason.engines.vllm_server import VLLMServer
+
+    def command(self):  # the damaged checkpoint: vLLM exits at once
+        return [sys.executable, "-c", "raise SystemExit(3)"]
+
+    served = []
+
+    def evaluate(target, todo, *args):
+        if target.name == "rtn+sb":
+            with VLLMServer(VLLMConfig(), target.path, target.name, tmp_path / "s.log", where="lm_eval x"):
+                pass
+        served.append(target.name)
+        return []
+
+    monkeypatch.setattr(VLLMServer, "command", command)
+    monkeypatch.setattr(stage, "_evaluate", evaluate)
+    targets = [stage.LmEvalTarget("base", "/m", "fp-base"), stage.LmEvalTarget("rtn+sb", "/bad", "fp-bad")]
+    targets.append(stage.LmEvalTarget("rtn", "/q", "fp-q"))
+    summary = stage.run_lm_eval(
+        RunStore(tmp_path / "run"), LmEvalConfig(tasks=["t1"]), VLLMConfig(), targets, "base"
+    )
+    assert served == ["base", "rtn"]
+    (failure,) = summary.failed
+    assert failure["variant"] == "rtn+sb" and "the vLLM server exited with code 3" in failure["error"]

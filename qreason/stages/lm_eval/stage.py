@@ -41,7 +41,7 @@ from qreason.records import LmEvalResult, ModelVariant, content_key
 from qreason.stages.base import RunContext
 from qreason.store import RunStore, now_iso
 from qreason.summary import LmEvalSummary, RecoverySummary
-from qreason.workers.launch import BENCH, WorkerRun, run_worker, side_env_vars
+from qreason.workers.launch import BENCH, WorkerFailed, WorkerRun, run_worker, side_env_vars
 from qreason.workers.protocol import ERROR_PREFIX, RESULT_PREFIX, LmEvalJob
 
 if TYPE_CHECKING:
@@ -468,7 +468,15 @@ def run_lm_eval(
             log.info(
                 "lm-eval %s: %d tasks to run (%s)", target.name, len(todo), ", ".join(t for t, _ in todo)
             )
-            failures += _evaluate(target, todo, cfg, backend, python, paths, version, args, store)
+            try:
+                failures += _evaluate(target, todo, cfg, backend, python, paths, version, args, store)
+            except (UserError, WorkerFailed) as exc:
+                # one target that cannot be served (a damaged checkpoint, a server that will not start) is
+                # recorded as failed; the other targets and the later stages still run
+                log.error("lm-eval %s failed: %s", target.name, exc)
+                failures += [
+                    {"variant": target.name, "task": t, "error": str(exc), "log": ""} for t, _ in todo
+                ]
             evaluated += sum(k in store.lm_eval for _, k in todo)
         for task, key in keys.items():
             if key in store.lm_eval:
