@@ -360,3 +360,78 @@ def test_item11_a_target_whose_server_does_not_start_is_recorded_and_the_others_
     assert served == ["base", "rtn"]
     (failure,) = summary.failed
     assert failure["variant"] == "rtn+sb" and "the vLLM server exited with code 3" in failure["error"]
+
+
+# ------------------------------------------- 5 and 11. merged checkpoints: keyed by checkpoint, verified
+
+
+def variant(name: str, fingerprint: str):
+    from qreason.records import ModelVariant
+
+    return ModelVariant(
+        key=f"k-{name}",
+        name=name,
+        base_model="m",
+        base_fingerprint="fb",
+        method="rtn",
+        path=f"/ck/{name}",
+        fingerprint=fingerprint,
+        created_at="now",
+    )
+
+
+def test_item5_one_adapter_on_two_variants_gets_two_merged_checkpoints_and_two_lm_eval_keys(tmp_path):
+    import qreason.stages.lm_eval.stage as stage
+    from qreason.stages.recover import merged_dir
+    from qreason.store import seal
+    from qreason.summary import RecoverySummary, VariantRecovery
+
+    a, b = variant("rtn", "fp-a"), variant("gptq", "fp-b")
+    assert merged_dir(a, "adapter-key") != merged_dir(b, "adapter-key")
+    dirs = []
+    for v in (a, b):
+        d = tmp_path / v.name
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        seal(d)
+        dirs.append(d)
+    recovery = RecoverySummary(
+        variants=[
+            VariantRecovery.model_construct(
+                variant=v.name,
+                eval_variant=f"{v.name}+sb",
+                adapter_key="adapter-key",
+                merged_checkpoint=str(d),
+            )
+            for v, d in zip((a, b), dirs)
+        ]
+    )
+    targets = stage.targets_for([variant("base", "fp-0"), a, b], recovery)
+    assert [t.name for t in targets] == ["base", "rtn", "gptq", "rtn+sb", "gptq+sb"]
+    assert targets[3].fingerprint != targets[4].fingerprint
+    assert stage.result_key(targets[3], "t", "v", {}) != stage.result_key(targets[4], "t", "v", {})
+
+
+def test_item11_a_damaged_cached_checkpoint_is_not_reused(tmp_path):
+    import qreason.stages.lm_eval.stage as stage
+    from qreason.store import is_sealed, seal
+    from qreason.summary import RecoverySummary, VariantRecovery
+
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    (merged / "model.safetensors").write_bytes(b"x" * 1000)
+    assert not is_sealed(merged)  # a copy cut short before its marker was written
+    seal(merged)
+    assert is_sealed(merged)
+    recovery = RecoverySummary(
+        variants=[
+            VariantRecovery.model_construct(
+                variant="rtn", eval_variant="rtn+sb", adapter_key="k", merged_checkpoint=str(merged)
+            )
+        ]
+    )
+    assert len(stage.targets_for([variant("rtn", "fp")], recovery)) == 2
+    (merged / "model.safetensors").write_bytes(b"x" * 10)  # truncated since
+    assert not is_sealed(merged)
+    assert [t.name for t in stage.targets_for([variant("rtn", "fp")], recovery)] == ["rtn"]

@@ -39,7 +39,7 @@ from qreason.errors import UserError
 from qreason.inputs.resources import SPECS_DIR
 from qreason.records import LmEvalResult, ModelVariant, content_key
 from qreason.stages.base import RunContext
-from qreason.store import RunStore, now_iso
+from qreason.store import RunStore, is_sealed, now_iso
 from qreason.summary import LmEvalSummary, RecoverySummary
 from qreason.workers.launch import BENCH, WorkerFailed, WorkerRun, run_worker, side_env_vars
 from qreason.workers.protocol import ERROR_PREFIX, RESULT_PREFIX, LmEvalJob
@@ -81,13 +81,15 @@ def targets_for(variants: list[ModelVariant], recovery: RecoverySummary | None =
     (``merged_checkpoint``): vLLM 0.32 cannot compute prompt logprobs with a LoRA, which loglikelihood tasks
     need. A recovery without a merged checkpoint adds nothing."""
     targets = [LmEvalTarget(v.name, v.path, v.fingerprint) for v in variants]
-    known = {v.name for v in variants}
+    known = {v.name: v for v in variants}
     for rec in recovery.variants if recovery else []:
         merged = rec.merged_checkpoint
-        if rec.variant not in known or not merged or not (Path(merged) / "config.json").is_file():
+        # a merged checkpoint is used only while complete (sealed when written, see qreason.store.seal)
+        if rec.variant not in known or not merged or not is_sealed(Path(merged)):
             continue
         key = rec.adapter_key or Path(merged).name
-        targets.append(LmEvalTarget(rec.eval_variant, merged, content_key("merged-adapter", key), key))
+        fingerprint = content_key("merged-adapter", known[rec.variant].fingerprint, key)
+        targets.append(LmEvalTarget(rec.eval_variant, merged, fingerprint, key))
     return targets
 
 

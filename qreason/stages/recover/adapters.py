@@ -13,7 +13,7 @@ from qreason.config.schema import RecoverConfig
 from qreason.errors import UserError
 from qreason.records import ModelVariant, content_key
 from qreason.stages.recover.data import TrainSet
-from qreason.store import cache_dir, now_iso, publish
+from qreason.store import cache_dir, is_sealed, now_iso, publish, seal
 from qreason.workers.launch import TRAIN
 from qreason.workers.protocol import TrainJob, TrainRun
 
@@ -63,8 +63,10 @@ def dense_dir(variant: ModelVariant) -> Path:
     return cache_dir() / "recover" / "dense" / variant.fingerprint
 
 
-def merged_dir(key: str) -> Path:
-    return cache_dir() / "recover" / "merged" / key
+def merged_dir(variant: ModelVariant, key: str) -> Path:
+    """The dense checkpoint of ``variant`` with adapter ``key`` merged in: one per (checkpoint, adapter), as
+    the same external adapter may be given for several variants."""
+    return cache_dir() / "recover" / "merged" / content_key("merged", variant.fingerprint, key)
 
 
 def check_adapter(adapter: Path, variant: ModelVariant) -> None:
@@ -137,7 +139,7 @@ def train_adapters(
     root = None
     for p in plans:
         need_train = p.meta is None
-        need_merge = p.arm in merge_arms and not (merged_dir(p.key) / "config.json").is_file()
+        need_merge = p.arm in merge_arms and not is_sealed(merged_dir(variant, p.key))
         if not (need_train or need_merge):
             continue
         if root is None:
@@ -162,6 +164,9 @@ def train_adapters(
         staged.append((p, run))
     if not runs:
         return
+    dense = dense_dir(variant)
+    if dense.exists() and not is_sealed(dense):  # a copy cut short or damaged since: made again
+        shutil.rmtree(dense)
     job: TrainJob = {
         "checkpoint": variant.path,
         "dense_dir": str(dense_dir(variant)),
@@ -181,6 +186,8 @@ def train_adapters(
             module="qreason.workers.train",
             stage="recover",
         )
+        if not is_sealed(dense):
+            seal(dense)
         for p, run in staged:
             done = result.result["runs"][run["name"]]
             if "adapter_dir" in run:
@@ -208,9 +215,10 @@ def train_adapters(
                 publish(tmp, p.adapter_dir, replace=True)
                 p.meta = meta
             if run.get("merged_dir"):
-                dest = merged_dir(p.key)
+                dest = merged_dir(variant, p.key)
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                if not (dest / "config.json").is_file():
+                if not is_sealed(dest):
+                    seal(Path(run["merged_dir"]))
                     publish(Path(run["merged_dir"]), dest, replace=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)

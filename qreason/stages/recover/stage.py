@@ -73,7 +73,7 @@ from qreason.stages.recover.evaluate import (
     problem_label,
     resolve_eval_mode,
 )
-from qreason.store import RunStore, write_atomic
+from qreason.store import RunStore, is_sealed, write_atomic
 from qreason.summary import ArmResult, RecoverySummary, VariantRecovery
 from qreason.workers.launch import TRAIN
 
@@ -266,7 +266,7 @@ def _recover_variant(
         fingerprint = content_key("recovered", variant.fingerprint, p.key, eval_mode)
         models[p.arm] = ResolvedModel(
             variant.name + SUFFIX[p.arm],
-            str(merged_dir(p.key)) if eval_mode == "merged" else variant.path,
+            str(merged_dir(variant, p.key)) if eval_mode == "merged" else variant.path,
             fingerprint,
             "recovered",
         )
@@ -278,9 +278,7 @@ def _recover_variant(
     merge_arms = set(missing) if eval_mode == "merged" else set()
     if run_cfg.lm_eval.tasks and run_cfg.lm_eval.adapters:
         merge_arms.add(TARGETED)
-    merge_arms = {
-        p.arm for p in plans if p.arm in merge_arms and not (merged_dir(p.key) / "config.json").is_file()
-    }
+    merge_arms = {p.arm for p in plans if p.arm in merge_arms and not is_sealed(merged_dir(variant, p.key))}
     todo = [p for p in plans if p.meta is None or p.arm in merge_arms]
     if todo:
         if owned:  # free the engine's memory while training
@@ -359,8 +357,8 @@ def _recover_variant(
         )
     after_t, fields = arms_out[TARGETED]
     out = VariantRecovery(**fields)
-    merged = merged_dir(next(p.key for p in plans if p.arm == TARGETED))
-    out.merged_checkpoint = str(merged) if (merged / "config.json").is_file() else None
+    merged = merged_dir(variant, next(p.key for p in plans if p.arm == TARGETED))
+    out.merged_checkpoint = str(merged) if is_sealed(merged) else None
     if CONTROL in arms_out:
         after_c, cfields = arms_out[CONTROL]
         out.control = ArmResult(**cfields)
