@@ -435,3 +435,56 @@ def test_item11_a_damaged_cached_checkpoint_is_not_reused(tmp_path):
     (merged / "model.safetensors").write_bytes(b"x" * 10)  # truncated since
     assert not is_sealed(merged)
     assert [t.name for t in stage.targets_for([variant("rtn", "fp")], recovery)] == ["rtn"]
+
+
+# ------------------------------------------------------------- 4. compressed replies: the cap is decoded
+
+
+def test_item4_a_gzip_reply_is_capped_after_decoding(tmp_path):
+    """A 40 KB gzip body that inflates to 40 MiB is refused (the cap counts decoded bytes) by the HTTP client
+    the judges and the OpenAI backend share; a small gzip reply still reads."""
+    import asyncio
+    import gzip
+
+    import openai
+    from fault_server import JsonServer
+
+    from qreason.engines.openai_http import make_async_client
+
+    def completion(text: str) -> bytes:
+        return json.dumps(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "m",
+                "choices": [
+                    {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+                ],
+            }
+        ).encode()
+
+    class Gzip(JsonServer):
+        def handle(self, h, body):
+            text = body["messages"][0]["content"]
+            payload = gzip.compress(completion("7" * (40 << 20) if text == "bomb" else "fine"))
+            self.send(h, 200, payload, headers={"Content-Encoding": "gzip"})
+
+    async def ask(url: str, text: str) -> str:
+        client = make_async_client(url, "NO_SUCH_KEY_VAR", max_retries=0, timeout_s=60)
+        try:
+            reply = await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": text}]
+            )
+            return reply.choices[0].message.content
+        finally:
+            await client.close()
+
+    server = Gzip()
+    server.thread.start()
+    try:
+        assert asyncio.run(ask(server.base_url, "small")) == "fine"
+        with pytest.raises(openai.APIConnectionError):
+            asyncio.run(ask(server.base_url, "bomb"))
+    finally:
+        server.httpd.shutdown()
