@@ -488,3 +488,44 @@ def test_item4_a_gzip_reply_is_capped_after_decoding(tmp_path):
             asyncio.run(ask(server.base_url, "bomb"))
     finally:
         server.httpd.shutdown()
+
+
+# ---------------------------------------------------------------- 6. variant names are slugs, paths stay in
+
+
+@pytest.mark.parametrize(
+    "variant, why",
+    [
+        ("{method: rtn-w4a16, name: ../victim}", "'../victim' must be a slug"),
+        ("{method: rtn-w4a16, name: a/b}", "'a/b' must be a slug"),
+        ("{method: import, path: 'ck/..'}", "'..' must be a slug"),
+    ],
+)
+def test_item6_variant_names_that_would_leave_the_run_directory_are_refused(tmp_path, variant, why):
+    cfg = replay_config(tmp_path, "  - {name: synthetic, limit: 2}\n", f"quantize:\n  - {variant}\n")
+    with pytest.raises(UserError) as err:
+        make_plan(cfg)
+    assert why in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_item6_the_noise_floor_form_of_a_variant_name_is_accepted():
+    from qreason.config.schema import check_variant_name
+
+    for name in ("base~batch16", "base--batch16", "gptq-w4a16", "m.v2_x"):
+        assert check_variant_name(name) == name
+
+
+def test_item6_every_path_built_from_a_name_stays_inside_the_run_directory(tmp_path):
+    (tmp_path / "outside").mkdir()
+    store = RunStore(tmp_path / "run")
+    (tmp_path / "run" / "lm_eval").mkdir(parents=True)
+    (tmp_path / "run" / "lm_eval" / "logs").symlink_to(tmp_path / "outside")
+    assert store.place("lm_eval", "work", "rtn+sb") == tmp_path / "run" / "lm_eval" / "work" / "rtn+sb"
+    for parts in (
+        ("lm_eval", "work", "../../victim"),
+        ("lm_eval", "a/b"),
+        ("..",),
+        ("lm_eval", "logs", "x.log"),
+    ):
+        with pytest.raises(UserError, match="cannot name a file here"):
+            store.place(*parts)

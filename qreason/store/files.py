@@ -97,6 +97,23 @@ def is_sealed(directory: Path) -> bool:
     return isinstance(sizes, dict) and bool(sizes) and sizes == _file_sizes(directory)
 
 
+def child_path(parent: Path, name: str) -> Path:
+    """``parent / name`` for a name that comes from input (a variant name in a file name): one path component
+    that stays inside ``parent``, never a separator, ``..`` or a link out."""
+    parent = Path(parent)
+    path = parent / name
+    if (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or path.resolve().parent != parent.resolve()
+    ):
+        raise UserError(str(parent), f"{name!r} cannot name a file here (one path component inside it)")
+    return path
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from qreason.errors import UserError
 from qreason.records import Generation, Grade, Judgment, LmEvalResult, ModelVariant, Problem
-from qreason.store.files import write_atomic
+from qreason.store.files import child_path, write_atomic
 from qreason.store.table import Table
 
 
@@ -61,6 +61,14 @@ class RunStore:
     @property
     def report_path(self) -> Path:
         return self.dir / "report.html"
+
+    def place(self, *parts: str) -> Path:
+        """A path inside the run directory built from names that may come from input (variant names): each
+        part one path component, the result inside the run directory."""
+        path = self.dir
+        for part in parts:
+            path = child_path(path, part)
+        return path
 
     def write_json(self, name: str, obj) -> Path:
         path = self.dir / name

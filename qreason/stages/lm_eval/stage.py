@@ -317,8 +317,7 @@ def _evaluate(
 ) -> list[dict[str, str]]:
     """Serve one target and run lm-eval on its missing tasks; each task's record is stored as it finishes.
     Returns the failures."""
-    lm_dir = store.lm_eval_dir
-    work = lm_dir / "work" / target.name
+    work = store.place("lm_eval", "work", target.name)
     work.mkdir(parents=True, exist_ok=True)
     failures: list[dict[str, str]] = []
     cache_id = content_key("requests", target.fingerprint, target.adapter_fingerprint, version, args)
@@ -326,9 +325,9 @@ def _evaluate(
         backend,
         target.path,
         target.name,
-        lm_dir / "logs" / f"{target.name}.server.log",
+        store.place("lm_eval", "logs", f"{target.name}.server.log"),
         where=f"lm_eval {target.name}",
-        record_path=store.servers_dir / f"{target.name}.json",
+        record_path=store.place("lm_eval", "servers", f"{target.name}.json"),
     ) as server:
         model_args = {
             "model": server.served_name,
@@ -353,12 +352,12 @@ def _evaluate(
             "bootstrap_iters": cfg.bootstrap_iters,
             # exported qreason_<task> tasks count tokens with the variant's tokenizer to see truncation
             "metadata": {"tokenizer": target.path, **cfg.metadata},
-            "samples_dir": str(lm_dir / "samples" / target.name),
+            "samples_dir": str(store.place("lm_eval", "samples", target.name)),
             "results_dir": str(work),
             # lm-eval's request cache lets a task killed half-way resume; one per model and arguments
             "cache": str(work / f"requests-{cache_id}"),
         }
-        log_path = lm_dir / "logs" / f"{target.name}.lm_eval.log"
+        log_path = store.place("lm_eval", "logs", f"{target.name}.lm_eval.log")
         keys = dict(todo)
 
         def on_line(line: str) -> None:

@@ -13,7 +13,7 @@ from qreason.config.schema import RecoverConfig
 from qreason.errors import UserError
 from qreason.records import ModelVariant, content_key
 from qreason.stages.recover.data import TrainSet
-from qreason.store import cache_dir, is_sealed, now_iso, publish, seal
+from qreason.store import cache_dir, child_path, is_sealed, now_iso, publish, seal
 from qreason.workers.launch import TRAIN
 from qreason.workers.protocol import TrainJob, TrainRun
 
@@ -143,7 +143,7 @@ def train_adapters(
         if not (need_train or need_merge):
             continue
         if root is None:
-            root = work_root / f".{variant.name}.partial"
+            root = child_path(work_root, f".{variant.name}.partial")
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
         run: TrainRun = {
@@ -179,7 +179,7 @@ def train_adapters(
         result = run_worker(
             job,
             root,
-            root.parent / f"{variant.name}.train.log",
+            child_path(root.parent, f"{variant.name}.train.log"),
             variant.name,
             echo,
             python=TRAIN.python(),

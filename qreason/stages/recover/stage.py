@@ -73,7 +73,7 @@ from qreason.stages.recover.evaluate import (
     problem_label,
     resolve_eval_mode,
 )
-from qreason.store import RunStore, is_sealed, write_atomic
+from qreason.store import RunStore, child_path, is_sealed, write_atomic
 from qreason.summary import ArmResult, RecoverySummary, VariantRecovery
 from qreason.workers.launch import TRAIN
 
@@ -247,7 +247,7 @@ def _recover_variant(
                 f"no {cfg.mode} examples for {variant.name} ({arm}); DPO needs items with a chosen answer",
             )
         key = adapter_key(variant, data, cfg, arm)
-        adir = adapters_root / f"{variant.name}-{arm}-{key[:12]}"
+        adir = child_path(adapters_root, f"{variant.name}-{arm}-{key[:12]}")
         meta = read_meta(adir)
         plans.append(ArmPlan(arm, data, key, adir, meta if meta and meta.get("key") == key else None))
     reused = {p.arm: p.meta is not None for p in plans}
