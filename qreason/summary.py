@@ -126,6 +126,7 @@ class QuantizationSummary(Section):
 class GenerationSummary(Section):
     planned: int = 0
     cached: int = 0
+    cached_by_variant: dict[str, int] = Field(default_factory=dict)  # generations reused, per variant
     produced: int = 0
     failed: int = 0
     seconds: float = 0.0

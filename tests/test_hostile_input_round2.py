@@ -529,3 +529,16 @@ def test_item6_every_path_built_from_a_name_stays_inside_the_run_directory(tmp_p
     ):
         with pytest.raises(UserError, match="cannot name a file here"):
             store.place(*parts)
+
+
+# --------------------------------------------------- 7. a generation belongs to a variant: name + checkpoint
+
+
+def test_item7_two_variants_of_one_checkpoint_keep_their_own_generations(tmp_path):
+    from qreason.inputs.models import ResolvedModel
+
+    plan = make_plan(replay_config(tmp_path, "  - {name: synthetic, limit: 2}\n"))
+    model = ResolvedModel("m", "/ck", "fp-same", "variant")
+    a, b = plan.requests_for("rtn", model), plan.requests_for("rtn-again", model)
+    assert not {r.key for r in a} & {r.key for r in b}
+    assert [r.key for r in a] == [r.key for r in plan.requests_for("rtn", model)]  # stable
