@@ -542,3 +542,27 @@ def test_item7_two_variants_of_one_checkpoint_keep_their_own_generations(tmp_pat
     a, b = plan.requests_for("rtn", model), plan.requests_for("rtn-again", model)
     assert not {r.key for r in a} & {r.key for r in b}
     assert [r.key for r in a] == [r.key for r in plan.requests_for("rtn", model)]  # stable
+
+
+# ------------------------------------------------------------------ 8. non-finite lm-eval metrics
+
+
+def test_item8_a_nan_metric_is_stored_and_read_back(tmp_path):
+    import math
+
+    import qreason.stages.lm_eval.stage as stage
+    from qreason.store import Table
+
+    store = RunStore(tmp_path / "run")
+    result = {
+        "task": "t",
+        "metrics": {"acc,none": float("nan"), "acc_stderr,none": float("inf"), "f1,none": float("-inf")},
+        "samples_file": str(tmp_path / "run" / "s.jsonl"),
+        "n_samples": 0,
+    }
+    record = stage._record(stage.LmEvalTarget("base", "/m", "fp"), "k1", "0.4", {}, result, store.dir)
+    store.lm_eval.append([record])
+    again = Table(store.lm_eval.path, type(record)).get("k1")  # read by a later command
+    assert math.isnan(again.metrics["acc"]) and again.metrics["f1"] == float("-inf")
+    assert again.stderr["acc"] == float("inf")
+    assert store.repair() == {"lm_eval_results.jsonl": 0}
