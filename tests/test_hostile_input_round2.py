@@ -566,3 +566,44 @@ def test_item8_a_nan_metric_is_stored_and_read_back(tmp_path):
     assert math.isnan(again.metrics["acc"]) and again.metrics["f1"] == float("-inf")
     assert again.stderr["acc"] == float("inf")
     assert store.repair() == {"lm_eval_results.jsonl": 0}
+
+
+# --------------------------------------------------------------- 9. one repair, one lock, every table
+
+
+def test_item9_repair_covers_the_recovery_tables_under_the_run_lock(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from qreason.store import RunLock, mark_run_dir
+
+    store = RunStore(tmp_path / "run")
+    mark_run_dir(store.dir, "run")
+    for table in (store.grades, store.recovery_grades):
+        table.path.parent.mkdir(parents=True, exist_ok=True)
+        table.path.write_text('{"key": "torn"\n')
+
+    def repair(path):
+        env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+        return subprocess.run(
+            [sys.executable, "-m", "qreason.cli", "repair", str(path)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+
+    with pytest.raises(UserError, match=f"qreason repair {store.dir}`"):
+        RunStore(store.dir).recovery_grades.all()  # the hint names the run, not RUN/recovery
+    with RunLock(store.dir):  # another process holds the run: repair of its recovery directory waits its turn
+        held = repair(store.recovery_dir)
+    assert held.returncode == 2 and store.recovery_grades.path.read_text() == '{"key": "torn"\n'
+    done = repair(store.recovery_dir)
+    assert done.returncode == 0, done.stderr
+    assert (
+        "grades.jsonl: 1 corrupt line" in done.stdout
+        and "recovery/grades.jsonl: 1 corrupt line" in done.stdout
+    )
+    assert store.grades.path.read_text() == "" and store.recovery_grades.path.read_text() == ""
+    assert repair(tmp_path).returncode == 2  # not a run directory: nothing touched

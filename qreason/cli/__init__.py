@@ -190,11 +190,16 @@ def _cmd_curate(args) -> int:
 
 
 def _cmd_repair(args) -> int:
-    from qreason.store import RunLock, RunStore
+    from qreason.store import RunLock, RunStore, is_run_dir
 
-    store = RunStore(Path(args.run_dir))
-    if not store.dir.is_dir():
-        raise UserError(str(store.dir), "no such run directory")
+    given = Path(args.run_dir).resolve()
+    if not given.is_dir():
+        raise UserError(str(given), "no such run directory")
+    # a directory inside a run (RUN/recovery) is repaired as that run: one lock, every table
+    run_dir = next((d for d in (given, *given.parents) if is_run_dir(d)), None)
+    if run_dir is None:
+        raise UserError(str(given), "not a qreason run directory (nor inside one)")
+    store = RunStore(run_dir)
     with RunLock(store.dir):
         moved = store.repair()
     for name, n in moved.items():

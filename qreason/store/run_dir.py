@@ -30,10 +30,12 @@ class RunStore:
         # the recover stage's re-evaluation of adapters, kept apart from the run's own tables so that judging,
         # curation and analysis never mistake recovered variants for the config's
         self.recovery_generations: Table[Generation] = Table(
-            self.recovery_dir / "generations.jsonl", Generation
+            self.recovery_dir / "generations.jsonl", Generation, self.dir
         )
-        self.recovery_grades: Table[Grade] = Table(self.recovery_dir / "grades.jsonl", Grade)
-        self.recovery_judgments: Table[Judgment] = Table(self.recovery_dir / "judgments.jsonl", Judgment)
+        self.recovery_grades: Table[Grade] = Table(self.recovery_dir / "grades.jsonl", Grade, self.dir)
+        self.recovery_judgments: Table[Judgment] = Table(
+            self.recovery_dir / "judgments.jsonl", Judgment, self.dir
+        )
 
     # the run directory's other places (every path of a run directory is named here)
     @property
@@ -79,9 +81,9 @@ class RunStore:
         return [t for t in vars(self).values() if isinstance(t, Table)]
 
     def repair(self) -> dict[str, int]:
-        """Repair every table (see ``Table.repair``); table file name -> lines moved aside. Hold the run
-        lock."""
-        return {t.path.name: t.repair() for t in self.tables() if t.path.exists()}
+        """Repair every table of the run, the recovery tables included (see ``Table.repair``); the table's
+        path in the run directory -> lines moved aside. Hold the run lock."""
+        return {str(t.path.relative_to(self.dir)): t.repair() for t in self.tables() if t.path.exists()}
 
     def read_json(self, name: str):
         path = self.dir / name
