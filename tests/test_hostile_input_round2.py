@@ -607,3 +607,19 @@ def test_item9_repair_covers_the_recovery_tables_under_the_run_lock(tmp_path):
     )
     assert store.grades.path.read_text() == "" and store.recovery_grades.path.read_text() == ""
     assert repair(tmp_path).returncode == 2  # not a run directory: nothing touched
+
+
+# ------------------------------------------------------------- 12. '$' in a name and the loss chart
+
+
+def test_item12_the_loss_chart_draws_a_dollar_in_a_name_literally():
+    from qreason.report import figures
+
+    uri = figures.loss_curves({"w4$\\cmd{$+sb sft": [[0, 1.0], [1, 0.5]], "w4$\\cmd{$+ctl sft": [[0, 1.2]]})
+    assert uri.startswith("data:image/png;base64,")
+    drawing = [
+        name
+        for name, fn in vars(figures).items()
+        if callable(fn) and getattr(fn, "__module__", "") == figures.__name__ and not name.startswith("_")
+    ]
+    assert drawing and all(hasattr(getattr(figures, n), "__wrapped__") for n in drawing), drawing
