@@ -270,6 +270,8 @@ class RunSummary(Section):
     hardware: dict[str, Any] = Field(default_factory=dict)
     report: str | None = None
     gates: GatesSummary | None = None
+    # stages that could not run (stage name -> one line why); the others ran and the report was written
+    stage_failures: dict[str, str] = Field(default_factory=dict)
 
     @classmethod
     def read(cls, data: dict | None) -> "RunSummary | None":

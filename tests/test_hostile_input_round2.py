@@ -623,3 +623,51 @@ def test_item12_the_loss_chart_draws_a_dollar_in_a_name_literally():
         if callable(fn) and getattr(fn, "__module__", "") == figures.__name__ and not name.startswith("_")
     ]
     assert drawing and all(hasattr(getattr(figures, n), "__wrapped__") for n in drawing), drawing
+
+
+# ---------------------------------------------- 10. what can be known is checked first; a stage that fails
+
+
+def test_item10_a_missing_training_environment_is_found_at_plan_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("QREASON_TRAIN_PYTHON", str(tmp_path / "no-such-python"))
+    cfg = replay_config(tmp_path, "  - {name: synthetic, limit: 2}\n", "recover: {enabled: true}\n")
+    with pytest.raises(UserError) as err:
+        make_plan(cfg)
+    assert "training environment" in str(err.value) and "no-such-python" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+class _Stage:
+    section = None
+
+    def __init__(self, name, fail=None, ran=None):
+        self.name, self.fail, self.ran = name, fail, ran
+
+    def enabled(self, cfg):
+        return True
+
+    def run(self, ctx):
+        if self.fail:
+            raise self.fail
+        self.ran.append(self.name)
+
+
+def test_item10_a_stage_that_cannot_run_is_recorded_and_the_rest_still_runs(tmp_path, monkeypatch):
+    import qreason.pipeline.runner as runner
+
+    ran: list[str] = []
+    why = UserError("silver_bullet", "no sft examples for rtn (targeted)")
+    monkeypatch.setattr(
+        runner,
+        "stages",
+        lambda t0, env: [_Stage("recover", why), _Stage("lm_eval", ran=ran), _Stage("report", ran=ran)],
+    )
+    summary = runner.run(replay_config(tmp_path, "  - {name: synthetic, limit: 2}\n"))
+    assert ran == ["lm_eval", "report"]
+    assert summary.stage_failures == {"recover": "silver_bullet: no sft examples for rtn (targeted)"}
+    stored = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert stored["stage_failures"] == summary.stage_failures
+    # a stage the later ones depend on still ends the run
+    monkeypatch.setattr(runner, "stages", lambda t0, env: [_Stage("grade", why), _Stage("report", ran=ran)])
+    with pytest.raises(UserError):
+        runner.run(replay_config(tmp_path, "  - {name: synthetic, limit: 2}\n"))

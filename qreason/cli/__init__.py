@@ -71,6 +71,8 @@ def _print_run(summary) -> int:
                 f"qreason: lm-eval {f['task']} failed for {f['variant']}: {f['error']} (log: {f['log']})",
                 file=sys.stderr,
             )
+    for stage, why in summary.stage_failures.items():
+        print(f"qreason: stage {stage} could not run: {why}", file=sys.stderr)
     if gen.failed:
         print(
             f"qreason: {gen.failed} generations failed; re-run the same command to retry them",
@@ -80,7 +82,7 @@ def _print_run(summary) -> int:
     if lm and lm.failed:
         print("qreason: lm-eval tasks failed; re-run the same command to retry them", file=sys.stderr)
         return 1
-    return 0
+    return 1 if summary.stage_failures else 0
 
 
 def _cmd_runs(args) -> int:

@@ -196,6 +196,10 @@ def make_plan(config: str | Path | LoadedConfig, output_dir: str | Path | None =
     base = resolve_base(cfg.backend, cfg.model, loaded.base_dir)
     names = [cfg.model.name] + [_check_variant(base, v, loaded) for v in cfg.quantize]
     _check_executor(loaded)
+    if cfg.recover.enabled:
+        from qreason.workers.launch import TRAIN
+
+        TRAIN.python()  # the training environment: found now, not after generating and judging
     if cfg.lm_eval.tasks:
         from qreason.stages.lm_eval import check_config
 

@@ -242,9 +242,20 @@ def _recover_variant(
             )
             continue
         if not data.rows_for(cfg.mode):
+            why = "; DPO needs items with a chosen answer" if "dpo" in cfg.mode else ""
+            if arm == CONTROL:  # too few problems left outside the targeted set: the targeted arm still runs
+                log.warning(
+                    "recover %s: no %s examples for the control arm%s; no control",
+                    variant.name,
+                    cfg.mode,
+                    why,
+                )
+                inp.echo(
+                    f"{variant.name}: no {cfg.mode} examples for the control arm{why}; trained without one"
+                )
+                continue
             raise UserError(
-                f"{store.dir / 'silver_bullet'}",
-                f"no {cfg.mode} examples for {variant.name} ({arm}); DPO needs items with a chosen answer",
+                f"{store.dir / 'silver_bullet'}", f"no {cfg.mode} examples for {variant.name} ({arm}){why}"
             )
         key = adapter_key(variant, data, cfg, arm)
         adir = child_path(adapters_root, f"{variant.name}-{arm}-{key[:12]}")
