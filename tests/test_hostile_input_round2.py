@@ -671,3 +671,68 @@ def test_item10_a_stage_that_cannot_run_is_recorded_and_the_rest_still_runs(tmp_
     monkeypatch.setattr(runner, "stages", lambda t0, env: [_Stage("grade", why), _Stage("report", ran=ran)])
     with pytest.raises(UserError):
         runner.run(replay_config(tmp_path, "  - {name: synthetic, limit: 2}\n"))
+
+
+# ----------------------------------------------------- 13. one index beside the cache; readers create nothing
+
+
+def test_item13_prune_from_anywhere_keeps_checkpoints_of_runs_started_elsewhere(tmp_path, monkeypatch):
+    from qreason.pipeline.plan import default_index
+    from qreason.records import ModelVariant
+    from qreason.store.retention import prune
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("QREASON_CACHE", str(cache))
+    monkeypatch.delenv("QREASON_INDEX")
+    used, unused = cache / "quantized" / "used", cache / "quantized" / "unused"
+    used.mkdir(parents=True)
+    unused.mkdir()
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    store = RunStore(project / "runs" / "demo")
+    mark_run_dir(store.dir, "demo")
+    store.variants.append(
+        [
+            ModelVariant(
+                key="v",
+                name="rtn",
+                base_model="m",
+                base_fingerprint="f",
+                method="rtn",
+                path=str(used),
+                fingerprint="fp",
+                created_at="now",
+            )
+        ]
+    )
+    index = default_index()
+    assert index.path == cache / "index.sqlite"
+    index.start("r1", store.dir, "demo", "h", {})
+    index.finish("r1", "ok", None)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)  # prune from another directory sees the same index
+    removed = prune(default_index(), older_than_days=30, dry_run=True)
+    assert removed["checkpoints"] == [str(unused)] and removed["run_dirs"] == []
+    assert list(empty.iterdir()) == []
+
+
+def test_item13_read_only_commands_create_nothing(tmp_path, monkeypatch):
+    from qreason.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QREASON_INDEX", str(tmp_path / "idx" / "index.sqlite"))
+    assert main(["runs"]) == 0
+    assert main(["runs", "--index", str(tmp_path / "other" / "i.sqlite")]) == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_item13_a_corrupt_index_is_one_line(tmp_path, capsys):
+    from qreason.cli import main
+
+    bad = tmp_path / "index.sqlite"
+    bad.write_bytes(b"not a database" * 100)
+    assert main(["runs", "--index", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err and "run index cannot be used" in err

@@ -478,7 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(fn=_cmd_prune)
 
     s = sub.add_parser("runs", help="list past runs from the run index")
-    s.add_argument("--index", help="index file (default: $QREASON_INDEX or runs/index.sqlite)")
+    s.add_argument(
+        "--index", help="index file (default: $QREASON_INDEX, else index.sqlite in the cache directory)"
+    )
     s.add_argument("--name", help="only runs of this config name")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(fn=_cmd_runs)

@@ -28,7 +28,12 @@ def runs_root() -> Path:
 
 
 def default_index() -> RunIndex:
-    return RunIndex(Path(os.environ.get("QREASON_INDEX", runs_root() / "index.sqlite")))
+    """The run index: ``$QREASON_INDEX``, else ``index.sqlite`` beside the checkpoint cache, so every run that
+    uses a cache is in the index ``prune`` reads before deleting from that cache, wherever the run was
+    started."""
+    from qreason.store import cache_dir
+
+    return RunIndex(Path(os.environ.get("QREASON_INDEX") or cache_dir() / "index.sqlite"))
 
 
 @dataclass
