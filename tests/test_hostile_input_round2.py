@@ -736,3 +736,40 @@ def test_item13_a_corrupt_index_is_one_line(tmp_path, capsys):
     assert main(["runs", "--index", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(bad) in err and "run index cannot be used" in err
+
+
+# ------------------------------------------------------------------------------------------- low items
+
+
+def test_low_recover_for_one_variant_keeps_the_others_in_the_recovery_summary():
+    from qreason.stages.recover.stage import merge_recovery
+    from qreason.summary import RecoverySummary, VariantRecovery
+
+    def arm(variant, eval_variant, acc):
+        return VariantRecovery.model_construct(variant=variant, eval_variant=eval_variant, accuracy_after=acc)
+
+    old = RecoverySummary(
+        variants=[arm("rtn", "rtn+sb", 0.5), arm("gptq", "gptq+sb", 0.6)], skipped={"awq": "x"}
+    )
+    new = RecoverySummary(variants=[arm("rtn", "rtn+sb", 0.7)])
+    merged = merge_recovery(old, new)
+    assert sorted((v.eval_variant, v.accuracy_after) for v in merged.variants) == [
+        ("gptq+sb", 0.6),
+        ("rtn+sb", 0.7),
+    ]
+    assert merged.skipped == {"awq": "x"}
+
+
+def test_low_a_huge_synthetic_limit_is_refused_at_plan_time(tmp_path):
+    cfg = replay_config(tmp_path, "  - {name: synthetic, limit: 1000000000}\n")
+    with pytest.raises(UserError, match="at most 100000 problems"):
+        make_plan(cfg)
+
+
+def test_low_compare_refuses_two_runs_sharing_one_directory(tmp_path, capsys):
+    from qreason.cli import main
+
+    store = RunStore(tmp_path / "run")
+    mark_run_dir(store.dir, "run")
+    assert main(["compare", str(store.dir), str(tmp_path / "run" / ".")]) == 2
+    assert "both are the run directory" in capsys.readouterr().err

@@ -326,6 +326,12 @@ def _cmd_compare(args) -> int:
         return RunStore(Path(found[0]["run_dir"]))
 
     a, b = locate(args.run_a), locate(args.run_b)
+    if a.dir.resolve() == b.dir.resolve():
+        raise UserError(
+            f"{args.run_a} vs {args.run_b}",
+            f"both are the run directory {a.dir} (runs sharing an output directory share their records); "
+            "give each run its own output_dir to compare them",
+        )
     try:
         table = compare_runs(a, b)
     except ValueError as exc:

@@ -120,6 +120,7 @@ def recover(
     cfg = run_cfg.recover
     echo = echo or (lambda m: print(f"recover: {m}", file=sys.stderr, flush=True))
     variants = {v.name: v for v in store.variants.all()}
+    some = bool(only)  # a call for some variants (the CLI): the stored summary keeps the others
     only = only or cfg.variants
     for name in only or []:
         if name not in variants or name == base_name:
@@ -197,9 +198,22 @@ def recover(
             b.close()
     summary.seconds = round(time.monotonic() - t0, 2)
     out = store.recovery_dir / "summary.json"
+    if some and out.is_file():
+        summary = merge_recovery(
+            RecoverySummary.model_validate_json(out.read_text(encoding="utf-8")), summary
+        )
     summary.summary_path = str(out)
     write_atomic(out, summary.model_dump_json(indent=2) + "\n")
     return summary
+
+
+def merge_recovery(old: RecoverySummary, new: RecoverySummary) -> RecoverySummary:
+    """``new`` (a call for some variants) with what ``old`` recorded for the others: each evaluated model
+    (``eval_variant``) and each skipped variant keeps its latest entry."""
+    fresh = {v.eval_variant for v in new.variants}
+    kept = [v for v in old.variants if v.eval_variant not in fresh and v.variant not in new.skipped]
+    skipped = {k: v for k, v in old.skipped.items() if k not in {x.variant for x in new.variants}}
+    return new.model_copy(update={"variants": kept + new.variants, "skipped": {**skipped, **new.skipped}})
 
 
 def _recover_variant(
