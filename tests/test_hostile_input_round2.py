@@ -773,3 +773,44 @@ def test_low_compare_refuses_two_runs_sharing_one_directory(tmp_path, capsys):
     mark_run_dir(store.dir, "run")
     assert main(["compare", str(store.dir), str(tmp_path / "run" / ".")]) == 2
     assert "both are the run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "line, flags, message",
+    [
+        ('{"r": "Answer: 1", "a": NaN}', [], "must be a non-empty string or number"),
+        ('{"r": "Answer: 1", "a": 1}', ["--workers", "0"], "--workers: must be at least 1"),
+        ('{"r": "Answer: 1", "a": 1}', ["--timeout", "-1"], "--timeout: must be a positive number"),
+        ('{"r": "Answer: 1", "a": 1}', ["--out", "."], "is a directory"),
+    ],
+)
+def test_low_grade_file_refuses_bad_arguments_before_grading(
+    tmp_path, monkeypatch, capsys, line, flags, message
+):
+    from qreason.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.jsonl").write_text(line + "\n")
+    argv = [
+        "grade-file",
+        "in.jsonl",
+        "--response-field",
+        "r",
+        "--reference-field",
+        "a",
+        "--answer-type",
+        "number",
+    ]
+    argv += flags if "--out" in flags else ["--out", "out.jsonl", *flags]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
+
+
+def test_low_grade_file_writes_a_row_with_a_lone_surrogate(tmp_path):
+    from qreason.stages.grade import Grader, grade_file
+
+    (tmp_path / "in.jsonl").write_text('{"r": "Answer: 4 \\ud800", "a": "4"}\n')
+    summary = grade_file(tmp_path / "in.jsonl", tmp_path / "out.jsonl", "r", "a", "number", Grader(10, 1))
+    assert summary["rows"] == 1
+    (row,) = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert row["r"] == "Answer: 4 \ufffd" and row["status"] in {"correct", "no_answer"}
