@@ -814,3 +814,34 @@ def test_low_grade_file_writes_a_row_with_a_lone_surrogate(tmp_path):
     assert summary["rows"] == 1
     (row,) = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
     assert row["r"] == "Answer: 4 \ufffd" and row["status"] in {"correct", "no_answer"}
+
+
+@pytest.mark.parametrize(
+    "header, meta, message",
+    [
+        ([1, 2], None, "not a safetensors file (bad header)"),
+        ({"w": {"shape": "x"}}, None, "has no valid shape"),
+        ({"__metadata__": {}}, None, "holds no tensors"),
+        (
+            {"w": {"shape": [2, 2]}},
+            {"variant_fingerprint": "fp", "train_problems": "all"},
+            "train_problems must",
+        ),
+    ],
+)
+def test_low_a_malformed_external_adapter_is_one_line(tmp_path, header, meta, message):
+    from qreason.stages.recover.adapters import ADAPTER_META, check_adapter
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text('{"hidden_size": 2}')
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    blob = json.dumps(header).encode()
+    (adapter / "adapter_model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob)
+    if meta is not None:
+        (adapter / ADAPTER_META).write_text(json.dumps(meta))
+    v = variant("rtn", "fp").model_copy(update={"path": str(ck)})
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_adapter(adapter, v)

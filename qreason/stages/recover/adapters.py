@@ -82,6 +82,15 @@ def check_adapter(adapter: Path, variant: ModelVariant) -> None:
             f"({meta.get('variant_fingerprint')}), not on {variant.name!r} "
             f"({variant.fingerprint})",
         )
+    problems = (meta or {}).get("train_problems", [])
+    if not (
+        isinstance(problems, list)
+        and all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in problems)
+    ):
+        raise UserError(
+            str(adapter / ADAPTER_META),
+            "train_problems must be a list of [task, problem_id] pairs of strings",
+        )
     config = json.loads((Path(variant.path) / "config.json").read_text(encoding="utf-8"))
     hidden = config.get("hidden_size")
     for name, shape in _safetensors_shapes(adapter / "adapter_model.safetensors").items():
@@ -110,7 +119,19 @@ def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
             header = json.loads(fh.read(size))
         except ValueError:
             raise UserError(str(path), "not a safetensors file (bad header)") from None
-    return {k: v.get("shape", []) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    if not isinstance(header, dict):
+        raise UserError(str(path), "not a safetensors file (bad header)")
+    shapes = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise UserError(str(path), f"not a safetensors file (tensor {name[:80]!r} has no valid shape)")
+        shapes[name] = shape
+    if not shapes:
+        raise UserError(str(path), "holds no tensors")
+    return shapes
 
 
 @dataclass
