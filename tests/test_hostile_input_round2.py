@@ -845,3 +845,29 @@ def test_low_a_malformed_external_adapter_is_one_line(tmp_path, header, meta, me
     v = variant("rtn", "fp").model_copy(update={"path": str(ck)})
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_adapter(adapter, v)
+
+
+def test_low_prune_lists_recover_copies_no_kept_run_uses(tmp_path, monkeypatch):
+    from qreason.store import RunIndex
+    from qreason.store.retention import prune
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("QREASON_CACHE", str(cache))
+    for sub in ("dense/fp", "dense/fp-gone", "merged/m-used", "merged/m-gone"):
+        (cache / "recover" / sub).mkdir(parents=True)
+    store = RunStore(tmp_path / "run")
+    mark_run_dir(store.dir, "run")
+    store.variants.append([variant("rtn", "fp")])
+    store.recovery_dir.mkdir()
+    merged = str(cache / "recover" / "merged" / "m-used")
+    (store.recovery_dir / "summary.json").write_text(
+        json.dumps({"variants": [{"merged_checkpoint": merged}]})
+    )
+    index = RunIndex(tmp_path / "index.sqlite")
+    index.start("r", store.dir, "run", "h", {})
+    index.finish("r", "ok", None)
+    removed = prune(index, older_than_days=30, dry_run=True)
+    assert removed["checkpoints"] == [
+        str(cache / "recover" / "dense" / "fp-gone"),
+        str(cache / "recover" / "merged" / "m-gone"),
+    ]
