@@ -871,3 +871,16 @@ def test_low_prune_lists_recover_copies_no_kept_run_uses(tmp_path, monkeypatch):
         str(cache / "recover" / "dense" / "fp-gone"),
         str(cache / "recover" / "merged" / "m-gone"),
     ]
+
+
+def test_low_a_corrupt_index_stops_the_run_before_it_writes_its_directory(tmp_path):
+    from qreason.pipeline.runner import run
+    from qreason.store import RunIndex
+
+    bad = tmp_path / "index.sqlite"
+    bad.write_bytes(b"not a database" * 100)
+    cfg = replay_config(tmp_path, "  - {name: synthetic, limit: 2}\n")
+    with pytest.raises(UserError, match="run index cannot be used"):
+        run(cfg, index=RunIndex(bad))
+    out = tmp_path / "out"
+    assert not out.exists() or {p.name for p in out.iterdir()} <= {".lock"}

@@ -134,17 +134,19 @@ def _run_locked(
     plan: Plan, store: RunStore, index: RunIndex, backend: Backend | None, t0: float
 ) -> RunSummary:
     cfg = plan.loaded.config
-    handler = _attach_log_file(store.dir)
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
     config_hash = content_key("config", cfg.model_dump())
-    mark_run_dir(store.dir, cfg.name)
     env = environment()
+    # first, so that an index that cannot be written (corrupt, locked, on a full disk) stops the run before
+    # anything is written into its directory
+    index.start(run_id, store.dir, cfg.name, config_hash, env)
+    handler = _attach_log_file(store.dir)
+    mark_run_dir(store.dir, cfg.name)
     store.write_json("environment.json", env)
     # the config as written: ${VAR} references stay unexpanded, so no secret or local path leaks into the run
     write_atomic(
         store.dir / "config.yaml", plan.loaded.text or yaml.safe_dump(cfg.model_dump(), sort_keys=False)
     )
-    index.start(run_id, store.dir, cfg.name, config_hash, env)
     summary = RunSummary(
         run_id=run_id,
         name=cfg.name,
