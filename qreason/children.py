@@ -10,7 +10,6 @@ exec). A child whose parent died before the request took effect kills itself at 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 import sys
@@ -18,10 +17,9 @@ from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1
 
-# loaded in the parent: the function that runs between fork and exec should allocate and load nothing
-_LIBC = (
-    ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True) if sys.platform == "linux" else None
-)
+# loaded in the parent: the function that runs between fork and exec should allocate and load nothing (the
+# process's own symbols hold libc's prctl)
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
