@@ -884,3 +884,14 @@ def test_low_a_corrupt_index_stops_the_run_before_it_writes_its_directory(tmp_pa
         run(cfg, index=RunIndex(bad))
     out = tmp_path / "out"
     assert not out.exists() or {p.name for p in out.iterdir()} <= {".lock"}
+
+
+@pytest.mark.skipif(
+    not (Path(__file__).parent.parent / ".venv-bench/bin/python").is_file(), reason="no lm-eval"
+)
+def test_low_an_lm_eval_tag_is_refused_before_the_run():
+    from qreason.stages.lm_eval.stage import run_worker_check
+    from qreason.workers.launch import BENCH
+
+    with pytest.raises(UserError, match="ai2_arc: a tag of several lm-eval tasks"):
+        run_worker_check(BENCH.python(), ["ai2_arc", "arc_easy"], [])
