@@ -29,7 +29,7 @@ from qreason.errors import UserError
 from qreason.inputs import synthetic
 from qreason.store import write_atomic
 
-EXPORT_REVISION = 1
+EXPORT_REVISION = 2  # 2: one fixed utils.py, per-task settings in the YAML metadata
 TRUNCATION_NOTE = (
     "lm-eval hands a task only the generated text, not why generation stopped: a solution counts "
     "as truncated when its token count (by the tokenizer named in the task metadata) reaches "
