@@ -180,7 +180,11 @@ class SilverBulletItem(Record):
 class LmEvalResult(Record):
     """One lm-eval task's result for one model: a variant, or a variant with a recovery adapter. The key
     covers the model's fingerprint, the task (and the files of qreason-owned tasks), the lm-eval version and
-    every argument, so a re-run finds it and makes no model calls."""
+    every argument, so a re-run finds it and makes no model calls. A non-finite metric (lm-eval reports NaN
+    for a metric of an empty or degenerate sample) is stored as the JSON string "NaN", "Infinity" or
+    "-Infinity" and read back as that float."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
 
     variant: str
     model_fingerprint: str

@@ -126,6 +126,7 @@ class QuantizationSummary(Section):
 class GenerationSummary(Section):
     planned: int = 0
     cached: int = 0
+    cached_by_variant: dict[str, int] = Field(default_factory=dict)  # generations reused, per variant
     produced: int = 0
     failed: int = 0
     seconds: float = 0.0
@@ -349,6 +350,8 @@ class RunSummary(Section):
     hardware: dict[str, Any] = Field(default_factory=dict)
     report: str | None = None
     gates: GatesSummary | None = None
+    # stages that could not run (stage name -> one line why); the others ran and the report was written
+    stage_failures: dict[str, str] = Field(default_factory=dict)
 
     @classmethod
     def read(cls, data: dict | None) -> "RunSummary | None":

@@ -132,6 +132,7 @@ LAYERS = [
             "qreason.stats",
             "qreason.pool",
             "qreason.flips",
+            "qreason.children",
             "qreason.config",
         ],
     ),

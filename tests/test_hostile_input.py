@@ -341,7 +341,10 @@ def test_failed_append_restores_the_last_complete_line(tmp_path):
 
 
 def test_corrupt_middle_line_points_at_repair_and_repair_keeps_the_good_lines(tmp_path):
+    from qreason.store import mark_run_dir
+
     store = RunStore(tmp_path / "run")
+    mark_run_dir(store.dir, "run")
     store.grades.append([grade("a")])
     path = store.grades.path
     glued = grade("b").model_dump_json()[:30] + grade("c").model_dump_json() + "\n"

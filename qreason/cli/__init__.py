@@ -75,6 +75,8 @@ def _print_run(summary) -> int:
                 f"qreason: lm-eval {f['task']} failed for {f['variant']}: {f['error']} (log: {f['log']})",
                 file=sys.stderr,
             )
+    for stage, why in summary.stage_failures.items():
+        print(f"qreason: stage {stage} could not run: {why}", file=sys.stderr)
     if gen.failed:
         print(
             f"qreason: {gen.failed} generations failed; re-run the same command to retry them",
@@ -84,7 +86,7 @@ def _print_run(summary) -> int:
     if lm and lm.failed:
         print("qreason: lm-eval tasks failed; re-run the same command to retry them", file=sys.stderr)
         return 1
-    return 0
+    return 1 if summary.stage_failures else 0
 
 
 def _cmd_runs(args) -> int:
@@ -194,11 +196,16 @@ def _cmd_curate(args) -> int:
 
 
 def _cmd_repair(args) -> int:
-    from qreason.store import RunLock, RunStore
+    from qreason.store import RunLock, RunStore, is_run_dir
 
-    store = RunStore(Path(args.run_dir))
-    if not store.dir.is_dir():
-        raise UserError(str(store.dir), "no such run directory")
+    given = Path(args.run_dir).resolve()
+    if not given.is_dir():
+        raise UserError(str(given), "no such run directory")
+    # a directory inside a run (RUN/recovery) is repaired as that run: one lock, every table
+    run_dir = next((d for d in (given, *given.parents) if is_run_dir(d)), None)
+    if run_dir is None:
+        raise UserError(str(given), "not a qreason run directory (nor inside one)")
+    store = RunStore(run_dir)
     with RunLock(store.dir):
         moved = store.repair()
     for name, n in moved.items():
@@ -330,6 +337,12 @@ def _cmd_compare(args) -> int:
         return RunStore(Path(found[0]["run_dir"]))
 
     a, b = locate(args.run_a), locate(args.run_b)
+    if a.dir.resolve() == b.dir.resolve():
+        raise UserError(
+            f"{args.run_a} vs {args.run_b}",
+            f"both are the run directory {a.dir} (runs sharing an output directory share their records); "
+            "give each run its own output_dir to compare them",
+        )
     try:
         table = compare_runs(a, b)
     except ValueError as exc:
@@ -496,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(fn=_cmd_prune)
 
     s = sub.add_parser("runs", help="list past runs from the run index")
-    s.add_argument("--index", help="index file (default: $QREASON_INDEX or runs/index.sqlite)")
+    s.add_argument(
+        "--index", help="index file (default: $QREASON_INDEX, else index.sqlite in the cache directory)"
+    )
     s.add_argument("--name", help="only runs of this config name")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(fn=_cmd_runs)

@@ -25,6 +25,21 @@ PANEL_JUDGE = "panel"  # the majority vote of two or more LLM judges
 DEFAULT_PROMPT_VERSION = "judge-v1"  # judge_prompts/judge_v1.yaml
 
 
+# A variant's name labels every record and names files and directories of the run (logs, lm-eval work,
+# adapters). Letters, digits, '.', '_', '-' and '~' (perturbed copies of a variant: ``base~batch16``),
+# starting with a letter or digit: never a path separator, never "." or "..".
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]*")
+
+
+def check_variant_name(name: str) -> str:
+    if not VARIANT_NAME.fullmatch(name) or len(name) > 100:
+        raise ValueError(
+            f"variant name {name!r} must be a slug of at most 100 characters (letters, digits, '.', '_', "
+            "'-', '~'; it names files of the run)"
+        )
+    return name
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -569,8 +584,11 @@ class RunConfig(Strict):
         if any(not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", n) for n in model_names):
             raise ValueError("model names in models: must be slugs (they name run directories)")
         names = [self.model.name] + [
-            v.name or (v.path if v.method == "import" else v.method) for v in self.quantize
+            v.name or (Path(v.path.rstrip("/")).name if v.method == "import" else v.method)
+            for v in self.quantize
         ]
+        for n in names:
+            check_variant_name(n)
         reserved = sorted(n for n in names if is_noise_variant(n))
         if reserved:
             raise ValueError(
@@ -621,6 +639,18 @@ class RunConfig(Strict):
         if self.judge.base_variant != self.model.name:
             self.judge = self.judge.model_copy(update={"base_variant": self.model.name})
         return self
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, tasks: list[TaskConfig]) -> list[TaskConfig]:
+        names = [t.name for t in tasks]
+        dup = sorted({t for t in names if names.count(t) > 1})
+        if dup:
+            raise ValueError(
+                f"task entries must be unique (repeated: {', '.join(dup)}); to run one task with other "
+                "data or params, copy its YAML under another name and give that path"
+            )
+        return tasks
 
     @field_validator("backend", mode="before")
     @classmethod

@@ -90,8 +90,11 @@ def make_request(
     sampling: SamplingConfig,
     seed: int,
 ) -> GenerationRequest:
+    # a generation belongs to a variant: its name and its checkpoint's fingerprint (two variants of one recipe
+    # share a checkpoint but not their generations; a renamed variant is generated again under its new name)
     key = content_key(
         "generation",
+        variant,
         model.fingerprint,
         problem.task,
         problem.problem_id,

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+import zlib
 from dataclasses import dataclass
 
 from qreason.records import clean_text
@@ -85,9 +86,15 @@ def deadline_http_client(timeout_s: float, event_hooks=None, max_bytes: int = MA
         ).__module__.split(".")[0]
     ]
 
+    def too_big(request):
+        return hx.ReadError(f"reply body larger than {max_bytes >> 20} MiB (decoded)", request=request)
+
     class BoundedStream(hx.AsyncByteStream):
-        def __init__(self, inner, deadline: float, request):
-            self.inner, self.deadline, self.request = inner, deadline, request
+        """The body within the deadline and, decoded, within ``max_bytes``: a compressed body is inflated
+        here (never more than the cap), so a small gzip reply cannot expand to gigabytes in httpx."""
+
+        def __init__(self, inner, deadline: float, request, decoder=None):
+            self.inner, self.deadline, self.request, self.decoder = inner, deadline, request, decoder
 
         async def __aiter__(self):
             loop = asyncio.get_running_loop()
@@ -98,14 +105,21 @@ def deadline_http_client(timeout_s: float, event_hooks=None, max_bytes: int = MA
                     async with asyncio.timeout(max(self.deadline - loop.time(), 0.0)):
                         chunk = await parts.__anext__()
                 except StopAsyncIteration:
+                    if self.decoder is not None:
+                        yield self.decoder.flush()
                     return
                 except TimeoutError:
                     raise hx.ReadTimeout(
                         f"no complete reply within {timeout_s:g} s", request=self.request
                     ) from None
+                if self.decoder is not None:
+                    try:
+                        chunk = self.decoder.decompress(chunk, max_bytes - total + 1)
+                    except zlib.error as exc:
+                        raise hx.DecodingError(f"bad compressed body ({exc})", request=self.request) from None
                 total += len(chunk)
                 if total > max_bytes:
-                    raise hx.ReadError(f"reply body larger than {max_bytes >> 20} MiB", request=self.request)
+                    raise too_big(self.request)
                 yield chunk
 
         async def aclose(self) -> None:
@@ -113,6 +127,7 @@ def deadline_http_client(timeout_s: float, event_hooks=None, max_bytes: int = MA
 
     class DeadlineTransport(hx.AsyncHTTPTransport):
         async def handle_async_request(self, request):
+            request.headers["Accept-Encoding"] = "gzip, deflate"  # what BoundedStream can bound
             deadline = asyncio.get_running_loop().time() + timeout_s
             try:
                 async with asyncio.timeout(timeout_s):
@@ -122,8 +137,18 @@ def deadline_http_client(timeout_s: float, event_hooks=None, max_bytes: int = MA
             length = response.headers.get("content-length", "")
             if length.isdigit() and int(length) > max_bytes:
                 await response.aclose()
-                raise hx.ReadError(f"reply body larger than {max_bytes >> 20} MiB", request=request)
-            response.stream = BoundedStream(response.stream, deadline, request)
+                raise too_big(request)
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            decoder = None
+            if encoding in ("gzip", "x-gzip", "deflate"):
+                decoder = zlib.decompressobj(47)  # gzip or zlib header, detected
+            elif encoding not in ("", "identity"):
+                await response.aclose()
+                raise hx.DecodingError(f"unsupported content encoding {encoding!r}", request=request)
+            if decoder is not None:  # httpx must not decode again
+                del response.headers["content-encoding"]
+                response.headers.pop("content-length", None)
+            response.stream = BoundedStream(response.stream, deadline, request, decoder)
             return response
 
     _redact_library_logs(hx.__name__, "httpx", "openai", "openai._base_client")

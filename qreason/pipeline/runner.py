@@ -21,6 +21,7 @@ import yaml
 
 from qreason.config.schema import RunConfig
 from qreason.engines import Backend
+from qreason.errors import UserError
 from qreason.pipeline.executor import make_executor
 from qreason.pipeline.plan import Plan, default_index, make_plan, make_plans
 from qreason.pipeline.provenance import environment, run_settings, scrub
@@ -39,6 +40,7 @@ from qreason.stages.quantize import QuantizeStage
 from qreason.stages.recover import RecoverStage
 from qreason.store import RunIndex, RunLock, RunStore, mark_run_dir, now_iso, write_atomic
 from qreason.summary import RunSummary
+from qreason.workers.launch import WorkerFailed
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,11 @@ class FinishStage:
         s.wall_seconds = round(time.monotonic() - self.t0, 2)
         s.versions, s.hardware = self.env["versions"], self.env["hardware"]
         return None
+
+
+# Stages whose failure (bad input found late, a worker that failed) ends only that stage: no later stage needs
+# their output to run.
+SKIPPABLE = {"curate", "recover", "lm_eval"}
 
 
 def stages(t0: float, env: dict) -> list[Stage]:
@@ -134,17 +141,19 @@ def _run_locked(
     plan: Plan, store: RunStore, index: RunIndex, backend: Backend | None, t0: float
 ) -> RunSummary:
     cfg = plan.loaded.config
-    handler = _attach_log_file(store.dir)
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
     config_hash = content_key("config", cfg.model_dump())
-    mark_run_dir(store.dir, cfg.name)
     env = environment()
+    # first, so that an index that cannot be written (corrupt, locked, on a full disk) stops the run before
+    # anything is written into its directory
+    index.start(run_id, store.dir, cfg.name, config_hash, env)
+    handler = _attach_log_file(store.dir)
+    mark_run_dir(store.dir, cfg.name)
     store.write_json("environment.json", env)
     # the config as written: ${VAR} references stay unexpanded, so no secret or local path leaks into the run
     write_atomic(
         store.dir / "config.yaml", plan.loaded.text or yaml.safe_dump(cfg.model_dump(), sort_keys=False)
     )
-    index.start(run_id, store.dir, cfg.name, config_hash, env)
     summary = RunSummary(
         run_id=run_id,
         name=cfg.name,
@@ -167,11 +176,21 @@ def _run_locked(
         ctx.engines = make_executor(cfg, backend, plan.base.fingerprint)
         summary.executor = ctx.engines.kind
         for stage in stages(t0, env):
-            run_stage(stage, ctx)  # writes summary.json after each stage
+            try:
+                run_stage(stage, ctx)  # writes summary.json after each stage
+            except (UserError, WorkerFailed) as exc:
+                if stage.name not in SKIPPABLE:
+                    raise
+                # what the other stages need is there: record why this one did not run and go on, so the
+                # run still ends with its summary, report and gates
+                log.error("stage %s could not run: %s", stage.name, exc)
+                summary.stage_failures[stage.name] = str(exc)
+                store.write_json("summary.json", summary.dump())
         failed = (
-            summary.generations.failed
+            (summary.generations is not None and summary.generations.failed)
             or (summary.noise is not None and summary.noise.failed)
             or (summary.lm_eval is not None and summary.lm_eval.failed)
+            or summary.stage_failures
         )
         status = "incomplete" if failed else "gated" if summary.gates.tripped else "ok"
         return summary

@@ -115,6 +115,7 @@ def trend(points: pd.DataFrame) -> str | None:
     return _uri(fig)
 
 
+@_literal_text
 def loss_curves(curves: dict[str, list[list[float]]]) -> str | None:
     """Training loss per step: one line per adapter and phase (``{"rtn+sb sft": [[step, loss], ...]}``)."""
     curves = {k: v for k, v in curves.items() if v}

@@ -118,14 +118,21 @@ class GenerateStage:
     def run(self, ctx: RunContext) -> GenerationSummary:
         from qreason.inputs.models import ResolvedModel
 
-        jobs, planned = [], 0
+        jobs, planned, reused = [], 0, {}
         for v in ctx.variants[1:] + ctx.variants[:1]:
             model = ResolvedModel(v.name, v.path, v.fingerprint, "variant")
             requests = ctx.requests_for(v.name, model)
             planned += len(requests)
             ctx.wanted |= {r.key for r in requests}
             todo = [r for r in requests if r.key not in ctx.store.generations]
-            log.info("%s: %d generations planned, %d to do", v.name, len(requests), len(todo))
+            reused[v.name] = len(requests) - len(todo)
+            log.info(
+                "%s: %d generations planned, %d reused from earlier runs, %d to do",
+                v.name,
+                len(requests),
+                reused[v.name],
+                len(todo),
+            )
             if todo:
                 jobs.append((model, todo))
         stats = ctx.need_engines().generate(
@@ -134,6 +141,7 @@ class GenerateStage:
         return GenerationSummary(
             planned=planned,
             cached=planned - stats.produced - stats.failed,
+            cached_by_variant=reused,
             produced=stats.produced,
             failed=stats.failed,
             seconds=round(stats.seconds, 2),

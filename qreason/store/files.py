@@ -70,6 +70,50 @@ def publish(tmp: Path, dest: Path, replace: bool = False) -> bool:
     return True
 
 
+COMPLETE_MARKER = ".qreason-complete"  # {relative path: size} of every file, written last
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(directory)): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and not p.is_symlink() and p.name != COMPLETE_MARKER
+    }
+
+
+def seal(directory: Path) -> None:
+    """Mark a finished cached directory (a checkpoint) complete: the size of each of its files, written last,
+    so that ``is_sealed`` can tell a whole copy from one that lost or truncated a file since."""
+    write_atomic(Path(directory) / COMPLETE_MARKER, json.dumps(_file_sizes(Path(directory)), indent=1) + "\n")
+
+
+def is_sealed(directory: Path) -> bool:
+    """Whether ``directory`` is complete: sealed, with every file it was sealed with at its size."""
+    directory = Path(directory)
+    try:
+        sizes = json.loads((directory / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(sizes, dict) and bool(sizes) and sizes == _file_sizes(directory)
+
+
+def child_path(parent: Path, name: str) -> Path:
+    """``parent / name`` for a name that comes from input (a variant name in a file name): one path component
+    that stays inside ``parent``, never a separator, ``..`` or a link out."""
+    parent = Path(parent)
+    path = parent / name
+    if (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or path.resolve().parent != parent.resolve()
+    ):
+        raise UserError(str(parent), f"{name!r} cannot name a file here (one path component inside it)")
+    return path
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

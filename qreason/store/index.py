@@ -6,9 +6,11 @@ import json
 import os
 import socket
 import sqlite3
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Iterator
 
+from qreason.errors import UserError
 from qreason.store.files import now_iso
 
 
@@ -33,9 +35,20 @@ class RunIndex:
     OWNER_COLUMNS = {"host": "TEXT", "pid": "INTEGER", "pid_started": "TEXT"}
 
     def __init__(self, path: Path):
+        """The index at ``path``. Nothing is created until a run is recorded: commands that only read
+        (``qreason runs``, ``report``, ``prune`` without runs) leave no database or directory behind."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as db:
+        self._ready = False
+
+    def _ensure(self) -> None:
+        """Create the database (or bring an older one's columns up to date) before the first write."""
+        if self._ready:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(str(self.path), f"cannot create the run index ({exc.strerror})") from None
+        with self._db() as db:
             # a write-ahead log: readers (`qreason runs`, reports) never block a run's writes, and a crash
             # mid-write cannot leave a half-written page in the main file (the mode is stored in the file)
             db.execute("PRAGMA journal_mode=WAL")
@@ -45,6 +58,20 @@ class RunIndex:
                 for column, kind in self.OWNER_COLUMNS.items():
                     if column not in have:
                         db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+        self._ready = True
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """A connection; a corrupt, locked or full database is a one-line error naming the index."""
+        try:
+            with closing(self._connect()) as db:
+                yield db
+        except sqlite3.Error as exc:
+            raise UserError(
+                str(self.path),
+                f"the run index cannot be used ({exc}); set QREASON_INDEX to another file or move this one "
+                "aside",
+            ) from None
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30)
@@ -53,7 +80,8 @@ class RunIndex:
 
     def start(self, run_id: str, run_dir: Path, name: str, config_hash: str, environment: dict) -> None:
         """Record a run as ``running``, owned by this process (host, pid and the pid's start time)."""
-        with closing(self._connect()) as db, db:
+        self._ensure()
+        with self._db() as db, db:
             db.execute(
                 "INSERT INTO runs (run_id, run_dir, name, config_hash, started_at, status, environment, "
                 "host, pid, "
@@ -72,7 +100,8 @@ class RunIndex:
             )
 
     def finish(self, run_id: str, status: str, summary: dict | None) -> None:
-        with closing(self._connect()) as db, db:
+        self._ensure()
+        with self._db() as db, db:
             db.execute(
                 "UPDATE runs SET finished_at = ?, status = ?, summary = ? WHERE run_id = ?",
                 (
@@ -84,12 +113,18 @@ class RunIndex:
             )
 
     def forget(self, run_dir: str) -> None:
-        with closing(self._connect()) as db, db:
+        if not self.path.exists():
+            return
+        self._ensure()
+        with self._db() as db, db:
             db.execute("DELETE FROM runs WHERE run_dir = ?", (str(run_dir),))
 
     def list(self, name: str | None = None) -> list[dict]:
         query = "SELECT * FROM runs" + (" WHERE name = ?" if name else "") + " ORDER BY started_at, run_id"
-        with closing(self._connect()) as db:
+        if not self.path.is_file():
+            return []  # no run recorded here yet (and a reader creates nothing)
+        self._ensure()
+        with self._db() as db:
             rows = db.execute(query, (name,) if name else ()).fetchall()
         out = []
         for row in rows:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -43,6 +44,7 @@ def prune(index: RunIndex, older_than_days: float, dry_run: bool = True) -> dict
         for p in entries
         if p.name.endswith(".partial") and datetime.fromtimestamp(p.stat().st_mtime, timezone.utc) < cutoff
     )
+    stale += _stale_recover_copies([Path(d) for d in kept_dirs if Path(d).is_dir()])
     if not dry_run:
         for d in old_dirs:
             shutil.rmtree(d, ignore_errors=True)
@@ -50,3 +52,33 @@ def prune(index: RunIndex, older_than_days: float, dry_run: bool = True) -> dict
         for p in stale:
             shutil.rmtree(p, ignore_errors=True)
     return {"run_dirs": old_dirs, "checkpoints": stale, "skipped": skipped}
+
+
+def _stale_recover_copies(kept: list[Path]) -> list[str]:
+    """The recover stage's cached copies no kept run uses: dense copies (named by the fingerprint of the
+    quantized checkpoint) and merged checkpoints (named in a run's ``recovery/summary.json``). When a kept
+    run's recovery summary cannot be read, no merged checkpoint is listed."""
+    root = cache_dir() / "recover"
+    fingerprints = {v.fingerprint for d in kept for v in RunStore(d).variants.all()}
+    out = []
+    dense = root / "dense"
+    if dense.is_dir():
+        out += sorted(str(p) for p in dense.iterdir() if p.is_dir() and p.name not in fingerprints)
+    merged_root = root / "merged"
+    if not merged_root.is_dir():
+        return out
+    used: set[str] = set()
+    for d in kept:
+        path = RunStore(d).recovery_dir / "summary.json"
+        if not path.is_file():
+            continue
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            used |= {
+                str(Path(v["merged_checkpoint"]).name)
+                for v in summary.get("variants", [])
+                if v.get("merged_checkpoint")
+            }
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return out  # not sure what it uses: keep every merged checkpoint
+    return out + sorted(str(p) for p in merged_root.iterdir() if p.is_dir() and p.name not in used)

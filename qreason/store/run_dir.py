@@ -9,7 +9,7 @@ from pathlib import Path
 
 from qreason.errors import UserError
 from qreason.records import Generation, Grade, Judgment, LmEvalResult, ModelVariant, Problem
-from qreason.store.files import write_atomic
+from qreason.store.files import child_path, write_atomic
 from qreason.store.table import Table
 
 
@@ -30,13 +30,17 @@ class RunStore:
         # the recover stage's re-evaluation of adapters, kept apart from the run's own tables so that judging,
         # curation and analysis never mistake recovered variants for the config's
         self.recovery_generations: Table[Generation] = Table(
-            self.recovery_dir / "generations.jsonl", Generation
+            self.recovery_dir / "generations.jsonl", Generation, self.dir
         )
-        self.recovery_grades: Table[Grade] = Table(self.recovery_dir / "grades.jsonl", Grade)
-        self.recovery_judgments: Table[Judgment] = Table(self.recovery_dir / "judgments.jsonl", Judgment)
+        self.recovery_grades: Table[Grade] = Table(self.recovery_dir / "grades.jsonl", Grade, self.dir)
+        self.recovery_judgments: Table[Judgment] = Table(
+            self.recovery_dir / "judgments.jsonl", Judgment, self.dir
+        )
         # the noise floor's perturbed base variants (BASE~NAME), apart from the run's tables likewise
-        self.noise_generations: Table[Generation] = Table(self.noise_dir / "generations.jsonl", Generation)
-        self.noise_grades: Table[Grade] = Table(self.noise_dir / "grades.jsonl", Grade)
+        self.noise_generations: Table[Generation] = Table(
+            self.noise_dir / "generations.jsonl", Generation, self.dir
+        )
+        self.noise_grades: Table[Grade] = Table(self.noise_dir / "grades.jsonl", Grade, self.dir)
 
     # the run directory's other places (every path of a run directory is named here)
     @property
@@ -61,8 +65,21 @@ class RunStore:
         return self.dir / "lm_eval"
 
     @property
+    def servers_dir(self) -> Path:
+        """Records of the model servers a run started (pid, port), so a re-run can stop a leftover one."""
+        return self.lm_eval_dir / "servers"
+
+    @property
     def report_path(self) -> Path:
         return self.dir / "report.html"
+
+    def place(self, *parts: str) -> Path:
+        """A path inside the run directory built from names that may come from input (variant names): each
+        part one path component, the result inside the run directory."""
+        path = self.dir
+        for part in parts:
+            path = child_path(path, part)
+        return path
 
     def write_json(self, name: str, obj) -> Path:
         path = self.dir / name
@@ -73,9 +90,9 @@ class RunStore:
         return [t for t in vars(self).values() if isinstance(t, Table)]
 
     def repair(self) -> dict[str, int]:
-        """Repair every table (see ``Table.repair``); table file name -> lines moved aside. Hold the run
-        lock."""
-        return {t.path.name: t.repair() for t in self.tables() if t.path.exists()}
+        """Repair every table of the run, the recovery tables included (see ``Table.repair``); the table's
+        path in the run directory -> lines moved aside. Hold the run lock."""
+        return {str(t.path.relative_to(self.dir)): t.repair() for t in self.tables() if t.path.exists()}
 
     def read_json(self, name: str):
         path = self.dir / name

@@ -19,9 +19,10 @@ R = TypeVar("R", bound=Record)
 class Table(Generic[R]):
     """An append-only JSONL table of records of one type, unique by key."""
 
-    def __init__(self, path: Path, record_type: type[R]):
+    def __init__(self, path: Path, record_type: type[R], run_dir: Path | None = None):
         self.path = path
         self.record_type = record_type
+        self.run_dir = run_dir or path.parent  # what `qreason repair` is given for this table
         self._rows: dict[str, R] | None = None
 
     def _read_lines(self) -> tuple[list[bytes], bytes]:
@@ -54,7 +55,7 @@ class Table(Generic[R]):
                 raise UserError(
                     f"{self.path}:{lineno}",
                     f"corrupt {self.record_type.__name__} record ({exc}); "
-                    f"`qreason repair {self.path.parent}` moves corrupt lines aside",
+                    f"`qreason repair {self.run_dir}` moves corrupt lines aside",
                 ) from None
             rows.setdefault(rec.key, rec)
         self._rows = rows

@@ -4,10 +4,10 @@ Each side environment pins libraries that clash with the main one (llm-compresso
 worker runs as ``python -m MODULE JOB.json`` with that environment's interpreter (``SideEnv.python``: an
 explicit path, else ``$QREASON_<NAME>_PYTHON``, else ``.venv-<name>`` beside the package in a checkout or in
 the working directory of an installed qreason). ``run_worker`` writes the job, starts the worker in its own
-process group, streams its output into a log (progress lines go to ``echo``, every line to ``on_line``),
-measures its wall time, CPU time and peak memory, and stops the whole group when the caller is interrupted. A
-worker that fails raises ``WorkerFailed``: one line naming the log; not the user's input, so the CLI exits
-with 1.
+process group (killed when qreason dies, see ``qreason.children``), streams its output into a log (progress
+lines go to ``echo``, every line to ``on_line``), measures its wall time, CPU time and peak memory, and stops
+the whole group when the caller is interrupted. A worker that fails raises ``WorkerFailed``: one line naming
+the log; not the user's input, so the CLI exits with 1.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from qreason.children import die_with_parent
 from qreason.errors import UserError
 from qreason.workers.protocol import ERROR_PREFIX, PROGRESS_PREFIX
 
@@ -138,6 +139,7 @@ def run_worker(
         encoding="utf-8",
         errors="replace",
         start_new_session=True,
+        preexec_fn=die_with_parent(),
     )
     try:
         with open(log_path, "a", encoding="utf-8") as log:

@@ -33,10 +33,21 @@ def check(job: dict) -> int:
 
     manager = TaskManager(include_path=job["include_paths"] or None)
     known = set(manager.all_tasks)
-    missing = [t["name"] for t in job["tasks"] if t["name"] not in known]
-    for name in missing:
-        print(f"{ERROR_PREFIX}{name}: lm-eval knows no task of this name", flush=True)
-    return 1 if missing else 0
+    # a tag names several tasks whose results are stored under their own names: the run would never find a
+    # result stored under the tag and evaluate it again on every re-run
+    tags = set(getattr(manager, "all_tags", []) or [])
+    bad = 0
+    for name in (t["name"] for t in job["tasks"]):
+        if name not in known:
+            print(f"{ERROR_PREFIX}{name}: lm-eval knows no task of this name", flush=True)
+        elif name in tags:
+            print(
+                f"{ERROR_PREFIX}{name}: a tag of several lm-eval tasks; list the tasks themselves", flush=True
+            )
+        else:
+            continue
+        bad += 1
+    return 1 if bad else 0
 
 
 def _one_task(job: dict, task: dict, manager) -> dict:

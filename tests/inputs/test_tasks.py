@@ -81,11 +81,12 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
 
 def test_missing_field_and_missing_file_are_user_errors(tmp_path):
     data = write_jsonl(tmp_path / "m.jsonl", [{"question": "q", "answer": "#### 1"}, {"question": "q2"}])
-    cfg = loaded(tmp_path, f"  - name: gsm8k\n    data: {data}\n  - name: gsm8k\n    data: nope.jsonl\n")
+    cfg = loaded(tmp_path, f"  - name: gsm8k\n    data: {data}\n")
     with pytest.raises(UserError, match=re.escape(f"{data}:2: missing field 'answer'")):
         load_problems(cfg.config.tasks[0], cfg.base_dir)
+    cfg = loaded(tmp_path, "  - name: gsm8k\n    data: nope.jsonl\n")
     with pytest.raises(UserError, match="nope.jsonl: data file not found"):
-        load_problems(cfg.config.tasks[1], cfg.base_dir)
+        load_problems(cfg.config.tasks[0], cfg.base_dir)
 
 
 def test_unknown_task_lists_the_known_ones():

@@ -170,11 +170,13 @@ def test_recovered_adapters_are_evaluated_as_merged_checkpoints(tmp_path):
     import qreason.stages.lm_eval.stage as stage
     from qreason.config.schema import VLLMConfig
     from qreason.records import ModelVariant
+    from qreason.store import seal
     from qreason.summary import RecoverySummary, VariantRecovery
 
     merged = tmp_path / "merged"
     merged.mkdir()
     (merged / "config.json").write_text("{}")
+    seal(merged)
     variants = [
         ModelVariant(
             key=f"k{n}",

@@ -56,7 +56,7 @@ def test_a_killed_run_is_shown_as_killed_and_a_live_one_as_running(tmp_path):
 
 
 def test_the_index_uses_a_write_ahead_log(tmp_path):
-    RunIndex(tmp_path / "index.sqlite")
+    RunIndex(tmp_path / "index.sqlite").start("r", tmp_path, "n", "h", {})  # created by its first write
     with sqlite3.connect(tmp_path / "index.sqlite") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import math
 import re
 import time
 from collections import Counter
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from qreason.errors import UserError
 from qreason.pool import bounded_calls
-from qreason.records import Generation, Grade, GradeStatus, Problem, content_key
+from qreason.records import Generation, Grade, GradeStatus, Problem, clean_text, content_key
 from qreason.registry import GRADERS
 from qreason.stages.grade.extract import (
     MAX_CANDIDATE,
@@ -357,8 +358,14 @@ def read_solutions(
             raise UserError(
                 where, f"field {response_field!r} must be a string, not {type(row[response_field]).__name__}"
             )
+        row = clean_text(row)  # a lone surrogate (valid JSON escape, not writable as UTF-8) becomes U+FFFD
         ref = row[reference_field]
-        if isinstance(ref, bool) or not isinstance(ref, (str, int, float)) or not str(ref).strip():
+        if (
+            isinstance(ref, bool)
+            or not isinstance(ref, (str, int, float))
+            or not str(ref).strip()
+            or (isinstance(ref, float) and not math.isfinite(ref))
+        ):
             raise UserError(
                 where, f"field {reference_field!r} must be a non-empty string or number, not {ref!r}"[:200]
             )
@@ -385,6 +392,14 @@ def grade_file(
     path, out = Path(path), Path(out)
     if out.exists() and out.resolve() == path.resolve():
         raise UserError(str(out), "the output would overwrite the input file")
+    if out.is_dir():
+        raise UserError(str(out), "is a directory; --out names the output file")
+    if not out.parent.is_dir():
+        raise UserError(str(out.parent), "no such directory for the output file")
+    if not (isinstance(grader.timeout_s, (int, float)) and grader.timeout_s > 0):
+        raise UserError("--timeout", f"must be a positive number of seconds, not {grader.timeout_s}")
+    if not (isinstance(grader.workers, int) and grader.workers >= 1):
+        raise UserError("--workers", f"must be at least 1, not {grader.workers}")
     rows = read_solutions(path, response_field, reference_field, finish_field)
     args = [
         (

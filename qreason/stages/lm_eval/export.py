@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from qreason.errors import UserError
 from qreason.inputs import synthetic
+from qreason.store import write_atomic
 
-EXPORT_REVISION = 1
+EXPORT_REVISION = 2  # 2: one fixed utils.py, per-task settings in the YAML metadata
 TRUNCATION_NOTE = (
     "lm-eval hands a task only the generated text, not why generation stopped: a solution counts "
     "as truncated when its token count (by the tokenizer named in the task metadata) reaches "
@@ -167,46 +170,70 @@ def score(doc: dict, text: str, max_gen_toks: int, timeout_s: int = 10) -> dict[
 # ------------------------------------------------------------------------------------------------------
 # export
 
-UTILS_TEMPLATE = '''\
+# The exported utils.py holds no user text and no path of this machine: every task of the export calls the
+# same three functions, and what differs between tasks (spec, task settings, prompt, generation limit) is
+# data in each task's YAML metadata, which lm-eval hands to ``dataset``.
+UTILS = '''\
 """lm-eval functions of the qreason_* tasks in this directory. Written by `qreason export-lm-eval`; do not
 edit.
 
 They call qreason itself (its task loader, prompt templates and grader), so qreason and its grader's libraries
 (math-verify, pydantic, pyyaml) must be importable where lm-eval runs: `pip install qreason`, or a checkout on
-PYTHONPATH. The checkout this was exported from is tried when qreason is not importable.
+PYTHONPATH. Each task's settings are data in its YAML file (metadata: qreason_*).
 """
-
-import sys
-
-try:
-    import qreason  # noqa: F401
-except ImportError:
-    sys.path.append({root!r})
 
 from qreason import lm_eval_tasks as _q
 
-MAX_GEN_TOKS = {max_gen_toks!r}
+
+def dataset(**metadata):
+    return _q.exported_dataset(**metadata)
+
+
+def doc_to_text(doc):
+    return doc["qreason_user"]
+
+
+def process_results(doc, results):
+    return _q.score(doc, results[0], doc["qreason_max_gen_toks"])
 '''
 
-UTILS_TASK_TEMPLATE = """
-
-# --- qreason_{name}
-def dataset_{name}(**metadata):
-    return _q.task_dataset({spec!r}, {task!r}, **metadata)
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def doc_to_text_{name}(doc):
-    return _q.user_message({prompt!r}, doc["question"])
+def exported_dataset(
+    qreason_spec: str,
+    qreason_task: str,
+    qreason_prompt: str,
+    qreason_max_gen_toks: int,
+    qreason_system: str = "",
+    **metadata: Any,
+) -> dict:
+    """lm-eval ``custom_dataset`` of an exported task: ``task_dataset`` with each document also carrying its
+    user message (the prompt template filled in) and the generation limit, so the task's functions need no
+    per-task code."""
+    data = task_dataset(qreason_spec, qreason_task, **metadata)
+    test = data["test"].map(
+        lambda doc: {
+            "qreason_user": user_message(qreason_prompt, doc["question"]),
+            "qreason_max_gen_toks": int(qreason_max_gen_toks),
+            "qreason_system": qreason_system,
+        }
+    )
+    return {"test": test}
 
 
-def process_results_{name}(doc, results):
-    return _q.score(doc, results[0], MAX_GEN_TOKS[{name!r}])
-"""
+class _Function(str):
+    """A reference to a function of the exported utils.py, dumped as lm-eval's ``!function`` YAML tag. Only
+    values qreason builds are of this type: no user text ever becomes a tag."""
 
 
-def _export_one(spec, task, sampling, prompt) -> tuple[dict, dict]:
-    """(the task YAML's mapping, the utils fields) for one qreason task."""
+def _export_one(spec, task, sampling, prompt) -> dict:
+    """The task YAML's mapping for one qreason task: settings as YAML values, functions as fixed tags."""
     name = spec.name
+    if not TASK_NAME.fullmatch(name):
+        raise UserError(
+            f"task {name!r}", "an exported task name must be a slug (letters, digits, '.', '_', '-')"
+        )
     messages_note = "worked example, then the question" if task.format_example else "the question alone"
     gen = {
         "until": [],
@@ -216,55 +243,48 @@ def _export_one(spec, task, sampling, prompt) -> tuple[dict, dict]:
     }
     if sampling.top_p < 1.0:
         gen["top_p"] = sampling.top_p
-    cfg: dict[str, Any] = {
+    samples = []
+    if prompt.example:
+        samples = [
+            {
+                "qreason_user": user_message(prompt.user, prompt.example["question"]),
+                "answer": prompt.example["solution"],
+            }
+        ]
+    return {
         "task": f"qreason_{name}",
-        "custom_dataset": f"!function utils.dataset_{name}",
+        "custom_dataset": _Function("utils.dataset"),
         "test_split": "test",
         "output_type": "generate_until",
-        "doc_to_text": f"!function utils.doc_to_text_{name}",
+        "doc_to_text": _Function("utils.doc_to_text"),
         "doc_to_target": "answer",
-        "description": prompt.system or "",
+        # a field name: lm-eval reads a description that names a document field as that field's value, and
+        # would render any other text as a Jinja template
+        "description": "qreason_system",
         "generation_kwargs": gen,
         "num_fewshot": 1 if task.format_example and prompt.example else 0,
-        "fewshot_config": {
-            "sampler": "first_n",
-            "samples": [{"question": prompt.example["question"], "answer": prompt.example["solution"]}]
-            if prompt.example
-            else [],
-        },
-        "process_results": f"!function utils.process_results_{name}",
+        "fewshot_config": {"sampler": "first_n", "samples": samples},
+        "process_results": _Function("utils.process_results"),
         "metric_list": [
             {"metric": "acc_strict", "aggregation": "mean", "higher_is_better": True},
             {"metric": "acc_lenient", "aggregation": "mean", "higher_is_better": True},
         ],
-        "metadata": {"version": float(EXPORT_REVISION), "qreason_messages": messages_note},
+        "metadata": {
+            "version": float(EXPORT_REVISION),
+            "qreason_messages": messages_note,
+            "qreason_spec": json.dumps(spec.model_dump(), sort_keys=True),
+            "qreason_task": json.dumps(task.model_dump(), sort_keys=True),
+            "qreason_prompt": prompt.user,
+            "qreason_system": prompt.system or "",
+            "qreason_max_gen_toks": sampling.max_tokens,
+        },
     }
-    return cfg, {
-        "name": name,
-        "spec": json.dumps(spec.model_dump(), sort_keys=True),
-        "task": json.dumps(task.model_dump(), sort_keys=True),
-        "prompt": prompt.user,
-    }
-
-
-class _FunctionTag(str):
-    """A string dumped as a YAML ``!function`` tag (lm-eval's reference to a Python function)."""
 
 
 def _dump(cfg: dict) -> str:
     dumper = type("Dumper", (yaml.SafeDumper,), {})
-    dumper.add_representer(_FunctionTag, lambda d, v: d.represent_scalar("!function", str(v)))
-
-    def tag(value):
-        if isinstance(value, str) and value.startswith("!function "):
-            return _FunctionTag(value.split(" ", 1)[1])
-        if isinstance(value, dict):
-            return {k: tag(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [tag(v) for v in value]
-        return value
-
-    return yaml.dump(tag(cfg), Dumper=dumper, sort_keys=False, allow_unicode=True, width=110)
+    dumper.add_representer(_Function, lambda d, v: d.represent_scalar("!function", str(v)))
+    return yaml.dump(cfg, Dumper=dumper, sort_keys=False, allow_unicode=True, width=110)
 
 
 def export_tasks(out_dir: Path, tasks: list, sampling, base_dir: Path | None = None) -> list[Path]:
@@ -279,25 +299,21 @@ def export_tasks(out_dir: Path, tasks: list, sampling, base_dir: Path | None = N
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    root = str(Path(__file__).resolve().parents[3])
-    written, parts, max_toks = [], [], {}
+    written = []
     for task in tasks:
         spec = load_spec(task.name, base_dir)
         if task.data and base_dir is not None and not Path(task.data).is_absolute():
             task = task.model_copy(update={"data": str((base_dir / task.data).resolve())})
-        cfg, fields = _export_one(spec, task, sampling, load_prompt(spec.prompt))
+        cfg = _export_one(spec, task, sampling, load_prompt(spec.prompt))
         head = (
-            f"# qreason task {spec.name!r} as an lm-eval task. Written by `qreason export-lm-eval`.\n"
+            f"# qreason task {spec.name} as an lm-eval task. Written by `qreason export-lm-eval`.\n"
             "# Reproduce qreason's prompt exactly with: lm_eval --include_path THIS_DIR --tasks "
             f"qreason_{spec.name} --apply_chat_template --fewshot_as_multiturn ...\n"
             f"# Scoring: qreason's grader (Math-Verify). {TRUNCATION_NOTE}: pass it with\n"
             '#   --metadata \'{"tokenizer": "MODEL_PATH"}\' (without it, truncation is not detected).\n'
         )
         path = out_dir / f"qreason_{spec.name}.yaml"
-        path.write_text(head + _dump(cfg), encoding="utf-8")
+        write_atomic(path, head + _dump(cfg))
         written.append(path)
-        parts.append(UTILS_TASK_TEMPLATE.format(**fields))
-        max_toks[spec.name] = sampling.max_tokens
-    utils = UTILS_TEMPLATE.format(root=root, max_gen_toks=max_toks) + "".join(parts)
-    (out_dir / "utils.py").write_text(utils, encoding="utf-8")
+    write_atomic(out_dir / "utils.py", UTILS)
     return written

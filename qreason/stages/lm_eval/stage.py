@@ -34,14 +34,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from qreason.config.schema import RunConfig
-from qreason.engines.vllm_server import VLLMServer
+from qreason.engines.vllm_server import VLLMServer, stop_leftover_servers
 from qreason.errors import UserError
 from qreason.inputs.resources import SPECS_DIR
 from qreason.records import LmEvalResult, ModelVariant, content_key
 from qreason.stages.base import RunContext
-from qreason.store import RunStore, now_iso
+from qreason.store import RunStore, is_sealed, now_iso
 from qreason.summary import LmEvalSummary, RecoverySummary
-from qreason.workers.launch import BENCH, WorkerRun, run_worker, side_env_vars
+from qreason.workers.launch import BENCH, WorkerFailed, WorkerRun, run_worker, side_env_vars
 from qreason.workers.protocol import ERROR_PREFIX, RESULT_PREFIX, LmEvalJob
 
 if TYPE_CHECKING:
@@ -86,13 +86,15 @@ def targets_for(
     if only is not None:
         variants = [v for v in variants if v.name in only]
     targets = [LmEvalTarget(v.name, v.path, v.fingerprint) for v in variants]
-    known = {v.name for v in variants}
+    known = {v.name: v for v in variants}
     for rec in recovery.variants if recovery else []:
         merged = rec.merged_checkpoint
-        if rec.variant not in known or not merged or not (Path(merged) / "config.json").is_file():
+        # a merged checkpoint is used only while complete (sealed when written, see qreason.store.seal)
+        if rec.variant not in known or not merged or not is_sealed(Path(merged)):
             continue
         key = rec.adapter_key or Path(merged).name
-        targets.append(LmEvalTarget(rec.eval_variant, merged, content_key("merged-adapter", key), key))
+        fingerprint = content_key("merged-adapter", known[rec.variant].fingerprint, key)
+        targets.append(LmEvalTarget(rec.eval_variant, merged, fingerprint, key))
     return targets
 
 
@@ -320,8 +322,7 @@ def _evaluate(
 ) -> list[dict[str, str]]:
     """Serve one target and run lm-eval on its missing tasks; each task's record is stored as it finishes.
     Returns the failures."""
-    lm_dir = store.lm_eval_dir
-    work = lm_dir / "work" / target.name
+    work = store.place("lm_eval", "work", target.name)
     work.mkdir(parents=True, exist_ok=True)
     failures: list[dict[str, str]] = []
     cache_id = content_key("requests", target.fingerprint, target.adapter_fingerprint, version, args)
@@ -329,8 +330,9 @@ def _evaluate(
         backend,
         target.path,
         target.name,
-        lm_dir / "logs" / f"{target.name}.server.log",
+        store.place("lm_eval", "logs", f"{target.name}.server.log"),
         where=f"lm_eval {target.name}",
+        record_path=store.place("lm_eval", "servers", f"{target.name}.json"),
     ) as server:
         model_args = {
             "model": server.served_name,
@@ -355,12 +357,12 @@ def _evaluate(
             "bootstrap_iters": cfg.bootstrap_iters,
             # exported qreason_<task> tasks count tokens with the variant's tokenizer to see truncation
             "metadata": {"tokenizer": target.path, **cfg.metadata},
-            "samples_dir": str(lm_dir / "samples" / target.name),
+            "samples_dir": str(store.place("lm_eval", "samples", target.name)),
             "results_dir": str(work),
             # lm-eval's request cache lets a task killed half-way resume; one per model and arguments
             "cache": str(work / f"requests-{cache_id}"),
         }
-        log_path = lm_dir / "logs" / f"{target.name}.lm_eval.log"
+        log_path = store.place("lm_eval", "logs", f"{target.name}.lm_eval.log")
         keys = dict(todo)
 
         def on_line(line: str) -> None:
@@ -447,6 +449,8 @@ def run_lm_eval(
     ``run_tasks`` / ``sampling``: the run's qreason tasks and sampling, exported as ``qreason_<task>`` when
     the section names them."""
     start = time.monotonic()
+    for name in stop_leftover_servers(store.servers_dir):
+        log.warning("lm-eval: stopped the %s server a killed earlier run left running", name)
     python = BENCH.python(cfg.python)
     version = lm_eval_version(python)
     lm_dir = store.lm_eval_dir
@@ -470,7 +474,15 @@ def run_lm_eval(
             log.info(
                 "lm-eval %s: %d tasks to run (%s)", target.name, len(todo), ", ".join(t for t, _ in todo)
             )
-            failures += _evaluate(target, todo, cfg, backend, python, paths, version, args, store)
+            try:
+                failures += _evaluate(target, todo, cfg, backend, python, paths, version, args, store)
+            except (UserError, WorkerFailed) as exc:
+                # one target that cannot be served (a damaged checkpoint, a server that will not start) is
+                # recorded as failed; the other targets and the later stages still run
+                log.error("lm-eval %s failed: %s", target.name, exc)
+                failures += [
+                    {"variant": target.name, "task": t, "error": str(exc), "log": ""} for t, _ in todo
+                ]
             evaluated += sum(k in store.lm_eval for _, k in todo)
         for task, key in keys.items():
             if key in store.lm_eval:

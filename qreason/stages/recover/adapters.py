@@ -13,7 +13,7 @@ from qreason.config.schema import RecoverConfig
 from qreason.errors import UserError
 from qreason.records import ModelVariant, content_key
 from qreason.stages.recover.data import TrainSet
-from qreason.store import cache_dir, now_iso, publish
+from qreason.store import cache_dir, child_path, is_sealed, now_iso, publish, seal
 from qreason.workers.launch import TRAIN
 from qreason.workers.protocol import TrainJob, TrainRun
 
@@ -69,8 +69,10 @@ def dense_dir(variant: ModelVariant) -> Path:
     return cache_dir() / "recover" / "dense" / variant.fingerprint
 
 
-def merged_dir(key: str) -> Path:
-    return cache_dir() / "recover" / "merged" / key
+def merged_dir(variant: ModelVariant, key: str) -> Path:
+    """The dense checkpoint of ``variant`` with adapter ``key`` merged in: one per (checkpoint, adapter), as
+    the same external adapter may be given for several variants."""
+    return cache_dir() / "recover" / "merged" / content_key("merged", variant.fingerprint, key)
 
 
 def teacher_cache_dir() -> Path:
@@ -90,6 +92,15 @@ def check_adapter(adapter: Path, variant: ModelVariant) -> None:
             f"this adapter was trained on {meta.get('variant')!r} "
             f"({meta.get('variant_fingerprint')}), not on {variant.name!r} "
             f"({variant.fingerprint})",
+        )
+    problems = (meta or {}).get("train_problems", [])
+    if not (
+        isinstance(problems, list)
+        and all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in problems)
+    ):
+        raise UserError(
+            str(adapter / ADAPTER_META),
+            "train_problems must be a list of [task, problem_id] pairs of strings",
         )
     config = json.loads((Path(variant.path) / "config.json").read_text(encoding="utf-8"))
     hidden = config.get("hidden_size")
@@ -119,7 +130,19 @@ def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
             header = json.loads(fh.read(size))
         except ValueError:
             raise UserError(str(path), "not a safetensors file (bad header)") from None
-    return {k: v.get("shape", []) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    if not isinstance(header, dict):
+        raise UserError(str(path), "not a safetensors file (bad header)")
+    shapes = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise UserError(str(path), f"not a safetensors file (tensor {name[:80]!r} has no valid shape)")
+        shapes[name] = shape
+    if not shapes:
+        raise UserError(str(path), "holds no tensors")
+    return shapes
 
 
 @dataclass
@@ -152,11 +175,11 @@ def train_adapters(
     root = None
     for p in plans:
         need_train = p.meta is None
-        need_merge = p.arm in merge_arms and not (merged_dir(p.key) / "config.json").is_file()
+        need_merge = p.arm in merge_arms and not is_sealed(merged_dir(p.model or variant, p.key))
         if not (need_train or need_merge):
             continue
         if root is None:
-            root = work_root / f".{variant.name}.partial"
+            root = child_path(work_root, f".{variant.name}.partial")
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
         run: TrainRun = {
@@ -179,6 +202,9 @@ def train_adapters(
         staged.append((p, run))
     if not runs:
         return
+    dense = dense_dir(variant)
+    if dense.exists() and not is_sealed(dense):  # a copy cut short or damaged since: made again
+        shutil.rmtree(dense)
     job: TrainJob = {
         "checkpoint": variant.path,
         "dense_dir": str(dense_dir(variant)),
@@ -195,13 +221,15 @@ def train_adapters(
         result = run_worker(
             job,
             root,
-            root.parent / f"{variant.name}.train.log",
+            child_path(root.parent, f"{variant.name}.train.log"),
             variant.name,
             echo,
             python=TRAIN.python(),
             module="qreason.workers.train",
             stage="recover",
         )
+        if not is_sealed(dense):
+            seal(dense)
         for p, run in staged:
             done = result.result["runs"][run["name"]]
             if "adapter_dir" in run:
@@ -230,9 +258,10 @@ def train_adapters(
                 publish(tmp, p.adapter_dir, replace=True)
                 p.meta = meta
             if run.get("merged_dir"):
-                dest = merged_dir(p.key)
+                dest = merged_dir(p.model or variant, p.key)
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                if not (dest / "config.json").is_file():
+                if not is_sealed(dest):
+                    seal(Path(run["merged_dir"]))
                     publish(Path(run["merged_dir"]), dest, replace=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -87,7 +87,7 @@ from qreason.stages.recover.evaluate import (
     resolve_eval_mode,
     verdict,
 )
-from qreason.store import RunStore, write_atomic
+from qreason.store import RunStore, child_path, is_sealed, write_atomic
 from qreason.summary import ArmResult, RecoverySummary, VariantRecovery
 from qreason.workers.launch import TRAIN
 
@@ -135,6 +135,7 @@ def recover(
     cfg = run_cfg.recover
     echo = echo or (lambda m: print(f"recover: {m}", file=sys.stderr, flush=True))
     variants = {v.name: v for v in store.variants.all()}
+    some = bool(only)  # a call for some variants (the CLI): the stored summary keeps the others
     only = only or cfg.variants
     for name in only or []:
         if name not in variants or name == base_name:
@@ -216,9 +217,22 @@ def recover(
             b.close()
     summary.seconds = round(time.monotonic() - t0, 2)
     out = store.recovery_dir / "summary.json"
+    if some and out.is_file():
+        summary = merge_recovery(
+            RecoverySummary.model_validate_json(out.read_text(encoding="utf-8")), summary
+        )
     summary.summary_path = str(out)
     write_atomic(out, summary.model_dump_json(indent=2) + "\n")
     return summary
+
+
+def merge_recovery(old: RecoverySummary, new: RecoverySummary) -> RecoverySummary:
+    """``new`` (a call for some variants) with what ``old`` recorded for the others: each evaluated model
+    (``eval_variant``) and each skipped variant keeps its latest entry."""
+    fresh = {v.eval_variant for v in new.variants}
+    kept = [v for v in old.variants if v.eval_variant not in fresh and v.variant not in new.skipped]
+    skipped = {k: v for k, v in old.skipped.items() if k not in {x.variant for x in new.variants}}
+    return new.model_copy(update={"variants": kept + new.variants, "skipped": {**skipped, **new.skipped}})
 
 
 def _recover_variant(
@@ -272,9 +286,20 @@ def _recover_variant(
             )
             continue
         if not data.rows_for(cfg.mode):
+            why = "; DPO needs items with a chosen answer" if "dpo" in cfg.mode else ""
+            if arm == CONTROL:  # too few problems left outside the targeted set: the targeted arm still runs
+                log.warning(
+                    "recover %s: no %s examples for the control arm%s; no control",
+                    variant.name,
+                    cfg.mode,
+                    why,
+                )
+                inp.echo(
+                    f"{variant.name}: no {cfg.mode} examples for the control arm{why}; trained without one"
+                )
+                continue
             raise UserError(
-                f"{store.dir / 'silver_bullet'}",
-                f"no {cfg.mode} examples for {variant.name} ({arm}); DPO needs items with a chosen answer",
+                f"{store.dir / 'silver_bullet'}", f"no {cfg.mode} examples for {variant.name} ({arm}){why}"
             )
         teacher = inp.base_variant.fingerprint if inp.base_variant else None
         if arm == FP:
@@ -282,7 +307,7 @@ def _recover_variant(
             key = adapter_key(inp.base_variant, data, fp_cfg, arm)
         else:
             key = adapter_key(variant, data, cfg, arm, teacher)
-        adir = adapters_root / f"{variant.name}-{arm}-{key[:12]}"
+        adir = child_path(adapters_root, f"{variant.name}-{arm}-{key[:12]}")
         meta = read_meta(adir)
         plans.append(
             ArmPlan(
@@ -312,7 +337,7 @@ def _recover_variant(
         fingerprint = content_key("recovered", trained.fingerprint, p.key, eval_mode)
         models[p.arm] = ResolvedModel(
             variant.name + SUFFIX[p.arm],
-            str(merged_dir(p.key)) if eval_mode == "merged" else trained.path,
+            str(merged_dir(trained, p.key)) if eval_mode == "merged" else trained.path,
             fingerprint,
             "recovered",
         )
@@ -325,7 +350,7 @@ def _recover_variant(
     if run_cfg.lm_eval.tasks and run_cfg.lm_eval.adapters:
         merge_arms.add(TARGETED)
     merge_arms = {
-        p.arm for p in plans if p.arm in merge_arms and not (merged_dir(p.key) / "config.json").is_file()
+        p.arm for p in plans if p.arm in merge_arms and not is_sealed(merged_dir(p.model or variant, p.key))
     }
     todo = [p for p in plans if p.meta is None or p.arm in merge_arms]
     if todo:
@@ -408,8 +433,8 @@ def _recover_variant(
         )
     after_t, fields = arms_out[TARGETED]
     out = VariantRecovery(**fields)
-    merged = merged_dir(next(p.key for p in plans if p.arm == TARGETED))
-    out.merged_checkpoint = str(merged) if (merged / "config.json").is_file() else None
+    merged = merged_dir(variant, next(p.key for p in plans if p.arm == TARGETED))
+    out.merged_checkpoint = str(merged) if is_sealed(merged) else None
     if CONTROL in arms_out:
         after_c, cfields = arms_out[CONTROL]
         out.control = ArmResult(**cfields)
