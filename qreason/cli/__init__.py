@@ -408,6 +408,21 @@ def _cmd_export_lm_eval(args) -> int:
     return 0
 
 
+def _cmd_setup(args) -> int:
+    from qreason.workers.envs import setup
+
+    setup(args.env or None, Path(args.path) if args.path else None, args.device, args.force)
+    return 0
+
+
+def _cmd_doctor(args) -> int:
+    from qreason.workers.envs import doctor
+
+    lines, ok = doctor()
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qreason", description="Measure how quantization damages LLM reasoning.", epilog=EPILOG
@@ -582,6 +597,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rc.add_argument("--adapter", help="evaluate this PEFT adapter of --variant instead of training one")
     rc.set_defaults(fn=_cmd_recover)
+
+    st = sub.add_parser(
+        "setup",
+        help="create the side environments qreason runs its workers in (quant: llm-compressor, train: "
+        "TRL/PEFT, bench: lm-eval) from the requirement files shipped with qreason",
+        description="Create the side environments under $QREASON_CACHE/envs (default ~/.cache/qreason/envs; "
+        "$QREASON_ENVS overrides; .venv-NAME in a source checkout), each with this qreason linked in. "
+        "Needs uv. An environment already built from the same requirement files is left as it is.",
+        epilog=EPILOG,
+    )
+    st.add_argument("env", nargs="*", metavar="ENV", help="quant, train or bench (default: all three)")
+    st.add_argument("--path", help="put the one named environment in this directory instead")
+    st.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], help="which torch (default: $QREASON_DEVICE, else auto)"
+    )
+    st.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    st.set_defaults(fn=_cmd_setup)
+
+    dr = sub.add_parser(
+        "doctor",
+        help="say which engine and side environments are there, what is missing and the command that fixes "
+        "it (exit 1 when something is missing)",
+    )
+    dr.set_defaults(fn=_cmd_doctor)
 
     rp = sub.add_parser("report", help="write the self-contained HTML report of a run directory")
     rp.add_argument("run_dir")

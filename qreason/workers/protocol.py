@@ -59,6 +59,9 @@ class TrainRun(TypedDict):
 class TrainJob(TypedDict):
     checkpoint: str  # the quantized checkpoint
     dense_dir: str  # its dense copy of the grid weights (made once, reused)
+    base_name: (
+        str  # what adapter configs name as their base: VARIANT@FINGERPRINT, never a path of this machine
+    )
     device: str
     seed: int
     threads: int | None

@@ -197,7 +197,15 @@ def train_phase(
     return trainer.model, curve
 
 
-def train_run(run: dict, dense_dir: str, device: str, seed: int) -> dict:
+def name_base(model, base_name: str) -> None:
+    """Give the adapter's config and model card ``base_name`` as their base model, not the dense copy's path
+    (a cache directory of this machine): PEFT takes it from the base model's ``name_or_path``."""
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = base_name
+    model.get_base_model().config.name_or_path = base_name
+
+
+def train_run(run: dict, dense_dir: str, device: str, seed: int, base_name: str) -> dict:
     """Train one adapter as ``run`` says; save it (and the merged checkpoint when asked)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
@@ -228,6 +236,7 @@ def train_run(run: dict, dense_dir: str, device: str, seed: int) -> dict:
     seconds = time.monotonic() - t0
     if "ref" in getattr(model, "peft_config", {}):
         model.delete_adapter("ref")  # DPO after SFT keeps a frozen copy of the SFT adapter as its reference
+    name_base(model, base_name)
     model.save_pretrained(run["adapter_dir"])
     tokenizer.save_pretrained(run["adapter_dir"])
     progress(f"{label}: adapter saved ({seconds:.1f} s of training)")
@@ -259,7 +268,8 @@ def run(job: dict) -> dict:
     dense_seconds = None
     if not os.path.isfile(os.path.join(job["dense_dir"], "config.json")):
         dense_seconds = round(build_dense(job["checkpoint"], job["dense_dir"]), 2)
-    runs = {r["name"]: train_run(r, job["dense_dir"], device, seed) for r in job["runs"]}
+    base_name = job.get("base_name") or "quantized-model"
+    runs = {r["name"]: train_run(r, job["dense_dir"], device, seed, base_name) for r in job["runs"]}
     return {
         "versions": versions(VERSIONED),
         "device": device,

@@ -165,6 +165,7 @@ def train_adapters(
     job: TrainJob = {
         "checkpoint": variant.path,
         "dense_dir": str(dense_dir(variant)),
+        "base_name": f"{variant.name}@{variant.fingerprint}",
         "device": cfg.device,
         "seed": cfg.seed,
         "threads": cfg.threads,
