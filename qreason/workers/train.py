@@ -169,10 +169,12 @@ def train_phase(
     if kind == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+        # The rows as the export holds them (``curate.sft_row``): TRL picks prompt/completion over messages
+        # and masks the prompt by itself, as it does for anyone training on the exported files.
+        data = Dataset.from_list(rows)
         trainer = SFTTrainer(
             model=model,
-            args=SFTConfig(**args, completion_only_loss=True),
+            args=SFTConfig(**args),
             train_dataset=data,
             processing_class=tokenizer,
             peft_config=peft_config,
