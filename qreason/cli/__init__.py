@@ -583,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
         "recover",
         help="train a LoRA adapter per quantized variant on its Silver Bullet items, "
         "re-evaluate it on problems it never trained on, beside an untargeted "
-        "control (needs .venv-train: scripts/setup-train-env.sh)",
+        "control (needs the training environment: `qreason setup train`)",
     )
     rc.add_argument("run_dir")
     rc.add_argument("--variant", action="append", help="only this quantized variant (repeatable)")
