@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qreason import __version__
+from qreason import __version__, console
 from qreason.config.schema import CalibrationSpec, QuantizeSpec, RunConfig
 from qreason.errors import UserError
 from qreason.inputs.models import ResolvedModel, fingerprint_dir, resolve_model
@@ -72,7 +71,7 @@ def list_methods() -> list[dict]:
 
 def _stderr_echo(label: str) -> Callable[[str], None]:
     def echo(message: str) -> None:
-        print(f"quantize {label}: {message}", file=sys.stderr, flush=True)
+        console.say(f"quantize {label}: {message}")
 
     return echo
 
@@ -149,7 +148,7 @@ def prepare(
     if "group_size" in recipe.params and "group_size" not in spec.overrides:
         fit = default_group_size(base.path, recipe.params["group_size"])
         if fit != recipe.params["group_size"]:  # the default does not fit this model: the largest that does
-            log.info(
+            log.debug(
                 "%s: group_size %d (the default %d does not fit %s)",
                 recipe.name,
                 fit,
