@@ -107,9 +107,11 @@ class _StageBar(tqdm):
         return d
 
 
-def progress(total: int, desc: str, unit: str) -> tqdm:
-    """The progress line of one stage, on the terminal; none with ``--quiet`` or nothing to do."""
+def progress(total: int, desc: str, unit: str, iterable=None) -> tqdm:
+    """The progress line of one stage, on the terminal (over ``iterable`` when given); none with ``--quiet``
+    or nothing to do."""
     return _StageBar(
+        iterable,
         total=total,
         desc=desc,
         unit=unit,

@@ -742,7 +742,9 @@ def main(argv: list[str] | None = None) -> int:
         console.capture(_pending_log(args))
     setup_logging(args.verbose)
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()  # a closed pipe shows here, not as an error at interpreter exit
+        return code
     except BrokenPipeError:  # the reader went away (`qreason runs --json | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

@@ -329,8 +329,7 @@ def run_grading(
         if key not in out:
             jobs.append(GradeJob(g, problems[(g.task, g.problem_id)], key))
     written, pending = 0, []
-    bar = console.progress(len(jobs), "grade", "ans")
-    for grade in bar(grader.grade(jobs)) if jobs else []:
+    for grade in console.progress(len(jobs), "grade", "ans", grader.grade(jobs)) if jobs else []:
         pending.append(grade)
         if len(pending) >= flush_every:
             written += out.append(pending)
@@ -396,8 +395,7 @@ def grade_file(
     ]
     results: list[tuple] = [()] * len(rows)
     t0 = time.monotonic()
-    bar = console.progress(len(args), "grade", "ans")
-    for i, result in bar(grader.run(args)) if args else []:
+    for i, result in console.progress(len(args), "grade", "ans", grader.run(args)) if args else []:
         results[i] = result
     lines = []
     for row, result in zip(rows, results):
