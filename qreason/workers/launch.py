@@ -54,12 +54,11 @@ def setup_command(name: str) -> str:
 
 @dataclass(frozen=True)
 class SideEnv:
-    """A side environment: its name (``quant`` -> ``.venv-quant``, ``$QREASON_QUANT_PYTHON``), what it is for
-    and the module that checks it works."""
+    """A side environment: its name (``quant`` -> ``.venv-quant``, ``$QREASON_QUANT_PYTHON``) and what it is
+    for (``workers.envs`` knows how to build it)."""
 
     name: str
     purpose: str
-    check: str  # a Python import that fails where the environment is broken
 
     @property
     def variable(self) -> str:
@@ -95,9 +94,9 @@ class SideEnv:
         return python
 
 
-QUANT = SideEnv("quant", "quantization", "llmcompressor")
-TRAIN = SideEnv("train", "training", "trl, peft")
-BENCH = SideEnv("bench", "lm-eval", "lm_eval")
+QUANT = SideEnv("quant", "quantization")
+TRAIN = SideEnv("train", "training")
+BENCH = SideEnv("bench", "lm-eval")
 SIDE_ENVS = (QUANT, TRAIN, BENCH)
 
 
