@@ -199,12 +199,18 @@ def train_phase(
     return trainer.model, curve
 
 
-def name_base(model, base_name: str) -> None:
-    """Give the adapter's config and model card ``base_name`` as their base model, not the dense copy's path
-    (a cache directory of this machine): PEFT takes it from the base model's ``name_or_path``."""
-    for config in model.peft_config.values():
-        config.base_model_name_or_path = base_name
-    model.get_base_model().config.name_or_path = base_name
+def portable(paths: list[str], dense_dir: str, base_name: str) -> None:
+    """What a saved directory says of its base model, made portable: any path of the dense copy (a cache
+    directory of this machine) left in its configs and model card becomes ``base_name``."""
+    for root in paths:
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            if name.endswith((".json", ".md")):
+                with open(path, encoding="utf-8") as fh:
+                    text = fh.read()
+                if dense_dir in text:
+                    with open(path, "w", encoding="utf-8") as fh:
+                        fh.write(text.replace(dense_dir, base_name))
 
 
 def train_run(run: dict, dense_dir: str, device: str, seed: int, base_name: str) -> dict:
@@ -218,11 +224,14 @@ def train_run(run: dict, dense_dir: str, device: str, seed: int, base_name: str)
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # CPUs train faster and exactly in fp32
     model = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=dtype).to(device)
+    # What PEFT and TRL write as the base model (adapter config, model card tags): a name, not this path.
+    model.config.name_or_path = tokenizer.name_or_path = base_name
     if run.get("load_adapter"):  # a finished adapter, loaded to be merged
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, run["load_adapter"])
-        return merge(model, tokenizer, run, label) or {}
+        merge(model, tokenizer, run, label)
+        return {}
     phases = {"sft": ["sft"], "dpo": ["dpo"], "sft+dpo": ["sft", "dpo"]}[run["mode"]]
     t0 = time.monotonic()
     curves: dict[str, list] = {}
@@ -238,9 +247,11 @@ def train_run(run: dict, dense_dir: str, device: str, seed: int, base_name: str)
     seconds = time.monotonic() - t0
     if "ref" in getattr(model, "peft_config", {}):
         model.delete_adapter("ref")  # DPO after SFT keeps a frozen copy of the SFT adapter as its reference
-    name_base(model, base_name)
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = base_name
     model.save_pretrained(run["adapter_dir"])
     tokenizer.save_pretrained(run["adapter_dir"])
+    portable([run["adapter_dir"]], dense_dir, base_name)
     progress(f"{label}: adapter saved ({seconds:.1f} s of training)")
     merge(model, tokenizer, run, label)
     return {"train_seconds": round(seconds, 2), "loss": curves, "steps": sum(len(c) for c in curves.values())}
