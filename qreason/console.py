@@ -102,7 +102,7 @@ class _StageBar(tqdm):
     @property
     def format_dict(self):
         d = super().format_dict
-        if self.total and self.n < max(2, self.total / 10):
+        if self.total and self.n < min(self.total, max(2, self.total / 10)):
             d["bar_format"] = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<?]"
         return d
 
