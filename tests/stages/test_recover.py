@@ -229,6 +229,8 @@ def test_training_produces_an_adapter_that_changes_the_model(recovered):
     variant = next(x for x in store.variants.all() if x.name == "rtn")
     # the base is named by the checkpoint's fingerprint, not by the cache path of its dense copy
     assert config["base_model_name_or_path"] == f"rtn@{variant.fingerprint}"
+    meta = json.loads((adapter / "qreason-adapter.json").read_text())
+    assert meta["base_model"] == config["base_model_name_or_path"] and "checkpoint" not in meta
     for written in adapter.iterdir():  # adapter config, model card, tokenizer files
         if written.suffix in (".json", ".md", ".jinja"):
             assert str(dense_dir(variant)) not in written.read_text(encoding="utf-8"), written.name

@@ -189,7 +189,7 @@ def train_adapters(
                     "key": p.key,
                     "variant": variant.name,
                     "variant_fingerprint": variant.fingerprint,
-                    "checkpoint": variant.path,
+                    "base_model": f"{variant.name}@{variant.fingerprint}",  # as in adapter_config.json
                     "arm": p.arm,
                     "mode": cfg.mode,
                     "hyperparameters": hyperparameters(cfg),
