@@ -384,7 +384,7 @@ def curate(
     items = build_items(store, candidates, chosen, base, cfg, methods, run_id)
     provenance = {
         "run_id": run_id,
-        "run_dir": str(store.dir),
+        "run_dir": store.dir.name,  # its name only: the card travels, this machine's paths do not
         "base_variant": base,
         "base_model": base_fingerprint,
         "variants": sorted({it.variant for it in items}),
