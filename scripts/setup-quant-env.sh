@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Create qreason's quantization environment (.venv-quant): llm-compressor and its pins, apart from the main
-# environment (whose vllm pins a different compressed-tensors). qreason runs `python -m qreason.workers.quantize`
-# in it as a subprocess.
+# Create .venv-quant, the quantization environment: llm-compressor (qreason runs `python -m qreason.workers.quantize` there).
+# The same code as `qreason setup quant` (qreason/workers/envs.py, requirement files in
+# qreason/workers/requirements/); run after scripts/setup-env.sh. Idempotent: nothing is redone while the
+# environment's stamp matches its requirement files.
 #   QREASON_DEVICE=auto|cpu|cuda   which torch to install (auto: cuda when nvidia-smi sees a GPU)
 #   QREASON_QUANT_VENV=.venv-quant where to put the environment
-exec bash "$(dirname "$0")/torch-side-env.sh" setup-quant-env "${QREASON_QUANT_VENV:-.venv-quant}" \
-  requirements/quant.txt yes \
-  "import llmcompressor, torch; print('setup-quant-env: llmcompressor', llmcompressor.__version__, 'torch', torch.__version__)"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env-common.sh
+PY=${QREASON_VENV:-.venv}/bin/python
+[ -x "$PY" ] || { echo "setup-quant-env: $PY is missing; run scripts/setup-env.sh first" >&2; exit 2; }
+find_uv
+QREASON_UV=$UV exec "$PY" -m qreason.cli setup quant --path "${QREASON_QUANT_VENV:-.venv-quant}"

@@ -126,6 +126,7 @@ LAYERS = [
         [
             "qreason",
             "qreason.errors",
+            "qreason.console",
             "qreason.registry",
             "qreason.records",
             "qreason.summary",

@@ -9,22 +9,40 @@ import os
 import sys
 from pathlib import Path
 
+from qreason import __version__, console
 from qreason.errors import UserError
 from qreason.workers.launch import WorkerFailed
 
 EPILOG = "Docs: README.md. Bad input exits with code 2 and a one-line error naming the file and line."
+RUN_DIR_HELP = "a run directory (runs/NAME, as printed by `qreason run`)"
+# Commands whose libraries write to standard error (engines, model loading): that goes to a log file, not the
+# terminal (console.capture), unless -v.
+CAPTURED = {"run", "plan", "grade", "judge", "analyze", "curate", "recover", "report", "quantize", "model"}
 
 
 def _cmd_run(args) -> int:
     from qreason.pipeline.runner import run_all
 
     summaries = run_all(args.config, output_dir=args.output_dir)
+    if args.json:
+        dumps = [s.dump() for s in summaries]
+        print(json.dumps(dumps[0] if len(dumps) == 1 else dumps, indent=1, default=str))
+        return max(exit_code(s) for s in summaries)
     codes = []
     for summary in summaries:
         if len(summaries) > 1:
             print(f"\n== {summary.name}")
         codes.append(_print_run(summary))
     return max(codes)
+
+
+def exit_code(summary) -> int:
+    """A run's exit code: 3 when a regression gate tripped, 1 when generations or lm-eval tasks failed."""
+    from qreason.stages.gates import GATE_EXIT_CODE
+
+    if summary.gates.tripped:
+        return GATE_EXIT_CODE
+    return 1 if summary.generations.failed or (summary.lm_eval and summary.lm_eval.failed) else 0
 
 
 def _print_run(summary) -> int:
@@ -51,13 +69,13 @@ def _print_run(summary) -> int:
     if summary.report:
         print(f"report: {summary.report}")
     for error in summary.judge.errors if summary.judge else []:
-        print(f"qreason: judge stopped: {error}", file=sys.stderr)
+        print(f"qreason: judge stopped: {error}", file=console.terminal())
     for line in summary.gates.held:
-        print(f"qreason: gate held: {line}", file=sys.stderr)
+        print(f"qreason: gate held: {line}", file=console.terminal())
     if summary.gates.tripped:
-        print(f"qreason: regression gates tripped ({summary.name}):", file=sys.stderr)
+        print(f"qreason: regression gates tripped ({summary.name}):", file=console.terminal())
         for line in summary.gates.tripped:
-            print(f"  - {line}", file=sys.stderr)
+            print(f"  - {line}", file=console.terminal())
         return GATE_EXIT_CODE
     lm = summary.lm_eval
     if lm:
@@ -73,18 +91,18 @@ def _print_run(summary) -> int:
         for f in lm.failed:
             print(
                 f"qreason: lm-eval {f['task']} failed for {f['variant']}: {f['error']} (log: {f['log']})",
-                file=sys.stderr,
+                file=console.terminal(),
             )
     for stage, why in summary.stage_failures.items():
-        print(f"qreason: stage {stage} could not run: {why}", file=sys.stderr)
+        print(f"qreason: stage {stage} could not run: {why}", file=console.terminal())
     if gen.failed:
         print(
             f"qreason: {gen.failed} generations failed; re-run the same command to retry them",
-            file=sys.stderr,
+            file=console.terminal(),
         )
         return 1
     if lm and lm.failed:
-        print("qreason: lm-eval tasks failed; re-run the same command to retry them", file=sys.stderr)
+        print("qreason: lm-eval tasks failed; re-run the same command to retry them", file=console.terminal())
         return 1
     return 1 if summary.stage_failures else 0
 
@@ -315,7 +333,11 @@ def _cmd_report(args) -> int:
 def _cmd_plan(args) -> int:
     from qreason.pipeline.plan import describe_plan, make_plans
 
-    print("\n\n".join(describe_plan(plan) for plan in make_plans(args.config, output_dir=args.output_dir)))
+    plans = make_plans(args.config, output_dir=args.output_dir)
+    existing = [p.run_dir for p in plans if p.run_dir.is_dir()]
+    if existing:  # what loading the model printed goes to the run's log; a new run's stays in the cache
+        console.capture(existing[0] / "run.log")
+    print("\n\n".join(describe_plan(plan) for plan in plans))
     return 0
 
 
@@ -446,9 +468,31 @@ def _cmd_export_lm_eval(args) -> int:
     return 0
 
 
+def _cmd_setup(args) -> int:
+    from qreason.workers.envs import setup
+
+    setup(args.env or None, Path(args.path) if args.path else None, args.device, args.force)
+    return 0
+
+
+def _cmd_doctor(args) -> int:
+    from qreason.workers.envs import doctor
+
+    lines, ok = doctor()
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qreason", description="Measure how quantization damages LLM reasoning.", epilog=EPILOG
+    )
+    p.add_argument("--version", action="version", version=f"qreason {__version__}")
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress lines: only results, warnings and errors",
     )
     p.add_argument(
         "-v",
@@ -467,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
         "does no model work; an interrupted run resumes where it stopped.",
     )
     r.add_argument("config", help="run config YAML (see configs/ and the README's config reference)")
+    r.add_argument("--json", action="store_true", help="print the run's summary (summary.json) as JSON")
     r.add_argument(
         "--output-dir",
         help="run directory (default: output_dir from the config, else runs/NAME; "
@@ -479,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print what `qreason run CONFIG` would do: the jobs, what is cached and what "
         "will run (validates everything, runs nothing)",
     )
-    pl.add_argument("config")
+    pl.add_argument("config", help="run config YAML")
     pl.add_argument("--output-dir", help="run directory (as for run)")
     pl.set_defaults(fn=_cmd_plan)
 
@@ -517,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_runs)
 
     g = sub.add_parser("grade", help="grade the ungraded generations of a run directory")
-    g.add_argument("run_dir")
+    g.add_argument("run_dir", help=RUN_DIR_HELP)
     g.add_argument("--timeout", type=int, help="seconds per answer (default: the run's grading.timeout_s)")
     g.add_argument("--workers", type=int, help="grading processes (default: the run's grading.workers)")
     g.set_defaults(fn=_cmd_grade)
@@ -568,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_prm(sub)
 
     a = sub.add_parser("analyze", help="degradation tables of a run directory (saved under RUN_DIR/analysis)")
-    a.add_argument("run_dir")
+    a.add_argument("run_dir", help=RUN_DIR_HELP)
     a.set_defaults(fn=_cmd_analyze)
 
     c = sub.add_parser(
@@ -576,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="build the Silver Bullet recovery dataset (SFT and DPO) from a run's "
         "judged flips; generates full-precision continuations when needed",
     )
-    c.add_argument("run_dir")
+    c.add_argument("run_dir", help=RUN_DIR_HELP)
     c.add_argument("--out", help="output directory (default: RUN_DIR/silver_bullet)")
     c.add_argument("--max-items", type=int, help="cap on the number of items (default: the config's, 332)")
     c.add_argument(
@@ -589,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="move corrupt or torn lines of a run's tables into TABLE.corrupt-* files "
         "beside them (nothing is deleted), so the run can be read and resumed",
     )
-    rep.add_argument("run_dir")
+    rep.add_argument("run_dir", help=RUN_DIR_HELP)
     rep.set_defaults(fn=_cmd_repair)
 
     ex = sub.add_parser(
@@ -610,9 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
         "recover",
         help="train a LoRA adapter per quantized variant on its Silver Bullet items, "
         "re-evaluate it on problems it never trained on, beside an untargeted "
-        "control (needs .venv-train: scripts/setup-train-env.sh)",
+        "control (needs the training environment: `qreason setup train`)",
     )
-    rc.add_argument("run_dir")
+    rc.add_argument("run_dir", help=RUN_DIR_HELP)
     rc.add_argument("--variant", action="append", help="only this quantized variant (repeatable)")
     rc.add_argument(
         "--mode", choices=["sft", "dpo", "sft+dpo", "kd"], help="training mode (default: the config's)"
@@ -630,10 +675,40 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--adapter", help="evaluate this PEFT adapter of --variant instead of training one")
     rc.set_defaults(fn=_cmd_recover)
 
+    st = sub.add_parser(
+        "setup",
+        help="create the side environments qreason runs its workers in (quant: llm-compressor, train: "
+        "TRL/PEFT, bench: lm-eval) from the requirement files shipped with qreason",
+        description="Create the side environments under $QREASON_CACHE/envs (default ~/.cache/qreason/envs; "
+        "$QREASON_ENVS overrides; .venv-NAME in a source checkout), each with this qreason linked in. "
+        "Needs uv. An environment already built from the same requirement files is left as it is.",
+        epilog=EPILOG,
+    )
+    st.add_argument("env", nargs="*", metavar="ENV", help="quant, train or bench (default: all three)")
+    st.add_argument("--path", help="put the one named environment in this directory instead")
+    st.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], help="which torch (default: $QREASON_DEVICE, else auto)"
+    )
+    st.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    st.set_defaults(fn=_cmd_setup)
+
+    dr = sub.add_parser(
+        "doctor",
+        help="say which engine and side environments are there, what is missing and the command that fixes "
+        "it (exit 1 when something is missing)",
+    )
+    dr.set_defaults(fn=_cmd_doctor)
+
     rp = sub.add_parser("report", help="write the self-contained HTML report of a run directory")
-    rp.add_argument("run_dir")
+    rp.add_argument("run_dir", help=RUN_DIR_HELP)
     rp.add_argument("--out", help="output file (default: RUN_DIR/report.html)")
     rp.set_defaults(fn=_cmd_report)
+    for action in sub._choices_actions:  # `qreason COMMAND -h` opens with what the command list says
+        parser = sub.choices[action.dest]
+        if parser.description is None and action.help:
+            parser.description = action.help[0].upper() + action.help[1:] + "."
+        if parser.epilog is None:
+            parser.epilog = EPILOG
     return p
 
 
@@ -646,7 +721,32 @@ class _OwnRecords(logging.Filter):
         self.verbose = verbose
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if console.quiet() and record.levelno < logging.WARNING:
+            return False
         return self.verbose or record.name.startswith("qreason") or record.levelno >= logging.ERROR
+
+
+class _TerminalFormat(logging.Formatter):
+    """qreason's own progress notes as plain lines (none with ``--quiet``); warnings and errors, and any
+    library record shown with ``-v``, with their level and origin."""
+
+    def __init__(self):
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO and record.name.startswith("qreason"):
+            return record.getMessage()
+        return super().format(record)
+
+
+class _Terminal:
+    """The log handler's stream: the terminal as ``console`` knows it when a record is written."""
+
+    def write(self, text: str) -> None:
+        console.terminal().write(text)
+
+    def flush(self) -> None:
+        console.terminal().flush()
 
 
 def setup_logging(verbose: bool) -> None:
@@ -658,30 +758,55 @@ def setup_logging(verbose: bool) -> None:
     root.setLevel(logging.INFO)
     for old in [h for h in root.handlers if getattr(h, "qreason_console", False)]:
         root.removeHandler(old)  # main() called again in the same process
-    console = logging.StreamHandler()
-    console.qreason_console = True
-    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    console.addFilter(_OwnRecords(verbose))
-    root.addHandler(console)
+    handler = logging.StreamHandler(_Terminal())
+    handler.qreason_console = True
+    handler.setFormatter(_TerminalFormat())
+    handler.addFilter(_OwnRecords(verbose))
+    root.addHandler(handler)
     logging.captureWarnings(True)
     for noisy in ("httpx", "httpx2", "httpcore", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _pending_log(args) -> Path:
+    """Where a command's library output goes: its run directory's run.log, else (a run or plan before the run
+    directory is known, a quantize or model command) a file under the cache's logs/ that the run's run.log
+    takes over."""
+    from qreason.store.files import cache_dir
+
+    run_dir = Path(getattr(args, "run_dir", None) or "")
+    if getattr(args, "run_dir", None) and run_dir.is_dir():
+        return run_dir / "run.log"
+    return cache_dir() / "logs" / f"{args.command}.{os.getpid()}.pending.log"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.configure(args.verbose, args.quiet)
+    # Only where standard error is this process's own (a test harness that replaced it keeps it).
+    capturing = args.command in CAPTURED and not args.verbose and sys.stderr is sys.__stderr__
+    if capturing:
+        console.capture(_pending_log(args))
     setup_logging(args.verbose)
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()  # a closed pipe shows here, not as an error at interpreter exit
+        return code
+    except BrokenPipeError:  # the reader went away (`qreason runs --json | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except UserError as exc:
-        print(f"qreason: error: {exc}", file=sys.stderr)
+        print(f"qreason: error: {exc}", file=console.terminal())
         return UserError.exit_code
     except WorkerFailed as exc:  # a side-environment worker ran and failed: not bad input
-        print(f"qreason: error: {exc}", file=sys.stderr)
+        print(f"qreason: error: {exc}", file=console.terminal())
         return WorkerFailed.exit_code
     except KeyboardInterrupt:
-        print("qreason: interrupted; re-run the same command to resume", file=sys.stderr)
+        print("qreason: interrupted; re-run the same command to resume", file=console.terminal())
         return 130
+    finally:
+        if capturing:
+            console.release()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from qreason.errors import UserError
 
 DESCRIPTION = """\
 Quantize a model with a named method (a recipe of llm-compressor modifiers) and print the resulting variant.
-The work runs in the quantization environment (.venv-quant; create it with scripts/setup-quant-env.sh).
+The work runs in the quantization environment (`qreason setup quant`; .venv-quant in a checkout).
 A checkpoint is cached under $QREASON_CACHE/quantized/KEY, keyed by the base model's content, the method with
 its parameters and the calibration data: asking again reuses it. A failed or interrupted run leaves no
 checkpoint behind (the worker's log stays beside the cache entry).

@@ -6,9 +6,11 @@ of the config file, so a config works the same from any working directory (cron,
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import secrets
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -724,18 +726,22 @@ class LoadedConfig(BaseModel):
 
 
 def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
-    """The 1-based line of the YAML node at a pydantic error location (the deepest node that exists)."""
+    """The 1-based line of the YAML node at a pydantic error location (the deepest node that exists; for a
+    mapping entry, its key's line)."""
     line = node.start_mark.line + 1 if node is not None else None
     for part in loc:
         if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if k.value == part), None)
+            key, node = next(((k, v) for k, v in node.value if k.value == part), (None, None))
+            if key is not None:
+                line = key.start_mark.line + 1
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
             node = node.value[part]
         else:
             break
         if node is None:
             break
-        line = node.start_mark.line + 1
+        if not isinstance(part, str):
+            line = node.start_mark.line + 1
     return line
 
 
@@ -816,12 +822,36 @@ def parse_config(text: str, where: str, keep_unset: bool = False) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        # An unknown key first: a typo also makes the key it meant "required", and that error names no typo.
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        err = errors[0]
         loc = tuple(err["loc"])
         line = _line_of(node, loc)
         field = ".".join(str(p) for p in loc) or "(top level)"
+        msg = _unknown_key(loc) if err["type"] == "extra_forbidden" else err["msg"]
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise UserError(f"{where}:{line}" if line else where, f"{field}: {err['msg']}{more}") from None
+        raise UserError(f"{where}:{line}" if line else where, f"{field}: {msg}{more}") from None
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold (through Optional, list, dict, Union, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _unknown_key(loc: tuple) -> str:
+    """'unknown key', with the closest key the config section knows."""
+    models: list[type[BaseModel]] = [RunConfig]
+    for part in loc[:-1]:
+        if isinstance(part, str):
+            fields = [m.model_fields[part] for m in models if part in m.model_fields]
+            found = [sub for f in fields for sub in _models_in(f.annotation)]
+            models = found or models  # a tagged-union label (kind) or a list index keeps the same models
+    known = sorted({name for m in models for name in m.model_fields})
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+    return f"unknown key ({hint})"
 
 
 def sub_run_text(text: str, where: str, model_index: int, run_name: str) -> str:

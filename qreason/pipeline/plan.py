@@ -236,6 +236,11 @@ def describe_plan(plan: Plan) -> str:
         f"plan for {cfg.name}: {len(plan.problems)} problems x {len(cfg.sampling.seeds)} seeds, "
         f"run directory {plan.run_dir}"
     ]
+    if cfg.sampling.temperature == 0 and len(cfg.sampling.seeds) > 1:
+        lines.append(
+            "  note      temperature 0: every seed gives the same text; each prompt is generated once and "
+            "stored under each seed"
+        )
     ex = cfg.executor
     if ex.kind == "ray":
         where = ex.address or os.environ.get("RAY_ADDRESS") or "a local Ray instance started for the run"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from qreason import console
 from qreason.config.schema import RunConfig
 from qreason.engines import Backend
 from qreason.errors import UserError
@@ -131,6 +132,9 @@ def run_plan(
 
 
 def _attach_log_file(run_dir: Path) -> logging.Handler:
+    """The run's log: every log record, and (``console.capture``) everything libraries write to standard
+    error."""
+    console.capture(run_dir / "run.log")
     handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)

@@ -245,9 +245,11 @@ def build_items(
 
 
 def sft_row(messages: list[dict], solution: str, **meta) -> dict:
-    """An SFT example in TRL's conversational prompt-completion format (the loss covers the completion
-    only)."""
-    return {"prompt": messages, "completion": [{"role": "assistant", "content": solution}], **meta}
+    """An SFT example, the one row format of the export and of qreason's training worker: TRL's
+    conversational prompt-completion form (``prompt``, ``completion``: TRL's SFTTrainer then puts the loss on
+    the answer only, by default) and the whole conversation as ``messages`` (for tools that read chats)."""
+    answer = [{"role": "assistant", "content": solution}]
+    return {"prompt": messages, "completion": answer, "messages": [*messages, *answer], **meta}
 
 
 def dpo_row(messages: list[dict], chosen: str, rejected: str, **meta) -> dict:
@@ -326,15 +328,19 @@ def dataset_card(items: list[SilverBulletItem], provenance: dict) -> str:
 Built by qreason from the failures that quantization introduced: problems the full-precision model solved
 and a quantized variant did not, with the first faulty step located by a judge.
 
-- **SFT** (`sft/`, conversational `prompt` / `completion`): the problem and a verified-correct full-precision
-  solution. {len(items)} items (train {splits.get("train", 0)}, test {splits.get("test", 0)}).
+- **SFT** (`sft/`, conversational `prompt` / `completion`, and the same chat as `messages`): the problem and a
+  verified-correct full-precision solution. {len(items)} items (train {splits.get("train", 0)}, test
+  {splits.get("test", 0)}). TRL's SFTTrainer trains on `prompt` / `completion` with the loss on the solution
+  only (its default for this form), as qreason's recover stage does; `messages` alone would put loss on
+  every token (system prompt and question too).
 - **DPO** (`dpo/`, conversational `prompt` / `chosen` / `rejected`): both answers start with the quantized
   model's own steps before its first faulty step (`prefix`); "rejected" continues with its faulty steps,
   "chosen" with a full-precision continuation that the grader verified correct. {len(dpo)} pairs.
 
 {stability_note(items, provenance)}
 
-Load with `datasets.load_dataset("json", data_files=...)` or point TRL's SFTTrainer / DPOTrainer at the files.
+Load with `datasets.load_dataset("json", data_files=...)` and hand the rows to TRL's SFTTrainer / DPOTrainer
+as they are.
 
 ## Counts
 
@@ -437,7 +443,7 @@ def curate(
     any_known = any(s.stable is not None for s in known.values())
     provenance = {
         "run_id": run_id,
-        "run_dir": str(store.dir),
+        "run_dir": store.dir.name,  # its name only: the card travels, this machine's paths do not
         "base_variant": base,
         "base_model": base_fingerprint,
         "variants": sorted({it.variant for it in items}),

@@ -14,8 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
-from tqdm.auto import tqdm
-
+from qreason import console
 from qreason.config.schema import RunConfig
 from qreason.engines import Backend, Completion, GenerationRequest, sampling_identity
 from qreason.inputs.steps import split_steps
@@ -64,6 +63,20 @@ class GenerationStats:
     seconds: float = 0.0
 
 
+def _greedy_once(todo: list[GenerationRequest]) -> tuple[list[GenerationRequest], dict[str, list]]:
+    """The requests to send when decoding is greedy: one per (model, prompt); the other seeds' requests
+    become copies of its result (by the sent request's key)."""
+    first: dict[tuple, GenerationRequest] = {}
+    copies: dict[str, list[GenerationRequest]] = {}
+    for r in todo:
+        k = (r.model_fingerprint, r.task, r.problem_id, r.prompt_hash)
+        if k in first:
+            copies.setdefault(first[k].key, []).append(r)
+        else:
+            first[k] = r
+    return list(first.values()), copies
+
+
 def run_generation(
     table: Table[Generation],
     requests: Iterable[GenerationRequest],
@@ -73,19 +86,22 @@ def run_generation(
     flush_seconds: float = 5.0,
     desc: str = "generate",
 ) -> GenerationStats:
-    """Generate every request whose key is not in ``table`` yet; store records durably as they complete."""
+    """Generate every request whose key is not in ``table`` yet; store records durably as they complete. At
+    temperature 0 (greedy decoding) the seeds of one prompt give one text: it is generated once and stored
+    under each seed."""
     todo = [r for r in requests if r.key not in table]
     stats = GenerationStats()
     if not todo:
         return stats
+    todo, copies = _greedy_once(todo) if sampling.temperature == 0 else (todo, {})
     start = last_flush = time.monotonic()
     pending: list[Generation] = []
-    with tqdm(total=len(todo), desc=desc, unit="gen", dynamic_ncols=True) as bar:
+    with console.progress(len(todo), desc, "gen") as bar:
         try:
             for req, done in backend.generate(todo, sampling):
                 bar.update(1)
                 if done.error is not None:
-                    stats.failed += 1
+                    stats.failed += 1 + len(copies.get(req.key, ()))
                     log.warning(
                         "generation failed for %s/%s seed %s: %s",
                         req.task,
@@ -94,7 +110,7 @@ def run_generation(
                         done.error,
                     )
                     continue
-                pending.append(to_record(req, done, backend, sampling))
+                pending += [to_record(r, done, backend, sampling) for r in [req, *copies.get(req.key, ())]]
                 if len(pending) >= flush_every or time.monotonic() - last_flush >= flush_seconds:
                     batch, pending, last_flush = pending, [], time.monotonic()
                     stats.produced += table.append(batch)
@@ -119,6 +135,13 @@ class GenerateStage:
         from qreason.inputs.models import ResolvedModel
 
         jobs, planned, reused = [], 0, {}
+        seeds = ctx.cfg.sampling.seeds
+        if ctx.cfg.sampling.temperature == 0 and len(seeds) > 1:
+            log.warning(
+                "sampling: %d seeds at temperature 0 (greedy decoding) give one text per prompt: each prompt "
+                "is generated once and stored under every seed (sample with temperature > 0 for a spread)",
+                len(seeds),
+            )
         for v in ctx.variants[1:] + ctx.variants[:1]:
             model = ResolvedModel(v.name, v.path, v.fingerprint, "variant")
             requests = ctx.requests_for(v.name, model)

@@ -2,12 +2,13 @@
 
 Each side environment pins libraries that clash with the main one (llm-compressor, TRL/PEFT, lm-eval), so its
 worker runs as ``python -m MODULE JOB.json`` with that environment's interpreter (``SideEnv.python``: an
-explicit path, else ``$QREASON_<NAME>_PYTHON``, else ``.venv-<name>`` beside the package in a checkout or in
-the working directory of an installed qreason). ``run_worker`` writes the job, starts the worker in its own
-process group (killed when qreason dies, see ``qreason.children``), streams its output into a log (progress
-lines go to ``echo``, every line to ``on_line``), measures its wall time, CPU time and peak memory, and stops
-the whole group when the caller is interrupted. A worker that fails raises ``WorkerFailed``: one line naming
-the log; not the user's input, so the CLI exits with 1.
+explicit path, else ``$QREASON_<NAME>_PYTHON``, else ``.venv-<name>`` in a source checkout, else
+``$QREASON_CACHE/envs/<name>``, where ``qreason setup`` puts it; ``workers.envs`` makes them).
+``run_worker`` writes the job, starts the worker in its own process group (killed when qreason dies, see
+``qreason.children``), streams its output into a log (progress lines go to ``echo``, every line to
+``on_line``), measures its wall time, CPU time and peak memory, and stops the whole group when the caller is
+interrupted. A worker that fails raises ``WorkerFailed``: one line naming the log; not the user's input, so
+the CLI exits with 1.
 """
 
 from __future__ import annotations
@@ -40,44 +41,83 @@ class WorkerFailed(Exception):
         super().__init__(f"{where}: {message}")
 
 
+def envs_home() -> Path:
+    """Where ``qreason setup`` puts the side environments of an installed qreason: ``$QREASON_ENVS``, else
+    ``$QREASON_CACHE/envs``, else ``~/.cache/qreason/envs``."""
+    if os.environ.get("QREASON_ENVS"):
+        return Path(os.environ["QREASON_ENVS"])
+    return Path(os.environ.get("QREASON_CACHE", Path.home() / ".cache" / "qreason")) / "envs"
+
+
+def setup_command(name: str) -> str:
+    """The one command that creates the side environment ``name``."""
+    return "make env" if IS_CHECKOUT else f"qreason setup {name}"
+
+
 @dataclass(frozen=True)
 class SideEnv:
-    """A side environment: its name (``quant`` -> ``.venv-quant``, ``$QREASON_QUANT_PYTHON``), what it is for
-    and the script that makes it."""
+    """A side environment: its name (``quant`` -> ``.venv-quant``, ``$QREASON_QUANT_PYTHON``) and what it is
+    for (``workers.envs`` knows how to build it)."""
 
     name: str
     purpose: str
-    setup: str
 
     @property
     def variable(self) -> str:
         return f"QREASON_{self.name.upper()}_PYTHON"
 
-    def python(self, configured: str | None = None) -> Path:
-        """The interpreter: ``configured``, else the environment variable, else the default virtualenv."""
+    @property
+    def default_dir(self) -> Path:
+        """Where ``qreason setup`` puts it: ``.venv-NAME`` in a source checkout, else ``envs_home()/NAME``."""
+        return PACKAGE_ROOT / f".venv-{self.name}" if IS_CHECKOUT else envs_home() / self.name
+
+    def candidates(self, configured: str | None = None) -> list[Path]:
+        """The interpreters looked for, in order: ``configured``, the environment variable, the checkout's
+        ``.venv-NAME``, then ``envs_home()/NAME`` (the first two, when set, are the only choice)."""
         chosen = configured or os.environ.get(self.variable)
-        root = PACKAGE_ROOT if IS_CHECKOUT else Path.cwd()
-        python = Path(chosen) if chosen else root / f".venv-{self.name}" / "bin" / "python"
-        if not python.is_file():
+        if chosen:
+            return [Path(chosen)]
+        dirs = [PACKAGE_ROOT / f".venv-{self.name}"] if IS_CHECKOUT else []
+        return [d / "bin" / "python" for d in dirs + [envs_home() / self.name]]
+
+    def find(self, configured: str | None = None) -> Path | None:
+        return next((p for p in self.candidates(configured) if p.is_file()), None)
+
+    def python(self, configured: str | None = None) -> Path:
+        """The interpreter (see ``candidates``); a missing one is bad setup, reported with its fix."""
+        python = self.find(configured)
+        if python is None:
+            looked = " or ".join(str(p) for p in self.candidates(configured))
             raise UserError(
                 f"{self.purpose} environment",
-                f"{python} not found; create it with {self.setup} (or set {self.variable})",
+                f"{looked} not found; create it with `{setup_command(self.name)}` "
+                f"(or point {self.variable} at its python)",
             )
         return python
 
 
-QUANT = SideEnv("quant", "quantization", "scripts/setup-quant-env.sh")
-TRAIN = SideEnv("train", "training", "scripts/setup-train-env.sh")
-BENCH = SideEnv("bench", "lm-eval", "scripts/setup-bench-env.sh")
+QUANT = SideEnv("quant", "quantization")
+TRAIN = SideEnv("train", "training")
+BENCH = SideEnv("bench", "lm-eval")
+SIDE_ENVS = (QUANT, TRAIN, BENCH)
 
 
 def side_env_vars(drop: tuple[str, ...] = ()) -> dict[str, str]:
     """The environment a worker starts with: this process's, less ``drop``, with this checkout first on the
-    path (a side environment need not have qreason installed) and no progress bars or tokenizer threads."""
+    path (the running qreason, even where the side environment links another checkout's) and no progress
+    bars or tokenizer threads. The working directory never goes on the worker's path (``PYTHONSAFEPATH``): a
+    ``qreason/`` directory there must not shadow the installed qreason."""
     env = {k: v for k, v in os.environ.items() if k not in drop}
     if IS_CHECKOUT:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
-    env.update({"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "TQDM_DISABLE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONSAFEPATH": "1",
+        }
+    )
     return env
 
 

@@ -55,11 +55,15 @@ class TrainRun(TypedDict):
     adapter_dir: NotRequired[str]  # train a new adapter into this directory
     load_adapter: NotRequired[str]  # or load this finished one (to merge it)
     model_dir: NotRequired[str]  # train on this checkpoint instead of the dense copy (full-precision arm)
+    base_name: NotRequired[str]  # what its adapter names as base (model_dir's VARIANT@FINGERPRINT)
 
 
 class TrainJob(TypedDict):
     checkpoint: str  # the quantized checkpoint
     dense_dir: str  # its dense copy of the grid weights (made once, reused)
+    base_name: (
+        str  # what adapter configs name as their base: VARIANT@FINGERPRINT, never a path of this machine
+    )
     device: str
     seed: int
     threads: int | None

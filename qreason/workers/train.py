@@ -174,10 +174,12 @@ def train_phase(
     if kind == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+        # The rows as the export holds them (``curate.sft_row``): TRL picks prompt/completion over messages
+        # and masks the prompt by itself, as it does for anyone training on the exported files.
+        data = Dataset.from_list(rows)
         trainer = SFTTrainer(
             model=model,
-            args=SFTConfig(**args, completion_only_loss=True),
+            args=SFTConfig(**args),
             train_dataset=data,
             processing_class=tokenizer,
             peft_config=peft_config,
@@ -202,19 +204,37 @@ def train_phase(
     return trainer.model, curve
 
 
+def portable(paths: list[str], dense_dir: str, base_name: str) -> None:
+    """What a saved directory says of its base model, made portable: any path of the dense copy (a cache
+    directory of this machine) left in its configs and model card becomes ``base_name``."""
+    for root in paths:
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            if name.endswith((".json", ".md")):
+                with open(path, encoding="utf-8") as fh:
+                    text = fh.read()
+                if dense_dir in text:
+                    with open(path, "w", encoding="utf-8") as fh:
+                        fh.write(text.replace(dense_dir, base_name))
+
+
 def train_run(run: dict, job: dict, device: str, seed: int) -> dict:
     """Train one adapter as ``run`` says; save it (and the merged checkpoint when asked). The model is the
-    job's dense copy, or the run's own ``model_dir`` (the full-precision arm: the base checkpoint)."""
+    job's dense copy, or the run's own ``model_dir`` (the full-precision arm: the base checkpoint); what the
+    saved files say of it is ``base_name`` (the run's, else the job's), never a path of this machine."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     set_seed(seed)
     dense_dir = run.get("model_dir") or job["dense_dir"]
+    base_name = run.get("base_name") or job.get("base_name") or "quantized-model"
     h = run["hyper"]
     label = run["name"]
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # CPUs train faster and exactly in fp32
     model = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=dtype).to(device)
+    # What PEFT and TRL write as the base model (adapter config, model card tags): a name, not this path.
+    model.config.name_or_path = tokenizer.name_or_path = base_name
     if run.get("load_adapter"):  # a finished adapter, loaded to be merged
         from peft import PeftModel
 
@@ -238,8 +258,11 @@ def train_run(run: dict, job: dict, device: str, seed: int) -> dict:
     seconds = time.monotonic() - t0
     if "ref" in getattr(model, "peft_config", {}):
         model.delete_adapter("ref")  # DPO after SFT keeps a frozen copy of the SFT adapter as its reference
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = base_name
     model.save_pretrained(run["adapter_dir"])
     tokenizer.save_pretrained(run["adapter_dir"])
+    portable([run["adapter_dir"]], dense_dir, base_name)
     progress(f"{label}: adapter saved ({seconds:.1f} s of training)")
     merge(model, tokenizer, run, label)
     steps = sum(len(c) for c in curves.values())

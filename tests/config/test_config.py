@@ -23,7 +23,16 @@ def test_minimal_config_gets_sensible_defaults():
             "name: demo\ntasks:\n  - name: gsm8k\nsampling:\n  temperature: -1\n",
             "run.yaml:5: sampling.temperature",
         ),
-        ("name: demo\ntasks:\n  - name: gsm8k\n    limt: 3\n", "run.yaml:4: tasks.0.limt: Extra inputs"),
+        (
+            "name: demo\ntasks:\n  - name: gsm8k\n    limt: 3\n",
+            "run.yaml:4: tasks.0.limt: unknown key (did you mean 'limit'?)",
+        ),
+        # a typo'd required key: the unknown key and its hint come first, not "tasks: Field required"
+        ("name: demo\ntaks:\n  - name: gsm8k\n", "run.yaml:2: taks: unknown key (did you mean 'tasks'?)"),
+        (
+            "name: d\ntasks: [{name: a}]\nbackend: {kind: openai, base_url: u, model: m, tmeout: 3}\n",
+            "run.yaml:3: backend.openai.tmeout: unknown key (did you mean 'timeout_s'?)",
+        ),
         ("name: demo\ntasks: []\n", "run.yaml:2: tasks"),
         ("name: demo\ntasks:\n  - name: a\n   bad\n", "run.yaml:4: invalid YAML"),
         ("- just a list\n", "run.yaml: a run config must be a YAML mapping"),

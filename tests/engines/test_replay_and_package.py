@@ -140,6 +140,8 @@ def test_the_wheel_has_its_data_and_runs_the_synthetic_task_outside_the_checkout
         "qreason/specs/judge_prompts/taxonomy.yaml",
         "qreason/report/report.html.j2",
         "qreason/stages/quantize/recipes.yaml",
+        "qreason/workers/requirements/quant.txt",  # what `qreason setup` builds the side environments from
+        "qreason/workers/requirements/torch.txt",
     ):
         assert data in names, data
 

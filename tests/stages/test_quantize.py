@@ -190,6 +190,15 @@ def test_group_size_check_suggests_the_largest_fitting_size(smollm2_like):
     shapes.check_group_size(smollm2_like.path, 32, "gptq-w4a16")
 
 
+def test_an_unset_group_size_takes_the_largest_that_fits_a_set_one_is_checked(smollm2_like):
+    default = prepare(smollm2_like, QuantizeSpec(method="rtn-w4a16"))
+    assert default.recipe.params["group_size"] == 64  # 128, the recipe's default, does not divide 576
+    explicit = prepare(smollm2_like, QuantizeSpec(method="rtn-w4a16", overrides={"group_size": 64}))
+    assert default.key == explicit.key  # the same checkpoint as asking for 64: one cache entry
+    with pytest.raises(UserError, match="group_size=64"):  # what the user sets is not silently changed
+        prepare(smollm2_like, QuantizeSpec(method="rtn-w4a16", overrides={"group_size": 128}))
+
+
 def test_linear_widths_and_fitting_sizes(tmp_path):
     assert shapes.linear_input_widths(SMOLLM2) == {"hidden_size": 576, "intermediate_size": 1536}
     # attention output width differs from hidden_size (e.g. Gemma-like configs)
@@ -248,7 +257,7 @@ def test_jsonl_calibration_key_follows_file_content(smollm2_like, tmp_path):
     "spec, message",
     [
         (QuantizeSpec(method="nope"), "no such quantization method"),
-        (QuantizeSpec(method="gptq-w4a16"), "group_size=64"),
+        (QuantizeSpec(method="gptq-w4a16", overrides={"group_size": 128}), "group_size=64"),
         (
             QuantizeSpec(
                 method="awq-w4a16",
@@ -296,7 +305,7 @@ def test_missing_quant_env_is_a_user_error_before_any_directory(
 ):
     no_subprocess(monkeypatch)
     monkeypatch.setenv("QREASON_QUANT_PYTHON", str(tmp_path / "nowhere" / "python"))
-    with pytest.raises(UserError, match="setup-quant-env.sh"):
+    with pytest.raises(UserError, match="create it with `make env`"):
         quantize(smollm2_like, QuantizeSpec(method="rtn-w4a16", overrides={"group_size": 64}))
     assert not own_cache.exists()
 
@@ -654,7 +663,9 @@ def test_cli_lists_methods_and_reports_bad_input(capsys, smollm2_like):
     assert args.fn(args) == 0
     out = capsys.readouterr().out
     assert all(m in out for m in METHODS) and "--set group_size=128" in out
-    args = parser.parse_args(["quantize", "--model", smollm2_like.path, "--method", "gptq-w4a16"])
+    args = parser.parse_args(
+        ["quantize", "--model", smollm2_like.path, "--method", "gptq-w4a16", "--set", "group_size=128"]
+    )
     with pytest.raises(UserError, match="group_size=64"):
         args.fn(args)
     args = parser.parse_args(["quantize", "--method", "import"])

@@ -226,9 +226,16 @@ def test_training_produces_an_adapter_that_changes_the_model(recovered):
     assert (adapter / "adapter_config.json").is_file()
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["peft_type"] == "LORA"
+    variant = next(x for x in store.variants.all() if x.name == "rtn")
+    # the base is named by the checkpoint's fingerprint, not by the cache path of its dense copy
+    assert config["base_model_name_or_path"] == f"rtn@{variant.fingerprint}"
+    meta = json.loads((adapter / "qreason-adapter.json").read_text())
+    assert meta["base_model"] == config["base_model_name_or_path"] and "checkpoint" not in meta
+    for written in adapter.iterdir():  # adapter config, model card, tokenizer files
+        if written.suffix in (".json", ".md", ".jinja"):
+            assert str(dense_dir(variant)) not in written.read_text(encoding="utf-8"), written.name
     lora = load_file(str(adapter / "adapter_model.safetensors"))
     assert any(t.abs().max() > 0 for k, t in lora.items() if "lora_B" in k), "training left lora_B at zero"
-    variant = next(x for x in store.variants.all() if x.name == "rtn")
     dense = load_file(str(dense_dir(variant) / "model.safetensors"))
     name = "model.layers.0.self_attn.q_proj.weight"
     # the dense copy holds the 4-bit grid: at most 16 distinct values per group of 32

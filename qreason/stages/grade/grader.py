@@ -28,8 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, get_args
 
-from tqdm.auto import tqdm
-
+from qreason import console
 from qreason.errors import UserError
 from qreason.pool import bounded_calls
 from qreason.records import Generation, Grade, GradeStatus, Problem, clean_text, content_key
@@ -331,9 +330,7 @@ def run_grading(
         if key not in out:
             jobs.append(GradeJob(g, problems[(g.task, g.problem_id)], key))
     written, pending = 0, []
-    for grade in tqdm(
-        grader.grade(jobs), total=len(jobs), desc="grade", unit="ans", disable=not jobs, dynamic_ncols=True
-    ):
+    for grade in console.progress(len(jobs), "grade", "ans", grader.grade(jobs)) if jobs else []:
         pending.append(grade)
         if len(pending) >= flush_every:
             written += out.append(pending)
@@ -413,9 +410,7 @@ def grade_file(
     ]
     results: list[tuple] = [()] * len(rows)
     t0 = time.monotonic()
-    for i, result in tqdm(
-        grader.run(args), total=len(args), desc="grade", unit="ans", disable=not rows, dynamic_ncols=True
-    ):
+    for i, result in console.progress(len(args), "grade", "ans", grader.run(args)) if args else []:
         results[i] = result
     lines = []
     for row, result in zip(rows, results):

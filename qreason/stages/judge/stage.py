@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
+from qreason import console
 from qreason.config.judge import PANEL_JUDGE, RULES_JUDGE, JudgeConfig
 from qreason.config.schema import RunConfig
 from qreason.engines.openai_http import redact
@@ -511,7 +510,7 @@ async def _judge_all(
     retry_invalid: bool,
 ) -> None:
     version = clients[0].template.version
-    bar = tqdm(total=len(todo), desc="judge", unit="sol", disable=not todo, dynamic_ncols=True)
+    bar = console.progress(len(todo), "judge", "sol")
 
     async def member(
         c: Failure, cl: JudgeClient, req: JudgeRequest

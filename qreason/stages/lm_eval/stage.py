@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import subprocess
 import tempfile
@@ -41,7 +40,7 @@ from qreason.records import LmEvalResult, ModelVariant, content_key
 from qreason.stages.base import RunContext
 from qreason.store import RunStore, is_sealed, now_iso
 from qreason.summary import LmEvalSummary, RecoverySummary
-from qreason.workers.launch import BENCH, WorkerFailed, WorkerRun, run_worker, side_env_vars
+from qreason.workers.launch import BENCH, WorkerFailed, WorkerRun, run_worker, setup_command, side_env_vars
 from qreason.workers.protocol import ERROR_PREFIX, RESULT_PREFIX, LmEvalJob
 
 if TYPE_CHECKING:
@@ -49,7 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[3]
 SHIPPED_TASKS = SPECS_DIR / "tasks" / "lm_eval"  # qreason-owned lm-eval tasks (qreason_synthetic_mc)
 STAGE_REVISION = 1
 # The metric recovery % and gates use when the config names none: the first of these a task reports.
@@ -102,10 +100,9 @@ def targets_for(
 
 
 def lm_eval_env() -> dict[str, str]:
-    """The worker's environment: this checkout first on the path (exported tasks import qreason), no API key
-    of the user's (the variant's server is local and needs none), no tokenizer threads fighting vLLM's."""
+    """The worker's environment (``side_env_vars``: exported tasks import qreason), no API key of the user's
+    (the variant's server is local and needs none), no tokenizer threads fighting vLLM's."""
     env = side_env_vars(drop=("OPENAI_API_KEY",))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
     env["OPENAI_API_KEY"] = "EMPTY"
     return env
 
@@ -119,7 +116,7 @@ def lm_eval_version(python: Path) -> str:
         timeout=120,
     )
     if out.returncode != 0:
-        raise UserError("lm_eval", f"lm-eval is not installed in {python} (run scripts/setup-bench-env.sh)")
+        raise UserError("lm_eval", f"lm-eval is not installed in {python} (run `{setup_command('bench')}`)")
     return out.stdout.strip()
 
 

@@ -18,13 +18,13 @@ environment) is checked before any directory is created or process started, and 
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qreason import __version__
+from qreason import __version__, console
 from qreason.config.schema import CalibrationSpec, QuantizeSpec, RunConfig
 from qreason.errors import UserError
 from qreason.inputs.models import ResolvedModel, fingerprint_dir, resolve_model
@@ -44,7 +44,7 @@ from qreason.stages.quantize.calibration import CalibrationPlan, plan_calibratio
 from qreason.stages.quantize.imports import describe_quantization
 from qreason.stages.quantize.recipes import ResolvedRecipe, resolve
 from qreason.stages.quantize.recipes import list_methods as _list
-from qreason.stages.quantize.shapes import check_group_size, read_config
+from qreason.stages.quantize.shapes import check_group_size, default_group_size, read_config
 from qreason.store import now_iso, staging
 from qreason.summary import QuantizationSummary, QuantizedVariant
 from qreason.workers.launch import QUANT, WorkerFailed, run_worker
@@ -60,6 +60,8 @@ __all__ = [
     "WorkerFailed",
 ]
 
+log = logging.getLogger(__name__)
+
 
 def list_methods() -> list[dict]:
     """Every registered method: name, description, whether it calibrates, parameters (defaults, help)."""
@@ -69,7 +71,7 @@ def list_methods() -> list[dict]:
 
 def _stderr_echo(label: str) -> Callable[[str], None]:
     def echo(message: str) -> None:
-        print(f"quantize {label}: {message}", file=sys.stderr, flush=True)
+        console.say(f"quantize {label}: {message}")
 
     return echo
 
@@ -143,6 +145,17 @@ def prepare(
     if spec.method == "import":
         raise UserError("method import", "an import is not quantized; call quantize() for it")
     recipe = resolve(spec.method, spec.overrides)
+    if "group_size" in recipe.params and "group_size" not in spec.overrides:
+        fit = default_group_size(base.path, recipe.params["group_size"])
+        if fit != recipe.params["group_size"]:  # the default does not fit this model: the largest that does
+            log.debug(
+                "%s: group_size %d (the default %d does not fit %s)",
+                recipe.name,
+                fit,
+                recipe.params["group_size"],
+                base.spec,
+            )
+            recipe = resolve(spec.method, {**spec.overrides, "group_size": fit})
     if "group_size" in recipe.params:
         check_group_size(base.path, recipe.params["group_size"], recipe.name)
     plan = plan_calibration(spec.calibration, base_dir) if recipe.calibration else None

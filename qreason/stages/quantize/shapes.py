@@ -55,6 +55,16 @@ def largest_fitting_group(widths: list[int], at_most: int) -> int | None:
     return size if size >= 8 else None
 
 
+def default_group_size(model_path: str | Path, default: int) -> int:
+    """The group size a recipe uses when the user set none: its ``default`` where that divides every layer,
+    else the largest power of two that does (SmolLM2-135M's 576-wide layers take 64, not 128); ``default``
+    where nothing fits (``check_group_size`` then says so)."""
+    widths = list(linear_input_widths(read_config(model_path)).values())
+    if not widths or all(w % default == 0 for w in widths):
+        return default
+    return largest_fitting_group(widths, default) or default
+
+
 def check_group_size(model_path: str | Path, group_size: int, method: str) -> None:
     """A UserError naming the layers and suggesting a size when ``group_size`` does not divide them all."""
     widths = linear_input_widths(read_config(model_path))

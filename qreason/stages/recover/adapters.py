@@ -192,6 +192,7 @@ def train_adapters(
         }
         if p.model is not None:
             run["model_dir"] = p.model.path
+            run["base_name"] = f"{p.model.name}@{p.model.fingerprint}"
         if need_train:
             run["adapter_dir"] = str(root / f"{p.arm}.adapter")
         else:
@@ -208,6 +209,7 @@ def train_adapters(
     job: TrainJob = {
         "checkpoint": variant.path,
         "dense_dir": str(dense_dir(variant)),
+        "base_name": f"{variant.name}@{variant.fingerprint}",
         "device": cfg.device,
         "seed": cfg.seed,
         "threads": cfg.threads,
@@ -237,7 +239,8 @@ def train_adapters(
                     "key": p.key,
                     "variant": variant.name,
                     "variant_fingerprint": variant.fingerprint,
-                    "checkpoint": (p.model or variant).path,
+                    # as in adapter_config.json: a name, never a path of this machine
+                    "base_model": f"{(p.model or variant).name}@{(p.model or variant).fingerprint}",
                     "arm": p.arm,
                     "mode": p.mode or cfg.mode,
                     "hyperparameters": hyperparameters(cfg),

@@ -38,13 +38,13 @@ The entry point is ``recover(store, cfg, ...)``; it returns a ``RecoverySummary`
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from qreason import console
 from qreason.config.schema import RecoverConfig, RunConfig
 from qreason.engines import Backend, make_backend
 from qreason.errors import UserError
@@ -133,7 +133,7 @@ def recover(
     ``require_items``: no items is an error (the CLI), not a skipped stage (the runner)."""
     t0 = time.monotonic()
     cfg = run_cfg.recover
-    echo = echo or (lambda m: print(f"recover: {m}", file=sys.stderr, flush=True))
+    echo = echo or (lambda m: console.say(f"recover: {m}"))
     variants = {v.name: v for v in store.variants.all()}
     some = bool(only)  # a call for some variants (the CLI): the stored summary keeps the others
     only = only or cfg.variants

@@ -1,0 +1,123 @@
+"""The terminal: qreason's own lines go there, everything else goes to a log file.
+
+qreason shows one progress line per stage, the stages' results and errors. Third-party output (library
+warnings and loading bars written by Python, and C++ warnings written straight to file descriptor 2, such
+as torch's NUMA notices) goes to a log file instead, the run's ``run.log`` once the run directory is known,
+unless ``-v``. ``capture(path)`` points descriptor 2 at that file; ``terminal()`` is a stream that still
+reaches the user's terminal; ``progress`` makes a stage's progress line; ``--quiet`` leaves only results and
+errors.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from tqdm.auto import tqdm
+
+
+class _State:
+    verbose = False
+    quiet = False
+    saved_fd: int | None = None  # the terminal's descriptor 2, kept while 2 points at a log
+    stream: TextIO | None = None
+    log: Path | None = None
+
+
+_state = _State()
+
+
+def configure(verbose: bool = False, quiet: bool = False) -> None:
+    _state.verbose, _state.quiet = verbose, quiet
+
+
+def quiet() -> bool:
+    return _state.quiet
+
+
+def terminal() -> TextIO:
+    """The user's terminal (standard error as it was before any capture)."""
+    return _state.stream or sys.stderr
+
+
+def say(line: str) -> None:
+    """A progress line of qreason's own (not shown with ``--quiet``)."""
+    if not _state.quiet:
+        print(line, file=terminal(), flush=True)
+
+
+def capture(path: Path) -> Path | None:
+    """Send descriptor 2 (standard error of this process and of the libraries it loads) to ``path``,
+    appending; a second call moves it on, appending what the first file collected (a file with ``.pending``
+    in its name, used before the run directory was known) and removing that file. Nothing with ``-v``."""
+    if _state.verbose:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    if _state.saved_fd is None:
+        _state.saved_fd = os.dup(2)
+        _state.stream = os.fdopen(
+            os.dup(_state.saved_fd), "w", buffering=1, encoding="utf-8", errors="replace"
+        )
+    previous = _state.log
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    if previous is not None and previous != path and ".pending" in previous.name and previous.is_file():
+        with open(previous, "rb") as src, os.fdopen(os.dup(fd), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        previous.unlink()
+    os.dup2(fd, 2)
+    os.close(fd)
+    _state.log = path
+    return path
+
+
+def release() -> Path | None:
+    """Give descriptor 2 back to the terminal; returns the log file that collected the output. A pending log
+    (no run directory took it over) is removed when empty, else kept without ``.pending`` in its name."""
+    if _state.saved_fd is None:
+        return None
+    sys.stderr.flush()
+    os.dup2(_state.saved_fd, 2)
+    os.close(_state.saved_fd)
+    if _state.stream is not None:
+        _state.stream.close()
+    log, _state.log, _state.saved_fd, _state.stream = _state.log, None, None, None
+    if log is not None and ".pending" in log.name and log.is_file():
+        if log.stat().st_size == 0:
+            log.unlink()
+            return None
+        log = log.rename(log.with_name(log.name.replace(".pending", "")))
+    return log
+
+
+class _StageBar(tqdm):
+    """A stage's progress line: no time estimate until a tenth of the work (at least two items) is done, then
+    one from the average rate since the start (engines finish batches together: the first items come late,
+    the rest fast, and a rate from the first items alone promised hours)."""
+
+    @property
+    def format_dict(self):
+        d = super().format_dict
+        if self.total and self.n < min(self.total, max(2, self.total / 10)):
+            d["bar_format"] = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<?]"
+        return d
+
+
+def progress(total: int, desc: str, unit: str, iterable=None) -> tqdm:
+    """The progress line of one stage, on the terminal (over ``iterable`` when given); none with ``--quiet``
+    or nothing to do."""
+    return _StageBar(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=terminal(),
+        disable=_state.quiet or not total,
+        smoothing=0,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
