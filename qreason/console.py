@@ -49,11 +49,12 @@ def say(line: str) -> None:
         print(line, file=terminal(), flush=True)
 
 
-def capture(path: Path) -> Path | None:
+def capture(path: Path, start: bool = True) -> Path | None:
     """Send descriptor 2 (standard error of this process and of the libraries it loads) to ``path``,
     appending; a second call moves it on, appending what the first file collected (a file with ``.pending``
-    in its name, used before the run directory was known) and removing that file. Nothing with ``-v``."""
-    if _state.verbose:
+    in its name, used before the run directory was known) and removing that file. Nothing with ``-v``.
+    ``start=False``: only move a capture the command line started (library callers keep their stderr)."""
+    if _state.verbose or (not start and _state.saved_fd is None):
         return None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

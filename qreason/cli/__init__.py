@@ -336,7 +336,7 @@ def _cmd_plan(args) -> int:
     plans = make_plans(args.config, output_dir=args.output_dir)
     existing = [p.run_dir for p in plans if p.run_dir.is_dir()]
     if existing:  # what loading the model printed goes to the run's log; a new run's stays in the cache
-        console.capture(existing[0] / "run.log")
+        console.capture(existing[0] / "run.log", start=False)
     print("\n\n".join(describe_plan(plan) for plan in plans))
     return 0
 

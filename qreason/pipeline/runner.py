@@ -134,7 +134,7 @@ def run_plan(
 def _attach_log_file(run_dir: Path) -> logging.Handler:
     """The run's log: every log record, and (``console.capture``) everything libraries write to standard
     error."""
-    console.capture(run_dir / "run.log")
+    console.capture(run_dir / "run.log", start=False)
     handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
