@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+from qreason import console
 from qreason.errors import UserError
 
 SPEC_HELP = (
@@ -217,7 +217,7 @@ def cmd_judge(args) -> int:
             )
         print(f"judgments: {store.judgments.path}")
     for error in stats.errors:
-        print(f"qreason: error: {error}", file=sys.stderr)
+        print(f"qreason: error: {error}", file=console.terminal())
     errors = sum(c["judge_error"] for c in stats.judges.values())
     if stats.errors:
         return UserError.exit_code
@@ -225,7 +225,7 @@ def cmd_judge(args) -> int:
         print(
             f"qreason: {errors} judge errors recorded; a re-run retries the endpoint failures among them "
             "(--retry-invalid: also the invalid replies)",
-            file=sys.stderr,
+            file=console.terminal(),
         )
     return 0
 

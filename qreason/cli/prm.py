@@ -4,9 +4,9 @@ main CLI calls ``register(subparsers)``."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+from qreason import console
 from qreason.errors import UserError
 
 
@@ -50,5 +50,5 @@ def cmd_calibrate_prm(args) -> int:
     cal = run_calibration(spec, Path(args.data), Path(args.out), args.fit, args.limit)
     print(json.dumps(cal.result, indent=2))
     for error in cal.errors:
-        print(f"qreason: judge error: {error}", file=sys.stderr)
+        print(f"qreason: judge error: {error}", file=console.terminal())
     return 0
