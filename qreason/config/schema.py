@@ -31,6 +31,18 @@ DEFAULT_PROMPT_VERSION = "judge-v1"  # judge_prompts/judge_v1.yaml
 # adapters). Letters, digits, '.', '_', '-' and '~' (perturbed copies of a variant: ``base~batch16``),
 # starting with a letter or digit: never a path separator, never "." or "..".
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]*")
+SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # names that go into records, file names and task names
+
+
+def is_slug(name: str) -> bool:
+    return bool(SLUG.fullmatch(name))
+
+
+def check_slug(name: str) -> str:
+    """A pydantic validator's check: ``name`` is a slug, else ValueError."""
+    if not is_slug(name):
+        raise ValueError("must be a slug (letters, digits, '.', '_', '-')")
+    return name
 
 
 def check_variant_name(name: str) -> str:
@@ -390,12 +402,7 @@ class Perturbation(Strict):
     # max_num_seqs: 16}: a second engine is started for it
     tensor_parallel_size: int | None = Field(default=None, ge=1)  # on GPU machines with the GPUs for it
 
-    @field_validator("name")
-    @classmethod
-    def _slug(cls, name: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-            raise ValueError("must be a slug (letters, digits, '.', '_', '-')")
-        return name
+    _slug = field_validator("name")(lambda name: check_slug(name))
 
     def changes_engine(self) -> bool:
         """Whether this perturbation needs an engine of its own (not the run's base engine)."""
@@ -512,7 +519,7 @@ class LmEvalConfig(Strict):
         dup = sorted({t for t in tasks if tasks.count(t) > 1})
         if dup:
             raise ValueError(f"tasks must be unique (repeated: {', '.join(dup)})")
-        if any(not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", t) for t in tasks):
+        if any(not is_slug(t) for t in tasks):
             raise ValueError("task names are lm-eval task names (letters, digits, '.', '_', '-')")
         return tasks
 
@@ -583,7 +590,7 @@ class RunConfig(Strict):
         model_names = [m.name for m in self.models]
         if len(set(model_names)) != len(model_names):
             raise ValueError(f"models need unique names (got {', '.join(model_names)}); set name: on each")
-        if any(not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", n) for n in model_names):
+        if any(not is_slug(n) for n in model_names):
             raise ValueError("model names in models: must be slugs (they name run directories)")
         names = [self.model.name] + [
             v.name or (Path(v.path.rstrip("/")).name if v.method == "import" else v.method)
@@ -674,12 +681,7 @@ class RunConfig(Strict):
     def _executor_shorthand(cls, value: Any) -> Any:
         return {"kind": value} if isinstance(value, str) else value
 
-    @field_validator("name")
-    @classmethod
-    def _slug(cls, name: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-            raise ValueError("must be a slug (letters, digits, '.', '_', '-')")
-        return name
+    _slug = field_validator("name")(lambda name: check_slug(name))
 
 
 class LoadedConfig(BaseModel):

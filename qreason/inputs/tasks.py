@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from qreason.config.schema import TaskConfig
+from qreason.config.schema import TaskConfig, check_slug
 from qreason.errors import UserError, decode_utf8
 from qreason.inputs import resources, synthetic
 from qreason.records import Problem, content_key
@@ -58,13 +58,8 @@ class TaskSpec(BaseModel):
     meta: list[str] = Field(default_factory=list)
     prompt: str = "general"
 
-    @field_validator("name")
-    @classmethod
-    def _slug(cls, name: str) -> str:
-        """The name goes into records, file names and lm-eval task names: a slug only."""
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-            raise ValueError("must be a slug (letters, digits, '.', '_', '-')")
-        return name
+    # the name goes into records, file names and lm-eval task names: a slug only
+    _slug = field_validator("name")(lambda name: check_slug(name))
 
     @field_validator("answer_pattern")
     @classmethod

@@ -315,7 +315,8 @@ noise:
         n_requests = len(server.requests)
         second = run(cfg)
         assert len(server.requests) == n_requests  # nothing asked of the endpoint again
-    assert n_requests == 3 * 12
+    # base and two perturbations, 6 problems each; two seeds at temperature 0 share one request per prompt
+    assert n_requests == 3 * 6
     noise = first.noise
     assert [(p.variant, p.cells, p.flips) for p in noise.perturbations] == [
         ("base~batch1", 12, 0),

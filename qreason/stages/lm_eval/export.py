@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from qreason.config.schema import SLUG
 from qreason.errors import UserError
 from qreason.inputs import synthetic
 from qreason.store import write_atomic
@@ -197,7 +197,7 @@ def process_results(doc, results):
     return _q.score(doc, results[0], doc["qreason_max_gen_toks"])
 '''
 
-TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+TASK_NAME = SLUG
 
 
 def exported_dataset(
