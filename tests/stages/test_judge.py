@@ -608,7 +608,9 @@ def test_vllm_panel_and_cache(openai_server, tmp_path):
         assert votes["n_judges"] == 2 and set(votes["members"]) == {"a", "b"}
     assert n_ok >= 1  # constrained decoding makes valid replies the rule even for a 135M model
     final = final_judgments(store)
-    assert len(final) == 2 and final[by[("p2", "q4")]["rules"].generation_key].judge == "rules"
+    settled = final[by[("p2", "q4")]["rules"].generation_key]  # the stack's verdict, from a model-free layer
+    assert len(final) == 2 and settled.judge == "stack"
+    assert settled.votes["decided_by"] in {"rules", "reference"}
     # second pass: everything is answered already, nothing is sent
     n_records = len(store.judgments)
     served1 = _served_requests(openai_server)
