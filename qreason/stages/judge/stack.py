@@ -28,7 +28,7 @@ be measured here (no LLM judge strong enough to be worth measuring runs offline)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from qreason.stages.judge.prompts import Verdict
@@ -103,14 +103,6 @@ def combine(
 
 def _decided(v: Verdict, summary: dict, layer: str, judge: str) -> tuple[Verdict, str, str]:
     summary = {**summary, "decided_by": layer, "judge": judge}
-    out = Verdict(
-        status=v.status,
-        first_error_step=v.first_error_step,
-        error_type=v.error_type,
-        sub_type=v.sub_type,
-        capability=v.capability,
-        rationale=v.rationale,
-        error=v.error,
-        details=summary,
-    )
+    # the deciding layer's verdict with the stack's details; its token usage stays with the layer's own record
+    out = replace(v, usage={}, details=summary)
     return out, layer, judge
