@@ -10,18 +10,24 @@ errors.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
 from tqdm.auto import tqdm
 
+# ``log.info(..., extra=LOG_ONLY)``: a record for run.log only (the terminal shows it with ``-v``)
+LOG_ONLY = {"log_only": True}
+
 
 class _State:
     verbose = False
     quiet = False
+    status_open = False  # a transient status line is on the terminal (the next line replaces it)
     saved_fd: int | None = None  # the terminal's descriptor 2, kept while 2 points at a log
     stream: TextIO | None = None
     log: Path | None = None
@@ -46,7 +52,40 @@ def terminal() -> TextIO:
 def say(line: str) -> None:
     """A progress line of qreason's own (not shown with ``--quiet``)."""
     if not _state.quiet:
+        _clear_status()
         print(line, file=terminal(), flush=True)
+
+
+def _clear_status() -> None:
+    if _state.status_open:
+        terminal().write("\r\x1b[K")
+        _state.status_open = False
+
+
+def status(line: str) -> None:
+    """A note on the progress of a long step (a training step, a file written): on a terminal it replaces the
+    previous note on one line, which the next ``say`` clears; elsewhere (a log, a pipe) and with ``-v`` it is
+    left out: callers log it (``notes``), so run.log keeps them all and ``-v`` shows each as a line."""
+    if _state.quiet or _state.verbose:
+        return
+    out = terminal()
+    if not out.isatty():
+        return
+    width = shutil.get_terminal_size().columns - 1
+    out.write("\r\x1b[K" + line[:width])
+    out.flush()
+    _state.status_open = True
+
+
+def notes(prefix: str) -> Callable[[str], None]:
+    """A worker's progress notes (``run_worker``'s ``echo``): each goes to run.log and to ``status``."""
+    logger = logging.getLogger("qreason.progress")
+
+    def note(message: str) -> None:
+        logger.info("%s%s", prefix, message, extra=LOG_ONLY)
+        status(prefix + message)
+
+    return note
 
 
 def capture(path: Path, start: bool = True) -> Path | None:
@@ -99,6 +138,10 @@ class _StageBar(tqdm):
     """A stage's progress line: no time estimate until a tenth of the work (at least two items) is done, then
     one from the average rate since the start (engines finish batches together: the first items come late,
     the rest fast, and a rate from the first items alone promised hours)."""
+
+    def __init__(self, *args, **kwargs):
+        _clear_status()
+        super().__init__(*args, **kwargs)
 
     @property
     def format_dict(self):

@@ -713,8 +713,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _OwnRecords(logging.Filter):
-    """The terminal shows qreason's own log records; other libraries' only when they are errors (all of them
-    with ``-v``). Everything still reaches the run's ``run.log``."""
+    """The terminal shows qreason's own log records (but not those marked ``console.LOG_ONLY``); other
+    libraries' only when they are errors (all of them with ``-v``). Everything still reaches the run's
+    ``run.log``."""
 
     def __init__(self, verbose: bool):
         super().__init__()
@@ -722,6 +723,8 @@ class _OwnRecords(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if console.quiet() and record.levelno < logging.WARNING:
+            return False
+        if getattr(record, "log_only", False) and not self.verbose:
             return False
         return self.verbose or record.name.startswith("qreason") or record.levelno >= logging.ERROR
 

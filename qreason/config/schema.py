@@ -489,6 +489,9 @@ class LmEvalConfig(Strict):
     apply_chat_template: bool = False
     fewshot_as_multiturn: bool | None = None  # None: as apply_chat_template
     batch_size: int = Field(default=16, ge=1)  # requests per call to the variant's server
+    # models evaluated at once, each with a server of its own. On CPU, 2 overlaps one server's start-up with
+    # another's evaluation; on one GPU keep 1 (each server takes its share of the GPU's memory).
+    parallel: int = Field(default=1, ge=1, le=8)
     model_args: dict[str, Any] = Field(
         default_factory=dict
     )  # more local-completions arguments (num_concurrent,

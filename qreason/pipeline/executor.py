@@ -20,6 +20,7 @@ import re
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Iterator
 
+from qreason import console
 from qreason.engines import Backend, Completion, GenerationRequest, make_backend
 from qreason.errors import UserError
 from qreason.inputs.models import ResolvedModel
@@ -63,7 +64,7 @@ class LocalExecutor:
         else:
             if self.current is None or self.fingerprint != model.fingerprint:
                 self.close()
-                log.info("starting the generation engine for %s", model.path)
+                log.info("starting the generation engine for %s", model.path, extra=console.LOG_ONLY)
                 self.current, self.fingerprint = make_backend(self.cfg.backend, model), model.fingerprint
             backend = self.current
         if getattr(backend, "settings", None):

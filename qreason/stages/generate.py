@@ -155,6 +155,7 @@ class GenerateStage:
                 len(requests),
                 reused[v.name],
                 len(todo),
+                extra=console.LOG_ONLY,
             )
             if todo:
                 jobs.append((model, todo))

@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterable, Iterator
 
+from qreason import console
 from qreason.config.schema import NoiseConfig, Perturbation, RunConfig, StabilityConfig, noise_variant
 from qreason.engines import Backend, Completion, GenerationRequest, make_backend
 from qreason.flips import latest_grades
@@ -284,7 +285,13 @@ class NoiseStage:
             planned += len(todo)
             wanted |= {r.key for r in todo}
             todo = [r for r in todo if r.key not in store.noise_generations]
-            log.info("noise %s: %d generations planned, %d to do", p.name, len(requests), len(todo))
+            log.info(
+                "noise %s: %d generations planned, %d to do",
+                p.name,
+                len(requests),
+                len(todo),
+                extra=console.LOG_ONLY,
+            )
             if not todo:
                 continue
             own = None

@@ -93,3 +93,64 @@ def test_version_and_help_of_every_command(capsys):
     sub = next(a for a in parser._actions if a.dest == "command")
     for name, command in sub.choices.items():
         assert command.description, f"`qreason {name} -h` says nothing about the command"
+
+
+def test_worker_notes_and_log_only_records_stay_off_the_terminal(tmp_path):
+    """A training worker's step-by-step notes and bookkeeping records (engine starts, planned counts) reach
+    run.log; the terminal gets the stage's results. On a terminal the notes share one line that the next
+    result clears; with -v each is a line."""
+    code = """
+        import logging, os, sys
+        from qreason import console
+        from qreason.cli import setup_logging
+        verbose = sys.argv[2] == "v"
+        console.configure(verbose=verbose)
+        setup_logging(verbose)
+        handler = logging.FileHandler(sys.argv[1] + "/run.log")
+        logging.getLogger().addHandler(handler)
+        log = logging.getLogger("qreason.stages.generate")
+        log.info("starting the generation engine for /models/x", extra=console.LOG_ONLY)
+        note = console.notes("recover: ")
+        for step in (1, 2, 3):
+            note(f"targeted sft: step {step}/3")
+        console.say("recover: rtn: accuracy 10% -> 20%")
+        """
+    quiet = _python(code, str(tmp_path), "-", cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == "recover: rtn: accuracy 10% -> 20%\n"  # not a terminal: results only
+    log = (tmp_path / "run.log").read_text()
+    assert "starting the generation engine" in log and "recover: targeted sft: step 3/3" in log
+
+    loud = _python(code, str(tmp_path), "v", cwd=tmp_path)
+    assert "starting the generation engine" in loud.stderr
+    assert [ln for ln in loud.stderr.splitlines() if "step" in ln] == [
+        f"recover: targeted sft: step {i}/3" for i in (1, 2, 3)
+    ]
+
+    import pty
+
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), str(tmp_path), "-"],
+        stdout=subprocess.DEVNULL,
+        stderr=secondary,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    os.close(secondary)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(timeout=120) == 0
+    os.close(primary)
+    screen = seen.decode()
+    assert "starting the generation engine" not in screen
+    # each note overwrites the last on one line; the result clears it and takes a line of its own
+    assert screen.count("\n") == 1 and screen.endswith("\x1b[Krecover: rtn: accuracy 10% -> 20%\r\n")
+    assert "\r\x1b[Krecover: targeted sft: step 3/3" in screen

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 
 import pytest
 from conftest import REPO, write_config
@@ -117,9 +118,12 @@ def test_stored_results_are_not_evaluated_again(tmp_path, monkeypatch):
     backend = VLLMConfig()
     targets = [stage.LmEvalTarget("base", "/m", "fp-base"), stage.LmEvalTarget("q", "/q", "fp-q")]
     calls = []
+    barrier = None
 
-    def fake_evaluate(target, todo, cfg, backend, python, paths, version, args, store):
+    def fake_evaluate(target, todo, cfg, backend, python, paths, version, args, store, lock):
         calls.append((target.name, [t for t, _ in todo]))
+        if barrier is not None:
+            barrier.wait()  # returns only once the other target is being evaluated too
         store.lm_eval.append(
             [
                 LmEvalResult(
@@ -160,6 +164,15 @@ def test_stored_results_are_not_evaluated_again(tmp_path, monkeypatch):
     calls.clear()
     stage.run_lm_eval(store, cfg.model_copy(update={"limit": 6}), backend, targets[:1], "base")
     assert calls == [("base", ["t1", "t2"])]
+    # parallel: 2 evaluates both models at once (each would wait forever for the other if they ran in turn)
+    # and stores every result as one at a time does
+    calls.clear()
+    barrier = threading.Barrier(2, timeout=60)
+    both = stage.run_lm_eval(
+        store, cfg.model_copy(update={"limit": 7, "parallel": 2}), backend, targets, "base"
+    )
+    assert sorted(calls) == [("base", ["t1", "t2"]), ("q", ["t1", "t2"])] and both.evaluated == 4
+    assert both.recovery == first.recovery and len(RunStore(tmp_path / "run").lm_eval.all()) == 10
 
 
 def test_recovered_adapters_are_evaluated_as_merged_checkpoints(tmp_path):

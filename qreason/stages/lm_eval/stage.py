@@ -27,11 +27,14 @@ import logging
 import re
 import subprocess
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from qreason import console
 from qreason.config.schema import RunConfig
 from qreason.engines.vllm_server import VLLMServer, stop_leftover_servers
 from qreason.errors import UserError
@@ -316,9 +319,10 @@ def _evaluate(
     version: str,
     args: dict,
     store: RunStore,
+    lock: threading.Lock,
 ) -> list[dict[str, str]]:
-    """Serve one target and run lm-eval on its missing tasks; each task's record is stored as it finishes.
-    Returns the failures."""
+    """Serve one target and run lm-eval on its missing tasks; each task's record is stored as it finishes
+    (under ``lock``: other targets may be evaluated at the same time). Returns the failures."""
     work = store.place("lm_eval", "work", target.name)
     work.mkdir(parents=True, exist_ok=True)
     failures: list[dict[str, str]] = []
@@ -365,9 +369,10 @@ def _evaluate(
         def on_line(line: str) -> None:
             if line.startswith(RESULT_PREFIX):
                 result = json.loads(Path(line[len(RESULT_PREFIX) :].strip()).read_text(encoding="utf-8"))
-                store.lm_eval.append(
-                    [_record(target, keys[result["task"]], version, args, result, store.dir)]
-                )
+                with lock:
+                    store.lm_eval.append(
+                        [_record(target, keys[result["task"]], version, args, result, store.dir)]
+                    )
                 log.info("lm-eval %s / %s done in %.0f s", target.name, result["task"], result["seconds"])
             elif line.startswith(ERROR_PREFIX):
                 task, _, message = line[len(ERROR_PREFIX) :].strip().partition(": ")
@@ -376,7 +381,8 @@ def _evaluate(
                 )
 
         proc = run_lm_eval_worker(job, work, log_path, target.name, python, on_line)
-        done = {r.task for r in store.lm_eval.all() if r.key in set(keys.values())}
+        with lock:
+            done = {r.task for r in store.lm_eval.all() if r.key in set(keys.values())}
         for task, _ in todo:
             if task not in done and not any(f["task"] == task for f in failures):
                 failures.append(
@@ -461,27 +467,37 @@ def run_lm_eval(
     paths = include_paths(cfg, export_dir, base_dir)
     args = stage_args(cfg, backend, files_hash(paths))
     results: dict[tuple[str, str], LmEvalResult] = {}
-    evaluated = cached = 0
+    keys = {t.name: {task: result_key(t, task, version, args) for task in cfg.tasks} for t in targets}
+    todo = {
+        t.name: [(task, k) for task, k in keys[t.name].items() if k not in store.lm_eval] for t in targets
+    }
+    cached = sum(len(keys[t.name]) - len(todo[t.name]) for t in targets)
+    lock = threading.Lock()  # the targets evaluated at once share the results table
+
+    def evaluate(target: LmEvalTarget) -> list[dict[str, str]]:
+        mine = todo[target.name]
+        log.info(
+            "lm-eval %s: %d tasks to run (%s)",
+            target.name,
+            len(mine),
+            ", ".join(t for t, _ in mine),
+            extra=console.LOG_ONLY,
+        )
+        try:
+            return _evaluate(target, mine, cfg, backend, python, paths, version, args, store, lock)
+        except (UserError, WorkerFailed) as exc:
+            # one target that cannot be served (a damaged checkpoint, a server that will not start) is
+            # recorded as failed; the other targets and the later stages still run
+            log.error("lm-eval %s failed: %s", target.name, exc)
+            return [{"variant": target.name, "task": t, "error": str(exc), "log": ""} for t, _ in mine]
+
     failures: list[dict[str, str]] = []
+    with ThreadPoolExecutor(max_workers=cfg.parallel) as pool:
+        for found in pool.map(evaluate, [t for t in targets if todo[t.name]]):
+            failures += found
+    evaluated = sum(k in store.lm_eval for t in targets for _, k in todo[t.name])
     for target in targets:
-        keys = {task: result_key(target, task, version, args) for task in cfg.tasks}
-        todo = [(t, k) for t, k in keys.items() if k not in store.lm_eval]
-        cached += len(keys) - len(todo)
-        if todo:
-            log.info(
-                "lm-eval %s: %d tasks to run (%s)", target.name, len(todo), ", ".join(t for t, _ in todo)
-            )
-            try:
-                failures += _evaluate(target, todo, cfg, backend, python, paths, version, args, store)
-            except (UserError, WorkerFailed) as exc:
-                # one target that cannot be served (a damaged checkpoint, a server that will not start) is
-                # recorded as failed; the other targets and the later stages still run
-                log.error("lm-eval %s failed: %s", target.name, exc)
-                failures += [
-                    {"variant": target.name, "task": t, "error": str(exc), "log": ""} for t, _ in todo
-                ]
-            evaluated += sum(k in store.lm_eval for _, k in todo)
-        for task, key in keys.items():
+        for task, key in keys[target.name].items():
             if key in store.lm_eval:
                 results[(target.name, task)] = store.lm_eval.get(key)
     summary = summarize(results, cfg, base, version, store.dir)

@@ -186,6 +186,7 @@ def quantize(
     # 1. Check everything; nothing is created or started before this block has passed.
     prep = prepare(base, spec, name, out_dir, base_dir)
     recipe, plan, key, name, dest = prep.recipe, prep.plan, prep.key, prep.name, prep.dest
+    echo_default = echo is None
     echo = echo or _stderr_echo(name)
 
     # 2. A finished checkpoint from the same inputs is reused.
@@ -234,7 +235,7 @@ def quantize(
             tmp,
             worker_log_path(dest),
             name,
-            echo,
+            console.notes(f"quantize {name}: ") if echo_default else echo,
             python=python,
             module="qreason.workers.quantize",
             stage="quantize",

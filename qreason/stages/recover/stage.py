@@ -112,6 +112,7 @@ class RecoveryInputs:
     grader: Grader
     echo: Callable[[str], None]
     base_variant: ModelVariant | None = None  # the full-precision model (kd's teacher, the fp arm)
+    notes: Callable[[str], None] | None = None  # the training worker's progress (default: ``echo``)
 
 
 def recover(
@@ -133,6 +134,7 @@ def recover(
     ``require_items``: no items is an error (the CLI), not a skipped stage (the runner)."""
     t0 = time.monotonic()
     cfg = run_cfg.recover
+    notes = console.notes("recover: ") if echo is None else echo
     echo = echo or (lambda m: console.say(f"recover: {m}"))
     variants = {v.name: v for v in store.variants.all()}
     some = bool(only)  # a call for some variants (the CLI): the stored summary keeps the others
@@ -197,6 +199,7 @@ def recover(
         grader,
         echo,
         base_variant,
+        notes,
     )
     try:
         for name in targets:
@@ -362,7 +365,7 @@ def _recover_variant(
             cfg,
             merge_arms,
             adapters_root,
-            inp.echo,
+            inp.notes or inp.echo,
             teacher=inp.base_variant,
         )
     arms_out = {}
