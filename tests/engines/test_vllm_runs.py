@@ -99,7 +99,8 @@ def test_run_twice_second_does_no_model_work(vllm_backend, tmp_path):
 
 
 def test_kill_9_while_generating_then_resume_gives_each_record_once(vllm_backend, tmp_path):
-    n = 200
+    # 4 batches of 16: the kill lands within 2 s of the first stored batch, while the second is decoding
+    n = 64
     cfg = synthetic_config(tmp_path, n, max_tokens=32)
     gens = tmp_path / "out" / "generations.jsonl"
     proc = subprocess.Popen(

@@ -182,7 +182,7 @@ def test_killing_a_ray_engine_worker_loses_and_duplicates_nothing(default_model,
 name: kill
 output_dir: {out}
 model: {{path: {default_model.path}}}
-tasks: [{{name: synthetic, limit: 40}}]
+tasks: [{{name: synthetic, limit: 20}}]
 sampling: {{max_tokens: 48}}
 backend: {{max_model_len: 1024, batch_size: 4}}
 executor: {{kind: ray, local_cpus: 2, cpus_per_job: 2}}
@@ -199,7 +199,7 @@ report: {{enabled: false}}
         deadline = time.monotonic() + 300
         gens = out / "generations.jsonl"
         while time.monotonic() < deadline and proc.poll() is None:
-            if gens.exists() and 0 < len(gens.read_text().splitlines()) < 40:
+            if gens.exists() and 0 < len(gens.read_text().splitlines()) < 20:
                 pids = engine_actor_pids()
                 if pids:
                     os.kill(pids[0], signal.SIGKILL)
@@ -215,9 +215,9 @@ report: {{enabled: false}}
     assert killed is not None, "the run finished before a worker could be killed"
     assert proc.returncode == 0, output[-3000:]
     keys = [json.loads(line)["key"] for line in (out / "generations.jsonl").read_text().splitlines()]
-    assert len(keys) == 40 and not [k for k, n in Counter(keys).items() if n > 1]
+    assert len(keys) == 20 and not [k for k, n in Counter(keys).items() if n > 1]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["generations"]["failed"] == 0 and summary["generations"]["produced"] == 40
+    assert summary["generations"]["failed"] == 0 and summary["generations"]["produced"] == 20
 
 
 CLUSTER = """
