@@ -132,6 +132,18 @@ class Study:
             if g.model_fingerprint == fp and g.variant == arm.eval_variant
         }
 
+    def eval_seconds(self, arm, trained_fp: str) -> float:
+        """Generation seconds of one arm's re-evaluation, from its records (an arm reused by a later call
+        reports 0 s there: it was evaluated once, in the call that made it)."""
+        from qreason.records import content_key
+
+        fp = content_key("recovered", trained_fp, arm.adapter_key, arm.eval_mode)
+        return sum(
+            g.seconds
+            for g in self.store.recovery_generations.all()
+            if g.model_fingerprint == fp and g.variant == arm.eval_variant
+        )
+
     def recorded(self, name: str) -> dict[tuple, float]:
         status = {g.generation_key: g.status for g in self.store.grades.all()}
         return {
@@ -275,13 +287,13 @@ def main(argv=None) -> int:
                 continue
             trained = study.base.fingerprint if arm_name == "fp" else study.variant.fingerprint
             after = np.mean([[study.outcomes(a, trained).get(k, 0.0) for k in keys] for a in arms], axis=0)
-            per_arm[arm_name] = (arms, after)
+            per_arm[arm_name] = (arms, after, trained)
         if "targeted" not in per_arm:
             continue
         base = np.array([base_out.get(k, 0.0) for k in keys])
         before = np.array([own_out.get(k, 0.0) for k in keys])
         fp_after = per_arm["fp"][1] if "fp" in per_arm else None
-        for arm_name, (arms, after) in per_arm.items():
+        for arm_name, (arms, after, trained) in per_arm.items():
             row_before = base if arm_name == "fp" else before
             row = {
                 "mode": mode,
@@ -293,7 +305,7 @@ def main(argv=None) -> int:
                 for k in ("gap_closed", "gap_closed_ci", "repair_beyond_fp", "repair_beyond_fp_ci"):
                     row.pop(k, None)
             row["train_s"] = round(float(np.mean([a.train_seconds or 0 for a in arms])), 1)
-            row["eval_s"] = round(float(np.mean([a.eval_seconds for a in arms])), 1)
+            row["eval_s"] = round(float(np.mean([study.eval_seconds(a, trained) for a in arms])), 1)
             table.append(row)
     results.pop("final_calls", None)
     results["test"] = table

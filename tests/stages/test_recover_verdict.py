@@ -84,6 +84,13 @@ def test_no_gap_leaves_gap_closed_undefined():
     base, before, after, fp_after = _arrays(100, 100, 120, 100)
     out = against_fp(base, before, after, fp_after)
     assert "gap_closed" not in out and out["repair_beyond_fp"] == pytest.approx(0.05)
+    # the variant above the base on the held-out problems (the recovery study: 22 % against 9.5 %): no gap,
+    # not a gap closed of -500 %; repair beyond task learning still says what the adapter did
+    base, before, after, fp_after = _arrays(40, 88, 340, 334)
+    v = _variant(base, before, after, fp_after, train_items=40)
+    assert v.gap_closed is None and not v.gap_closed_ci
+    assert v.verdict.startswith("the variant is not below the base on these problems: no gap to close; ")
+    assert v.repair_beyond_fp == pytest.approx((340 - 88 - 334 + 40) / 400)
 
 
 def test_too_few_items_print_no_verdict():
