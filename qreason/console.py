@@ -151,14 +151,16 @@ class _StageBar(tqdm):
         return d
 
 
-def progress(total: int, desc: str, unit: str, iterable=None) -> tqdm:
+def progress(total: int, desc: str, unit: str, iterable=None, transient: bool = False) -> tqdm:
     """The progress line of one stage, on the terminal (over ``iterable`` when given); none with ``--quiet``
-    or nothing to do."""
+    or nothing to do. ``transient``: a sub-step's line (grading what a stage just generated, a curation
+    round), removed from a terminal once done."""
     return _StageBar(
         iterable,
         total=total,
         desc=desc,
         unit=unit,
+        leave=not transient,
         file=terminal(),
         disable=_state.quiet or not total,
         smoothing=0,

@@ -85,10 +85,11 @@ def run_generation(
     flush_every: int = 16,
     flush_seconds: float = 5.0,
     desc: str = "generate",
+    transient: bool = False,
 ) -> GenerationStats:
     """Generate every request whose key is not in ``table`` yet; store records durably as they complete. At
     temperature 0 (greedy decoding) the seeds of one prompt give one text: it is generated once and stored
-    under each seed."""
+    under each seed. ``transient``: the progress line of a sub-step (``console.progress``)."""
     todo = [r for r in requests if r.key not in table]
     stats = GenerationStats()
     if not todo:
@@ -96,7 +97,7 @@ def run_generation(
     todo, copies = _greedy_once(todo) if sampling.temperature == 0 else (todo, {})
     start = last_flush = time.monotonic()
     pending: list[Generation] = []
-    with console.progress(len(todo), desc, "gen") as bar:
+    with console.progress(len(todo), desc, "gen", transient=transient) as bar:
         try:
             for req, done in backend.generate(todo, sampling):
                 bar.update(1)

@@ -154,3 +154,48 @@ def test_worker_notes_and_log_only_records_stay_off_the_terminal(tmp_path):
     # each note overwrites the last on one line; the result clears it and takes a line of its own
     assert screen.count("\n") == 1 and screen.endswith("\x1b[Krecover: rtn: accuracy 10% -> 20%\r\n")
     assert "\r\x1b[Krecover: targeted sft: step 3/3" in screen
+
+
+def test_a_sub_steps_progress_line_leaves_the_terminal_when_done(tmp_path):
+    """Grading what a stage just generated, or a curation round, is a transient line: on a terminal it is
+    cleared once done, so a run's screen keeps one line per stage."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    code = """
+        from qreason import console
+        console.configure()
+        with console.progress(3, "generate base", "gen") as bar:
+            bar.update(3)
+        with console.progress(3, "grade", "ans", transient=True) as bar:
+            bar.update(3)
+        console.say("done")
+        """
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column terminal
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stderr=secondary,
+        stdout=subprocess.DEVNULL,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    os.close(secondary)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(timeout=120) == 0
+    os.close(primary)
+    lines = seen.decode().replace("\r\n", "\n").split("\n")
+    # what a terminal shows of each line: the text after its last carriage return
+    shown = [ln.rsplit("\r", 1)[-1].strip() for ln in lines if ln.rsplit("\r", 1)[-1].strip()]
+    assert shown[0].startswith("generate base: 100%") and "grade" not in " ".join(shown[1:])
+    assert shown[-1] == "done" and len(shown) == 2

@@ -319,6 +319,7 @@ def run_grading(
     generations: Iterable[Generation] | None = None,
     out: Table[Grade] | None = None,
     flush_every: int = 64,
+    transient: bool = False,
 ) -> int:
     """Grade every generation (default: all stored) that has no grade in ``out`` (default: the grades table)
     yet; returns how many grades were written."""
@@ -330,7 +331,8 @@ def run_grading(
         if key not in out:
             jobs.append(GradeJob(g, problems[(g.task, g.problem_id)], key))
     written, pending = 0, []
-    for grade in console.progress(len(jobs), "grade", "ans", grader.grade(jobs)) if jobs else []:
+    bar = console.progress(len(jobs), "grade", "ans", grader.grade(jobs), transient=transient) if jobs else []
+    for grade in bar:
         pending.append(grade)
         if len(pending) >= flush_every:
             written += out.append(pending)

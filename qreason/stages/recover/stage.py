@@ -387,7 +387,7 @@ def _recover_variant(
             if stats.failed:
                 raise UserError(f"recover {models[p.arm].spec}", f"{stats.failed} generations failed; re-run")
         gens = [gens_t.get(r.key) for r in requests[p.arm]]
-        run_grading(store, grader, gens, out=grades_t)
+        run_grading(store, grader, gens, out=grades_t, transient=True)
         grade_status = {g.generation_key: g.status for g in grades_t.all()}
         failures = judge_failures(
             gens,
