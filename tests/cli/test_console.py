@@ -24,6 +24,37 @@ def _python(code: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+def _on_terminal(code: str, *args: str, cwd: Path) -> str:
+    """What ``code`` writes to standard error when that is a 120-column terminal (a pseudo-terminal)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=secondary,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    os.close(secondary)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(timeout=120) == 0
+    os.close(primary)
+    return seen.decode()
+
+
 def test_library_output_goes_to_the_log_and_qreason_lines_to_the_terminal(tmp_path):
     done = _python(
         """
@@ -127,29 +158,7 @@ def test_worker_notes_and_log_only_records_stay_off_the_terminal(tmp_path):
         f"recover: targeted sft: step {i}/3" for i in (1, 2, 3)
     ]
 
-    import pty
-
-    primary, secondary = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code), str(tmp_path), "-"],
-        stdout=subprocess.DEVNULL,
-        stderr=secondary,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    os.close(secondary)
-    seen = b""
-    while True:
-        try:
-            chunk = os.read(primary, 4096)
-        except OSError:  # the child closed the terminal
-            break
-        if not chunk:
-            break
-        seen += chunk
-    assert proc.wait(timeout=120) == 0
-    os.close(primary)
-    screen = seen.decode()
+    screen = _on_terminal(code, str(tmp_path), "-", cwd=tmp_path)
     assert "starting the generation engine" not in screen
     # each note overwrites the last on one line; the result clears it and takes a line of its own
     assert screen.count("\n") == 1 and screen.endswith("\x1b[Krecover: rtn: accuracy 10% -> 20%\r\n")
@@ -159,11 +168,6 @@ def test_worker_notes_and_log_only_records_stay_off_the_terminal(tmp_path):
 def test_a_sub_steps_progress_line_leaves_the_terminal_when_done(tmp_path):
     """Grading what a stage just generated, or a curation round, is a transient line: on a terminal it is
     cleared once done, so a run's screen keeps one line per stage."""
-    import fcntl
-    import pty
-    import struct
-    import termios
-
     code = """
         from qreason import console
         console.configure()
@@ -173,28 +177,7 @@ def test_a_sub_steps_progress_line_leaves_the_terminal_when_done(tmp_path):
             bar.update(3)
         console.say("done")
         """
-    primary, secondary = pty.openpty()
-    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column terminal
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        stderr=secondary,
-        stdout=subprocess.DEVNULL,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    os.close(secondary)
-    seen = b""
-    while True:
-        try:
-            chunk = os.read(primary, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-    assert proc.wait(timeout=120) == 0
-    os.close(primary)
-    lines = seen.decode().replace("\r\n", "\n").split("\n")
+    lines = _on_terminal(code, cwd=tmp_path).replace("\r\n", "\n").split("\n")
     # what a terminal shows of each line: the text after its last carriage return
     shown = [ln.rsplit("\r", 1)[-1].strip() for ln in lines if ln.rsplit("\r", 1)[-1].strip()]
     assert shown[0].startswith("generate base: 100%") and "grade" not in " ".join(shown[1:])
