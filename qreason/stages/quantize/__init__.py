@@ -186,7 +186,7 @@ def quantize(
     # 1. Check everything; nothing is created or started before this block has passed.
     prep = prepare(base, spec, name, out_dir, base_dir)
     recipe, plan, key, name, dest = prep.recipe, prep.plan, prep.key, prep.name, prep.dest
-    echo_default = echo is None
+    notes = console.notes(f"quantize {name}: ") if echo is None else echo  # the worker's step-by-step lines
     echo = echo or _stderr_echo(name)
 
     # 2. A finished checkpoint from the same inputs is reused.
@@ -235,7 +235,7 @@ def quantize(
             tmp,
             worker_log_path(dest),
             name,
-            console.notes(f"quantize {name}: ") if echo_default else echo,
+            notes,
             python=python,
             module="qreason.workers.quantize",
             stage="quantize",
