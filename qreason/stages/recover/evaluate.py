@@ -72,9 +72,8 @@ def against_fp(base: np.ndarray, before: np.ndarray, after: np.ndarray, fp_after
     """Gap closed = (after - before) / (base - before), and repair beyond task learning = the variant's gain
     minus the base's gain from the same data (``fp_after``: the base with the full-precision arm's adapter),
     each with a paired bootstrap 95 % interval over problems. Gap closed is defined only where the variant is
-    below the base on these problems: where it is not (held-out problems leave out the flips the dataset was
-    made of, so the variant can score above the base on the rest), there is no gap and the ratio would be
-    meaningless (a gain over a negative gap reads as -500 %)."""
+    below the base on these problems: where it is not (a small test split can hold few flips), there is no gap
+    and the ratio would be meaningless (a gain over a negative gap reads as -500 %)."""
     out: dict = {}
     if len(base) and base.mean() > before.mean():
         out["gap_closed"] = float(_gap(base, before, after))

