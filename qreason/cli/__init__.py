@@ -654,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc = sub.add_parser(
         "recover",
         help="train a LoRA adapter per quantized variant on its Silver Bullet items, "
-        "re-evaluate it on problems it never trained on, beside an untargeted "
+        "re-evaluate it on the held-out problems (the test split), beside an untargeted "
         "control (needs the training environment: `qreason setup train`)",
     )
     rc.add_argument("run_dir", help=RUN_DIR_HELP)

@@ -336,9 +336,9 @@ class CurateConfig(Strict):
 
 
 class RecoverConfig(Strict):
-    """The recover stage (see qreason/recover.py): a LoRA adapter per quantized variant, trained on its Silver
-    Bullet train split, then the variant + adapter evaluated on every problem it never trained on, beside a
-    control adapter trained with the same budget on examples the analysis did not choose."""
+    """The recover stage (see qreason/stages/recover): a LoRA adapter per quantized variant, trained on its
+    Silver Bullet train split, then the variant + adapter evaluated on the held-out problems (curate's test
+    split), beside a control adapter trained with the same budget on examples the analysis did not choose."""
 
     enabled: bool = False
     variants: list[str] | None = None  # default: every quantized variant with Silver Bullet items

@@ -26,7 +26,7 @@ from qreason.report.recovery import recovery_section
 from qreason.stages.analyze import Analysis, analysis_for, analyze, verdicts
 from qreason.stages.base import RunContext
 from qreason.stages.judge.stage import is_located
-from qreason.store import RunIndex, RunStore, write_atomic
+from qreason.store import RunIndex, RunStore, shown_path, write_atomic
 from qreason.summary import LmEvalSummary, RunSummary, changes
 
 TEMPLATE_DIR = Path(__file__).parent
@@ -297,7 +297,10 @@ def build_report(
             {f"{a.eval_variant} {phase}": points for a in arms for phase, points in a.loss.items()}
         )
     env_versions = env.get("versions", {})
-    variant_records = [v.model_dump() for v in store.variants.all()]
+    # checkpoint paths as the page may show them: no directory of the machine that wrote it
+    variant_records = [
+        {**v.model_dump(), "path": shown_path(v.path, store.dir)} for v in store.variants.all()
+    ]
     flip_rows = _records(analysis.flips)
     significance = {(f["variant"], f["task"]): f for f in flip_rows}
     degradation = _records(deg)

@@ -24,6 +24,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QREASON_CACHE", Path.home() / ".cache" / "qreason"))
 
 
+def shown_path(path: str | Path, run_dir: Path | None = None) -> str:
+    """A path as an artifact may show it, without this machine's directories: inside the cache as
+    ``$QREASON_CACHE/...``, inside the run directory as ``RUN_DIR/...``, elsewhere its last component only."""
+    p = Path(path)
+    for root, name in ((cache_dir(), "$QREASON_CACHE"), (run_dir, "RUN_DIR")):
+        if root is not None:
+            try:
+                return f"{name}/{p.resolve().relative_to(Path(root).resolve()).as_posix()}"
+            except ValueError:
+                pass
+    return p.name or str(p)
+
+
 def file_sha256(path: Path) -> str:
     """The SHA-256 of a file's content, read in blocks (checkpoints are large)."""
     h = hashlib.sha256()

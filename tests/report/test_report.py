@@ -37,16 +37,35 @@ def plant(store):
 
 
 def test_report_is_self_contained_and_escapes_model_text(tmp_path):
+    from qreason.records import ModelVariant
+
     store = build_run(tmp_path)
     plant(store)
+    checkpoint = tmp_path / "checkpoints" / "rtn-ckpt"
+    store.variants.append(
+        [
+            ModelVariant(
+                key="v-rtn",
+                name="rtn-w4a16",
+                base_model=str(tmp_path / "checkpoints" / "base"),
+                base_fingerprint="b",
+                method="rtn-w4a16",
+                path=str(checkpoint),
+                fingerprint="f",
+                created_at="2026-01-01T00:00:00+00:00",
+            )
+        ]
+    )
     index = RunIndex(tmp_path / "index.sqlite")
     out = build_report(store, index=index)
     html = out.read_text()
+    assert "<td>rtn-ckpt</td>" in html  # the checkpoint is named, its directory is not
     # the only script is the failure filter, allowed by its hash; the planted one is text
     assert html.count("<script") == 1 and "&lt;script&gt;" in html
     assert script_hash(FILTER_SCRIPT).strip("'") in html and f"<script>{FILTER_SCRIPT}</script>" in html
     assert 'onerror="window' not in html and "{{ 7*7 }}" in html
     assert "http://" not in html and "https://" not in html  # nothing to fetch
+    assert str(tmp_path) not in html  # no directory of the machine that wrote it (checkpoint paths)
     assert html.count("data:image/png;base64,") >= 3
     for section in (
         "Gates",

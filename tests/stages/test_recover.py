@@ -402,6 +402,12 @@ def test_comparison_counts_repairs_and_breaks_on_paired_items():
     assert lo <= 0.4 <= hi
     same = head_to_head(after, after)
     assert same.diff == 0 and same.verdict == "no significant difference"
+    # a control trained on fewer examples than the targeted arm is not the same budget: no verdict
+    strong = np.ones(200)
+    weak = np.zeros(200)
+    assert head_to_head(weak, strong).verdict == "targeted beat the control"
+    assert head_to_head(weak, strong, (7, 42)).verdict.startswith("no verdict: the control trained on 7")
+    assert head_to_head(weak, strong, (42, 42)).verdict == "targeted beat the control"
 
 
 def test_synthetic_max_number_caps_every_number_and_keeps_the_default():

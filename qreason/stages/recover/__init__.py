@@ -1,6 +1,7 @@
 """The recover stage: LoRA adapters trained on each quantized variant's Silver Bullet items, re-evaluated on
-problems they never trained on, beside an untargeted control (see ``stage``). ``data``: the training and
-evaluation sets; ``adapters``: keys, places and the training worker; ``evaluate``: before/after statistics."""
+the held-out problems (curate's test split), beside an untargeted control (see ``stage``). ``data``: the
+training and evaluation sets; ``adapters``: keys, places and the training worker; ``evaluate``: before/after
+statistics."""
 
 from qreason.stages.recover.adapters import dense_dir, merged_dir
 from qreason.stages.recover.evaluate import compare, head_to_head

@@ -126,9 +126,12 @@ def verdict(v, min_items: int) -> tuple[bool, str]:
     return True, f"{gap}; {change} (no full-precision arm: task learning is not separated from repair)"
 
 
-def head_to_head(control: np.ndarray, targeted: np.ndarray) -> HeadToHead:
+def head_to_head(
+    control: np.ndarray, targeted: np.ndarray, examples: tuple[int, int] | None = None
+) -> HeadToHead:
     """Targeted against control on the same items: did aiming at the first faulty step beat the same
-    budget?"""
+    budget? ``examples``: (control's, targeted's) training examples; a smaller control is not the same
+    budget, so no verdict is given either way."""
     lo, hi = bootstrap_diff_ci(control, targeted)
     wins = int(((control == 0) & (targeted == 1)).sum())
     losses = int(((control == 1) & (targeted == 0)).sum())
@@ -140,6 +143,11 @@ def head_to_head(control: np.ndarray, targeted: np.ndarray) -> HeadToHead:
         verdict = "the control beat targeted training"
     else:
         verdict = "no significant difference"
+    if examples is not None and examples[0] < examples[1]:
+        verdict = (
+            f"no verdict: the control trained on {examples[0]} examples, the targeted arm on {examples[1]} "
+            "(too few problems the base solved outside the dataset in the train split)"
+        )
     return HeadToHead(
         diff=diff,
         ci=[lo, hi],

@@ -469,7 +469,9 @@ def _recover_variant(
     if CONTROL in arms_out:
         after_c, cfields = arms_out[CONTROL]
         out.control = ArmResult(**cfields)
-        out.targeted_vs_control = head_to_head(after_c, after_t)
+        out.targeted_vs_control = head_to_head(after_c, after_t, (out.control.train_items, out.train_items))
+        if out.control.train_items < out.train_items:
+            inp.echo(f"{variant.name}: {out.targeted_vs_control.verdict}")
     after_fp = None
     if FP in arms_out:
         after_fp, ffields = arms_out[FP]
