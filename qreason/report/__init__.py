@@ -235,6 +235,16 @@ def noise_context(store: RunStore, summary: RunSummary, base: str, limit: int = 
     }
 
 
+def lm_eval_section(lm_eval: LmEvalSummary | None, run_dir: Path) -> dict:
+    """The lm-eval summary as the page shows it: its directory without this machine's."""
+    if lm_eval is None:
+        return {}
+    out = lm_eval.model_dump()
+    if out.get("dir"):
+        out["dir"] = shown_path(out["dir"], run_dir)
+    return out
+
+
 def build_report(
     store: RunStore,
     out_path: Path | None = None,
@@ -351,7 +361,7 @@ def build_report(
         "trend_series": trend_series,
         "trend": trend_rows,
         "lm_eval": lm_rows,
-        "lm_eval_section": summary.lm_eval.model_dump() if summary.lm_eval else {},
+        "lm_eval_section": lm_eval_section(summary.lm_eval, store.dir),
         "recovery": recovery_section(recovery),
         **noise_context(store, summary, base),
         "recovery_verdicts": recovery_verdicts(recovery),

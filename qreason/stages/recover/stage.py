@@ -470,8 +470,6 @@ def _recover_variant(
         after_c, cfields = arms_out[CONTROL]
         out.control = ArmResult(**cfields)
         out.targeted_vs_control = head_to_head(after_c, after_t, (out.control.train_items, out.train_items))
-        if out.control.train_items < out.train_items:
-            inp.echo(f"{variant.name}: {out.targeted_vs_control.verdict}")
     after_fp = None
     if FP in arms_out:
         after_fp, ffields = arms_out[FP]
@@ -485,6 +483,8 @@ def _recover_variant(
     out.conclusive, out.verdict = verdict(out, cfg.min_train_items)
     if not out.conclusive and out.targeted_vs_control is not None:
         out.targeted_vs_control.verdict = TOO_FEW
+    elif out.control is not None and out.control.train_items < out.train_items:
+        inp.echo(f"{variant.name}: {out.targeted_vs_control.verdict}")  # no verdict: a smaller budget
     inp.echo(f"{variant.name}: {out.verdict}")
     return out
 
