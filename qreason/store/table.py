@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Generic, Iterable, TypeVar
@@ -24,6 +25,9 @@ class Table(Generic[R]):
         self.record_type = record_type
         self.run_dir = run_dir or path.parent  # what `qreason repair` is given for this table
         self._rows: dict[str, R] | None = None
+        # threads of one process appending to one table (lm-eval targets evaluated at once) take turns: a
+        # write in progress would look like a torn tail to the other and be cut off
+        self._lock = threading.Lock()
 
     def _read_lines(self) -> tuple[list[bytes], bytes]:
         """(complete lines, torn tail) of the file; a reader never changes it."""
@@ -102,6 +106,10 @@ class Table(Generic[R]):
 
     def append(self, records: Iterable[R]) -> int:
         """Store the records whose keys are new; returns how many were written."""
+        with self._lock:
+            return self._append(records)
+
+    def _append(self, records: Iterable[R]) -> int:
         rows = self._load()
         new: list[R] = list({r.key: r for r in records if r.key not in rows}.values())
         if not new:

@@ -124,6 +124,11 @@ def test_stored_results_are_not_evaluated_again(tmp_path, monkeypatch):
         calls.append((target.name, [t for t, _ in todo]))
         if barrier is not None:
             barrier.wait()  # returns only once the other target is being evaluated too
+        with lock:  # as the real _evaluate: the targets evaluated at once share the results table
+            _store_fake(store, target, todo, version, args)
+        return []
+
+    def _store_fake(store, target, todo, version, args):
         store.lm_eval.append(
             [
                 LmEvalResult(
@@ -143,7 +148,6 @@ def test_stored_results_are_not_evaluated_again(tmp_path, monkeypatch):
                 for task, key in todo
             ]
         )
-        return []
 
     monkeypatch.setattr(stage, "_evaluate", fake_evaluate)
     first = stage.run_lm_eval(store, cfg, backend, targets, "base")
