@@ -87,6 +87,8 @@ def settings(modes, lrs, seeds) -> list[dict]:
 
 class Study:
     def __init__(self, run_dir: Path, base_cfg, smoke: bool):
+        from qreason.stages.recover.data import read_items
+        from qreason.stages.recover.stage import held_out
         from qreason.store import RunStore
 
         self.store = RunStore(run_dir)
@@ -98,6 +100,14 @@ class Study:
             (base_cfg.recover.variants or [n for n in variants if n != self.base.name])[0]
         ]
         self.spent: list[tuple[int, float]] = []  # (arms trained or evaluated anew, seconds) per call
+        problems = {(p.task, p.problem_id): p for p in self.store.problems.all()}
+        self.multi = len({task for task, _ in problems}) > 1
+        # the problems the stage evaluates on (curate's test split), as the stage itself draws them
+        self.held = held_out(problems, base_cfg, read_items(self.store), self.store)
+
+    def half(self, key: tuple) -> str:
+        """dev or test: the half of the held-out problems that (task, problem, ...) ``key`` falls in."""
+        return split_of(_label(key, self.multi))
 
     def cfg_for(self, s: dict, lr: float):
         cfg = self.cfg.model_copy(deep=True)
@@ -117,17 +127,13 @@ class Study:
     def call(self, s: dict, lr: float, half: str):
         """One recover call, its arms evaluated on the ``half`` (dev or test) of the held-out problems: the
         stage sees the generations of the train split (the control's pool) and of that half only."""
-        from qreason.stages.curate import problem_split
         from qreason.stages.recover import recover
 
         t0 = time.monotonic()
-        c = self.cfg.curate
-        multi = len({p.task for p in self.store.problems.all()}) > 1
         keys = {
             g.key
             for g in self.store.generations.all()
-            if problem_split(g.task, g.problem_id, c.seed, c.test_fraction) == "train"
-            or split_of(_label((g.task, g.problem_id), multi)) == half
+            if (g.task, g.problem_id) not in self.held or self.half((g.task, g.problem_id)) == half
         }
         summary = recover(
             self.store,
@@ -161,13 +167,10 @@ class Study:
             for g in self.generations(arm, trained_fp)
         }
 
-    def eval_seconds(self, arm, trained_fp: str, multi: bool) -> float:
+    def eval_seconds(self, arm, trained_fp: str) -> float:
         """Generation seconds of one arm's re-evaluation on the test split, from its records."""
-        return sum(
-            g.seconds
-            for g in self.generations(arm, trained_fp)
-            if split_of(_label((g.task, g.problem_id), multi)) == "test"
-        )
+        gens = self.generations(arm, trained_fp)
+        return sum(g.seconds for g in gens if self.half((g.task, g.problem_id)) == "test")
 
     def recorded(self, name: str) -> dict[tuple, float]:
         status = {g.generation_key: g.status for g in self.store.grades.all()}
@@ -237,18 +240,11 @@ def main(argv=None) -> int:
     run_pipeline(Path(args.config), run_dir)
     cfg = parse_config((run_dir / "config.yaml").read_text(encoding="utf-8"), str(run_dir / "config.yaml"))
     study = Study(run_dir, cfg, args.smoke)
-    from qreason.stages.curate import problem_split
     from qreason.stages.recover.data import read_items
 
     items = [it for it in read_items(study.store) if it.variant == study.variant.name and it.split == "train"]
-    multi = len({p.task for p in study.store.problems.all()}) > 1
-    c = cfg.curate
-    held = [
-        _label((p.task, p.problem_id), multi)
-        for p in study.store.problems.all()
-        if problem_split(p.task, p.problem_id, c.seed, c.test_fraction) == "test"
-    ]
-    halves = {h: sum(split_of(x) == h for x in held) for h in ("dev", "test")}
+    held = study.held
+    halves = {h: sum(study.half(k) == h for k in held) for h in ("dev", "test")}
     n_eval = min(halves.values())  # each arm is evaluated on one half
     log(
         f"{len(items)} train items of {study.variant.name}; {len(held)} held-out problems: "
@@ -287,9 +283,7 @@ def main(argv=None) -> int:
         log(f"[{i + 1}/{len(plan)}] {s['phase']} {s['mode']} lr {lr:g} seed {s['seed']}")
         v = study.call(s, lr, "dev" if s["phase"] == "dev" else "test")
         if s["phase"] == "dev":
-            keys = [
-                k for k in study.outcomes(v, study.variant.fingerprint) if split_of(_label(k, multi)) == "dev"
-            ]
+            keys = [k for k in study.outcomes(v, study.variant.fingerprint) if study.half(k) == "dev"]
             dev = stats(*_arrays(study, v, keys, base_out, own_out))
             score = dev.get("gap_closed")
             dev_scores[s["mode"]][lr] = score if score is not None else dev["after"] - dev["before"]
@@ -310,7 +304,7 @@ def main(argv=None) -> int:
             if calls
             else set()
         )
-        keys = [k for k in keys if split_of(_label(k, multi)) == "test"]
+        keys = [k for k in keys if study.half(k) == "test"]
         per_arm = {}
         for arm_name, get in (
             ("targeted", lambda v: v),
@@ -340,7 +334,7 @@ def main(argv=None) -> int:
                 for k in ("gap_closed", "gap_closed_ci", "repair_beyond_fp", "repair_beyond_fp_ci"):
                     row.pop(k, None)
             row["train_s"] = round(float(np.mean([a.train_seconds or 0 for a in arms])), 1)
-            row["eval_s"] = round(float(np.mean([study.eval_seconds(a, trained, multi) for a in arms])), 1)
+            row["eval_s"] = round(float(np.mean([study.eval_seconds(a, trained) for a in arms])), 1)
             table.append(row)
     results.pop("final_calls", None)
     results["test"] = table
