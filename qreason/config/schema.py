@@ -244,6 +244,9 @@ class TaskConfig(Strict):
     limit: int | None = Field(default=None, gt=0)
     format_example: bool = False  # show one worked example before the problem (helps small models)
     params: dict[str, Any] = Field(default_factory=dict)
+    # the variants generated on this task (default: every one): e.g. a task of training problems that only the
+    # base and the variant to recover need (with curate.task_splits sending it to the train split)
+    variants: list[str] | None = Field(default=None, min_length=1)
 
 
 class SamplingConfig(Strict):
@@ -333,6 +336,9 @@ class CurateConfig(Strict):
     # only stable flips, "off" ignores stability
     stability: Literal["prefer", "only", "off"] = "prefer"
     min_stable_items: int = Field(default=10, ge=1)
+    # a task's split by its name, instead of the hash: e.g. {gsm8k-train: train, gsm8k: test} trains on one
+    # task's problems and evaluates recovery on the other's (no problem on both sides)
+    task_splits: dict[str, Literal["train", "test"]] = Field(default_factory=dict)
 
 
 class RecoverConfig(Strict):
@@ -429,6 +435,7 @@ class NoiseConfig(Strict):
     perturbations: list[Perturbation] = Field(
         default_factory=lambda: [Perturbation(name="batch16", batch_size=16)], min_length=1
     )
+    tasks: list[str] | None = Field(default=None, min_length=1)  # the tasks re-run (default: every task)
     alpha: float = Field(default=0.05, gt=0, lt=1)  # significance of "the variant's discordance exceeds
     # the noise's" (one-sided Fisher exact test)
     stability: StabilityConfig = Field(default_factory=StabilityConfig)
@@ -612,6 +619,20 @@ class RunConfig(Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"variant names must be unique (repeated: {', '.join(dup)}); set name: on each")
+        task_names = [t.name for t in self.tasks]
+        for t in self.tasks:
+            unknown = sorted(set(t.variants or []) - set(names))
+            if unknown:
+                raise ValueError(
+                    f"tasks.{t.name}.variants names no variant of this config: {', '.join(unknown)}"
+                )
+        for field, listed in (
+            ("curate.task_splits", list(self.curate.task_splits)),
+            ("noise.tasks", (self.noise.tasks or []) if self.noise else []),
+        ):
+            unknown = sorted(set(listed) - set(task_names))
+            if unknown:
+                raise ValueError(f"{field} names no task of this config: {', '.join(unknown)}")
         unknown = sorted(set(self.recover.variants or []) - set(names[1:]))
         if unknown:
             raise ValueError(

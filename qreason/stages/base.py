@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Protocol
 
 from qreason.config.schema import RunConfig, SamplingConfig, parse_config
-from qreason.engines import Backend, GenerationRequest, make_request
+from qreason.engines import Backend, GenerationRequest, requests_for
 from qreason.errors import UserError, decode_utf8
 from qreason.inputs.models import ResolvedModel
 from qreason.records import ModelVariant, Problem
@@ -154,11 +154,7 @@ class RunContext:
 
     def requests_for(self, variant: str, model: ResolvedModel) -> list[GenerationRequest]:
         """Every (problem, seed) request of the config for one model."""
-        return [
-            make_request(variant, model, p, messages, self.cfg.sampling, seed)
-            for p, messages in self.prompts
-            for seed in self.cfg.sampling.seeds
-        ]
+        return requests_for(self.cfg, variant, model, self.prompts)
 
     def need_engines(self) -> Engines:
         if self.engines is None:

@@ -168,15 +168,20 @@ def balance(items: list[SilverBulletItem], max_items: int, seed: int) -> list[Si
     return picked
 
 
-def problem_split(task: str, problem_id: str, seed: int, test_fraction: float) -> str:
-    """A problem's split, from a seeded hash of its id alone: never from how any model did on it, so the
-    test split is a random sample of the task (recover evaluates on all of it, flips included)."""
+def problem_split(
+    task: str, problem_id: str, seed: int, test_fraction: float, task_splits: dict[str, str] | None = None
+) -> str:
+    """A problem's split: its task's in ``task_splits`` (``curate.task_splits``), else a seeded hash of its id
+    alone. Never from how any model did on it, so the test split is a random sample of the task (recover
+    evaluates on all of it, flips included)."""
+    if task_splits and task in task_splits:
+        return task_splits[task]
     bucket = int(_order(seed, "split", task, problem_id)[:8], 16) / 16**8
     return "test" if bucket < test_fraction else "train"
 
 
-def assign_split(item: SilverBulletItem, seed: int, test_fraction: float) -> str:
-    return problem_split(item.task, item.problem_id, seed, test_fraction)
+def assign_split(item: SilverBulletItem, cfg: CurateConfig) -> str:
+    return problem_split(item.task, item.problem_id, cfg.seed, cfg.test_fraction, cfg.task_splits)
 
 
 def prefer_stable(items: list[SilverBulletItem], cfg: CurateConfig) -> list[SilverBulletItem]:
@@ -248,7 +253,7 @@ def build_items(
         )
         items.append(item)
     picked = balance(prefer_stable(items, cfg), cfg.max_items, cfg.seed)
-    return [it.model_copy(update={"split": assign_split(it, cfg.seed, cfg.test_fraction)}) for it in picked]
+    return [it.model_copy(update={"split": assign_split(it, cfg)}) for it in picked]
 
 
 def sft_row(messages: list[dict], solution: str, **meta) -> dict:

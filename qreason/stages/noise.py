@@ -189,7 +189,8 @@ def noise_summary(
     cells = _by_cell(main)
     noisy = _by_cell(noise)
     base_cells = cells.get(base, {})
-    tasks = sorted({c[0] for c in base_cells})
+    # the tasks the base was re-run on (noise.tasks; a task with no perturbed cells has no floor to compare)
+    tasks = sorted({c[0] for c in base_cells} & {c[0] for got in noisy.values() for c in got})
     out = NoiseSummary(base=base, alpha=cfg.alpha, stability=cfg.stability.model_dump())
     for p in cfg.perturbations:
         name = noise_variant(base, p.name)
@@ -267,7 +268,7 @@ class NoiseStage:
         noise = cfg.noise
         base = ctx.base_record
         model = ResolvedModel(base.name, base.path, base.fingerprint, "variant")
-        requests = ctx.requests_for(base.name, model)
+        requests = [r for r in ctx.requests_for(base.name, model) if r.task in (noise.tasks or [r.task])]
         wanted: set[str] = set()
         planned = produced = failed = 0
         n_gpus = _gpu_count() if any(p.tensor_parallel_size for p in noise.perturbations) else 0

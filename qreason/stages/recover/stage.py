@@ -241,7 +241,9 @@ def held_out(problems: dict, run_cfg: RunConfig, items: list[SilverBulletItem], 
     Leaving out only the problems trained on would leave out the flips the dataset was made of: the variant
     would score above the base there and the gap to close would vanish."""
     c = run_cfg.curate
-    held = {k for k in problems if problem_split(k[0], k[1], c.seed, c.test_fraction) == "test"}
+    held = {
+        k for k in problems if problem_split(k[0], k[1], c.seed, c.test_fraction, c.task_splits) == "test"
+    }
     if not held:
         raise UserError(
             "curate.test_fraction",
@@ -252,7 +254,7 @@ def held_out(problems: dict, run_cfg: RunConfig, items: list[SilverBulletItem], 
         raise UserError(
             f"{store.dataset_dir / 'items.jsonl'}",
             f"train items on test-split problems ({moved[0]}, ...): the dataset was split with another "
-            "curate.seed or curate.test_fraction than this config; run curate again",
+            "curate.seed, test_fraction or task_splits than this config; run curate again",
         )
     return held
 
