@@ -12,7 +12,7 @@ from conftest import write_config
 
 from qreason.errors import UserError
 from qreason.pipeline.plan import make_plan
-from qreason.store import RunStore, mark_run_dir
+from qreason.store import RunStore, mark_owned, mark_run_dir, seal
 
 
 def replay_config(tmp_path: Path, tasks: str, extra: str = "") -> Path:
@@ -687,6 +687,8 @@ def test_item13_prune_from_anywhere_keeps_checkpoints_of_runs_started_elsewhere(
     used, unused = cache / "quantized" / "used", cache / "quantized" / "unused"
     used.mkdir(parents=True)
     unused.mkdir()
+    for d in (used, unused):
+        mark_owned(d, "checkpoint", d.name)
     project = tmp_path / "project"
     project.mkdir()
     monkeypatch.chdir(project)
@@ -855,6 +857,7 @@ def test_low_prune_lists_recover_copies_no_kept_run_uses(tmp_path, monkeypatch):
     monkeypatch.setenv("QREASON_CACHE", str(cache))
     for sub in ("dense/fp", "dense/fp-gone", "merged/m-used", "merged/m-gone"):
         (cache / "recover" / sub).mkdir(parents=True)
+        seal(cache / "recover" / sub)
     store = RunStore(tmp_path / "run")
     mark_run_dir(store.dir, "run")
     store.variants.append([variant("rtn", "fp")])

@@ -428,6 +428,10 @@ def _cmd_model(args) -> int:
     return 0
 
 
+    for path in removed.get("live", []):
+        print(f"  kept {path}: a run is using it; no cached checkpoint is deleted while a run is live")
+    for path in removed.get("unmarked", []):
+        print(f"  kept {path}: not made by qreason (no {OWNER_MARKER} marker)")
 def _cmd_tasks(args) -> int:
     from qreason.inputs.tasks import load_spec, task_names
 
@@ -565,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=30,
         metavar="DAYS",
-        help="a run directory whose newest run finished more than DAYS ago goes (default 30)",
+        help="a run directory whose newest run finished more than DAYS ago goes (default 30; must be "
+        "positive)",
     )
     pr.add_argument("--yes", action="store_true", help="really delete (default: only list)")
     pr.set_defaults(fn=_cmd_prune)

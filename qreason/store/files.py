@@ -24,6 +24,34 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QREASON_CACHE", Path.home() / ".cache" / "qreason"))
 
 
+# the cache's areas of artifacts named by their cache key (CACHE/AREA/KEY); records and summaries store full
+# paths to them, which ``relocated`` resolves again when they are read
+CACHE_AREAS = ("quantized", "recover/dense", "recover/merged", "models")
+
+
+def relocated(path: str) -> str:
+    """Where a stored path to a cached artifact points now: the cache may have moved since the path was
+    written (another ``QREASON_CACHE``, the cache copied elsewhere), so an artifact of a cache area is looked
+    up by its area and key (its last component) in the present cache first; any other path, or one the
+    present cache does not hold, is returned as stored."""
+    p = Path(path)
+    for area in CACHE_AREAS:
+        parts = tuple(area.split("/"))
+        if p.parent.parts[-len(parts) :] == parts:
+            here = cache_dir().joinpath(*parts, p.name)
+            if here.exists():
+                return str(here)
+    return str(path)
+
+
+def cache_ref(path: str | Path) -> str | None:
+    """A cached artifact's reference: its path inside the cache (``AREA/KEY``), None for a path outside it."""
+    try:
+        return Path(path).resolve().relative_to(cache_dir().resolve()).as_posix()
+    except ValueError:
+        return None
+
+
 def shown_path(path: str | Path, run_dir: Path | None = None) -> str:
     """A path as an artifact may show it, without this machine's directories: inside the cache as
     ``$QREASON_CACHE/...``, inside the run directory as ``RUN_DIR/...``, elsewhere its last component only."""
@@ -47,12 +75,15 @@ def file_sha256(path: Path) -> str:
 
 
 @contextmanager
-def staging(dest: Path, suffix: str = ".partial") -> Iterator[Path]:
+def staging(dest: Path, suffix: str = ".partial", kind: str | None = None) -> Iterator[Path]:
     """A new temporary directory beside ``dest`` to build it in; removed at the end unless ``publish`` moved
-    it into place."""
+    it into place. ``kind``: mark it as qreason's from the start (``mark_owned``), so that a killed build's
+    leftover, and the published directory, can be deleted by ``prune``."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=suffix))
     try:
+        if kind is not None:
+            mark_owned(tmp, kind, dest.name)
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -90,7 +121,7 @@ def _file_sizes(directory: Path) -> dict[str, int]:
     return {
         str(p.relative_to(directory)): p.stat().st_size
         for p in sorted(directory.rglob("*"))
-        if p.is_file() and not p.is_symlink() and p.name != COMPLETE_MARKER
+        if p.is_file() and not p.is_symlink() and p.name not in (COMPLETE_MARKER, OWNER_MARKER)
     }
 
 

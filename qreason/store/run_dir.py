@@ -5,12 +5,26 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 from pathlib import Path
 
 from qreason.errors import UserError
 from qreason.records import Generation, Grade, Judgment, LmEvalResult, ModelVariant, Problem
-from qreason.store.files import child_path, write_atomic
+from qreason.store.files import cache_ref, child_path, relocated, write_atomic
 from qreason.store.table import Table
+
+
+class _Variants(Table[ModelVariant]):
+    """The variants table: a checkpoint's path is resolved again when read (``relocated``), so a run reads
+    its cached checkpoints where the cache is now, not where it was when the record was written."""
+
+    def _parse(self, line: bytes) -> ModelVariant:
+        v = super()._parse(line)
+        here = relocated(v.path)
+        return v if here == v.path else v.model_copy(update={"path": here})
+
+
+_REFS_LOCK = threading.Lock()
 
 
 class RunStore:
@@ -21,7 +35,7 @@ class RunStore:
         self.problems: Table[Problem] = Table(self.dir / "problems.jsonl", Problem)
         self.generations: Table[Generation] = Table(self.dir / "generations.jsonl", Generation)
         self.grades: Table[Grade] = Table(self.dir / "grades.jsonl", Grade)
-        self.variants: Table[ModelVariant] = Table(self.dir / "variants.jsonl", ModelVariant)
+        self.variants: Table[ModelVariant] = _Variants(self.dir / "variants.jsonl", ModelVariant)
         self.judgments: Table[Judgment] = Table(self.dir / "judgments.jsonl", Judgment)
         # curation: full-precision continuations of quantized prefixes, and their grades
         self.continuations: Table[Generation] = Table(self.dir / "continuations.jsonl", Generation)
@@ -72,6 +86,30 @@ class RunStore:
     @property
     def report_path(self) -> Path:
         return self.dir / "report.html"
+
+    @property
+    def cache_refs_path(self) -> Path:
+        """The cached artifacts (outside the run directory) this run uses, by cache reference (``AREA/KEY``),
+        written before the run makes or uses them, so ``prune`` keeps them whatever stage the run is at."""
+        return self.dir / "cache_refs.json"
+
+    def refer(self, paths) -> None:
+        """Record that this run uses the cached artifacts at ``paths`` (any outside the cache is ignored)."""
+        refs = {r for r in map(cache_ref, paths) if r is not None}
+        with _REFS_LOCK:
+            known = self.cache_refs() or set()
+            if refs <= known:
+                return
+            write_atomic(self.cache_refs_path, json.dumps(sorted(known | refs), indent=1) + "\n")
+
+    def cache_refs(self) -> set[str] | None:
+        """The references ``refer`` recorded; None when the run recorded none (a run of an older qreason, or
+        an unreadable file: it may use anything)."""
+        try:
+            refs = json.loads(self.cache_refs_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return {r for r in refs if isinstance(r, str)} if isinstance(refs, list) else None
 
     def place(self, *parts: str) -> Path:
         """A path inside the run directory built from names that may come from input (variant names): each

@@ -196,13 +196,14 @@ def test_plan_and_compare(tmp_path, monkeypatch):
 
 def test_prune_forgets_old_runs_and_unused_checkpoints(tmp_path, monkeypatch):
     from qreason.records import ModelVariant
-    from qreason.store import RunIndex, RunStore, mark_run_dir
+    from qreason.store import RunIndex, RunStore, mark_owned, mark_run_dir
     from qreason.store.retention import prune
 
     monkeypatch.setenv("QREASON_CACHE", str(tmp_path / "cache"))
     quant = tmp_path / "cache" / "quantized"
     for name in ("used", "unused", ".killed.abc.partial", ".running.def.partial"):
         (quant / name).mkdir(parents=True)
+        mark_owned(quant / name, "checkpoint", name)  # what qreason makes carries its marker
     long_ago = time.time() - 60 * 86400
     os.utime(quant / ".killed.abc.partial", (long_ago, long_ago))  # a quantization killed two months ago
     index = RunIndex(tmp_path / "index.sqlite")
@@ -234,6 +235,8 @@ def test_prune_forgets_old_runs_and_unused_checkpoints(tmp_path, monkeypatch):
         "run_dirs": [str(old.resolve())],
         "checkpoints": [str(quant / "unused"), str(quant / ".killed.abc.partial")],
         "skipped": [],
+        "live": [],
+        "unmarked": [],
     }
     assert old.exists() and (quant / "unused").exists()
     prune(index, 30, dry_run=False)

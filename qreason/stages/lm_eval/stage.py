@@ -41,7 +41,7 @@ from qreason.errors import UserError
 from qreason.inputs.resources import SPECS_DIR
 from qreason.records import LmEvalResult, ModelVariant, content_key
 from qreason.stages.base import RunContext
-from qreason.store import RunStore, is_sealed, now_iso
+from qreason.store import RunStore, is_sealed, now_iso, relocated
 from qreason.summary import LmEvalSummary, RecoverySummary
 from qreason.workers.launch import BENCH, WorkerFailed, WorkerRun, run_worker, setup_command, side_env_vars
 from qreason.workers.protocol import ERROR_PREFIX, RESULT_PREFIX, LmEvalJob
@@ -89,7 +89,7 @@ def targets_for(
     targets = [LmEvalTarget(v.name, v.path, v.fingerprint) for v in variants]
     known = {v.name: v for v in variants}
     for rec in recovery.variants if recovery else []:
-        merged = rec.merged_checkpoint
+        merged = relocated(rec.merged_checkpoint) if rec.merged_checkpoint else None  # where the cache is now
         # a merged checkpoint is used only while complete (sealed when written, see qreason.store.seal)
         if rec.variant not in known or not merged or not is_sealed(Path(merged)):
             continue

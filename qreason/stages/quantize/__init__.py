@@ -204,7 +204,7 @@ def quantize(
 
     # 3. Build in a temporary directory beside dest; rename into place only when complete.
     started = time.monotonic()
-    with staging(dest) as tmp:
+    with staging(dest, kind="checkpoint") as tmp:  # marked: prune may delete it, or its leftover
         job: QuantizeJob = {
             "model": base.path,
             "output_dir": str(tmp),

@@ -14,14 +14,14 @@ import shutil
 from pathlib import Path
 
 from qreason.records import content_key
-from qreason.store import cache_dir
+from qreason.store import OWNER_MARKER, cache_dir
 from qreason.store import publish as store_publish
 
 PROVENANCE = "qreason-quant.json"
 CALIBRATION_FILE = "calibration.jsonl"
 LOG_FILE = "quantize.log"
 # Files qreason adds beside the checkpoint; they are not part of its size on disk.
-QREASON_FILES = {PROVENANCE, CALIBRATION_FILE, LOG_FILE}
+QREASON_FILES = {PROVENANCE, CALIBRATION_FILE, LOG_FILE, OWNER_MARKER}
 KEY_VERSION = 1  # bump when the worker changes what it writes for the same inputs
 
 

@@ -61,6 +61,7 @@ from qreason.stages.recover.adapters import (
     ArmPlan,
     adapter_key,
     check_adapter,
+    dense_dir,
     merged_dir,
     read_meta,
     train_adapters,
@@ -374,6 +375,8 @@ def _recover_variant(
             fingerprint,
             "recovered",
         )
+    # the cached copies this run uses, recorded before they are made or read, so prune keeps them
+    store.refer([dense_dir(variant)] + [merged_dir(p.model or variant, p.key) for p in plans])
     requests = {
         p.arm: eval_requests(variant.name + SUFFIX[p.arm], models[p.arm], eval_items, ev, problems, run_cfg)
         for p in plans
