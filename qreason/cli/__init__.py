@@ -417,6 +417,10 @@ def _cmd_prune(args) -> int:
         print(f"  {path}")
     for path in removed.get("skipped", []):
         print(f"  kept {path}: indexed as a run, but it carries no qreason run marker ({OWNER_MARKER})")
+    for path in removed.get("live", []):
+        print(f"  kept {path}: a run is using it; no cached checkpoint is deleted while a run is live")
+    for path in removed.get("unmarked", []):
+        print(f"  kept {path}: not made by qreason (no {OWNER_MARKER} marker)")
     return 0
 
 
@@ -428,10 +432,6 @@ def _cmd_model(args) -> int:
     return 0
 
 
-    for path in removed.get("live", []):
-        print(f"  kept {path}: a run is using it; no cached checkpoint is deleted while a run is live")
-    for path in removed.get("unmarked", []):
-        print(f"  kept {path}: not made by qreason (no {OWNER_MARKER} marker)")
 def _cmd_tasks(args) -> int:
     from qreason.inputs.tasks import load_spec, task_names
 
