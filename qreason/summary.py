@@ -163,6 +163,7 @@ class JudgeSummary(Section):
     usage: dict[str, int] = Field(default_factory=dict)
     batch_files: list[str] = Field(default_factory=list)
     errors: list[str] = Field(default_factory=list)  # judges stopped for the run (the endpoint refused them)
+    first_errors: dict[str, str] = Field(default_factory=dict)  # judge name -> its first error this run
     seconds: float = 0.0
 
 

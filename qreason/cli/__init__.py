@@ -7,14 +7,19 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from qreason import __version__, console
 from qreason.errors import UserError
 from qreason.workers.launch import WorkerFailed
 
+STARTED = time.monotonic()  # the command's start (interpreter start-up aside): its wall time on the terminal
 EPILOG = "Docs: README.md. Bad input exits with code 2 and a one-line error naming the file and line."
 RUN_DIR_HELP = "a run directory (runs/NAME, as printed by `qreason run`)"
+SKIP_PREFLIGHT_HELP = (
+    "do not check the machine first (vLLM build vs backend.device, endpoints answering, side environments)"
+)
 # Commands whose libraries write to standard error (engines, model loading): that goes to a log file, not the
 # terminal (console.capture), unless -v.
 CAPTURED = {"run", "plan", "grade", "judge", "analyze", "curate", "recover", "report", "quantize", "model"}
@@ -23,7 +28,7 @@ CAPTURED = {"run", "plan", "grade", "judge", "analyze", "curate", "recover", "re
 def _cmd_run(args) -> int:
     from qreason.pipeline.runner import run_all
 
-    summaries = run_all(args.config, output_dir=args.output_dir)
+    summaries = run_all(args.config, output_dir=args.output_dir, preflight=not args.skip_preflight)
     if args.json:
         dumps = [s.dump() for s in summaries]
         print(json.dumps(dumps[0] if len(dumps) == 1 else dumps, indent=1, default=str))
@@ -32,7 +37,7 @@ def _cmd_run(args) -> int:
     for summary in summaries:
         if len(summaries) > 1:
             print(f"\n== {summary.name}")
-        codes.append(_print_run(summary))
+        codes.append(_print_run(summary, time.monotonic() - STARTED if len(summaries) == 1 else None))
     return max(codes)
 
 
@@ -42,12 +47,14 @@ def exit_code(summary) -> int:
 
     if summary.gates.tripped:
         return GATE_EXIT_CODE
-    return 1 if summary.generations.failed or (summary.lm_eval and summary.lm_eval.failed) else 0
+    failed = summary.generations.failed or (summary.lm_eval and summary.lm_eval.failed)
+    return 1 if failed or summary.stage_failures else 0
 
 
-def _print_run(summary) -> int:
+def _print_run(summary, wall_seconds: float | None = None) -> int:
     """Print one run's results (a ``RunSummary``); returns its exit code (3: a gate tripped, 1: generations
-    failed)."""
+    failed). ``wall_seconds``: the command's own time, from its start to now (default: the run's, which ends
+    before its report is written)."""
     from qreason.stages.gates import GATE_EXIT_CODE
     from qreason.summary import format_noise, format_table
 
@@ -58,7 +65,7 @@ def _print_run(summary) -> int:
     print(
         f"\ngenerations: {gen.produced} produced, {gen.cached} cached, {gen.failed} failed; "
         f"checkpoints: {quant.quantized} quantized, {quant.reused} reused; "
-        f"wall time {summary.wall_seconds:.1f} s"
+        f"wall time {summary.wall_seconds if wall_seconds is None else wall_seconds:.1f} s"
     )
     if summary.curate and summary.curate.dir:
         c = summary.curate
@@ -94,7 +101,7 @@ def _print_run(summary) -> int:
                 file=console.terminal(),
             )
     for stage, why in summary.stage_failures.items():
-        print(f"qreason: stage {stage} could not run: {why}", file=console.terminal())
+        print(f"qreason: stage {stage} failed: {why}", file=console.terminal())
     if gen.failed:
         print(
             f"qreason: {gen.failed} generations failed; re-run the same command to retry them",
@@ -331,13 +338,17 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from qreason.pipeline.plan import describe_plan, make_plans
+    from qreason.pipeline.plan import describe_plan
+    from qreason.pipeline.preflight import describe
+    from qreason.pipeline.runner import checked_plans
 
-    plans = make_plans(args.config, output_dir=args.output_dir)
+    plans = checked_plans(args.config, args.output_dir, preflight=not args.skip_preflight)
     existing = [p.run_dir for p in plans if p.run_dir.is_dir()]
     if existing:  # what loading the model printed goes to the run's log; a new run's stays in the cache
         console.capture(existing[0] / "run.log", start=False)
     print("\n\n".join(describe_plan(plan) for plan in plans))
+    if not args.skip_preflight:
+        print(describe(plans[0].loaded))
     return 0
 
 
@@ -538,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run directory (default: output_dir from the config, else runs/NAME; "
         "QREASON_RUNS sets the runs root)",
     )
+    r.add_argument("--skip-preflight", action="store_true", help=SKIP_PREFLIGHT_HELP)
     r.set_defaults(fn=_cmd_run)
 
     pl = sub.add_parser(
@@ -547,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("config", help="run config YAML")
     pl.add_argument("--output-dir", help="run directory (as for run)")
+    pl.add_argument("--skip-preflight", action="store_true", help=SKIP_PREFLIGHT_HELP)
     pl.set_defaults(fn=_cmd_plan)
 
     cp = sub.add_parser(

@@ -218,9 +218,14 @@ def cmd_judge(args) -> int:
         print(f"judgments: {store.judgments.path}")
     for error in stats.errors:
         print(f"qreason: error: {error}", file=console.terminal())
+    failure = ctx.summary.stage_failures.get("judge")
+    if failure:
+        print(f"qreason: judging failed: {failure}", file=console.terminal())
     errors = sum(c["judge_error"] for c in stats.judges.values())
     if stats.errors:
         return UserError.exit_code
+    if failure:
+        return 1
     if errors:
         print(
             f"qreason: {errors} judge errors recorded; a re-run retries the endpoint failures among them "

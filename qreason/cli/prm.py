@@ -51,4 +51,14 @@ def cmd_calibrate_prm(args) -> int:
     print(json.dumps(cal.result, indent=2))
     for error in cal.errors:
         print(f"qreason: judge error: {error}", file=console.terminal())
+    failed = cal.result.get("judge_errors", 0)
+    if failed and failed >= _rows(cal.scores_path):  # every row failed: the threshold was fitted on nothing
+        first = cal.errors[0] if cal.errors else "?"
+        print(f"qreason: PRM scoring failed for all {failed} rows (first: {first})", file=console.terminal())
+        return 1
     return 0
+
+
+def _rows(path: Path) -> int:
+    with open(path, encoding="utf-8") as fh:
+        return sum(1 for line in fh if line.strip())

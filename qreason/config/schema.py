@@ -752,6 +752,16 @@ class LoadedConfig(BaseModel):
     def run_dir(self) -> Path:
         return self.resolve(self.config.output_dir) or (self.base_dir / "runs" / self.config.name).resolve()
 
+    def place(self, *loc: str | int) -> str:
+        """``FILE:LINE`` of a key of the config file (``place("judge", "judges", 0, "base_url")``): the line
+        of the deepest part of ``loc`` that is written; the file alone where none is."""
+        try:
+            node, _ = _load_yaml(self.path.read_text(encoding="utf-8"), str(self.path), lambda m, _l: "x")
+        except (OSError, UserError):
+            return str(self.path)
+        line = _line_of(node, loc) if loc else None
+        return f"{self.path}:{line}" if line else str(self.path)
+
 
 def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
     """The 1-based line of the YAML node at a pydantic error location (the deepest node that exists; for a

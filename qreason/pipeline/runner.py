@@ -114,11 +114,38 @@ def run(
 
 
 def run_all(
-    config_path: str | Path, output_dir: str | Path | None = None, index: RunIndex | None = None
+    config_path: str | Path,
+    output_dir: str | Path | None = None,
+    index: RunIndex | None = None,
+    preflight: bool = True,
 ) -> list[RunSummary]:
     """Every run of a config: one, or one per model of a ``models:`` axis (all validated first, run in
-    turn)."""
-    return [run_plan(plan, index) for plan in make_plans(config_path, output_dir)]
+    turn). ``preflight``: check the machine (``preflight.py``) before any work."""
+    t0 = time.monotonic()
+    plans = checked_plans(config_path, output_dir, preflight)
+    return [run_plan(plan, index, t0=t0 if i == 0 else None) for i, plan in enumerate(plans)]
+
+
+def checked_plans(config_path: str | Path, output_dir: str | Path | None, preflight: bool) -> list[Plan]:
+    """``make_plans`` with the preflight checks: the device first (from the config alone, in well under a
+    second), the rest once the plans are validated."""
+    from qreason.config.schema import load_config
+    from qreason.pipeline import preflight as checks
+
+    loaded = load_config(config_path)
+    if preflight:
+        checks.check_device(loaded)
+    try:
+        plans = make_plans(config_path, output_dir)
+    except UserError as exc:
+        if exc.where.split(":")[0] not in ("lm_eval", "lm_eval.tasks", "lm_eval.include_paths"):
+            raise
+        # the lm-eval stage names the config key: here the file and line are known
+        raise UserError(loaded.place(*exc.where.split(":")[0].split(".")), exc.message) from None
+    if preflight:
+        for plan in plans[:1]:  # the sub-runs of a models: axis share backend, judges and environments
+            checks.preflight(plan)
+    return plans
 
 
 def run_plan(

@@ -178,6 +178,7 @@ def run_stage(stage: Stage, ctx: RunContext, force: bool = False) -> None:
     goes into the summary, written at once."""
     if not (force or stage.enabled(ctx.cfg)):
         return
+    ctx.summary.stage_failures.pop(stage.name, None)  # an earlier failure of this stage is redone now
     section = stage.run(ctx)
     if section is not None and stage.section is not None:
         setattr(ctx.summary, stage.section, section)

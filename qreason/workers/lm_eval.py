@@ -24,11 +24,32 @@ import time
 import traceback
 from pathlib import Path
 
-from qreason.workers.protocol import ERROR_PREFIX, RESULT_PREFIX
+from qreason.workers.protocol import ERROR_PREFIX, HUB_MARK, RESULT_PREFIX
+
+
+def _offline_problem(cfg: dict) -> str | None:
+    """Why a task's dataset cannot be read without the Hugging Face hub (None: local files, a custom loader,
+    or a copy in the datasets cache). Reads the cache only: this process runs with the hub switched off."""
+    import datasets
+
+    path = cfg.get("dataset_path")
+    if not path or cfg.get("custom_dataset") or Path(str(path)).expanduser().exists():
+        return None
+    kwargs = {k: v for k, v in (cfg.get("dataset_kwargs") or {}).items() if k in ("data_files", "data_dir")}
+    try:
+        datasets.load_dataset_builder(path, cfg.get("dataset_name"), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure to resolve offline is the answer
+        name = f"{path} ({cfg['dataset_name']})" if cfg.get("dataset_name") else str(path)
+        return f"{HUB_MARK}: dataset {name} is not in the local datasets cache ({type(exc).__name__})"
+    return None
 
 
 def check(job: dict) -> int:
-    """Print one ERROR line per task name lm-eval does not know (with the job's include paths)."""
+    """Print one ERROR line per task name lm-eval does not know (with the job's include paths), and per task
+    whose dataset is neither local nor cached (``HUB_MARK``)."""
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # before datasets is imported
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=job["include_paths"] or None)
@@ -45,6 +66,10 @@ def check(job: dict) -> int:
                 f"{ERROR_PREFIX}{name}: a tag of several lm-eval tasks; list the tasks themselves", flush=True
             )
         else:
+            entry = getattr(manager, "task_index", {}).get(name)
+            problem = _offline_problem(entry.cfg) if isinstance(getattr(entry, "cfg", None), dict) else None
+            if problem:
+                print(f"{ERROR_PREFIX}{name}: {problem}", flush=True)
             continue
         bad += 1
     return 1 if bad else 0

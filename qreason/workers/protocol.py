@@ -25,6 +25,7 @@ from typing import Any, Callable, NotRequired, TypedDict
 PROGRESS_PREFIX = "@qreason-progress "
 ERROR_PREFIX = "@qreason-error "
 RESULT_PREFIX = "@qreason-result "  # a worker that streams results: one line per result file written
+HUB_MARK = "needs the Hugging Face hub"  # lm-eval --check: a dataset neither local nor cached
 _START = time.monotonic()
 
 

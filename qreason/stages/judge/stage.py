@@ -537,6 +537,7 @@ async def _judge_all(
                 add_usage(stats.usage, verdict.usage)
         else:
             stats.judges[name]["judge_error"] += 1
+            stats.first_errors.setdefault(name, verdict.error or verdict.status)
             add_usage(stats.usage, verdict.usage)
             key = error_key(key, verdict)
         votes: dict[str, Any] = {"model": cl.spec.model}
@@ -697,4 +698,22 @@ class JudgeStage:
         return True
 
     def run(self, ctx: RunContext) -> JudgeSummary:
-        return run_judging(ctx.store, ctx.cfg.judge)  # the run config sets base_variant to its model's name
+        stats = run_judging(ctx.store, ctx.cfg.judge)  # the run config sets base_variant to its model's name
+        failure = judging_failure(stats)
+        if failure:
+            ctx.summary.stage_failures[self.name] = failure
+        return stats
+
+
+def judging_failure(stats: JudgeSummary) -> str | None:
+    """Why judging failed, where a judge (an LLM judge or a process reward model) got no valid verdict for any
+    solution it was asked about in this run: every request failed. None otherwise."""
+    dead = [
+        (name, c) for name, c in stats.judges.items() if c["judge_error"] and not c["ok"] and not c["cached"]
+    ]
+    if not dead:
+        return None
+    return "; ".join(
+        f"judge {name}: all {c['judge_error']} requests failed (first: {stats.first_errors.get(name, '?')})"
+        for name, c in dead
+    )
