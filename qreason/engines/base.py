@@ -87,13 +87,17 @@ def requests_for(
 ) -> list[GenerationRequest]:
     """Every (problem, seed) request of the config for one variant: the problems of each task whose
     ``variants`` admit it (every task when unset)."""
-    only = {t.name: set(t.variants) for t in cfg.tasks if t.variants}
     return [
         make_request(variant, model, p, messages, cfg.sampling, seed)
         for p, messages in prompts
-        if variant in only.get(p.task, {variant})
+        if generates_on(cfg, variant, p.task)
         for seed in cfg.sampling.seeds
     ]
+
+
+def generates_on(cfg: RunConfig, variant: str, task: str) -> bool:
+    """Whether ``variant`` is generated on ``task`` (the task's ``variants``; every variant when unset)."""
+    return next((variant in t.variants for t in cfg.tasks if t.name == task and t.variants), True)
 
 
 def make_request(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qreason.config.schema import LoadedConfig, VariantConfig, load_config, noise_variant
-from qreason.engines import GenerationRequest, requests_for, resolve_base
+from qreason.engines import GenerationRequest, generates_on, requests_for, resolve_base
 from qreason.errors import UserError
 from qreason.inputs.models import ResolvedModel, resolve_model
 from qreason.inputs.tasks import TaskSpec, build_messages, load_problems
@@ -261,15 +261,22 @@ def describe_plan(plan: Plan) -> str:
         else:
             lines.append(f"  quantize  {name:<22} to do ({spec.method} -> {prep.dest})")
             models.append((name, None))
+
+    def count(variant: str, tasks: list[str] | None = None) -> int:
+        on = [
+            p for p, _ in plan.prompts if generates_on(cfg, variant, p.task) and p.task in (tasks or [p.task])
+        ]
+        return len(on) * len(cfg.sampling.seeds)
+
     for name, model in models:
-        n = len(plan.prompts) * len(cfg.sampling.seeds)
+        n = count(name)
         if model is None:
             lines.append(f"  generate  {name:<22} {n} to do (after quantization)")
             continue
         cached = sum(r.key in have for r in plan.requests_for(name, model)) if have is not None else 0
         lines.append(f"  generate  {name:<22} {n - cached} to do, {cached} cached")
     if cfg.noise is not None and cfg.noise.enabled:
-        n = len(plan.prompts) * len(cfg.sampling.seeds)
+        n = count(cfg.model.name, cfg.noise.tasks)
         names = ", ".join(noise_variant(cfg.model.name, p.name) for p in cfg.noise.perturbations)
         lines.append(f"  noise     {n} generations for each of {names} (kept in noise/; cached ones skipped)")
     if cfg.lm_eval.tasks:
@@ -279,7 +286,7 @@ def describe_plan(plan: Plan) -> str:
             f"  lm-eval   {', '.join(cfg.lm_eval.tasks)} on {', '.join(names)} "
             f"(limit {cfg.lm_eval.limit or 'none'}): results already stored are skipped"
         )
-    judges = ", ".join(j.name for j in cfg.judge.judges) or "rule checks only"
+    judges = ", ".join(j.name for j in cfg.judge.judges) or "model-free layers only"
     lines.append(
         f"  then      grade, judge ({judges}), analyze, "
         f"{'curate, ' if cfg.curate.enabled else ''}{'report' if cfg.report.enabled else ''}: "

@@ -302,6 +302,11 @@ def doctor() -> tuple[list[str], bool]:
                 f"  {env.name} ({env.purpose}): {status.python.parent.parent}: {status.problem}; "
                 f"fix: {setup_command(env.name)}"
             )
+    from qreason.inputs import named_models
+
+    for name, spec in named_models.catalogue().items():  # optional: listed, never a problem
+        state = "set up" if named_models.is_prepared(name) else f"not set up (qreason setup models {name})"
+        lines.append(f"  model {name} ({spec.description}): {state}")
     fix = "make env" if launch.IS_CHECKOUT else "qreason setup"
     lines.append("all set" if ok else f"not ready: `{fix}` makes every missing side environment")
     return lines, ok
