@@ -21,6 +21,17 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_session_index(tmp_path_factory):
+    """Session and module fixtures (a run made once for several tests, a subprocess they start) run before
+    the per-test fixture below: they get a run index and runs root of the session, never the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        root = tmp_path_factory.mktemp("session-runs")
+        mp.setenv("QREASON_RUNS", str(root))
+        mp.setenv("QREASON_INDEX", str(root / "index.sqlite"))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def isolated_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("QREASON_RUNS", str(tmp_path / "runs"))
