@@ -10,11 +10,14 @@ errors.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -77,6 +80,30 @@ def status(line: str) -> None:
     _state.status_open = True
 
 
+@contextlib.contextmanager
+def waiting(line: str) -> Iterator[None]:
+    """A step with nothing to count (an engine starting, a server loading a model): its status line, with the
+    seconds since it began redrawn by a heartbeat, so the terminal does not go silent. Logged for run.log."""
+    logging.getLogger("qreason.progress").info("%s", line, extra=LOG_ONLY)
+    stop, start = threading.Event(), time.monotonic()
+
+    def beat() -> None:
+        while True:
+            status(f"{line} ({time.monotonic() - start:.0f} s)")
+            if stop.wait(HEARTBEAT_S):
+                return
+
+    thread = threading.Thread(target=beat, name="qreason-waiting", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        _clear_status()
+        terminal().flush()
+
+
 def notes(prefix: str) -> Callable[[str], None]:
     """A worker's progress notes (``run_worker``'s ``echo``): each goes to run.log and to ``status``."""
     logger = logging.getLogger("qreason.progress")
@@ -134,21 +161,55 @@ def release() -> Path | None:
     return log
 
 
+HEARTBEAT_S = 5.0  # an open progress line is redrawn at least this often (its elapsed time moves on)
+_bars: list[_StageBar] = []  # the progress lines open now, innermost last (``activity`` writes to it)
+
+
 class _StageBar(tqdm):
     """A stage's progress line: no time estimate until a tenth of the work (at least two items) is done, then
     one from the average rate since the start (engines finish batches together: the first items come late,
-    the rest fast, and a rate from the first items alone promised hours)."""
+    the rest fast, and a rate from the first items alone promised hours). A heartbeat redraws it every
+    ``HEARTBEAT_S`` seconds, so the elapsed time and the ``activity`` note move while no item finishes (a
+    batch of long answers can take minutes)."""
 
     def __init__(self, *args, **kwargs):
         _clear_status()
+        self._stopped = threading.Event()
+        self.note = ""
         super().__init__(*args, **kwargs)
+        if not self.disable:
+            _bars.append(self)
+            threading.Thread(target=self._beat, name="qreason-heartbeat", daemon=True).start()
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(HEARTBEAT_S):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - a closed stream ends the heartbeat, never the run
+                return
+
+    def close(self) -> None:
+        if hasattr(self, "_stopped"):
+            self._stopped.set()
+        if self in _bars:
+            _bars.remove(self)
+        super().close()
 
     @property
     def format_dict(self):
         d = super().format_dict
         if self.total and self.n < min(self.total, max(2, self.total / 10)):
-            d["bar_format"] = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<?]"
+            d["bar_format"] = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<?{postfix}]"
+        if getattr(self, "note", ""):
+            d["postfix"] = self.note
         return d
+
+
+def activity(note: str) -> None:
+    """What the innermost open progress line's current item is doing ("batch 2/5: 7/16 answers, 310 tok/s"),
+    shown at its end from the next redraw (the heartbeat's at the latest); "" clears it. Also logged."""
+    if _bars:
+        _bars[-1].note = note
 
 
 def progress(total: int, desc: str, unit: str, iterable=None, transient: bool = False) -> tqdm:

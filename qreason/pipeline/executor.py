@@ -65,7 +65,9 @@ class LocalExecutor:
             if self.current is None or self.fingerprint != model.fingerprint:
                 self.close()
                 log.info("starting the generation engine for %s", model.path, extra=console.LOG_ONLY)
-                self.current, self.fingerprint = make_backend(self.cfg.backend, model), model.fingerprint
+                with console.waiting(f"engine {model.spec}: starting ({self.cfg.backend.kind})"):
+                    self.current = make_backend(self.cfg.backend, model)
+                self.fingerprint = model.fingerprint
             backend = self.current
         if getattr(backend, "settings", None):
             self.engine_settings[model.spec] = backend.settings

@@ -121,14 +121,14 @@ def find_chosen(
         missing = [r for r in requests.values() if r.key not in store.continuations]
         if missing:
             backend = backend or backend_factory()
-            desc = f"continue ({attempt + 1})"
+            desc = f"curate: continue {attempt + 1}/{cfg.attempts}"
             run_generation(store.continuations, missing, backend, params, desc=desc, transient=True)
         full = []
         for c in todo:
             cont = store.continuations.get(requests[c.failed.key].key)
             if cont is not None:  # graded as the whole solution: the prefix followed by the continuation
                 full.append(cont.model_copy(update={"text": c.prefix + cont.text}))
-        run_grading(store, grader, full, out=store.continuation_grades, transient=True)
+        run_grading(store, grader, full, out=store.continuation_grades, transient=True, desc="curate: grade")
         for c in todo:
             req = requests[c.failed.key]
             grade = store.continuation_grades.get(grade_key(req.key, grader.grader))

@@ -315,7 +315,7 @@ class NoiseStage:
                     own.close()
             produced, failed = produced + stats.produced, failed + stats.failed
         gens = [g for g in store.noise_generations.all() if g.key in wanted]
-        run_grading(store, ctx.grader, gens, out=store.noise_grades, transient=True)
+        run_grading(store, ctx.grader, gens, out=store.noise_grades, transient=True, desc="noise: grade")
         gid = ctx.grader.grader
         noise_keys = {grade_key(g.key, gid) for g in gens}
         main_keys = {grade_key(k, gid) for k in ctx.wanted}

@@ -24,7 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
-from qreason.workers.protocol import ERROR_PREFIX, HUB_MARK, RESULT_PREFIX
+from qreason.workers.protocol import ERROR_PREFIX, HUB_MARK, RESULT_PREFIX, progress
 
 
 def _offline_problem(cfg: dict) -> str | None:
@@ -130,7 +130,8 @@ def run(job: dict) -> int:
 
     manager = TaskManager(include_path=job["include_paths"] or None, metadata=job.get("metadata") or None)
     failed = 0
-    for task in job["tasks"]:
+    for i, task in enumerate(job["tasks"], 1):
+        progress(f"{task['name']} ({i}/{len(job['tasks'])})")
         try:
             result = _one_task(job, task, manager)
         except Exception as exc:  # noqa: BLE001 - one task failing must not lose the others

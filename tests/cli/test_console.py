@@ -182,3 +182,53 @@ def test_a_sub_steps_progress_line_leaves_the_terminal_when_done(tmp_path):
     shown = [ln.rsplit("\r", 1)[-1].strip() for ln in lines if ln.rsplit("\r", 1)[-1].strip()]
     assert shown[0].startswith("generate base: 100%") and "grade" not in " ".join(shown[1:])
     assert shown[-1] == "done" and len(shown) == 2
+
+
+def test_an_open_progress_line_keeps_moving_while_no_item_finishes(tmp_path):
+    """A batch of long answers finishes together: until then the line is redrawn by its heartbeat, with the
+    elapsed time and what the current item is doing (vLLM's finished requests), so the terminal never sits
+    unchanged. The child waits for two beats itself, however slow the machine."""
+    seen = _on_terminal(
+        """
+        import threading
+        from qreason import console
+
+        console.HEARTBEAT_S = 0.05
+        bar = console.progress(8, "generate base", "gen")
+        drawn = threading.Event()
+        real = bar.display
+        count = [0]
+
+        def display(*a, **k):
+            count[0] += 1
+            if count[0] >= 4:
+                drawn.set()
+            return real(*a, **k)
+
+        bar.display = display
+        console.activity("batch 1/2: 3/4 answers")
+        assert drawn.wait(60)
+        bar.close()
+        """,
+        cwd=tmp_path,
+    )
+    frames = [f for f in seen.replace("\r\n", "\r").split("\r") if "generate base" in f]
+    assert len(frames) >= 3, seen
+    assert any("0/8" in f and "batch 1/2: 3/4 answers" in f for f in frames), seen
+
+
+def test_vllm_progress_reports_finished_requests_as_the_lines_activity(tmp_path):
+    from qreason import console
+    from qreason.engines.vllm import _RequestProgress
+
+    make = _RequestProgress.factory("batch 2/3")
+    assert make(["a", "b"], desc="Rendering conversations") == ["a", "b"]  # vLLM's other use: passed through
+    bar = console.progress(4, "generate x", "gen")
+    try:
+        progress = make(total=4, desc="Processed prompts", dynamic_ncols=True, postfix="")
+        assert bar.note == "batch 2/3: 0/4 answers"
+        progress.postfix = "est. speed input: 1.00 toks/s, output: 2.00 toks/s"
+        progress.update(1)
+        assert bar.note == "batch 2/3: 1/4 answers" and progress.format_dict["elapsed"] > 0
+    finally:
+        bar.close()

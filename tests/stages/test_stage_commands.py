@@ -72,7 +72,7 @@ def test_grade_and_judge_of_a_models_axis_sub_run_use_that_runs_config(tmp_path)
 
     graded = cli("grade", run_dir)
     assert graded.returncode == 0, graded.stderr
-    assert "grading with math-verify, 7 s per answer, 1 worker\n" in graded.stderr
+    assert "grading with math-verify, timeout 7 s per answer, 1 worker\n" in graded.stderr
     statuses = {(g.variant, g.problem_id): g.status for g in RunStore(run_dir).grades.all()}
     assert statuses == {
         ("large", "s0"): "correct",
@@ -98,7 +98,7 @@ def test_flags_still_override_the_stored_config(tmp_path):
     run_dir = sub_run(tmp_path)
     graded = cli("grade", run_dir, "--timeout", "4", "--workers", "2")
     assert graded.returncode == 0, graded.stderr
-    assert "grading with math-verify, 4 s per answer, 2 workers" in graded.stderr
+    assert "grading with math-verify, timeout 4 s per answer, 2 workers" in graded.stderr
     judged = cli("judge", run_dir, "--json", "--base-variant", "nobody")
     assert judged.returncode == 0, judged.stderr
     assert json.loads(judged.stdout)["stats"]["flips"] == 0

@@ -320,9 +320,11 @@ def run_grading(
     out: Table[Grade] | None = None,
     flush_every: int = 64,
     transient: bool = False,
+    desc: str = "grade",
 ) -> int:
     """Grade every generation (default: all stored) that has no grade in ``out`` (default: the grades table)
-    yet; returns how many grades were written."""
+    yet; returns how many grades were written. ``desc``: the progress line's label (a sub-step's names its
+    stage: "curate: grade")."""
     out = out if out is not None else store.grades
     problems = {(p.task, p.problem_id): p for p in store.problems.all()}
     jobs = []
@@ -331,7 +333,7 @@ def run_grading(
         if key not in out:
             jobs.append(GradeJob(g, problems[(g.task, g.problem_id)], key))
     written, pending = 0, []
-    bar = console.progress(len(jobs), "grade", "ans", grader.grade(jobs), transient=transient) if jobs else []
+    bar = console.progress(len(jobs), desc, "ans", grader.grade(jobs), transient=transient) if jobs else []
     for grade in bar:
         pending.append(grade)
         if len(pending) >= flush_every:

@@ -23,7 +23,7 @@ class GradeStage:
         generations = [g for g in ctx.store.generations.all() if g.key in ctx.wanted]
         g = ctx.cfg.grading
         log.info(
-            "grading with %s, %g s per answer, %d worker%s",
+            "grading with %s, timeout %g s per answer, %d worker%s",
             g.kind,
             g.timeout_s,
             g.workers,

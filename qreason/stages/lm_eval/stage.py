@@ -156,6 +156,7 @@ def run_lm_eval_worker(
     python: Path,
     on_line: Callable[[str], None],
     check_only: bool = False,
+    echo: Callable[[str], None] = lambda _: None,
 ) -> WorkerRun:
     """lm-eval's worker in its environment. It reports each task's result or failure as a line (``on_line``),
     so a failed exit is not an exception here: the caller reads ``returncode``."""
@@ -164,7 +165,7 @@ def run_lm_eval_worker(
         work,
         log_path,
         label,
-        lambda _: None,
+        echo,
         python=python,
         module="qreason.workers.lm_eval",
         stage="lm_eval",
@@ -346,13 +347,16 @@ def _evaluate(
     args: dict,
     store: RunStore,
     lock: threading.Lock,
+    note: Callable[[str, str, int], None] = lambda target, what, done: None,
 ) -> list[dict[str, str]]:
     """Serve one target and run lm-eval on its missing tasks; each task's record is stored as it finishes
-    (under ``lock``: other targets may be evaluated at the same time). Returns the failures."""
+    (under ``lock``: other targets may be evaluated at the same time). Returns the failures. ``note(target,
+    what it is doing, tasks finished since the last note)``: progress for the terminal."""
     work = store.place("lm_eval", "work", target.name)
     work.mkdir(parents=True, exist_ok=True)
     failures: list[dict[str, str]] = []
     cache_id = content_key("requests", target.fingerprint, target.adapter_fingerprint, version, args)
+    note(target.name, "starting its vLLM server", 0)
     with VLLMServer(
         backend,
         target.path,
@@ -400,13 +404,19 @@ def _evaluate(
                         [_record(target, keys[result["task"]], version, args, result, store.dir)]
                     )
                 log.info("lm-eval %s / %s done in %.0f s", target.name, result["task"], result["seconds"])
+                note(target.name, f"{result['task']} done", 1)
             elif line.startswith(ERROR_PREFIX):
                 task, _, message = line[len(ERROR_PREFIX) :].strip().partition(": ")
                 failures.append(
                     {"variant": target.name, "task": task, "error": message, "log": str(log_path)}
                 )
+                note(target.name, f"{task} failed", 1)
 
-        proc = run_lm_eval_worker(job, work, log_path, target.name, python, on_line)
+        def echo(message: str) -> None:  # the worker's progress: the task it evaluates now
+            note(target.name, message.split("] ", 1)[-1], 0)
+
+        note(target.name, "server up, starting lm-eval", 0)
+        proc = run_lm_eval_worker(job, work, log_path, target.name, python, on_line, echo=echo)
         with lock:
             done = {r.task for r in store.lm_eval.all() if r.key in set(keys.values())}
         for task, _ in todo:
@@ -500,7 +510,7 @@ def run_lm_eval(
     cached = sum(len(keys[t.name]) - len(todo[t.name]) for t in targets)
     lock = threading.Lock()  # the targets evaluated at once share the results table
 
-    def evaluate(target: LmEvalTarget) -> list[dict[str, str]]:
+    def evaluate(target: LmEvalTarget, note) -> list[dict[str, str]]:
         mine = todo[target.name]
         log.info(
             "lm-eval %s: %d tasks to run (%s)",
@@ -510,7 +520,7 @@ def run_lm_eval(
             extra=console.LOG_ONLY,
         )
         try:
-            return _evaluate(target, mine, cfg, backend, python, paths, version, args, store, lock)
+            return _evaluate(target, mine, cfg, backend, python, paths, version, args, store, lock, note)
         except (UserError, WorkerFailed) as exc:
             # one target that cannot be served (a damaged checkpoint, a server that will not start) is
             # recorded as failed; the other targets and the later stages still run
@@ -518,10 +528,27 @@ def run_lm_eval(
             return [{"variant": target.name, "task": t, "error": str(exc), "log": ""} for t, _ in mine]
 
     failures: list[dict[str, str]] = []
+    busy = [t for t in targets if todo[t.name]]
+    doing: dict[str, str] = {}  # target -> what it does now, for the progress line
+    bar = console.progress(sum(len(todo[t.name]) for t in busy), "lm-eval", "task")
+
+    def note(target: str, what: str, done: int) -> None:
+        with lock:
+            doing[target] = what
+            bar.update(done)
+            console.activity("; ".join(f"{t}: {w}" for t, w in doing.items()))
+
+    def evaluate_noted(target: LmEvalTarget) -> list[dict[str, str]]:
+        try:
+            return evaluate(target, note)
+        finally:
+            with lock:
+                doing.pop(target.name, None)
+
     # Ctrl-C reaches this (the main) thread: the workers and servers the pool's threads run are stopped at
     # once, before the pool waits for its threads (stop_on_interrupt exits first)
-    with ThreadPoolExecutor(max_workers=cfg.parallel) as pool, stop_on_interrupt():
-        for found in pool.map(evaluate, [t for t in targets if todo[t.name]]):
+    with bar, ThreadPoolExecutor(max_workers=cfg.parallel) as pool, stop_on_interrupt():
+        for found in pool.map(evaluate_noted, busy):
             failures += found
     evaluated = sum(k in store.lm_eval for t in targets for _, k in todo[t.name])
     for target in targets:
