@@ -8,6 +8,18 @@ import math
 import numpy as np
 
 
+def format_p(p: float | None) -> str:
+    """A p-value as every screen shows it: two decimals from 0.01, four below, scientific notation below 1e-4
+    (never a "0.0000" that reads as impossible); "–" for none."""
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "–"
+    if p >= 0.01:
+        return f"{p:.2f}"
+    if p >= 1e-4:
+        return f"{p:.4f}"
+    return f"{p:.1e}"
+
+
 def mcnemar_exact(lost: int, gained: int) -> float:
     """Two-sided exact McNemar p-value for discordant counts (binomial test with p = 1/2)."""
     n = lost + gained

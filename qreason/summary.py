@@ -365,6 +365,8 @@ class RunSummary(Section):
 
 def format_noise(noise: NoiseSummary) -> str:
     """The noise floor as text: base-vs-base flips per perturbation, then each variant's flips beside them."""
+    from qreason.stats import format_p
+
     lines = [f"noise floor ({noise.base} re-run under perturbations; flips = lost + gained of paired cells):"]
     for p in noise.perturbations:
         what = ", ".join(f"{k} {v}" for k, v in p.settings.items()) or "identical settings"
@@ -379,8 +381,8 @@ def format_noise(noise: NoiseSummary) -> str:
         stable = f"; {v.stable_flips} stable flips" if v.stable_flips is not None else ""
         lines.append(
             f"  {v.variant:<22} {v.task:<12} {v.lost + v.gained:>3} flips of {v.cells} "
-            f"({100 * v.discordance:.1f} % vs noise {100 * v.noise_discordance:.1f} %): p = {v.p_value:.3g}, "
-            f"{verdict}{stable}"
+            f"({100 * v.discordance:.1f} % vs noise {100 * v.noise_discordance:.1f} %): "
+            f"p = {format_p(v.p_value)}, {verdict}{stable}"
         )
     return "\n".join(lines)
 

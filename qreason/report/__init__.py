@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import statistics
 from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
@@ -25,7 +26,9 @@ from qreason.report.headline import gate_rows, headlines, in_words, recovery_ver
 from qreason.report.recovery import recovery_section
 from qreason.stages.analyze import Analysis, analysis_for, analyze, verdicts
 from qreason.stages.base import RunContext
+from qreason.stages.judge.stack import PRIOR
 from qreason.stages.judge.stage import is_located
+from qreason.stats import format_p
 from qreason.store import RunIndex, RunStore, shown_path, write_atomic
 from qreason.summary import LmEvalSummary, RunSummary, changes
 
@@ -94,7 +97,8 @@ def drilldown(store: RunStore, base: str, limit: int, generation_keys: set[str] 
                 "extracted": grades[key].extracted if key in grades else None,
                 "steps": gen.steps,
                 "first_error_step": verdict.first_error_step,
-                "located": verdict.first_error_step is not None and verdict.first_error_step >= 0,
+                "located": is_located(verdict),
+                "guessed": (verdict.votes or {}).get("decided_by") == PRIOR,
                 "error_type": verdict.error_type or "none",
                 "verdict": verdict,
                 "judgments": sorted(
@@ -108,6 +112,55 @@ def drilldown(store: RunStore, base: str, limit: int, generation_keys: set[str] 
         )
     items.sort(key=lambda it: (not it["flip"], it["variant"], it["task"], it["problem_id"], it["seed"]))
     return items[:limit]
+
+
+def difficulty_context(table: pd.DataFrame) -> dict:
+    """The difficulty rows of the dimensions that split the problems into two buckets or more (one bucket
+    is no breakdown), and the dimensions left out with their one bucket."""
+    if table.empty:
+        return {"difficulty": [], "difficulty_single": []}
+    counts = table.groupby(["task", "dimension"])["bucket"].nunique()
+    split = {k for k, n in counts.items() if n > 1}
+    keep = table[[(t, d) in split for t, d in zip(table["task"], table["dimension"])]]
+    single = sorted(
+        f"{t}: {d} {table[(table['task'] == t) & (table['dimension'] == d)]['bucket'].iloc[0]}"
+        for (t, d), n in counts.items()
+        if n <= 1
+    )
+    return {"difficulty": _records(keep), "difficulty_single": single}
+
+
+def meta_parts(summary: RunSummary) -> list[str]:
+    """The line under the title: what the summary knows of the run (nothing shown as "?")."""
+    model = summary.model or {}
+    parts = [f"run {summary.run_id}"] if summary.run_id else []
+    if summary.finished_at:
+        parts.append(f"finished {summary.finished_at}")
+    if model.get("spec"):
+        fp = f" (fingerprint {model['fingerprint']})" if model.get("fingerprint") else ""
+        parts.append(f"model {model['spec']}{fp}")
+    return parts
+
+
+def located_steps(chosen) -> dict[str, dict]:
+    """Per variant, from the combined verdicts: failures judged, those with a located first faulty step
+    (coverage), those only guessed by the prior layer (not located), the median located step (1-based), the
+    layers that decided the located ones and the tasks (for the layer's measured accuracy)."""
+    out: dict[str, dict] = {}
+    for j in chosen:
+        v = out.setdefault(j.variant, {"failures": 0, "located": 0, "guessed": 0, "steps": [], "layers": {}})
+        v["failures"] += 1
+        v.setdefault("tasks", set()).add(j.task)
+        if is_located(j):
+            v["located"] += 1
+            v["steps"].append(j.first_error_step + 1)
+            layer = (j.votes or {}).get("decided_by") or j.judge
+            v["layers"][layer] = v["layers"].get(layer, 0) + 1
+        elif (j.votes or {}).get("decided_by") == PRIOR:
+            v["guessed"] += 1
+    for v in out.values():
+        v["median_step"] = statistics.median(v["steps"]) if v["steps"] else None
+    return out
 
 
 def trend_points(index: RunIndex | None, name: str, current: RunSummary | None = None) -> pd.DataFrame:
@@ -268,8 +321,10 @@ def build_report(
     for j in chosen.values():
         if is_located(j):
             first_error_steps[j.variant].append(j.first_error_step + 1)
+    located = located_steps(chosen.values())
     trend = trend_points(index, summary.name or store.dir.name, summary)
     trend_series, trend_rows = trend_table(trend)
+    palette = figures.palette_for(sorted(deg["variant"].unique()) if not deg.empty else [])
     figs = {
         "accuracy": figures.grouped_bars(
             deg,
@@ -280,6 +335,7 @@ def build_report(
             "accuracy (%)",
             percent=True,
             err="accuracy_std",
+            palette=palette,
         ),
         "error_types": figures.grouped_bars(
             analysis.error_types,
@@ -288,13 +344,26 @@ def build_report(
             "count",
             "Error types of judged failures",
             "failures",
+            palette=palette,
         ),
         "capabilities": figures.grouped_bars(
-            analysis.capabilities, "capability", "variant", "count", "Capabilities hurt", "failures"
+            analysis.capabilities,
+            "capability",
+            "variant",
+            "count",
+            "Capabilities hurt",
+            "failures",
+            palette=palette,
         ),
-        "first_errors": figures.step_histogram(dict(first_error_steps), "First faulty step"),
+        "first_errors": figures.step_histogram(dict(first_error_steps), "First faulty step", palette),
         "lengths": figures.grouped_bars(
-            analysis.lengths, "task", "variant", "mean_tokens", "Mean output length", "tokens"
+            analysis.lengths,
+            "task",
+            "variant",
+            "mean_tokens",
+            "Mean output length",
+            "tokens",
+            palette=palette,
         ),
         "trend": figures.trend(trend),
     }
@@ -333,6 +402,7 @@ def build_report(
             base,
             {v["name"]: v["method"] for v in variant_records},
             gates_configured=bool(gates_table),
+            located=located,
         ),
         "gate_rows": gates_table,
         "gates_tripped": summary.gates.tripped if summary.gates else [],
@@ -343,7 +413,7 @@ def build_report(
         "capabilities": _records(analysis.capabilities),
         "first_errors": _records(analysis.first_errors),
         "lengths": _records(analysis.lengths),
-        "difficulty": _records(analysis.difficulty),
+        **difficulty_context(analysis.difficulty),
         "formats": _records(analysis.formats),
         "judge_layers": _records(analysis.judge_layers),
         "abandoned": _records(analysis.abandoned),
@@ -365,6 +435,7 @@ def build_report(
         "recovery": recovery_section(recovery),
         **noise_context(store, summary, base),
         "recovery_verdicts": recovery_verdicts(recovery),
+        "meta_parts": meta_parts(summary),
         "generated_at": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     env_j = jinja2.Environment(
@@ -375,6 +446,7 @@ def build_report(
     env_j.filters["num"] = lambda v, d=2: (
         "–" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
     )
+    env_j.filters["pval"] = format_p
     html = env_j.get_template("report.html.j2").render(**context)
     out = out_path or store.report_path
     write_atomic(Path(out), html)

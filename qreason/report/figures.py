@@ -27,6 +27,19 @@ def _literal_text(draw):
     return wrapper
 
 
+def palette_for(names: list[str]) -> dict[str, str]:
+    """One colour per name (a run's variants, in a fixed order), the same in every chart of a report."""
+    return {name: COLORS[i % len(COLORS)] for i, name in enumerate(dict.fromkeys(names))}
+
+
+def colors_for(names: list, palette: dict[str, str] | None) -> list[str]:
+    """The colours of ``names``: the palette's, else the default cycle in order."""
+    if palette is None:
+        return [COLORS[i % len(COLORS)] for i in range(len(names))]
+    extra = iter(c for c in COLORS * 4 if c not in palette.values())
+    return [palette.get(str(n)) or next(extra, COLORS[0]) for n in names]
+
+
 def _uri(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -44,10 +57,11 @@ def grouped_bars(
     ylabel: str,
     percent: bool = False,
     err: str | None = None,
+    palette: dict[str, str] | None = None,
 ) -> str | None:
-    """Bars of ``values`` grouped by ``index`` with one colour per ``columns`` value; error bars from ``err``
-    only where it is non-zero somewhere (a standard deviation over one seed is no spread). None for one
-    bar."""
+    """Bars of ``values`` grouped by ``index`` with one colour per ``columns`` value (``palette``: a fixed
+    colour per value, so a variant keeps its colour from chart to chart); error bars from ``err`` only where
+    it is non-zero somewhere (a standard deviation over one seed is no spread). None for one bar."""
     if df.empty or df[values].isna().all():
         return None
     table = df.pivot_table(index=index, columns=columns, values=values, aggfunc="sum").fillna(0)
@@ -60,7 +74,7 @@ def grouped_bars(
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(table) * max(1, len(table.columns)) / 2 + 3), 3.4))
     (table * scale).plot.bar(
         ax=ax,
-        color=COLORS[: len(table.columns)],
+        color=colors_for(list(table.columns), palette),
         width=0.8,
         yerr=None if errs is None else errs * scale,
         capsize=3,
@@ -75,7 +89,9 @@ def grouped_bars(
 
 
 @_literal_text
-def step_histogram(steps_by_group: dict[str, list[int]], title: str) -> str | None:
+def step_histogram(
+    steps_by_group: dict[str, list[int]], title: str, palette: dict[str, str] | None = None
+) -> str | None:
     """Counts of 1-based step numbers per group, side by side on an integer axis. None when every value is
     the same step (one bucket says nothing a table does not)."""
     groups = {k: [int(s) for s in steps_by_group[k]] for k in sorted(steps_by_group) if steps_by_group[k]}
@@ -85,7 +101,7 @@ def step_histogram(steps_by_group: dict[str, list[int]], title: str) -> str | No
     steps = list(range(values[0], values[-1] + 1))
     width = 0.8 / len(groups)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(steps) + 3), 3.2))
-    for i, ((name, vals), color) in enumerate(zip(groups.items(), COLORS * 4)):
+    for i, ((name, vals), color) in enumerate(zip(groups.items(), colors_for(list(groups), palette))):
         counts = [vals.count(s) for s in steps]
         ax.bar([s - 0.4 + width * (i + 0.5) for s in steps], counts, width=width, label=name, color=color)
     ax.set_xticks(steps)

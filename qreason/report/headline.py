@@ -17,7 +17,9 @@ from markdown_it import MarkdownIt
 from markupsafe import Markup
 
 from qreason.config.schema import GatesConfig
-from qreason.summary import ArmResult, RunSummary, VariantRecovery
+from qreason.stages.judge.measured import accuracy_words
+from qreason.stats import format_p
+from qreason.summary import ArmResult, NoiseSummary, RunSummary, VariantRecovery
 
 ALPHA = 0.05
 
@@ -48,9 +50,7 @@ def pct(x: float | None) -> str:
 
 
 def p_text(p: float | None) -> str:
-    if p is None or (isinstance(p, float) and math.isnan(p)):
-        return "p –"
-    return "p < 0.001" if p < 0.001 else f"p = {p:.2f}" if p >= 0.01 else f"p = {p:.3f}"
+    return f"p = {format_p(p)}"
 
 
 def tone(change: float | None, p: float | None) -> str:
@@ -72,10 +72,56 @@ def accuracy_fact(row: dict, base: str) -> Fact:
     ci = f"95 % CI [{pts(row.get('ci_low'))}, {pts(row.get('ci_high'))}]"
     text = (
         f"{pct(row.get('acc_ref'))} for {base} → {pct(row.get('acc'))}: {pts(diff)} points ({ci}, McNemar "
-        f"{p_text(p)}): {in_words(p)}. {row.get('lost', 0)} lost, {row.get('gained', 0)} gained of "
-        f"{row.get('pairs', 0)} paired answers (same problem and seed)."
+        f"{p_text(p)}): {in_words(p)}."
     )
     return Fact(f"accuracy · {row.get('task', '')}", text, tone(diff, p))
+
+
+def noise_fact(noise: NoiseSummary | None, variant: str, task: str, row: dict) -> Fact:
+    """Is the change real? The variant's flips (lost + gained) against the base's own flips when re-run
+    under perturbations (one-sided Fisher test, ``stages/noise.py``), or why that was not measured."""
+    flips = f"{row.get('lost', 0) + row.get('gained', 0)} flips of {row.get('pairs', 0)}"
+    found = (
+        next((v for v in noise.variants if (v.variant, v.task) == (variant, task)), None) if noise else None
+    )
+    if found is None:
+        return Fact(
+            f"vs noise · {task}",
+            f"not measured ({flips}; no noise floor: `noise:` in the config re-runs the base to measure it).",
+        )
+    reruns = {p.name for p in noise.perturbations if p.task == task} if noise else set()
+    where = "the base re-run" if len(reruns) == 1 else f"{len(reruns)} base re-runs"
+    counts = (
+        f"{found.lost + found.gained} flips of {found.cells} vs {found.noise_flips} of {found.noise_cells}"
+    )
+    if found.exceeds_noise:
+        return Fact(f"vs noise · {task}", f"real: {counts} in {where}, p {format_p(found.p_value)}.", "bad")
+    return Fact(f"vs noise · {task}", f"within the noise: {counts} in {where}, p {format_p(found.p_value)}.")
+
+
+def where_fact(error_types: pd.DataFrame, variant: str, base: str, located: dict | None) -> Fact:
+    """Where it broke: the error type that grew most, the median first faulty step, and how far to trust
+    both: the coverage (failures with a located step) beside the deciding layer's measured accuracy. A step
+    guessed by the prior layer is not located and has no error type."""
+    grew = error_shift_fact(error_types, variant, base).text
+    if not located or not located.get("failures"):
+        return Fact("where it broke", f"{grew} No judged failure of this variant.")
+    n, k = located["failures"], located["located"]
+    if not k:
+        step = f"no first faulty step located in {n} failures"
+    else:
+        step = f"median first faulty step {located['median_step']:g} (of the {k} of {n} failures located"
+        step += f", coverage {100 * k / n:.0f} %)"
+    guessed = located.get("guessed", 0)
+    guess = f"; {guessed} only guessed by the prior, not counted" if guessed else ""
+    layers = located.get("layers") or {}
+    layer = max(layers, key=layers.get) if layers else None
+    trust = (
+        f" Decided mostly by the {layer} layer: {accuracy_words(located.get('tasks', []), list(layers))}."
+        if layer
+        else ""
+    )
+    return Fact("where it broke", f"{grew} {step[0].upper()}{step[1:]}{guess}.{trust}")
 
 
 def error_shift_fact(error_types: pd.DataFrame, variant: str, base: str) -> Fact:
@@ -117,17 +163,65 @@ def evaluated(eval_mode: str) -> str:
 
 
 def recovery_fact(rec: VariantRecovery) -> Fact:
-    how = f"{rec.mode}, {rec.train_items} examples; {evaluated(rec.eval_mode)}"
-    text = f"the adapter ({how}) {arm_sentence(rec)}."
-    if rec.control is not None:
-        text += f" Control adapter: {pct(rec.control.accuracy_after)}."
-    if rec.targeted_vs_control is not None:
-        text += f" Targeted vs control: {rec.targeted_vs_control.verdict}."
-    if rec.verdict:
-        text += f" Verdict: {rec.verdict}."
+    """Recovery as docs/recovery.md defines it: gap closed and repair beyond task learning with their
+    intervals, or the reason there is no verdict (with the numbers measured anyway)."""
+    text = f"{rec.mode} on {rec.train_items} examples: {recovery_words(rec)}."
+    budget = budget_words(rec)
+    if budget:
+        text += f" {budget[0].upper()}{budget[1:]}."
     if not rec.conclusive:  # too few items: nothing is claimed, nothing is coloured
         return Fact("recovery", text, "neutral")
+    ci = rec.repair_beyond_fp_ci
+    if rec.repair_beyond_fp is not None and ci and ci[0] is not None:
+        return Fact("recovery", text, "good" if ci[0] > 0 else "neutral")
     return Fact("recovery", text, tone(rec.accuracy_after - rec.accuracy_before, rec.mcnemar_p))
+
+
+def _interval(ci: list[float | None], scale: float, fmt: str, unit: str = "") -> str:
+    if len(ci) != 2 or ci[0] is None or ci[1] is None:
+        return ""
+    return f" [{scale * ci[0]:{fmt}}{unit}, {scale * ci[1]:{fmt}}{unit}]"
+
+
+def recovery_words(rec: VariantRecovery) -> str:
+    """ "gap closed 80 % [32 %, 168 %]; repair beyond task learning +5.1 points [-3.0, +13.1]: VERDICT", or
+    the reason there is no verdict followed by what was measured."""
+    parts = []
+    if rec.gap_closed is not None:
+        parts.append(
+            f"gap closed {100 * rec.gap_closed:.0f} %{_interval(rec.gap_closed_ci, 100, '.0f', ' %')}"
+        )
+    else:
+        parts.append("no gap to close (the variant was not below the base on these problems)")
+    if rec.repair_beyond_fp is not None:
+        parts.append(
+            f"repair beyond task learning {pts(rec.repair_beyond_fp)} points"
+            f"{_interval(rec.repair_beyond_fp_ci, 100, '+.1f')}"
+        )
+    elif rec.fp_arm_skipped:
+        parts.append(f"no full-precision arm ({rec.fp_arm_skipped})")
+    if not rec.conclusive:  # the reason, with its numbers; nothing measured on too few items is claimed
+        return f"no verdict: {rec.verdict or 'too few items to conclude'}"
+    measured = "; ".join(parts)
+    verdict = rec.verdict.rsplit(": ", 1)[-1] if rec.verdict and ": " in rec.verdict else ""
+    return f"{measured}: {verdict}" if verdict else measured
+
+
+def budget_words(rec: VariantRecovery) -> str:
+    """The control arm's budget against the targeted arm's, in numbers: "the same budget" only when the
+    examples (and their characters, where recorded) are equal."""
+    c = rec.control
+    if c is None:
+        return ""
+    chars, mine = getattr(c, "train_chars", None), getattr(rec, "train_chars", None)
+    same = c.train_items == rec.train_items and (chars is None or mine is None or chars == mine)
+    if same:
+        return f"control: the same budget ({c.train_items} examples), {pct(c.accuracy_after)} after"
+    chars = f", {chars} against {mine} characters" if chars is not None and mine is not None else ""
+    return (
+        f"control: {c.train_items} examples against the targeted arm's {rec.train_items}{chars} (budgets "
+        f"differ), {pct(c.accuracy_after)} after"
+    )
 
 
 def gate_lines_for(variant: str, tripped: list[str]) -> list[str]:
@@ -142,18 +236,25 @@ def headlines(
     base: str,
     methods: dict[str, str],
     gates_configured: bool = True,
+    located: dict[str, dict] | None = None,
 ) -> list[Headline]:
-    """One block per quantized variant, in the order of the flips table."""
+    """One block per quantized variant, in the order of the flips table, answering in turn: how much did
+    accuracy change; is it more than the noise; where did it break (and how far to trust the locating);
+    did training repair it. ``located``: per variant, the located first faulty steps (``build_report``)."""
     tripped = summary.gates.tripped if summary.gates else []
     recovered = {v.variant: v for v in (summary.recover.variants if summary.recover else [])}
     rows = flips.to_dict("records") if not flips.empty else []
     out: list[Headline] = []
     for variant in dict.fromkeys(r["variant"] for r in rows):
         h = Headline(variant, methods.get(variant, ""))
-        h.facts += [accuracy_fact(r, base) for r in rows if r["variant"] == variant]
-        h.facts.append(error_shift_fact(error_types, variant, base))
+        mine = [r for r in rows if r["variant"] == variant]
+        h.facts += [accuracy_fact(r, base) for r in mine]
+        h.facts += [noise_fact(summary.noise, variant, r.get("task", ""), r) for r in mine]
+        h.facts.append(where_fact(error_types, variant, base, (located or {}).get(variant)))
         if variant in recovered:
             h.facts.append(recovery_fact(recovered[variant]))
+        elif summary.recover and variant in summary.recover.skipped:
+            h.facts.append(Fact("recovery", f"not trained ({summary.recover.skipped[variant]})."))
         lines = gate_lines_for(variant, tripped)
         if lines:
             h.facts.append(Fact("gates", "; ".join(lines), "bad"))
@@ -215,6 +316,10 @@ def gate_rows(gates: GatesConfig | None, summary: RunSummary) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------- the card
 
+LOADER_KEYS = {
+    "configs",
+    "dataset_info",
+}  # Hugging Face dataset card front matter for ``datasets``, not readers
 _MD = MarkdownIt("commonmark", {"html": False}).enable("table")
 
 
@@ -232,8 +337,8 @@ def render_card(text: str | None) -> dict | None:
                 meta = yaml.safe_load(text[4:end])
             except yaml.YAMLError:
                 meta = None
-            if isinstance(meta, dict):
-                front = [(str(k), _flat(v)) for k, v in meta.items()]
+            if isinstance(meta, dict):  # the loader's own settings (configs, dataset_info) are no reading
+                front = [(str(k), _flat(v)) for k, v in meta.items() if k not in LOADER_KEYS]
                 body = text[end + 4 :].lstrip("-\n")
     return {"front_matter": front, "html": Markup(_MD.render(body))}
 
@@ -259,10 +364,16 @@ def recovery_verdicts(recovery) -> list[dict]:
         ]
         if v.control is not None:
             c = v.control
+            same = budget_words(v).startswith("control: the same budget")
+            budget = (
+                f"the same budget, {c.train_items} examples"
+                if same
+                else f"{c.train_items} examples against the targeted arm's {v.train_items}: budgets differ"
+            )
             lines.append(
                 Fact(
                     "control",
-                    f"The control adapter (the same budget on examples the analysis did not choose) "
+                    f"The control adapter ({budget}; examples the analysis did not choose) "
                     f"{arm_sentence(c)}.",
                     tone(c.accuracy_after - c.accuracy_before, c.mcnemar_p),
                 )

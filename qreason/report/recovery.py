@@ -8,8 +8,8 @@ from qreason.summary import RecoverySummary
 
 TRAINED_ON = {
     "targeted": "Silver Bullet items",
-    "control": "control: untargeted examples",
-    "fp": "full precision: the base on the same items",
+    "control": "untargeted (control)",
+    "fp": "same items, base model",
 }
 
 

@@ -95,9 +95,9 @@ def test_headline_names_the_error_shift_the_recovery_and_the_tripped_gates():
     )
     (h,) = headlines(flips(acc_diff=-0.05, ci_low=-0.1, ci_high=0.0, mcnemar_p=0.3), errors, summary, "b", {})
     facts = {f.label: f for f in h.facts}
-    assert "Method grew most: 9 judged failures against 0 for b" in facts["error types"].text
-    assert "lowered accuracy on 76 held-out problems from 18.4 % to 14.5 %" in facts["recovery"].text
-    assert facts["recovery"].tone == "neutral" and "no significant difference" in facts["recovery"].text
+    assert "Method grew most: 9 judged failures against 0 for b" in facts["where it broke"].text
+    assert facts["recovery"].tone == "neutral" and "gap closed" not in facts["recovery"].text
+    assert "no gap to close" in facts["recovery"].text  # no gap_closed measured in this summary
     assert (
         facts["gates"].tone == "bad"
         and "below the floor" in facts["gates"].text
@@ -106,6 +106,127 @@ def test_headline_names_the_error_shift_the_recovery_and_the_tripped_gates():
     (verdict,) = recovery_verdicts(summary.recover)
     assert [f.label for f in verdict["facts"]] == ["targeted", "control", "which helped"]
     assert "evaluated merged: adapter merged into a dense checkpoint" in verdict["facts"][0].text
+    assert "the same budget, 6 examples" in verdict["facts"][1].text  # 6 and 6: equal
+
+
+def noise_summary(p: float, exceeds: bool):
+    from qreason.summary import NoiseSummary, PerturbationNoise, VariantVsNoise
+
+    return NoiseSummary(
+        base="b",
+        perturbations=[
+            PerturbationNoise(name="batch", variant="b~batch", task="t", cells=80, lost=1, gained=1)
+        ],
+        variants=[
+            VariantVsNoise(
+                variant="rtn",
+                task="t",
+                cells=80,
+                lost=27,
+                gained=2,
+                noise_cells=80,
+                noise_flips=2,
+                p_value=p,
+                exceeds_noise=exceeds,
+            )
+        ],
+    )
+
+
+def test_the_headline_answers_in_order_accuracy_noise_where_recovery():
+    """Per variant, in this order: the accuracy change with interval and McNemar p; the flips against the
+    noise floor with its p (scientific below 1e-4); where it broke, with coverage beside the deciding layer's
+    measured accuracy (or "not measured"); recovery as gap closed and repair beyond task learning."""
+    errors = pd.DataFrame([{"variant": "rtn", "error_type": "Execution", "count": 4}])
+    rec = VariantRecovery(
+        **{**arm("rtn+sb", 0.20, 0.30, 0.04), "train_problem_ids": [str(i) for i in range(30)]},
+        control=ArmResult(**{**arm("rtn+ctl", 0.20, 0.21, 0.9), "arm": "control", "train_items": 4}),
+        gap_closed=0.8,
+        gap_closed_ci=[0.32, 1.68],
+        repair_beyond_fp=0.051,
+        repair_beyond_fp_ci=[-0.03, 0.131],
+        conclusive=True,
+        verdict="gap closed 80% [32%, 168%]; repair beyond ...: no significant repair beyond task learning",
+    )
+    summary = RunSummary(recover=RecoverySummary(variants=[rec]), noise=noise_summary(1.5e-8, True))
+    located = {
+        "rtn": {
+            "failures": 20,
+            "located": 18,
+            "guessed": 2,
+            "median_step": 2.0,
+            "layers": {"reference": 18},
+            "tasks": {"gsm8k"},
+        }
+    }
+    (h,) = headlines(
+        flips(acc_diff=-0.088, ci_low=-0.225, ci_high=0.038, mcnemar_p=0.26),
+        errors,
+        summary,
+        "b",
+        {},
+        located=located,
+    )
+    labels = [f.label for f in h.facts]
+    assert labels == ["accuracy · t", "vs noise · t", "where it broke", "recovery", "gates"]
+    facts = {f.label: f for f in h.facts}
+    assert "[-22.5, +3.8]" in facts["accuracy · t"].text and "McNemar p = 0.26" in facts["accuracy · t"].text
+    assert facts["vs noise · t"].text == "real: 29 flips of 80 vs 2 of 80 in the base re-run, p 1.5e-08."
+    where = facts["where it broke"].text
+    assert "Execution grew most" in where and "Median first faulty step 2" in where
+    assert "18 of 20 failures located, coverage 90 %" in where and "2 only guessed by the prior" in where
+    assert "reference layer" in where and "55 % of wrong answers" in where
+    recovery = facts["recovery"].text
+    assert "gap closed 80 % [32 %, 168 %]" in recovery
+    assert "repair beyond task learning +5.1 points [-3.0, +13.1]" in recovery
+    assert "4 examples against the targeted arm's 6" in recovery and "budgets differ" in recovery
+    assert "same budget" not in recovery
+    assert "recovery 2" not in recovery  # no accuracy / base accuracy ratio called recovery
+
+
+def test_no_verdict_says_why_and_an_unmeasured_layer_says_so():
+    rec = VariantRecovery(
+        **arm("rtn+sb", 0.20, 0.30, 0.04),
+        gap_closed=-0.2,
+        gap_closed_ci=[-1.0, 0.5],
+        conclusive=False,
+        verdict="too few items to conclude (4 train items, fewer than 20)",
+    )
+    summary = RunSummary(recover=RecoverySummary(variants=[rec]), noise=noise_summary(0.41, False))
+    located = {
+        "rtn": {
+            "failures": 5,
+            "located": 4,
+            "median_step": 1.5,
+            "layers": {"reference": 4},
+            "tasks": {"synthetic"},
+        }
+    }
+    empty = pd.DataFrame(columns=["variant", "error_type", "count"])
+    (h,) = headlines(flips(acc_diff=0.0, mcnemar_p=1.0), empty, summary, "b", {}, located=located)
+    facts = {f.label: f for f in h.facts}
+    assert (
+        facts["vs noise · t"].text.startswith("within the noise: 29 flips")
+        and "p 0.41" in facts["vs noise · t"].text
+    )
+    assert "not measured on this task" in facts["where it broke"].text
+    text = facts["recovery"].text
+    assert text.startswith(
+        "sft on 6 examples: no verdict: too few items to conclude (4 train items, fewer than 20)"
+    )
+    assert "gap closed" not in text and "task learning" not in text and facts["recovery"].tone == "neutral"
+
+
+def test_p_values_below_1e4_are_scientific():
+    from qreason.stats import format_p
+
+    assert [format_p(p) for p in (0.26, 0.0034, 1.5e-8, 0.0, None)] == [
+        "0.26",
+        "0.0034",
+        "1.5e-08",
+        "0.0e+00",
+        "–",
+    ]
 
 
 def test_gate_section_lists_configured_gates_and_what_tripped():
@@ -182,7 +303,8 @@ def test_no_growth_names_the_most_common_type():
     (h,) = headlines(
         flips(acc_diff=0.0, ci_low=-0.1, ci_high=0.1, mcnemar_p=1.0), errors, RunSummary(), "b", {}
     )
-    assert h.facts[1].text == "no error type grew against b (most common: Method, 5)."
+    facts = {f.label: f.text for f in h.facts}
+    assert facts["where it broke"].startswith("no error type grew against b (most common: Method, 5).")
 
 
 def test_lm_eval_colour_needs_a_difference_beyond_its_standard_errors():
@@ -197,3 +319,26 @@ def test_lm_eval_colour_needs_a_difference_beyond_its_standard_errors():
     )
     tone = {r["variant"]: r["tone"] for r in lm_eval_rows(section, "base")}
     assert tone == {"base": "neutral", "rtn": "neutral", "bad": "bad"}
+
+
+def test_report_defects_of_a_small_run():
+    """The dataset card hides the loader's front matter; a variant keeps its colour from chart to chart; a
+    difficulty dimension with one bucket is named, not tabulated."""
+    from qreason.report import difficulty_context
+
+    card = render_card(
+        "---\nlicense: mit\nconfigs:\n- config_name: sft\n  data_files: sft.jsonl\n---\n# Card\n"
+    )
+    assert card["front_matter"] == [("license", "mit")]
+    palette = figures.palette_for(["base", "gptq", "rtn"])
+    assert figures.colors_for(["rtn"], palette) == figures.colors_for(["base", "gptq", "rtn"], palette)[2:]
+    table = pd.DataFrame(
+        [
+            {"variant": "rtn", "task": "synthetic", "dimension": "steps", "bucket": "1", "n": 80},
+            {"variant": "rtn", "task": "math", "dimension": "level", "bucket": "1", "n": 3},
+            {"variant": "rtn", "task": "math", "dimension": "level", "bucket": "2", "n": 4},
+        ]
+    )
+    ctx = difficulty_context(table)
+    assert [r["task"] for r in ctx["difficulty"]] == ["math", "math"]
+    assert ctx["difficulty_single"] == ["synthetic: steps 1"]

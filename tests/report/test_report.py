@@ -131,3 +131,124 @@ def test_report_renders_in_headless_chromium_without_errors_and_runs_nothing(tmp
         browser.close()
     assert not errors and not messages, [str(e) for e in errors] + [m.text for m in messages]
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
+
+
+def demo_like_summary():
+    """What a demo run's summary holds beyond the test run's tables: a noise floor and a recovery with all
+    three arms (the widest table of the report)."""
+    from qreason.summary import (
+        ArmResult,
+        NoiseSummary,
+        PerturbationNoise,
+        RecoverySummary,
+        RunSummary,
+        VariantRecovery,
+        VariantVsNoise,
+    )
+
+    def arm(name: str, kind: str, items: int) -> dict:
+        return dict(
+            variant="rtn-w4a16",
+            eval_variant=name,
+            arm=kind,
+            mode="sft",
+            train_items=items,
+            train_problem_ids=[str(i) for i in range(items)],
+            eval_problem_ids=[str(i) for i in range(40)],
+            seeds=[0],
+            base_accuracy=0.325,
+            accuracy_before=0.175,
+            accuracy_after=0.2,
+            recovery_before=0.538,
+            recovery_after=0.615,
+            repaired=3,
+            broken=2,
+            mcnemar_p=0.00003,
+            diff_ci=[-0.1, 0.15],
+            adapter="/somewhere/adapters/" + name,
+            adapter_key="k",
+            adapter_reused=False,
+            eval_mode="merged",
+            train_seconds=123.4,
+            eval_seconds=55.0,
+            generations_produced=40,
+        )
+
+    rec = VariantRecovery(
+        **arm("rtn-w4a16+sb", "targeted", 4),
+        control=ArmResult(**arm("rtn-w4a16+ctl", "control", 2)),
+        fp_arm=ArmResult(**arm("base+fp", "fp", 4)),
+        gap_closed=-0.2,
+        gap_closed_ci=[-1.5, 0.8],
+        repair_beyond_fp=0.125,
+        repair_beyond_fp_ci=[-0.05, 0.3],
+        min_train_items=20,
+        conclusive=False,
+        verdict="too few items to conclude (4 train items, fewer than 20)",
+    )
+    noise = NoiseSummary(
+        base="base",
+        perturbations=[
+            PerturbationNoise(name="batch16", variant="base~batch16", task="synthetic", cells=8, lost=1)
+        ],
+        variants=[
+            VariantVsNoise(
+                variant="rtn-w4a16",
+                task="synthetic",
+                cells=8,
+                lost=3,
+                noise_cells=8,
+                noise_flips=1,
+                p_value=1.5e-8,
+                exceeds_noise=True,
+            )
+        ],
+    )
+    return RunSummary(
+        run_id="20261205T120000Z-abc123", name="demo", recover=RecoverySummary(variants=[rec]), noise=noise
+    )
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (scripts/setup-test-tools.sh)")
+def test_at_1280_px_the_first_screen_answers_and_nothing_is_wider_than_the_page(tmp_path):
+    """A 1280 x 800 window: no table is cut or scrolls sideways, and each variant's headline answers (accuracy
+    change, flips against the noise, where it broke, recovery) are visible without scrolling."""
+    from playwright.sync_api import sync_playwright
+
+    store = build_run(tmp_path)
+    out = build_report(store, summary=demo_like_summary())
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"],
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(out.as_uri())
+        page.screenshot(path=str(tmp_path / "first-screen.png"))
+        too_wide = page.evaluate(
+            """() => {
+              const page = document.documentElement.clientWidth;
+              const out = [];
+              const whole = document.documentElement.scrollWidth;
+              if (whole > page) out.push("page " + whole);
+              for (const el of document.querySelectorAll("table, img, pre, .headline, .figs")) {
+                const r = el.getBoundingClientRect();
+                const box = el.parentElement.clientWidth;
+                if (r.right > page + 0.5 || el.scrollWidth > Math.max(box, el.clientWidth) + 1) {
+                  out.push(el.tagName + " " + (el.previousElementSibling || {}).textContent + " " + r.right);
+                }
+              }
+              return out;
+            }"""
+        )
+        facts = page.evaluate(
+            """() => [...document.querySelectorAll('#headline dt')].map(
+                 dt => [dt.textContent, dt.nextElementSibling.getBoundingClientRect().bottom])"""
+        )
+        height = page.evaluate("window.innerHeight")
+        browser.close()
+    assert not too_wide, too_wide
+    labels = [label for label, _ in facts]
+    for answer in ("accuracy · synthetic", "vs noise · synthetic", "where it broke", "recovery"):
+        assert answer in labels, labels
+    assert all(bottom <= height for label, bottom in facts if label != "gates"), facts

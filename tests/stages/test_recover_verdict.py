@@ -123,7 +123,7 @@ def test_the_report_shows_the_fp_arm_and_withholds_the_verdict_below_the_minimum
     few = _variant(base, before, after, fp_after, train_items=6)
     html = build_report(store, summary=RunSummary(recover=RecoverySummary(variants=[few]))).read_text()
     section = html[html.index('id="recovery"') : html.index('id="failures"')]
-    assert "rtn+fp" in section and "full precision: the base on the same items" in section
+    assert "rtn+fp" in section and "same items, base model" in section
     assert TOO_FEW in section and "beat" not in section and "no significant" not in section
     enough = _variant(base, before, after, fp_after, train_items=40)
     html = build_report(store, summary=RunSummary(recover=RecoverySummary(variants=[enough]))).read_text()
