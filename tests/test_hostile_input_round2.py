@@ -1,6 +1,7 @@
 """Hostile and careless input, round two (issue 23): problem identity, the lm-eval export, children that
 outlive a killed parent, decoded-size caps, variant names in paths, non-finite metrics, repair, and the
-checks made before a run starts. Each test names the item of the issue it covers."""
+checks made before a run starts. Each test is named after the behaviour it checks; the section headings
+give the issue's item numbers."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def replay_config(tmp_path: Path, tasks: str, extra: str = "") -> Path:
 # --------------------------------------------------------------------------------- 1. problem identity
 
 
-def test_item1_one_task_twice_with_other_params_is_refused_with_one_line(tmp_path):
+def test_one_task_twice_with_other_params_is_refused_with_one_line(tmp_path):
     cfg = replay_config(
         tmp_path,
         "  - {name: synthetic, limit: 3, params: {ops: [add]}}\n"
@@ -40,7 +41,7 @@ def test_item1_one_task_twice_with_other_params_is_refused_with_one_line(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_item1_one_spec_by_name_and_by_path_is_refused(tmp_path):
+def test_one_spec_by_name_and_by_path_is_refused(tmp_path):
     from qreason.inputs import resources
 
     spec = resources.find("tasks", "synthetic.yaml")
@@ -50,7 +51,7 @@ def test_item1_one_spec_by_name_and_by_path_is_refused(tmp_path):
     assert "are both task 'synthetic'" in str(err.value)
 
 
-def test_item1_changed_task_params_in_an_existing_run_directory_are_refused(tmp_path):
+def test_changed_task_params_in_an_existing_run_directory_are_refused(tmp_path):
     """The run directory's problems come from ops [add]; the config now asks for [mul]: the same problem ids
     with other questions and answers would be graded against the stored references."""
     cfg = replay_config(tmp_path, "  - {name: synthetic, limit: 3, params: {ops: [add]}}\n")
@@ -84,7 +85,7 @@ def hostile_task_dir(tmp_path: Path, name: str) -> Path:
     return tasks
 
 
-def test_item2_a_crafted_task_name_is_refused_and_never_reaches_python_source(tmp_path, monkeypatch):
+def test_a_crafted_task_name_is_refused_and_never_reaches_python_source(tmp_path, monkeypatch):
     from qreason.inputs.tasks import load_spec
 
     crafted = "x'); import os; os.system('touch pwned'); ('"
@@ -94,7 +95,7 @@ def test_item2_a_crafted_task_name_is_refused_and_never_reaches_python_source(tm
     assert "name: Value error, must be a slug" in str(err.value)
 
 
-def test_item2_export_writes_names_and_prompts_as_data(tmp_path, monkeypatch):
+def test_export_writes_names_and_prompts_as_data(tmp_path, monkeypatch):
     """An ordinary name with a dash (a SyntaxError in the old utils.py), a prompt starting with `!function`
     (an lm-eval code reference in the old YAML): the YAML holds them as plain strings, utils.py is the same
     for every export and names no path of this machine."""
@@ -126,7 +127,7 @@ def test_item2_export_writes_names_and_prompts_as_data(tmp_path, monkeypatch):
 @pytest.mark.skipif(
     not (Path(__file__).parent.parent / ".venv-bench/bin/python").is_file(), reason="no lm-eval"
 )
-def test_item2_lm_eval_loads_the_hostile_export_without_running_user_text(tmp_path, monkeypatch):
+def test_lm_eval_loads_the_hostile_export_without_running_user_text(tmp_path, monkeypatch):
     import subprocess
 
     from qreason.config.schema import SamplingConfig, TaskConfig
@@ -224,7 +225,7 @@ def wait_until(predicate, limit_s: float = 120.0) -> bool:
 
 
 @pytest.mark.parametrize("kind", ["worker", "server"])
-def test_item3_children_die_when_qreason_is_killed(tmp_path, kind):
+def test_children_die_when_qreason_is_killed(tmp_path, kind):
     import os
     import signal
     import subprocess
@@ -249,7 +250,7 @@ def test_item3_children_die_when_qreason_is_killed(tmp_path, kind):
             os.kill(child, signal.SIGKILL)
 
 
-def test_item3_a_rerun_stops_the_server_a_killed_run_left_and_nothing_else(tmp_path):
+def test_a_rerun_stops_the_server_a_killed_run_left_and_nothing_else(tmp_path):
     """A server recorded in the run directory that survived (it ignored the death signal) is stopped by the
     next lm-eval stage; a record whose pid now belongs to another program leaves that program alone."""
     import os
@@ -281,7 +282,7 @@ def test_item3_a_rerun_stops_the_server_a_killed_run_left_and_nothing_else(tmp_p
                 proc.wait()
 
 
-def test_item3_a_port_answered_by_another_process_is_refused(tmp_path):
+def test_a_server_port_answered_by_another_process_is_refused(tmp_path):
     import subprocess
     import sys
 
@@ -331,7 +332,7 @@ def _answers(port: int) -> bool:
 @pytest.mark.skipif(
     not (Path(__file__).parent.parent / ".venv-bench/bin/python").is_file(), reason="no lm-eval"
 )
-def test_item11_a_target_whose_server_does_not_start_is_recorded_and_the_others_run(tmp_path, monkeypatch):
+def test_an_lm_eval_target_whose_server_does_not_start_is_recorded_and_the_others_run(tmp_path, monkeypatch):
     import sys
 
     import qreason.stages.lm_eval.stage as stage
@@ -380,7 +381,7 @@ def variant(name: str, fingerprint: str):
     )
 
 
-def test_item5_one_adapter_on_two_variants_gets_two_merged_checkpoints_and_two_lm_eval_keys(tmp_path):
+def test_one_adapter_on_two_variants_gets_two_merged_checkpoints_and_two_lm_eval_keys(tmp_path):
     import qreason.stages.lm_eval.stage as stage
     from qreason.stages.recover import merged_dir
     from qreason.store import seal
@@ -412,7 +413,7 @@ def test_item5_one_adapter_on_two_variants_gets_two_merged_checkpoints_and_two_l
     assert stage.result_key(targets[3], "t", "v", {}) != stage.result_key(targets[4], "t", "v", {})
 
 
-def test_item11_a_damaged_cached_checkpoint_is_not_reused(tmp_path):
+def test_a_damaged_cached_checkpoint_is_not_reused(tmp_path):
     import qreason.stages.lm_eval.stage as stage
     from qreason.store import is_sealed, seal
     from qreason.summary import RecoverySummary, VariantRecovery
@@ -440,7 +441,7 @@ def test_item11_a_damaged_cached_checkpoint_is_not_reused(tmp_path):
 # ------------------------------------------------------------- 4. compressed replies: the cap is decoded
 
 
-def test_item4_a_gzip_reply_is_capped_after_decoding(tmp_path):
+def test_a_gzip_reply_is_capped_after_decoding(tmp_path):
     """A 40 KB gzip body that inflates to 40 MiB is refused (the cap counts decoded bytes) by the HTTP client
     the judges and the OpenAI backend share; a small gzip reply still reads."""
     import asyncio
@@ -501,21 +502,21 @@ def test_item4_a_gzip_reply_is_capped_after_decoding(tmp_path):
         ("{method: import, path: 'ck/..'}", "'..' must be a slug"),
     ],
 )
-def test_item6_variant_names_that_would_leave_the_run_directory_are_refused(tmp_path, variant, why):
+def test_variant_names_that_would_leave_the_run_directory_are_refused(tmp_path, variant, why):
     cfg = replay_config(tmp_path, "  - {name: synthetic, limit: 2}\n", f"quantize:\n  - {variant}\n")
     with pytest.raises(UserError) as err:
         make_plan(cfg)
     assert why in str(err.value) and not (tmp_path / "out").exists()
 
 
-def test_item6_the_noise_floor_form_of_a_variant_name_is_accepted():
+def test_the_noise_floor_form_of_a_variant_name_is_accepted():
     from qreason.config.schema import check_variant_name
 
     for name in ("base~batch16", "base--batch16", "gptq-w4a16", "m.v2_x"):
         assert check_variant_name(name) == name
 
 
-def test_item6_every_path_built_from_a_name_stays_inside_the_run_directory(tmp_path):
+def test_every_path_built_from_a_name_stays_inside_the_run_directory(tmp_path):
     (tmp_path / "outside").mkdir()
     store = RunStore(tmp_path / "run")
     (tmp_path / "run" / "lm_eval").mkdir(parents=True)
@@ -534,7 +535,7 @@ def test_item6_every_path_built_from_a_name_stays_inside_the_run_directory(tmp_p
 # --------------------------------------------------- 7. a generation belongs to a variant: name + checkpoint
 
 
-def test_item7_two_variants_of_one_checkpoint_keep_their_own_generations(tmp_path):
+def test_two_variants_of_one_checkpoint_keep_their_own_generations(tmp_path):
     from qreason.inputs.models import ResolvedModel
 
     plan = make_plan(replay_config(tmp_path, "  - {name: synthetic, limit: 2}\n"))
@@ -547,7 +548,7 @@ def test_item7_two_variants_of_one_checkpoint_keep_their_own_generations(tmp_pat
 # ------------------------------------------------------------------ 8. non-finite lm-eval metrics
 
 
-def test_item8_a_nan_metric_is_stored_and_read_back(tmp_path):
+def test_a_nan_lm_eval_metric_is_stored_and_read_back(tmp_path):
     import math
 
     import qreason.stages.lm_eval.stage as stage
@@ -571,7 +572,7 @@ def test_item8_a_nan_metric_is_stored_and_read_back(tmp_path):
 # --------------------------------------------------------------- 9. one repair, one lock, every table
 
 
-def test_item9_repair_covers_the_recovery_tables_under_the_run_lock(tmp_path):
+def test_repair_covers_the_recovery_tables_under_the_run_lock(tmp_path):
     import subprocess
     import sys
 
@@ -612,7 +613,7 @@ def test_item9_repair_covers_the_recovery_tables_under_the_run_lock(tmp_path):
 # ------------------------------------------------------------- 12. '$' in a name and the loss chart
 
 
-def test_item12_the_loss_chart_draws_a_dollar_in_a_name_literally():
+def test_the_loss_chart_draws_a_dollar_in_a_name_literally():
     from qreason.report import figures
 
     uri = figures.loss_curves({"w4$\\cmd{$+sb sft": [[0, 1.0], [1, 0.5]], "w4$\\cmd{$+ctl sft": [[0, 1.2]]})
@@ -628,7 +629,7 @@ def test_item12_the_loss_chart_draws_a_dollar_in_a_name_literally():
 # ---------------------------------------------- 10. what can be known is checked first; a stage that fails
 
 
-def test_item10_a_missing_training_environment_is_found_at_plan_time(tmp_path, monkeypatch):
+def test_a_missing_training_environment_is_found_at_plan_time(tmp_path, monkeypatch):
     monkeypatch.setenv("QREASON_TRAIN_PYTHON", str(tmp_path / "no-such-python"))
     cfg = replay_config(tmp_path, "  - {name: synthetic, limit: 2}\n", "recover: {enabled: true}\n")
     with pytest.raises(UserError) as err:
@@ -652,7 +653,7 @@ class _Stage:
         self.ran.append(self.name)
 
 
-def test_item10_a_stage_that_cannot_run_is_recorded_and_the_rest_still_runs(tmp_path, monkeypatch):
+def test_a_stage_that_cannot_run_is_recorded_and_the_rest_still_runs(tmp_path, monkeypatch):
     import qreason.pipeline.runner as runner
 
     ran: list[str] = []
@@ -676,7 +677,7 @@ def test_item10_a_stage_that_cannot_run_is_recorded_and_the_rest_still_runs(tmp_
 # ----------------------------------------------------- 13. one index beside the cache; readers create nothing
 
 
-def test_item13_prune_from_anywhere_keeps_checkpoints_of_runs_started_elsewhere(tmp_path, monkeypatch):
+def test_prune_from_anywhere_keeps_checkpoints_of_runs_started_elsewhere(tmp_path, monkeypatch):
     from qreason.pipeline.plan import default_index
     from qreason.records import ModelVariant
     from qreason.store.retention import prune
@@ -720,7 +721,7 @@ def test_item13_prune_from_anywhere_keeps_checkpoints_of_runs_started_elsewhere(
     assert list(empty.iterdir()) == []
 
 
-def test_item13_read_only_commands_create_nothing(tmp_path, monkeypatch):
+def test_read_only_commands_create_nothing(tmp_path, monkeypatch):
     from qreason.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -730,7 +731,7 @@ def test_item13_read_only_commands_create_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_item13_a_corrupt_index_is_one_line(tmp_path, capsys):
+def test_a_corrupt_run_index_is_one_line(tmp_path, capsys):
     from qreason.cli import main
 
     bad = tmp_path / "index.sqlite"
@@ -743,7 +744,7 @@ def test_item13_a_corrupt_index_is_one_line(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------- low items
 
 
-def test_low_recover_for_one_variant_keeps_the_others_in_the_recovery_summary():
+def test_recover_for_one_variant_keeps_the_others_in_the_recovery_summary():
     from qreason.stages.recover.stage import merge_recovery
     from qreason.summary import RecoverySummary, VariantRecovery
 
@@ -762,13 +763,13 @@ def test_low_recover_for_one_variant_keeps_the_others_in_the_recovery_summary():
     assert merged.skipped == {"awq": "x"}
 
 
-def test_low_a_huge_synthetic_limit_is_refused_at_plan_time(tmp_path):
+def test_a_huge_synthetic_limit_is_refused_at_plan_time(tmp_path):
     cfg = replay_config(tmp_path, "  - {name: synthetic, limit: 1000000000}\n")
     with pytest.raises(UserError, match="at most 100000 problems"):
         make_plan(cfg)
 
 
-def test_low_compare_refuses_two_runs_sharing_one_directory(tmp_path, capsys):
+def test_compare_refuses_two_runs_sharing_one_directory(tmp_path, capsys):
     from qreason.cli import main
 
     store = RunStore(tmp_path / "run")
@@ -786,9 +787,7 @@ def test_low_compare_refuses_two_runs_sharing_one_directory(tmp_path, capsys):
         ('{"r": "Answer: 1", "a": 1}', ["--out", "."], "is a directory"),
     ],
 )
-def test_low_grade_file_refuses_bad_arguments_before_grading(
-    tmp_path, monkeypatch, capsys, line, flags, message
-):
+def test_grade_file_refuses_bad_arguments_before_grading(tmp_path, monkeypatch, capsys, line, flags, message):
     from qreason.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -808,7 +807,7 @@ def test_low_grade_file_refuses_bad_arguments_before_grading(
     assert message in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
 
 
-def test_low_grade_file_writes_a_row_with_a_lone_surrogate(tmp_path):
+def test_grade_file_writes_a_row_with_a_lone_surrogate(tmp_path):
     from qreason.stages.grade import Grader, grade_file
 
     (tmp_path / "in.jsonl").write_text('{"r": "Answer: 4 \\ud800", "a": "4"}\n')
@@ -831,7 +830,7 @@ def test_low_grade_file_writes_a_row_with_a_lone_surrogate(tmp_path):
         ),
     ],
 )
-def test_low_a_malformed_external_adapter_is_one_line(tmp_path, header, meta, message):
+def test_a_malformed_external_adapter_is_one_line(tmp_path, header, meta, message):
     from qreason.stages.recover.adapters import ADAPTER_META, check_adapter
 
     ck = tmp_path / "ck"
@@ -849,7 +848,7 @@ def test_low_a_malformed_external_adapter_is_one_line(tmp_path, header, meta, me
         check_adapter(adapter, v)
 
 
-def test_low_prune_lists_recover_copies_no_kept_run_uses(tmp_path, monkeypatch):
+def test_prune_lists_recover_copies_no_kept_run_uses(tmp_path, monkeypatch):
     from qreason.store import RunIndex
     from qreason.store.retention import prune
 
@@ -876,7 +875,7 @@ def test_low_prune_lists_recover_copies_no_kept_run_uses(tmp_path, monkeypatch):
     ]
 
 
-def test_low_a_corrupt_index_stops_the_run_before_it_writes_its_directory(tmp_path):
+def test_a_corrupt_run_index_stops_the_run_before_it_writes_its_directory(tmp_path):
     from qreason.pipeline.runner import run
     from qreason.store import RunIndex
 
@@ -892,7 +891,7 @@ def test_low_a_corrupt_index_stops_the_run_before_it_writes_its_directory(tmp_pa
 @pytest.mark.skipif(
     not (Path(__file__).parent.parent / ".venv-bench/bin/python").is_file(), reason="no lm-eval"
 )
-def test_low_an_lm_eval_tag_is_refused_before_the_run():
+def test_an_lm_eval_tag_is_refused_before_the_run():
     from qreason.stages.lm_eval.stage import run_worker_check
     from qreason.workers.launch import BENCH
 

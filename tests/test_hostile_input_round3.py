@@ -4,6 +4,8 @@ parsed with bounds. Every test uses a temporary cache and index."""
 
 from __future__ import annotations
 
+import json
+import sys
 import threading
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from conftest import REPO, write_config
 from fault_server import FaultServer
 from test_hostile_input_round2 import alive, wait_until
 
+from qreason.errors import UserError
 from qreason.records import ModelVariant
 from qreason.store import RunIndex, RunLock, RunStore, mark_owned, mark_run_dir, seal
 
@@ -277,7 +280,7 @@ VLLMServer.command = lambda self: [sys.executable, str(here / "fake_server.py"),
                                    "--served-model-name", self.served_name, "--port", str(self.port)]
 st.lm_eval_version = lambda python: "fake"
 
-def worker(job, work, log_path, label, python, on_line, check_only=False):
+def worker(job, work, log_path, label, python, on_line, check_only=False, **_):
     env = st.lm_eval_env()
     env["PYTHONPATH"] = str(here) + os.pathsep + env.get("PYTHONPATH", "")
     return run_worker(job, work, log_path, label, lambda _: None, python=Path(sys.executable),
@@ -383,3 +386,348 @@ def test_ctrl_c_stops_a_training_or_quantization_worker_that_ignores_sigterm_wit
             parent.kill()
     assert code == 130 and seconds < 5.0, (code, seconds)
     assert wait_until(lambda: not any(alive(p) for p in pids), 5.0)  # the worker and what it started
+
+
+# ----------------------------------------------------------------- user-named directories are not ours
+
+
+def foreign_dir(path: Path, name: str = "utils.py") -> Path:
+    path.mkdir(parents=True)
+    (path / name).write_text("mine\n")
+    (path / ".gitignore").write_text("notes/\n")
+    return path
+
+
+def unchanged(path: Path, name: str = "utils.py") -> bool:
+    return (
+        sorted(p.name for p in path.iterdir()) == sorted([name, ".gitignore"])
+        and (path / name).read_text() == "mine\n"
+    )
+
+
+def one_line_exit_2(code: int, capsys, *fragments: str) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert all(f in err[0] for f in fragments), err[0]
+
+
+def test_setup_path_refuses_a_folder_of_someone_elses_files(tmp_path, cache, capsys):
+    from qreason.cli import main
+
+    d = foreign_dir(tmp_path / "mine", "bin")
+    (d / "bin").unlink()
+    (d / "bin").mkdir()
+    (d / "bin" / "python").write_text("mine\n")
+    one_line_exit_2(main(["setup", "train", "--path", str(d)]), capsys, str(d), "--force")
+    assert (d / "bin" / "python").read_text() == "mine\n" and (d / ".gitignore").read_text() == "notes/\n"
+    assert sorted(p.name for p in d.iterdir()) == [".gitignore", "bin"]
+
+
+def test_export_lm_eval_refuses_a_folder_of_someone_elses_files_and_rewrites_its_own(tmp_path, capsys):
+    from qreason.cli import main
+
+    d = foreign_dir(tmp_path / "mine")
+    one_line_exit_2(main(["export-lm-eval", "--out", str(d), "--task", "synthetic"]), capsys, "--force")
+    assert unchanged(d)
+    ours = tmp_path / "ours"
+    for _ in range(2):  # a directory qreason exported into is its own: written again without --force
+        assert main(["export-lm-eval", "--out", str(ours), "--task", "synthetic"]) == 0
+    assert (ours / "qreason_synthetic.yaml").is_file() and (ours / "utils.py").is_file()
+    assert main(["export-lm-eval", "--out", str(d), "--task", "synthetic", "--force"]) == 0
+    assert (d / ".gitignore").read_text() == "notes/\n" and (d / "qreason_synthetic.yaml").is_file()
+
+
+def test_an_export_an_older_qreason_wrote_is_still_its_own(tmp_path):
+    from qreason.config.schema import SamplingConfig, TaskConfig
+    from qreason.stages.lm_eval.export import export_tasks
+
+    out = tmp_path / "old-export"
+    export_tasks(out, [TaskConfig(name="synthetic", limit=2)], SamplingConfig())
+    (out / ".qreason").unlink()  # written before the marker existed
+    export_tasks(out, [TaskConfig(name="synthetic", limit=3)], SamplingConfig())
+    assert (out / ".qreason").is_file()
+
+
+def processbench_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+ROW = {"id": "a", "problem": "2 + 3?", "steps": ["2 + 3 = 6.", "So 6."], "label": 0}
+
+
+def test_judge_bench_out_refuses_a_folder_of_someone_elses_files_before_judging(tmp_path, capsys):
+    from qreason.cli import main
+
+    data = processbench_rows(tmp_path / "pb.jsonl", [ROW])
+    d = foreign_dir(tmp_path / "mine", "metrics.json")
+    one_line_exit_2(main(["judge-bench", "--data", str(data), "--out", str(d)]), capsys, "--force")
+    assert unchanged(d, "metrics.json")
+
+
+def test_curate_out_refuses_a_folder_of_someone_elses_files(tmp_path):
+    from qreason.stages.curate import check_out_dir
+
+    d = foreign_dir(tmp_path / "mine", "README.md")
+    with pytest.raises(UserError, match="not a dataset qreason wrote") as err:
+        check_out_dir(d)
+    assert "--force" not in str(
+        err.value
+    )  # the export replaces its directory whole: never among others' files
+    assert unchanged(d, "README.md")
+
+
+# ------------------------------------------------------------------------------ untrusted JSON (bounded)
+
+DEEP = "[" * 100_000 + "]" * 100_000
+GOOD = {
+    "rationale": "The sum in step 1 is wrong.",
+    "first_error_step": 1,
+    "error_type": "Execution",
+    "sub_type": "computational_error",
+    "capability": "numerical_computation",
+}
+
+
+def fault_cases(markers: list[str]) -> list[tuple]:
+    """Judge inputs (judge_helpers.make_run cases) whose question carries a marker the fake judge reads."""
+    step = "Step 1: Ana has 5 apples.\nStep 2: She buys 3 more, so she has 9.\nThe answer is \\boxed{9}."
+    return [
+        (f"f{i}", f"FAULT:{m} Ana has 5 apples and buys 3 more. How many?", "8", {"q4": (step, "wrong")})
+        for i, m in enumerate(markers)
+    ]
+
+
+HUGE_INT = '{"first_error_step": ' + "9" * 5000 + "}"
+
+
+@pytest.mark.parametrize("text", [DEEP, HUGE_INT, '{"a": ' + DEEP + "}"])
+def test_untrusted_json_beyond_its_bounds_is_a_json_error_not_a_crash(text):
+    from qreason.untrusted import UnsafeJSON, loads
+
+    with pytest.raises(json.JSONDecodeError) as err:
+        loads(text)
+    assert isinstance(err.value, UnsafeJSON)
+    assert loads('{"s": "[[[[", "n": 12345678901234567890}') == {"s": "[[[[", "n": 12345678901234567890}
+
+
+def test_one_batch_reply_nested_deep_or_with_a_huge_integer_is_one_recorded_error(tmp_path):
+    """judge --batch-read: the good reply is stored, the two hostile ones become invalid-reply records, and a
+    second read adds nothing."""
+    from judge_helpers import make_run
+
+    from qreason.stages.judge import JudgeConfig, run_judging
+
+    store = make_run(tmp_path / "run", fault_cases(["ok", "ok2", "ok3"]))
+    base = {"judges": [{"name": "j", "base_url": "http://127.0.0.1:9/v1", "model": "m"}]}
+    stats = run_judging(store, JudgeConfig.model_validate({**base, "batch": {"mode": "write"}}))
+    path = Path(stats.batch_files[0])
+    ids = [json.loads(x)["custom_id"] for x in path.read_text().splitlines()]
+    contents = [json.dumps(GOOD), DEEP, HUGE_INT]
+    outputs = [
+        {
+            "custom_id": cid,
+            "response": {
+                "status_code": 200,
+                "body": {"choices": [{"index": 0, "message": {"role": "assistant", "content": c}}]},
+            },
+        }
+        for cid, c in zip(ids, contents)
+    ]
+    (path.parent / "j.batch_output.jsonl").write_text("".join(json.dumps(o) + "\n" for o in outputs))
+    read = JudgeConfig.model_validate({**base, "batch": {"mode": "read"}})
+    stats = run_judging(store, read)
+    assert stats.judges["j"]["ok"] == 1 and stats.judges["j"]["judge_error"] == 2
+    errors = sorted(j.error for j in store.judgments.all() if j.judge == "j" and j.status == "judge_error")
+    assert "integer of more than" in errors[0] and "nested deeper" in errors[1]
+    n = len(store.judgments)
+    run_judging(store, read)
+    assert len(store.judgments) == n
+
+
+class HostileJudge:
+    """An endpoint whose replies are (by the problem's marker) true as a step, nesting or a huge integer."""
+
+    CONTENT = {
+        "bool": lambda good: json.dumps({**good, "first_error_step": True}),
+        "deep": lambda good: DEEP,
+        "bigint": lambda good: HUGE_INT,
+    }
+
+    def __init__(self):
+        import re
+
+        from fault_server import JsonServer
+
+        outer = self
+
+        class Server(JsonServer):
+            def handle(self, h, body):
+                marker = re.search(r"FAULT:(\w+)", body["messages"][-1]["content"]).group(1)
+                outer.requests += 1
+                content = HostileJudge.CONTENT[marker](GOOD)
+                reply = {
+                    "id": "x",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": content},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                }
+                self.send(h, 200, json.dumps(reply).encode())
+
+        self.requests = 0
+        self.server = Server()
+
+
+def test_hostile_judge_replies_are_invalid_replies_that_a_rerun_does_not_ask_again(tmp_path):
+    """ "first_error_step": true is not step 1; nesting and huge integers are invalid replies (final), not
+    transport errors that every run would ask again."""
+    from judge_helpers import make_run
+
+    from qreason.stages.judge import JudgeConfig, run_judging
+
+    store = make_run(tmp_path / "run", fault_cases(["bool", "deep", "bigint"]))
+    judge = HostileJudge()
+    with judge.server as server:
+        spec = {
+            "name": "h",
+            "base_url": server.base_url,
+            "model": "m",
+            "invalid_retries": 0,
+            "max_retries": 0,
+        }
+        cfg = JudgeConfig.model_validate({"judges": [spec]})
+        stats = run_judging(store, cfg)
+        assert stats.judges["h"]["judge_error"] == 3 and stats.judges["h"]["ok"] == 0
+        asked = judge.requests
+        errors = sorted(j.error for j in store.judgments.all() if j.judge == "h")
+        assert "not true or false" in errors[0] and "integer of more than" in errors[1]
+        assert "nested deeper" in errors[2]
+        run_judging(store, cfg)
+        assert judge.requests == asked
+
+
+@pytest.mark.parametrize(
+    "line",
+    [DEEP, '{"id": ' + "9" * 5000 + "}"],
+    ids=["nested-100000-deep", "5000-digit-integer"],
+)
+@pytest.mark.parametrize("command", ["judge-bench", "grade-file", "task-data"])
+def test_a_hostile_jsonl_line_is_one_error_naming_file_and_line(tmp_path, capsys, command, line):
+    from qreason.cli import main
+
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({**ROW, "r": "The answer is 5.", "a": "5"}) + "\n" + line + "\n")
+    if command == "judge-bench":
+        code = main(["judge-bench", "--data", str(data)])
+    elif command == "grade-file":
+        argv = ["grade-file", str(data), "--response-field", "r", "--reference-field", "a"]
+        code = main([*argv, "--answer-type", "number", "--out", str(tmp_path / "out.jsonl")])
+    else:  # a task's data file, as a run reads it
+        from qreason.inputs.tasks import read_jsonl
+
+        with pytest.raises(UserError) as err:
+            read_jsonl(data)
+        code = err.value.exit_code
+        print(f"qreason: error: {err.value}", file=sys.stderr)
+    one_line_exit_2(code, capsys, f"{data}:2", "refused JSON")
+
+
+# ----------------------------------------------------------------------------------------- other limits
+
+
+def test_judge_bench_bounds_the_model_free_layers_per_row_like_a_run(tmp_path):
+    """A 2 MB row (seconds of rule checks) gets a timed-out judge_error under --rules-timeout; the other row
+    is judged."""
+    from qreason.stages.judge.bench import run_bench
+
+    huge = {"id": "huge", "problem": "sum?", "steps": ["12 + 13 = 25. " * 6000] * 24, "label": -1}
+    data = processbench_rows(tmp_path / "pb.jsonl", [ROW, huge])
+    metrics = run_bench(data, [], tmp_path / "out", rules_timeout_s=0.5)
+    preds = {p["id"]: p for p in map(json.loads, (tmp_path / "out" / "predictions.jsonl").open())}
+    assert preds["a"]["status"] == "ok" and preds["a"]["prediction"] == 0
+    # unbounded, the rule checks find nothing wrong in it (after seconds): a judge_error is the time limit
+    assert preds["huge"]["status"] == "judge_error" and preds["huge"]["layers"] == {"rules": None}
+    assert metrics["judge_errors"] == 1
+
+
+def test_judge_bench_writes_ids_and_steps_with_lone_surrogates_and_refuses_a_nan_id(tmp_path, capsys):
+    from qreason.cli import main
+
+    row = {**ROW, "id": "a\ud800", "steps": ["2 + 3 = 6. \ud800", "So 6."]}
+    data = tmp_path / "pb.jsonl"
+    data.write_text(json.dumps(row) + "\n")  # json.dumps escapes the surrogate: valid JSON
+    assert main(["judge-bench", "--data", str(data), "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    (pred,) = map(
+        json.loads, (tmp_path / "out" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    )
+    assert pred["id"] == "a\ufffd"
+    json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
+    data.write_text(json.dumps({**ROW, "id": float("nan")}) + "\n")
+    one_line_exit_2(main(["judge-bench", "--data", str(data)]), capsys, f"{data}:1", "id must be")
+
+
+def test_a_yaml_alias_bomb_with_a_variable_is_refused_at_once(tmp_path, monkeypatch):
+    """Nine aliases of nine make 4e8 values; with one ${VAR} the expansion used to walk every one (54 s,
+    1.2 GB): the expanded size is bounded before anything walks it."""
+    import time
+
+    from qreason.config.schema import parse_config
+
+    monkeypatch.setenv("QREASON_TEST_VAR", "x")
+    lines = ['a0: &a0 ["x", "${QREASON_TEST_VAR}", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    text = "name: bomb\nmodel: {path: m}\ntasks: [synthetic]\nextra:\n" + "".join(f"  {x}\n" for x in lines)
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match="expands to 4.9e\\+08 values through aliases"):
+        parse_config(text, "bomb.yaml")
+    assert time.monotonic() - t0 < 30  # generous: it takes milliseconds; the walk took about a minute
+
+
+def test_aliases_within_the_bound_still_expand_variables(monkeypatch):
+    from qreason.config.schema import _load_yaml, env_expander
+
+    monkeypatch.setenv("QREASON_TEST_VAR", "v")
+    _, data = _load_yaml("a: &a ['${QREASON_TEST_VAR}']\nb: [*a, *a]\n", "c.yaml", env_expander("c.yaml"))
+    assert data == {"a": ["v"], "b": [["v"], ["v"]]}
+
+
+def test_an_endpoint_ignoring_max_tokens_gets_its_text_cut_to_the_budget_and_marked_truncated(tmp_path):
+    from qreason.config.schema import OpenAIConfig, SamplingConfig
+    from qreason.engines.base import GenerationRequest
+    from qreason.engines.openai import MAX_CHARS_PER_TOKEN, OpenAIBackend
+    from qreason.inputs.models import ResolvedModel
+
+    huge = "Step 1: 2 + 3 = 5. " * 500_000  # about 10 MB
+    with FaultServer([], content=huge) as server:
+        cfg = OpenAIConfig(base_url=server.base_url, model="m", max_retries=0)
+        backend = OpenAIBackend(cfg, ResolvedModel("m", "m", "fp", "endpoint"))
+        req = GenerationRequest("k", "v", "fp", "t", "p", [{"role": "user", "content": "2+3?"}], 0)
+        [(_, done)] = list(backend.generate([req], SamplingConfig(max_tokens=64)))
+    assert len(done.text) == 64 * MAX_CHARS_PER_TOKEN and done.finish_reason == "length"
+
+
+def test_doctor_reports_an_environment_whose_interpreter_answers_its_probe_with_an_empty_object(tmp_path):
+    from qreason.workers.envs import inspect
+    from qreason.workers.launch import TRAIN
+
+    python = tmp_path / "bin" / "python"
+    python.parent.mkdir()
+    python.write_text("#!/bin/sh\necho '{}'\n")
+    python.chmod(0o755)
+    status = inspect(TRAIN, python)
+    assert status.problem is not None and "{}" in status.problem
+
+
+def test_a_judge_name_too_long_for_a_file_name_is_refused_in_the_config(tmp_path):
+    from qreason.config.judge import parse_judge_spec
+
+    with pytest.raises(UserError, match="at most 100 characters"):
+        parse_judge_spec(f"name={'j' * 300},base_url=http://127.0.0.1:9/v1,model=m")

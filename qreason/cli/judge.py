@@ -134,6 +134,19 @@ def register(subparsers) -> None:
         "--prompt-version", default="judge-v1", metavar="V", help="judge prompt template (default: judge-v1)"
     )
     b.add_argument("--limit", type=int, metavar="N", help="only the first N rows")
+    b.add_argument(
+        "--rules-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="wall-clock limit of the model-free layers per row, as judge.rules_timeout_s in a run (default "
+        "10)",
+    )
+    b.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty --out directory judge-bench did not write (default: refused)",
+    )
     b.set_defaults(fn=cmd_judge_bench)
 
 
@@ -246,6 +259,8 @@ def cmd_judge_bench(args) -> int:
         raise UserError("--limit", "must be a positive number")
     if args.prior_step is not None and args.prior_step < 0:
         raise UserError("--prior-step", "must be 0 or more")
+    if args.rules_timeout is not None and not 0 < args.rules_timeout < float("inf"):
+        raise UserError("--rules-timeout", "must be a positive number of seconds")
     metrics = run_bench(
         Path(args.data),
         judges,
@@ -257,6 +272,8 @@ def cmd_judge_bench(args) -> int:
         task=args.task,
         protocol=args.protocol,
         prior_step=DEFAULT_PRIOR_STEP if args.prior_step is None else args.prior_step,
+        force=args.force,
+        **({"rules_timeout_s": args.rules_timeout} if args.rules_timeout is not None else {}),
     )
     print(json.dumps(metrics, indent=2))
     return 0

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from qreason.config.schema import PANEL_JUDGE, RULES_JUDGE, BatchConfig, JudgeConfig, JudgeSpec
 from qreason.errors import UserError
+from qreason.untrusted import loads as untrusted_loads
 
 __all__ = [
     "BatchConfig",
@@ -39,7 +40,7 @@ def parse_judge_spec(text: str) -> JudgeSpec | None:
         return None
     if text.startswith("{"):
         try:
-            data = json.loads(text)
+            data = untrusted_loads(text)
         except json.JSONDecodeError as exc:
             raise UserError(where, f"invalid JSON ({exc.msg})") from None
     elif Path(text).suffix in (".yaml", ".yml", ".json") and Path(text).is_file():

@@ -109,6 +109,9 @@ PRM_FIELDS = (
 )  # JudgeSpec fields of kind "prm" only
 
 
+MAX_JUDGE_NAME = 100  # a file name holds at most 255 bytes
+
+
 class JudgeSpec(Strict):
     """One judge: an LLM behind an OpenAI-compatible endpoint (kind ``openai``), or a process reward model
     (kind ``prm``: vLLM's pooling endpoint or its offline engine; docs/prm.md)."""
@@ -155,6 +158,8 @@ class JudgeSpec(Strict):
     def _name(cls, name: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]*", name):
             raise ValueError("must be a slug (letters, digits, '.', '_', ':', '/', '-')")
+        if len(name) > MAX_JUDGE_NAME:  # it names the judge's batch files (NAME.batch_input.jsonl)
+            raise ValueError(f"at most {MAX_JUDGE_NAME} characters (got {len(name)})")
         if name in {RULES_JUDGE, PANEL_JUDGE, "reference", "stack", "prior"}:
             raise ValueError(f"{name!r} is reserved")
         return name
@@ -811,20 +816,49 @@ def _load_yaml(text: str, where: str, expand: Callable[[re.Match, int], str]) ->
         mark_ = getattr(exc, "problem_mark", None)
         line = f":{mark_.line + 1}" if mark_ else ""
         raise UserError(f"{where}{line}", f"invalid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    except RecursionError:
+        raise UserError(where, "invalid YAML (nested too deeply)") from None
+    size = _expanded_size(data, {})
+    if size > MAX_CONFIG_VALUES:  # aliases (&a, *a) repeat a node: a few lines can stand for billions
+        raise UserError(
+            where, f"the YAML expands to {size:.3g} values through aliases (at most {MAX_CONFIG_VALUES:,})"
+        )
     if not refs:
         return node, data
     placeholder = re.compile(rf"__qreason_env_{nonce}_(\d+)__")
+    done: dict[int, Any] = {}  # a node an alias repeats is expanded once and shared again
 
     def walk(obj: Any) -> Any:
         if isinstance(obj, str):
             return placeholder.sub(lambda m: expand(*refs[int(m.group(1))]), obj)
+        if isinstance(obj, (list, dict)) and id(obj) in done:
+            return done[id(obj)]
         if isinstance(obj, list):
-            return [walk(v) for v in obj]
+            out: Any = done.setdefault(id(obj), [])
+            out.extend(walk(v) for v in obj)
+            return out
         if isinstance(obj, dict):
-            return {walk(k): walk(v) for k, v in obj.items()}
+            out = done.setdefault(id(obj), {})
+            out.update({walk(k): walk(v) for k, v in obj.items()})
+            return out
         return obj
 
     return node, walk(data)
+
+
+MAX_CONFIG_VALUES = 1_000_000  # values of a config with its aliases expanded
+
+
+def _expanded_size(obj: Any, memo: dict[int, int]) -> int:
+    """How many values ``obj`` holds once every alias is expanded (each node counted once per reference),
+    computed once per node."""
+    if not isinstance(obj, (list, dict)):
+        return 1
+    if id(obj) not in memo:
+        memo[id(obj)] = 0  # a node that holds itself (a recursive alias) adds nothing more
+        items = obj if isinstance(obj, list) else [x for kv in obj.items() for x in kv]
+        memo[id(obj)] = 1 + sum(_expanded_size(v, memo) for v in items)
+    return memo[id(obj)]
 
 
 def env_expander(where: str, keep_unset: bool = False) -> Callable[[re.Match, int], str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata as md
+import logging
 import queue
 import threading
 import time
@@ -37,6 +38,25 @@ if TYPE_CHECKING:
     from qreason.config.schema import ModelConfig, OpenAIConfig, SamplingConfig
 
 _DONE = object()
+log = logging.getLogger(__name__)
+# An endpoint may ignore max_tokens: more characters than this many per requested token cannot come from
+# honouring it, so the text is cut there (finish_reason "length", like any reply cut at its budget).
+MAX_CHARS_PER_TOKEN = 64
+
+
+def capped(text: str, finish_reason: str | None, max_tokens: int) -> tuple[str, str | None]:
+    """A reply's text within its token budget (``MAX_CHARS_PER_TOKEN`` characters per token), and its finish
+    reason ("length" when it was cut: the grade then says truncated)."""
+    limit = max_tokens * MAX_CHARS_PER_TOKEN
+    if len(text) <= limit:
+        return text, finish_reason
+    log.warning(
+        "the endpoint ignored max_tokens %d: a reply of %d characters was cut to the first %d",
+        max_tokens,
+        len(text),
+        limit,
+    )
+    return text[:limit], "length"
 
 
 def continuation_args(messages: list[dict[str, str]]) -> dict | None:
@@ -105,9 +125,14 @@ class OpenAIBackend:
                     problem = reply.problem
                     continue
                 refused = reply.refusal is not None  # the model declined: kept as its answer, marked as such
+                text, finish = capped(
+                    reply.refusal if refused else reply.content or "",
+                    "refusal" if refused else reply.finish_reason,
+                    sampling.max_tokens,
+                )
                 return Completion(
-                    text=reply.refusal if refused else reply.content or "",
-                    finish_reason="refusal" if refused else reply.finish_reason,
+                    text=text,
+                    finish_reason=finish,
                     prompt_tokens=reply.prompt_tokens,
                     completion_tokens=reply.completion_tokens,
                     seconds=time.monotonic() - t0,

@@ -15,6 +15,7 @@ import math
 import threading
 from typing import Any
 
+from qreason import untrusted
 from qreason.errors import UserError
 
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -67,7 +68,7 @@ def read_step_scores(text: str | bytes | None, n_steps: int) -> tuple[list[float
     if not text:
         raise InvalidScores("empty reply")
     try:
-        body = json.loads(text)
+        body = untrusted.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidScores(f"malformed JSON ({getattr(exc, 'msg', exc)})") from None
     data = body.get("data") if isinstance(body, dict) else None

@@ -27,7 +27,6 @@ import pandas as pd
 
 from qreason.config.schema import CurateConfig, RunConfig, SamplingConfig, StabilityConfig
 from qreason.engines import Backend, GenerationRequest
-from qreason.errors import UserError
 from qreason.flips import is_flip, latest_grades, solved_cells
 from qreason.inputs.steps import step_spans
 from qreason.records import Generation, Judgment, SilverBulletItem, content_key
@@ -36,7 +35,8 @@ from qreason.stages.base import RunContext
 from qreason.stages.generate import run_generation
 from qreason.stages.grade import Grader, grade_key, run_grading
 from qreason.stages.noise import store_stability
-from qreason.store import OWNER_MARKER, RunStore, mark_owned, owned_as, publish, staging
+from qreason.store import RunStore, mark_owned, publish, staging
+from qreason.store.ownership import check_user_dir
 from qreason.summary import CurateSummary
 
 log = logging.getLogger(__name__)
@@ -377,17 +377,11 @@ def check_out_dir(out_dir: Path) -> None:
     """Refuse an output directory that holds anything but a dataset qreason wrote: export replaces it whole,
     and qreason never deletes what it did not create. Called before any work is done."""
     out_dir = Path(out_dir)
-    if not out_dir.exists():
+    legacy = out_dir.is_dir() and not out_dir.is_symlink() and {p.name for p in out_dir.iterdir()}
+    if legacy and legacy <= _LEGACY_LAYOUT:
         return
-    if not out_dir.is_dir():
-        raise UserError(str(out_dir), "exists and is not a directory; choose another --out")
-    names = {p.name for p in out_dir.iterdir()}
-    if names and owned_as(out_dir) != "dataset" and not names <= _LEGACY_LAYOUT:
-        raise UserError(
-            str(out_dir),
-            f"not a dataset qreason wrote (no {OWNER_MARKER}) and not empty; "
-            "choose an empty or new directory for --out",
-        )
+    # no --force: the export replaces the directory whole, so another's files would be deleted
+    check_user_dir(out_dir, "dataset", force=False, option="--out", force_ok=False)
 
 
 def export(items: list[SilverBulletItem], out_dir: Path, provenance: dict) -> Path:

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from qreason import untrusted
 from qreason.errors import UserError
 
 
@@ -202,7 +203,9 @@ def iter_jsonl(path: Path, not_object: str = "each line must be a JSON object") 
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = untrusted.loads(line)  # bounded: a deep or huge-integer line is one error, not a crash
+            except untrusted.UnsafeJSON as exc:
+                raise UserError(where, f"refused JSON ({exc.msg})") from None
             except json.JSONDecodeError as exc:
                 raise UserError(where, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(row, dict):

@@ -89,11 +89,14 @@ def remove_owned(path: Path, kind: str | None = None) -> bool:
     return True
 
 
-def check_user_dir(path: Path, kind: str, force: bool = False, option: str = "--out") -> bool:
+def check_user_dir(
+    path: Path, kind: str, force: bool = False, option: str = "--out", force_ok: bool = True
+) -> bool:
     """Refuse, before anything is written, a directory the user named (``option``) that holds files qreason
     did not put there: it must not exist, be empty, or carry qreason's marker of ``kind``; ``force`` writes
-    anyway. A file in its place is always refused. Returns whether qreason may mark the directory as its own
-    (``claim_user_dir``): not where ``force`` let it write among someone else's files."""
+    anyway (``force_ok``: the command offers --force). A file in its place is always refused. Returns whether
+    qreason may mark the directory as its own (``claim_user_dir``): not where ``force`` let it write among
+    someone else's files."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return True
@@ -105,11 +108,16 @@ def check_user_dir(path: Path, kind: str, force: bool = False, option: str = "--
         return False
     names = sorted(p.name for p in path.iterdir())
     more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+    what = _WHAT.get(kind, f"a {kind} directory")
     raise UserError(
         str(path),
-        f"not empty and not written by qreason (holds {names[0]!r}{more}, no {OWNER_MARKER} marker); choose "
-        f"an empty or new directory for {option}, or pass --force to write into it",
+        f"not empty and not {what} qreason wrote (holds {names[0]!r}{more}, no {OWNER_MARKER} marker); "
+        f"choose an empty or new directory for {option}"
+        + (", or pass --force to write into it" if force_ok else ""),
     )
+
+
+_WHAT = {"dataset": "a dataset", "environment": "an environment", "lm-eval tasks": "an lm-eval export"}
 
 
 def claim_user_dir(path: Path, kind: str, name: str) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qreason.errors import UserError
+from qreason.store.ownership import check_user_dir, claim_user_dir
 from qreason.workers import launch
 from qreason.workers.launch import SIDE_ENVS, SideEnv, setup_command, side_env_vars
 
@@ -178,6 +179,11 @@ def setup(
     for env in envs:
         env_dir = (path or env.default_dir).absolute()
         python = env_dir / "bin" / "python"
+        # building writes bin/, lib/ and a .gitignore there: a folder of someone else's is refused (exit 2)
+        if path is not None and read_stamp(env_dir) is None:
+            ours = check_user_dir(env_dir, "environment", force, "--path")
+            if ours:
+                claim_user_dir(env_dir, "environment", env.name)
         if not force and python.is_file() and read_stamp(env_dir) == wanted(env, device):
             link_qreason(python)
             echo(f"setup {env.name}: {env_dir} is up to date")
@@ -232,7 +238,10 @@ def inspect(env: SideEnv, python: Path | None = None) -> EnvStatus:
         found = json.loads(out.stdout)
     except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
         return EnvStatus(env, python, problem=f"{python} does not run ({exc})")
-    status = EnvStatus(env, python, found["versions"], found["qreason"])
+    if not (isinstance(found, dict) and isinstance(found.get("versions"), dict)):
+        return EnvStatus(env, python, problem=f"{python} answered its probe with {out.stdout.strip()[:80]!r}")
+    where = found.get("qreason")
+    status = EnvStatus(env, python, found["versions"], where if isinstance(where, str) else None)
     missing = [d for d in DISTS[env.name] if d not in status.versions]
     if missing:
         status.problem = f"{', '.join(missing)} not installed"

@@ -313,7 +313,8 @@ sampling: {max_tokens: 77}
     )
     out = tmp_path / "export"
     assert main(["export-lm-eval", "--out", str(out), "--config", str(config)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["qreason_synthetic.yaml", "utils.py"]
+    # the task files, utils.py and the marker that makes the directory qreason's (a re-export may rewrite it)
+    assert sorted(p.name for p in out.iterdir()) == [".qreason", "qreason_synthetic.yaml", "utils.py"]
     probe = tmp_path / "probe.py"
     probe.write_text("""
 import json, sys

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from qreason.config.judge import JudgeSpec
-from qreason.config.schema import PANEL_JUDGE, RULES_JUDGE
+from qreason.config.schema import PANEL_JUDGE, RULES_JUDGE, JudgeConfig
 from qreason.errors import UserError
+from qreason.records import clean_text
 from qreason.stages.judge.base import make_judge
 from qreason.stages.judge.client import ReplyCache, add_usage
 from qreason.stages.judge.panel import vote
@@ -52,6 +53,9 @@ from qreason.stages.judge.stack import (
 )
 from qreason.stages.judge.stage import _run_coroutine
 from qreason.store import iter_jsonl, write_atomic
+from qreason.store.ownership import check_user_dir, claim_user_dir
+
+BENCH_KIND = "judge bench"  # the ownership marker's kind of a --out directory
 
 
 def load_processbench(path: Path, limit: int | None = None) -> list[dict]:
@@ -72,6 +76,9 @@ def load_processbench(path: Path, limit: int | None = None) -> list[dict]:
             raise UserError(where, f"label must be -1 or a step index 0..{len(steps) - 1}, got {label!r}")
         if not isinstance(row["problem"], str):
             raise UserError(where, "problem must be a string")
+        if isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):
+            raise UserError(where, f"id must be a string or an integer, got {row['id']!r}")
+        row = clean_text(row)  # a lone surrogate (a valid JSON escape) cannot be written back as UTF-8
         if str(row["id"]) in ids:
             raise UserError(where, f"duplicate id {row['id']!r}")
         ids.add(str(row["id"]))
@@ -160,20 +167,50 @@ def _gate(row: dict, problem, answer_type: str) -> tuple[bool | None, str]:
     return None, "unknown"
 
 
-def _offline(
-    row: dict, problem, correct: bool | None, layers: list[str], protocol: str
-) -> list[LayerVerdict]:
-    out = []
-    if RULES in layers:
-        out.append(LayerVerdict(RULES, RULES_JUDGE, rule_verdict_call((list(row["steps"]), None))))
+def _solution(problem) -> str | None:
     solution = problem.meta.get("reference_solution") if problem is not None else None
     if problem is not None and not solution and isinstance(problem.meta.get("reference_steps"), list):
         solution = "\n".join(map(str, problem.meta["reference_steps"]))
-    if REFERENCE in layers and protocol == "gated" and arithmetic_reference(solution):
-        ref = Reference(row["problem"], problem.answer, solution)
-        out.append(
-            LayerVerdict(REFERENCE, REFERENCE_JUDGE, reference_verdict(list(row["steps"]), ref, correct))
-        )
+    return solution
+
+
+def _offline_layers(problem, layers: list[str], protocol: str) -> list[tuple[str, str]]:
+    """The model-free layers (layer, judge name) that judge a row."""
+    out = [(RULES, RULES_JUDGE)] if RULES in layers else []
+    if REFERENCE in layers and protocol == "gated" and arithmetic_reference(_solution(problem)):
+        out.append((REFERENCE, REFERENCE_JUDGE))
+    return out
+
+
+def _offline(args: tuple) -> list[LayerVerdict]:
+    """The model-free layers' verdicts on one row (run in a worker process, under a time limit)."""
+    row, problem, correct, layers, protocol = args
+    out = []
+    for layer, judge in _offline_layers(problem, layers, protocol):
+        if layer == RULES:
+            out.append(LayerVerdict(RULES, RULES_JUDGE, rule_verdict_call((list(row["steps"]), None))))
+        else:
+            ref = Reference(row["problem"], problem.answer, _solution(problem))
+            out.append(LayerVerdict(layer, judge, reference_verdict(list(row["steps"]), ref, correct)))
+    return out
+
+
+def _offline_all(jobs: list[tuple], timeout_s: float) -> list[list[LayerVerdict]]:
+    """``_offline`` for every row, each under a wall-clock limit as in a run (``judge.rules_timeout_s``): a
+    row past it gets a judge_error from each of its layers."""
+    from qreason.pool import bounded_calls
+
+    out: list[list[LayerVerdict]] = [[] for _ in jobs]
+    workers = min(2, max(len(jobs), 1))
+    for i, ok, result in bounded_calls(_offline, list(enumerate(jobs)), timeout_s, workers):
+        if not ok:
+            _, problem, _, layers, protocol = jobs[i]
+            error = Verdict(status="judge_error", error=f"model-free layers {result}")
+            result = [
+                LayerVerdict(layer, judge, error)
+                for layer, judge in _offline_layers(problem, layers, protocol)
+            ]
+        out[i] = result
     return out
 
 
@@ -208,17 +245,22 @@ def run_bench(
     task: str | None = None,
     protocol: str = "gated",
     prior_step: int | None = DEFAULT_PRIOR_STEP,
+    rules_timeout_s: float = JudgeConfig().rules_timeout_s,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Score the judge stack on ProcessBench data: the rule checks always; with ``offline`` every model-free
     layer (reference locator where a reference matched, the prior); the judge specs as prm layers (kind
     "prm") and an llm layer (one judge, or the panel of two or more). Returns the stack's metrics with
     ``layers`` (each layer's own) and ``baselines``; with ``out``, writes OUT/predictions.jsonl and
-    OUT/metrics.json (and the reply cache of model judges)."""
+    OUT/metrics.json (and the reply cache of model judges): a non-empty ``out`` that judge-bench did not
+    write is refused before any work, unless ``force``. ``rules_timeout_s``: the wall-clock limit of the
+    model-free layers per row."""
     t0, c0 = time.monotonic(), time.process_time()
     if protocol not in ("gated", "blind"):
         raise UserError("--protocol", f"must be gated or blind, got {protocol!r}")
     if (references is None) != (task is None):
         raise UserError("--references", "--references and --task go together")
+    mark = check_user_dir(Path(out), BENCH_KIND, force) if out is not None else False
     rows = load_processbench(Path(data), limit)
     answer_type, refs = load_references(Path(references), task) if references else ("number", {})
     matched = [refs.get(normalise_problem(r["problem"])) for r in rows]
@@ -229,7 +271,13 @@ def run_bench(
         g, src = _gate(row, problem, answer_type) if protocol == "gated" else (None, "blind")
         gate.append(g)
         sources[src] += 1
-    members = [_offline(r, p, g, layers, protocol) for r, p, g in zip(rows, matched, gate)]
+    members = _offline_all(
+        [(r, p, g, layers, protocol) for r, p, g in zip(rows, matched, gate)], rules_timeout_s
+    )
+    if out is not None and mark:  # checked above; marked before anything is written into it
+        claim_user_dir(Path(out), BENCH_KIND, "judge-bench")
+    elif out is not None:  # --force among someone else's files: written, not marked
+        Path(out).mkdir(parents=True, exist_ok=True)
 
     prm_specs = [s for s in judges if s.kind == "prm"]
     llm_specs = [s for s in judges if s.kind != "prm"]
@@ -312,7 +360,6 @@ def run_bench(
     }
     if out is not None:
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         lines = []
         for r, (v, layer, judge), m, g in zip(rows, stacked, members, gate):
             rec = {

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from qreason import untrusted
 from qreason.config.judge import JudgeSpec
 from qreason.engines.openai_http import REFUSED_STATUSES, deadline_http_client, redact, short_error
 from qreason.engines.pooling import (
@@ -153,7 +154,7 @@ class PRMJudge:
             return None
         content, usage = hit
         try:
-            scores = scores_from_rows(json.loads(content).get("scores"), req.n_steps)
+            scores = scores_from_rows(untrusted.loads(content).get("scores"), req.n_steps)
         except (InvalidScores, ValueError, AttributeError):
             return None  # not what we store: score again rather than trust it
         verdict = prm_verdict(scores, req.threshold)

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from qreason import untrusted
 from qreason.config.schema import DEFAULT_PROMPT_VERSION
 from qreason.errors import UserError
 from qreason.inputs import resources
@@ -270,6 +271,13 @@ class ReplyModel(BaseModel):
     sub_type: str
     capability: str
 
+    @field_validator("first_error_step", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # JSON true is not step 1
+            raise ValueError("must be an integer, not true or false")
+        return value
+
 
 @dataclass
 class Verdict:
@@ -302,7 +310,9 @@ def parse_reply(content: str | None, n_steps: int, taxonomy: Taxonomy) -> Verdic
     m = _FENCE.match(content)
     text = m.group(1) if m else content
     try:
-        data = json.loads(text)
+        data = untrusted.loads(text)  # bounded: nesting and integer size (one bad reply, one error)
+    except untrusted.UnsafeJSON as exc:
+        raise InvalidReply(f"refused JSON ({exc.msg})") from None
     except json.JSONDecodeError as exc:
         raise InvalidReply(f"malformed JSON ({exc.msg} at char {exc.pos})") from None
     if not isinstance(data, dict):

@@ -28,6 +28,9 @@ from qreason.config.schema import SLUG
 from qreason.errors import UserError
 from qreason.inputs import synthetic
 from qreason.store import write_atomic
+from qreason.store.ownership import check_user_dir, claim_user_dir
+
+EXPORT_KIND = "lm-eval tasks"  # the ownership marker's kind of an export directory
 
 EXPORT_REVISION = 2  # 2: one fixed utils.py, per-task settings in the YAML metadata
 TRUNCATION_NOTE = (
@@ -287,8 +290,30 @@ def _dump(cfg: dict) -> str:
     return yaml.dump(cfg, Dumper=dumper, sort_keys=False, allow_unicode=True, width=110)
 
 
-def export_tasks(out_dir: Path, tasks: list, sampling, base_dir: Path | None = None) -> list[Path]:
+def _legacy_export(out_dir: Path) -> bool:
+    """A directory an older qreason exported into (before the ownership marker): only its task files and
+    utils.py, each with the header qreason writes."""
+    heads = {"utils.py": '"""lm-eval functions of the qreason_* tasks', "qreason_": "# qreason task "}
+    for p in out_dir.iterdir():
+        if p.name == "__pycache__":
+            continue
+        head = heads["utils.py"] if p.name == "utils.py" else heads["qreason_"]
+        if not (p.is_file() and (p.name == "utils.py" or p.name.startswith("qreason_"))):
+            return False
+        try:
+            with open(p, encoding="utf-8") as fh:
+                if not fh.read(len(head)) == head:
+                    return False
+        except (OSError, UnicodeDecodeError):
+            return False
+    return True
+
+
+def export_tasks(
+    out_dir: Path, tasks: list, sampling, base_dir: Path | None = None, force: bool = False
+) -> list[Path]:
     """Write ``qreason_<task>.yaml`` for each task config and one ``utils.py``; returns the YAML paths.
+    A non-empty ``out_dir`` qreason did not export into is refused (``store.ownership``) unless ``force``.
 
     ``tasks``: qreason ``TaskConfig``s (data paths already absolute or relative to ``base_dir``);
     ``sampling``:
@@ -298,7 +323,11 @@ def export_tasks(out_dir: Path, tasks: list, sampling, base_dir: Path | None = N
     from qreason.inputs.tasks import load_prompt, load_spec
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    legacy = out_dir.is_dir() and not out_dir.is_symlink() and _legacy_export(out_dir)
+    if legacy or check_user_dir(out_dir, EXPORT_KIND, force):
+        claim_user_dir(out_dir, EXPORT_KIND, "lm-eval tasks")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)  # --force: written among someone else's files, unmarked
     written = []
     for task in tasks:
         spec = load_spec(task.name, base_dir)

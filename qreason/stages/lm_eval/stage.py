@@ -499,7 +499,7 @@ def run_lm_eval(
         from qreason.stages.lm_eval.export import export_tasks
 
         export_dir = lm_dir / "tasks"
-        export_tasks(export_dir, export, sampling, base_dir)
+        export_tasks(export_dir, export, sampling, base_dir, force=True)  # the run directory is ours
     paths = include_paths(cfg, export_dir, base_dir)
     args = stage_args(cfg, backend, files_hash(paths))
     results: dict[tuple[str, str], LmEvalResult] = {}

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from qreason import untrusted
 from qreason.config.schema import RecoverConfig
 from qreason.errors import UserError
 from qreason.records import ModelVariant, content_key
@@ -127,7 +128,7 @@ def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
         if not 0 < size < 100 * 2**20:
             raise UserError(str(path), "not a safetensors file")
         try:
-            header = json.loads(fh.read(size))
+            header = untrusted.loads(fh.read(size))
         except ValueError:
             raise UserError(str(path), "not a safetensors file (bad header)") from None
     if not isinstance(header, dict):
