@@ -176,14 +176,33 @@ def _cmd_analyze(args) -> int:
     import pandas as pd
 
     with pd.option_context("display.width", 160, "display.max_columns", 20):
-        print(result.degradation.to_string(index=False))
+        print(shown(result.degradation).to_string(index=False))
         if not result.flips.empty:
             print()
-            print(result.flips.to_string(index=False))
+            print(shown(result.flips).to_string(index=False))
         print("\nwrong answers and format failures (right answer, no readable marker):")
-        print(result.formats.drop(columns=["wrong_rate", "format_failure_rate"]).to_string(index=False))
+        formats = result.formats.drop(columns=["wrong_rate", "format_failure_rate"])
+        print(shown(formats).to_string(index=False))
     print(f"\ntables written to {store.dir / 'analysis'}")
     return 0
+
+
+def shown(table):
+    """A table as the terminal shows it (the CSV files keep full precision): percentages (``*_pct``) to one
+    decimal, p-values (``*_p``) by ``format_p``, other fractions to three decimals."""
+    from qreason.stats import format_p
+
+    out = table.copy()
+    for col in out.columns:
+        if out[col].dtype.kind != "f":
+            continue
+        if col.endswith("_p") or col == "p_value":
+            out[col] = out[col].map(format_p)
+        elif col.endswith("_pct"):
+            out[col] = out[col].round(1)
+        else:
+            out[col] = out[col].round(3)
+    return out
 
 
 def _cmd_curate(args) -> int:
@@ -265,7 +284,11 @@ def _cmd_recover(args) -> int:
 
 
 def format_recovery(result) -> str:
-    """The before/after table of a RecoverySummary, one row per variant and arm."""
+    """The before/after table of a RecoverySummary, one row per variant and arm, then per variant the
+    recovery in docs/recovery.md's terms (gap closed, repair beyond task learning) or why there is no
+    verdict."""
+    from qreason.report.headline import budget_words, recovery_words
+    from qreason.stats import format_p
 
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
@@ -280,7 +303,6 @@ def format_recovery(result) -> str:
             "base",
             "before",
             "after",
-            "recovery",
             "repaired",
             "broken",
             "p",
@@ -299,10 +321,9 @@ def format_recovery(result) -> str:
                     pct(arm.base_accuracy),
                     pct(arm.accuracy_before),
                     pct(arm.accuracy_after),
-                    f"{pct(arm.recovery_before)} -> {pct(arm.recovery_after)}",
                     str(arm.repaired),
                     str(arm.broken),
-                    f"{arm.mcnemar_p:.3g}",
+                    format_p(arm.mcnemar_p),
                     arm.eval_mode,
                 ]
             )
@@ -314,10 +335,11 @@ def format_recovery(result) -> str:
             ci_text = "n/a" if h.ci[0] is None else f"[{100 * h.ci[0]:+.1f}, {100 * h.ci[1]:+.1f}]"
             lines.append(
                 f"{v.variant}: targeted - control = {100 * h.diff:+.1f} points, 95% CI {ci_text}, "
-                f"McNemar p {h.mcnemar_p:.3g}: {h.verdict}"
+                f"McNemar p {format_p(h.mcnemar_p)}: {h.verdict}"
             )
-        if v.verdict:
-            lines.append(f"{v.variant}: {v.verdict}")
+        lines.append(f"{v.variant}: {recovery_words(v)}")
+        if budget_words(v):
+            lines.append(f"{v.variant}: {budget_words(v)}")
         if v.fp_arm_skipped:
             lines.append(f"{v.variant}: no full-precision arm ({v.fp_arm_skipped})")
     for name, why in result.skipped.items():
