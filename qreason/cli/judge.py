@@ -165,6 +165,7 @@ def cmd_judge(args) -> int:
     from qreason.config.judge import load_judge_config
     from qreason.stages.base import run_stage_command
     from qreason.stages.judge import JudgeStage, distribution
+    from qreason.stages.judge.measured import accuracy_words
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "generations.jsonl").is_file() or not (run_dir / "grades.jsonl").is_file():
@@ -200,6 +201,7 @@ def cmd_judge(args) -> int:
     ctx = run_stage_command(args.run_dir, JudgeStage(), update)
     store, stats = ctx.store, ctx.summary.judge
     dist = distribution(store)
+    tasks = {p.task for p in store.problems.all()}
     if args.json:
         print(json.dumps({"stats": stats.model_dump(), "distribution": dist}, indent=2))
     else:
@@ -222,10 +224,12 @@ def cmd_judge(args) -> int:
         for variant, d in dist.items():
             types = ", ".join(f"{k} {v}" for k, v in sorted(d["error_types"].items())) or "-"
             layers = ", ".join(f"{k} {v}" for k, v in sorted(d["sources"].items()))
+            deciding = [k for k in d["sources"] if k != "prior"]
             print(
                 f"{variant}: {d['failures']} failures, {d['flips']} flips; types: {types}; median first "
-                f"faulty step {d['first_error_step']['median']}; located {d['coverage']:.0%} "
-                f"(decided by {layers}); abandoned answers {d['abandoned_answers']} of "
+                f"faulty step {d['first_error_step']['median']}; coverage {d['coverage']:.0%} located "
+                f"(decided by {layers}; prior = guessed, not located); the stack's "
+                f"{accuracy_words(tasks, deciding)}; abandoned answers {d['abandoned_answers']} of "
                 f"{d['wrong_answers']} wrong"
             )
         print(f"judgments: {store.judgments.path}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,12 +63,19 @@ class Endpoint:
     api_key_env: str
 
 
+def models_url(base_url: str, root: bool = False) -> str:
+    """``BASE/models`` (``ROOT/v1/models`` with ``root``), a query string of the base URL kept at the end."""
+    parts = urllib.parse.urlsplit(base_url)
+    path = parts.path.rstrip("/")
+    if root:
+        path = (path[: -len("/v1")] if path.endswith("/v1") else path) + "/v1"
+    return urllib.parse.urlunsplit(parts._replace(path=path + "/models"))
+
+
 def endpoints(loaded: LoadedConfig) -> list[Endpoint]:
     """The HTTP endpoints a run of this config calls: the OpenAI-compatible backend, the LLM judges and the
     process reward models behind a server (judges only where their layer is on and replies are not read
     from batch files)."""
-    from qreason.engines.pooling import pooling_url
-
     cfg = loaded.config
     out = []
     if cfg.backend.kind == "openai":
@@ -75,7 +83,7 @@ def endpoints(loaded: LoadedConfig) -> list[Endpoint]:
             Endpoint(
                 "backend",
                 loaded.place("backend", "base_url"),
-                cfg.backend.base_url.rstrip("/") + "/models",
+                models_url(cfg.backend.base_url),
                 cfg.backend.api_key_env,
             )
         )
@@ -85,11 +93,7 @@ def endpoints(loaded: LoadedConfig) -> list[Endpoint]:
             layer = "prm" if spec.kind == "prm" else "llm"
             if spec.base_url is None or layer not in judge.layers:
                 continue
-            url = (
-                pooling_url(spec.base_url) + "/v1/models"
-                if spec.kind == "prm"
-                else spec.base_url.rstrip("/") + "/models"
-            )
+            url = models_url(spec.base_url, root=spec.kind == "prm")
             where = loaded.place("judge", "judges", i, "base_url")
             out.append(Endpoint(f"judge {spec.name}", where, url, spec.api_key_env))
     return out
@@ -97,7 +101,7 @@ def endpoints(loaded: LoadedConfig) -> list[Endpoint]:
 
 def probe(endpoint: Endpoint, timeout_s: float = ENDPOINT_TIMEOUT_S) -> str | None:
     """Why an endpoint cannot serve the run (None: it answered). Any answer but a refusal (401, 403) or a
-    server error (5xx) counts: a server without a /models route still listens."""
+    server error (500, 502-504) counts: a server without a /models route (404, 405, 501) still listens."""
     from qreason.engines.openai_http import api_key, redact
 
     key = api_key(endpoint.api_key_env)
@@ -113,7 +117,7 @@ def probe(endpoint: Endpoint, timeout_s: float = ENDPOINT_TIMEOUT_S) -> str | No
             return (
                 f"{shown} refused the request (HTTP {exc.code}): check the API key in ${endpoint.api_key_env}"
             )
-        if exc.code >= 500:
+        if exc.code in (500, 502, 503, 504):  # down behind a proxy, or failing; 501: no GET route, but up
             return f"{shown} answered with a server error (HTTP {exc.code})"
         return None
     except (TimeoutError, urllib.error.URLError, OSError, ValueError) as exc:
@@ -169,7 +173,9 @@ def describe(loaded: LoadedConfig) -> str:
     parts = []
     b = loaded.config.backend
     if b.kind == "vllm":
-        parts.append(f"vLLM build for device {b.device}")
+        from qreason.engines.vllm import installed_build
+
+        parts.append(f"{installed_build()} for device {b.device}")
     n = len(endpoints(loaded))
     if n:
         parts.append(f"{n} endpoint{'s' if n != 1 else ''} answer{'s' if n == 1 else ''}")

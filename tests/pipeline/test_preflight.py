@@ -125,7 +125,13 @@ class _Server:
 
 @pytest.mark.parametrize(
     "status, problem",
-    [(200, None), (404, None), (401, "refused the request (HTTP 401)"), (503, "server error (HTTP 503)")],
+    [
+        (200, None),
+        (404, None),
+        (501, None),
+        (401, "refused the request (HTTP 401)"),
+        (503, "server error (HTTP 503)"),
+    ],
 )
 def test_an_endpoint_answers_or_says_why_not(status, problem, monkeypatch):
     from qreason.pipeline.preflight import Endpoint, probe

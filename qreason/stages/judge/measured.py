@@ -63,6 +63,6 @@ def accuracy_words(tasks: list[str] | set[str], layers: list[str] | set[str]) ->
     """The measured accuracy in words, or why there is none."""
     m = measured_accuracy(tasks, layers)
     if m is None:
-        return "its step accuracy is not measured on this task (no judge-bench result for it)"
+        return "step accuracy not measured on this task (no judge-bench result for it)"
     below = " (no better than a fixed guess there)" if m.f1 <= m.guess + 0.01 else ""
-    return f"measured exact on {100 * m.exact:.0f} % of wrong answers on {m.family}{below} ({m.source})"
+    return f"step accuracy exact on {100 * m.exact:.0f} % of wrong answers on {m.family}{below} ({m.source})"
