@@ -9,8 +9,10 @@ own task loader), the embedded default model, greedy decoding, the same max_toke
     overhead in percent (target: at most 5 %). Token counts and texts of both are compared so the reader sees
     the work was the same.
 (b) end to end: ``python -m qreason.cli run`` (engine start, generation, Math-Verify grading) in a fresh
-    output directory against ``lm_eval --model hf`` with a task YAML rendering the same user prompt through
-    the same chat template; wall times, accuracies and the speed ratio (target: qreason at least 4x faster).
+    output directory against lm-eval with a task YAML rendering the same user prompt through the same chat
+    template, either ``lm_eval --model hf`` or (``--lm-eval-via server``) ``vllm serve`` plus ``lm_eval
+    --model local-completions``, the way a user drives vLLM from lm-eval; wall times, accuracies and the
+    speed ratio (target against hf: qreason at least 4x faster).
     The prompts lm-eval actually sent are checked against qreason's.
 
 Everything the benchmark writes (the run config, the lm-eval task, the runs, the results JSON) goes to
@@ -18,7 +20,8 @@ bench/out/ (or --out DIR). --smoke: 2 prompts, 8 tokens, one repetition, so that
 quickly (the numbers then mean nothing).
 lm-eval lives in its own environment (.venv-bench, made by scripts/setup-bench-env.sh).
 
-    .venv/bin/python bench/generation_overhead.py [--n 64] [--max-tokens 256] [--repeats 3]
+    .venv/bin/python bench/generation_overhead.py [--n 64] [--max-tokens 256] [--repeats 3] [--model M]
+                                                  [--lm-eval-via hf|server]
                                                   [--skip-raw] [--skip-lm-eval] [--full-pipeline]
                                                   [--out DIR] [--smoke]
 
@@ -80,7 +83,9 @@ def load_avg() -> list[float] | None:
 # ---------------------------------------------------------------------------------------------------- inputs
 
 
-def write_run_config(path: Path, data: Path, n: int, max_tokens: int, full_pipeline: bool) -> Path:
+def write_run_config(
+    path: Path, data: Path, n: int, max_tokens: int, full_pipeline: bool, model: str = "default"
+) -> Path:
     """The qreason run config both parts use: the gsm8k task on the local file, greedy, one seed.
     Unless ``full_pipeline``, the stages lm-eval has no counterpart for (HTML report, curation) are off."""
     import yaml
@@ -89,7 +94,7 @@ def write_run_config(path: Path, data: Path, n: int, max_tokens: int, full_pipel
 
     config: dict = {
         "name": "bench-gsm8k",
-        "model": {"path": "default"},
+        "model": {"path": model},
         "tasks": [{"name": "gsm8k", "data": str(data), "limit": n, "format_example": False}],
         "sampling": {"temperature": 0.0, "top_p": 1.0, "max_tokens": max_tokens, "seeds": [0]},
     }
@@ -418,27 +423,43 @@ def lm_eval_versions(lm_eval: Path) -> dict:
 
 
 def run_lm_eval(
-    lm_eval: Path, task_dir: Path, model_path: str, n: int, batch_size: int, device: str, out_dir: Path
+    lm_eval: Path,
+    task_dir: Path,
+    model_path: str,
+    n: int,
+    batch_size: int,
+    device: str,
+    out_dir: Path,
+    server_url: str | None = None,
+    max_length: int = 4096,
 ) -> dict:
-    log("\n[b] lm-eval end to end: lm_eval --model hf (model load, generation, scoring)")
+    """lm-eval on the task: ``--model hf`` (transformers in lm-eval's process), or with ``server_url``
+    ``--model local-completions`` against a vLLM server (what a user with a served model runs)."""
+    how = "local-completions against vllm serve" if server_url else "hf"
+    log(f"\n[b] lm-eval end to end: lm_eval --model {how} (generation, scoring)")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
+    if server_url:
+        model = [
+            "--model",
+            "local-completions",
+            "--model_args",
+            f"base_url={server_url},model=bench,tokenizer={model_path},tokenizer_backend=huggingface,"
+            f"tokenized_requests=True,max_length={max_length},num_concurrent={batch_size},max_retries=1,"
+            "timeout=3600",
+        ]
+    else:
+        model = ["--model", "hf", "--model_args", f"pretrained={model_path},dtype=bfloat16"]
+        model += ["--batch_size", str(batch_size), "--device", device]
     cmd = [
         str(lm_eval),
-        "--model",
-        "hf",
-        "--model_args",
-        f"pretrained={model_path},dtype=bfloat16",
+        *model,
         "--tasks",
         TASK_NAME,
         "--include_path",
         str(task_dir),
         "--apply_chat_template",
-        "--batch_size",
-        str(batch_size),
-        "--device",
-        device,
         "--limit",
         str(n),
         "--output_path",
@@ -478,6 +499,35 @@ def run_lm_eval(
         "load_avg_after": load_avg(),
         "_samples": samples,
     }
+
+
+def lm_eval_on_server(
+    lm_eval: Path, task_dir: Path, cfg, model_path: str, n: int, batch_size: int, work: Path
+) -> dict:
+    """``vllm serve`` (qreason's server wrapper: the same engine settings as its generate stage) and lm-eval's
+    local-completions against it; the server's start-up is part of the wall time, as it is for a user."""
+    from qreason.engines.vllm_server import VLLMServer
+
+    t = time.perf_counter()
+    with VLLMServer(
+        cfg.backend, model_path, "bench", work / "vllm-server.log", where="bench server"
+    ) as server:
+        start = time.perf_counter() - t
+        log(f"[b] vLLM server up in {start:.1f} s at {server.base_url}")
+        lm = run_lm_eval(
+            lm_eval,
+            task_dir,
+            model_path,
+            n,
+            batch_size,
+            "cpu",
+            work / "lm-eval",
+            server.base_url,
+            cfg.backend.max_model_len,
+        )
+    lm["server_start_seconds"] = round(start, 2)
+    lm["wall_seconds"] = round(lm["wall_seconds"] + start, 2)
+    return lm
 
 
 def sample_prompt(sample: dict) -> str | None:
@@ -606,15 +656,22 @@ def report(result: dict) -> None:
                 + ", ".join(f"{k} {v}" for k, v in q["outcomes"].items() if v),
             ]
         ]
+        via_server = c.get("lm_eval_via") == "server"
         if lm:
             rows.append(
                 [
-                    "lm-eval (hf)",
+                    "lm-eval (vllm serve)" if via_server else "lm-eval (hf)",
                     f"{lm['wall_seconds']:.1f}",
                     f"{lm['cpu_seconds']:.1f}",
                     f"{100 * lm['accuracy']:.1f} %",
                     f"~{lm['prompt_check']['completion_tokens_retokenized']}",
-                    f"batch_size {c['lm_eval_batch_size']}, device {c['lm_eval_device']}; exact_match on "
+                    (
+                        f"server start {lm['server_start_seconds']:.1f} s counted, "
+                        f"{c['lm_eval_batch_size']} concurrent requests"
+                        if via_server
+                        else f"batch_size {c['lm_eval_batch_size']}, device {c['lm_eval_device']}"
+                    )
+                    + "; exact_match on "
                     f"last \\boxed{{}} (on the last number instead: "
                     f"{100 * (lm.get(f'accuracy_{FALLBACK_FILTER}') or 0):.1f} %)",
                 ]
@@ -625,7 +682,8 @@ def report(result: dict) -> None:
             log(
                 f"    prompts identical to qreason's (chat template rendered): "
                 f"{pc['prompts_identical']}/{pc['prompts_checked']}; completions identical to qreason's: "
-                f"{pc['completions_identical_to_qreason']}/{lm['n_samples']} (HF vs vLLM kernels)"
+                f"{pc['completions_identical_to_qreason']}/{lm['n_samples']}"
+                + ("" if via_server else " (HF vs vLLM kernels)")
             )
             if pc["first_mismatch"]:
                 m = pc["first_mismatch"]
@@ -634,9 +692,13 @@ def report(result: dict) -> None:
                     f"      qreason: {m['qreason']!r}"
                 )
             ok = b["speedup"] >= b["target_speedup"]
+            target = (
+                "both drive vLLM: no target"
+                if via_server
+                else f"target >= {b['target_speedup']:.0f}x: {'met' if ok else 'NOT met'}"
+            )
             log(
-                f"    lm-eval / qreason wall time = {b['speedup']:.2f}x "
-                f"(target >= {b['target_speedup']:.0f}x: {'met' if ok else 'NOT met'}); "
+                f"    lm-eval / qreason wall time = {b['speedup']:.2f}x ({target}); "
                 f"cpu time {b['cpu_speedup']:.2f}x"
             )
         else:
@@ -653,6 +715,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--n", type=int, default=64, help="number of GSM8K prompts (default 64)")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="the model, as a config's model.path: default (SmolLM2-135M-Instruct), a named embedded model "
+        "(qwen2.5-coder-1.5b-instruct) or a checkpoint directory",
+    )
+    p.add_argument(
+        "--lm-eval-via",
+        choices=["hf", "server"],
+        default="hf",
+        help="lm-eval's model: hf (transformers in lm-eval's process) or server (local-completions against a "
+        "vLLM OpenAI-compatible server started with qreason's engine settings; its start-up is counted)",
+    )
     p.add_argument(
         "--max-tokens", type=int, default=256, help="max generated tokens per prompt (default 256)"
     )
@@ -735,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True)
 
     config_path = write_run_config(
-        out / "qreason_gsm8k_bench.yaml", data, args.n, args.max_tokens, args.full_pipeline
+        out / "qreason_gsm8k_bench.yaml", data, args.n, args.max_tokens, args.full_pipeline, args.model
     )
     cfg, model, requests = build_requests(config_path)
     if len(requests) != args.n:
@@ -760,6 +835,7 @@ def main(argv: list[str] | None = None) -> int:
             "backend": cfg.backend.model_dump(),
             "lm_eval_batch_size": lm_batch,
             "lm_eval_device": device,
+            "lm_eval_via": args.lm_eval_via,
             "versions": env["versions"],
             "lm_eval_env_versions": lm_eval_versions(lm_eval) if lm_eval else {},
             "machine": {**env["hardware"], "platform": platform.platform()},
@@ -799,7 +875,10 @@ def main(argv: list[str] | None = None) -> int:
     if lm_eval is not None:
         task_dir = out / "lm_eval_tasks"
         write_lm_eval_task(task_dir, data, args.max_tokens)
-        lm = run_lm_eval(lm_eval, task_dir, model.path, args.n, lm_batch, device, work / "lm-eval")
+        if args.lm_eval_via == "server":
+            lm = lm_eval_on_server(lm_eval, task_dir, cfg, model.path, args.n, lm_batch, work)
+        else:
+            lm = run_lm_eval(lm_eval, task_dir, model.path, args.n, lm_batch, device, work / "lm-eval")
         lm["prompt_check"] = check_lm_eval_prompts(
             lm.pop("_samples"), requests, model.path, work / "qreason-run"
         )

