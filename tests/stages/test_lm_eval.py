@@ -120,7 +120,7 @@ def test_stored_results_are_not_evaluated_again(tmp_path, monkeypatch):
     calls = []
     barrier = None
 
-    def fake_evaluate(target, todo, cfg, backend, python, paths, version, args, store, lock):
+    def fake_evaluate(target, todo, cfg, backend, python, paths, version, args, store, lock, note=None):
         calls.append((target.name, [t for t, _ in todo]))
         if barrier is not None:
             barrier.wait()  # returns only once the other target is being evaluated too
@@ -243,9 +243,13 @@ def test_lm_eval_variants_picks_the_models_the_stage_evaluates(monkeypatch):
     from qreason.records import ModelVariant
 
     seen = {}
-    monkeypatch.setattr(
-        stage, "run_lm_eval", lambda store, cfg, backend, targets, *rest: seen.setdefault("t", targets)
-    )
+    from qreason.summary import LmEvalSummary
+
+    def fake_run(store, cfg, backend, targets, *rest):
+        seen["t"] = targets
+        return LmEvalSummary()
+
+    monkeypatch.setattr(stage, "run_lm_eval", fake_run)
     variants = [
         ModelVariant(
             key=n,
