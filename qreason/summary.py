@@ -177,6 +177,7 @@ class ArmResult(Section):
     arm: Literal["targeted", "control", "fp"]
     mode: str
     train_items: int
+    train_chars: int | None = None  # characters of answer text trained on (the budget beside train_items)
     train_problem_ids: list[str]
     eval_problem_ids: list[str]
     seeds: list[int]

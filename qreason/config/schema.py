@@ -356,6 +356,9 @@ class RecoverConfig(Strict):
     # sft: SFT on completions only; dpo (reference: the quantized model); kd: distillation from the base
     # model (forward KL on its top-k tokens) on its verified solutions and at the failure frontier
     mode: Literal["sft", "dpo", "sft+dpo", "kd"] = "sft"
+    # further modes trained and evaluated beside ``mode`` in the same run, their arms named with the mode
+    # (VARIANT+sb-kd, VARIANT+ctl-kd); a full-precision arm two modes train alike is shared (kd's is sft's)
+    extra_modes: list[Literal["sft", "dpo", "sft+dpo", "kd"]] = Field(default_factory=list)
     rank: int = Field(default=16, ge=1)
     alpha: int = Field(default=32, ge=1)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)

@@ -376,7 +376,11 @@ def test_bad_input_is_one_line_with_exit_2(recovered, tmp_path, capsys):
     config = (run / "config.yaml").read_text()
     (run / "config.yaml").write_text(config.replace("test_fraction: 0.5", "test_fraction: 0.95"))
     code, err = _run_cli(capsys, str(run))
-    assert code == 2 and "split with another curate.seed or curate.test_fraction" in err and "\n" not in err
+    assert (
+        code == 2
+        and "split with another curate.seed, test_fraction or task_splits" in err
+        and "\n" not in err
+    )
     (run / "config.yaml").write_text(config)
     # no Silver Bullet items
     (run / "silver_bullet" / "items.jsonl").write_text("")
@@ -490,3 +494,30 @@ def test_kd_trains_evaluates_and_reuses_its_teacher_outputs(recovered, tmp_path,
     plan = ArmPlan(TARGETED, data, key, tmp_path / "lr-0.01", None)
     train_adapters([plan], variant, cfg.recover, set(), tmp_path / "work", lambda m: None, teacher=base)
     assert read_meta(plan.adapter_dir)["teacher"] == {"teacher_computed": 0, "teacher_cached": rows}
+
+
+def test_extra_modes_train_beside_the_primary_and_share_its_full_precision_arm(recovered, tmp_path):
+    """``recover.extra_modes: [kd]`` in a run whose sft arms are trained: sft's arms are reused under their
+    names, kd's arms carry the mode (rtn+sb-kd, rtn+ctl-kd), and kd's full-precision arm is sft's (the same
+    adapter and evaluation: nothing generated for it)."""
+    from qreason.stages.recover import recover
+    from qreason.store import RunStore
+
+    store, cfg, first, *_ = recovered
+    run = tmp_path / "run"
+    shutil.copytree(store.dir, run, ignore=shutil.ignore_patterns(".lock"))
+    both = cfg.model_copy(update={"recover": cfg.recover.model_copy(update={"extra_modes": ["kd", "sft"]})})
+    summary = recover(RunStore(run), both, "base")
+    by_mode = {v.mode: v for v in summary.variants}
+    assert sorted(by_mode) == ["kd", "sft"] and len(summary.variants) == 2
+    sft, kd = by_mode["sft"], by_mode["kd"]
+    assert (sft.eval_variant, sft.control.eval_variant, sft.fp_arm.eval_variant) == (
+        "rtn+sb",
+        "rtn+ctl",
+        "rtn+fp",
+    )
+    assert sft.adapter_reused and sft.generations_produced == 0
+    assert (kd.eval_variant, kd.control.eval_variant) == ("rtn+sb-kd", "rtn+ctl-kd")
+    assert kd.fp_arm.eval_variant == "rtn+fp" and kd.fp_arm.adapter_key == sft.fp_arm.adapter_key
+    assert kd.fp_arm.generations_produced == 0 and kd.generations_produced > 0
+    assert kd.adapter_key != sft.adapter_key

@@ -1,6 +1,7 @@
 """What the adapters train and are evaluated on: the Silver Bullet items of a variant (targeted: the very rows
 ``curate`` exports, so training the exported train split elsewhere reproduces the adapter), an untargeted
-control set of the same size, and the held-out items every arm is evaluated on."""
+control set of the same size and about the same amount of text, and the held-out items every arm is evaluated
+on."""
 
 from __future__ import annotations
 
@@ -42,6 +43,14 @@ class TrainSet:
     sft: list[dict]  # curate's SFT rows (prompt, completion)
     dpo: list[dict]  # curate's DPO rows (prompt, chosen, rejected, prefix); kd: prefix + chosen, the frontier
 
+    def chars_for(self, mode: str) -> int:
+        """The characters of answer text the mode trains on (the budget beside the number of rows): sft the
+        completions, dpo chosen and rejected, kd the completions and the frontier (chosen) rows."""
+        sft = sum(len(_answer(r["completion"])) for r in self.sft)
+        chosen = sum(len(_answer(r["chosen"])) for r in self.dpo)
+        rejected = sum(len(_answer(r["rejected"])) for r in self.dpo)
+        return sft if mode == "sft" else chosen + rejected if mode == "dpo" else sft + chosen
+
     def rows_for(self, mode: str) -> int:
         return (
             len(self.sft)
@@ -60,6 +69,16 @@ def targeted_set(items: list[SilverBulletItem]) -> TrainSet:
         sft=[r["sft"] for r in rows],
         dpo=[r["dpo"] for r in rows if r["dpo"] is not None],
     )
+
+
+def _answer(turns: list[dict]) -> str:
+    return "".join(str(t.get("content", "")) for t in turns)
+
+
+# the control takes, for each targeted row in turn, the solution nearest in length among this many of the next
+# randomly ordered candidates: the same number of examples and about the same amount of text, still a random
+# draw of problems the base solved
+LENGTH_WINDOW = 4
 
 
 def _order(seed: int, *parts) -> str:
@@ -88,6 +107,26 @@ def control_set(
     want_dpo = len(target.dpo) if mode not in ("sft", "kd") else 0
     if mode == "kd":
         want_sft = len(target.sft) + len(target.dpo)
+    if not want_dpo:  # SFT rows only: each one matched in length to a targeted row
+        lengths = [len(_answer(r["completion"])) for r in target.sft]
+        if mode == "kd":
+            lengths += [len(_answer(r["chosen"])) for r in target.dpo]
+        remaining = list(pool)
+        for length in lengths:
+            window = []
+            for key in remaining:
+                if key[:2] not in used and key[:2] not in {k[:2] for k in window}:
+                    window.append(key)
+                if len(window) == LENGTH_WINDOW:
+                    break
+            if not window:
+                break
+            key = min(window, key=lambda k: abs(len(correct_base[k].text) - length))
+            remaining.remove(key)
+            sft.append(sft_row(correct_base[key].messages, correct_base[key].text))
+            used.add(key[:2])
+            picked.append(key[:2])
+        return TrainSet(problems=picked, sft=sft, dpo=dpo)
     for key in pool:
         if key[:2] in used or (len(sft) >= want_sft and len(dpo) >= want_dpo):
             continue

@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -118,6 +118,7 @@ class RecoveryInputs:
     echo: Callable[[str], None]
     base_variant: ModelVariant | None = None  # the full-precision model (kd's teacher, the fp arm)
     notes: Callable[[str], None] | None = None  # the training worker's progress (default: ``echo``)
+    primary_mode: str = "sft"  # recover.mode: its arms carry no mode in their names (extra_modes' do)
 
 
 def recover(
@@ -163,7 +164,10 @@ def recover(
         return summary
     eval_mode = resolve_eval_mode(cfg, run_cfg)
     base_variant = variants.get(base_name)
-    if cfg.mode == "kd" and adapter is None and not (base_variant and Path(base_variant.path).is_dir()):
+    modes = [cfg.mode] + (
+        [m for m in dict.fromkeys(cfg.extra_modes) if m != cfg.mode] if adapter is None else []
+    )
+    if "kd" in modes and adapter is None and not (base_variant and Path(base_variant.path).is_dir()):
         raise UserError("recover.mode", "kd distills the base model: it needs the base's local checkpoint")
     if adapter is not None:
         check_adapter(adapter, variants[targets[0]])
@@ -207,6 +211,7 @@ def recover(
         echo,
         base_variant,
         notes,
+        cfg.mode,
     )
     try:
         for name in targets:
@@ -217,11 +222,13 @@ def recover(
                 continue
             if not Path(variant.path).is_dir():
                 raise UserError(variant.path, f"the checkpoint of variant {name!r} is missing")
-            result = _recover_variant(inputs, variant, items, by_variant[name])
-            summary.variants.append(result)
-            summary.produced += result.generations_produced + sum(
-                a.generations_produced for a in (result.control, result.fp_arm) if a is not None
-            )
+            for mode in modes:
+                mode_cfg = run_cfg.model_copy(update={"recover": cfg.model_copy(update={"mode": mode})})
+                result = _recover_variant(replace(inputs, run_cfg=mode_cfg), variant, items, by_variant[name])
+                summary.variants.append(result)
+                summary.produced += result.generations_produced + sum(
+                    a.generations_produced for a in (result.control, result.fp_arm) if a is not None
+                )
     finally:
         for b in owned:
             b.close()
@@ -355,6 +362,14 @@ def _recover_variant(
             )
         )
     reused = {p.arm: p.meta is not None for p in plans}
+
+    def eval_name(arm: str) -> str:
+        """The arm's variant name: an extra mode's arms carry the mode, unless the arm trains as the primary
+        mode's does (kd's full-precision arm is sft's: one adapter, one evaluation)."""
+        mode = fp_mode(cfg.mode) if arm == FP else cfg.mode
+        primary = fp_mode(inp.primary_mode) if arm == FP else inp.primary_mode
+        return variant.name + SUFFIX[arm] + ("" if mode == primary else f"-{cfg.mode}")
+
     exclude = {k for p in plans for k in p.data.problems}
     ev = EvalSet(base=base, own=own)
     eval_items = [k for k in ev.items(exclude) if k[:2] in inp.held]
@@ -370,7 +385,7 @@ def _recover_variant(
         trained = p.model or variant
         fingerprint = content_key("recovered", trained.fingerprint, p.key, eval_mode)
         models[p.arm] = ResolvedModel(
-            variant.name + SUFFIX[p.arm],
+            eval_name(p.arm),
             str(merged_dir(trained, p.key)) if eval_mode == "merged" else trained.path,
             fingerprint,
             "recovered",
@@ -378,7 +393,7 @@ def _recover_variant(
     # the cached copies this run uses, recorded before they are made or read, so prune keeps them
     store.refer([dense_dir(variant)] + [merged_dir(p.model or variant, p.key) for p in plans])
     requests = {
-        p.arm: eval_requests(variant.name + SUFFIX[p.arm], models[p.arm], eval_items, ev, problems, run_cfg)
+        p.arm: eval_requests(eval_name(p.arm), models[p.arm], eval_items, ev, problems, run_cfg)
         for p in plans
     }
     missing = {arm for arm, reqs in requests.items() if any(r.key not in gens_t for r in reqs)}
@@ -445,6 +460,7 @@ def _recover_variant(
                 arm=p.arm,
                 mode=mode,
                 train_items=meta.get("train_items", p.data.rows_for(mode)),
+                train_chars=None if p.external else p.data.chars_for(mode),
                 train_problem_ids=sorted(problem_label(k, multi) for k in p.data.problems),
                 eval_problem_ids=sorted({problem_label(k[:2], multi) for k in eval_items}),
                 seeds=sorted({k[2] for k in eval_items}),
