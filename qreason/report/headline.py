@@ -207,6 +207,19 @@ def recovery_words(rec: VariantRecovery) -> str:
     return f"{measured}: {verdict}" if verdict else measured
 
 
+# a control whose answer text is within this fraction of the targeted arm's (and as many examples) is matched
+BUDGET_TOLERANCE = 0.1
+
+
+def budget_matched(rec: VariantRecovery) -> bool:
+    """The control trained on as many examples as the targeted arm and about as much text (where recorded)."""
+    c = rec.control
+    if c is None or c.train_items != rec.train_items:
+        return False
+    chars, mine = getattr(c, "train_chars", None), getattr(rec, "train_chars", None)
+    return chars is None or mine is None or abs(chars - mine) <= BUDGET_TOLERANCE * max(chars, mine, 1)
+
+
 def budget_words(rec: VariantRecovery) -> str:
     """The control arm's budget against the targeted arm's, in numbers: "the same budget" only when the
     examples (and their characters, where recorded) are equal."""
@@ -217,6 +230,11 @@ def budget_words(rec: VariantRecovery) -> str:
     same = c.train_items == rec.train_items and (chars is None or mine is None or chars == mine)
     if same:
         return f"control: the same budget ({c.train_items} examples), {pct(c.accuracy_after)} after"
+    if budget_matched(rec):
+        return (
+            f"control: as many examples ({c.train_items}), about as long ({chars} against {mine} "
+            f"characters), {pct(c.accuracy_after)} after"
+        )
     chars = f", {chars} against {mine} characters" if chars is not None and mine is not None else ""
     return (
         f"control: {c.train_items} examples against the targeted arm's {rec.train_items}{chars} (budgets "
@@ -364,9 +382,11 @@ def recovery_verdicts(recovery) -> list[dict]:
         ]
         if v.control is not None:
             c = v.control
-            same = budget_words(v).startswith("control: the same budget")
+            same = budget_matched(v)
             budget = (
                 f"the same budget, {c.train_items} examples"
+                if budget_words(v).startswith("control: the same budget")
+                else f"as many examples ({c.train_items}), about as long"
                 if same
                 else f"{c.train_items} examples against the targeted arm's {v.train_items}: budgets differ"
             )
