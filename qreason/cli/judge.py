@@ -122,7 +122,8 @@ def register(subparsers) -> None:
         type=int,
         default=None,
         metavar="K",
-        help="the prior layer's guess for wrong answers no layer located (default: 2)",
+        help="the prior layer's guess for wrong answers no layer located (default: the step stored for "
+        "--task's family, else 2)",
     )
     b.add_argument(
         "--out",
@@ -254,7 +255,7 @@ def cmd_judge(args) -> int:
 
 def cmd_judge_bench(args) -> int:
     from qreason.stages.judge.bench import run_bench
-    from qreason.stages.judge.stack import DEFAULT_PRIOR_STEP
+    from qreason.stages.judge.measured import prior_step_for
 
     values = args.judge or []
     offline = "offline" in [v.strip() for v in values]
@@ -275,7 +276,7 @@ def cmd_judge_bench(args) -> int:
         references=Path(args.references) if args.references else None,
         task=args.task,
         protocol=args.protocol,
-        prior_step=DEFAULT_PRIOR_STEP if args.prior_step is None else args.prior_step,
+        prior_step=prior_step_for(args.task or "", args.prior_step),
         force=args.force,
         **({"rules_timeout_s": args.rules_timeout} if args.rules_timeout is not None else {}),
     )

@@ -212,7 +212,9 @@ class JudgeConfig(Strict):
     layers: list[Literal["rules", "reference", "prm", "llm", "prior"]] = Field(
         default_factory=lambda: ["rules", "reference", "prm", "llm", "prior"], min_length=1
     )
-    prior_step: int = Field(default=2, ge=0)  # the prior layer's guess (0-based; clipped to the last step)
+    # the prior layer's guess (0-based; clipped to the last step); None: the step chosen for the task's family
+    # on labelled data (qreason/stages/judge/measured.py), else 2
+    prior_step: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _unique(self) -> "JudgeConfig":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qreason.stages.judge.stack import LLM, PRM
+from qreason.stages.judge.stack import DEFAULT_PRIOR_STEP, LLM, PRM
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,10 @@ class Measured:
     guess: float  # the best fixed positional guess on the same data (F1; the stack's F1 in ``f1``)
     f1: float
     source: str
+    # the prior layer's guess for this family: of steps 0-5, the one giving the stack's best F1 on the
+    # development half (even ids; `qreason judge-bench --judge offline --prior-step K`, 2026-12-06: gsm8k
+    # F1 0.667 for k 0-1, 0.675 for k 2-5; olympiadbench 0.117, 0.279, 0.300, 0.215, 0.172 for k 0-4)
+    prior_step: int = 2
 
 
 MEASURED = {
@@ -43,6 +47,15 @@ MEASURED = {
 
 # task name prefixes -> family (qreason's task specs: gsm8k, gsm8k-train, math500, aime2024, ...)
 FAMILIES = (("gsm8k", "gsm8k"), ("math", "competition"), ("aime", "competition"), ("olympiad", "competition"))
+
+
+def prior_step_for(task: str, configured: int | None) -> int:
+    """The prior layer's guess for a task: the config's ``judge.prior_step`` when set, else the step chosen
+    for the task's family on labelled development data, else step 2."""
+    if configured is not None:
+        return configured
+    fam = family_of(task)
+    return MEASURED[fam].prior_step if fam in MEASURED else DEFAULT_PRIOR_STEP
 
 
 def family_of(task: str) -> str | None:

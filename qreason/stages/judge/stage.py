@@ -44,6 +44,7 @@ from qreason.stages.judge.client import (
     read_batch,
     write_batch,
 )
+from qreason.stages.judge.measured import prior_step_for
 from qreason.stages.judge.panel import vote
 from qreason.stages.judge.prompts import OUTCOME, JudgeInput, Verdict, load_taxonomy, load_template
 from qreason.stages.judge.reference import (
@@ -387,7 +388,7 @@ def stack_records(
     current = current_judgments(store, cfg.prompt_version)
     prm = [j.name for j in cfg.judges if j.kind == "prm" and PRM in cfg.layers]
     llm = [j.name for j in cfg.judges if j.kind != "prm" and LLM in cfg.layers]
-    prior = cfg.prior_step if PRIOR in cfg.layers else None
+    use_prior = PRIOR in cfg.layers
     records = []
     for c in candidates:
         gk = c.generation.key
@@ -403,6 +404,7 @@ def stack_records(
         if not members:
             continue
         wrong = c.grade.status == "wrong"
+        prior = prior_step_for(c.generation.task, cfg.prior_step) if use_prior else None
         key = content_key("judgment", gk, STACK_JUDGE, [j.key for _, j in members], prior, wrong, 1)
         if key in store.judgments:
             continue
