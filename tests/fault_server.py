@@ -142,3 +142,22 @@ class FaultServer(JsonServer):
         else:
             raise ValueError(action)
         self.send(handler, status, payload, headers=headers)
+
+
+# A stand-in for `python -m vllm.entrypoints.openai.api_server` (the tests replace the command): it answers
+# GET /v1/models with the served name, "ok" to anything else, and leaves its pid beside its first argument
+# when that is a path
+FAKE_VLLM_SERVER = """
+import http.server, json, os, sys
+from pathlib import Path
+name, port = sys.argv[sys.argv.index("--served-model-name") + 1], int(sys.argv[sys.argv.index("--port") + 1])
+if not sys.argv[1].startswith("--"):  # a path to leave the pid beside
+    Path(sys.argv[1]).with_name(f"server-{name}.pid").write_text(str(os.getpid()))
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"data": [{"id": name}]}).encode() if self.path == "/v1/models" else b"ok"
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""

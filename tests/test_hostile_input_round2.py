@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_config
+from fault_server import FAKE_VLLM_SERVER
 
 from qreason.errors import UserError
 from qreason.pipeline.plan import make_plan
@@ -167,18 +168,6 @@ def test_lm_eval_loads_the_hostile_export_without_running_user_text(tmp_path, mo
 
 # --------------------------------------------------------------------------- 3. children die with qreason
 
-FAKE_SERVER = """
-import http.server, json, sys
-name, port = sys.argv[sys.argv.index("--served-model-name") + 1], int(sys.argv[sys.argv.index("--port") + 1])
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = json.dumps({"data": [{"id": name}]}).encode() if self.path == "/v1/models" else b"ok"
-        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a): pass
-http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
-"""
-
 PARENT = """
 import sys, time
 from pathlib import Path
@@ -233,7 +222,7 @@ def test_children_die_when_qreason_is_killed(tmp_path, kind):
 
     from conftest import REPO
 
-    (tmp_path / "fake_server.py").write_text(FAKE_SERVER)
+    (tmp_path / "fake_server.py").write_text(FAKE_VLLM_SERVER)
     (tmp_path / "sleeper.py").write_text("import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(600)\n")
     parent = subprocess.Popen(
         [sys.executable, "-c", PARENT, str(REPO), kind, str(tmp_path)], stdout=subprocess.PIPE, text=True
@@ -260,7 +249,7 @@ def test_a_rerun_stops_the_server_a_killed_run_left_and_nothing_else(tmp_path):
 
     from qreason.engines.vllm_server import _argv_hash, stop_leftover_servers
 
-    (tmp_path / "fake_server.py").write_text(FAKE_SERVER)
+    (tmp_path / "fake_server.py").write_text(FAKE_VLLM_SERVER)
     servers = tmp_path / "servers"
     servers.mkdir()
     argv = [sys.executable, str(tmp_path / "fake_server.py"), "--served-model-name", "x", "--port", "0"]
@@ -289,7 +278,7 @@ def test_a_server_port_answered_by_another_process_is_refused(tmp_path):
     from qreason.config.schema import VLLMConfig
     from qreason.engines.vllm_server import VLLMServer, free_port
 
-    (tmp_path / "fake_server.py").write_text(FAKE_SERVER)
+    (tmp_path / "fake_server.py").write_text(FAKE_VLLM_SERVER)
     port = free_port()
     other = subprocess.Popen(
         [
@@ -618,10 +607,15 @@ def test_the_loss_chart_draws_a_dollar_in_a_name_literally():
 
     uri = figures.loss_curves({"w4$\\cmd{$+sb sft": [[0, 1.0], [1, 0.5]], "w4$\\cmd{$+ctl sft": [[0, 1.2]]})
     assert uri.startswith("data:image/png;base64,")
+    # every public function that draws (returns a data URI, or None when there is nothing to draw) renders
+    # its text literally; the colour helpers draw nothing
     drawing = [
         name
         for name, fn in vars(figures).items()
-        if callable(fn) and getattr(fn, "__module__", "") == figures.__name__ and not name.startswith("_")
+        if callable(fn)
+        and getattr(fn, "__module__", "") == figures.__name__
+        and not name.startswith("_")
+        and str(getattr(fn, "__annotations__", {}).get("return", "")).startswith("str")
     ]
     assert drawing and all(hasattr(getattr(figures, n), "__wrapped__") for n in drawing), drawing
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, write_config
-from fault_server import FaultServer
+from fault_server import FAKE_VLLM_SERVER, FaultServer
 from test_hostile_input_round2 import alive, wait_until
 
 from qreason.errors import UserError
@@ -230,20 +230,6 @@ def test_lm_eval_reads_a_moved_merged_checkpoint(tmp_path, cache):
 
 # ------------------------------------------------------------------------------ Ctrl-C reaches side workers
 
-FAKE_SERVER = """
-import http.server, json, os, sys
-from pathlib import Path
-name, port = sys.argv[sys.argv.index("--served-model-name") + 1], int(sys.argv[sys.argv.index("--port") + 1])
-Path(sys.argv[1]).with_name(f"server-{name}.pid").write_text(str(os.getpid()))
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = json.dumps({"data": [{"id": name}]}).encode() if self.path == "/v1/models" else b"ok"
-        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a): pass
-http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
-"""
-
 # lm-eval's worker as the stage sees it: one result line per task; the slow task hangs, ignoring SIGTERM
 # (a library busy in native code), unless FAKE_FAST is set
 FAKE_LM_EVAL = """
@@ -306,7 +292,7 @@ def test_ctrl_c_during_lm_eval_stops_the_worker_and_its_server_within_5_s_and_a_
     import sys
     import time
 
-    (tmp_path / "fake_server.py").write_text(FAKE_SERVER)
+    (tmp_path / "fake_server.py").write_text(FAKE_VLLM_SERVER)
     (tmp_path / "fake_lm_eval.py").write_text(FAKE_LM_EVAL)
     env = {
         **os.environ,
