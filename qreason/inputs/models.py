@@ -101,6 +101,22 @@ def convert_embedded(dest: Path | None = None) -> Path:
     return dest
 
 
+def stand_in_note(path: str | Path) -> str | None:
+    """What a checkpoint qreason converted from a GGUF file is (its ``qreason-source.json``): a dequantized
+    quantized model standing in for the full-precision release; None for any other checkpoint."""
+    try:
+        source = json.loads((Path(path) / "qreason-source.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(source, dict):
+        return None
+    if isinstance(source.get("note"), str):
+        return source["note"]
+    if str(source.get("converted_from", "")).endswith(".gguf"):
+        return "dequantized from a quantized GGUF: a stand-in for the full-precision release"
+    return None
+
+
 def resolve_model(spec: str, revision: str | None = None, base_dir: Path | None = None) -> ResolvedModel:
     """Turn a model spec into a loadable path and a fingerprint; errors name the spec."""
     if spec in DEFAULT_ALIASES:

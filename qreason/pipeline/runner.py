@@ -23,6 +23,7 @@ from qreason import console
 from qreason.config.schema import RunConfig
 from qreason.engines import Backend
 from qreason.errors import UserError
+from qreason.inputs.models import stand_in_note
 from qreason.pipeline.executor import make_executor
 from qreason.pipeline.plan import Plan, default_index, make_plan, make_plans
 from qreason.pipeline.provenance import environment, run_settings, scrub
@@ -190,7 +191,12 @@ def _run_locked(
         name=cfg.name,
         run_dir=str(store.dir),
         config_hash=config_hash,
-        model={"spec": plan.base.spec, "fingerprint": plan.base.fingerprint, "source": plan.base.source},
+        model={
+            "spec": plan.base.spec,
+            "fingerprint": plan.base.fingerprint,
+            "source": plan.base.source,
+            **({"note": note} if (note := stand_in_note(plan.base.path)) else {}),
+        },
     )
     ctx = RunContext(
         cfg=cfg,

@@ -139,6 +139,8 @@ def meta_parts(summary: RunSummary) -> list[str]:
     if model.get("spec"):
         fp = f" (fingerprint {model['fingerprint']})" if model.get("fingerprint") else ""
         parts.append(f"model {model['spec']}{fp}")
+    if model.get("note"):
+        parts.append(f"base: {model['note']}")
     return parts
 
 

