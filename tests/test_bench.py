@@ -188,3 +188,49 @@ def test_judge_offline_smoke(tmp_path):
     assert report["failures"] == 20 and sum(report["decided_by"].values()) == 20
     for name in ("power tower", "1 MB step", "10,000 nested braces"):  # each refused by both layers
         assert report["hostile"][name]["layers"] == {"rules": "judge_error", "reference": "judge_error"}
+
+
+def test_study_state_carries_generations_without_the_problem_text(tmp_path):
+    """save drops each generation's chat messages (the dataset's text); restore rebuilds them from the config
+    into a new run directory, record for record, and refuses a config whose prompt is another."""
+    import gzip
+
+    from qreason.cli import main
+    from qreason.pipeline.plan import make_plan
+    from qreason.store import RunStore
+
+    cfg = tmp_path / "run.yaml"
+    body = "name: s\noutput_dir: {out}\nbackend: {{kind: replay, path: replay.jsonl}}\n" + (
+        "tasks: [{{name: synthetic, limit: 3, params: {{seed: 7}}}}]\ncurate: {{enabled: false}}\n"
+        "report: {{enabled: false}}\n"
+    )
+    cfg.write_text(body.format(out="old"))
+    (tmp_path / "replay.jsonl").write_text("")  # the plan needs the file to exist
+    ids = [p.problem_id for p in make_plan(cfg).problems]
+    rows = [
+        {"problem_id": i, "text": f"Step 1: 1 + 1 = 2.\nThe answer is \\boxed{{{n}}}."}
+        for n, i in enumerate(ids)
+    ]
+    (tmp_path / "replay.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["run", "--skip-preflight", str(cfg)]) == 0
+    old = {g.key: g for g in RunStore(tmp_path / "old").generations.all()}
+    assert len(old) == 3
+    state = tmp_path / "state"
+    bench("study_state.py", "save", str(tmp_path / "old"), str(state))
+    saved = gzip.decompress((state / "generations.jsonl.gz").read_bytes()).decode()
+    assert len(saved.splitlines()) == 3 and '"messages"' not in saved
+    assert not any(p.question in saved for p in make_plan(cfg).problems)  # no problem text travels
+    cfg.write_text(body.format(out="new"))
+    bench("study_state.py", "restore", str(state), str(cfg))
+    new = {g.key: g for g in RunStore(tmp_path / "new").generations.all()}
+    assert new == old
+    # another prompt (a worked example shown first): the records answered a different one
+    cfg.write_text(body.format(out="other").replace("limit: 3,", "limit: 3, format_example: true,"))
+    proc = subprocess.run(
+        [sys.executable, "bench/study_state.py", "restore", str(state), str(cfg)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode != 0 and "is not the one this generation answered" in proc.stderr
