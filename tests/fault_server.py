@@ -15,6 +15,24 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+def chat_completion(body: dict, content: str, prompt_tokens: int = 10, completion_tokens: int = 7) -> dict:
+    """A valid OpenAI chat completion answering the request ``body`` with ``content``."""
+    return {
+        "id": "cmpl-test",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model", "m"),
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
 class JsonServer:
     """A threaded HTTP server on 127.0.0.1 that hands every POST's JSON body to ``handle``; a context manager.
     Subclasses decide the reply (``send`` writes one)."""
@@ -104,16 +122,7 @@ class FaultServer(JsonServer):
         self.respond(handler, action, body)
 
     def completion(self, body: dict, content: str) -> dict:
-        return {
-            "id": "cmpl-test",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body.get("model", "m"),
-            "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
-            ],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17},
-        }
+        return chat_completion(body, content)
 
     def respond(self, handler: BaseHTTPRequestHandler, action: str, body: dict) -> None:
         if action == "drop":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, write_config
-from fault_server import FAKE_VLLM_SERVER, FaultServer
+from fault_server import FAKE_VLLM_SERVER, FaultServer, chat_completion
 from test_hostile_input_round2 import alive, wait_until
 
 from qreason.errors import UserError
@@ -552,19 +552,7 @@ class HostileJudge:
                 marker = re.search(r"FAULT:(\w+)", body["messages"][-1]["content"]).group(1)
                 outer.requests += 1
                 content = HostileJudge.CONTENT[marker](GOOD)
-                reply = {
-                    "id": "x",
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": body["model"],
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": content},
-                            "finish_reason": "stop",
-                        }
-                    ],
-                }
+                reply = chat_completion(body, content)
                 self.send(h, 200, json.dumps(reply).encode())
 
         self.requests = 0

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-from fault_server import JsonServer
+from fault_server import JsonServer, chat_completion
 from judge_helpers import make_run
 
 from qreason.stages.judge import JudgeConfig, JudgeInput, run_judging
@@ -83,20 +83,7 @@ class FakeJudge(JsonServer):
                 "malformed": '{"rationale": "unterminated',
                 "offschema": json.dumps({**GOOD, "first_error_step": 9}),
             }.get(action, json.dumps(GOOD))
-            payload = {
-                "id": "x",
-                "object": "chat.completion",
-                "created": 0,
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": content},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
-            }
+            payload = chat_completion(body, content, prompt_tokens=100, completion_tokens=10)
         data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
         self.send(h, status, data, ctype, headers)
 
