@@ -9,6 +9,15 @@ from qreason.records import Generation, Grade, Problem, content_key
 from qreason.store import RunStore, now_iso
 
 # (problem id, question, answer, {variant: (solution text, grade status)})
+# a valid judge verdict (the reply a well-behaved LLM judge sends)
+GOOD = {
+    "rationale": "The sum in step 1 is wrong.",
+    "first_error_step": 1,
+    "error_type": "Execution",
+    "sub_type": "computational_error",
+    "capability": "numerical_computation",
+}
+
 CASES = [
     (
         "p0",

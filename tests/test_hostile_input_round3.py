@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, write_config
 from fault_server import FAKE_VLLM_SERVER, FaultServer, chat_completion
+from judge_helpers import GOOD
 from test_hostile_input_round2 import alive, wait_until
 
 from qreason.errors import UserError
@@ -466,13 +467,6 @@ def test_curate_out_refuses_a_folder_of_someone_elses_files(tmp_path):
 # ------------------------------------------------------------------------------ untrusted JSON (bounded)
 
 DEEP = "[" * 100_000 + "]" * 100_000
-GOOD = {
-    "rationale": "The sum in step 1 is wrong.",
-    "first_error_step": 1,
-    "error_type": "Execution",
-    "sub_type": "computational_error",
-    "capability": "numerical_computation",
-}
 
 
 def fault_cases(markers: list[str]) -> list[tuple]:

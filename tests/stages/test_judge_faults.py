@@ -16,20 +16,13 @@ from pathlib import Path
 
 import pytest
 from fault_server import JsonServer, chat_completion
-from judge_helpers import make_run
+from judge_helpers import GOOD, make_run
 
 from qreason.stages.judge import JudgeConfig, JudgeInput, run_judging
 from qreason.stages.judge.client import JudgeClient, ReplyCache
 from qreason.stages.judge.prompts import load_taxonomy, load_template
 
 SECRET = "sk-test-do-not-log-1234567890"
-GOOD = {
-    "rationale": "The sum in step 1 is wrong.",
-    "first_error_step": 1,
-    "error_type": "Execution",
-    "sub_type": "computational_error",
-    "capability": "numerical_computation",
-}
 
 # marker -> what the server does on the 1st, 2nd, ... request carrying it (the last entry repeats)
 SCRIPTS = {
