@@ -192,6 +192,5 @@ def prepare(
         }
         convert_gguf(gguf, ckpt, spec.upstream, where, provenance)
         gguf.unlink()
-        if not publish(ckpt, dest):
-            return dest  # another process finished it first: the same bytes
+        publish(ckpt, dest)  # False when another process finished it first: the same bytes
     return dest

@@ -113,10 +113,12 @@ def control_set(
             lengths += [len(_answer(r["chosen"])) for r in target.dpo]
         remaining = list(pool)
         for length in lengths:
-            window = []
+            window, problems = [], set()  # the next candidates, one per problem not used yet
             for key in remaining:
-                if key[:2] not in used and key[:2] not in {k[:2] for k in window}:
-                    window.append(key)
+                if key[:2] in used or key[:2] in problems:
+                    continue
+                window.append(key)
+                problems.add(key[:2])
                 if len(window) == LENGTH_WINDOW:
                     break
             if not window:
